@@ -1,0 +1,100 @@
+"""Relative step-time model: compute + communication + offload traffic, in seconds per optimizer step.
+
+Compute (Kaplan et al. 2020; Narayanan et al. 2021): 6·N_active·tokens for full training (2 forward
++ 4 backward), 4·N for LoRA/QLoRA (no weight gradients for frozen matrices), plus attention
+12·L·s·d_attn per token halved for causal masks; recomputation adds one forward (2·N) for the
+checkpointed fraction. Achieved FLOP/s = peak × MFU, where MFU grows with tokens per micro-step.
+Communication (ZeRO paper §7): ring collectives move (n-1)/n of the payload; DDP / ZeRO-1 2Ψ per
+optimizer step (no_sync / local accumulation); DeepSpeed ZeRO-2 reduce-scatters every micro-step
+(Ψ) and all-gathers once (Ψ); ZeRO-3 / FSDP full shard 3Ψ per micro-step (gather fwd + gather bwd +
+reduce-scatter); FSDP SHARD_GRAD_OP 2Ψ per micro-step. Offload adds PCIe traffic and DeepSpeedCPUAdam
+time; ZeRO-Infinity adds NVMe reads and writes of the optimizer states (and params).
+Only ratios between plans matter; absolute seconds are rough.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.specs import Engine, GradCkpt, HardwareSpec, Method, OffloadDevice, Precision, Strategy
+
+MFU_MAX = 0.45
+"""Model FLOP utilisation a well-tuned dense LLM step reaches on large micro-batches."""
+MFU_TOKENS_HALF = 1024
+"""Tokens per micro-step at which MFU reaches ~63% of MFU_MAX (small batches underfill the GPU)."""
+FP32_SPEED = 0.5
+"""fp32 (TF32) matmul throughput relative to bf16 tensor cores."""
+COMM_OVERLAP = 0.7
+"""Fraction of communication hidden behind compute (bucketing, prefetch)."""
+MICRO_STEP_OVERHEAD_S = 0.002
+"""Fixed launch/Python overhead per micro-step."""
+QLORA_DEQUANT_FACTOR = 1.25
+"""QLoRA dequantises NF4 weights per matmul: ~25% slower than 16-bit LoRA (QLoRA paper, §4)."""
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    comm_s: float
+    offload_s: float
+    total_s: float
+
+
+def _ring(bytes_: float, n: int, bw: float) -> float:
+    return 0.0 if n <= 1 else bytes_ * (n - 1) / n / bw
+
+
+def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method: Method,
+              precision: Precision, micro_batch: int, grad_accum: int, seq_len: int,
+              ckpt_fraction: float, trainable_params: int, fsdp_defer_grad_sync: bool = False) -> StepTime:
+    tokens_micro = micro_batch * seq_len
+    N = model.active_params
+    attn = 12 * model.num_layers * seq_len * model.num_heads * model.head_dim * 0.5
+    fwd = 2 * N + attn / 3
+    per_token = (3 * fwd if method is Method.FULL else 2 * fwd) + ckpt_fraction * fwd
+    mfu = MFU_MAX * (1 - math.exp(-tokens_micro / MFU_TOKENS_HALF))
+    flops_s = hw.bf16_tflops * 1e12 * mfu * (FP32_SPEED if precision is Precision.FP32 else 1.0)
+    compute = per_token * tokens_micro * grad_accum / flops_s
+    if method is Method.QLORA:
+        compute *= QLORA_DEQUANT_FACTOR
+    compute += MICRO_STEP_OVERHEAD_S * grad_accum
+
+    W = hw.world_size
+    bw = hw.inter_node_bandwidth_bytes_per_s if hw.nodes > 1 else hw.intra_node_bandwidth_bytes_per_s
+    p = precision.param_bytes
+    T, P = trainable_params, model.num_params
+    K = grad_accum
+    if strategy is Strategy.DDP:
+        comm = 2 * _ring(4 * T, W, bw)  # fp32 grads all-reduce (reduce-scatter + all-gather) once per step
+    elif strategy is Strategy.ZERO1:
+        comm = 2 * _ring(p * T, W, bw)
+    elif strategy.engine is Engine.DEEPSPEED and strategy.zero_stage == 2:
+        comm = K * _ring(p * T, W, bw) + _ring(p * T, W, bw)
+    elif strategy.engine is Engine.DEEPSPEED:  # stage 3: gathers of all params (frozen too) + RS of grads
+        comm = K * (2 * _ring(p * P, W, bw) + _ring(p * T, W, bw))
+    else:  # FSDP2
+        S = hw.gpus_per_node if strategy is Strategy.FSDP_HYBRID_SHARD else W
+        sbw = hw.intra_node_bandwidth_bytes_per_s if strategy is Strategy.FSDP_HYBRID_SHARD else bw
+        gathers = 1 if strategy is Strategy.FSDP_SHARD_GRAD_OP else 2
+        rs_count = 1 if fsdp_defer_grad_sync else K
+        comm = K * gathers * _ring(p * P, S, sbw) + rs_count * _ring(4 * T, S, sbw)
+        if strategy is Strategy.FSDP_HYBRID_SHARD and hw.nodes > 1:
+            comm += 2 * _ring(4 * T / S, hw.nodes, hw.inter_node_bandwidth_bytes_per_s)
+
+    offload = 0.0
+    Nsh = W
+    if strategy.offload_optimizer is not OffloadDevice.NONE:
+        # grads out (fp32 partition) every micro-step for stage 2/3, updated 16-bit params back in
+        pcie = (K * 4 * T / Nsh + p * T / Nsh) / hw.pcie_bandwidth_bytes_per_s
+        cpu_adam = T / Nsh * hw.gpus_per_node / hw.cpu_adam_params_per_s
+        offload += pcie + cpu_adam
+        if strategy.offload_optimizer is OffloadDevice.NVME:
+            offload += 2 * 12 * T / Nsh * hw.gpus_per_node / hw.nvme_bandwidth_bytes_per_s
+    if strategy.offload_params is not OffloadDevice.NONE:
+        offload += K * 2 * p * P / Nsh / hw.pcie_bandwidth_bytes_per_s
+        if strategy.offload_params is OffloadDevice.NVME:
+            offload += K * 2 * p * P / Nsh * hw.gpus_per_node / hw.nvme_bandwidth_bytes_per_s
+    hidden = min(comm, COMM_OVERLAP * compute)
+    total = compute + comm - hidden + offload
+    return StepTime(compute_s=compute, comm_s=comm, offload_s=offload, total_s=total)

@@ -1,0 +1,76 @@
+"""Optimizer-state bytes per tensor, for each optimizer, as the real implementations allocate them.
+
+Sources:
+- AdamW (torch.optim.AdamW): exp_avg + exp_avg_sq in fp32 = 8 B/param (ZeRO paper: K=12 incl. master).
+- bitsandbytes 8-bit AdamW (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"):
+  two uint8 states = 2 B/param plus one fp32 absmax per block of 2048 (per state) = 2·4/2048 B/param;
+  tensors with fewer than `min_8bit_size` = 4096 elements keep fp32 states (8 B/param).
+  (bitsandbytes/optim/optimizer.py: Optimizer8bit.init_state).
+- Adafactor (Shazeer & Stern 2018; transformers.optimization.Adafactor, beta1=None): matrices keep a
+  factored second moment, rows + cols fp32 over the last two dims; vectors keep a full fp32 moment.
+- Lion (Chen et al. 2023): one momentum, fp32 = 4 B/param.
+- SGD with momentum: one momentum buffer, fp32 = 4 B/param.
+Under DeepSpeed ZeRO the optimizer sees flat 1-D partitions (stage_1_and_2.py / stage3.py flatten
+each param group), so Adafactor cannot factor (4 B/param) and the 8-bit size threshold applies to
+the whole partition.
+"""
+from __future__ import annotations
+
+import math
+
+from shardtrain.compiler.inventory import TensorGroup
+from shardtrain.compiler.specs import Optimizer
+
+BNB_MIN_8BIT_SIZE = 4096
+"""bitsandbytes Optimizer8bit default `min_8bit_size`: smaller tensors keep 32-bit state."""
+BNB_BLOCK_SIZE = 2048
+"""bitsandbytes block-wise quantization block size for optimizer states (CUDA kernels)."""
+
+
+def _adafactor_bytes(shape: tuple[int, ...]) -> int:
+    if len(shape) >= 2:
+        lead = math.prod(shape[:-2])
+        return 4 * lead * (shape[-2] + shape[-1])
+    return 4 * math.prod(shape)
+
+
+def _bnb8_bytes(numel: int, num_states: int) -> int:
+    if numel < BNB_MIN_8BIT_SIZE:
+        return 4 * num_states * numel
+    blocks = math.ceil(numel / BNB_BLOCK_SIZE)
+    return num_states * (numel + 4 * blocks)
+
+
+def state_bytes_per_tensor(opt: Optimizer, shape: tuple[int, ...]) -> int:
+    """State bytes one unsharded tensor of `shape` costs (DDP, or FSDP before sharding)."""
+    numel = math.prod(shape)
+    if opt is Optimizer.ADAMW:
+        return 8 * numel
+    if opt is Optimizer.ADAMW8BIT:
+        return _bnb8_bytes(numel, 2)
+    if opt is Optimizer.ADAFACTOR:
+        return _adafactor_bytes(shape)
+    if opt in (Optimizer.LION, Optimizer.SGD):
+        return 4 * numel
+    raise ValueError(f"optimizer: unknown {opt!r}")
+
+
+def state_bytes(opt: Optimizer, groups: tuple[TensorGroup, ...], *, shard: int = 1,
+                flat_partitions: bool = False) -> int:
+    """Optimizer-state bytes per rank for the trainable tensors.
+
+    shard: number of ranks the states are split over (ZeRO N, FSDP shard group size).
+    flat_partitions: DeepSpeed ZeRO flattens all trainable params into one 1-D partition per rank.
+    FSDP2 shards each parameter along dim 0 (per-parameter DTensor), so factoring survives.
+    """
+    trainable = [g for g in groups if g.trainable]
+    if flat_partitions:
+        n = math.ceil(sum(g.total for g in trainable) / shard)
+        return state_bytes_per_tensor(opt, (n,))
+    total = 0
+    for g in trainable:
+        shape = g.shape
+        if shard > 1:
+            shape = (math.ceil(shape[0] / shard),) + shape[1:]
+        total += state_bytes_per_tensor(opt, shape) * g.count
+    return total

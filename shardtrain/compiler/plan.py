@@ -1,0 +1,176 @@
+"""The compiler's output: a frozen Plan with to_json()/from_json() (the stable `plan --json` object).
+
+Key names follow shared/notes/architecture.md ("Stable interfaces"); extra keys carry what emitters
+and the runtime need (ZeRO stage, offload devices, buckets, LoRA settings, the full model spec).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from shardtrain.compiler.memory import ZeroBuckets
+from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.specs import (Attention, GradCkpt, HardwareSpec, LoraSpec, Method, Optimizer,
+                                       Precision, Strategy, TrainSpec)
+
+MEMORY_TERMS = ("params", "grads", "master_params", "optimizer_states", "activations", "logits",
+                "buffers", "cuda_context")
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Predicted peak bytes per GPU, term by term."""
+    params: int
+    grads: int
+    master_params: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    buffers: int
+    cuda_context: int
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, k) for k in MEMORY_TERMS)
+
+    @property
+    def model_states(self) -> int:
+        return self.params + self.grads + self.master_params + self.optimizer_states
+
+    def to_json(self) -> dict:
+        d = {k: int(getattr(self, k)) for k in MEMORY_TERMS}
+        d["total"] = self.total
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "MemoryBreakdown":
+        return MemoryBreakdown(**{k: int(d[k]) for k in MEMORY_TERMS})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated configuration (the chosen plan or an alternative)."""
+    strategy: Strategy
+    fits: bool
+    micro_batch_size: int
+    grad_accum_steps: int
+    gradient_checkpointing: GradCkpt
+    optimizer: Optimizer
+    method: Method
+    precision: Precision
+    world_size: int
+    per_gpu: MemoryBreakdown
+    cpu_memory_per_node_bytes: int
+    nvme_bytes: int
+    step_time_s: float
+    trainable_params: int
+    fsdp_defer_grad_sync: bool = False
+    """FSDP2: skip gradient reduce-scatter on non-final micro-steps (costs unsharded fp32 grads)."""
+    why_not: tuple[str, ...] = ()
+    """Why this candidate does not fit (empty when it fits)."""
+
+    @property
+    def key(self) -> tuple:
+        return (self.strategy, self.micro_batch_size, self.gradient_checkpointing, self.optimizer, self.method)
+
+
+@dataclass(frozen=True)
+class Plan:
+    chosen: Candidate
+    alternatives: tuple[Candidate, ...]
+    model: ModelSpec
+    hardware: HardwareSpec
+    train: TrainSpec
+    gpu_memory_bytes: int
+    headroom_bytes: int
+    reasons: tuple[str, ...]
+    lora_targets: tuple[str, ...] = ()
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.chosen.strategy
+
+    @property
+    def zero_buckets(self) -> ZeroBuckets:
+        return ZeroBuckets.for_model(self.model)
+
+    # ------------------------------------------------------------------ JSON
+    def _candidate_json(self, c: Candidate, best_time: float) -> dict:
+        return {
+            "strategy": c.strategy.value, "fits": c.fits,
+            "gpu_memory_bytes": self.gpu_memory_bytes, "headroom_bytes": self.headroom_bytes,
+            "micro_batch_size": c.micro_batch_size, "grad_accum_steps": c.grad_accum_steps,
+            "gradient_checkpointing": c.gradient_checkpointing.value, "optimizer": c.optimizer.value,
+            "method": c.method.value, "precision": c.precision.value, "world_size": c.world_size,
+            "model": {"num_params": self.model.num_params, "trainable_params": c.trainable_params,
+                      "num_layers": self.model.num_layers},
+            "per_gpu": c.per_gpu.to_json(),
+            "cpu_memory_per_node_bytes": int(c.cpu_memory_per_node_bytes), "nvme_bytes": int(c.nvme_bytes),
+            "relative_step_time": round(c.step_time_s / best_time, 4) if best_time > 0 else 1.0,
+            "estimated_step_time_s": round(c.step_time_s, 6),
+            "zero_stage": c.strategy.zero_stage, "engine": c.strategy.engine.value,
+            "offload_optimizer": c.strategy.offload_optimizer.value,
+            "offload_params": c.strategy.offload_params.value,
+            "fsdp_defer_grad_sync": c.fsdp_defer_grad_sync,
+            "why_not": list(c.why_not),
+        }
+
+    def to_json(self) -> dict:
+        best = self.chosen.step_time_s
+        d = self._candidate_json(self.chosen, best)
+        d["reasons"] = list(self.reasons)
+        d["alternatives"] = [self._candidate_json(c, best) for c in self.alternatives]
+        t = self.train
+        d["global_batch_size"] = t.global_batch_size
+        d["seq_len"] = t.seq_len
+        d["attention"] = t.attention.value
+        d["selective_every"] = t.selective_every
+        d["lora"] = ({"rank": t.lora.rank, "alpha": t.lora.alpha, "dropout": t.lora.dropout,
+                      "targets": list(self.lora_targets)} if self.chosen.method is not Method.FULL else None)
+        d["zero_buckets"] = dataclasses.asdict(self.zero_buckets)
+        d["spec"] = {"model": self.model.to_dict(), "hardware": dataclasses.asdict(self.hardware),
+                     "train": _train_json(t)}
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "Plan":
+        spec = d["spec"]
+        model = ModelSpec.from_dict(spec["model"])
+        hw = HardwareSpec(**spec["hardware"])
+        train = _train_from_json(spec["train"])
+
+        def cand(c: dict) -> Candidate:
+            return Candidate(
+                strategy=Strategy(c["strategy"]), fits=c["fits"], micro_batch_size=c["micro_batch_size"],
+                grad_accum_steps=c["grad_accum_steps"], gradient_checkpointing=GradCkpt(c["gradient_checkpointing"]),
+                optimizer=Optimizer(c["optimizer"]), method=Method(c["method"]), precision=Precision(c["precision"]),
+                world_size=c["world_size"], per_gpu=MemoryBreakdown.from_json(c["per_gpu"]),
+                cpu_memory_per_node_bytes=c["cpu_memory_per_node_bytes"], nvme_bytes=c["nvme_bytes"],
+                step_time_s=c["estimated_step_time_s"], trainable_params=c["model"]["trainable_params"],
+                fsdp_defer_grad_sync=c.get("fsdp_defer_grad_sync", False), why_not=tuple(c.get("why_not", ())))
+        lora = d.get("lora") or {}
+        return Plan(chosen=cand(d), alternatives=tuple(cand(a) for a in d.get("alternatives", [])),
+                    model=model, hardware=hw, train=train, gpu_memory_bytes=d["gpu_memory_bytes"],
+                    headroom_bytes=d["headroom_bytes"], reasons=tuple(d.get("reasons", ())),
+                    lora_targets=tuple(lora.get("targets", ())))
+
+
+def _train_json(t: TrainSpec) -> dict:
+    d = dataclasses.asdict(t)
+    for k, v in list(d.items()):
+        if hasattr(v, "value"):
+            d[k] = v.value
+    d["lora"] = {**dataclasses.asdict(t.lora), "targets": list(t.lora.targets)}
+    d["strategy"] = t.strategy.value if t.strategy else None
+    return d
+
+
+def _train_from_json(d: dict) -> TrainSpec:
+    d = dict(d)
+    lora = d.pop("lora")
+    return TrainSpec(
+        **{**d, "precision": Precision(d["precision"]), "method": Method(d["method"]),
+           "optimizer": Optimizer(d["optimizer"]), "grad_ckpt": GradCkpt(d["grad_ckpt"]),
+           "attention": Attention(d["attention"]),
+           "strategy": Strategy(d["strategy"]) if d.get("strategy") else None},
+        lora=LoraSpec(**{**lora, "targets": tuple(lora["targets"])}))

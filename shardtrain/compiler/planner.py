@@ -1,0 +1,264 @@
+"""Enumerate strategy × checkpointing × micro batch (× optimizer, method where allowed), keep what
+fits, choose the fastest, and explain why. Pure: no I/O, no torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from shardtrain.compiler.activations import activation_bytes, logits_bytes, resolved_ckpt_fraction
+from shardtrain.compiler.cost import step_time
+from shardtrain.compiler.inventory import resolve_lora_targets, tensor_inventory, trainable_params
+from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes
+from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.plan import Candidate, MemoryBreakdown, Plan
+from shardtrain.compiler.specs import (Engine, GradCkpt, HardwareSpec, Method, OffloadDevice, Optimizer,
+                                       Precision, Strategy, TrainSpec)
+from shardtrain.units import fmt_bytes
+
+MAX_AUTO_MICRO_BATCH = 64
+# Strategies in order of increasing communication/offload cost: the tie-break and the "cheaper ones".
+STRATEGY_ORDER = (Strategy.DDP, Strategy.ZERO1, Strategy.ZERO2, Strategy.FSDP_SHARD_GRAD_OP,
+                  Strategy.FSDP_HYBRID_SHARD, Strategy.FSDP_FULL_SHARD, Strategy.ZERO3,
+                  Strategy.ZERO2_OFFLOAD, Strategy.ZERO3_OFFLOAD, Strategy.ZERO_INFINITY)
+_CKPT_ORDER = (GradCkpt.NONE, GradCkpt.SELECTIVE, GradCkpt.FULL)
+
+
+class PlanningError(ValueError):
+    """Bad input for planning: the message says what to change."""
+
+
+class NoFitError(PlanningError):
+    """Nothing fits; carries the least-memory plan so callers can still show it."""
+
+    def __init__(self, message: str, plan: Plan):
+        super().__init__(message)
+        self.plan = plan
+
+
+def illegal_reason(strategy: Strategy, optimizer: Optimizer, method: Method, precision: Precision,
+                   hw: HardwareSpec) -> str | None:
+    """Why this combination cannot run (with the fix), or None. Mirrors engine constraints."""
+    off = strategy.offload_optimizer
+    if off is not OffloadDevice.NONE and optimizer not in (Optimizer.ADAMW, Optimizer.LION):
+        name = {Optimizer.ADAMW8BIT: "8-bit AdamW"}.get(optimizer, optimizer.value)
+        return (f"{name} cannot run with ZeRO-Offload ({strategy.value}): DeepSpeed offloads only to its "
+                f"CPU optimizers; set optimizer: adamw (DeepSpeedCPUAdam) or a strategy without offload")
+    if off is OffloadDevice.NVME and optimizer is not Optimizer.ADAMW:
+        return "ZeRO-Infinity swaps only DeepSpeedCPUAdam states: set optimizer: adamw"
+    if strategy is Strategy.ZERO_INFINITY and not hw.nvme_path:
+        return "zero_infinity needs an NVMe directory: set hardware.nvme_path (--nvme-path)"
+    if strategy.engine is Engine.FSDP and optimizer is Optimizer.ADAMW8BIT:
+        return ("bitsandbytes 8-bit optimizers do not handle FSDP2 DTensor shards: use a ZeRO "
+                "strategy or DDP with adamw8bit, or optimizer: adamw with FSDP")
+    if method is Method.QLORA and strategy.offload_params is not OffloadDevice.NONE:
+        return "QLoRA's 4-bit weights cannot be offloaded by ZeRO-3 param offload: use zero3 or zero2_offload"
+    if precision is Precision.BF16 and not hw.supports_bf16:
+        return f"{hw.gpu_name} has no bf16: set precision: fp16"
+    return None
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    model: ModelSpec
+    hw: HardwareSpec
+    train: TrainSpec
+    usable: int
+
+
+def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
+              method: Method, defer: bool, groups) -> Candidate:
+    m, hw, t = ctx.model, ctx.hw, ctx.train
+    ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
+                           optimizer=optimizer, fsdp_defer_grad_sync=defer)
+    acts = activation_bytes(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision,
+                            attention=t.attention, grad_ckpt=ckpt, selective_every=t.selective_every)
+    logits = logits_bytes(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision)
+    per_gpu = MemoryBreakdown(params=ms.params, grads=ms.grads, master_params=ms.master_params,
+                              optimizer_states=ms.optimizer_states, activations=acts, logits=logits,
+                              buffers=ms.buffers, cuda_context=CUDA_CONTEXT_BYTES)
+    cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes, t.precision)
+    nvme = ms.nvme_bytes * hw.gpus_per_node
+    accum = t.global_batch_size // (micro * hw.world_size)
+    T = trainable_params(groups)
+    st = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
+                   grad_accum=accum, seq_len=t.seq_len,
+                   ckpt_fraction=resolved_ckpt_fraction(ckpt, m.num_layers, t.selective_every),
+                   trainable_params=T, fsdp_defer_grad_sync=defer)
+    why = []
+    if per_gpu.total > ctx.usable:
+        why.append(f"needs {fmt_bytes(per_gpu.total)} per GPU > {fmt_bytes(ctx.usable)} usable")
+    if cpu > hw.cpu_memory_bytes:
+        why.append(f"needs {fmt_bytes(cpu)} host RAM per node > {fmt_bytes(hw.cpu_memory_bytes)}")
+    if nvme > hw.nvme_capacity_bytes:
+        why.append(f"needs {fmt_bytes(nvme)} NVMe per node > {fmt_bytes(hw.nvme_capacity_bytes)}")
+    return Candidate(strategy=strategy, fits=not why, micro_batch_size=micro, grad_accum_steps=accum,
+                     gradient_checkpointing=ckpt, optimizer=optimizer, method=method,
+                     precision=t.precision, world_size=hw.world_size, per_gpu=per_gpu,
+                     cpu_memory_per_node_bytes=cpu, nvme_bytes=nvme, step_time_s=st.total_s,
+                     trainable_params=T, fsdp_defer_grad_sync=defer, why_not=tuple(why))
+
+
+def micro_batch_options(train: TrainSpec, hw: HardwareSpec) -> list[int]:
+    """Micro batches that make global = micro × accumulation × data-parallel size exact."""
+    dp, g = hw.world_size, train.global_batch_size
+    if g % dp:
+        lo, hi = (g // dp) * dp, (g // dp + 1) * dp
+        near = " or ".join(str(x) for x in (lo, hi) if x > 0)
+        raise PlanningError(
+            f"train.global_batch: {g} is not a multiple of the {dp} data-parallel ranks "
+            f"(global = micro × accumulation × {dp}); use {near}, or change nodes/gpus_per_node")
+    per_rank = g // dp
+    if train.micro_batch_size is not None:
+        if per_rank % train.micro_batch_size:
+            divs = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+            raise PlanningError(
+                f"train.micro_batch: {train.micro_batch_size} does not divide the {per_rank} samples per rank "
+                f"(global_batch {g} / {dp} ranks); use one of {divs} or micro_batch: auto, or set "
+                f"global_batch to a multiple of {train.micro_batch_size * dp}")
+        return [train.micro_batch_size]
+    return [d for d in range(1, min(per_rank, MAX_AUTO_MICRO_BATCH) + 1) if per_rank % d == 0]
+
+
+def _rank(c: Candidate) -> tuple:
+    return (c.step_time_s, c.per_gpu.total, STRATEGY_ORDER.index(c.strategy))
+
+
+def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
+    """Choose the fastest configuration that fits; raise NoFitError if none does."""
+    usable = int(hw.gpu_memory_bytes * (1 - train.headroom_fraction))
+    ctx = _Ctx(model, hw, train, usable)
+    micros = micro_batch_options(train, hw)
+    if train.strategy is not None:
+        strategies = [train.strategy]
+    else:
+        strategies = [s for s in STRATEGY_ORDER if not (s is Strategy.FSDP_HYBRID_SHARD and hw.nodes == 1)]
+    ckpts = list(_CKPT_ORDER) if train.grad_ckpt is GradCkpt.AUTO else [train.grad_ckpt]
+    optimizers = [train.optimizer]
+    if train.allow_optimizer_change and Optimizer.ADAMW8BIT not in optimizers:
+        optimizers.append(Optimizer.ADAMW8BIT)
+    methods = [train.method]
+    if train.allow_method_change and train.method is Method.FULL:
+        methods += [Method.LORA, Method.QLORA]
+    targets: tuple[str, ...] = ()
+    candidates: list[Candidate] = []
+    illegal: dict[Strategy, str] = {}
+    for method in methods:
+        if method is not Method.FULL:
+            try:
+                targets = resolve_lora_targets(model, train.lora.targets)
+            except ValueError as e:
+                raise PlanningError(str(e)) from None
+        groups = tensor_inventory(model, method, train.lora.rank, targets or train.lora.targets)
+        for opt in optimizers:
+            for s in strategies:
+                reason = illegal_reason(s, opt, method, train.precision, hw)
+                if reason:
+                    illegal.setdefault(s, reason)
+                    continue
+                for ck in ckpts:
+                    for mb in micros:
+                        accum = train.global_batch_size // (mb * hw.world_size)
+                        defers = [False, True] if (s.engine is Engine.FSDP and accum > 1) else [False]
+                        for d in defers:
+                            candidates.append(_evaluate(ctx, s, ck, mb, opt, method, d, groups))
+    if not candidates:
+        forced = train.strategy.value if train.strategy else "every strategy"
+        raise PlanningError(f"{forced}: " + "; ".join(sorted(set(illegal.values()))))
+    fitting = sorted((c for c in candidates if c.fits), key=_rank)
+    if not fitting:
+        least = min(candidates, key=lambda c: (c.per_gpu.total, _rank(c)))
+        p = _make_plan(ctx, least, candidates, illegal, targets)
+        raise NoFitError(_no_fit_message(ctx, least), p)
+    return _make_plan(ctx, fitting[0], candidates, illegal, targets)
+
+
+def _best_per_strategy(candidates: list[Candidate]) -> dict[Strategy, Candidate]:
+    best: dict[Strategy, Candidate] = {}
+    for c in candidates:
+        cur = best.get(c.strategy)
+        better = (c.fits, -_rank(c)[0]) > (cur.fits, -_rank(cur)[0]) if cur else True
+        if not c.fits and cur is not None and not cur.fits:
+            better = c.per_gpu.total < cur.per_gpu.total
+        if better:
+            best[c.strategy] = c
+    return best
+
+
+def _make_plan(ctx: _Ctx, chosen: Candidate, candidates: list[Candidate], illegal: dict[Strategy, str],
+               targets: tuple[str, ...]) -> Plan:
+    best = _best_per_strategy(candidates)
+    others = [c for s, c in best.items() if s is not chosen.strategy]
+    others.sort(key=lambda c: (not c.fits, _rank(c)))
+    reasons = _reasons(ctx, chosen, best, illegal)
+    return Plan(chosen=chosen, alternatives=tuple(others), model=ctx.model, hardware=ctx.hw, train=ctx.train,
+                gpu_memory_bytes=ctx.hw.gpu_memory_bytes,
+                headroom_bytes=ctx.hw.gpu_memory_bytes - ctx.usable, reasons=tuple(reasons),
+                lora_targets=targets)
+
+
+def _reasons(ctx: _Ctx, c: Candidate, best: dict[Strategy, Candidate], illegal: dict[Strategy, str]) -> list[str]:
+    t, hw = ctx.train, ctx.hw
+    r = []
+    if t.strategy is not None:
+        r.append(f"strategy {c.strategy.value} was forced (--strategy); "
+                 + ("it fits" if c.fits else "it does NOT fit: " + "; ".join(c.why_not)))
+    else:
+        r.append(f"{c.strategy.value} is the fastest plan that fits: {fmt_bytes(c.per_gpu.total)} of "
+                 f"{fmt_bytes(ctx.usable)} usable per GPU, ~{c.step_time_s:.3g} s per optimizer step")
+    for s in STRATEGY_ORDER[:STRATEGY_ORDER.index(c.strategy)]:
+        o = best.get(s)
+        if o is not None and not o.fits:
+            biggest = max(("params", "grads", "master_params", "optimizer_states", "activations", "logits"),
+                          key=lambda k: getattr(o.per_gpu, k))
+            r.append(f"not {s.value}: {'; '.join(o.why_not)} (largest term: {biggest} "
+                     f"{fmt_bytes(getattr(o.per_gpu, biggest))})")
+        elif o is not None and o.fits and t.strategy is None:
+            r.append(f"not {s.value}: fits but is {o.step_time_s / c.step_time_s:.2f}x slower per step")
+        elif s in illegal and t.strategy is None:
+            r.append(f"not {s.value}: {illegal[s]}")
+    ck = {GradCkpt.NONE: "off: activations fit without recomputation",
+          GradCkpt.SELECTIVE: f"selective (every {t.selective_every}th layer): the cheapest recomputation that fits",
+          GradCkpt.FULL: "full: needed to fit activations (~33% more compute)"}[c.gradient_checkpointing]
+    r.append(f"gradient checkpointing {ck}")
+    r.append(f"global batch {t.global_batch_size} = micro batch {c.micro_batch_size} × accumulation "
+             f"{c.grad_accum_steps} × {hw.world_size} data-parallel ranks")
+    if c.optimizer is not t.optimizer:
+        r.append(f"optimizer switched to {c.optimizer.value} (allow_optimizer_change) to fit")
+    if c.method is not t.method:
+        r.append(f"method switched to {c.method.value} (allow_method_change) to fit")
+    if c.fsdp_defer_grad_sync:
+        r.append("FSDP gradient sync deferred to the last micro-step (set_requires_gradient_sync): "
+                 "fewer reduce-scatters, unsharded fp32 grads held meanwhile")
+    return r
+
+
+def _no_fit_message(ctx: _Ctx, least: Candidate) -> str:
+    hw, t = ctx.hw, ctx.train
+    need_gpu = int(least.per_gpu.total / (1 - t.headroom_fraction)) + 1
+    lines = [f"nothing fits: the smallest plan ({least.strategy.value}, micro batch {least.micro_batch_size}, "
+             f"checkpointing {least.gradient_checkpointing.value}) needs {fmt_bytes(least.per_gpu.total)} per GPU; "
+             + "; ".join(least.why_not) + "."]
+    fixes = []
+    if least.per_gpu.total > ctx.usable:
+        fixes.append(f"GPUs with at least {fmt_bytes(need_gpu)} (--gpu-memory)")
+        if least.strategy.shards_params or least.strategy.zero_stage:
+            fixes.append("more GPUs/nodes (sharded states shrink with the world size)")
+        if least.method is Method.FULL:
+            fixes.append("method: lora or qlora")
+        if least.optimizer is Optimizer.ADAMW and least.strategy.offload_optimizer is OffloadDevice.NONE:
+            fixes.append("optimizer: adamw8bit")
+        if least.per_gpu.activations + least.per_gpu.logits > least.per_gpu.model_states:
+            fixes.append(f"a shorter seq_len than {t.seq_len}")
+        if t.strategy is not None:
+            fixes.append("strategy: auto")
+        if not hw.nvme_path:
+            fixes.append("an NVMe path for zero_infinity (--nvme-path)")
+    if least.cpu_memory_per_node_bytes > hw.cpu_memory_bytes:
+        fixes.append(f"host RAM of at least {fmt_bytes(least.cpu_memory_per_node_bytes)} per node (--cpu-memory)")
+    if least.nvme_bytes > hw.nvme_capacity_bytes:
+        fixes.append(f"at least {fmt_bytes(least.nvme_bytes)} of NVMe per node")
+    lines.append("To fit, try: " + "; or ".join(fixes) + ".")
+    return " ".join(lines)
+
+
+def with_memory(hw: HardwareSpec, gpu_memory_bytes: int) -> HardwareSpec:
+    return replace(hw, gpu_memory_bytes=gpu_memory_bytes)

@@ -1,0 +1,389 @@
+"""The user-facing run config: YAML → strictly validated, frozen dataclasses.
+
+Every key a flag can set, a key can set (see `FLAG_KEYS`). Unknown keys, wrong types and impossible
+values raise `ConfigError` naming the key, the bad value and a fix (nearest valid key by difflib).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from shardtrain.compiler.specs import Attention, GradCkpt, Method, Optimizer, Precision, Strategy
+from shardtrain.units import parse_bytes, parse_count
+
+
+class ConfigError(ValueError):
+    """A bad run config value: the message names the key, the value and a fix."""
+
+
+# Marker types for parsing (keep the dataclasses readable).
+Bytes = typing.NewType("Bytes", int)      # "80GiB" | 8.6e10
+Count = typing.NewType("Count", int)      # 7.5e9 | "7.5B"
+AutoInt = typing.NewType("AutoInt", int)  # "auto" (-> None) | positive int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str | None = None
+    """Preset name (`shardtrain presets`), a config.json path or a Hugging Face checkpoint directory."""
+    params: Count | None = None
+    """Parameter count instead of a name (e.g. 7.5e9); dims below are optional."""
+    hidden: int | None = None
+    """Hidden size (with `params`)."""
+    layers: int | None = None
+    """Decoder layers (with `params`)."""
+    heads: int | None = None
+    """Attention heads (with `params`)."""
+    kv_heads: int | None = None
+    """Key/value heads, GQA (with `params`)."""
+    vocab: int | None = None
+    """Vocabulary size (with `params`)."""
+    intermediate: int | None = None
+    """MLP intermediate size (with `params`)."""
+    init: str = "auto"
+    """auto (checkpoint weights when the directory has them, else random) | random | pretrained."""
+    tokenizer: str | None = None
+    """Tokenizer directory; default: the checkpoint's, else the bundled byte-level tokenizer."""
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    nodes: int = 1
+    """Number of nodes."""
+    gpus_per_node: int = 8
+    """GPUs (processes) per node."""
+    gpu: str = "h100-80gb"
+    """GPU preset (memory, TFLOP/s, bandwidths): `shardtrain presets`."""
+    gpu_memory: Bytes | None = None
+    """Override the preset's GPU memory, e.g. 80GiB."""
+    cpu_memory: Bytes | None = None
+    """Host RAM per node, e.g. 1TiB (default 1 TiB)."""
+    nvme_path: str | None = None
+    """Local NVMe directory for ZeRO-Infinity; unset disables NVMe plans."""
+    nvme_capacity: Bytes | None = None
+    """Free NVMe bytes per node (default 3.5 TB when nvme_path is set)."""
+    inter_node_bandwidth: Bytes | None = None
+    """Network bytes/s per GPU between nodes (default: preset)."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    """Adapter rank r."""
+    alpha: int = 32
+    """LoRA alpha (update scaled by alpha / rank)."""
+    dropout: float = 0.05
+    """Adapter dropout."""
+    targets: tuple[str, ...] | str = "all-linear"
+    """Module leaf names to adapt, or all-linear."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int = 4096
+    """Tokens per sample."""
+    micro_batch: AutoInt | None = None
+    """Samples per GPU per micro-step: auto or N."""
+    global_batch: int = 64
+    """Samples per optimizer step (= micro × accumulation × data-parallel ranks)."""
+    precision: Precision = Precision.BF16
+    """bf16 | fp16 | fp32."""
+    method: Method = Method.FULL
+    """full | lora | qlora."""
+    optimizer: Optimizer = Optimizer.ADAMW
+    """adamw | adamw8bit | adafactor | lion | sgd."""
+    grad_ckpt: GradCkpt = GradCkpt.AUTO
+    """auto | none | full | selective."""
+    selective_every: int = 2
+    """With grad_ckpt selective: checkpoint every k-th decoder layer."""
+    attention: Attention = Attention.SDPA
+    """sdpa | flash | eager."""
+    strategy: str = "auto"
+    """auto or one of the strategies (forces it)."""
+    allow_optimizer_change: bool = False
+    """Let the planner switch to 8-bit AdamW when the requested optimizer does not fit."""
+    allow_method_change: bool = False
+    """Let the planner switch to LoRA/QLoRA when full fine-tuning does not fit."""
+    headroom: float = 0.05
+    """Fraction of GPU memory kept free for fragmentation."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of lr."""
+    warmup_steps: int = 10
+    """Linear warmup optimizer steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables)."""
+    steps: int = 100
+    """Optimizer steps to run."""
+    seed: int = 1234
+    """Seed for init, sampling and dropout."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str | None = None
+    """Training data: .jsonl (text, or prompt/completion) or plain text."""
+    eval: str | None = None
+    """Held-out data; unset: the last eval_fraction of train."""
+    eval_fraction: float = 0.05
+    """Fraction of train held out when eval is unset."""
+    format: str = "auto"
+    """auto | jsonl | text."""
+    packing: bool = True
+    """Pack samples into seq_len blocks (else pad to the longest in the batch)."""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    name: str | None = None
+    """Run directory name (default: derived from the config file name)."""
+    checkpoint_every: int = 50
+    """Save every N optimizer steps (and at the end); 0 = only at the end."""
+    eval_every: int = 50
+    """Evaluate every N optimizer steps; 0 disables."""
+    eval_batches: int = 4
+    """Batches per evaluation."""
+    log_every: int = 1
+    """Metrics every N steps."""
+    resume: str = "auto"
+    """auto (continue from the latest checkpoint) | never."""
+    max_requeues: int = 3
+    """Slurm: requeue after preemption while SLURM_RESTART_COUNT is below this."""
+    device: str = "auto"
+    """auto (cuda if present, else cpu/gloo) | cpu | cuda."""
+    launcher: str = "auto"
+    """auto (from the plan) | torchrun | deepspeed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict:
+        def conv(v):
+            if isinstance(v, enum.Enum):
+                return v.value
+            if isinstance(v, tuple):
+                return list(v)
+            return v
+        return {s.name: {f.name: conv(getattr(getattr(self, s.name), f.name))
+                         for f in dataclasses.fields(getattr(self, s.name))}
+                for s in dataclasses.fields(self)}
+
+
+# Flags of `shardtrain plan` and their config keys (architecture notes: stable interface).
+FLAG_KEYS = {
+    "model": "model.name", "params": "model.params", "hidden": "model.hidden", "layers": "model.layers",
+    "heads": "model.heads", "kv_heads": "model.kv_heads", "vocab": "model.vocab",
+    "intermediate": "model.intermediate",
+    "nodes": "hardware.nodes", "gpus_per_node": "hardware.gpus_per_node", "gpu": "hardware.gpu",
+    "gpu_memory": "hardware.gpu_memory", "cpu_memory": "hardware.cpu_memory",
+    "nvme_path": "hardware.nvme_path", "nvme_capacity": "hardware.nvme_capacity",
+    "seq_len": "train.seq_len", "micro_batch": "train.micro_batch", "global_batch": "train.global_batch",
+    "precision": "train.precision", "method": "train.method", "lora_rank": "lora.rank",
+    "optimizer": "train.optimizer", "grad_ckpt": "train.grad_ckpt", "attention": "train.attention",
+    "strategy": "train.strategy", "steps": "train.steps",
+}
+
+_SECTIONS = typing.get_type_hints(RunConfig)
+_HINTS_CACHE: dict[type, dict] = {}
+
+
+def _hints(cls: type) -> dict:
+    if cls not in _HINTS_CACHE:
+        _HINTS_CACHE[cls] = typing.get_type_hints(cls)
+    return _HINTS_CACHE[cls]
+
+
+def _nearest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" — did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _coerce(key: str, tp, value):
+    """Convert one YAML/flag value to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in typing.get_args(tp):
+                return None
+        if AutoInt in args and isinstance(value, str) and value.lower() == "auto":
+            return None
+        errors = []
+        for a in args:
+            try:
+                return _coerce(key, a, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is Bytes:
+        try:
+            return parse_bytes(value, key=key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if tp is Count:
+        try:
+            n = parse_count(value, key=key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if n <= 0:
+            raise ConfigError(f"{key}: {value!r} must be positive, e.g. 7.5e9")
+        return n
+    if tp is AutoInt:
+        tp = int
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        valid = [m.value for m in tp]
+        if str(value).lower() in valid:
+            return tp(str(value).lower())
+        close = difflib.get_close_matches(str(value).lower(), valid, n=1, cutoff=0.5)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not valid{hint} (valid: {', '.join(valid)})")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: {value!r} is not a boolean; write true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not an integer; write e.g. {key.split('.')[-1]}: 4") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: {value!r} is not a whole number")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not a number; write e.g. 3e-4") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+        return tuple(str(v) for v in value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+# Value constraints: key -> (predicate, message fragment saying what is allowed).
+_CHECKS = {
+    "hardware.nodes": (lambda v: v >= 1, "must be >= 1"),
+    "hardware.gpus_per_node": (lambda v: v >= 1, "must be >= 1"),
+    "train.seq_len": (lambda v: v >= 1, "must be >= 1, e.g. 4096"),
+    "train.micro_batch": (lambda v: v is None or v >= 1, "must be auto or >= 1"),
+    "train.global_batch": (lambda v: v >= 1, "must be >= 1"),
+    "train.selective_every": (lambda v: v >= 1, "must be >= 1"),
+    "train.headroom": (lambda v: 0 <= v < 0.9, "must be a fraction in [0, 0.9), e.g. 0.05"),
+    "train.lr": (lambda v: v > 0, "must be > 0, e.g. 3e-4"),
+    "train.steps": (lambda v: v >= 1, "must be >= 1"),
+    "train.warmup_steps": (lambda v: v >= 0, "must be >= 0"),
+    "train.grad_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
+    "train.strategy": (lambda v: v == "auto" or v in {s.value for s in Strategy},
+                       "must be auto or one of " + ", ".join(s.value for s in Strategy)),
+    "lora.rank": (lambda v: v >= 1, "must be >= 1, e.g. 16"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.init": (lambda v: v in ("auto", "random", "pretrained"), "must be auto, random or pretrained"),
+    "data.format": (lambda v: v in ("auto", "jsonl", "text"), "must be auto, jsonl or text"),
+    "data.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "run.resume": (lambda v: v in ("auto", "never"), "must be auto or never"),
+    "run.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+    "run.launcher": (lambda v: v in ("auto", "torchrun", "deepspeed"), "must be auto, torchrun or deepspeed"),
+    "run.checkpoint_every": (lambda v: v >= 0, "must be >= 0"),
+    "run.eval_every": (lambda v: v >= 0, "must be >= 0"),
+}
+
+
+def _build_section(name: str, cls: type, raw: dict) -> object:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{name}.{k}"
+        if k not in hints:
+            raise ConfigError(f"unknown key '{key}'{_nearest(str(k), hints)}")
+        value = _coerce(key, hints[k], v)
+        check = _CHECKS.get(key)
+        if check and value is not None and not check[0](value):
+            raise ConfigError(f"{key}: {v!r} {check[1]}")
+        kwargs[k] = value
+    return cls(**kwargs)
+
+
+def set_dotted(raw: dict, dotted: str, value) -> None:
+    """Apply one override `section.key=value` to a raw (unvalidated) config mapping."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override '{dotted}': write section.key=value, e.g. train.seq_len=2048")
+    section, key = parts
+    if section not in _SECTIONS:
+        raise ConfigError(f"unknown section '{section}'{_nearest(section, _SECTIONS)}")
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"{section}: expected a mapping")
+    raw[section][key] = value
+
+
+def parse_run_config(raw: dict | None, overrides: dict[str, object] | None = None) -> RunConfig:
+    """Validate a raw mapping (from YAML) plus dotted overrides into a RunConfig."""
+    raw = dict(raw or {})
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown section '{name}'{_nearest(str(name), _SECTIONS)}")
+        sections[name] = _build_section(name, _SECTIONS[name], value or {})
+    cfg = RunConfig(**sections)
+    m = cfg.model
+    if m.name is None and m.params is None:
+        raise ConfigError("model: set model.name (a preset, config.json or checkpoint dir) or model.params (e.g. 7.5e9)")
+    if m.name is not None and m.params is not None:
+        raise ConfigError("model: set either model.name or model.params, not both")
+    if cfg.train.method is Method.QLORA and cfg.train.precision is Precision.FP32:
+        raise ConfigError("train.method: qlora computes in 16-bit; set train.precision: bf16")
+    return cfg
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, object] | None = None) -> RunConfig:
+    """Read a YAML run config (yaml.safe_load) and validate it with overrides applied."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"run config '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, hardware, train, ...)")
+    return parse_run_config(raw, overrides)

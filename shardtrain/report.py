@@ -1,0 +1,46 @@
+"""Human-readable rendering of a Plan (a pure function returning a string)."""
+from __future__ import annotations
+
+from shardtrain.compiler.plan import MEMORY_TERMS, Candidate, Plan
+from shardtrain.units import fmt_bytes
+
+
+def _row(c: Candidate, best: float) -> str:
+    mark = "fits" if c.fits else "OOM "
+    return (f"  {c.strategy.value:<19} {mark}  {fmt_bytes(c.per_gpu.total):>10}  mb {c.micro_batch_size:>3} × acc "
+            f"{c.grad_accum_steps:>3}  ckpt {c.gradient_checkpointing.value:<9} {c.step_time_s / best:>6.2f}x")
+
+
+def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
+    c, m, hw = plan.chosen, plan.model, plan.hardware
+    out = []
+    out.append(f"model      {m.name}: {m.num_params / 1e9:.3f}B params ({m.num_params:,}), "
+               f"{c.trainable_params:,} trainable ({c.method.value}), {m.num_layers} layers")
+    out.append(f"hardware   {hw.nodes} node(s) × {hw.gpus_per_node} {hw.gpu_name} "
+               f"({fmt_bytes(hw.gpu_memory_bytes)} each, {fmt_bytes(plan.gpu_memory_bytes - plan.headroom_bytes)} "
+               f"usable), host RAM {fmt_bytes(hw.cpu_memory_bytes)}/node"
+               + (f", NVMe {hw.nvme_path}" if hw.nvme_path else ""))
+    out.append(f"job        seq {plan.train.seq_len}, global batch {plan.train.global_batch_size}, "
+               f"{c.precision.value}, optimizer {c.optimizer.value}")
+    status = "FITS" if c.fits else "DOES NOT FIT"
+    out.append("")
+    out.append(f"plan       {c.strategy.value}  [{status}]  micro batch {c.micro_batch_size} × accumulation "
+               f"{c.grad_accum_steps} × {c.world_size} ranks, gradient checkpointing "
+               f"{c.gradient_checkpointing.value}")
+    out.append("")
+    out.append("per GPU    " + "term".ljust(18) + "bytes".rjust(16) + "      human")
+    for k in MEMORY_TERMS:
+        v = getattr(c.per_gpu, k)
+        out.append(f"           {k:<18}{v:>16,}  {fmt_bytes(v):>10}")
+    out.append(f"           {'total':<18}{c.per_gpu.total:>16,}  {fmt_bytes(c.per_gpu.total):>10}")
+    out.append(f"host RAM   {fmt_bytes(c.cpu_memory_per_node_bytes)} per node"
+               + (f"; NVMe {fmt_bytes(c.nvme_bytes)} per node" if c.nvme_bytes else ""))
+    out.append("")
+    out.append("why")
+    out += [f"  - {r}" for r in plan.reasons]
+    if plan.alternatives:
+        out.append("")
+        out.append("alternatives (best per strategy; time relative to the plan)")
+        for a in plan.alternatives[:max_alternatives]:
+            out.append(_row(a, c.step_time_s))
+    return "\n".join(out)

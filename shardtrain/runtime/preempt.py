@@ -1,0 +1,206 @@
+"""Pre-emption / time-limit handling inside each rank.
+
+Signal path under Slurm (see :mod:`shardtrain.slurm.job`): ``#SBATCH --signal=USR2@N`` makes Slurm
+send SIGUSR2 to every process of the job steps on every node N seconds before the time limit (a
+pre-empting scheduler or ``scancel`` sends SIGTERM). The launchers (torchrun agent, deepspeed
+runner) were started with the signal ignored, so they survive; each worker calls
+:meth:`PreemptionHandler.install`, whose handler only sets a flag. At every optimizer-step
+boundary all ranks call :meth:`PreemptionHandler.should_stop` (an all-reduce of the flag), so they
+agree on the same step; they save a checkpoint, meet at a barrier, and rank 0 calls
+:meth:`PreemptionHandler.requeue` (``scontrol requeue $SLURM_JOB_ID`` while
+``SLURM_RESTART_COUNT`` is below the limit). The requeued job resumes from that checkpoint.
+
+Typical use in a training loop::
+
+    pre = PreemptionHandler.from_env(default_max_requeues=cfg.run.max_requeues)
+    pre.install()
+    for step in ...:
+        ...optimizer step, metrics...
+        if pre.should_stop():          # every rank, every step
+            save_checkpoint(step); dist.barrier()
+            if rank == 0: pre.requeue()
+            break
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from typing import Callable, Optional, Union
+
+__all__ = ["PreemptionHandler", "signal_number"]
+
+log = logging.getLogger("shardtrain.preempt")
+
+#: Set by rendered batch scripts: the early-warning signal (``USR2``) and the requeue limit.
+ENV_SIGNAL = "SHARDTRAIN_PREEMPT_SIGNAL"
+ENV_MAX_REQUEUES = "SHARDTRAIN_MAX_REQUEUES"
+
+
+def signal_number(name: Union[str, int]) -> signal.Signals:
+    """``"SIGUSR2"``, ``"USR2"`` or ``12`` -> ``signal.SIGUSR2``."""
+    if isinstance(name, int):
+        return signal.Signals(name)
+    text = name.strip().upper()
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}") from None
+
+
+class PreemptionHandler:
+    """Turns pre-emption signals into an agreed stop at an optimizer-step boundary."""
+
+    def __init__(
+        self, signals: tuple[str, ...] = ("SIGUSR2", "SIGTERM"), max_requeues: int = 3
+    ) -> None:
+        self.signals: tuple[signal.Signals, ...] = tuple(
+            dict.fromkeys(signal_number(s) for s in signals)
+        )
+        self.max_requeues = int(max_requeues)
+        self._flag = False
+        self._received: Optional[int] = None
+        self._previous: dict[signal.Signals, Union[Callable, int, None]] = {}
+
+    @classmethod
+    def from_env(
+        cls,
+        default_signals: tuple[str, ...] = ("SIGUSR2", "SIGTERM"),
+        default_max_requeues: int = 3,
+    ) -> "PreemptionHandler":
+        """Use ``SHARDTRAIN_PREEMPT_SIGNAL`` (plus SIGTERM) and ``SHARDTRAIN_MAX_REQUEUES`` when a
+        rendered batch script set them, else the defaults."""
+        sig = os.environ.get(ENV_SIGNAL)
+        signals = (sig, "SIGTERM") if sig else default_signals
+        limit = os.environ.get(ENV_MAX_REQUEUES)
+        return cls(signals, int(limit) if limit else default_max_requeues)
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def _handler(self, signum, frame) -> None:
+        # Only set a flag: Python runs this between bytecodes of the main thread, and anything
+        # heavier (logging takes locks, collectives, I/O) could deadlock or re-enter the loop.
+        self._flag = True
+        if self._received is None:
+            self._received = signum
+        try:
+            os.write(2, b"[shardtrain] pre-emption signal %d: checkpoint at the next step\n" % signum)
+        except OSError:
+            pass
+
+    def install(self) -> None:
+        """Install flag-setting handlers (main thread only). Overrides any inherited disposition,
+        including SIG_IGN (launchers are started with the signal ignored so they survive it).
+        The signal named by ``SHARDTRAIN_PREEMPT_SIGNAL`` is added when set."""
+        sigs = list(self.signals)
+        env_sig = os.environ.get(ENV_SIGNAL)
+        if env_sig:
+            try:
+                extra = signal_number(env_sig)
+            except ValueError:
+                log.warning("ignoring %s=%r: not a signal", ENV_SIGNAL, env_sig)
+            else:
+                if extra not in sigs:
+                    sigs.append(extra)
+                    self.signals = tuple(sigs)
+        for s in sigs:
+            prev = signal.signal(s, self._handler)
+            self._previous.setdefault(s, prev)
+
+    def uninstall(self) -> None:
+        """Restore the dispositions :meth:`install` replaced."""
+        for s, prev in self._previous.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    @property
+    def signalled(self) -> bool:
+        """True once this rank received one of the signals."""
+        return self._flag
+
+    @property
+    def received_signal(self) -> Optional[str]:
+        """Name of the first signal received (``"SIGUSR2"``), or None."""
+        return signal.Signals(self._received).name if self._received is not None else None
+
+    # -- agreement --------------------------------------------------------------------------
+
+    def should_stop(self) -> bool:
+        """COLLECTIVE: every rank calls it at each optimizer-step boundary. True on all ranks when
+        any rank was signalled (all_reduce MAX over the default process group); without an
+        initialized process group, the local flag."""
+        local = self._flag
+        try:
+            import torch
+            import torch.distributed as dist
+        except ImportError:  # pragma: no cover - torch is a dependency
+            return local
+        if not (dist.is_available() and dist.is_initialized()):
+            return local
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=_collective_device(dist))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+        if stop and not local:
+            log.info("another rank was signalled: stopping at this step")
+        return stop
+
+    # -- requeue ----------------------------------------------------------------------------
+
+    def requeue(self) -> bool:
+        """Rank 0, after every rank saved (after a barrier): ``scontrol requeue $SLURM_JOB_ID``
+        while ``SLURM_RESTART_COUNT`` < the limit (``SHARDTRAIN_MAX_REQUEUES`` when the batch
+        script set it, else ``max_requeues``). Returns whether the job was requeued; logs why not."""
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if not job_id:
+            log.warning("not requeueing: SLURM_JOB_ID is not set (not running under Slurm)")
+            return False
+        limit = self.max_requeues
+        env_limit = os.environ.get(ENV_MAX_REQUEUES)
+        if env_limit:
+            try:
+                limit = int(env_limit)
+            except ValueError:
+                log.warning("ignoring %s=%r: not an integer", ENV_MAX_REQUEUES, env_limit)
+        try:
+            restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        except ValueError:
+            restarts = 0
+        if restarts >= limit:
+            log.warning(
+                "not requeueing job %s: SLURM_RESTART_COUNT=%d reached the limit of %d requeues",
+                job_id, restarts, limit,
+            )
+            return False
+        scontrol = shutil.which("scontrol")
+        if scontrol is None:
+            log.warning("not requeueing job %s: scontrol is not on PATH", job_id)
+            return False
+        try:
+            proc = subprocess.run(
+                [scontrol, "requeue", job_id], capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("not requeued: scontrol requeue %s failed: %s", job_id, exc)
+            return False
+        if proc.returncode != 0:
+            log.warning(
+                "not requeued: scontrol requeue %s exited %d: %s",
+                job_id, proc.returncode, (proc.stderr or proc.stdout).strip(),
+            )
+            return False
+        log.warning("requeued job %s (restart %d of at most %d)", job_id, restarts + 1, limit)
+        return True
+
+
+def _collective_device(dist) -> "torch.device":  # noqa: F821
+    import torch
+
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,229 @@
+"""``shardtrain sbatch``: prepare the run dir, render the batch script, optionally submit it.
+
+Wire into the root parser with ``add_sbatch_parser(subparsers)``; the handler is ``sbatch_cli``.
+``python -m shardtrain.slurm.cli prepare RUN.yaml --run-dir DIR [--set k=v]`` is what a rendered
+script runs (in the batch shell, before any worker) when its run dir has no ``plan.json`` yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from shardtrain.slurm.job import LAUNCHERS, SbatchJob, render
+
+__all__ = ["add_sbatch_parser", "sbatch_cli", "build_job", "main"]
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SystemExit(f"--set {text!r}: write section.key=value, e.g. train.steps=100")
+    return key.strip(), value
+
+
+def _overrides_dict(items: Sequence[str]) -> dict[str, str]:
+    return dict(_split_override(s) for s in items)
+
+
+def _prepare(config: str, overrides: Sequence[str], run_dir: Path) -> Path:
+    # Imported lazily: the run-dir module pulls in the compiler; rendering needs none of it.
+    from shardtrain.launcher.rundir import prepare_run_dir
+
+    return Path(prepare_run_dir(config, _overrides_dict(overrides), run_dir))
+
+
+def _default_run_dir(config: str, overrides: Sequence[str]) -> Path:
+    """``<run.output_dir>/<run.name or config file stem>``, absolute."""
+    output_dir, name = "runs", None
+    try:
+        from shardtrain.config.schema import load_run_config
+
+        cfg = load_run_config(config, _overrides_dict(overrides))
+        output_dir, name = cfg.run.output_dir, cfg.run.name
+    except ImportError:  # pragma: no cover - the config package is part of shardtrain
+        pass
+    return Path(output_dir, name or Path(config).stem).absolute()
+
+
+def _config_value(config: str, overrides: Sequence[str], section: str, key: str, default):
+    try:
+        from shardtrain.config.schema import load_run_config
+
+        cfg = load_run_config(config, _overrides_dict(overrides))
+        return getattr(getattr(cfg, section), key)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return default
+
+
+def add_sbatch_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``sbatch`` subcommand to an ``argparse`` subparsers object and return it."""
+    p = subparsers.add_parser(
+        "sbatch",
+        help="render a Slurm batch script for a run (and submit it with --submit)",
+        description=(
+            "Prepare the run directory (run.yaml, plan.json, ds_config.json), render a complete "
+            "batch script (one launcher per node, c10d rendezvous or the deepspeed launcher, "
+            "checkpoint + requeue on the early-warning signal) and print it, write it (--script), "
+            "or submit it (--submit, prints the job id)."
+        ),
+    )
+    add_sbatch_arguments(p)
+    p.set_defaults(func=sbatch_cli)
+    return p
+
+
+def add_sbatch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="RUN.yaml", help="run config")
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (processes) per node")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.steps=200 (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default: <run.output_dir>/<run.name>)")
+    p.add_argument("--launcher", choices=LAUNCHERS,
+                   help="default: run.launcher, else deepspeed when the plan uses DeepSpeed")
+    p.add_argument("--partition")
+    p.add_argument("--time", help="time limit, e.g. 04:00:00")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("--mem", help="memory per node, e.g. 0 (all) or 500G")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs of the one launcher task per node")
+    p.add_argument("--output", help="Slurm log file (default: <run-dir>/slurm-%%j.out)")
+    p.add_argument("--job-name", help="default: the run directory's name")
+    p.add_argument("--no-gpu-request", dest="request_gpus", action="store_false",
+                   help="do not render --gpus-per-node (CPU-only partitions)")
+    p.add_argument("--signal", default="USR2", help="early-warning signal (default USR2)")
+    p.add_argument("--signal-seconds", type=int, default=90,
+                   help="send it this many seconds before the time limit (default 90)")
+    p.add_argument("--max-requeues", type=int, help="default: run.max_requeues")
+    p.add_argument("--python", default=None,
+                   help="python on the compute nodes (default: this interpreter)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the job (repeatable)")
+    p.add_argument("--script", metavar="PATH",
+                   help="write the script here (default: print it; with --submit: RUN_DIR/job.sbatch)")
+    p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
+
+
+def build_job(args: argparse.Namespace, run_dir: Path) -> SbatchJob:
+    """The SbatchJob for parsed ``args`` and a prepared ``run_dir`` (reads plan/ds_config only)."""
+    overrides = _effective_overrides(args)
+    launcher = args.launcher
+    if launcher is None:
+        launcher = _config_value(args.config, overrides, "run", "launcher", "auto")
+    if launcher not in LAUNCHERS:
+        launcher = "deepspeed" if (run_dir / "ds_config.json").is_file() else "torchrun"
+    max_requeues = args.max_requeues
+    if max_requeues is None:
+        max_requeues = _config_value(args.config, overrides, "run", "max_requeues", 3)
+    env = []
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--env {item!r}: write NAME=VALUE")
+        env.append((name, value))
+    return SbatchJob(
+        run_dir=str(run_dir),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        launcher=launcher,
+        job_name=args.job_name or run_dir.name,
+        config=str(Path(args.config).absolute()),
+        overrides=tuple(overrides),
+        python=args.python or sys.executable,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        exclusive=args.exclusive,
+        mem=args.mem,
+        cpus_per_task=args.cpus_per_task,
+        output=args.output,
+        request_gpus=args.request_gpus,
+        signal=args.signal,
+        signal_seconds=args.signal_seconds,
+        max_requeues=max_requeues,
+        env=tuple(env),
+    )
+
+
+def _effective_overrides(args: argparse.Namespace) -> list[str]:
+    # The command line's --nodes/--gpus-per-node are the truth: the plan is compiled for them.
+    return [*args.overrides, f"hardware.nodes={args.nodes}",
+            f"hardware.gpus_per_node={args.gpus_per_node}"]
+
+
+def _check_plan(run_dir: Path, job: SbatchJob) -> None:
+    plan = run_dir / "plan.json"
+    try:
+        world = json.loads(plan.read_text()).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(world, int) and world != job.world_size:
+        raise SystemExit(
+            f"{plan}: world_size {world} != nodes × gpus-per-node = {job.world_size}; "
+            "use a fresh --run-dir or matching --nodes/--gpus-per-node"
+        )
+
+
+def sbatch_cli(args: argparse.Namespace) -> int:
+    """Handler of ``shardtrain sbatch``; returns the exit code."""
+    overrides = _effective_overrides(args)
+    run_dir = Path(args.run_dir).absolute() if args.run_dir else _default_run_dir(args.config, overrides)
+    run_dir = _prepare(args.config, overrides, run_dir)
+    run_dir = run_dir.absolute()
+    try:
+        job = build_job(args, run_dir)
+    except ValueError as exc:
+        raise SystemExit(f"shardtrain sbatch: {exc}") from None
+    _check_plan(run_dir, job)
+    text = render(job)
+    script: Optional[Path] = Path(args.script) if args.script else None
+    if args.submit and script is None:
+        script = run_dir / "job.sbatch"
+    if script is not None:
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(text)
+        script.chmod(0o755)
+        print(f"wrote {script}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if args.submit:
+        from shardtrain.slurm.submit import SubmitError, submit
+
+        try:
+            job_id = submit(script)
+        except SubmitError as exc:
+            print(f"shardtrain sbatch: {exc}", file=sys.stderr)
+            return 1
+        print(job_id)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m shardtrain.slurm.cli prepare RUN.yaml --run-dir DIR [--set k=v]`` (used by
+    rendered scripts) and ``python -m shardtrain.slurm.cli sbatch …`` (same as ``shardtrain sbatch``)."""
+    parser = argparse.ArgumentParser(prog="python -m shardtrain.slurm.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="prepare a run directory (run.yaml, plan.json, …)")
+    prep.add_argument("config", metavar="RUN.yaml")
+    prep.add_argument("--run-dir", required=True)
+    prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_sbatch_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        path = _prepare(args.config, args.overrides, Path(args.run_dir).absolute())
+        print(path)
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

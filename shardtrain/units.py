@@ -1,0 +1,51 @@
+"""Byte sizes with units: parse "80GiB" / "24GB" / 8e10, format for humans.
+
+GiB = 2**30 (what CUDA reports); GB = 10**9 (what vendors print). Both are accepted.
+"""
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+GiB = 2**30
+
+
+def parse_bytes(value: object, *, key: str = "value") -> int:
+    """Parse a size: an int/float of bytes or a string like "80GiB", "24GB", "1.5TiB"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: {value!r} is not a size; write e.g. 80GiB")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"{key}: {value!r} is negative; sizes are >= 0")
+        return int(value)
+    m = _RE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{key}: cannot read {value!r} as a size; write e.g. 80GiB, 24GB or 1.5TiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_count(value: object, *, key: str = "value") -> int:
+    """Parse a count such as 7.5e9, "7.5B", "70b", "405M"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    s = str(value).strip().lower()
+    mult = {"k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}.get(s[-1:], None)
+    try:
+        return int(float(s[:-1]) * mult) if mult else int(float(s))
+    except ValueError:
+        raise ValueError(f"{key}: cannot read {value!r} as a number; write e.g. 7.5e9 or 7.5B") from None
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable binary size, e.g. 17.3 GiB."""
+    n = float(n)
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
