@@ -25,8 +25,17 @@ MFU_TOKENS_HALF = 1024
 """Tokens per micro-step at which MFU reaches ~63% of MFU_MAX (small batches underfill the GPU)."""
 FP32_SPEED = 0.5
 """fp32 (TF32) matmul throughput relative to bf16 tensor cores."""
-COMM_OVERLAP = 0.7
-"""Fraction of communication hidden behind compute (bucketing, prefetch)."""
+COMM_OVERLAP = 0.5
+"""Fraction of compute time that can hide communication (bucketing, prefetch); the rest is exposed."""
+COLLECTIVE_LATENCY_S = 30e-6
+"""Launch + synchronisation latency of one collective (NCCL ring, small-message regime)."""
+ENGINE_OVERHEAD = {
+    Strategy.DDP: 1.00, Strategy.ZERO1: 1.01, Strategy.ZERO2: 1.02, Strategy.FSDP_SHARD_GRAD_OP: 1.03,
+    Strategy.FSDP_HYBRID_SHARD: 1.05, Strategy.FSDP_FULL_SHARD: 1.05, Strategy.ZERO3: 1.10,
+    Strategy.ZERO2_OFFLOAD: 1.05, Strategy.ZERO3_OFFLOAD: 1.12, Strategy.ZERO_INFINITY: 1.15,
+}
+"""Compute-time multiplier for per-parameter hooks, flattening and Python bookkeeping of each engine
+(ZeRO-3's gather/release hooks cost most). Calibratable; ordering matters more than values."""
 MICRO_STEP_OVERHEAD_S = 0.002
 """Fixed launch/Python overhead per micro-step."""
 QLORA_DEQUANT_FACTOR = 1.25
@@ -58,7 +67,11 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
     compute = per_token * tokens_micro * grad_accum / flops_s
     if method is Method.QLORA:
         compute *= QLORA_DEQUANT_FACTOR
+    compute *= ENGINE_OVERHEAD[strategy]
     compute += MICRO_STEP_OVERHEAD_S * grad_accum
+    if strategy.shards_params or strategy is Strategy.FSDP_SHARD_GRAD_OP:
+        per_layer = 2 if strategy is Strategy.FSDP_SHARD_GRAD_OP else 3  # gathers (+ re-gather) + RS
+        compute += COLLECTIVE_LATENCY_S * per_layer * model.num_layers * grad_accum
 
     W = hw.world_size
     bw = hw.inter_node_bandwidth_bytes_per_s if hw.nodes > 1 else hw.intra_node_bandwidth_bytes_per_s

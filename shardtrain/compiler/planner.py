@@ -201,6 +201,9 @@ def _reasons(ctx: _Ctx, c: Candidate, best: dict[Strategy, Candidate], illegal: 
     if t.strategy is not None:
         r.append(f"strategy {c.strategy.value} was forced (--strategy); "
                  + ("it fits" if c.fits else "it does NOT fit: " + "; ".join(c.why_not)))
+    elif not c.fits:
+        r.append(f"nothing fits; {c.strategy.value} is the plan that needs the least GPU memory: "
+                 + "; ".join(c.why_not))
     else:
         r.append(f"{c.strategy.value} is the fastest plan that fits: {fmt_bytes(c.per_gpu.total)} of "
                  f"{fmt_bytes(ctx.usable)} usable per GPU, ~{c.step_time_s:.3g} s per optimizer step")
@@ -212,7 +215,7 @@ def _reasons(ctx: _Ctx, c: Candidate, best: dict[Strategy, Candidate], illegal: 
             r.append(f"not {s.value}: {'; '.join(o.why_not)} (largest term: {biggest} "
                      f"{fmt_bytes(getattr(o.per_gpu, biggest))})")
         elif o is not None and o.fits and t.strategy is None:
-            r.append(f"not {s.value}: fits but is {o.step_time_s / c.step_time_s:.2f}x slower per step")
+            r.append(f"not {s.value}: fits but is slower ({o.step_time_s / c.step_time_s:.3f}x the step time)")
         elif s in illegal and t.strategy is None:
             r.append(f"not {s.value}: {illegal[s]}")
     ck = {GradCkpt.NONE: "off: activations fit without recomputation",
@@ -242,20 +245,20 @@ def _no_fit_message(ctx: _Ctx, least: Candidate) -> str:
         fixes.append(f"GPUs with at least {fmt_bytes(need_gpu)} (--gpu-memory)")
         if least.strategy.shards_params or least.strategy.zero_stage:
             fixes.append("more GPUs/nodes (sharded states shrink with the world size)")
-        if least.method is Method.FULL:
-            fixes.append("method: lora or qlora")
-        if least.optimizer is Optimizer.ADAMW and least.strategy.offload_optimizer is OffloadDevice.NONE:
-            fixes.append("optimizer: adamw8bit")
         if least.per_gpu.activations + least.per_gpu.logits > least.per_gpu.model_states:
             fixes.append(f"a shorter seq_len than {t.seq_len}")
-        if t.strategy is not None:
-            fixes.append("strategy: auto")
-        if not hw.nvme_path:
-            fixes.append("an NVMe path for zero_infinity (--nvme-path)")
     if least.cpu_memory_per_node_bytes > hw.cpu_memory_bytes:
         fixes.append(f"host RAM of at least {fmt_bytes(least.cpu_memory_per_node_bytes)} per node (--cpu-memory)")
     if least.nvme_bytes > hw.nvme_capacity_bytes:
         fixes.append(f"at least {fmt_bytes(least.nvme_bytes)} of NVMe per node")
+    if not hw.nvme_path and least.method is Method.FULL:
+        fixes.append("an NVMe path for zero_infinity (--nvme-path)")
+    if least.method is Method.FULL:
+        fixes.append("method: lora or qlora (--method)")
+    if least.optimizer is Optimizer.ADAMW and least.method is Method.FULL:
+        fixes.append("optimizer: adamw8bit with a non-offload strategy")
+    if t.strategy is not None:
+        fixes.append("strategy: auto")
     lines.append("To fit, try: " + "; or ".join(fixes) + ".")
     return " ".join(lines)
 

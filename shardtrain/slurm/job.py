@@ -55,6 +55,7 @@ COMMON_ENV: dict[str, str] = {
 #: Where the worker module lives (same for both launchers).
 WORKER_MODULE = "shardtrain.runtime.worker"
 
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SIGNAL_NAME = re.compile(r"^[A-Z][A-Z0-9]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -163,6 +164,9 @@ class SbatchJob:
     env: tuple[tuple[str, str], ...] = ()
     """Extra ``(NAME, value)`` exports, after (and overriding) the common ones."""
 
+    worker_module: str = WORKER_MODULE
+    """Python module each rank runs (``-m``) with ``--run-dir``; tests use a stand-in."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, int) or self.nodes < 1:
             raise ValueError(f"nodes must be a positive integer, got {self.nodes!r}")
@@ -181,6 +185,8 @@ class SbatchJob:
             raise ValueError(f"max_requeues must be >= 0, got {self.max_requeues!r}")
         if not (1024 <= self.port_base and self.port_span >= 1 and self.port_base + self.port_span <= 65536):
             raise ValueError("port_base/port_span must select ports within [1024, 65535]")
+        if not isinstance(self.worker_module, str) or not _MODULE.match(self.worker_module):
+            raise ValueError(f"worker_module must be a dotted module name, got {self.worker_module!r}")
         if not self.run_dir or not self.run_dir.startswith("/"):
             raise ValueError(f"run_dir must be an absolute path, got {self.run_dir!r}")
         texts = {
@@ -285,7 +291,7 @@ def _launcher_lines(job: SbatchJob) -> list[str]:
             "--rdzv-backend=c10d",
             '--rdzv-endpoint="$SHARDTRAIN_HEAD:$SHARDTRAIN_PORT"',
             "--max-restarts=0",
-            f"-m {WORKER_MODULE}",
+            f"-m {job.worker_module}",
             '--run-dir "$SHARDTRAIN_RUN_DIR"',
         ]
     else:
@@ -297,7 +303,7 @@ def _launcher_lines(job: SbatchJob) -> list[str]:
             '--master_addr "$SHARDTRAIN_HEAD"',
             '--master_port "$SHARDTRAIN_PORT"',
             "--no_local_rank",
-            f"--module {WORKER_MODULE}",
+            f"--module {job.worker_module}",
             '--run-dir "$SHARDTRAIN_RUN_DIR"',
         ]
     lines = [

@@ -1,0 +1,251 @@
+"""The run directory: everything one training run reads and writes, in one place.
+
+Layout (``<run.output_dir>/<run.name or config stem>/`` unless ``--run-dir`` says otherwise)::
+
+    run.yaml          the resolved run config (RunConfig.to_dict(): every key, flags applied)
+    plan.json         the full Plan (Plan.to_json(), including "spec"; Plan.from_json reads it)
+    ds_config.json    DeepSpeed config (only for DeepSpeed strategies; shardtrain.emit.deepspeed)
+    fsdp.json         FSDP2 settings (only for FSDP strategies; shardtrain.emit.fsdp)
+    command.txt       the exact launcher command and environment, as a runnable bash script
+    logs/             one folder per launch: launcher output and per-rank stdout/stderr
+    checkpoints/      written by the workers (resume continues from the latest)
+    metrics.jsonl, memory_rank{R}.json, final/   written by the workers
+
+Preparing is idempotent: re-preparing an existing run dir with the same config (a resume, a Slurm
+requeue, every node of a multi-node job on a shared file system) rewrites the same files and keeps
+checkpoints, metrics and logs. Changing anything but the keys in :data:`RESUME_SAFE_KEYS` while the
+run dir holds training state is refused with a message (start fresh with ``--no-resume``, which moves
+the old state aside into ``previous/<timestamp>/``, or pick another ``--run-dir``).
+
+All file writes are atomic (temp file + rename) so that a worker or another node never reads half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from shardtrain.compiler.plan import Plan
+from shardtrain.compiler.specs import Engine
+from shardtrain.config.schema import ConfigError, RunConfig, load_run_config, parse_run_config
+
+RUN_FILES = ("run.yaml", "plan.json", "ds_config.json", "fsdp.json", "command.txt")
+#: What the workers write; "training state" that --no-resume moves aside and a config change protects.
+STATE_ENTRIES = ("checkpoints", "metrics.jsonl", "final", "logs")
+#: Keys that may change between launches of one run dir without invalidating its checkpoints.
+RESUME_SAFE_KEYS = frozenset({
+    "train.steps", "run.checkpoint_every", "run.eval_every", "run.eval_batches", "run.log_every",
+    "run.max_requeues", "run.resume", "run.launcher", "run.output_dir", "run.name", "run.device",
+})
+#: Plan fields that must match for a checkpoint to be resumable (world size, sharding, batch shape).
+_PLAN_IDENTITY = ("strategy", "world_size", "micro_batch_size", "grad_accum_steps", "method", "precision",
+                  "optimizer", "spec")
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    run_dir: Path
+    config: RunConfig
+    plan: Plan
+    files: tuple[str, ...]
+    """Run files written (names relative to run_dir)."""
+    has_state: bool
+    """The run dir already held checkpoints/metrics that this launch continues from."""
+    moved_aside: Path | None = None
+    """Where --no-resume moved the previous state, if anything was there."""
+
+
+# --------------------------------------------------------------------------- pure parts
+def load_config(config: str | os.PathLike | Mapping | RunConfig | None,
+                overrides: Mapping[str, object] | None = None) -> RunConfig:
+    """A YAML path, a raw mapping (as from YAML) or a RunConfig, plus dotted overrides."""
+    overrides = dict(overrides or {})
+    if isinstance(config, RunConfig):
+        return parse_run_config(config.to_dict(), overrides) if overrides else config
+    if isinstance(config, Mapping):
+        return parse_run_config(dict(config), overrides)
+    return load_run_config(config, overrides)
+
+
+def compile_plan(cfg: RunConfig) -> Plan:
+    """Compile the plan for a config (raises NoFitError/PlanningError/ConfigError)."""
+    from shardtrain.compiler.planner import plan
+    from shardtrain.config.resolve import resolve_specs
+    return plan(*resolve_specs(cfg))
+
+
+def check_plan_matches(cfg: RunConfig, p: Plan) -> None:
+    """A plan given with --plan must describe the hardware the config launches on."""
+    hw = p.hardware
+    if (hw.nodes, hw.gpus_per_node) != (cfg.hardware.nodes, cfg.hardware.gpus_per_node):
+        raise ConfigError(
+            f"--plan: the plan was compiled for {hw.nodes} node(s) × {hw.gpus_per_node} GPUs, but this launch "
+            f"is {cfg.hardware.nodes} × {cfg.hardware.gpus_per_node}; recompile it (`shardtrain plan ... "
+            f"--nodes {cfg.hardware.nodes} --gpus-per-node {cfg.hardware.gpus_per_node} --json --full-json`) "
+            f"or drop --plan")
+
+
+def emitted_configs(cfg: RunConfig, p: Plan) -> dict[str, dict]:
+    """Engine configs for the plan, by file name (empty for DDP)."""
+    engine = p.strategy.engine
+    if engine is Engine.DEEPSPEED:
+        from shardtrain.emit.deepspeed import deepspeed_config
+        t = cfg.train
+        return {"ds_config.json": deepspeed_config(p, grad_clip=t.grad_clip, lr=t.lr, weight_decay=t.weight_decay,
+                                                   nvme_path=cfg.hardware.nvme_path)}
+    if engine is Engine.FSDP:
+        from shardtrain.emit.fsdp import fsdp_settings
+        return {"fsdp.json": fsdp_settings(p).to_dict()}
+    return {}
+
+
+def default_run_dir(cfg: RunConfig, config_path: str | os.PathLike | None) -> Path:
+    """``<run.output_dir>/<run.name or config file stem>``, absolute (as `shardtrain sbatch`)."""
+    name = cfg.run.name or (Path(config_path).stem if isinstance(config_path, (str, os.PathLike)) else None)
+    if not name:
+        name = f"{cfg.model.name or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = name.replace("/", "_")
+    return Path(cfg.run.output_dir, name).absolute()
+
+
+def config_diff(old: Mapping, new: Mapping) -> dict[str, tuple]:
+    """Dotted keys whose values differ between two RunConfig dicts: {key: (old, new)}."""
+    out = {}
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                out[f"{section}.{k}"] = (a.get(k), b.get(k))
+    return out
+
+
+def _plan_identity(d: Mapping) -> dict:
+    return {k: d.get(k) for k in _PLAN_IDENTITY}
+
+
+def default_command_text(cfg: RunConfig, p: Plan, run_dir: Path) -> str:
+    """command.txt for a run dir prepared without a launch (e.g. by `shardtrain sbatch`)."""
+    from shardtrain.launcher.spawn import build_launch, choose_launcher, local_devices
+    gpus, device = local_devices(cfg.run.device)
+    spec = build_launch(run_dir=run_dir, launcher=choose_launcher(None, cfg, p),
+                        nproc_per_node=p.hardware.gpus_per_node, gpus=gpus, device=device)
+    return spec.script()
+
+
+# --------------------------------------------------------------------------- effects
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def has_state(run_dir: Path) -> bool:
+    """True when the workers have written checkpoints or metrics here."""
+    ck = run_dir / "checkpoints"
+    return (ck.is_dir() and any(ck.iterdir())) or (run_dir / "metrics.jsonl").is_file() or (run_dir / "final").exists()
+
+
+def move_state_aside(run_dir: Path) -> Path | None:
+    """--no-resume: move checkpoints, metrics, final/, memory reports and logs to previous/<timestamp>/."""
+    entries = [run_dir / e for e in STATE_ENTRIES] + sorted(run_dir.glob("memory_rank*.json"))
+    entries = [e for e in entries if e.exists()]
+    if not entries:
+        return None
+    dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        n += 1
+    dest.mkdir(parents=True)
+    for e in entries:
+        shutil.move(str(e), str(dest / e.name))
+    return dest
+
+
+def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, command_text: str | None = None,
+                  resume: bool = True, move_aside: bool = True) -> PreparedRun:
+    """Write (or re-write) the run files; see the module docstring for the resume rules.
+
+    ``resume=False`` starts fresh: existing state is moved aside when ``move_aside`` (only node 0 of a
+    multi-node launch should do that on a shared file system).
+    """
+    run_dir = Path(run_dir).absolute()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run dir {run_dir} exists and is not a directory; pick another --run-dir")
+    new_cfg = cfg.to_dict()
+    new_plan = p.to_json()
+    moved = None
+    state = run_dir.is_dir() and has_state(run_dir)
+    if state and not resume:
+        moved = move_state_aside(run_dir) if move_aside else None
+        state = False
+    elif state:
+        problems = []
+        old_yaml = run_dir / "run.yaml"
+        if old_yaml.is_file():
+            try:
+                old_cfg = yaml.safe_load(old_yaml.read_text()) or {}
+            except yaml.YAMLError:
+                old_cfg = {}
+            diff = {k: v for k, v in config_diff(old_cfg, new_cfg).items() if k not in RESUME_SAFE_KEYS}
+            problems += [f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items()]
+        old_plan = run_dir / "plan.json"
+        if old_plan.is_file() and not problems:
+            try:
+                old = json.loads(old_plan.read_text())
+            except json.JSONDecodeError:
+                old = {}
+            if _plan_identity(old) != _plan_identity(new_plan):
+                ok = {k: old.get(k) for k in _PLAN_IDENTITY if k != "spec"}
+                nk = {k: new_plan.get(k) for k in _PLAN_IDENTITY if k != "spec"}
+                problems.append(f"plan: {ok} → {nk}" if ok != nk else "plan: the model/hardware spec changed")
+        if problems:
+            raise ConfigError(
+                f"run dir {run_dir} holds checkpoints/metrics of a run with a different config:\n  "
+                + "\n  ".join(problems)
+                + "\nits checkpoints would not match. Start fresh there with --no-resume (moves the old state to "
+                  "previous/), or use another --run-dir (or run.name). Keys you may change on resume: "
+                + ", ".join(sorted(RESUME_SAFE_KEYS)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    files = {"run.yaml": yaml.safe_dump(new_cfg, sort_keys=False),
+             "plan.json": json.dumps(new_plan, indent=2) + "\n"}
+    for name, d in emitted_configs(cfg, p).items():
+        files[name] = json.dumps(d, indent=2) + "\n"
+    files["command.txt"] = command_text if command_text is not None else default_command_text(cfg, p, run_dir)
+    for name in RUN_FILES:  # a stale engine config from an earlier strategy would mislead the worker
+        if name not in files:
+            (run_dir / name).unlink(missing_ok=True)
+    for name, text in files.items():
+        _atomic_write(run_dir / name, text)
+    return PreparedRun(run_dir=run_dir, config=cfg, plan=p, files=tuple(files), has_state=state, moved_aside=moved)
+
+
+def prepare_run_dir(config_path_or_dict, overrides: dict, run_dir) -> Path:
+    """Compile the run config (a YAML path or a raw dict, plus dotted overrides such as
+    ``{"train.steps": 20}``) and write the run dir; returns its absolute path.
+
+    Used by `shardtrain sbatch` (stable signature). Keeps existing checkpoints and metrics when the config
+    is the same (resume); raises ConfigError when it changed in a way that invalidates them, and
+    NoFitError (a PlanningError) when the plan does not fit.
+    """
+    from shardtrain.compiler.planner import NoFitError
+    cfg = load_config(config_path_or_dict, overrides)
+    p = compile_plan(cfg)
+    if not p.chosen.fits:
+        raise NoFitError(f"the {p.strategy.value} plan does not fit: {'; '.join(p.chosen.why_not)}", p)
+    return write_run_dir(run_dir, cfg, p, resume=cfg.run.resume != "never").run_dir

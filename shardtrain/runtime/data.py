@@ -1,0 +1,196 @@
+"""Training data: read → tokenize → pack or pad → deterministic distributed sampling.
+
+Formats: JSONL with `text`, or `prompt` + `completion` (prompt tokens get label -100, so only the
+completion is learned), or plain text (documents separated by blank lines). With `data.packing`
+documents are concatenated (BOS ... EOS) and cut into `seq_len` blocks (no cross-document mask);
+otherwise each document is one sample (long ones split into `seq_len` pieces) and a micro-batch is
+padded to its longest sample.
+
+Sampling is a pure function of (seed, step): optimizer step s consumes the global sample positions
+[s·G, (s+1)·G) of an endless stream whose epoch e is `randperm(n, seed + e)`. Rank r, micro-step k,
+item j reads position s·G + (k·W + r)·m + j. Resuming at step s therefore continues exactly where
+the run stopped, and any world size / accumulation split covers the same G samples per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED_TOKENIZER = ASSETS / "tokenizer.json"
+BUNDLED_CORPUS = ASSETS / "corpus.txt"
+IGNORE = -100
+
+
+def load_tokenizer(tokenizer_dir: str | None, model_dir: str | None):
+    """`model.tokenizer`, else the checkpoint directory's tokenizer, else the bundled BPE (vocab 512)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    for d in (tokenizer_dir, model_dir):
+        if d and Path(d).is_dir() and any((Path(d) / f).is_file() for f in
+                                          ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            tok = AutoTokenizer.from_pretrained(d)
+            break
+    else:
+        if tokenizer_dir:
+            raise FileNotFoundError(f"model.tokenizer: {tokenizer_dir!r} has no tokenizer files")
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(BUNDLED_TOKENIZER), bos_token="<s>",
+                                      eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def read_documents(path: str | Path, fmt: str = "auto") -> list[tuple[str, str | None]]:
+    """(text, None) or (prompt, completion) per document."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {str(p)!r} does not exist")
+    if fmt == "auto":
+        fmt = "jsonl" if p.suffix in (".jsonl", ".json") else "text"
+    if fmt == "text":
+        return [(d.strip(), None) for d in p.read_text().split("\n\n") if d.strip()]
+    docs: list[tuple[str, str | None]] = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "prompt" in rec and "completion" in rec:
+            docs.append((str(rec["prompt"]), str(rec["completion"])))
+        elif "text" in rec:
+            docs.append((str(rec["text"]), None))
+        else:
+            raise ValueError(f"{p}:{i}: a JSONL record needs 'text', or 'prompt' and 'completion'; "
+                             f"got keys {sorted(rec)}")
+    return docs
+
+
+def tokenize(tok, docs: list[tuple[str, str | None]]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per document: BOS + text + EOS; prompt tokens masked with -100."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id]
+    out = []
+    for text, completion in docs:
+        first = tok(text, add_special_tokens=False)["input_ids"]
+        if completion is None:
+            ids = bos + first + eos
+            labels = list(ids)
+        else:
+            comp = tok(completion, add_special_tokens=False)["input_ids"] + eos
+            ids = bos + first + comp
+            labels = [IGNORE] * (len(bos) + len(first)) + comp
+        out.append((ids, labels))
+    return out
+
+
+def pack(examples, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    ids = [t for e in examples for t in e[0]]
+    labels = [t for e in examples for t in e[1]]
+    n = len(ids) // seq_len
+    return [(ids[i * seq_len:(i + 1) * seq_len], labels[i * seq_len:(i + 1) * seq_len]) for i in range(n)]
+
+
+def split_long(examples, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for ids, labels in examples:
+        for i in range(0, len(ids), seq_len):
+            piece = (ids[i:i + seq_len], labels[i:i + seq_len])
+            if len(piece[0]) >= 2 and any(x != IGNORE for x in piece[1][1:]):
+                out.append(piece)
+    return out
+
+
+@dataclass
+class TokenDataset:
+    samples: list[tuple[list[int], list[int]]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Pad to the longest sample in this micro-batch (packed samples are all seq_len)."""
+        rows = [self.samples[i] for i in indices]
+        width = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (x, y) in enumerate(rows):
+            ids[i, :len(x)] = torch.tensor(x)
+            labels[i, :len(y)] = torch.tensor(y)
+            mask[i, :len(x)] = 1
+        batch = {"input_ids": ids, "labels": labels}
+        if not bool(mask.all()):
+            batch["attention_mask"] = mask
+        return batch
+
+
+def build_datasets(tok, *, train_path: str | None, eval_path: str | None, eval_fraction: float,
+                   fmt: str, packing: bool, seq_len: int) -> tuple[TokenDataset, TokenDataset | None]:
+    """Train and held-out datasets (eval: `data.eval`, else the last eval_fraction of documents)."""
+    docs = read_documents(train_path or BUNDLED_CORPUS, fmt)
+    if eval_path:
+        eval_docs = read_documents(eval_path, fmt)
+    elif eval_fraction > 0 and len(docs) > 1:
+        k = max(1, int(len(docs) * eval_fraction))
+        docs, eval_docs = docs[:-k], docs[-k:]
+    else:
+        eval_docs = []
+
+    def make(ds):
+        ex = tokenize(tok, ds)
+        return pack(ex, seq_len) if packing else split_long(ex, seq_len)
+
+    train = TokenDataset(make(docs), tok.pad_token_id)
+    if len(train) == 0:
+        raise ValueError(f"no training samples of seq_len {seq_len}: the data has fewer tokens than one "
+                         "block; lower train.seq_len or add data")
+    ev = TokenDataset(make(eval_docs), tok.pad_token_id) if eval_docs else None
+    return train, (ev if ev is not None and len(ev) else None)
+
+
+class StepSampler:
+    """Deterministic global-batch sampler (see module docstring)."""
+
+    def __init__(self, n: int, seed: int, *, micro_batch: int, grad_accum: int, world_size: int, rank: int):
+        self.n, self.seed = n, seed
+        self.m, self.k, self.w, self.r = micro_batch, grad_accum, world_size, rank
+        self.global_batch = micro_batch * grad_accum * world_size
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _index(self, pos: int) -> int:
+        epoch, i = divmod(pos, self.n)
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return int(self._perms[epoch][i])
+
+    def micro_indices(self, step: int, micro: int, rank: int | None = None) -> list[int]:
+        r = self.r if rank is None else rank
+        start = step * self.global_batch + (micro * self.w + r) * self.m
+        return [self._index(start + j) for j in range(self.m)]
+
+    def step_indices(self, step: int) -> list[list[int]]:
+        """This rank's K micro-batches for optimizer step `step`."""
+        return [self.micro_indices(step, k) for k in range(self.k)]
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.global_batch / self.n
+
+
+def eval_indices(n: int, batches: int, micro_batch: int, world_size: int, rank: int) -> list[list[int]]:
+    """Fixed held-out micro-batches for this rank (wrapping around small eval sets)."""
+    total = min(batches * micro_batch * world_size, max(n, world_size * micro_batch))
+    per_rank = math.ceil(total / (world_size * micro_batch))
+    return [[((b * world_size + rank) * micro_batch + j) % n for j in range(micro_batch)]
+            for b in range(per_rank)]
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that contribute to the loss (labels are shifted by one inside the loss)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -1,0 +1,8 @@
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# tests import helper modules from tests/ (e.g. tests/slurm_cluster.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
