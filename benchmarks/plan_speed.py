@@ -1,0 +1,53 @@
+"""Planning speed: in-process plan of a 70B model on 64 nodes × 8 GPUs over all candidates (goal
+< 0.2 s) and a cold `shardtrain plan` CLI call with a preset (goal < 2 s wall). Prints measured
+figures; asserts nothing.
+
+    python benchmarks/plan_speed.py [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+
+    from shardtrain.compiler.planner import plan
+    from shardtrain.compiler.specs import HardwareSpec, TrainSpec
+    from shardtrain.config.presets import load_model_spec
+
+    model = load_model_spec("llama-3.1-70b")
+    hw = HardwareSpec(nodes=64, gpus_per_node=8, nvme_path="/nvme", nvme_capacity_bytes=3_500_000_000_000)
+    train = TrainSpec(seq_len=4096, global_batch_size=2048)
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        p = plan(model, hw, train)
+        times.append(time.perf_counter() - t0)
+    n_alt = len(p.alternatives)
+    print(f"in-process plan, 70B on 64x8 GPUs: median {statistics.median(times) * 1e3:.1f} ms "
+          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}; goal < 200 ms) -> {p.chosen.strategy.value}, "
+          f"{n_alt} alternatives; ratio to goal {statistics.median(times) / 0.2:.3f}")
+
+    cmd = [sys.executable, "-m", "shardtrain", "plan", "--model", "llama-3.1-8b", "--gpus-per-node", "8", "--json"]
+    walls = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        walls.append(time.perf_counter() - t0)
+    print(f"cold CLI `shardtrain plan --model llama-3.1-8b --json`: median {statistics.median(walls):.3f} s "
+          f"(min {min(walls):.3f}, max {max(walls):.3f}; goal < 2 s); ratio to goal {statistics.median(walls) / 2:.3f}")
+    heavy = subprocess.run([sys.executable, "-X", "importtime", "-m", "shardtrain", "plan", "--model",
+                            "llama-3.1-8b", "--json"], capture_output=True, text=True).stderr
+    bad = [m for m in ("torch", "deepspeed", "transformers") if f"| {m}\n" in heavy or f"| {m}." in heavy]
+    print(f"heavy modules imported on the plan path: {bad or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
