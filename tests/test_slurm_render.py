@@ -173,6 +173,9 @@ def test_rejects_backslash_in_sbatch_line():
 def test_percent_in_run_dir_is_literal_in_output_pattern():
     job = SbatchJob(run_dir="/runs/100%", nodes=1, gpus_per_node=1)
     assert sbatch_options(job)["output"] == "/runs/100%%/slurm-%j.out"
+    assert job.log_path("12") == "/runs/100%/slurm-12.out"
+    job = SbatchJob(run_dir="/r", nodes=1, gpus_per_node=1, job_name="n", output="x/%x-%j-%N.log")
+    assert job.log_path("7") == "x/n-7-%N.log"
 
 
 # ---------------------------------------------------------------------------------------------

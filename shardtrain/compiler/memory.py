@@ -40,6 +40,11 @@ QLORA_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 """NF4 + double quantisation: 0.5 B + 8-bit absmax per 64 + fp32 absmax per 256 blocks."""
 QLORA_BYTES_PER_PARAM_NO_DQ = 0.5 + 4 / 64
 """NF4 without double quantisation."""
+QLORA_QUANT_STATE_BYTES_PER_TENSOR = 16 * 4 + 4 + 256 * 4
+"""Per quantized tensor, bitsandbytes 0.50.2 functional.quantize_4bit keeps a QuantState with its own
+`code` (16 fp32 NF4 levels) and, with double quantisation, `offset` (fp32 scalar) and a nested
+state2 whose `code` is a 256-entry fp32 map (quantize_blockwise) — 1092 B per tensor, checked
+against a real 4-bit load in tests/test_memory_model.py (negligible beyond toy models)."""
 INFINITY_SWAP_BUFFERS = 5
 """DeepSpeed offload_{param,optimizer}.buffer_count default for NVMe swapping."""
 
@@ -81,7 +86,7 @@ def frozen_weight_bytes(groups: tuple[TensorGroup, ...], method: Method, precisi
         if g.trainable:
             continue
         if method is Method.QLORA and g.quantizable:
-            total += math.ceil(g.total * QLORA_BYTES_PER_PARAM)
+            total += math.ceil(g.total * QLORA_BYTES_PER_PARAM) + g.count * QLORA_QUANT_STATE_BYTES_PER_TENSOR
         else:
             total += g.total * (2 if method is Method.QLORA else precision.param_bytes)
     return total
@@ -94,6 +99,14 @@ def shard_group_size(strategy: Strategy, hw: HardwareSpec) -> int:
     if strategy is Strategy.FSDP_HYBRID_SHARD:
         return hw.gpus_per_node
     return hw.world_size
+
+
+def zero3_persistent_params(groups: tuple[TensorGroup, ...], buckets: ZeroBuckets) -> int:
+    """Elements of the parameters ZeRO-3 never re-partitions: DeepSpeed parameter_offload.py
+    mark_persistent_parameters() marks every parameter (trainable or frozen) with
+    `ds_numel <= stage3_param_persistence_threshold` as `ds_persist`; after the first forward it
+    stays gathered on every rank (its partition `ds_tensor` is kept too)."""
+    return sum(g.total for g in groups if g.numel <= buckets.param_persistence_threshold)
 
 
 def _largest_unit_params(model: ModelSpec) -> int:

@@ -3,9 +3,13 @@
 Sources:
 - AdamW (torch.optim.AdamW): exp_avg + exp_avg_sq in fp32 = 8 B/param (ZeRO paper: K=12 incl. master).
 - bitsandbytes 8-bit AdamW (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"):
-  two uint8 states = 2 B/param plus one fp32 absmax per block of 2048 (per state) = 2·4/2048 B/param;
-  tensors with fewer than `min_8bit_size` = 4096 elements keep fp32 states (8 B/param).
-  (bitsandbytes/optim/optimizer.py: Optimizer8bit.init_state).
+  two uint8 states = 2 B/param plus one fp32 absmax per block of 256 elements (per state) =
+  2·4/256 B/param; tensors with fewer than `min_8bit_size` = 4096 elements keep fp32 states
+  (8 B/param). bitsandbytes 0.50.2 optim/optimizer.py Optimizer2State.init_state: `blocksize = 256`,
+  `absmax1 = torch.zeros((blocks,), float32)` — the paper's 2048 is no longer what is allocated — and
+  `state["qmap1"] = self.name2qmap["dynamic"]`, `state["qmap2"] = self.name2qmap["udynamic"]`: two
+  256-entry fp32 quantization maps shared by every tensor of the optimizer (2 KiB once).
+  Checked against a real AdamW8bit in tests/test_memory_model.py and tests/test_truth_engines.py.
 - Adafactor (Shazeer & Stern 2018; transformers.optimization.Adafactor, beta1=None): matrices keep a
   factored second moment, rows + cols fp32 over the last two dims; vectors keep a full fp32 moment.
 - Lion (Chen et al. 2023): one momentum, fp32 = 4 B/param.
@@ -23,8 +27,12 @@ from shardtrain.compiler.specs import Optimizer
 
 BNB_MIN_8BIT_SIZE = 4096
 """bitsandbytes Optimizer8bit default `min_8bit_size`: smaller tensors keep 32-bit state."""
-BNB_BLOCK_SIZE = 2048
-"""bitsandbytes block-wise quantization block size for optimizer states (CUDA kernels)."""
+BNB_BLOCK_SIZE = 256
+"""bitsandbytes block-wise quantization block size for 8-bit optimizer states (0.50.2
+Optimizer2State/Optimizer1State.init_state: `blocksize = 256`, the same on CPU and CUDA)."""
+BNB_QMAP_BYTES = 256 * 4
+"""One bitsandbytes quantization map (256 fp32 values); 2-state optimizers hold two (dynamic,
+udynamic), shared by all tensors of one optimizer."""
 
 
 def _adafactor_bytes(shape: tuple[int, ...]) -> int:
@@ -66,11 +74,20 @@ def state_bytes(opt: Optimizer, groups: tuple[TensorGroup, ...], *, shard: int =
     trainable = [g for g in groups if g.trainable]
     if flat_partitions:
         n = math.ceil(sum(g.total for g in trainable) / shard)
-        return state_bytes_per_tensor(opt, (n,))
+        return state_bytes_per_tensor(opt, (n,)) + _qmap_bytes(opt, [n])
     total = 0
+    numels = []
     for g in trainable:
         shape = g.shape
         if shard > 1:
             shape = (math.ceil(shape[0] / shard),) + shape[1:]
         total += state_bytes_per_tensor(opt, shape) * g.count
-    return total
+        numels.append(math.prod(shape))
+    return total + _qmap_bytes(opt, numels)
+
+
+def _qmap_bytes(opt: Optimizer, numels: list[int]) -> int:
+    """bitsandbytes' shared quantization maps, present once any tensor has 8-bit state."""
+    if opt is Optimizer.ADAMW8BIT and any(n >= BNB_MIN_8BIT_SIZE for n in numels):
+        return 2 * BNB_QMAP_BYTES
+    return 0

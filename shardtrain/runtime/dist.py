@@ -66,6 +66,12 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> DistInf
                     device=device, backend=str(dist.get_backend()))
 
 
+def init_deepspeed_comm() -> None:
+    """Make deepspeed.comm wrap the existing torch process group (zero.Init reads its world size)."""
+    import deepspeed
+    deepspeed.init_distributed(dist_backend=str(dist.get_backend()), dist_init_required=False)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

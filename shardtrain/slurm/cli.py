@@ -39,25 +39,16 @@ def _prepare(config: str, overrides: Sequence[str], run_dir: Path) -> Path:
 
 def _default_run_dir(config: str, overrides: Sequence[str]) -> Path:
     """``<run.output_dir>/<run.name or config file stem>``, absolute."""
-    output_dir, name = "runs", None
-    try:
-        from shardtrain.config.schema import load_run_config
+    from shardtrain.launcher.rundir import default_run_dir, load_config
 
-        cfg = load_run_config(config, _overrides_dict(overrides))
-        output_dir, name = cfg.run.output_dir, cfg.run.name
-    except ImportError:  # pragma: no cover - the config package is part of shardtrain
-        pass
-    return Path(output_dir, name or Path(config).stem).absolute()
+    return Path(default_run_dir(load_config(config, _overrides_dict(overrides)), config)).absolute()
 
 
 def _config_value(config: str, overrides: Sequence[str], section: str, key: str, default):
-    try:
-        from shardtrain.config.schema import load_run_config
+    from shardtrain.config.schema import load_run_config
 
-        cfg = load_run_config(config, _overrides_dict(overrides))
-        return getattr(getattr(cfg, section), key)
-    except (ImportError, AttributeError):  # pragma: no cover
-        return default
+    cfg = load_run_config(config, _overrides_dict(overrides))
+    return getattr(getattr(cfg, section), key, default)
 
 
 def add_sbatch_parser(subparsers) -> argparse.ArgumentParser:
@@ -218,11 +209,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     add_sbatch_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "prepare":
-        path = _prepare(args.config, args.overrides, Path(args.run_dir).absolute())
-        print(path)
-        return 0
-    return args.func(args)
+    from shardtrain.compiler.planner import PlanningError
+    from shardtrain.config.schema import ConfigError
+
+    try:
+        if args.command == "prepare":
+            print(_prepare(args.config, args.overrides, Path(args.run_dir).absolute()))
+            return 0
+        return args.func(args)
+    except (ConfigError, PlanningError) as exc:
+        print(f"shardtrain: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

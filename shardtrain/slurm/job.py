@@ -134,7 +134,9 @@ class SbatchJob:
 
     output: Optional[str] = None
     """``#SBATCH --output`` (stdout+stderr, appended across requeues). Default:
-    ``<run_dir>/slurm-%j.out``."""
+    ``<run_dir>/slurm-%j.out``, which needs the run dir to exist at submission (``shardtrain
+    sbatch`` creates it); a script that prepares its run dir itself (``config`` set, submitted
+    by hand) should log elsewhere, e.g. ``slurm-%x-%j.out`` in the submission directory."""
 
     request_gpus: bool = True
     """Render ``#SBATCH --gpus-per-node=<gpus_per_node>``; false for CPU-only partitions."""
@@ -217,6 +219,24 @@ class SbatchJob:
                 raise ValueError(f"{key} contains a newline or control character: {value!r}")
         if not self.job_name or not self.python:
             raise ValueError("job_name and python must not be empty")
+
+    def log_path(self, job_id: str) -> str:
+        """The ``--output`` file of job ``job_id`` (``%j``, ``%x``, ``%%`` expanded; relative
+        paths are relative to the submission directory)."""
+        pattern = self.output if self.output is not None else _output_default(self.run_dir)
+        out, i = [], 0
+        while i < len(pattern):
+            c = pattern[i]
+            if c == "%" and i + 1 < len(pattern):
+                nxt = pattern[i + 1]
+                rep = {"j": str(job_id), "x": self.job_name, "%": "%"}.get(nxt)
+                if rep is not None:
+                    out.append(rep)
+                    i += 2
+                    continue
+            out.append(c)
+            i += 1
+        return "".join(out)
 
     @property
     def world_size(self) -> int:

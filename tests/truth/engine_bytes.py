@@ -221,7 +221,7 @@ class Counter:
         host = {t: max((s["host"][t] for s in self.snaps.values()), default=0) for t in TERMS}
         return {"terms": dev, "host_terms": host, "host": sum(host.values()),
                 "snapshots": self.snaps,
-                "tensors": self.tensors.get("inner_step", next(iter(self.tensors.values()), []))}
+                "tensors": self.tensors}
 
 
 # ----------------------------------------------------------------------------------- model

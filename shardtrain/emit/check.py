@@ -1,0 +1,271 @@
+"""`shardtrain check`: lint a hand-written DeepSpeed JSON or accelerate YAML before it costs a job.
+
+Each finding names the key, the problem and the fix. DeepSpeed key names come from
+shardtrain.emit.deepspeed (the one module that spells them); accelerate keys from
+shardtrain.emit.accelerate. Pure: takes dicts (plus a base directory to follow
+`deepspeed_config_file`), returns findings.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from shardtrain.emit import deepspeed as K
+from shardtrain.emit.accelerate import DS_FILE_CONFLICTS, FSDP_KEYS
+
+ERROR, WARNING = "error", "warning"
+_DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "no": "float32", None: "float32"}
+#: accelerate 1.15 ClusterConfig fields (commands/config/config_args.py) + BaseConfig.
+ACCELERATE_KEYS = frozenset({
+    "compute_environment", "distributed_type", "mixed_precision", "use_cpu", "debug", "num_processes",
+    "machine_rank", "num_machines", "gpu_ids", "main_process_ip", "main_process_port", "rdzv_backend",
+    "same_network", "main_training_function", "enable_cpu_affinity", "fp8_config", "deepspeed_config",
+    "fsdp_config", "parallelism_config", "megatron_lm_config", "mpirun_config", "downcast_bf16", "tpu_name",
+    "tpu_zone", "tpu_use_cluster", "tpu_use_sudo", "command_file", "commands", "tpu_vm", "tpu_env",
+    "dynamo_config", "ipex_config"})
+ACCELERATE_DS_KEYS = frozenset({
+    "deepspeed_config_file", "zero3_init_flag", "zero3_save_16bit_model", "zero_stage", "offload_optimizer_device",
+    "offload_param_device", "offload_optimizer_nvme_path", "offload_param_nvme_path", "gradient_accumulation_steps",
+    "gradient_clipping", "deepspeed_multinode_launcher", "deepspeed_hostfile", "deepspeed_exclusion_filter",
+    "deepspeed_inclusion_filter", "deepspeed_moe_layer_cls_names"})
+_8BIT_HINTS = ("8bit", "bnb", "bitsandbytes", "paged")
+_DS_CPU_TYPES = {"adam", "adamw", "adagrad", "lion"}
+_ZERO_SUPPORTED_TYPES = {"adam", "adamw", "adagrad", "lion", "muon"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str
+    key: str
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.key}: {self.problem}. Fix: {self.fix}"
+
+
+def _unknown(block: dict, known, where: str, out: list) -> None:
+    for k in block:
+        if k not in known:
+            close = difflib.get_close_matches(str(k), sorted(known), n=1, cutoff=0.6)
+            fix = f"rename it to '{close[0]}'" if close else f"remove it (known keys: {', '.join(sorted(known)[:12])}, ...)"
+            out.append(Finding(ERROR, f"{where}{k}", "unknown key (DeepSpeed ignores unknown top-level keys silently "
+                               "and rejects unknown keys inside blocks at start-up)", fix))
+
+
+def _autos(d, prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _autos(v, key + ".")
+        elif isinstance(v, str) and v.lower() == K.AUTO:
+            yield key
+
+
+def check_deepspeed(cfg: dict, *, consumer: str = "deepspeed", world_size: int | None = None,
+                    optimizer: str | None = None, method: str | None = None,
+                    quant_storage: str | None = None) -> list[Finding]:
+    """Lint a DeepSpeed config dict. consumer: deepspeed (deepspeed.initialize), trainer (HF
+    TrainingArguments(deepspeed=...)) or accelerate (referenced from an accelerate YAML)."""
+    out: list[Finding] = []
+    if not isinstance(cfg, dict):
+        return [Finding(ERROR, "<top level>", "not a JSON object", "write a {...} DeepSpeed config")]
+    for k in cfg:
+        if k in K.REMOVED_TOP_LEVEL_KEYS:
+            out.append(Finding(ERROR, k, "removed from DeepSpeed 0.19 (it refuses to start)", "delete the block"))
+    _unknown({k: v for k, v in cfg.items() if k not in K.REMOVED_TOP_LEVEL_KEYS}, K.TOP_LEVEL_KEYS, "", out)
+    if K.BF16_OLD in cfg:
+        out.append(Finding(WARNING, K.BF16_OLD, "legacy spelling", f"rename to '{K.BF16}'"))
+    z = cfg.get(K.ZERO) or {}
+    if not isinstance(z, dict):
+        z = {}
+    for where, blk, known in ((f"{K.ZERO}.", z, K.ZERO_KEYS),
+                              (f"{K.ZERO}.{K.OFFLOAD_PARAM}.", z.get(K.OFFLOAD_PARAM), K.OFFLOAD_PARAM_KEYS),
+                              (f"{K.ZERO}.{K.OFFLOAD_OPTIMIZER}.", z.get(K.OFFLOAD_OPTIMIZER), K.OFFLOAD_OPTIMIZER_KEYS),
+                              (f"{K.BF16}.", cfg.get(K.BF16), K.BF16_KEYS), (f"{K.FP16}.", cfg.get(K.FP16), K.FP16_KEYS),
+                              (f"{K.AIO}.", cfg.get(K.AIO), K.AIO_KEYS)):
+        if isinstance(blk, dict):
+            _unknown(blk, known, where, out)
+    # "auto" values
+    allowed = {"trainer": K.TRAINER_AUTO_KEYS, "accelerate": K.ACCELERATE_AUTO_KEYS}.get(consumer, frozenset())
+    for key in _autos(cfg):
+        if key not in allowed:
+            who = {"trainer": "the HF Trainer does not fill this key", "accelerate": "accelerate does not fill this key"}
+            out.append(Finding(ERROR, key, '"auto" ' + who.get(consumer, "is only filled in by the HF Trainer/"
+                               "accelerate; deepspeed.initialize rejects it (batch keys) or silently uses its default"),
+                               "write the value (shardtrain emit computes it from the plan)"))
+    stage = z.get(K.STAGE, 0) if isinstance(z.get(K.STAGE, 0), int) else 0
+    op, oo = z.get(K.OFFLOAD_PARAM) or {}, z.get(K.OFFLOAD_OPTIMIZER) or {}
+    if isinstance(op, dict) and op.get(K.DEVICE, "none") != "none" and stage < 3:
+        out.append(Finding(ERROR, f"{K.ZERO}.{K.OFFLOAD_PARAM}", f"parameter offload needs stage 3, stage is {stage} "
+                           "(DeepSpeed silently ignores it: parameters stay on the GPU)",
+                           f"set {K.ZERO}.{K.STAGE}: 3, or delete {K.OFFLOAD_PARAM}"))
+    if stage < 3:
+        for k in z:
+            if str(k).startswith("stage3_"):
+                out.append(Finding(WARNING, f"{K.ZERO}.{k}", f"only used by stage 3 (stage is {stage})", "delete it"))
+    for name, blk in ((K.OFFLOAD_PARAM, op), (K.OFFLOAD_OPTIMIZER, oo)):
+        if isinstance(blk, dict) and blk.get(K.DEVICE) == "nvme" and not blk.get(K.NVME_PATH):
+            out.append(Finding(ERROR, f"{K.ZERO}.{name}.{K.NVME_PATH}", "device is nvme but no nvme_path is set",
+                               "set nvme_path to a directory on a local NVMe drive"))
+    if isinstance(cfg.get(K.BF16), dict) and isinstance(cfg.get(K.FP16), dict) \
+            and cfg[K.BF16].get(K.ENABLED) is True and cfg[K.FP16].get(K.ENABLED) is True:
+        out.append(Finding(ERROR, f"{K.BF16}.{K.ENABLED}", "bf16 and fp16 are both enabled", "enable only one"))
+    out += _batch(cfg, world_size, consumer)
+    out += _optimizer(cfg, stage, oo, optimizer)
+    if method == "qlora" and stage == 3:
+        dtype = "bfloat16" if (cfg.get(K.BF16) or {}).get(K.ENABLED) is True else \
+            "float16" if (cfg.get(K.FP16) or {}).get(K.ENABLED) is True else "float32"
+        out += _quant_storage(dtype, quant_storage, "ZeRO-3")
+    return out
+
+
+def _batch(cfg: dict, world: int | None, consumer: str) -> list[Finding]:
+    vals = {k: cfg.get(k) for k in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM)}
+    nums = {k: v for k, v in vals.items() if isinstance(v, int) and not isinstance(v, bool)}
+    out = [Finding(ERROR, k, f"{v!r} must be a positive integer", "write e.g. 1")
+           for k, v in nums.items() if v <= 0]
+    if out or len(nums) < 3:
+        if not nums and consumer == "deepspeed":
+            out.append(Finding(ERROR, K.TRAIN_BATCH_SIZE, "no batch size is set", f"set {K.TRAIN_BATCH_SIZE}, "
+                               f"{K.MICRO_BATCH} and {K.GRAD_ACCUM} (shardtrain emit writes all three)"))
+        return out
+    tb, mb, ga = nums[K.TRAIN_BATCH_SIZE], nums[K.MICRO_BATCH], nums[K.GRAD_ACCUM]
+    if tb % (mb * ga):
+        return [Finding(ERROR, K.TRAIN_BATCH_SIZE, f"{tb} is not micro {mb} × accumulation {ga} × any world size",
+                        f"use a multiple of {mb * ga}, e.g. {mb * ga * max(1, round(tb / (mb * ga)))}")]
+    if world is not None and tb != mb * ga * world:
+        return [Finding(ERROR, K.TRAIN_BATCH_SIZE, f"{tb} != micro {mb} × accumulation {ga} × {world} ranks = "
+                        f"{mb * ga * world} (DeepSpeed asserts equality)",
+                        f"set {K.TRAIN_BATCH_SIZE}: {mb * ga * world} or {K.GRAD_ACCUM}: {tb // (mb * world)}"
+                        if tb % (mb * world) == 0 else f"set {K.TRAIN_BATCH_SIZE}: {mb * ga * world}")]
+    return []
+
+
+def _optimizer(cfg: dict, stage: int, oo, optimizer: str | None) -> list[Finding]:
+    out = []
+    opt = cfg.get(K.OPTIMIZER) if isinstance(cfg.get(K.OPTIMIZER), dict) else None
+    typ = str(opt.get(K.TYPE, "")) if opt else ""
+    offload = isinstance(oo, dict) and oo.get(K.DEVICE, "none") in ("cpu", "nvme")
+    eight = (optimizer == "adamw8bit") or any(h in typ.lower() for h in _8BIT_HINTS)
+    if eight and offload:
+        out.append(Finding(ERROR, f"{K.ZERO}.{K.OFFLOAD_OPTIMIZER}", "8-bit (bitsandbytes) optimizers cannot run with "
+                           "ZeRO-Offload: DeepSpeed only runs DeepSpeedCPUAdam/CPULion on the host and there is no "
+                           "8-bit CPU Adam", "use optimizer AdamW (DeepSpeedCPUAdam) or remove offload_optimizer"))
+    elif offload and opt is None and cfg.get(K.FORCE_DS_CPU_OPTIMIZER, True) is not False:
+        out.append(Finding(WARNING, K.OPTIMIZER, "no optimizer block with ZeRO-Offload: a client optimizer other than "
+                           "DeepSpeedCPUAdam/DeepSpeedCPULion raises ZeRORuntimeException",
+                           'add "optimizer": {"type": "AdamW", ...} or pass DeepSpeedCPUAdam'))
+    if opt and isinstance(opt.get(K.PARAMS), dict) and "max_grad_norm" in opt[K.PARAMS]:
+        out.append(Finding(ERROR, f"{K.OPTIMIZER}.{K.PARAMS}.max_grad_norm", "DeepSpeed raises on it",
+                           f"use top-level {K.GRADIENT_CLIPPING}"))
+    untested = (opt is not None and typ.lower() not in _ZERO_SUPPORTED_TYPES) or eight
+    if stage > 0 and untested and cfg.get(K.ALLOW_UNTESTED_OPTIMIZER) is not True:
+        out.append(Finding(ERROR, K.ALLOW_UNTESTED_OPTIMIZER, f"optimizer {typ or optimizer!r} is not in DeepSpeed's "
+                           "ZeRO-supported list; deepspeed.initialize asserts", f'set "{K.ALLOW_UNTESTED_OPTIMIZER}": true'))
+    return out
+
+
+def _quant_storage(dtype: str, quant_storage: str | None, where: str) -> list[Finding]:
+    q = (quant_storage or "").replace("torch.", "")
+    if q == dtype:
+        return []
+    problem = (f"QLoRA under {where} shards the 4-bit weights with the other parameters, so "
+               f"bnb_4bit_quant_storage must be {dtype} (the sharded param dtype); it is {q or 'unset (uint8)'} "
+               "(\"Cannot flatten integer dtype tensors\")")
+    return [Finding(ERROR, "bnb_4bit_quant_storage", problem,
+                    f"BitsAndBytesConfig(bnb_4bit_quant_storage=torch.{dtype}), then pass --quant-storage {dtype}")]
+
+
+def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | None = None,
+                     quant_storage: str | None = None, optimizer: str | None = None,
+                     wrap_class: str | None = None) -> list[Finding]:
+    """Lint an accelerate config dict; follows deepspeed_config_file (relative to base_dir or cwd)."""
+    out: list[Finding] = []
+    if not isinstance(cfg, dict):
+        return [Finding(ERROR, "<top level>", "not a YAML mapping", "write `key: value` lines")]
+    _unknown(cfg, ACCELERATE_KEYS, "", out)
+    dt = cfg.get("distributed_type")
+    n, m = cfg.get("num_processes"), cfg.get("num_machines", 1)
+    if dt is None:
+        out.append(Finding(ERROR, "distributed_type", "missing", "set DEEPSPEED, FSDP, MULTI_GPU or NO"))
+    if isinstance(n, int) and isinstance(m, int) and m > 0 and n % m:
+        out.append(Finding(ERROR, "num_processes", f"{n} is not divisible by num_machines {m}",
+                           f"use a multiple of {m} (total processes over all machines)"))
+    mp = cfg.get("mixed_precision")
+    if dt == "DEEPSPEED":
+        ds = cfg.get("deepspeed_config") or {}
+        _unknown(ds, ACCELERATE_DS_KEYS, "deepspeed_config.", out)
+        if ds.get("deepspeed_config_file"):
+            for k in [k for k in DS_FILE_CONFLICTS if k in ds] + (["mixed_precision"] if mp not in (None, "no") else []):
+                out.append(Finding(ERROR, k, "accelerate refuses it next to deepspeed_config_file",
+                                   "delete it here; set it in the DeepSpeed JSON"))
+            p = Path(ds["deepspeed_config_file"])
+            p = p if p.is_absolute() or p.exists() else base_dir / p
+            if not p.is_file():
+                out.append(Finding(ERROR, "deepspeed_config.deepspeed_config_file", f"{p} does not exist",
+                                   "point it at the JSON (relative paths resolve from where you launch)"))
+            else:
+                ws = n if isinstance(n, int) and n > 0 else None
+                out += [Finding(f.severity, f"{p.name}: {f.key}", f.problem, f.fix) for f in check_deepspeed(
+                    json.loads(p.read_text()), consumer="accelerate", world_size=ws, optimizer=optimizer,
+                    method=method, quant_storage=quant_storage)]
+        else:
+            stage = int(ds.get("zero_stage", 2) or 0)
+            if ds.get("offload_param_device", "none") != "none" and stage < 3:
+                out.append(Finding(ERROR, "deepspeed_config.offload_param_device", f"needs zero_stage 3 (is {stage})",
+                                   "set zero_stage: 3 or offload_param_device: none"))
+            for dev, path in (("offload_param_device", "offload_param_nvme_path"),
+                              ("offload_optimizer_device", "offload_optimizer_nvme_path")):
+                if ds.get(dev) == "nvme" and ds.get(path) in (None, "", "none"):
+                    out.append(Finding(ERROR, f"deepspeed_config.{path}", "nvme offload without a path",
+                                       "set it to a local NVMe directory"))
+            if (optimizer == "adamw8bit") and ds.get("offload_optimizer_device", "none") != "none":
+                out += _optimizer({K.OPTIMIZER: {K.TYPE: "AdamW8bit"}, K.ALLOW_UNTESTED_OPTIMIZER: True}, stage,
+                                  {K.DEVICE: ds["offload_optimizer_device"]}, optimizer)
+            if method == "qlora" and stage == 3:
+                out += _quant_storage(_DTYPE_OF.get(mp, "float32"), quant_storage, "ZeRO-3")
+    if dt == "FSDP":
+        f = cfg.get("fsdp_config") or {}
+        _unknown(f, FSDP_KEYS, "fsdp_config.", out)
+        v = f.get("fsdp_version", 1)
+        if v != 2:
+            out.append(Finding(WARNING, "fsdp_config.fsdp_version", f"{v!r}: FSDP1 (deprecated in torch)",
+                               "set fsdp_version: 2 (FSDP2, fully_shard)"))
+        if v == 2 and not isinstance(f.get("fsdp_reshard_after_forward", True), bool):
+            out.append(Finding(ERROR, "fsdp_config.fsdp_reshard_after_forward", "FSDP2 takes true/false, not a "
+                               "sharding strategy name", "true for FULL_SHARD, false for SHARD_GRAD_OP"))
+        if v == 2 and f.get("fsdp_forward_prefetch"):
+            out.append(Finding(ERROR, "fsdp_config.fsdp_forward_prefetch", "not implemented in FSDP2", "delete it"))
+        if f.get("fsdp_cpu_ram_efficient_loading") and not f.get("fsdp_sync_module_states"):
+            out.append(Finding(ERROR, "fsdp_config.fsdp_sync_module_states", "must be true with "
+                               "fsdp_cpu_ram_efficient_loading (accelerate launch raises)", "set it to true"))
+        if f.get("fsdp_auto_wrap_policy") == "TRANSFORMER_BASED_WRAP":
+            cls = f.get("fsdp_transformer_layer_cls_to_wrap")
+            if wrap_class and cls and wrap_class not in str(cls).split(","):
+                out.append(Finding(ERROR, "fsdp_config.fsdp_transformer_layer_cls_to_wrap", f"{cls!r} is not the "
+                                   f"model's decoder layer ({wrap_class}): 'Could not find the transformer layer class'",
+                                   f"set it to {wrap_class}"))
+        if optimizer == "adamw8bit":
+            out.append(Finding(ERROR, "optimizer", "bitsandbytes 8-bit optimizers do not handle FSDP2 DTensor "
+                               "shards", "use AdamW with FSDP, or DeepSpeed ZeRO with adamw8bit"))
+        if method == "qlora":
+            out += _quant_storage(_DTYPE_OF.get(mp, "float32"), quant_storage, "FSDP")
+    return out
+
+
+def load_any(path: str | Path) -> tuple[str, dict]:
+    """("deepspeed"|"accelerate", dict) by content: accelerate configs have distributed_type."""
+    p = Path(path)
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    kind = "accelerate" if isinstance(data, dict) and ("distributed_type" in data or "compute_environment" in data) \
+        else "deepspeed"
+    return kind, data

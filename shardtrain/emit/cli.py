@@ -1,0 +1,177 @@
+"""`shardtrain emit` and `shardtrain check` (registered by shardtrain/cli.py through add_parsers)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_NO_FIT = 0, 1, 2
+
+
+def add_parsers(sub, add_plan_flags) -> None:
+    from shardtrain.emit.bundle import DEFAULT_PORT, FORMATS
+    p = sub.add_parser("emit", help="write DeepSpeed/FSDP/accelerate configs and launch commands for the plan",
+                       description="Compile the plan and write plan.json, run.yaml, ds_config.json (DeepSpeed) or "
+                       "fsdp.json (FSDP), accelerate.yaml, launch.sh and, for multi-node DeepSpeed, hostfile into "
+                       "--out DIR (a run directory: `bash DIR/launch.sh` trains); or print one of them with --format.")
+    add_plan_flags(p)
+    g = p.add_argument_group("emit")
+    g.add_argument("--out", metavar="DIR", help="directory to write all files into")
+    g.add_argument("--format", choices=FORMATS, help="print one output to stdout; trainer = DeepSpeed JSON for "
+                   "TrainingArguments(deepspeed=...)")
+    g.add_argument("--hosts", help="comma-separated node host names (multi-node hostfile; first = master)")
+    g.add_argument("--master-addr", help="first node's address (multi-node rendezvous)")
+    g.add_argument("--master-port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})")
+    g.add_argument("--run-dir", help="run directory the launch commands point at (default: --out, absolute)")
+    p.set_defaults(func=cmd_emit)
+
+    p = sub.add_parser("check", help="lint a DeepSpeed JSON or accelerate YAML (and optionally: does it fit?)",
+                       description="Lint FILE (DeepSpeed JSON or accelerate YAML): unknown or misspelled keys, "
+                       "offload_param below stage 3, NVMe without a path, batch arithmetic, stray \"auto\" values, "
+                       "8-bit optimizers with offload, QLoRA quant-storage dtype. With a run config or --model, "
+                       "also plan the file's strategy and say whether it fits. Exit 1 on errors.")
+    p.add_argument("file", metavar="FILE", help="ds_config.json or accelerate YAML")
+    add_plan_flags(p)
+    g = p.add_argument_group("check")
+    g.add_argument("--trainer", action="store_true",
+                   help='the DeepSpeed JSON is for the HF Trainer (allows "auto" where the Trainer fills values)')
+    g.add_argument("--quant-storage", help="QLoRA: the bnb_4bit_quant_storage dtype you use (e.g. bfloat16)")
+    p.set_defaults(func=cmd_check)
+
+
+def _site(args, plan):
+    from shardtrain.emit.bundle import Site
+    run_dir = args.run_dir or (str(Path(args.out).absolute()) if args.out else "RUN_DIR")
+    hosts = tuple(h.strip() for h in (args.hosts or "").split(",") if h.strip())
+    return Site(run_dir=run_dir, hosts=hosts, master_addr=args.master_addr, master_port=args.master_port)
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from shardtrain.cli import compile_from_args
+    from shardtrain.compiler.planner import NoFitError
+    from shardtrain.emit.bundle import bundle, render
+    if not args.out and not args.format:
+        print("shardtrain: error: give --out DIR (write every file) or --format FMT (print one)", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        cfg, plan = compile_from_args(args)
+    except NoFitError as e:
+        print(f"shardtrain: {e}\nNothing emitted: a config for a plan that does not fit would OOM.", file=sys.stderr)
+        return EXIT_NO_FIT
+    site = _site(args, plan)
+    try:
+        if args.format:
+            sys.stdout.write(render(args.format, plan, site, cfg))
+        if args.out:
+            files = bundle(plan, site, cfg)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (out / name).write_text(text)
+            os.chmod(out / "launch.sh", 0o755)
+            print(f"{plan.strategy.value}: wrote {', '.join(files)} to {out}", file=sys.stderr)
+    except ValueError as e:
+        print(f"shardtrain: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
+    """Run-config overrides that make the plan describe what the checked file does."""
+    from shardtrain.emit import deepspeed as K
+    o: dict[str, object] = {}
+    if kind == "accelerate":
+        n, m = data.get("num_processes"), data.get("num_machines") or 1
+        if isinstance(n, int) and n > 0:
+            o.update({"hardware.nodes": m, "hardware.gpus_per_node": n // m})
+        dt = data.get("distributed_type")
+        if dt == "FSDP":
+            f = data.get("fsdp_config") or {}
+            rep = (data.get("parallelism_config") or {}).get("parallelism_config_dp_replicate_size", 1)
+            o["train.strategy"] = ("fsdp_hybrid_shard" if rep and rep > 1 else
+                                   "fsdp_shard_grad_op" if f.get("fsdp_reshard_after_forward") is False else
+                                   "fsdp_full_shard")
+        elif dt in ("MULTI_GPU", "NO"):
+            o["train.strategy"] = "ddp"
+        mp = data.get("mixed_precision")
+        if mp in ("bf16", "fp16"):
+            o["train.precision"] = mp
+        return o
+    z = data.get(K.ZERO) or {}
+    stage = z.get(K.STAGE, 0)
+    dev = lambda b: (z.get(b) or {}).get(K.DEVICE, "none") if isinstance(z.get(b), dict) else "none"  # noqa: E731
+    if stage == 3:
+        o["train.strategy"] = ("zero_infinity" if "nvme" in (dev(K.OFFLOAD_PARAM), dev(K.OFFLOAD_OPTIMIZER)) else
+                               "zero3_offload" if dev(K.OFFLOAD_PARAM) == "cpu" or dev(K.OFFLOAD_OPTIMIZER) == "cpu"
+                               else "zero3")
+    elif stage in (1, 2):
+        o["train.strategy"] = "zero2_offload" if dev(K.OFFLOAD_OPTIMIZER) != "none" else f"zero{stage}"
+    else:
+        o["train.strategy"] = "ddp"
+    for key, dotted in ((K.MICRO_BATCH, "train.micro_batch"), (K.TRAIN_BATCH_SIZE, "train.global_batch")):
+        if isinstance(data.get(key), int):
+            o[dotted] = data[key]
+    if (data.get(K.BF16) or {}).get(K.ENABLED) is True:
+        o["train.precision"] = "bf16"
+    elif (data.get(K.FP16) or {}).get(K.ENABLED) is True:
+        o["train.precision"] = "fp16"
+    return o
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from shardtrain.emit.check import ERROR, check_accelerate, check_deepspeed, load_any
+    try:
+        kind, data = load_any(args.file)
+    except (OSError, ValueError) as e:
+        print(f"shardtrain: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    world = args.nodes * args.gpus_per_node if args.nodes and args.gpus_per_node else args.gpus_per_node
+    wrap = None
+    model_given = bool(args.config or args.model or args.params)
+    if kind == "accelerate" and args.model:
+        from shardtrain.config.presets import load_model_spec
+        from shardtrain.emit.fsdp import transformers_layer_class
+        spec = load_model_spec(args.model)
+        wrap = (transformers_layer_class(spec.model_type) or (spec.decoder_layer_class,))[0]
+    if kind == "deepspeed":
+        findings = check_deepspeed(data, consumer="trainer" if args.trainer else "deepspeed", world_size=world,
+                                   optimizer=args.optimizer, method=args.method, quant_storage=args.quant_storage)
+    else:
+        findings = check_accelerate(data, base_dir=Path(args.file).parent, method=args.method,
+                                    quant_storage=args.quant_storage, optimizer=args.optimizer, wrap_class=wrap)
+    for f in findings:
+        print(f"{args.file}: {f}")
+    errors = sum(f.severity == ERROR for f in findings)
+    if not findings:
+        print(f"{args.file}: ok ({kind})")
+    code = EXIT_ERROR if errors else EXIT_OK
+    if model_given:
+        fit = _fit(args, kind, data)
+        if fit is not None and code == EXIT_OK:
+            code = fit
+    return code
+
+
+def _fit(args, kind: str, data: dict) -> int | None:
+    from shardtrain.cli import overrides_from_args
+    from shardtrain.compiler.planner import NoFitError, PlanningError, plan
+    from shardtrain.config.resolve import resolve_specs
+    from shardtrain.config.schema import ConfigError, load_run_config
+    from shardtrain.units import fmt_bytes
+    o = {**_derived_overrides(kind, data), **overrides_from_args(args)}
+    try:
+        cfg = load_run_config(args.config, o)
+        p = plan(*resolve_specs(cfg))
+    except NoFitError as e:
+        p = e.plan
+    except (ConfigError, PlanningError) as e:
+        print(f"fit: cannot plan this file's setup: {e}")
+        return EXIT_ERROR
+    c = p.chosen
+    usable = p.gpu_memory_bytes - p.headroom_bytes
+    verdict = "fits" if c.fits else "does NOT fit"
+    print(f"fit: {c.strategy.value}, micro batch {c.micro_batch_size}, checkpointing {c.gradient_checkpointing.value}: "
+          f"{verdict}: {fmt_bytes(c.per_gpu.total)} per GPU of {fmt_bytes(usable)} usable"
+          + ("" if c.fits else "; " + "; ".join(c.why_not)))
+    return EXIT_OK if c.fits else EXIT_NO_FIT

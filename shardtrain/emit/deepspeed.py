@@ -1,0 +1,290 @@
+"""Plan -> DeepSpeed config dict. THE only module that spells DeepSpeed config keys.
+
+Key names are those of DeepSpeed 0.19 (deepspeed/runtime/constants.py, runtime/zero/config.py,
+runtime/zero/offload_config.py, runtime/precision_config.py, runtime/swap_tensor/constants.py);
+tests/test_emit_deepspeed.py checks the sets below against the installed DeepSpeed's own models.
+Nothing here imports deepspeed: `shardtrain emit` runs on a login node without it.
+"""
+from __future__ import annotations
+
+import math
+
+from shardtrain.compiler.plan import Plan
+from shardtrain.compiler.specs import Engine, GradCkpt, Method, OffloadDevice, Optimizer, Precision
+
+# ---------------------------------------------------------------- top-level keys
+TRAIN_BATCH_SIZE = "train_batch_size"
+MICRO_BATCH = "train_micro_batch_size_per_gpu"
+GRAD_ACCUM = "gradient_accumulation_steps"
+GRADIENT_CLIPPING = "gradient_clipping"
+ZERO = "zero_optimization"
+BF16, BF16_OLD, FP16 = "bf16", "bfloat16", "fp16"
+OPTIMIZER, SCHEDULER, TYPE, PARAMS = "optimizer", "scheduler", "type", "params"
+ALLOW_UNTESTED_OPTIMIZER = "zero_allow_untested_optimizer"
+FORCE_DS_CPU_OPTIMIZER = "zero_force_ds_cpu_optimizer"
+AIO = "aio"
+STEPS_PER_PRINT = "steps_per_print"
+WALL_CLOCK_BREAKDOWN = "wall_clock_breakdown"
+# zero_optimization
+STAGE, OVERLAP_COMM, CONTIGUOUS_GRADIENTS = "stage", "overlap_comm", "contiguous_gradients"
+REDUCE_SCATTER, REDUCE_BUCKET, ALLGATHER_BUCKET = "reduce_scatter", "reduce_bucket_size", "allgather_bucket_size"
+ALLGATHER_PARTITIONS, SUB_GROUP_SIZE = "allgather_partitions", "sub_group_size"
+PREFETCH_BUCKET = "stage3_prefetch_bucket_size"
+PERSISTENCE_THRESHOLD = "stage3_param_persistence_threshold"
+MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE = "stage3_max_live_parameters", "stage3_max_reuse_distance"
+GATHER_16BIT_ON_SAVE = "stage3_gather_16bit_weights_on_model_save"
+OFFLOAD_OPTIMIZER, OFFLOAD_PARAM = "offload_optimizer", "offload_param"
+# offload blocks
+DEVICE, NVME_PATH, PIN_MEMORY = "device", "nvme_path", "pin_memory"
+BUFFER_COUNT, BUFFER_SIZE, MAX_IN_CPU = "buffer_count", "buffer_size", "max_in_cpu"
+PIPELINE_READ, PIPELINE_WRITE, FAST_INIT = "pipeline_read", "pipeline_write", "fast_init"
+# precision blocks
+ENABLED, LOSS_SCALE, INITIAL_SCALE_POWER = "enabled", "loss_scale", "initial_scale_power"
+LOSS_SCALE_WINDOW, HYSTERESIS, MIN_LOSS_SCALE = "loss_scale_window", "hysteresis", "min_loss_scale"
+# aio block
+AIO_BLOCK_SIZE, AIO_QUEUE_DEPTH, AIO_INTRA_OP = "block_size", "queue_depth", "intra_op_parallelism"
+AIO_SINGLE_SUBMIT, AIO_OVERLAP_EVENTS, AIO_USE_GDS = "single_submit", "overlap_events", "use_gds"
+TORCH_ADAM = "torch_adam"
+AUTO = "auto"
+
+#: Every top-level key DeepSpeed 0.19.8 reads (anything else is silently ignored by DeepSpeed).
+TOP_LEVEL_KEYS = frozenset({
+    TRAIN_BATCH_SIZE, MICRO_BATCH, GRAD_ACCUM, GRADIENT_CLIPPING, ZERO, BF16, BF16_OLD, FP16, OPTIMIZER,
+    SCHEDULER, ALLOW_UNTESTED_OPTIMIZER, FORCE_DS_CPU_OPTIMIZER, AIO, STEPS_PER_PRINT, WALL_CLOCK_BREAKDOWN,
+    "managed_gradient_accumulation", "dump_state", "disable_python_gc", "disable_allgather",
+    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "activation_checkpointing", "comms_logger",
+    "tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler", "memory_breakdown", "autotuning",
+    "hybrid_engine", "pipeline", "data_efficiency", "checkpoint", "data_types", "dataloader_drop_last",
+    "log_level", "datastates_ckpt", "weight_quantization", "compile", "timers", "tensor_parallel",
+    "expert_parallel", "torch_autocast", "use_data_before_expert_parallelism", "vocabulary_size",
+    "sequence_parallel_size", "data_parallel_size",
+})
+#: Top-level keys DeepSpeed 0.19 rejects outright (features removed; runtime/config.py).
+REMOVED_TOP_LEVEL_KEYS = frozenset({
+    "nebula", "compression_training", "amp", "quantize_training", "sparse_gradients", "eigenvalue",
+    "sparse_attention", "elasticity", "graph_harvesting", "curriculum_learning", "progressive_layer_drop"})
+ZERO_KEYS = frozenset({
+    STAGE, OVERLAP_COMM, CONTIGUOUS_GRADIENTS, REDUCE_SCATTER, REDUCE_BUCKET, ALLGATHER_BUCKET,
+    ALLGATHER_PARTITIONS, SUB_GROUP_SIZE, PREFETCH_BUCKET, PERSISTENCE_THRESHOLD, MAX_LIVE_PARAMETERS,
+    MAX_REUSE_DISTANCE, GATHER_16BIT_ON_SAVE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAM, "compute_grad_norm",
+    "cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory", "elastic_checkpoint",
+    "enable_sanity_checks", "ignore_unused_parameters", "leaf_module", "legacy_stage1",
+    "load_from_fp32_weights", "log_trace_cache_warnings", "memory_efficient_linear", "override_module_apply",
+    "parameter_alignment", "pipeline_loading_checkpoint", "round_robin_gradients",
+    "save_muon_momentum_buffer_in_memory", "stage3_allgather_sequential",
+    "stage3_gather_fp16_weights_on_model_save", "stage3_model_persistence_threshold",
+    "stage3_module_granularity_threshold", "stage3_use_all_reduce_for_fetch_params",
+    "use_multi_rank_bucket_allreduce", "zenflow", "zero_hpz_partition_size", "zero_quantized_gradients",
+    "zero_quantized_nontrainable_weights", "zero_quantized_weights"})
+OFFLOAD_PARAM_KEYS = frozenset({DEVICE, NVME_PATH, PIN_MEMORY, BUFFER_COUNT, BUFFER_SIZE, MAX_IN_CPU})
+OFFLOAD_OPTIMIZER_KEYS = frozenset({DEVICE, NVME_PATH, PIN_MEMORY, BUFFER_COUNT, PIPELINE_READ, PIPELINE_WRITE,
+                                    FAST_INIT, "ratio", "super_offload", "cpuadam_cores_perc"})
+BF16_KEYS = frozenset({ENABLED, "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
+                       "bf16_optimizer_states"})
+FP16_KEYS = frozenset({ENABLED, "auto_cast", LOSS_SCALE, INITIAL_SCALE_POWER, LOSS_SCALE_WINDOW, HYSTERESIS,
+                       "consecutive_hysteresis", MIN_LOSS_SCALE, "fp16_master_weights_and_grads"})
+AIO_KEYS = frozenset({AIO_BLOCK_SIZE, AIO_QUEUE_DEPTH, AIO_INTRA_OP, AIO_SINGLE_SUBMIT, AIO_OVERLAP_EVENTS,
+                      AIO_USE_GDS})
+#: Dotted keys the HF Trainer fills itself (transformers/integrations/deepspeed.py,
+#: HfTrainerDeepSpeedConfig.trainer_config_process / _finalize): the only places "auto" may appear.
+TRAINER_AUTO_KEYS = frozenset({
+    TRAIN_BATCH_SIZE, MICRO_BATCH, GRAD_ACCUM, GRADIENT_CLIPPING, f"{FP16}.{ENABLED}", f"{BF16}.{ENABLED}",
+    f"{OPTIMIZER}.{PARAMS}.lr", f"{OPTIMIZER}.{PARAMS}.betas", f"{OPTIMIZER}.{PARAMS}.eps",
+    f"{OPTIMIZER}.{PARAMS}.weight_decay", f"{SCHEDULER}.{PARAMS}.warmup_min_lr",
+    f"{SCHEDULER}.{PARAMS}.warmup_max_lr", f"{SCHEDULER}.{PARAMS}.warmup_num_steps",
+    f"{SCHEDULER}.{PARAMS}.total_num_steps", f"{ZERO}.{REDUCE_BUCKET}", f"{ZERO}.{PREFETCH_BUCKET}",
+    f"{ZERO}.{PERSISTENCE_THRESHOLD}"})
+
+#: What accelerate's Accelerator._prepare_deepspeed fills for "auto" (not betas/eps).
+ACCELERATE_AUTO_KEYS = TRAINER_AUTO_KEYS - {f"{OPTIMIZER}.{PARAMS}.betas", f"{OPTIMIZER}.{PARAMS}.eps"}
+
+#: Optimizer -> DeepSpeed "optimizer.type" (engine.py _configure_basic_optimizer: AdamW/Lion are
+#: DeepSpeed's own, others resolve as getattr(torch.optim, type)); None = client optimizer.
+DS_OPTIMIZER_TYPE = {Optimizer.ADAMW: "AdamW", Optimizer.LION: "Lion", Optimizer.SGD: "SGD",
+                     Optimizer.ADAFACTOR: "Adafactor", Optimizer.ADAMW8BIT: None}
+#: Optimizers DeepSpeed must be handed by the caller (deepspeed.initialize(optimizer=...)).
+CLIENT_OPTIMIZER = {Optimizer.ADAMW8BIT: "bitsandbytes.optim.AdamW8bit"}
+#: Types in deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS (others need allow_untested).
+_ZERO_SUPPORTED = {Optimizer.ADAMW, Optimizer.LION}
+#: Optimizers with a DeepSpeed CPU implementation (DeepSpeedCPUAdam / DeepSpeedCPULion).
+_DS_CPU = {Optimizer.ADAMW, Optimizer.LION}
+_OPT_KEYS = {Optimizer.ADAMW: ("lr", "betas", "eps", "weight_decay"), Optimizer.LION: ("lr", "betas", "weight_decay"),
+             Optimizer.SGD: ("lr", "weight_decay"), Optimizer.ADAFACTOR: ("lr", "weight_decay")}
+
+AIO_BLOCK_BYTES = 1 << 20
+"""aio block_size: DeepSpeed's default 1 MiB (swap_tensor/constants.py)."""
+AIO_QUEUE_DEPTH_DEFAULT = 8
+NVME_MIN_BUFFER_ELEMENTS = 10**8
+"""offload_param.buffer_size floor (DeepSpeed default 1e8 elements) unless the whole partition is smaller."""
+AIO_ALIGN_ELEMENTS = 1024
+"""Round swap buffers to whole aio blocks of 16-bit elements (AIO_ALIGNED_BYTES multiples)."""
+
+
+class DeepSpeedConfigError(ValueError):
+    """An illegal plan/option combination: names the key, the value and the fix."""
+
+    def __init__(self, key: str, value: object, problem: str, fix: str):
+        super().__init__(f"{key}: {value!r}: {problem}; fix: {fix}")
+        self.key, self.value, self.problem, self.fix = key, value, problem, fix
+
+
+def client_optimizer(plan: Plan) -> str | None:
+    """Dotted class the runtime must build and pass to deepspeed.initialize, or None when the
+    config's own optimizer block builds it."""
+    return CLIENT_OPTIMIZER.get(plan.chosen.optimizer)
+
+
+def largest_param_elements(plan: Plan) -> int:
+    """Elements of the largest single parameter tensor (embedding, lm_head, a linear or fused experts)."""
+    m = plan.model
+    per_tensor = [s.weight_params if s.fused_parameter else s.in_features * s.out_features for s in m.linear_shapes()]
+    return max([m.embedding_params, m.lm_head_params, *per_tensor])
+
+
+def nvme_buffer_elements(plan: Plan) -> int:
+    """offload_param.buffer_size = sub_group_size: holds the largest ZeRO-3 partition of one param
+    (partitioned_param_swapper.py asserts numel <= buffer_size) and the largest fp32 optimizer
+    sub-group (stage3._initialize_from_swapped_fp16_params asserts fp16 buffer >= sub-group)."""
+    w = plan.chosen.world_size
+    part = math.ceil(largest_param_elements(plan) / w)
+    n = max(part, min(NVME_MIN_BUFFER_ELEMENTS, math.ceil(plan.model.num_params / w)))
+    return math.ceil(n / AIO_ALIGN_ELEMENTS) * AIO_ALIGN_ELEMENTS
+
+
+def nvme_param_buffer_count(plan: Plan) -> int:
+    """One buffer per swappable tensor of the layer in flight plus the prefetched one (>= 5, the default)."""
+    return max(5, len(plan.model.linear_shapes()) + 2)
+
+
+def _check_legal(plan: Plan, nvme_path: str | None) -> None:
+    c, s = plan.chosen, plan.chosen.strategy
+    if s.engine is not Engine.DEEPSPEED:
+        raise DeepSpeedConfigError("strategy", s.value, f"the plan uses {s.engine.value}, not DeepSpeed",
+                                   "use the fsdp/torchrun outputs, or force a zero* strategy (--strategy zero3)")
+    off = s.offload_optimizer
+    if off is not OffloadDevice.NONE and c.optimizer not in _DS_CPU:
+        name = "8-bit AdamW" if c.optimizer is Optimizer.ADAMW8BIT else c.optimizer.value
+        raise DeepSpeedConfigError(
+            "optimizer", c.optimizer.value,
+            f"{name} cannot run with ZeRO-Offload ({s.value}): DeepSpeed only runs DeepSpeedCPUAdam/"
+            "DeepSpeedCPULion on the host (zero_force_ds_cpu_optimizer) and there is no 8-bit CPU Adam",
+            "set optimizer: adamw (DeepSpeedCPUAdam) or a strategy without offload (zero2, zero3)")
+    if OffloadDevice.NVME in (off, s.offload_params):
+        if c.optimizer is not Optimizer.ADAMW:
+            raise DeepSpeedConfigError("optimizer", c.optimizer.value, "ZeRO-Infinity swaps only Adam states",
+                                       "set optimizer: adamw")
+        if not (nvme_path or plan.hardware.nvme_path):
+            raise DeepSpeedConfigError("hardware.nvme_path", None, f"{s.value} offloads to NVMe but no path is set",
+                                       "set hardware.nvme_path (--nvme-path) to a local NVMe directory")
+    if c.method is Method.QLORA and s.offload_params is not OffloadDevice.NONE:
+        raise DeepSpeedConfigError("strategy", s.value, "QLoRA's 4-bit weights cannot be offloaded by ZeRO-3",
+                                   "use zero3 or zero2_offload")
+
+
+def _optimizer_block(plan: Plan, trainer: bool, lr: float, weight_decay: float, betas, eps: float) -> dict | None:
+    opt, s = plan.chosen.optimizer, plan.chosen.strategy
+    typ = DS_OPTIMIZER_TYPE[opt]
+    if typ is None:
+        return None
+    values = {"lr": lr, "betas": list(betas) if opt is Optimizer.ADAMW else [0.9, 0.99], "eps": eps,
+              "weight_decay": weight_decay}
+    params = {k: (AUTO if trainer else values[k]) for k in _OPT_KEYS[opt]}
+    if opt is Optimizer.SGD:
+        params["momentum"] = 0.9  # the memory model counts one momentum buffer
+    if opt is Optimizer.ADAMW and s.offload_optimizer is OffloadDevice.NONE:
+        # torch.optim.AdamW instead of FusedAdam: no JIT build of fused_adam (needs nvcc), ZeRO-supported.
+        params[TORCH_ADAM] = True
+    return {TYPE: typ, PARAMS: params}
+
+
+def _precision_blocks(p: Precision) -> dict:
+    if p is Precision.BF16:
+        return {BF16: {ENABLED: True}}
+    if p is Precision.FP16:
+        return {FP16: {ENABLED: True, LOSS_SCALE: 0, INITIAL_SCALE_POWER: 16, LOSS_SCALE_WINDOW: 1000,
+                       HYSTERESIS: 2, MIN_LOSS_SCALE: 1}}
+    return {}
+
+
+def _zero_block(plan: Plan, nvme_path: str | None) -> dict:
+    s, b = plan.chosen.strategy, plan.zero_buckets
+    z: dict = {STAGE: s.zero_stage, OVERLAP_COMM: True, CONTIGUOUS_GRADIENTS: True,
+               REDUCE_BUCKET: b.reduce_bucket_elements}
+    if s.zero_stage < 3:
+        z.update({REDUCE_SCATTER: True, ALLGATHER_PARTITIONS: True, ALLGATHER_BUCKET: b.allgather_bucket_elements})
+    else:
+        z.update({PREFETCH_BUCKET: b.prefetch_bucket_elements, PERSISTENCE_THRESHOLD: b.param_persistence_threshold,
+                  MAX_LIVE_PARAMETERS: b.max_live_parameters, MAX_REUSE_DISTANCE: b.max_reuse_distance,
+                  GATHER_16BIT_ON_SAVE: True})
+    path = nvme_path or plan.hardware.nvme_path
+    if s.offload_optimizer is OffloadDevice.CPU:
+        z[OFFLOAD_OPTIMIZER] = {DEVICE: "cpu", PIN_MEMORY: True}
+    elif s.offload_optimizer is OffloadDevice.NVME:
+        # buffer_count >= Adam's 4 swapped tensors (param, grad, m, v): offload_config.py docstring.
+        z[OFFLOAD_OPTIMIZER] = {DEVICE: "nvme", NVME_PATH: path, PIN_MEMORY: True, BUFFER_COUNT: 4,
+                                PIPELINE_READ: False, PIPELINE_WRITE: False, FAST_INIT: False}
+    if s.offload_params is OffloadDevice.CPU:
+        z[OFFLOAD_PARAM] = {DEVICE: "cpu", PIN_MEMORY: True}
+    elif s.offload_params is OffloadDevice.NVME:
+        n = nvme_buffer_elements(plan)
+        z[OFFLOAD_PARAM] = {DEVICE: "nvme", NVME_PATH: path, PIN_MEMORY: True,
+                            BUFFER_COUNT: nvme_param_buffer_count(plan), BUFFER_SIZE: n, MAX_IN_CPU: 10**9}
+        z[SUB_GROUP_SIZE] = n
+    return z
+
+
+def deepspeed_config(plan: Plan, *, trainer: bool = False, grad_clip: float = 1.0, lr: float = 3e-4,
+                     weight_decay: float = 0.0, nvme_path: str | None = None,
+                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> dict:
+    """The DeepSpeed config for the plan's chosen candidate.
+
+    Batch keys always satisfy train_batch_size == micro × accumulation × world size. With
+    ``trainer=True`` (for ``TrainingArguments(deepspeed=...)``) the optimizer hyper-parameters and
+    gradient clipping are "auto" (the Trainer fills them from its arguments); batch sizes and
+    precision stay explicit so the Trainer raises a mismatch error if its arguments differ from the
+    plan (see :func:`trainer_arguments`). When :func:`client_optimizer` is not None the config has
+    no optimizer block and the caller passes that optimizer to ``deepspeed.initialize``.
+    Raises :class:`DeepSpeedConfigError` for combinations DeepSpeed cannot run.
+    """
+    _check_legal(plan, nvme_path)
+    c, s = plan.chosen, plan.chosen.strategy
+    if grad_clip < 0:
+        raise DeepSpeedConfigError("train.grad_clip", grad_clip, "must be >= 0", "use 1.0, or 0 to disable")
+    cfg: dict = {TRAIN_BATCH_SIZE: c.micro_batch_size * c.grad_accum_steps * c.world_size,
+                 MICRO_BATCH: c.micro_batch_size, GRAD_ACCUM: c.grad_accum_steps,
+                 GRADIENT_CLIPPING: AUTO if trainer else float(grad_clip)}
+    cfg.update(_precision_blocks(c.precision))
+    cfg[ZERO] = _zero_block(plan, nvme_path)
+    opt = _optimizer_block(plan, trainer, lr, weight_decay, betas, eps)
+    if opt is not None:
+        cfg[OPTIMIZER] = opt
+    if c.optimizer not in _ZERO_SUPPORTED:
+        cfg[ALLOW_UNTESTED_OPTIMIZER] = True  # engine.py _do_optimizer_sanity_check asserts otherwise
+    if OffloadDevice.NVME in (s.offload_optimizer, s.offload_params):
+        cfg[AIO] = {AIO_BLOCK_SIZE: AIO_BLOCK_BYTES, AIO_QUEUE_DEPTH: AIO_QUEUE_DEPTH_DEFAULT, AIO_INTRA_OP: 1,
+                    AIO_SINGLE_SUBMIT: False, AIO_OVERLAP_EVENTS: True, AIO_USE_GDS: False}
+    cfg[STEPS_PER_PRINT] = 2**31 - 1  # our runtime logs metrics itself
+    cfg[WALL_CLOCK_BREAKDOWN] = False
+    return cfg
+
+
+def trainer_arguments(plan: Plan, *, lr: float | None = None, weight_decay: float | None = None,
+                      grad_clip: float | None = None) -> dict:
+    """``TrainingArguments`` keyword arguments (transformers 5) that match :func:`deepspeed_config`
+    with ``trainer=True``: batch sizes and precision must equal the explicit values there."""
+    c = plan.chosen
+    ck = c.gradient_checkpointing
+    kw: dict = {"per_device_train_batch_size": c.micro_batch_size, "gradient_accumulation_steps": c.grad_accum_steps,
+                "bf16": c.precision is Precision.BF16, "fp16": c.precision is Precision.FP16,
+                "activation_checkpointing": ck in (GradCkpt.FULL, GradCkpt.SELECTIVE)}
+    if kw["activation_checkpointing"]:
+        kw["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+        if ck is GradCkpt.SELECTIVE:
+            kw["activation_checkpointing_kwargs"]["every_n_layers"] = plan.train.selective_every
+    if c.optimizer is Optimizer.ADAMW8BIT:
+        kw["optim"] = "adamw_bnb_8bit"  # no optimizer block: the Trainer builds it
+    for k, v in (("learning_rate", lr), ("weight_decay", weight_decay), ("max_grad_norm", grad_clip)):
+        if v is not None:
+            kw[k] = v
+    return kw

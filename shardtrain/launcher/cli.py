@@ -1,0 +1,171 @@
+"""`shardtrain launch RUN.yaml`: compile the plan, prepare the run dir, run torchrun or the deepspeed launcher.
+
+    shardtrain launch configs/examples/tiny-cpu.yaml                 # the main job (2 CPU processes)
+    shardtrain launch RUN.yaml --launcher deepspeed --dry-run        # print what would run
+    shardtrain launch RUN.yaml --plan plan.json                      # a plan compiled before
+    shardtrain launch RUN.yaml --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400   # on each node
+
+Exit codes: 0 ok; 1 a rank or the launcher failed (its traceback is shown once); 2 the plan does not
+fit; 124 --timeout; 130/143 interrupted by SIGINT/SIGTERM (run the same command to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_NO_FIT = 0, 1, 2
+
+
+def add_parsers(subparsers, add_plan_flags) -> None:
+    p = subparsers.add_parser(
+        "launch", help="compile the plan, prepare a run dir and start torchrun / the deepspeed launcher",
+        description="Compile the plan (or take --plan), write the run dir (run.yaml, plan.json, engine config, "
+                    "command.txt, logs/, checkpoints/) and start the per-rank worker under torchrun or the "
+                    "deepspeed launcher. Without GPUs it runs N CPU processes on gloo.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    add_plan_flags(p)
+    g = p.add_argument_group("launch")
+    g.add_argument("--plan", metavar="PLAN.json", help="use this plan (from `plan --json --full-json` or a run dir's "
+                   "plan.json) instead of compiling one")
+    g.add_argument("--launcher", choices=["torchrun", "deepspeed"],
+                   help="default: run.launcher, else deepspeed for ZeRO plans and torchrun otherwise")
+    g.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="processes per node (default: hardware.gpus_per_node; the plan is compiled for it)")
+    g.add_argument("--nnodes", type=int, metavar="N", help="nodes (default: hardware.nodes)")
+    g.add_argument("--node-rank", type=int, metavar="R", help="this node's rank (multi-node)")
+    g.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="multi-node: node 0's address (torchrun c10d rendezvous / deepspeed master)")
+    g.add_argument("--master-port", type=int, metavar="PORT",
+                   help="port for the rendezvous/master (default: a free one on a single node)")
+    g.add_argument("--run-dir", metavar="DIR", help="default: <run.output_dir>/<run.name or config file name>")
+    g.add_argument("--resume", dest="resume", action="store_true", default=None,
+                   help="continue from the run dir's latest checkpoint (default, unless run.resume: never)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start fresh: move the run dir's checkpoints/metrics/logs to previous/<time>/")
+    g.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="torchrun: restart all workers up to N times after a failure (they resume)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan, the run dir and the exact command; "
+                   "write and run nothing")
+    g.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the workers after this long (exit 124)")
+    g.add_argument("--worker-module", default=None, help=argparse.SUPPRESS)  # tests: a stand-in worker
+    p.set_defaults(func=cmd_launch)
+
+
+def _launch_overrides(args) -> dict[str, object]:
+    from shardtrain.cli import overrides_from_args
+    from shardtrain.config.schema import ConfigError
+    ov = overrides_from_args(args)
+    for flag, key in (("nnodes", "hardware.nodes"), ("nproc_per_node", "hardware.gpus_per_node")):
+        v = getattr(args, flag)
+        if v is None:
+            continue
+        if v < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: {v} must be >= 1")
+        if key in ov and int(ov[key]) != v:
+            raise ConfigError(f"--{flag.replace('_', '-')} {v} contradicts {key}={ov[key]}; give one of them")
+        ov[key] = v
+    return ov
+
+
+def _config_for_plan_only(p) -> dict:
+    """A run config for `launch --plan plan.json` without a YAML: the plan's model and hardware."""
+    m, hw, t = p.model, p.hardware, p.train
+    model = {"name": m.name} if m.name and m.name != "custom" else {
+        "params": m.num_params, "hidden": m.hidden_size, "layers": m.num_layers, "heads": m.num_heads,
+        "kv_heads": m.num_kv_heads, "vocab": m.vocab_size, "intermediate": m.intermediate_size}
+    return {"model": model,
+            "hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "gpu": hw.gpu_name,
+                         "gpu_memory": hw.gpu_memory_bytes, "nvme_path": hw.nvme_path},
+            "train": {"seq_len": t.seq_len, "global_batch": t.global_batch_size,
+                      "micro_batch": p.chosen.micro_batch_size, "precision": p.chosen.precision.value,
+                      "method": p.chosen.method.value, "optimizer": p.chosen.optimizer.value,
+                      "strategy": p.strategy.value}}
+
+
+def cmd_launch(args) -> int:
+    from shardtrain.compiler.plan import Plan
+    from shardtrain.compiler.planner import NoFitError
+    from shardtrain.config.schema import ConfigError
+    from shardtrain.launcher import rundir, spawn
+    from shardtrain.report import render_plan
+
+    overrides = _launch_overrides(args)
+    if args.plan:
+        try:
+            plan = Plan.from_json(json.loads(Path(args.plan).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"--plan {args.plan}: cannot read a full plan ({type(e).__name__}: {e}); write one "
+                              "with `shardtrain plan ... --json --full-json > plan.json`") from None
+        cfg = rundir.load_config(args.config if args.config else _config_for_plan_only(plan), overrides)
+        rundir.check_plan_matches(cfg, plan)
+    else:
+        cfg = rundir.load_config(args.config, overrides)
+        try:
+            plan = rundir.compile_plan(cfg)
+        except NoFitError as e:
+            print(render_plan(e.plan))
+            print(f"\nshardtrain: error: {e}", file=sys.stderr)
+            return EXIT_NO_FIT
+    print(render_plan(plan), flush=True)
+    if not plan.chosen.fits:
+        print(f"\nshardtrain: error: the {plan.strategy.value} plan does not fit "
+              f"({'; '.join(plan.chosen.why_not) or 'over the GPU memory'}); choose another --strategy or change "
+              "the job", file=sys.stderr)
+        return EXIT_NO_FIT
+
+    nnodes, nproc = cfg.hardware.nodes, cfg.hardware.gpus_per_node
+    if nnodes > 1 and args.node_rank is None:
+        raise ConfigError(f"hardware.nodes is {nnodes}: run `shardtrain launch` on every node with --node-rank "
+                          "(0 on the first) and the same --rdzv-endpoint HOST:PORT (node 0's address)")
+    if nnodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError(f"hardware.nodes is {nnodes}: give --rdzv-endpoint HOST:PORT (node 0's address)")
+    if args.node_rank is not None and not 0 <= args.node_rank < nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} must be in [0, {nnodes})")
+    try:
+        gpus, device = spawn.local_devices(cfg.run.device)
+        launcher = spawn.choose_launcher(args.launcher, cfg, plan)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if device == "cuda" and nproc > gpus:
+        raise ConfigError(f"the plan runs {nproc} processes per node but {gpus} GPU(s) are visible here; pass "
+                          f"--nproc-per-node {gpus} (the plan is recompiled for it) or set run.device: cpu")
+    run_dir = Path(args.run_dir).absolute() if args.run_dir else rundir.default_run_dir(cfg, args.config)
+    master_port = args.master_port
+    if master_port is None and launcher == "deepspeed" and nnodes == 1 and not args.rdzv_endpoint:
+        master_port = spawn.free_port()  # the deepspeed launcher's default 29500 collides between runs
+    try:
+        spec = spawn.build_launch(
+            run_dir=run_dir, launcher=launcher, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank,
+            rdzv_endpoint=args.rdzv_endpoint, master_port=master_port, max_restarts=args.max_restarts, gpus=gpus,
+            device=device, cpu_count=spawn.cpu_count(), environ=dict(os.environ), progress=sys.stderr.isatty(),
+            **({"module": args.worker_module} if args.worker_module else {}))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    resume = args.resume if args.resume is not None else cfg.run.resume != "never"
+
+    if args.dry_run:
+        state = rundir.has_state(run_dir) if run_dir.is_dir() else False
+        print(f"\n[shardtrain] dry run: {spec.describe()}")
+        print(f"[shardtrain] run dir {run_dir} "
+              + ("(exists; would resume from its checkpoints)" if state and resume else
+                 "(exists; would move its state to previous/)" if state else "(would be created)"))
+        files = ["run.yaml", "plan.json", *rundir.emitted_configs(cfg, plan), "command.txt"]
+        print(f"[shardtrain] would write: {', '.join(files)}; logs in {spec.log_dir}")
+        print("[shardtrain] would run:\n")
+        print(spec.script(), end="")
+        return EXIT_OK
+
+    prepared = rundir.write_run_dir(run_dir, cfg, plan, command_text=spec.script(), resume=resume,
+                                    move_aside=spec.node_rank == 0)
+    print(f"\n[shardtrain] {spec.describe()}", flush=True)
+    note = (" (resuming from its latest checkpoint)" if prepared.has_state else
+            f" (previous state moved to {prepared.moved_aside})" if prepared.moved_aside else "")
+    print(f"[shardtrain] run dir {spawn._rel(run_dir)}{note}; rank logs in {spawn._rel(spec.log_dir)}", flush=True)
+    print(f"[shardtrain] $ {spec.shell()}\n", flush=True)
+    result = spawn.run(spec, timeout=args.timeout)
+    stream = sys.stdout if result.returncode == 0 else sys.stderr
+    print(result.summary, file=stream, flush=True)
+    return result.returncode

@@ -1,0 +1,200 @@
+"""DDP, FSDP2 and DeepSpeed behind one small interface, so one training loop drives all three.
+
+    eng.forward(batch) -> logits          (autocast / MixedPrecisionPolicy / DeepSpeed engine)
+    with eng.micro_step(is_last): ...     (DDP no_sync, FSDP2 set_requires_gradient_sync)
+    eng.backward(loss, is_last)
+    eng.step(lr) -> grad norm             (clip, optimizer step, zero grads)
+    eng.loss_multiplier                   (DeepSpeed divides the loss by the accumulation steps itself)
+
+Gradients are averaged over ranks by every engine, so the loop scales the summed token loss by
+W / (tokens in the global batch) (× K for DeepSpeed): the update equals one big batch exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardtrain.compiler.specs import Engine, Precision
+from shardtrain.runtime.modeling import compute_dtype, decoder_layers
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class BaseEngine:
+    kind: Engine
+    loss_multiplier = 1.0
+
+    def __init__(self, model: nn.Module, optimizer, *, precision: Precision, grad_clip: float,
+                 device: torch.device):
+        self.model = model            # unwrapped HF / peft model
+        self.module: nn.Module = model  # what forward runs through
+        self.optimizer = optimizer
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.device = device
+        self.scaler = None
+
+    # ---------------------------------------------------------------- the loop's interface
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.module(**batch).logits
+
+    def micro_step(self, is_last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def step(self, lr: float) -> float:
+        self.set_lr(lr)
+        params = trainable(self.model)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def close(self) -> None:
+        pass
+
+
+class DDPEngine(BaseEngine):
+    """torch DDP, fp32 params with autocast to the 16-bit compute dtype; no_sync on all micro-steps
+    but the last; gradient_as_bucket_view=True (grads are the buckets, memory.py)."""
+    kind = Engine.DDP
+
+    def __init__(self, model, optimizer, **kw):
+        super().__init__(model, optimizer, **kw)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dev = self.device
+        self.module = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                          gradient_as_bucket_view=True, init_sync=False)
+        if self.precision is Precision.FP16:
+            self.scaler = torch.amp.GradScaler(dev.type)
+
+    def forward(self, batch):
+        if self.precision is Precision.FP32:
+            return self.module(**batch).logits
+        with torch.autocast(self.device.type, dtype=compute_dtype(self.precision)):
+            return self.module(**batch).logits
+
+    def micro_step(self, is_last):
+        return contextlib.nullcontext() if is_last else self.module.no_sync()
+
+
+class FSDP2Engine(BaseEngine):
+    """`fully_shard` on every decoder layer and the root; MixedPrecisionPolicy(param=16-bit,
+    reduce=fp32); reshard_after_forward per strategy; CPUOffloadPolicy when settings ask for it;
+    `set_requires_gradient_sync(False)` on non-final micro-steps when the plan defers the sync."""
+    kind = Engine.FSDP
+
+    def __init__(self, model, optimizer_factory, *, settings, full_state: dict | None, **kw):
+        from torch.distributed.fsdp import fully_shard
+        super().__init__(model, None, **kw)
+        dev = self.device
+        kwargs = dict(mesh=settings.device_mesh(dev.type), mp_policy=settings.mixed_precision_policy(),
+                      reshard_after_forward=settings.reshard_after_forward)
+        offloaded = settings.cpu_offload
+        if offloaded:
+            from torch.distributed.fsdp import CPUOffloadPolicy
+            # pin_memory needs an accelerator ("Cannot access accelerator device" on CPU-only hosts)
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=settings.offload_pin_memory and dev.type == "cuda")
+        units = decoder_layers(model, settings.wrap_class)
+        if not units:
+            raise ValueError(f"fsdp.json wrap_class {settings.wrap_class!r} matches no module of the model")
+        for layer in units:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        if any(t.is_meta for t in model.parameters()) or full_state is not None:
+            self._load_full(model, full_state, offloaded)
+        self.defer_sync = settings.defer_grad_sync
+        self.optimizer = optimizer_factory(trainable(model))
+        if self.precision is Precision.FP16:
+            self.scaler = torch.amp.GradScaler(dev.type)
+
+    def _load_full(self, model, full_state, offloaded):
+        """Meta ranks allocate their shards; rank 0's full state dict is broadcast into them."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        buffers = {n: b for n, b in model.named_buffers()}
+        model.to_empty(device="cpu" if offloaded else self.device)
+        set_model_state_dict(model, full_state or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # non-persistent buffers (rotary inv_freq) are not in the state dict: copy from rank 0
+        for n, b in model.named_buffers():
+            if dist.get_rank() == 0 and n in buffers and not buffers[n].is_meta and b.data_ptr() != buffers[n].data_ptr():
+                b.copy_(buffers[n])
+            dist.broadcast(b.data, src=0)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+
+    def micro_step(self, is_last):
+        self.model.set_requires_gradient_sync(is_last or not self.defer_sync)
+        return contextlib.nullcontext()
+
+
+class DeepSpeedEngine(BaseEngine):
+    """`deepspeed.initialize` from the emitted ds_config.json. DeepSpeed casts the module to 16-bit,
+    keeps fp32 master partitions, clips, and accumulates itself (backward divides by the
+    accumulation steps; step() is called every micro-step and acts at the boundary)."""
+    kind = Engine.DEEPSPEED
+
+    def __init__(self, model, optimizer, *, ds_config: dict, grad_accum: int, zero_stage: int,
+                 offload_optimizer: bool, offload_params: bool, **kw):
+        import deepspeed
+        super().__init__(model, optimizer, **kw)
+        self.zero_stage, self.offload_optimizer, self.offload_params = zero_stage, offload_optimizer, offload_params
+        gas = int(ds_config.get("gradient_accumulation_steps", grad_accum))
+        if gas != grad_accum:
+            raise ValueError(f"ds_config.json gradient_accumulation_steps={gas} != plan grad_accum_steps={grad_accum}")
+        self.loss_multiplier = float(gas)
+        args = dict(model=model, model_parameters=trainable(model), config=ds_config)
+        if optimizer is not None and "optimizer" not in ds_config:
+            args["optimizer"] = optimizer
+        self.ds, self.optimizer, _, self.ds_scheduler = deepspeed.initialize(**args)
+        self.module = self.ds
+        self.own_schedule = "scheduler" not in ds_config
+
+    def forward(self, batch):
+        return self.ds(**batch).logits
+
+    def backward(self, loss, is_last):
+        self.ds.backward(loss)
+        if not is_last:
+            self.ds.step()  # DeepSpeed counts micro-steps; no optimizer step off the boundary
+
+    def step(self, lr):
+        if self.own_schedule:
+            self.set_lr(lr)
+        assert self.ds.is_gradient_accumulation_boundary(), "DeepSpeed accumulation out of step with the plan"
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def set_lr(self, lr):
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def close(self):
+        try:
+            self.ds.destroy()
+        except Exception:  # noqa: BLE001 - best effort teardown between scenarios
+            pass

@@ -1,0 +1,237 @@
+"""Build the model on each rank: source → dtype → (NF4) → checkpointing → LoRA, without N copies.
+
+Loading (memory-efficient): rank 0 materialises the full model on the host (random init from the
+config with the run seed, or `from_pretrained` of a local checkpoint); the other ranks build it on the
+meta device. The engine then fills them: DDP/DeepSpeed broadcast every tensor from rank 0 into
+`to_empty` storage (`broadcast_from_rank0`), FSDP2 shards the meta model and loads rank 0's state
+dict with `set_model_state_dict(..., broadcast_from_rank0=True)`. ZeRO-3 loading a checkpoint (or a
+random model ≥ ZERO_INIT_MIN_PARAMS) builds under `deepspeed.zero.Init`, partitioned at construction
+(small random models are not: zero.Init draws different weights for the same seed).
+
+Dtype policy (shardtrain/compiler/memory.py): DDP/FSDP2 full fine-tuning keeps params fp32 (autocast /
+MixedPrecisionPolicy compute in 16-bit); DeepSpeed builds in the 16-bit compute dtype (it keeps the
+fp32 master copy); LoRA's frozen base is in the compute dtype and peft upcasts adapters to fp32;
+QLoRA stores decoder-layer Linear weights in NF4 (double quantisation) and the rest in 16-bit.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision
+
+ZERO_INIT_MIN_PARAMS = 10**9
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def compute_dtype(precision: Precision) -> torch.dtype:
+    return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16, Precision.FP32: torch.float32}[precision]
+
+
+@dataclass
+class ModelSource:
+    config: object              # transformers PretrainedConfig
+    weights_dir: str | None     # checkpoint directory to load weights from (None: random init)
+    model_dir: str | None       # checkpoint directory (tokenizer lookup), if any
+
+
+def model_source(cfg, plan) -> ModelSource:
+    """From `model.name` (preset, config.json, checkpoint dir) or `model.params` (plan's shape)."""
+    from transformers import AutoConfig
+    from shardtrain.config.presets import load_model_config
+    m = cfg.model
+    model_dir = None
+    if m.name is not None:
+        p = Path(m.name).expanduser()
+        if p.is_dir():
+            model_dir = str(p)
+            config = AutoConfig.from_pretrained(model_dir)
+        else:
+            raw, _ = load_model_config(m.name)
+            raw = dict(raw)
+            config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    else:
+        raw = plan.model.to_hf_config()
+        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    has_weights = model_dir is not None and any((Path(model_dir) / f).is_file() for f in WEIGHT_FILES)
+    if m.init == "pretrained" and not has_weights:
+        raise FileNotFoundError(f"model.init: pretrained, but {m.name!r} is not a checkpoint directory "
+                                f"with weights ({', '.join(WEIGHT_FILES)})")
+    weights = model_dir if has_weights and m.init != "random" else None
+    config.use_cache = False
+    return ModelSource(config=config, weights_dir=weights, model_dir=model_dir)
+
+
+def build_dtype(engine: Engine, method: Method, precision: Precision) -> torch.dtype:
+    if method is Method.FULL and engine is not Engine.DEEPSPEED:
+        return torch.float32
+    return compute_dtype(precision)
+
+
+def _attn(attention: str) -> str:
+    return {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}[attention]
+
+
+def build_base(src: ModelSource, dtype: torch.dtype, *, seed: int, attention: str, meta: bool,
+               zero_init_config: dict | None = None) -> nn.Module:
+    """The bare HF causal LM: real on this rank (`meta=False`) or on the meta device."""
+    from transformers import AutoModelForCausalLM
+    attn = _attn(attention)
+    if zero_init_config is not None:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+        from shardtrain.runtime.dist import init_deepspeed_comm
+        init_deepspeed_comm()
+        hf_ds = HfDeepSpeedConfig(zero_init_config)  # noqa: F841  (kept alive for from_pretrained)
+        if src.weights_dir:
+            return AutoModelForCausalLM.from_pretrained(src.weights_dir, dtype=dtype, attn_implementation=attn)
+        torch.manual_seed(seed)
+        with deepspeed.zero.Init(config_dict_or_path=zero_init_config, dtype=dtype):
+            return AutoModelForCausalLM.from_config(src.config, dtype=dtype, attn_implementation=attn)
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(src.config, dtype=dtype, attn_implementation=attn)
+    if src.weights_dir:
+        return AutoModelForCausalLM.from_pretrained(src.weights_dir, dtype=dtype, attn_implementation=attn)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(src.config, dtype=dtype, attn_implementation=attn)
+
+
+def broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:
+    """Non-zero ranks: allocate meta tensors on `device`; then every param/buffer ← rank 0.
+    Non-persistent buffers (rotary inv_freq) are covered too; tied weights are re-tied."""
+    is_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    if is_meta:
+        model.to_empty(device=device)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+    elif device.type != "cpu":
+        model.to(device)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        dist.broadcast(t.data, src=0)
+
+
+def enable_checkpointing(model: nn.Module, mode: GradCkpt, every: int) -> None:
+    """Full: every decoder layer; selective: every k-th (layers 0, k, 2k, …), non-reentrant."""
+    if mode in (GradCkpt.NONE, GradCkpt.AUTO):
+        return
+    k = every if mode is GradCkpt.SELECTIVE else 1
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                          every_n_layers=k)
+
+
+def checkpointed_layers(model: nn.Module) -> list[int]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [i for i, m in enumerate(layers) if m.gradient_checkpointing]
+
+
+def quantize_4bit(model: nn.Module, *, compute: torch.dtype, storage: torch.dtype, device: torch.device,
+                  layer_class: str) -> int:
+    """Replace every nn.Linear inside the decoder layers by an NF4 bnb Linear4bit (double quant,
+    `quant_storage=storage`), quantised on `device`. Embeddings, norms and lm_head stay 16-bit.
+    `support_avx512bf16_for_cpu = False`: otherwise an eval forward repacks the weights into an
+    inference-only layout and LoRA gets no gradient afterwards (shared/notes/cpu-distributed.md)."""
+    import bitsandbytes as bnb
+    n = 0
+    for layer in [m for m in model.modules() if type(m).__name__ == layer_class]:
+        for name, lin in list(layer.named_modules()):
+            if type(lin) is not nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=compute, compress_statistics=True, quant_type="nf4",
+                                  quant_storage=storage, device="meta")
+            q.weight = bnb.nn.Params4bit(lin.weight.data.to(compute), requires_grad=False,
+                                         compress_statistics=True, quant_type="nf4",
+                                         quant_storage=storage, module=q).to(device)
+            if lin.bias is not None:
+                q.bias = nn.Parameter(lin.bias.data.to(compute), requires_grad=False)
+            q.support_avx512bf16_for_cpu = False
+            parent, _, leaf = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, leaf, q)
+            n += 1
+    return n
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: int, dropout: float, targets: tuple[str, ...], seed: int):
+    from peft import LoraConfig, get_peft_model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                     task_type="CAUSAL_LM", bias="none")
+    torch.manual_seed(seed + 1)
+    return get_peft_model(model, cfg, autocast_adapter_dtype=True)
+
+
+def decoder_layers(model: nn.Module, layer_class: str) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == layer_class
+            or type(m).__name__ == "FSDP" + layer_class]
+
+
+@dataclass
+class BuildSpec:
+    engine: Engine
+    method: Method
+    precision: Precision
+    grad_ckpt: GradCkpt
+    selective_every: int
+    attention: str
+    seed: int
+    lora: dict | None          # rank/alpha/dropout/targets
+    layer_class: str
+    zero_stage: int = 0
+    num_params: int = 0
+    qlora_storage: torch.dtype = torch.uint8
+
+
+def build_model(src: ModelSource, spec: BuildSpec, *, rank: int, world_size: int, device: torch.device,
+                ds_config: dict | None = None, materialize: bool = True) -> nn.Module:
+    """The model as this rank's engine expects it. `materialize=False` (FSDP2) leaves non-zero ranks on
+    meta and returns rank 0's real model; the engine shards and loads it."""
+    dtype = build_dtype(spec.engine, spec.method, spec.precision)
+    use_zero_init = (spec.engine is Engine.DEEPSPEED and spec.zero_stage == 3 and spec.method is not Method.QLORA
+                     and (src.weights_dir is not None
+                          or spec.num_params >= ZERO_INIT_MIN_PARAMS))
+    if use_zero_init:
+        model = build_base(src, dtype, seed=spec.seed, attention=spec.attention, meta=False,
+                           zero_init_config=ds_config)
+    else:
+        meta = rank != 0 and world_size > 1
+        model = build_base(src, dtype, seed=spec.seed, attention=spec.attention, meta=meta)
+        if spec.method is Method.QLORA or materialize:
+            broadcast_from_rank0(model, device)
+    if spec.method is Method.QLORA:
+        quantize_4bit(model, compute=compute_dtype(spec.precision), storage=spec.qlora_storage,
+                      device=device, layer_class=spec.layer_class)
+        model.to(device)
+    enable_checkpointing(model, spec.grad_ckpt, spec.selective_every)
+    if spec.method is not Method.FULL:
+        model = apply_lora(model, seed=spec.seed, **spec.lora)
+        if spec.method is Method.QLORA and world_size > 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        dist.broadcast(p.data, src=0)
+    return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)

@@ -1,0 +1,235 @@
+"""The per-rank worker: `python -m shardtrain.runtime.worker --run-dir DIR` (under torchrun or the
+deepspeed launcher, which appends `--local_rank=N`; ignored — LOCAL_RANK comes from the environment).
+
+Run directory contract (written by `shardtrain launch`):
+  in:  run.yaml (resolved RunConfig), plan.json (Plan JSON incl. "spec"), ds_config.json (DeepSpeed),
+       fsdp.json (FSDP2 settings, optional)
+  out: metrics.jsonl (rank 0: one record per optimizer step, "kind": "train" | "eval"),
+       memory_rank{R}.json, checkpoints/step_N/, final/, logs/worker_rank{R}.log, logs/memory_table.txt
+Exit 0 when done or pre-empted (a "preempted at step N" line; Slurm requeues), non-zero on errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from shardtrain.runtime import checkpoint as ckpt
+from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed
+from shardtrain.runtime.build import Run, setup
+from shardtrain.runtime.data import count_label_tokens, eval_indices
+from shardtrain.runtime.optim import lr_at
+from shardtrain.runtime.telemetry import LeakDetector, MetricsWriter, PhaseMemory, progress_bar
+from shardtrain.runtime.state_bytes import StateMeter, live_bytes
+
+log = logging.getLogger("shardtrain.worker")
+TEST_SIGNAL_ENV = "SHARDTRAIN_TEST_SIGNAL_AT_STEP"
+"""Tests: after this optimizer step, rank 0 sends itself SIGUSR2 (a simulated Slurm warning)."""
+
+
+def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled tokens (fp32, like HF's loss)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: StateMeter | None = None) -> dict:
+    """One optimizer step (K micro-steps) of this rank; returns the step's metrics."""
+    eng, ds = r.engine, r.train_data
+    t0 = time.perf_counter()
+    if phase:
+        phase.begin_step()
+    batches = [ds.collate(ix) for ix in r.sampler.step_indices(step)]
+    n_input = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                  for b in batches)
+    n_label, n_input = all_reduce_sum([sum(count_label_tokens(b) for b in batches), n_input], r.info.device)
+    scale = r.info.world_size * eng.loss_multiplier / max(n_label, 1.0)
+    loss_sum = 0.0
+    K = len(batches)
+    for k, b in enumerate(batches):
+        last = k == K - 1
+        b = _to(b, r.info.device)
+        labels = b.pop("labels")
+        with eng.micro_step(last):
+            logits = eng.forward(b)
+            loss = ce_sum(logits, labels)
+            if phase and last:
+                phase.snap("after_forward")
+            del logits
+            eng.backward(loss * scale, last)
+        loss_sum += float(loss.detach())
+        if meter:
+            meter.after_micro_backward()
+        if phase and last:
+            phase.snap("after_backward")
+    lr = lr_at(step, lr=r.cfg.train.lr, warmup=r.cfg.train.warmup_steps, total=r.cfg.train.steps,
+               min_ratio=r.cfg.train.min_lr_ratio)
+    grad_norm = eng.step(lr)
+    if meter:
+        meter.after_step()
+    if phase:
+        phase.snap("after_step")
+    (total_loss,) = all_reduce_sum([loss_sum], r.info.device)
+    dt = time.perf_counter() - t0
+    return {"kind": "train", "step": step + 1, "loss": total_loss / max(n_label, 1.0), "lr": lr,
+            "grad_norm": grad_norm, "tokens": int(n_input), "tokens_per_s": n_input / dt, "step_time_s": dt,
+            "epoch": round(r.sampler.epoch_of(step + 1), 4),
+            "memory": dict(phase.phases) if phase else {}}
+
+
+@torch.no_grad()
+def evaluate(r: Run, step: int) -> dict | None:
+    if r.eval_data is None:
+        return None
+    eng = r.engine
+    m = r.plan.chosen.micro_batch_size
+    idx = eval_indices(len(r.eval_data), r.cfg.run.eval_batches, m, r.info.world_size, r.info.rank)
+    eng.train(False)
+    tot = n = 0.0
+    try:
+        for ix in idx:
+            b = _to(r.eval_data.collate(ix), r.info.device)
+            labels = b.pop("labels")
+            tot += float(ce_sum(eng.forward(b), labels))
+            n += float((labels[:, 1:] != -100).sum())
+    finally:
+        eng.train(True)
+    tot, n = all_reduce_sum([tot, n], r.info.device)
+    loss = tot / max(n, 1.0)
+    return {"kind": "eval", "step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(n)}
+
+
+def trainer_state(r: Run, step: int) -> dict:
+    return {"step": step, "samples_seen": step * r.sampler.global_batch, "global_batch": r.sampler.global_batch,
+            "world_size": r.info.world_size, "strategy": r.plan.strategy.value, "seed": r.cfg.train.seed}
+
+
+def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> dict:
+    """Train per the run directory; returns a summary. Tests drive several runs per launch
+    (`destroy_group=False`) and probe the engine with `on_setup(run)` before the first step."""
+    run_dir = Path(run_dir)
+    info = init_distributed(os.environ.get("SHARDTRAIN_DEVICE") or _device_pref(run_dir))
+    _setup_logging(run_dir, info.rank)
+    r = setup(run_dir, info)
+    cfg, eng = r.cfg, r.engine
+    main = info.is_main
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", main)
+    start = 0
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume == "auto" else None
+    if latest:
+        state = ckpt.load_checkpoint(eng, latest[1])
+        start = int(state["step"])
+        log.info("resumed from %s at step %d", latest[1], start)
+    metrics.truncate_after(start)
+    if on_setup is not None:
+        on_setup(r)
+    from shardtrain.runtime.preempt import PreemptionHandler
+    pre = PreemptionHandler.from_env(default_max_requeues=cfg.run.max_requeues)
+    pre.install()
+    signal_at = int(os.environ.get(TEST_SIGNAL_ENV, "0") or 0)
+    meter = StateMeter(eng)
+    phase = PhaseMemory(info.device, lambda: live_bytes(eng))
+    leak = LeakDetector()
+    bar = progress_bar(main and sys.stderr.isatty(), cfg.train.steps, start)
+    total = cfg.train.steps
+    losses, evals, saved_at, preempted = [], [], -1, False
+    eng.train(True)
+    for s in range(start, total):
+        rec = train_step(r, s, phase, meter if s < start + 2 else None)
+        meter.active = s < start + 1  # the DeepSpeed step probe measures the first two steps only
+        step = s + 1
+        losses.append(rec["loss"])
+        if step % cfg.run.log_every == 0 or step == total:
+            metrics.write(rec)
+        if msg := leak.update(step, phase.steady_value()):
+            log.warning(msg)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+        elif main and (step % max(1, total // 20) == 0 or step == total):
+            log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", step, total, rec["loss"],
+                     rec["lr"], rec["grad_norm"], rec["tokens_per_s"])
+        if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == total):
+            ev = evaluate(r, step)
+            if ev:
+                evals.append(ev)
+                metrics.write(ev)
+                if main:
+                    log.info("eval step %d: loss %.4f ppl %.2f", step, ev["eval_loss"], ev["eval_ppl"])
+        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
+            ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step))
+            saved_at = step
+        if signal_at and step == signal_at and main:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        if step < total and pre.should_stop():
+            if saved_at != step:
+                ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step))
+            barrier()
+            if main:
+                pre.requeue()
+                print(f"[shardtrain] preempted at step {step}: checkpoint saved, exiting", flush=True)
+            preempted = True
+            break
+    if bar:
+        bar.close()
+    result = {"losses": losses, "evals": evals, "preempted": preempted, "start_step": start}
+    if not preempted:
+        ckpt.save_checkpoint(eng, run_dir, total, trainer_state(r, total))
+        ckpt.save_final(eng, run_dir / "final", r.tokenizer)
+    result["memory"] = r.write_memory_report(meter, phase)
+    pre.uninstall()
+    eng.close()
+    if destroy_group:
+        from shardtrain.runtime.dist import destroy
+        destroy()
+    return result
+
+
+def _device_pref(run_dir: Path) -> str:
+    import yaml
+    raw = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
+    return (raw.get("run") or {}).get("device", "auto")
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("shardtrain")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s")
+    fh = logging.FileHandler(run_dir / "logs" / f"worker_rank{rank}.log")
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if rank == 0:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shardtrain.runtime.worker", description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True, help="run directory (run.yaml, plan.json, ...)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        p.error(f"unknown arguments: {' '.join(unknown)}")
+    run(args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

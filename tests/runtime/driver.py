@@ -1,0 +1,112 @@
+"""Runs several worker scenarios in ONE torchrun launch (start-up costs 8–11 s per launch).
+
+    torchrun --standalone --nproc_per_node 2 tests/runtime/driver.py SPEC.json
+
+SPEC: {"out": "results.json", "scenarios": [{"name", "run_dir", "probe"?, "env"?}, ...]}.
+Each scenario is a full `shardtrain.runtime.worker.run(run_dir)`; probes observe the engine
+(collective counts, checkpointed layers, 4-bit layers). Rank 0 writes the results JSON after every
+scenario; on an error the launch stops (a rank failing alone would hang the next collective).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def make_probe(name: str | None, box: dict):
+    if not name:
+        return None
+
+    def probe(r):
+        eng = r.engine
+        if name in ("ddp_comm", "ddp_comm_no_nosync"):
+            box["hook_calls"] = 0
+            box["micro_of_call"] = []
+            state = {"micro": 0}
+
+            def pre(_m, _a, _k):
+                state["micro"] += 1
+            eng.module.register_forward_pre_hook(pre, with_kwargs=True)
+
+            def hook(_state, bucket):
+                box["hook_calls"] += 1
+                box["micro_of_call"].append(state["micro"])
+                fut = dist.all_reduce(bucket.buffer().div_(dist.get_world_size()), async_op=True).get_future()
+                return fut.then(lambda f: f.value()[0])
+            eng.module.register_comm_hook(None, hook)
+            if name == "ddp_comm_no_nosync":
+                eng.micro_step = lambda is_last: contextlib.nullcontext()
+        elif name == "fsdp_rs":
+            box["reduce_scatters"] = 0
+            orig = dist.reduce_scatter_single
+
+            def counting(*a, **k):
+                box["reduce_scatters"] += 1
+                return orig(*a, **k)
+            dist.reduce_scatter_single = counting
+            box["_restore"] = lambda: setattr(dist, "reduce_scatter_single", orig)
+            box["units"] = sum(1 for m in eng.model.modules() if hasattr(m, "_get_fsdp_state"))
+        elif name == "ckpt_layers":
+            from shardtrain.runtime.modeling import checkpointed_layers
+            box["checkpointed"] = checkpointed_layers(eng.model)
+        elif name == "qlora":
+            import bitsandbytes as bnb
+            q = [m for m in eng.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+            box["linear4bit"] = len(q)
+            box["avx512bf16_flags"] = sorted({bool(m.support_avx512bf16_for_cpu) for m in q})
+            box["quant_type"] = sorted({m.weight.quant_type for m in q})
+            box["double_quant"] = sorted({bool(m.weight.compress_statistics) for m in q})
+        box["trainable"] = sum(p.numel() for p in eng.model.parameters() if p.requires_grad)
+    return probe
+
+
+def main() -> int:
+    spec = json.loads(open(sys.argv[1]).read())
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from shardtrain.runtime.dist import init_distributed
+    from shardtrain.runtime.worker import run
+    info = init_distributed("cpu")
+    results = {}
+    rc = 0
+    for sc in spec["scenarios"]:
+        box: dict = {}
+        old_env = {k: os.environ.get(k) for k in sc.get("env", {})}
+        os.environ.update({k: str(v) for k, v in sc.get("env", {}).items()})
+        t0 = time.time()
+        try:
+            res = run(sc["run_dir"], destroy_group=False, on_setup=make_probe(sc.get("probe"), box))
+            res["probe"] = {k: v for k, v in box.items() if not k.startswith("_")}
+        except Exception as e:  # noqa: BLE001
+            res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            rc = 1
+        finally:
+            if "_restore" in box:
+                box["_restore"]()
+            for k, v in old_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        res["wall_s"] = round(time.time() - t0, 2)
+        results[sc["name"]] = res
+        print(f"[driver rank{info.rank}] {sc['name']}: {'ERROR ' + res['error'] if 'error' in res else 'ok'} "
+              f"({res['wall_s']} s)", file=sys.stderr, flush=True)
+        if info.rank == 0:
+            with open(spec["out"], "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        if rc:
+            print(res.get("traceback", ""), file=sys.stderr, flush=True)
+            break
+    dist.destroy_process_group()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

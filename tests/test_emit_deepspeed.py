@@ -1,0 +1,187 @@
+"""DeepSpeed JSON emitted from plans: key names match the installed DeepSpeed, every legal
+strategy × optimizer × precision × method combination passes DeepSpeed's own parser with the values
+intact, illegal ones raise with a fix, and real engines take a training step (world size 1
+in-process, world size 2 under torchrun). fp16 is parse-only here: DeepSpeed's CPU accelerator has
+no fp16; Lion without offload needs FusedLion (CUDA) and is parse-only too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from emit_plans import legal_matrix, make_plan
+from shardtrain.compiler.specs import Optimizer, Precision, Strategy
+from shardtrain.emit import deepspeed as K
+from shardtrain.emit.deepspeed import DeepSpeedConfigError, client_optimizer, deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DS = pytest.importorskip("deepspeed")
+LEGAL, ILLEGAL = legal_matrix(methods=("full", "lora", "qlora"))
+
+
+def parse(cfg: dict, world: int):
+    """DeepSpeed's config parser for a given data-parallel world size (no process group needed)."""
+    import deepspeed.runtime.config as dsc
+    old = dsc.dist
+    dsc.dist = types.SimpleNamespace(get_rank=lambda: 0, get_world_size=lambda: world)
+    try:
+        return dsc.DeepSpeedConfig(json.loads(json.dumps(cfg)))
+    finally:
+        dsc.dist = old
+
+
+def test_key_sets_are_deepspeeds_own():
+    from deepspeed.runtime import config as dsc
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.swap_tensor import constants as aio
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import (DeepSpeedZeroOffloadOptimizerConfig,
+                                                       DeepSpeedZeroOffloadParamConfig)
+
+    def keys(model):
+        return {f.alias or n for n, f in model.model_fields.items()}
+    assert K.ZERO_KEYS == keys(DeepSpeedZeroConfig)
+    assert K.OFFLOAD_PARAM_KEYS == keys(DeepSpeedZeroOffloadParamConfig)
+    assert K.OFFLOAD_OPTIMIZER_KEYS == keys(DeepSpeedZeroOffloadOptimizerConfig)
+    assert K.BF16_KEYS == keys(DeepSpeedBF16Config)
+    assert K.FP16_KEYS == keys(DeepSpeedFP16Config)
+    assert K.AIO_KEYS == {v for k, v in vars(aio).items() if k.startswith("AIO_") and isinstance(v, str)
+                          and k not in ("AIO", "AIO_FORMAT")}
+    assert K.REMOVED_TOP_LEVEL_KEYS == set(dsc._REMOVED_TOP_LEVEL_CONFIG_KEYS)
+    src = "\n".join(p.read_text(errors="ignore") for p in Path(DS.__file__).parent.rglob("*.py"))
+    missing = [k for k in K.TOP_LEVEL_KEYS if f'"{k}"' not in src and f"'{k}'" not in src]
+    assert not missing, f"not DeepSpeed keys: {missing}"
+    assert {v.lower() for v in K.DS_OPTIMIZER_TYPE.values() if v} - {"sgd", "adafactor"} <= set(dsc.DEEPSPEED_OPTIMIZERS)
+
+
+def _device(block) -> str:
+    d = getattr(block, "device", "none") if block is not None else "none"
+    return str(getattr(d, "value", d))
+
+
+@pytest.mark.parametrize("world", [1, 8, 16])
+def test_matrix_parses_with_values_intact(world):
+    assert len(LEGAL) > 100
+    for s, o, p, m in LEGAL:
+        nodes, gpn = (2, world // 2) if world == 16 else (1, world)
+        plan = make_plan(s, optimizer=o.value, precision=p.value, method=m, nodes=nodes, gpus_per_node=gpn,
+                         global_batch=4 * world)
+        cfg = deepspeed_config(plan, grad_clip=0.5)
+        c = parse(cfg, world)
+        ch = plan.chosen
+        assert (c.train_batch_size, c.train_micro_batch_size_per_gpu, c.gradient_accumulation_steps) == \
+            (4 * world, ch.micro_batch_size, ch.grad_accum_steps), (s, o, p, m)
+        assert c.zero_optimization_stage == s.zero_stage
+        assert _device(c.zero_config.offload_optimizer) == s.offload_optimizer.value
+        assert _device(c.zero_config.offload_param) == s.offload_params.value
+        assert c.bfloat16_config.enabled == (p is Precision.BF16) and c.float16_config.enabled == (p is Precision.FP16)
+        assert c.gradient_clipping == 0.5
+        assert c.zero_allow_untested_optimizer == (o not in (Optimizer.ADAMW, Optimizer.LION))
+        assert (c.optimizer_name is None) == (client_optimizer(plan) is not None)
+
+
+def test_buckets_follow_hidden_size():
+    plan = make_plan("zero3", model="llama-3.1-8b", gpus_per_node=8, global_batch=64)
+    z = deepspeed_config(plan)[K.ZERO]
+    h = 4096
+    assert z[K.REDUCE_BUCKET] == h * h and z[K.PREFETCH_BUCKET] == int(0.9 * h * h)
+    assert z[K.PERSISTENCE_THRESHOLD] == 10 * h and z[K.GATHER_16BIT_ON_SAVE] is True
+    assert z[K.OVERLAP_COMM] is True and z[K.CONTIGUOUS_GRADIENTS] is True
+
+
+def test_nvme_blocks():
+    plan = make_plan("zero_infinity", model="llama-3.1-8b", gpus_per_node=8, global_batch=64, nvme_path="/nvme/x")
+    cfg = deepspeed_config(plan)
+    z = cfg[K.ZERO]
+    assert z[K.OFFLOAD_PARAM][K.NVME_PATH] == "/nvme/x" == z[K.OFFLOAD_OPTIMIZER][K.NVME_PATH]
+    assert cfg[K.AIO][K.AIO_BLOCK_SIZE] == 1 << 20
+    # buffers hold the largest param partition and the optimizer sub-group (DeepSpeed asserts both)
+    assert z[K.OFFLOAD_PARAM][K.BUFFER_SIZE] >= -(-128256 * 4096 // 8)
+    assert z[K.SUB_GROUP_SIZE] == z[K.OFFLOAD_PARAM][K.BUFFER_SIZE]
+    assert deepspeed_config(plan, nvme_path="/other")[K.ZERO][K.OFFLOAD_PARAM][K.NVME_PATH] == "/other"
+    nopath = dataclasses.replace(plan, hardware=dataclasses.replace(plan.hardware, nvme_path=None))
+    with pytest.raises(DeepSpeedConfigError, match="nvme_path"):
+        deepspeed_config(nopath)
+
+
+@pytest.mark.parametrize("s,o,m", sorted({(s, o, m) for s, o, p, m in ILLEGAL}))
+def test_illegal_combinations_raise_with_a_fix(s, o, m):
+    from shardtrain.compiler.specs import Method
+    base = make_plan(s, optimizer="adamw")
+    plan = dataclasses.replace(base, chosen=dataclasses.replace(base.chosen, optimizer=o, method=Method(m)))
+    with pytest.raises(DeepSpeedConfigError) as e:
+        deepspeed_config(plan)
+    assert e.value.key and e.value.fix and "fix:" in str(e.value)
+    if o is Optimizer.ADAMW8BIT:
+        assert "8-bit AdamW cannot run with ZeRO-Offload" in str(e.value) and "adamw" in e.value.fix
+
+
+def test_non_deepspeed_plan_raises():
+    with pytest.raises(DeepSpeedConfigError, match="fsdp"):
+        deepspeed_config(make_plan("fsdp_full_shard"))
+
+
+# ----------------------------------------------------------------------------- real engines
+CPU_INIT_CASES = [  # (strategy, optimizer, precision, method)
+    ("zero1", "adamw", "bf16", "full"), ("zero2", "adamw", "bf16", "lora"), ("zero3", "adamw", "bf16", "full"),
+    ("zero3", "adamw", "fp32", "lora"), ("zero2_offload", "adamw", "bf16", "full"),
+    ("zero3_offload", "adamw", "bf16", "full"), ("zero_infinity", "adamw", "bf16", "full"),
+    ("zero2", "sgd", "bf16", "full"), ("zero3", "adafactor", "bf16", "full"), ("zero2", "adamw8bit", "bf16", "full"),
+    ("zero3", "adamw8bit", "fp32", "full")]
+
+
+def _case(s, o, p, m, world, tmp_path):
+    plan = make_plan(s, optimizer=o, precision=p, method=m, gpus_per_node=world, global_batch=2 * world,
+                     nvme_path=str(tmp_path / "nvme"))
+    return {"name": f"{s}-{o}-{p}-{m}", "config": deepspeed_config(plan), "client": client_optimizer(plan),
+            "frozen_embeddings": m == "lora"}
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    import deepspeed
+    import torch.distributed as dist
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.mark.parametrize("s,o,p,m", CPU_INIT_CASES, ids=["-".join(c) for c in CPU_INIT_CASES])
+def test_initialize_and_step_world1(s, o, p, m, tmp_path, single_process_group):
+    import ds_step
+    case = _case(s, o, p, m, 1, tmp_path)
+    loss = ds_step.one_step(case["config"], case["client"], case["frozen_embeddings"])
+    assert 0 < loss < 20
+
+
+@pytest.mark.multiproc
+def test_initialize_and_step_world2_torchrun(tmp_path):
+    cases = [_case(s, o, p, m, 2, tmp_path) for s, o, p, m in CPU_INIT_CASES
+             if (s, o) in {("zero1", "adamw"), ("zero2", "adamw"), ("zero3", "adamw"), ("zero2_offload", "adamw"),
+                           ("zero3_offload", "adamw"), ("zero_infinity", "adamw"), ("zero2", "adamw8bit")}]
+    f = tmp_path / "cases.json"
+    f.write_text(json.dumps(cases))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "LOCAL_SIZE": "2", "OMP_NUM_THREADS": "1",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "tests/ds_step.py"), str(f)], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    out = (tmp_path / "cases.json.out").read_text().split("\n")
+    assert [ln.split()[0] for ln in out if ln] == [c["name"] for c in cases]
+    assert all(re.fullmatch(r"\S+ ok [\d.]+", ln) for ln in out if ln)
