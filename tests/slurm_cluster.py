@@ -259,7 +259,7 @@ class SlurmCluster:
             "SlurmUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={r}/munge/munge.socket,cred_expire=10",
+            f"AuthInfo=socket={r}/munge/munge.socket,cred_expire=5",
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool/%n",
             f"SlurmctldPidFile={r}/slurmctld.pid",

@@ -8,7 +8,7 @@ Scenarios (the real worker, ``configs/examples/tiny-cpu.yaml`` with few steps):
 - a 1-node job with 2 processes (hostile job name and run-dir path; the batch shell prepares the
   run dir itself; fake GPUs requested through gres);
 - a 2-node torchrun job (c10d), submitted with ``shardtrain sbatch --submit``;
-- a 2-node deepspeed-launcher job (ZeRO-2 engine);
+- a 2-node deepspeed-launcher job (hostfile built at run time, ``--no_ssh --node_rank``);
 - pre-emption, torchrun and deepspeed launcher: ``scancel --signal=USR2`` mid-run -> every rank
   stops at the same step, checkpoints, rank 0 runs ``scontrol requeue``, the requeued job resumes
   and completes with every optimizer step exactly once in ``metrics.jsonl``;
@@ -218,21 +218,22 @@ def workdir(tmp_path_factory):
 def cases(slurm_cluster, workdir):
     hostile = workdir / "runs" / "one $(touch PWNED) it's; x"
     built = [
-        _job(workdir, "pre-tr", workdir / "runs" / "pre-tr", 2, 2, 30),
-        _job(workdir, "pre-ds", workdir / "runs" / "pre-ds", 2, 2, 30, launcher="deepspeed",
-             overrides=("train.strategy=zero2",)),
+        # pre-empted mid-run (USR2 once 2 steps are logged), requeued, resumed, completed
+        # (the DDP plan under the deepspeed launcher: the launcher wiring is what is tested here;
+        # a ZeRO engine adds ~1 min of imports per launch on 2 cores)
+        _job(workdir, "ds2", workdir / "runs" / "ds2", 2, 2, 12, launcher="deepspeed"),
         _job(workdir, "one", hostile, 1, 2, 6, request_gpus=slurm_cluster.gpus_per_node >= 2,
-             job_name="one 'tiny' $(touch PWNED); `x`", output=str(workdir / "one %x-%j.out")),
-        _cli_case(workdir, "ds2", 2, 2, 6, "--launcher", "deepspeed", "--set",
-                  "train.strategy=zero2"),
+             job_name="one 'tiny' $(touch PWNED); `x`"),
         _crash_case(workdir),
     ]
-    built[0].signal_after = built[1].signal_after = 2
     for c in built:
         c.job_id = slurm_cluster.sbatch(c.script)
         c.submitted = time.monotonic()
-    # and one through the CLI's --submit
-    built.append(_cli_case(workdir, "tr2", 2, 2, 6, submit=True))
+    # through `shardtrain sbatch --submit`; pre-empted too
+    built.insert(0, _cli_case(workdir, "tr2", 2, 2, 12, submit=True))
+    for c in built:
+        if c.name in ("tr2", "ds2"):
+            c.signal_after = 2
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(slurm_cluster, built, stop), daemon=True)
     watcher.start()
@@ -314,28 +315,30 @@ def test_one_node_two_processes(slurm_cluster, cases, workdir):
 def test_two_node_torchrun(slurm_cluster, cases):
     case = finish(slurm_cluster, cases["tr2"])
     assert_trained(case, world=4)
+    text = case.script.read_text()
+    assert "--rdzv-backend=c10d" in text and '--rdzv-id="$SLURM_JOB_ID"' in text
     log = case.log()
-    assert "node 0 (" in log and "node 1 (" in log and "c10d" in case.script.read_text()
+    assert "node 0 (" in log and "node 1 (" in log
 
 
 def test_two_node_deepspeed_launcher(slurm_cluster, cases):
     case = finish(slurm_cluster, cases["ds2"])
     assert_trained(case, world=4)
     assert (case.run_dir / "hostfile.slurm").read_text() == "n1 slots=2\nn2 slots=2\n"
-    assert (case.run_dir / "ds_config.json").is_file()
     log = case.log()
     assert "node_rank=0" in log and "node_rank=1" in log
 
 
-@pytest.mark.parametrize("name", ["pre-tr", "pre-ds"])
+@pytest.mark.parametrize("name", ["tr2", "ds2"])
 def test_preemption_checkpoint_requeue_resume(slurm_cluster, cases, name):
+    """USR2 to every process of the job steps (as Slurm sends it before the time limit): the
+    launchers survive it, the ranks agree on a step, save, rank 0 requeues, the job resumes there."""
     case = finish(slurm_cluster, cases[name])
     log = case.log()
     assert case.signalled_after is not None, f"never reached step {case.signal_after}:\n{log[-4000:]}"
-    assert_trained(case, world=4)
+    assert_trained(case, world=4)  # every step exactly once
     info = slurm_cluster.job_info(case.job_id)
     assert info.get("Restarts") == "1", info
-    # the launchers survived the signal: the workers agreed on a step, saved, rank 0 requeued
     stops = [int(ln.rsplit("at step ", 1)[1].split(":")[0]) for ln in log.splitlines()
              if "[shardtrain] preempted at step" in ln]
     assert len(stops) == 1, log[-5000:]
@@ -343,7 +346,9 @@ def test_preemption_checkpoint_requeue_resume(slurm_cluster, cases, name):
     assert case.signalled_after <= stop < case.steps
     assert "restart 1:" in log
     worker0 = (case.run_dir / "logs" / "worker_rank0.log").read_text()
-    assert f"at step {stop}" in worker0 and "requeued job" in worker0, worker0[-3000:]
+    assert "requeued job" in worker0 and f"at step {stop}" in worker0, worker0[-3000:]
+    restarted = [m for m in train_metrics(case.run_dir) if m["step"] > stop]
+    assert restarted and len(restarted) == case.steps - stop
 
 
 def test_crashing_rank_fails_job_promptly(slurm_cluster, cases):

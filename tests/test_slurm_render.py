@@ -136,6 +136,7 @@ def test_signal_and_requeue_options():
     assert "no-requeue" in opts and "requeue" not in opts
     assert "gpus-per-node" not in opts
     assert 'trap "" TERM\n' in render(job)
+    assert "export SHARDTRAIN_MAX_REQUEUES=0\n" in render(job)  # --no-requeue: rank 0 must not
     assert 'trap "" USR2 TERM\n' in render(SbatchJob(run_dir="/r", nodes=1, gpus_per_node=1))
 
 
@@ -145,7 +146,9 @@ def test_signal_and_requeue_options():
         dict(job_name="a\nb"),
         dict(run_dir="/runs/a\nb"),
         dict(partition="gpu\r"),
-        dict(run_dir="relative/dir"),
+        dict(run_dir=""),
+        dict(config=""),
+        dict(worker_module="a b"),
         dict(nodes=0),
         dict(gpus_per_node=-1),
         dict(launcher="mpirun"),
@@ -162,6 +165,14 @@ def test_rejects_bad_values(kwargs):
     base.update(kwargs)
     with pytest.raises(ValueError):
         SbatchJob(**base)
+
+
+def test_relative_paths_are_anchored_at_the_submission_dir(tmp_path):
+    job = SbatchJob(run_dir="runs/my run", nodes=1, gpus_per_node=1, config="configs/x.yaml")
+    text = render(job)
+    assert "export SHARDTRAIN_RUN_DIR=\"$PWD\"/'runs/my run'\n" in text
+    assert "SHARDTRAIN_CONFIG=\"$PWD\"/configs/x.yaml\n" in text
+    _bash_n(text, tmp_path)
 
 
 def test_rejects_backslash_in_sbatch_line():
@@ -470,3 +481,25 @@ def test_cli_world_size_mismatch(tmp_path, stub_rundir, monkeypatch):
                        "--run-dir", str(run_dir)])
     with pytest.raises(SystemExit, match="world_size 3"):
         args.func(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# slurm/*.sbatch: generated from configs/examples/*.yaml; regenerate with
+# `python -m shardtrain.slurm.cli examples` (or SHARDTRAIN_REGEN_GOLDEN=1).
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_slurm_examples_do_not_drift(tmp_path):
+    expected = slurm_cli.example_scripts(REPO)
+    assert expected, "no configs/examples/*.yaml"
+    if REGEN:
+        slurm_cli.write_examples(REPO)
+    actual = {f"slurm/{p.name}": p.read_text() for p in sorted((REPO / "slurm").glob("*.sbatch"))}
+    assert sorted(actual) == sorted(expected), (
+        "slurm/ does not match configs/examples/; run `python -m shardtrain.slurm.cli examples`")
+    for name, text in expected.items():
+        assert actual[name] == text, (
+            f"{name} drifted from its config; run `python -m shardtrain.slurm.cli examples`")
+        _bash_n(text, tmp_path)
+        assert f"#SBATCH --job-name={Path(name).stem}" in text

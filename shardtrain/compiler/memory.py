@@ -8,17 +8,44 @@ ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N. The engines differ in t
   MixedPrecisionPolicy (FSDP2, param_dtype=16-bit, reduce_dtype=fp32): params 4, grads 4, no master
   copy, states K-4 = 8 — the same 16 B/param, split differently. Frozen (LoRA base) weights are stored
   in the compute dtype; QLoRA base Linear weights in NF4.
-- DeepSpeed ZeRO (stage_1_and_2.py, stage3.py): the module is cast to 16-bit; the optimizer keeps an
-  fp32 master partition (`single_partition_of_fp32_groups` / `fp32_partitioned_groups_flat`, 4Ψ/N)
-  and an fp32 gradient partition at step time (4Ψ/N); 16-bit gradients live in param.grad (stage 1,
-  full), in the averaged partition (stage 2, Ψ/N) or in the flat grad partition (stage 3, Ψ/N).
+- DeepSpeed ZeRO (0.19.8 stage_1_and_2.py, stage3.py; p = 2 for bf16/fp16, 4 for fp32, P = this
+  rank's partition of the T trainable elements). Every term was matched against the real engine on 2
+  gloo ranks (tests/test_truth_engines.py):
+  * params: the module is cast to 16-bit (p·T + frozen, stage 1/2); stage 3 keeps the `ds_tensor`
+    partitions plus a full copy of every *persistent* parameter (numel <= param persistence
+    threshold, see zero3_persistent_params).
+  * master_params: an fp32 clone of the partition, 4P, in every precision (fp32 too:
+    `single_partition_of_fp32_groups = ...clone().to(fp32)`; stage3 `fp32_partitioned_groups_flat`).
+  * grads = 16-bit gradient partition + the larger of two phases that never overlap:
+    - step: the fp32 gradient partition `flatten(averaged_gradients).to(fp32)` (4P; with fp32 the
+      flatten() is the copy), alive together with the 16-bit partition;
+    - backward: gradients outside the buckets. A gradient autograd has just produced exists in full
+      until the hook copies it into a bucket (p·largest tensor, "in flight"); tensors larger than
+      reduce_bucket_size are reduced from their own storage; ZeRO-1 keeps those of *other* ranks'
+      partitions until the backward epilogue (stage 2 frees them after each reduction).
+    The stage-1/2 16-bit partition buffer `grads_in_partition` is sized by the *whole* tensors that
+    overlap the rank's slice of the flat buffer (get_partition_info / copy_grads_in_partition), so the
+    worst rank can hold much more than T/N (a 128k-vocab embedding straddling many small slices):
+    zero12_grad_partition_elements simulates the flat layout in module order. Stage 3 partitions
+    every tensor, so its `grad_partitions_flat_buffer` is exactly P.
+  * optimizer offload (DeepSpeedCPUAdam): master, states and the fp32 gradient partition live on the
+    host, plus a 16-bit staging copy of the partition (stage 1/2 `param_buffer_of_bit16_for_cpu_offload
+    _groups`; stage 3 `grad_partitions_flat_buffer`, allocated on `self.device` = cpu) and, stage 1/2,
+    `temp_grad_buffer_for_cpu_offload` (p·largest) whose device twin is a buffer. The device keeps
+    only the in-flight gradient. Param offload moves the partitions to the host; persistent params
+    stay on the device.
+  The fp32 gradient partition exists only inside optimizer.step(), when activations are freed, so a
+  peak that adds grads to activations is conservative by up to 4P.
 QLoRA (Dettmers et al. 2023): NF4 4 bits + fp32 absmax per 64 (0.5 bit) or double-quantised 8-bit
-absmax per 64 + fp32 per 256 blocks (0.127 bit) -> 4.127 bits = 0.516 B/param.
+absmax per 64 + fp32 per 256 blocks (0.127 bit) -> 4.127 bits = 0.516 B/param, plus a small
+per-tensor QuantState (QLORA_QUANT_STATE_BYTES_PER_TENSOR).
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shardtrain.compiler.inventory import TensorGroup
 from shardtrain.compiler.model import ModelSpec
@@ -109,6 +136,122 @@ def zero3_persistent_params(groups: tuple[TensorGroup, ...], buckets: ZeroBucket
     return sum(g.total for g in groups if g.numel <= buckets.param_persistence_threshold)
 
 
+def fsdp_shard_groups(groups: tuple[TensorGroup, ...], n: int) -> tuple[TensorGroup, ...]:
+    """The tensor groups as one FSDP2 rank stores them: dim 0 padded to a multiple of n, then split."""
+    if n == 1:
+        return groups
+    return tuple(replace(g, shape=(math.ceil(g.shape[0] / n),) + g.shape[1:]) for g in groups)
+
+
+def zero3_persistent_bytes(groups: tuple[TensorGroup, ...], buckets: ZeroBuckets, method: Method,
+                           precision: Precision) -> int:
+    """Bytes of the full (gathered) copies of ZeRO-3's persistent parameters, in their own dtype."""
+    total = 0
+    for g in groups:
+        if g.numel > buckets.param_persistence_threshold:
+            continue
+        if g.trainable:
+            total += g.total * precision.param_bytes
+        else:
+            total += frozen_weight_bytes((g,), method, precision)
+    return total
+
+
+def flat_order_numels(model: ModelSpec, groups: tuple[TensorGroup, ...]) -> list[int]:
+    """Element counts of the trainable tensors in module (named_parameters) order — the order in which
+    DeepSpeed ZeRO-1/2 lays them into its flat 16-bit buffer: embed_tokens, then per decoder layer the
+    attention and MLP projections (weight, bias, LoRA A, LoRA B, as peft registers them), the router,
+    the layer norms; then the final norm and lm_head (HF Llama-family module layout)."""
+    L = model.num_layers
+    by_name = {g.name: g for g in groups if g.trainable}
+    per_layer: list[str] = []
+    for s in model.linear_shapes():
+        if s.fused_parameter and "router" not in per_layer:
+            per_layer.append("router")
+        per_layer += [s.name, s.name + ".bias", s.name + ".lora_A", s.name + ".lora_B"]
+    per_layer += ["router", "layer_norms"]
+    order: list[int] = []
+    used: set[str] = set()
+    if "embed_tokens" in by_name:
+        order.append(by_name["embed_tokens"].numel)
+        used.add("embed_tokens")
+    layer_groups = [by_name[n] for n in dict.fromkeys(per_layer) if n in by_name and by_name[n].count % L == 0]
+    for _ in range(L):
+        for g in layer_groups:
+            order += [g.numel] * (g.count // L)
+    used.update(g.name for g in layer_groups)
+    for name in ("norm", "lm_head", "other"):
+        if name in by_name:
+            order += [by_name[name].numel] * by_name[name].count
+            used.add(name)
+    for g in groups:  # anything not placed above (keeps totals exact)
+        if g.trainable and g.name not in used:
+            order += [g.numel] * g.count
+    return order
+
+
+@dataclass(frozen=True)
+class Zero12Partition:
+    """DeepSpeed ZeRO-1/2 flat-buffer partition of one rank (elements)."""
+    partition: int
+    """P: the rank's slice of the flat buffer (padded to a multiple of 2·N, stage_1_and_2.py
+    `nccl_start_alignment_factor * world_size`)."""
+    grad_buffer: int
+    """`grads_in_partition`: whole tensors overlapping the slice (copy_grads_in_partition)."""
+    held_large: int
+    """ZeRO-1 backward peak of gradients held outside the buckets: tensors larger than the reduce
+    bucket are reduced from their own storage (`extra_large_param_to_reduce`); those outside this
+    rank's slice are kept until the epilogue, one inside it until it is copied into the buffer."""
+
+
+def zero12_partitions(numels: list[int] | tuple[int, ...], n: int, bucket: int) -> list[Zero12Partition]:
+    """Per-rank ZeRO-1/2 layout: stage_1_and_2.py get_partition_info() puts a tensor in rank r's
+    partition if it starts inside the slice or straddles its start. O(tensors + N)."""
+    return list(_zero12_partitions(tuple(numels), n, bucket))
+
+
+@functools.lru_cache(maxsize=256)
+def _zero12_partitions(numels: tuple[int, ...], n: int, bucket: int) -> tuple[Zero12Partition, ...]:
+    total = sum(numels)
+    align = 2 * n
+    part = math.ceil(total / align) * align // n if total else 0
+    starts, acc = [], 0
+    for k in numels:
+        starts.append(acc)
+        acc += k
+    prefix = [0]
+    large_prefix = [0]
+    for k in numels:
+        prefix.append(prefix[-1] + k)
+        large_prefix.append(large_prefix[-1] + (k if k > bucket else 0))
+    out = []
+    for r in range(n):
+        lo, hi = r * part, (r + 1) * part
+        if lo >= total:
+            out.append(Zero12Partition(part, 0, large_prefix[-1]))
+            continue
+        i_lo = bisect.bisect_right(starts, lo) - 1
+        i_hi = bisect.bisect_left(starts, hi)
+        buf = prefix[i_hi] - prefix[i_lo]
+        large_in_r = large_prefix[i_hi] - large_prefix[i_lo]
+        held = large_prefix[-1] - large_in_r    # at the epilogue: every large gradient outside r
+        # backward runs in reverse module order: while an in-slice large gradient k is pending, the
+        # outside-slice large gradients produced before it (indices > k) are held as well
+        in_r_after = 0
+        for k in range(i_hi - 1, i_lo - 1, -1):
+            if numels[k] > bucket:
+                outside_after = (large_prefix[-1] - large_prefix[k + 1]) - in_r_after
+                held = max(held, outside_after + numels[k])
+                in_r_after += numels[k]
+        out.append(Zero12Partition(part, buf, held))
+    return tuple(out)
+
+
+def _zero3_partition(groups: tuple[TensorGroup, ...], n: int, trainable: bool) -> int:
+    """Stage 3 partitions every tensor separately: ds_tensor holds ceil(numel / N) elements."""
+    return sum(g.count * math.ceil(g.numel / n) for g in groups if g.trainable is trainable)
+
+
 def _largest_unit_params(model: ModelSpec) -> int:
     """Largest FSDP unit / ZeRO-3 gathered module: one decoder layer, or the embedding/lm_head."""
     return max(model.per_layer_params, model.embedding_params, model.lm_head_params)
@@ -132,8 +275,12 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
 
     if engine is Engine.FSDP:
         states = state_bytes(optimizer, groups, shard=N)
-        sharded_params = math.ceil((4 * T + frozen) / N)
-        grads = math.ceil(4 * T / N)
+        # FSDP2 shards every parameter on dim 0, padding it to a multiple of N
+        # (_fully_shard/_fsdp_param.py _init_sharded_param: padded chunk of ceil(dim0 / N) rows)
+        shards = fsdp_shard_groups(groups, N)
+        T_shard = sum(g.total for g in shards if g.trainable)
+        sharded_params = 4 * T_shard + frozen_weight_bytes(shards, method, precision)
+        grads = 4 * T_shard
         unit = _largest_unit_params(model)
         # all-gather of the current + prefetched unit in param_dtype, and the unsharded 16-bit grads
         # of one unit plus their fp32 reduce-scatter copy (torch/distributed/fsdp/_fully_shard).
@@ -147,40 +294,64 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         return ModelStateBytes(params=sharded_params, grads=grads, master_params=0,
                                optimizer_states=states, buffers=buffers)
 
-    # DeepSpeed ZeRO
+    # DeepSpeed ZeRO (see the module docstring; 0.19.8 stage_1_and_2.py / stage3.py)
     stage = strategy.zero_stage
-    master = math.ceil(4 * T / N) if precision is not Precision.FP32 else math.ceil(4 * T / N)
-    fp32_grad_partition = math.ceil(4 * T / N) if precision is not Precision.FP32 else 0
-    states = state_bytes(optimizer, groups, shard=N, flat_partitions=True)
-    if stage in (1, 2):
-        params = p * T + frozen
-        grads = (p * T if stage == 1 else math.ceil(p * T / N)) + fp32_grad_partition
-        # overlap_comm double-buffers the reduce bucket (ipg_buffer x2) in 16-bit + allgather bucket
-        buffers = 2 * buckets.reduce_bucket_elements * p + buckets.allgather_bucket_elements * p
-    else:
-        params = math.ceil((p * T + frozen) / N)
-        grads = math.ceil(p * T / N) + fp32_grad_partition
-        gathered = min(buckets.max_live_parameters, _largest_unit_params(model) + buckets.prefetch_bucket_elements)
-        buffers = gathered * p + 2 * buckets.reduce_bucket_elements * p
-    cpu = nvme = 0
     off_opt, off_par = strategy.offload_optimizer, strategy.offload_params
+    trainable_numels = [g.numel for g in groups if g.trainable]
+    largest = max(trainable_numels, default=0)   # gradient in flight during backward
+    states = state_bytes(optimizer, groups, shard=N, flat_partitions=True)
+    host_grads = 0       # gradient bytes the engine keeps on the host (optimizer offload)
+    host_staging = 0     # 16-bit copies DeepSpeedCPUAdam's path keeps on the host
+    persistent = 0       # ZeRO-3 persistent params (full copies on every rank)
+    if stage in (1, 2):
+        parts = zero12_partitions(flat_order_numels(model, groups), N, buckets.reduce_bucket_elements)
+        P = parts[0].partition if parts else 0
+        params = p * T + frozen
+        # overlap_comm double-buffers the reduce bucket (setup_buckets: ipg buffer x2, 16-bit); the
+        # updated 16-bit partitions are all-gathered in place into the flat buffer (no extra bucket)
+        buffers = 2 * buckets.reduce_bucket_elements * p
+        if off_opt is OffloadDevice.NONE:
+            def rank_grads(r: Zero12Partition) -> int:
+                backward = r.held_large if stage == 1 else largest
+                return p * r.grad_buffer + max(4 * P, p * backward)
+            grads = max((rank_grads(r) for r in parts), default=0)
+        else:
+            # grads go bucket -> fp32 host partition (async_inplace_copy_grad_to_fp32_buffer_from_gpu);
+            # the device only holds the in-flight gradient and temp_grad_buffer_for_gpu_offload
+            grads = p * largest
+            buffers += p * largest
+            host_grads = 4 * P
+            host_staging = p * P + p * largest   # param_buffer_of_bit16..., temp_grad_buffer_for_cpu_offload
+    else:
+        P = _zero3_partition(groups, N, trainable=True)
+        frozen_part = math.ceil(frozen / N)
+        persistent = zero3_persistent_bytes(groups, buckets, method, precision)
+        params = p * P + frozen_part + persistent
+        gathered = min(buckets.max_live_parameters, _largest_unit_params(model) + buckets.prefetch_bucket_elements)
+        # stage3.py keeps ONE reduce bucket per dtype (ipg_buckets[dtype].buffer, contiguous_gradients)
+        buffers = gathered * p + buckets.reduce_bucket_elements * p
+        if off_opt is OffloadDevice.NONE:
+            grads = p * P + max(4 * P, p * largest)
+        else:
+            grads = p * largest
+            host_grads = p * P + 4 * P   # grad_partitions_flat_buffer on self.device (cpu) + fp32 grads
+    master = 4 * P
+    cpu = nvme = 0
     if off_opt is not OffloadDevice.NONE:
-        # DeepSpeedCPUAdam updates fp32 master + states on the host; grads are copied there (fp32).
-        host = master + states + math.ceil(4 * T / N)
-        grads = 0  # partitions stream out through the reduce buckets
         if off_opt is OffloadDevice.CPU:
-            cpu += host
-        else:  # NVMe: states swapped through pinned buffers; fp32 grads stay on the host
+            cpu += master + states + host_grads + host_staging
+        else:  # NVMe: master + states swapped through pinned buffers; gradients stay on the host
             nvme += master + states
-            cpu += math.ceil(4 * T / N) + 2 * INFINITY_SWAP_BUFFERS * buckets.reduce_bucket_elements * 4
+            cpu += host_grads + host_staging + 2 * INFINITY_SWAP_BUFFERS * buckets.reduce_bucket_elements * 4
         master = states = 0
     if off_par is not OffloadDevice.NONE:
+        partitions = params - persistent   # persistent params stay gathered on the device
         if off_par is OffloadDevice.CPU:
-            cpu += params
+            cpu += partitions
         else:
-            nvme += params
+            nvme += partitions
             cpu += INFINITY_SWAP_BUFFERS * _largest_unit_params(model) * p
-        params = 0
+        params = persistent
     return ModelStateBytes(params=params, grads=grads, master_params=master, optimizer_states=states,
                            buffers=buffers, cpu_bytes=cpu, nvme_bytes=nvme)
 

@@ -34,15 +34,16 @@ def torchrun_argv(*, nproc_per_node: int, nnodes: int = 1, node_rank: int | None
     --rdzv_endpoint HOST:PORT --rdzv_id ID`` (required for ``nnodes > 1``; the same on every node).
     ``node_rank`` is passed when given (c10d assigns ranks itself, but it keeps logs readable).
 
-    ``module`` runs ``-m MODULE`` (default: our worker); pass ``module=None, script=PATH`` for a
-    script. ``python`` (e.g. ``sys.executable``) gives ``PYTHON -m torch.distributed.run`` instead of
+    ``module`` runs ``-m MODULE`` (default: our worker); ``script=PATH`` runs a script instead. ``python`` (e.g. ``sys.executable``) gives ``PYTHON -m torch.distributed.run`` instead of
     the ``torchrun`` console script, so the right virtualenv is used. ``signals_to_handle`` adds
     e.g. ``SIGUSR1`` (Slurm pre-emption warning) to the signals torchrun forwards to workers.
     """
     _positive("nproc_per_node", nproc_per_node)
     _positive("nnodes", nnodes)
-    if (module is None) == (script is None):
-        raise ValueError("torchrun_argv: give exactly one of module= or script=")
+    if script is not None:
+        module = None  # a script replaces the default module
+    if module is None and script is None:
+        raise ValueError("torchrun_argv: give module= or script=")
     if nnodes > 1 and (not rdzv_endpoint or not rdzv_id):
         raise ValueError(f"nnodes={nnodes}: multi-node torchrun needs rdzv_endpoint='HOST:PORT' (the "
                          "first node) and a job-unique rdzv_id, identical on every node")
@@ -87,8 +88,10 @@ def deepspeed_argv(*, num_gpus: int | None = None, num_nodes: int = 1, hostfile:
     - ``module``: ``--module`` makes each rank run ``python -m MODULE``.
     - ``python``: ``PYTHON -m deepspeed.launcher.runner`` instead of the ``deepspeed`` script.
     """
-    if (module is None) == (script is None):
-        raise ValueError("deepspeed_argv: give exactly one of module= or script=")
+    if script is not None:
+        module = None  # a script replaces the default module
+    if module is None and script is None:
+        raise ValueError("deepspeed_argv: give module= or script=")
     if include and num_gpus is not None:
         raise ValueError("include: the deepspeed launcher rejects --include together with --num_gpus/"
                          "--num_nodes ('Cannot specify num_nodes/gpus with include/exclude'); drop one")

@@ -85,6 +85,18 @@ def _config_for_plan_only(p) -> dict:
                       "strategy": p.strategy.value}}
 
 
+def _check_nodes(cfg, args) -> None:
+    from shardtrain.config.schema import ConfigError
+    nnodes = cfg.hardware.nodes
+    if nnodes > 1 and args.node_rank is None:
+        raise ConfigError(f"hardware.nodes is {nnodes}: run `shardtrain launch` on every node with --node-rank "
+                          "(0 on the first) and the same --rdzv-endpoint HOST:PORT (node 0's address)")
+    if nnodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError(f"hardware.nodes is {nnodes}: give --rdzv-endpoint HOST:PORT (node 0's address)")
+    if args.node_rank is not None and not 0 <= args.node_rank < nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} must be in [0, {nnodes})")
+
+
 def cmd_launch(args) -> int:
     from shardtrain.compiler.plan import Plan
     from shardtrain.compiler.planner import NoFitError
@@ -101,8 +113,10 @@ def cmd_launch(args) -> int:
                               "with `shardtrain plan ... --json --full-json > plan.json`") from None
         cfg = rundir.load_config(args.config if args.config else _config_for_plan_only(plan), overrides)
         rundir.check_plan_matches(cfg, plan)
+        _check_nodes(cfg, args)
     else:
         cfg = rundir.load_config(args.config, overrides)
+        _check_nodes(cfg, args)
         try:
             plan = rundir.compile_plan(cfg)
         except NoFitError as e:
@@ -117,13 +131,6 @@ def cmd_launch(args) -> int:
         return EXIT_NO_FIT
 
     nnodes, nproc = cfg.hardware.nodes, cfg.hardware.gpus_per_node
-    if nnodes > 1 and args.node_rank is None:
-        raise ConfigError(f"hardware.nodes is {nnodes}: run `shardtrain launch` on every node with --node-rank "
-                          "(0 on the first) and the same --rdzv-endpoint HOST:PORT (node 0's address)")
-    if nnodes > 1 and not args.rdzv_endpoint:
-        raise ConfigError(f"hardware.nodes is {nnodes}: give --rdzv-endpoint HOST:PORT (node 0's address)")
-    if args.node_rank is not None and not 0 <= args.node_rank < nnodes:
-        raise ConfigError(f"--node-rank {args.node_rank} must be in [0, {nnodes})")
     try:
         gpus, device = spawn.local_devices(cfg.run.device)
         launcher = spawn.choose_launcher(args.launcher, cfg, plan)
@@ -160,6 +167,11 @@ def cmd_launch(args) -> int:
 
     prepared = rundir.write_run_dir(run_dir, cfg, plan, command_text=spec.script(), resume=resume,
                                     move_aside=spec.node_rank == 0)
+    done = rundir.completed_steps(run_dir) if prepared.has_state else 0
+    if done >= cfg.train.steps and (run_dir / "final").exists():
+        print(f"\n[shardtrain] {spawn._rel(run_dir)} already finished {done} of {cfg.train.steps} steps: nothing to "
+              "run. Train longer with --steps N (it resumes), or start over with --no-resume.", flush=True)
+        return EXIT_OK
     print(f"\n[shardtrain] {spec.describe()}", flush=True)
     note = (" (resuming from its latest checkpoint)" if prepared.has_state else
             f" (previous state moved to {prepared.moved_aside})" if prepared.moved_aside else "")

@@ -158,6 +158,22 @@ def has_state(run_dir: Path) -> bool:
     return (ck.is_dir() and any(ck.iterdir())) or (run_dir / "metrics.jsonl").is_file() or (run_dir / "final").exists()
 
 
+def completed_steps(run_dir: Path) -> int:
+    """The last optimizer step recorded in metrics.jsonl (0 when none)."""
+    last = 0
+    try:
+        for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("kind", "train") == "train" and isinstance(rec.get("step"), int):
+                last = max(last, rec["step"])
+    except OSError:
+        return 0
+    return last
+
+
 def move_state_aside(run_dir: Path) -> Path | None:
     """--no-resume: move checkpoints, metrics, final/, memory reports and logs to previous/<timestamp>/."""
     entries = [run_dir / e for e in STATE_ENTRIES] + sorted(run_dir.glob("memory_rank*.json"))

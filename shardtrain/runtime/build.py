@@ -75,6 +75,8 @@ class Run:
         rec = {"rank": self.info.rank, "strategy": self.plan.strategy.value, "measured": measured,
                "offloaded": offloaded, "predicted": predicted, "predicted_offloaded": cpu_pred,
                "model_states_measured": sum(measured.values()), "model_states_predicted": sum(predicted.values()),
+               "buffers_measured": meter.buffers, "buffers_predicted": pg.buffers,
+               "largest_tensors": meter.largest,
                "last_step_phases": phase.phases}
         (self.run_dir / f"memory_rank{self.info.rank}.json").write_text(json.dumps(rec, indent=1))
         if self.info.is_main:

@@ -2,7 +2,8 @@
 
 adamw      torch.optim.AdamW (fp32 states, 8 B/param); DeepSpeedCPUAdam when ZeRO offloads the optimizer
 adamw8bit  bitsandbytes AdamW8bit (block-wise 8-bit states; `paged=True`: PagedAdamW8bit)
-adafactor  transformers Adafactor with an explicit lr (no relative step, factored second moment)
+adafactor  Adafactor as torch.optim.Adafactor (factored second moment, no first moment), applied to
+           each rank's shard under FSDP2 (torch's and transformers' reject DTensor)
 lion       Lion (Chen et al. 2023), one fp32 momentum; DeepSpeedCPULion when offloading
 sgd        torch SGD with momentum 0.9
 
@@ -45,6 +46,66 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class Adafactor(torch.optim.Optimizer):
+    """torch.optim.Adafactor's algorithm (Shazeer & Stern 2018; beta2_t = 1 - t^-0.8, relative step
+    rho_t = min(lr, 1/sqrt(t)) scaled by max(eps2, RMS(param)), update clipped to RMS d) on local
+    tensors: an FSDP2 DTensor shard is factored on its own (rows of the shard + all columns), as the
+    memory model counts it. States of DTensor params are DTensors (DCP saves them per rank)."""
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay))
+
+    @staticmethod
+    def _like(p, local):
+        if hasattr(p, "to_local"):
+            from torch.distributed.tensor import DTensor
+            return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False)
+        return local
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            eps1, eps2 = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                x, g = _local(p), _local(p.grad)
+                eps1_ = torch.finfo(x.dtype).eps if eps1 is None else eps1
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    if x.dim() > 1:
+                        st["row_var"] = self._like(p, x.new_zeros(x.shape[:-1]))
+                        st["col_var"] = self._like(p, x.new_zeros(x.shape[:-2] + (1,) + x.shape[-1:]))
+                    else:
+                        st["variance"] = self._like(p, torch.zeros_like(x))
+                st["step"] += 1
+                t = float(st["step"])
+                beta2 = 1 - t ** group["beta2_decay"]
+                rho = min(group["lr"], 1 / t ** 0.5)
+                alpha = max(eps2, float(x.norm(2)) / (x.numel() ** 0.5)) * rho
+                if group["weight_decay"]:
+                    x.mul_(1 - group["lr"] * group["weight_decay"])
+                g2 = g.float().square().add_(eps1_)
+                if x.dim() > 1:
+                    row, col = _local(st["row_var"]), _local(st["col_var"])
+                    row.lerp_(g2.mean(dim=-1), 1 - beta2)
+                    col.lerp_(g2.mean(dim=-2, keepdim=True), 1 - beta2)
+                    var = row.unsqueeze(-1) * col / row.mean(dim=-1, keepdim=True).unsqueeze(-1)
+                else:
+                    var = _local(st["variance"])
+                    var.lerp_(g2, 1 - beta2)
+                update = g.float() / var.clamp_min(eps1_).sqrt()
+                update.div_((update.norm(2) / (update.numel() ** 0.5) / group["d"]).clamp_min(1.0))
+                x.add_(update.to(x.dtype), alpha=-alpha)
+        return loss
+
+
 def build_optimizer(name: Optimizer, params, *, lr: float, weight_decay: float = 0.0,
                     offload: bool = False, paged: bool = False):
     params = list(params)
@@ -65,9 +126,7 @@ def build_optimizer(name: Optimizer, params, *, lr: float, weight_decay: float =
         cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
         return cls(params, lr=lr, weight_decay=weight_decay)
     if name is Optimizer.ADAFACTOR:
-        from transformers.optimization import Adafactor
-        return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False,
-                         relative_step=False, warmup_init=False)
+        return Adafactor(params, lr=lr, weight_decay=weight_decay)
     if name is Optimizer.LION:
         return Lion(params, lr=lr, weight_decay=weight_decay)
     if name is Optimizer.SGD:

@@ -1,209 +1,236 @@
 """Model-state bytes on this rank, counted from the real engine objects with the memory model's
-definitions (shardtrain/compiler/memory.py):
+definitions (shardtrain/compiler/memory.py) — the same counting the compiler was calibrated with
+(tests/truth/engine_bytes.py):
 
-params            every parameter this rank stores: DDP the full module (fp32 trainable, 16-bit /
-                  NF4 frozen incl. the 4-bit quantisation state), FSDP2 the local DTensor shards,
-                  ZeRO-1/2 the 16-bit module, ZeRO-3 the `ds_tensor` partitions (+ persistent params)
-grads             DDP the `.grad` buckets; FSDP2 the sharded grads (+ unsharded accumulation buffers
-                  while the sync is deferred); ZeRO the 16-bit grads (stage 1 `.grad`, stage 2
-                  `averaged_gradients` partition, stage 3 `grad_partitions_flat_buffer`) plus the fp32
-                  gradient partition DeepSpeed builds at step time (measured inside the step)
-master_params     ZeRO fp32 partitions (`single_partition_of_fp32_groups` / `fp32_partitioned_groups_flat`)
-optimizer_states  the tensors in the (base) optimizer's state
-Terms DeepSpeed keeps on the host (offload) are reported under "offloaded" instead.
-Shared tensors (e.g. bitsandbytes quantisation maps) are counted once.
+Every tensor reachable from the module's parameters (and their `.grad` / quantisation state), the
+wrapped optimizer (DeepSpeed ZeRO optimizer attributes: `single_partition_of_fp32_groups`,
+`averaged_gradients`, `grads_in_partition`, `grad_partitions_flat_buffer`, ipg buckets, ...) and the
+base optimizer's state is collected; each distinct *storage* is attributed to one term by the path it
+was reached through (params > master_params > optimizer_states > grads > buffers) and counted once.
+Snapshots during the first optimizer steps — late in backward (the embedding output's gradient),
+after backward, DeepSpeed's gradient conversion / epilogue, and just before the base optimizer's
+step — give each term its maximum. With ZeRO-Offload, what DeepSpeed allocates on the host
+(`device='cpu'` or pinned) is reported separately ("offloaded").
 """
 from __future__ import annotations
+
+import collections
+import re
 
 import torch
 
 from shardtrain.compiler.specs import Engine
 
-
-class Counter:
-    """Bytes of the union of memory regions the given tensors view (shared or aliased storage —
-    DeepSpeed's flat buffers, views, quantisation maps — is counted once)."""
-
-    def __init__(self):
-        self.regions: dict[int, list[tuple[int, int]]] = {}
-
-    def add(self, tensors) -> "Counter":
-        for t in tensors:
-            if t is None or not isinstance(t, torch.Tensor) or t.is_meta:
-                continue
-            if hasattr(t, "to_local"):
-                t = t.to_local()
-            if t.numel() == 0:
-                continue
-            start = t.storage_offset() * t.element_size()
-            self.regions.setdefault(t.untyped_storage().data_ptr(), []).append(
-                (start, start + t.numel() * t.element_size()))
-        return self
-
-    def total(self) -> int:
-        n = 0
-        for spans in self.regions.values():
-            end = -1
-            for a, b in sorted(spans):
-                if b > end:
-                    n += b - max(a, end)
-                    end = b
-        return n
-
-    def __call__(self, tensors) -> int:
-        return Counter().add(tensors).total()
+TERMS = ("params", "master_params", "optimizer_states", "grads", "buffers")
+_PARAM = re.compile(r"^module\.|\.ds_tensor|bit16_groups_flat|parallel_partitioned_bit16_groups|"
+                    r"(^|\.)bit16_groups\[|round_robin_bit16_groups\[|fp16_groups\[|"
+                    r"fp16_partitioned_groups(_flat)?\[|lp_param_buffer|param_groups_fp16_flat_cpu_memory")
+_MASTER = re.compile(r"(single_partition_of_fp32_groups|fp32_partitioned_groups_flat)\[\d+\]$|"
+                     r"^inner\.param_groups\[\d+\]\.params\[\d+\]$")
+_STATE = re.compile(r"^inner\.state\[")
+_GRAD = re.compile(r"\.grad$|\.grad\b|grad_accum|averaged_gradients|grads_in_partition|"
+                   r"grad_partitions_flat_buffer|_param_id_to_grad_partition|all_grad_tensors|"
+                   r"accumulated_grads_in_cpu|_grad_partition")
+_HOST_OPT = re.compile(r"single_partition_of_fp32_groups|fp32_partitioned_groups_flat|^inner\.state\[|"
+                       r"^inner\.param_groups|param_buffer_of_bit16_for_cpu_offload_groups|"
+                       r"temp_grad_buffer_for_cpu_offload|accumulated_grads_in_cpu|"
+                       r"grad_partitions_flat_buffer|_param_id_to_grad_partition|averaged_gradients")
+_HOST_PARAM = re.compile(r"\.ds_tensor|fp16_partitioned_groups|param_groups_fp16_flat_cpu_memory")
+_IPG = re.compile(r"ipg_buckets\[[^\]]*\]\.buffer(\[\d+\])?$")
+_WALK_MODULES = ("deepspeed", "torch.optim", "bitsandbytes", "torch.distributed.fsdp", "shardtrain.runtime")
 
 
-def _quant_state_tensors(p) -> list:
-    qs = getattr(p, "quant_state", None)
-    out = []
-    while qs is not None:
-        out += [getattr(qs, "absmax", None), getattr(qs, "code", None), getattr(qs, "offset", None)]
-        qs = getattr(qs, "state2", None)
-    return out
+def _term(path: str) -> str:
+    if _IPG.search(path) or path.startswith("gathered."):
+        return "buffers"
+    for term, pat in (("master_params", _MASTER), ("optimizer_states", _STATE), ("grads", _GRAD),
+                      ("params", _PARAM)):
+        if pat.search(path):
+            return term
+    return "buffers"
 
 
-def _state_tensors(optimizer) -> list:
-    out = []
-    for st in optimizer.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                out.append(v)
-    return out
+def _local(t):
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
-def _params(module) -> list:
-    out = []
-    for p in module.parameters():
-        out.append(p)
-        out += _quant_state_tensors(p)
-    return out
+def _storage(t):
+    t = _local(t)
+    if t.device.type == "meta":
+        return None
+    try:
+        s = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return None if s.nbytes() == 0 or s.data_ptr() == 0 else (s.data_ptr(), s.nbytes())
 
 
-def fsdp_unsharded_grads(module) -> list:
-    """FSDP2 accumulation buffers kept while set_requires_gradient_sync(False)."""
-    out = []
-    for m in module.modules():
-        state = getattr(m, "_get_fsdp_state", None)
-        group = getattr(state(), "_fsdp_param_group", None) if state else None
-        for fp in getattr(group, "fsdp_params", []) or []:
-            for name in ("unsharded_accumulated_grad", "_unsharded_accumulated_grad"):
-                t = getattr(fp, name, None)
-                if isinstance(t, torch.Tensor):
-                    out.append(t)
-    return out
-
-
-def params_bytes(eng) -> int:
-    c = Counter()
-    if eng.kind is Engine.DEEPSPEED and eng.zero_stage == 3:
-        ts = []
-        for p in eng.model.parameters():
-            ts.append(getattr(p, "ds_tensor", None))
-            if p.numel() and getattr(p, "ds_persist", False):
-                ts.append(p.data)
-        return c(ts)
-    return c(_params(eng.model))
-
-
-def grad_tensors(eng) -> tuple[list, list]:
-    """(device-resident, host-resident) gradient tensors other than the ZeRO fp32 partitions."""
-    ts = [p.grad for p in eng.model.parameters()]
-    if eng.kind is not Engine.DEEPSPEED:
-        if eng.kind is Engine.FSDP:
-            ts += fsdp_unsharded_grads(eng.model)
-        return ts, []
-    opt = eng.optimizer
-    flat = []
-    if eng.zero_stage == 3:
-        flat.append(getattr(opt, "grad_partitions_flat_buffer", None))
-    else:
-        avg = getattr(opt, "averaged_gradients", None) or {}
-        flat += [g for gs in (avg.values() if isinstance(avg, dict) else avg) for g in (gs or [])]
-        flat.append(getattr(opt, "grads_in_partition", None))
-    # ZeRO-Offload allocates its gradient partitions on the host (optimizer.device == "cpu")
-    return (ts, flat) if eng.offload_optimizer else (ts + flat, [])
-
-
-def grads_bytes(eng) -> int:
-    dev, host = grad_tensors(eng)
-    return Counter()(dev) + Counter()(host)
-
-
-def _master_groups(opt) -> list:
-    return list(getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat", None) or [])
-
-
-def master_bytes(eng) -> int:
-    if eng.kind is not Engine.DEEPSPEED:
-        return 0
-    return Counter()(_master_groups(eng.optimizer))
-
-
-def states_bytes(eng) -> int:
-    opt = eng.optimizer
-    base = getattr(opt, "optimizer", None) if eng.kind is Engine.DEEPSPEED else opt
-    return Counter()(_state_tensors(base if base is not None else opt))
-
-
-def live_bytes(eng) -> int:
-    return params_bytes(eng) + grads_bytes(eng) + master_bytes(eng) + states_bytes(eng)
+def _walk(root, name: str, out: list, seen: set, max_depth: int = 8) -> None:
+    """(path, tensor) for every tensor reachable through containers and engine objects (not modules)."""
+    stack = [(root, name, 0)]
+    while stack:
+        obj, path, d = stack.pop()
+        if obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+            continue
+        if isinstance(obj, torch.Tensor):
+            out.append((path, obj))
+            if _local(obj) is not obj:
+                out.append((path, _local(obj)))
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.is_leaf and obj.grad is not None:
+                stack.append((obj.grad, path + ".grad", d + 1))
+            for k, v in getattr(obj, "__dict__", {}).items():
+                if isinstance(v, (torch.Tensor, list, tuple, dict)) or type(v).__name__ == "QuantState":
+                    stack.append((v, f"{path}.{k}", d + 1))
+            continue
+        if d > max_depth or isinstance(obj, torch.nn.Module):
+            continue
+        if isinstance(obj, dict):
+            for i, (k, v) in enumerate(list(obj.items())):
+                stack.append((v, f"{path}[{k if isinstance(k, (str, int)) else '#%d' % i}]", d + 1))
+        elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+            for i, v in enumerate(list(obj)):
+                stack.append((v, f"{path}[{i}]", d + 1))
+        elif hasattr(obj, "__dict__") and (type(obj).__module__ or "").startswith(_WALK_MODULES + ("bitsandbytes",)):
+            for k, v in vars(obj).items():
+                stack.append((v, f"{path}.{k}", d + 1))
 
 
 class StateMeter:
-    """Measures each term during the first optimizer steps: params / master / states after the step,
-    16-bit grads after each backward, and (ZeRO) the fp32 gradient partitions inside the optimizer
-    step — counting only bytes that do not alias the 16-bit gradient buffers alive at that moment
-    (in fp32 runs DeepSpeed may hand the optimizer a view instead of a copy)."""
+    """Per-term maximum over snapshots taken while `active` (the first optimizer steps)."""
 
     def __init__(self, eng):
         self.eng = eng
-        self.terms = {"params": 0, "master_params": 0, "optimizer_states": 0}
-        self.grads = [0, 0]        # 16-bit (or DDP/FSDP) grads: device, host
-        self.fp32_grads = [0, 0]   # ZeRO fp32 partitions at step time: device, host
-        self._wrap_ds_step()
+        ds = eng.kind is Engine.DEEPSPEED
+        self.offload_opt = ds and eng.offload_optimizer
+        self.offload_param = ds and eng.offload_params
+        self.zopt = eng.optimizer if ds else None
+        self.inner = eng.optimizer.optimizer if ds else eng.optimizer
+        self.device = {t: 0 for t in TERMS}
+        self.host = {t: 0 for t in TERMS}
+        self.active = True
+        self.largest: list = []   # the biggest storages of the largest snapshot (diagnostics)
+        self._largest_total = 0
+        self._install()
 
-    def _wrap_ds_step(self):
-        eng = self.eng
-        if eng.kind is not Engine.DEEPSPEED:
+    def _install(self):
+        self.inner.register_step_pre_hook(lambda *_: self.snapshot())
+        z = self.zopt
+        if z is not None and hasattr(z, "free_grad_in_param_list") and hasattr(z, "params_in_partition"):
+            orig = z.free_grad_in_param_list
+
+            def free_grad(param_list, *a, **k):  # fp32 gradient partition and 16-bit grads coexist
+                if param_list is z.params_in_partition[0]:
+                    self.snapshot()
+                return orig(param_list, *a, **k)
+            z.free_grad_in_param_list = free_grad
+        if z is not None and hasattr(z, "independent_gradient_partition_epilogue"):
+            orig_epi = z.independent_gradient_partition_epilogue
+
+            def epilogue(*a, **k):
+                self.snapshot()
+                return orig_epi(*a, **k)
+            z.independent_gradient_partition_epilogue = epilogue
+        emb = self._embedding()
+        if emb is not None:
+            def fwd_hook(_m, _inp, out):  # late in backward: every other gradient exists
+                if self.active and torch.is_grad_enabled() and out.requires_grad:
+                    out.register_hook(lambda g: self.snapshot())
+            emb.register_forward_hook(fwd_hook)
+
+    def _embedding(self):
+        m = self.eng.model
+        for _ in range(4):
+            if hasattr(m, "get_input_embeddings"):
+                try:
+                    return m.get_input_embeddings()
+                except (NotImplementedError, AttributeError):
+                    pass
+            m = getattr(m, "base_model", None) or getattr(m, "model", None)
+            if m is None:
+                return None
+        return None
+
+    def snapshot(self):
+        if not self.active:
             return
-        base = eng.optimizer.optimizer
-        inner = base.step
+        found, seen = [], set()
+        for n, p in self.eng.model.named_parameters():
+            gathered = hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+            found.append((f"gathered.{n}" if gathered else f"module.{n}", p))
+            if _local(p) is not p:
+                found.append((f"module.{n}", _local(p)))
+            if p.grad is not None:
+                found += [(f"param.{n}.grad", p.grad), (f"param.{n}.grad", _local(p.grad))]
+            for k, v in getattr(p, "__dict__", {}).items():
+                if isinstance(v, torch.Tensor) or type(v).__name__ == "QuantState":
+                    _walk(v, f"module.{n}.{k}", found, seen)
+        _walk(self.inner, "inner", found, seen)
+        if self.zopt is not None:
+            _walk(self.zopt, "opt", found, seen)
+        prio = {t: i for i, t in enumerate(TERMS)}
+        ipg = {_storage(t) for path, t in found if _IPG.search(path)}
+        best: dict = {}
+        for path, t in found:
+            st = _storage(t)
+            if st is None:
+                continue
+            term = "buffers" if st in ipg else _term(path)
+            host = bool((self.offload_opt and _HOST_OPT.search(path) and not path.startswith("module."))
+                        or (self.offload_param and _HOST_PARAM.search(path)))
+            cand = (prio[term], st[1], term, host, path)
+            cur = best.get(st[0])
+            if cur is None or cand[0] < cur[0] or (cand[0] == cur[0] and cand[1] > cur[1]):
+                best[st[0]] = cand
+        dev, host = {t: 0 for t in TERMS}, {t: 0 for t in TERMS}
+        for _, nb, term, h, _path in best.values():
+            (host if h else dev)[term] += nb
+        total = sum(dev.values()) + sum(host.values())
+        if total > self._largest_total:
+            self._largest_total = total
+            self.largest = sorted(([path, term, nb, "host" if h else "device"]
+                                   for _, nb, term, h, path in best.values()), key=lambda r: -r[2])[:12]
+        for t in TERMS:
+            self.device[t] = max(self.device[t], dev[t])
+            self.host[t] = max(self.host[t], host[t])
 
-        def step(*a, **k):
-            if self.active:
-                dev, host = grad_tensors(eng)
-                g32 = [g.grad for g in _master_groups(eng.optimizer)]
-                i, pool = (1, host) if eng.offload_optimizer else (0, dev)
-                extra = Counter()(pool + g32) - Counter()(pool)
-                self.fp32_grads[i] = max(self.fp32_grads[i], extra)
-            return inner(*a, **k)
-        base.step = step
-
-    active = True
-
+    # the loop's hooks (snapshots happen in the engine hooks above)
     def after_micro_backward(self):
-        dev, host = grad_tensors(self.eng)
-        self.grads = [max(self.grads[0], Counter()(dev)), max(self.grads[1], Counter()(host))]
+        self.snapshot()
 
     def after_step(self):
-        e = self.eng
-        self.terms["params"] = max(self.terms["params"], params_bytes(e))
-        self.terms["master_params"] = max(self.terms["master_params"], master_bytes(e))
-        self.terms["optimizer_states"] = max(self.terms["optimizer_states"], states_bytes(e))
+        self.snapshot()
 
     def report(self) -> tuple[dict, dict]:
-        """(device terms, offloaded terms) as the memory model splits them."""
-        e = self.eng
-        t = {"params": self.terms["params"], "grads": self.grads[0] + self.fp32_grads[0],
-             "master_params": self.terms["master_params"], "optimizer_states": self.terms["optimizer_states"]}
-        off: dict[str, int] = {}
-        if e.kind is Engine.DEEPSPEED:
-            if e.offload_optimizer:
-                off = {"grads": self.grads[1] + self.fp32_grads[1], "master_params": t["master_params"],
-                       "optimizer_states": t["optimizer_states"]}
-                t["master_params"] = t["optimizer_states"] = 0
-            if e.offload_params:
-                off["params"] = t["params"]
-                t["params"] = 0
-        return t, off
+        """(device terms, offloaded host terms), without the comm buffers (reported separately)."""
+        dev = {k: v for k, v in self.device.items() if k != "buffers"}
+        host = {k: v for k, v in self.host.items() if v}
+        return dev, host
+
+    @property
+    def buffers(self) -> int:
+        return self.device["buffers"]
+
+
+def live_bytes(eng) -> int:
+    """Cheap per-phase figure for CPU runs: distinct storages of params, grads and optimizer state."""
+    seen, n = set(), 0
+    opt = eng.optimizer
+    inner = getattr(opt, "optimizer", None) if eng.kind is Engine.DEEPSPEED else opt
+    tensors = [t for p in eng.model.parameters() for t in (p, p.grad)]
+    for st in getattr(inner if inner is not None else opt, "state", {}).values():
+        tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    if eng.kind is Engine.DEEPSPEED:
+        tensors += list(getattr(opt, "single_partition_of_fp32_groups", None) or
+                        getattr(opt, "fp32_partitioned_groups_flat", None) or [])
+    for t in tensors:
+        if t is None:
+            continue
+        s = _storage(getattr(t, "ds_tensor", None) if getattr(t, "ds_tensor", None) is not None else t)
+        if s and s[0] not in seen:
+            seen.add(s[0])
+            n += s[1]
+    return n

@@ -2,7 +2,9 @@
 
 Wire into the root parser with ``add_sbatch_parser(subparsers)``; the handler is ``sbatch_cli``.
 ``python -m shardtrain.slurm.cli prepare RUN.yaml --run-dir DIR [--set k=v]`` is what a rendered
-script runs (in the batch shell, before any worker) when its run dir has no ``plan.json`` yet.
+script runs (in the batch shell, before any worker) when its run dir has no ``plan.json`` yet;
+``python -m shardtrain.slurm.cli examples`` regenerates ``slurm/*.sbatch`` from
+``configs/examples/*.yaml``.
 """
 
 from __future__ import annotations
@@ -198,6 +200,79 @@ def sbatch_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Multi-node renderings of example configs, besides each config's own hardware: stem -> nodes.
+EXAMPLE_MULTI_NODE: dict[str, tuple[int, ...]] = {
+    "llama3-8b-full-8x80gb": (4,),
+    "llama3-70b-full-8x80gb": (4,),
+}
+EXAMPLES_DIR = "configs/examples"
+SCRIPTS_DIR = "slurm"
+
+
+def example_jobs(root: Path) -> dict[str, SbatchJob]:
+    """``slurm/<name>.sbatch`` -> SbatchJob for every ``configs/examples/*.yaml`` (its own
+    hardware, plus the node counts in EXAMPLE_MULTI_NODE). Paths are relative to the repository
+    root, which is where the scripts are submitted from. Compiles each plan (pure)."""
+    from shardtrain.launcher.rundir import compile_plan, load_config
+    from shardtrain.launcher.spawn import choose_launcher
+
+    root = Path(root)
+    jobs: dict[str, SbatchJob] = {}
+    for path in sorted((root / EXAMPLES_DIR).glob("*.yaml")):
+        rel = path.relative_to(root).as_posix()
+        for nodes in (None, *EXAMPLE_MULTI_NODE.get(path.stem, ())):
+            overrides = () if nodes is None else (f"hardware.nodes={nodes}",)
+            cfg = load_config(str(path), _overrides_dict(overrides))
+            plan = compile_plan(cfg)
+            name = (cfg.run.name or path.stem) + ("" if nodes is None else f"-{nodes}node")
+            script = f"{SCRIPTS_DIR}/{name}.sbatch"
+            jobs[script] = SbatchJob(
+                run_dir=f"{cfg.run.output_dir}/{name}",
+                nodes=cfg.hardware.nodes,
+                gpus_per_node=cfg.hardware.gpus_per_node,
+                launcher=choose_launcher(None, cfg, plan),
+                job_name=name,
+                config=rel,
+                overrides=overrides,
+                python="python3",
+                time="08:00:00",
+                output="slurm-%x-%j.out",
+                request_gpus=cfg.run.device != "cpu",
+                max_requeues=cfg.run.max_requeues,
+                comment=(
+                    f"Example generated from {rel} by `python -m shardtrain.slurm.cli examples`",
+                    "(tests/test_slurm_render.py fails when it drifts). Submit from the repository",
+                    f"root with the project's venv active: sbatch {script}",
+                    "Add --partition/--account/... on the sbatch command line or re-render with",
+                    f"`shardtrain sbatch {rel} --nodes N --gpus-per-node G ...`.",
+                ),
+            )
+    return jobs
+
+
+def example_scripts(root: Path) -> dict[str, str]:
+    """``{relative script path: text}`` for :func:`example_jobs`."""
+    return {name: render(job) for name, job in example_jobs(root).items()}
+
+
+def write_examples(root: Path) -> list[Path]:
+    """(Re)write ``slurm/*.sbatch`` from the example configs; removes scripts with no config."""
+    root = Path(root)
+    scripts = example_scripts(root)
+    out_dir = root / SCRIPTS_DIR
+    out_dir.mkdir(exist_ok=True)
+    for stale in out_dir.glob("*.sbatch"):
+        if f"{SCRIPTS_DIR}/{stale.name}" not in scripts:
+            stale.unlink()
+    written = []
+    for name, text in scripts.items():
+        path = root / name
+        path.write_text(text)
+        path.chmod(0o755)
+        written.append(path)
+    return written
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m shardtrain.slurm.cli prepare RUN.yaml --run-dir DIR [--set k=v]`` (used by
     rendered scripts) and ``python -m shardtrain.slurm.cli sbatch …`` (same as ``shardtrain sbatch``)."""
@@ -207,6 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prep.add_argument("config", metavar="RUN.yaml")
     prep.add_argument("--run-dir", required=True)
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ex = sub.add_parser("examples", help="regenerate slurm/*.sbatch from configs/examples/*.yaml")
+    ex.add_argument("--root", default=".", help="repository root (default: .)")
     add_sbatch_parser(sub)
     args = parser.parse_args(argv)
     from shardtrain.compiler.planner import PlanningError
@@ -215,6 +292,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "prepare":
             print(_prepare(args.config, args.overrides, Path(args.run_dir).absolute()))
+            return 0
+        if args.command == "examples":
+            for path in write_examples(Path(args.root)):
+                print(path)
             return 0
         return args.func(args)
     except (ConfigError, PlanningError) as exc:

@@ -3,7 +3,8 @@
 Run under torchrun on gloo (CPU):
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/truth/engine_bytes.py OUT_DIR \
-        [--model tiny-llama] [--model8 PATH/config.json] [--scenarios ddp_fp32,zero3,...]
+        [--model tiny-llama] [--model8 PATH/config.json] [--scenarios ddp_fp32,zero3,...] \
+        [--ds-configs configs.json]
 
 For each scenario it builds the model from the preset config.json with transformers (random init,
 fixed seed), wraps it with the engine (torch DDP, FSDP2 ``fully_shard``, DeepSpeed ZeRO-1/2/3 with
@@ -60,6 +61,7 @@ ALL_SCENARIOS = (
     "fsdp_full_shard", "fsdp_shard_grad_op", "fsdp_lora",
     "zero1", "zero2", "zero3", "zero1_fp32", "zero2_fp32", "zero3_fp32",
     "zero2_offload", "zero3_offload", "zero2_offload_fp32", "zero3_offload_fp32", "zero3_lora",
+    "fsdp_full_shard_large", "zero2_large", "zero3_large",
 )
 
 # ----------------------------------------------------------------------------------- counting
@@ -84,7 +86,13 @@ _HOST_OPT = re.compile(r"single_partition_of_fp32_groups|fp32_partitioned_groups
 _HOST_PARAM = re.compile(r"\.ds_tensor|fp16_partitioned_groups|param_groups_fp16_flat_cpu_memory")
 
 
+_IPG_BUFFER = re.compile(r"ipg_buckets\[[^\]]*\]\.buffer(\[\d+\])?$")
+
+
 def _term(path: str) -> str:
+    if _IPG_BUFFER.search(path) or path.startswith("gathered."):
+        # reduce buckets (a gradient may be a view into one) and ZeRO-3 params gathered for compute
+        return "buffers"
     if _MASTER_PAT.search(path):
         return "master_params"
     if _STATE_PAT.search(path):
@@ -179,7 +187,10 @@ class Counter:
         found: list = []
         seen: set = set()
         for n, p in module.named_parameters():
-            found.append((f"module.{n}", p))
+            # ZeRO-3: a non-persistent param's full data is a transient all-gather (buffers);
+            # persistent ones (ds_persist) stay gathered for the whole run (params)
+            gathered = hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+            found.append((f"gathered.{n}" if gathered else f"module.{n}", p))
             loc = _local(p)
             if loc is not p:
                 found.append((f"module.{n}", loc))
@@ -198,11 +209,12 @@ class Counter:
             _walk(r, rn, found, seen)
         best: dict = {}  # storage -> (priority, path, term, nbytes, dtype, host)
         prio = {t: i for i, t in enumerate(TERMS)}
+        buffer_storages = {_storage(t) for path, t in found if _IPG_BUFFER.search(path)}
         for path, t in found:
             st = _storage(t)
             if st is None:
                 continue
-            term = _term(path)
+            term = "buffers" if st in buffer_storages else _term(path)
             host = self.is_host(path)
             cand = (prio[term], path, term, st[1], str(t.dtype), host)
             cur = best.get(st[0])
@@ -328,15 +340,20 @@ def run_torch(scn: str, model_name: str, counter: Counter) -> dict:
 
 
 def ds_config(scn: str, hidden: int) -> dict:
+    """What shardtrain.emit.deepspeed.deepspeed_config emits for this strategy (the pytest passes
+    the emitter's own output with --ds-configs; this copy serves standalone runs)."""
     stage = int(re.search(r"zero(\d)", scn).group(1))
     fp32 = scn.endswith("_fp32")
     offload = "offload" in scn
     h2 = hidden * hidden
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-            "reduce_bucket_size": h2, "allgather_bucket_size": h2}
+            "reduce_bucket_size": h2}
+    if stage < 3:
+        zero.update({"reduce_scatter": True, "allgather_partitions": True, "allgather_bucket_size": h2})
     if stage == 3:
         zero.update({"stage3_prefetch_bucket_size": int(0.9 * h2),
-                     "stage3_param_persistence_threshold": 10 * hidden})
+                     "stage3_param_persistence_threshold": 10 * hidden,
+                     "stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 10**9})
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if stage == 3:
@@ -345,7 +362,7 @@ def ds_config(scn: str, hidden: int) -> dict:
     if not offload:
         opt_params["torch_adam"] = True
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
-           "train_batch_size": MICRO * dist.get_world_size(),
+           "train_batch_size": MICRO * dist.get_world_size(), "gradient_clipping": 1.0,
            "optimizer": {"type": "AdamW", "params": opt_params},
            "zero_optimization": zero, "steps_per_print": 10**9, "wall_clock_breakdown": False}
     if not fp32:
@@ -353,7 +370,7 @@ def ds_config(scn: str, hidden: int) -> dict:
     return cfg
 
 
-def run_deepspeed(scn: str, model_name: str, counter: Counter) -> dict:
+def run_deepspeed(scn: str, model_name: str, counter: Counter, configs: dict) -> dict:
     import deepspeed
     lora = "lora" in scn
     if lora:
@@ -361,7 +378,8 @@ def run_deepspeed(scn: str, model_name: str, counter: Counter) -> dict:
     else:
         model = build_model(model_name)
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    cfg = ds_config(scn, hidden)
+    cfg = configs[scn] if scn in configs else ds_config(scn, hidden)
+    assert cfg["train_micro_batch_size_per_gpu"] == MICRO, cfg
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
     zopt = engine.optimizer
@@ -377,6 +395,14 @@ def run_deepspeed(scn: str, model_name: str, counter: Counter) -> dict:
                 counter.snapshot("grad_convert", engine.module, zopt, inner)
             return orig(param_list, *a, **k)
         zopt.free_grad_in_param_list = free_grad
+    if hasattr(zopt, "independent_gradient_partition_epilogue"):
+        orig_epi = zopt.independent_gradient_partition_epilogue
+
+        def epilogue(*a, **k):  # every gradient of the backward exists, none cleared yet
+            if step["n"] == 2:
+                counter.snapshot("epilogue", engine.module, zopt, inner)
+            return orig_epi(*a, **k)
+        zopt.independent_gradient_partition_epilogue = epilogue
     h = late_backward_hook(engine.module, counter, lambda: step["n"] == 2, engine.module, zopt, lambda: inner)
     losses = []
     for i in (1, 2):
@@ -404,8 +430,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="tiny-llama")
-    ap.add_argument("--model8", default=None, help="config for ddp_adamw8bit_large")
+    ap.add_argument("--model8", default=None, help="config for the *_large scenarios")
     ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
+    ap.add_argument("--ds-configs", type=Path, default=None,
+                    help="JSON {scenario: DeepSpeed config} (the emitter's output)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -413,19 +441,20 @@ def main() -> int:
     rank = dist.get_rank()
     torch.set_num_threads(1)
     results: dict = {}
+    configs = json.loads(args.ds_configs.read_text()) if args.ds_configs else {}
     scenarios = [s for s in args.scenarios.split(",") if s]
     ds_inited = False
     for scn in scenarios:
         t0 = time.time()
         offload = "offload" in scn
         counter = Counter(offload_opt=offload, offload_param=offload and "zero3" in scn)
-        model_name = args.model8 if scn == "ddp_adamw8bit_large" else args.model
+        model_name = args.model8 if scn.endswith("_large") else args.model
         if scn.startswith("zero"):
             if not ds_inited:
                 import deepspeed
                 deepspeed.init_distributed(dist_backend="gloo")
                 ds_inited = True
-            meta = run_deepspeed(scn, model_name, counter)
+            meta = run_deepspeed(scn, model_name, counter, configs)
         else:
             meta = run_torch(scn, model_name, counter)
         res = counter.result()

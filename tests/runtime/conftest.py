@@ -1,0 +1,161 @@
+"""Session fixtures: each launches ONE 2-rank torchrun running several worker scenarios
+(tests/runtime/driver.py); the test functions then check the recorded results and run dirs.
+
+Launches: torch engines (DDP / FSDP2), DeepSpeed ZeRO, LoRA/QLoRA (from a saved tiny checkpoint),
+resume after pre-emption (all three engines). DeepSpeed's C++ ops must be prebuilt
+(`python .ci/build_ds_ops.py`): several ranks JIT-compiling at once hang.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from rundirs import make_run_dir  # noqa: E402
+
+LAUNCH_TIMEOUT_S = 420
+STEPS = 4
+
+
+def run_driver(base: Path, scenarios: list[dict], nproc: int = 2, timeout: int = LAUNCH_TIMEOUT_S) -> dict:
+    """scenarios: [{"name", "over" (config overrides) | "run_dir", "probe"?, "env"?, "plan_edit"?}]."""
+    specs = []
+    for sc in scenarios:
+        d = Path(sc.get("run_dir") or base / sc["name"])
+        if "over" in sc:
+            make_run_dir(d, sc["over"])
+            if sc.get("plan_edit"):
+                sc["plan_edit"](d)
+        specs.append({"name": sc["name"], "run_dir": str(d), "probe": sc.get("probe"), "env": sc.get("env", {})})
+    out = base / "results.json"
+    spec = base / "spec.json"
+    spec.write_text(json.dumps({"out": str(out), "scenarios": specs}))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(HERE / "driver.py"), str(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    (base / "driver.log").write_text(proc.stdout + proc.stderr)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    if proc.returncode != 0:
+        raise AssertionError(f"driver failed (rc {proc.returncode}); log {base / 'driver.log'}:\n"
+                             + (proc.stdout + proc.stderr)[-6000:])
+    for name, res in results.items():
+        res["run_dir"] = str(base / name) if (base / name).exists() else next(
+            s["run_dir"] for s in specs if s["name"] == name)
+    return results
+
+
+def set_defer(defer: bool):
+    """Force the plan's FSDP2 gradient-sync deferral (the planner picks it by cost)."""
+    def edit(d: Path):
+        p = json.loads((d / "plan.json").read_text())
+        p["fsdp_defer_grad_sync"] = defer
+        (d / "plan.json").write_text(json.dumps(p))
+        f = json.loads((d / "fsdp.json").read_text())
+        f["defer_grad_sync"] = defer
+        (d / "fsdp.json").write_text(json.dumps(f))
+    return edit
+
+
+FP32 = {"train": {"precision": "fp32", "steps": STEPS}}
+
+
+def _s(strategy: str, **train) -> dict:
+    return {"train": {"strategy": strategy, "precision": "fp32", "steps": STEPS, **train}}
+
+
+@pytest.fixture(scope="session")
+def torch_results(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rt_torch")
+    sc = [
+        {"name": "ddp", "over": _s("ddp"), "probe": "ddp_comm"},
+        {"name": "ddp_no_nosync", "over": _s("ddp"), "probe": "ddp_comm_no_nosync"},
+        {"name": "ddp_big_batch", "over": _s("ddp", micro_batch=4)},
+        {"name": "fsdp_full_shard", "over": _s("fsdp_full_shard"), "probe": "fsdp_rs", "plan_edit": set_defer(False)},
+        {"name": "fsdp_defer", "over": _s("fsdp_full_shard"), "probe": "fsdp_rs", "plan_edit": set_defer(True)},
+        {"name": "fsdp_shard_grad_op", "over": _s("fsdp_shard_grad_op")},
+        {"name": "ddp_ckpt_full", "over": _s("ddp", grad_ckpt="full"), "probe": "ckpt_layers"},
+        {"name": "ddp_ckpt_selective", "over": _s("ddp", grad_ckpt="selective", selective_every=2),
+         "probe": "ckpt_layers"},
+        {"name": "fsdp_ckpt_full", "over": _s("fsdp_full_shard", grad_ckpt="full"), "probe": "ckpt_layers"},
+        {"name": "ddp_adamw8bit", "over": _s("ddp", optimizer="adamw8bit")},
+        {"name": "ddp_adafactor", "over": _s("ddp", optimizer="adafactor", lr=1e-2)},
+        {"name": "ddp_lion", "over": _s("ddp", optimizer="lion", lr=3e-4)},
+        {"name": "ddp_sgd", "over": _s("ddp", optimizer="sgd", lr=0.5)},
+        {"name": "fsdp_adafactor", "over": _s("fsdp_full_shard", optimizer="adafactor", lr=1e-2)},
+    ]
+    for s in ("ddp", "fsdp_full_shard", "fsdp_shard_grad_op"):
+        sc.append({"name": f"bf16_{s}", "over": {"train": {"strategy": s, "precision": "bf16", "steps": 2}}})
+    return run_driver(base, sc)
+
+
+DS_STRATEGIES = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+@pytest.fixture(scope="session")
+def ds_results(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rt_ds")
+    sc = [{"name": s, "over": _s(s)} for s in DS_STRATEGIES]
+    sc += [{"name": f"bf16_{s}", "over": {"train": {"strategy": s, "precision": "bf16", "steps": 2}}}
+           for s in DS_STRATEGIES]
+    sc.append({"name": "bf16_zero2_adamw8bit",
+               "over": {"train": {"strategy": "zero2", "precision": "bf16", "steps": 2, "optimizer": "adamw8bit"}}})
+    return run_driver(base, sc)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A saved tiny Llama (seeded random init) + the bundled tokenizer: the from_pretrained path."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from shardtrain.runtime.data import load_tokenizer
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    cfg = AutoConfig.from_pretrained(HERE.parents[1] / "configs" / "models" / "tiny-llama.json")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    load_tokenizer(None, None).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def lora_results(tmp_path_factory, tiny_checkpoint):
+    base = tmp_path_factory.mktemp("rt_lora")
+    ck = str(tiny_checkpoint)
+    sc = []
+    for s in ("ddp", "fsdp_full_shard", "zero3"):
+        sc.append({"name": f"lora_{s}", "over": {"model": {"name": ck}, "run": {"eval_every": STEPS},
+                                                  "train": {"strategy": s, "method": "lora", "precision": "fp32",
+                                                            "lr": 1e-2, "steps": STEPS, "grad_ckpt": "full"}}})
+    sc.append({"name": "qlora_ddp", "probe": "qlora",
+               "over": {"model": {"name": ck}, "run": {"eval_every": 1},
+                        "train": {"strategy": "ddp", "method": "qlora", "precision": "bf16", "lr": 1e-2,
+                                  "steps": STEPS, "grad_ckpt": "full"}}})
+    sc.append({"name": "bf16_lora_ddp", "over": {"model": {"name": ck},
+                                                 "train": {"strategy": "ddp", "method": "lora", "precision": "bf16",
+                                                           "steps": 2}}})
+    return run_driver(base, sc)
+
+
+RESUME_ENGINES = ("ddp", "fsdp_full_shard", "zero2")
+
+
+@pytest.fixture(scope="session")
+def resume_results(tmp_path_factory):
+    """Per engine: a run pre-empted after step 3 (simulated SIGUSR2), the same run dir again
+    (resume), and an uninterrupted reference run."""
+    base = tmp_path_factory.mktemp("rt_resume")
+    sc = []
+    for s in RESUME_ENGINES:
+        over = {"train": {"strategy": s, "precision": "fp32", "steps": 6}, "run": {"eval_every": 2}}
+        d = base / f"resume_{s}"
+        sc.append({"name": f"pre_{s}", "run_dir": str(d), "over": over, "env": {"SHARDTRAIN_TEST_SIGNAL_AT_STEP": 3}})
+        sc.append({"name": f"post_{s}", "run_dir": str(d)})
+        sc.append({"name": f"ref_{s}", "over": over})
+    return run_driver(base, sc)

@@ -1,0 +1,79 @@
+"""Acceptance: the per-rank model-state bytes the worker measures on the real engine objects equal
+the plan's prediction within 2%, term by term (params, grads, master params, optimizer states) and
+for what ZeRO-Offload keeps on the host."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import DS_STRATEGIES
+
+pytestmark = pytest.mark.multiproc
+TOL = 0.02
+TERMS = ("params", "grads", "master_params", "optimizer_states")
+
+
+def reports(res) -> list[dict]:
+    d = Path(res["run_dir"])
+    return [json.loads((d / f"memory_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def check(res, *, host=True):
+    for rep in reports(res):
+        for k in TERMS:
+            p, m = rep["predicted"][k], rep["measured"][k]
+            assert abs(m - p) <= TOL * max(p, 1), f"rank {rep['rank']} {k}: measured {m} vs predicted {p}"
+        if host:
+            p, m = rep["predicted_offloaded"], sum(rep["offloaded"].values())
+            assert abs(m - p) <= TOL * max(p, 1), f"rank {rep['rank']} offloaded: measured {m} vs predicted {p}"
+
+
+@pytest.mark.parametrize("name", ["bf16_ddp", "bf16_fsdp_full_shard", "bf16_fsdp_shard_grad_op", "ddp",
+                                  "fsdp_full_shard", "ddp_adamw8bit"])
+def test_torch_engines(torch_results, name):
+    check(torch_results[name])
+
+
+def test_fsdp_deferred_sync_holds_unsharded_grads(torch_results):
+    """set_requires_gradient_sync(False) keeps unsharded fp32 grads between micro-steps: the memory
+    model's fsdp_defer_grad_sync term (the test forced the flag into plan.json, so re-derive it)."""
+    from shardtrain.compiler.inventory import tensor_inventory
+    from shardtrain.compiler.memory import model_state_bytes
+    from shardtrain.compiler.plan import Plan
+    d = Path(torch_results["fsdp_defer"]["run_dir"])
+    plan = Plan.from_json(json.loads((d / "plan.json").read_text()))
+    c = plan.chosen
+    groups = tensor_inventory(plan.model, c.method)
+    ms = model_state_bytes(plan.model, groups, c.strategy, plan.hardware, method=c.method, precision=c.precision,
+                           optimizer=c.optimizer, fsdp_defer_grad_sync=True)
+    for rep in reports(torch_results["fsdp_defer"]):
+        assert rep["measured"]["grads"] == pytest.approx(ms.grads, rel=TOL)
+        assert rep["measured"]["params"] == pytest.approx(ms.params, rel=TOL)
+
+
+@pytest.mark.parametrize("name", [f"bf16_{s}" for s in DS_STRATEGIES if s != "zero3_offload"]
+                         + ["bf16_zero2_adamw8bit"])
+def test_deepspeed(ds_results, name):
+    check(ds_results[name])
+
+
+def test_zero3_offload_device_terms(ds_results):
+    check(ds_results["bf16_zero3_offload"], host=False)
+
+
+@pytest.mark.xfail(strict=True, reason="compiler: ZeRO-3 + optimizer offload also keeps the 16-bit "
+                   "gradient partition (stage3 grad_partitions_flat_buffer, p·T/N) on the host")
+def test_zero3_offload_host_bytes(ds_results):
+    check(ds_results["bf16_zero3_offload"])
+
+
+@pytest.mark.parametrize("name", ["bf16_lora_ddp", "qlora_ddp"])
+def test_lora_qlora(lora_results, name):
+    check(lora_results[name])
+
+
+def test_table_written(torch_results):
+    table = (Path(torch_results["bf16_ddp"]["run_dir"]) / "logs" / "memory_table.txt").read_text()
+    assert "predicted" in table and "measured" in table and "optimizer_states" in table
