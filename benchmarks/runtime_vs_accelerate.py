@@ -7,9 +7,10 @@
    the same seq_len blocks, the same micro batch × accumulation × 2 processes, lr schedule, clipping,
    fp32 — once through `shardtrain launch` and once through `accelerate launch` running
    benchmarks/hf_trainer_side.py (the HF Trainer; ZeRO-2 with the Trainer-style DeepSpeed config from
-   the same emitter). Steady-state tokens/s = tokens of steps after the first --skip / their summed step
-   wall times (shardtrain: the worker's per-step `step_time_s`; Trainer: time between consecutive
-   `on_step_end` callbacks). Ratio = shardtrain / Trainer (goal >= 1.0).
+   the same emitter). Steady-state tokens/s = tokens per optimizer step / the median step wall time over
+   the steps after the first --skip (shardtrain: the worker's per-step `step_time_s`; Trainer: time
+   between consecutive `on_step_end` callbacks); the median of --rounds alternating runs per side.
+   Ratio = shardtrain / Trainer (goal >= 1.0).
 2. Start-up: time from the command to the first optimizer step and to exit, `shardtrain launch` (plan
    compile + run-dir preparation + torchrun) vs bare `torchrun -m shardtrain.runtime.worker` on an already
    prepared run dir, same environment; medians of --startup-repeats alternating runs. Ratio goal <= 1.1.
@@ -60,40 +61,66 @@ def _run(cmd: list[str], timeout: int, log: Path, *, first_step_file: Path | Non
     return wall, first
 
 
+def _steady_tps(tokens_per_step: float, step_times: list[float]) -> float:
+    """tokens per step / median step time: robust to the other jobs that share the cores."""
+    return tokens_per_step / statistics.median(step_times)
+
+
 def _shardtrain_tps(run_dir: Path, skip: int) -> tuple[float, list[float]]:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in recs if r.get("kind", "train") == "train"]
     steady = train[skip:]
-    return sum(r["tokens"] for r in steady) / sum(r["step_time_s"] for r in steady), [r["loss"] for r in train]
+    return _steady_tps(statistics.median(r["tokens"] for r in steady), [r["step_time_s"] for r in steady]), \
+        [r["loss"] for r in train]
 
 
 def _trainer_tps(out: Path, skip: int) -> tuple[float, list[float], dict]:
     d = json.loads(out.read_text())
-    steady = d["step_times_s"][skip:]
-    return d["tokens_per_step"] * len(steady) / sum(steady), d["losses"], d
+    return _steady_tps(d["tokens_per_step"], d["step_times_s"][skip:]), d["losses"], d
 
 
-def throughput(strategy: str, steps: int, skip: int, work: Path) -> dict:
+def _one_shardtrain(strategy: str, steps: int, skip: int, work: Path, i: int) -> dict:
     run_dir = work / f"shardtrain-{strategy}"
     cmd = [str(BIN / "shardtrain"), "launch", str(CONFIG), "--strategy", strategy, "--steps", str(steps),
            "--run-dir", str(run_dir), "--no-resume", *COMMON_SETS]
-    st_wall, _ = _run(cmd, 900, work / f"shardtrain-{strategy}.log")
-    st_tps, st_losses = _shardtrain_tps(run_dir, skip)
-    launcher = "deepspeed" if (run_dir / "ds_config.json").exists() else "torchrun"
+    wall, _ = _run(cmd, 900, work / f"shardtrain-{strategy}-{i}.log")
+    tps, losses = _shardtrain_tps(run_dir, skip)
+    return {"tokens_per_s": tps, "wall_s": wall, "losses": losses,
+            "launcher": "deepspeed" if (run_dir / "ds_config.json").exists() else "torchrun"}
 
-    out = work / f"trainer-{strategy}.json"
+
+def _one_trainer(strategy: str, skip: int, work: Path, i: int) -> dict:
+    out = work / f"trainer-{strategy}-{i}.json"
     acc = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no"]
     acc += ["--use_deepspeed", "--zero_stage", "2"] if strategy == "zero2" else ["--multi_gpu"]
-    acc += [str(ROOT / "benchmarks" / "hf_trainer_side.py"), "--run-dir", str(run_dir), "--out", str(out)]
-    hf_wall, _ = _run(acc, 900, work / f"trainer-{strategy}.log")
-    hf_tps, hf_losses, hf = _trainer_tps(out, skip)
-    return {"strategy": strategy, "steps": steps, "skipped_steps": skip,
-            "shardtrain": {"tokens_per_s": round(st_tps, 1), "wall_s": round(st_wall, 2), "launcher": launcher,
-                           "loss_first": round(st_losses[0], 4), "loss_last": round(st_losses[-1], 4)},
-            "trainer": {"tokens_per_s": round(hf_tps, 1), "wall_s": round(hf_wall, 2), "launcher": "accelerate launch",
-                        "distributed_type": hf["distributed"], "loss_first": round(hf_losses[0], 4),
-                        "loss_last": round(hf_losses[-1], 4)},
+    # the shardtrain run dir of this strategy supplies run.yaml + plan.json (the same job); it is only read
+    acc += [str(ROOT / "benchmarks" / "hf_trainer_side.py"), "--run-dir", str(work / f"shardtrain-{strategy}"),
+            "--out", str(out)]
+    wall, _ = _run(acc, 900, work / f"trainer-{strategy}-{i}.log")
+    tps, losses, d = _trainer_tps(out, skip)
+    return {"tokens_per_s": tps, "wall_s": wall, "losses": losses, "distributed_type": d["distributed"]}
+
+
+def throughput(strategy: str, steps: int, skip: int, rounds: int, work: Path) -> dict:
+    st, hf = [], []
+    for i in range(rounds):  # alternate the order so drifting background load hits both sides alike
+        if i % 2 == 0:
+            st.append(_one_shardtrain(strategy, steps, skip, work, i))
+            hf.append(_one_trainer(strategy, skip, work, i))
+        else:
+            hf.append(_one_trainer(strategy, skip, work, i))
+            st.append(_one_shardtrain(strategy, steps, skip, work, i))
+    med = statistics.median
+    st_tps, hf_tps = med(r["tokens_per_s"] for r in st), med(r["tokens_per_s"] for r in hf)
+    return {"strategy": strategy, "steps": steps, "skipped_steps": skip, "rounds": rounds,
+            "shardtrain": {"tokens_per_s": round(st_tps, 1), "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in st],
+                           "wall_s": round(med(r["wall_s"] for r in st), 2), "launcher": st[0]["launcher"],
+                           "loss_first": round(st[-1]["losses"][0], 4), "loss_last": round(st[-1]["losses"][-1], 4)},
+            "trainer": {"tokens_per_s": round(hf_tps, 1), "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in hf],
+                        "wall_s": round(med(r["wall_s"] for r in hf), 2), "launcher": "accelerate launch",
+                        "distributed_type": hf[0]["distributed_type"], "loss_first": round(hf[-1]["losses"][0], 4),
+                        "loss_last": round(hf[-1]["losses"][-1], 4)},
             "ratio": round(st_tps / hf_tps, 3)}
 
 
@@ -146,6 +173,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per throughput run")
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of tokens/s (warm-up)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating shardtrain/Trainer runs per strategy (median)")
     ap.add_argument("--startup-repeats", type=int, default=3)
     ap.add_argument("--startup-steps", type=int, default=3)
     ap.add_argument("--strategies", default="ddp,zero2")
@@ -158,7 +186,7 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = []
     for s in args.strategies.split(","):
-        r = throughput(s, args.steps, args.skip, work)
+        r = throughput(s, args.steps, args.skip, args.rounds, work)
         rows.append(r)
         print(f"{s:<6} tokens/s  shardtrain {r['shardtrain']['tokens_per_s']:>9.1f} ({r['shardtrain']['launcher']})"
               f"   accelerate+Trainer {r['trainer']['tokens_per_s']:>9.1f}   ratio {r['ratio']:.3f} (goal >= 1.0)"
@@ -196,6 +224,8 @@ def _markdown(r: dict) -> str:
              "Job: configs/examples/tiny-cpu.yaml (tiny Llama, random init; bundled corpus; seq 128, global batch 16 "
              "= micro 8 × 2 processes; fp32; AdamW), gloo on CPU.", "",
              "## Steady-state tokens/s (goal: ratio >= 1.0)", "",
+             "Tokens/s = tokens per optimizer step / median step time after the skipped warm-up steps; median of "
+             "the alternating rounds (all rounds in the JSON).", "",
              "| strategy | steps (skipped) | shardtrain | accelerate + Trainer | ratio | loss shardtrain | loss Trainer |",
              "|---|---|---|---|---|---|---|"]
     for t in r["throughput"]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from emit_plans import make_plan
-from shardtrain.emit.check import _autos, check_deepspeed
+from shardtrain.emit.check import check_deepspeed, find_auto_keys
 from shardtrain.emit.deepspeed import TRAINER_AUTO_KEYS, deepspeed_config, trainer_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ CASES = [
 def test_autos_only_where_the_trainer_fills():
     for case in CASES:
         cfg = deepspeed_config(make_plan(**case["plan"]), trainer=True)
-        autos = set(_autos(cfg))
+        autos = set(find_auto_keys(cfg))
         assert autos and autos <= TRAINER_AUTO_KEYS, autos - TRAINER_AUTO_KEYS
         # batch sizes and precision stay explicit: the plan's memory fit depends on them
         assert isinstance(cfg["train_micro_batch_size_per_gpu"], int)

@@ -154,7 +154,7 @@ def _env(**extra) -> dict:
     return env
 
 
-def _launch(args: list[str], *, timeout: int = 240, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+def _launch(args: list[str], *, timeout: int = 600, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     cmd = ["timeout", "-k", "10", str(timeout), sys.executable, "-m", "shardtrain", "launch", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), cwd=cwd or ROOT)
 
@@ -230,7 +230,7 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
 @pytest.mark.multiproc
 def test_a_failing_rank_is_reported_once(tmp_path):
     mods = _standin(tmp_path)
-    r = _launch([str(TINY), "--run-dir", str(tmp_path / "run"), "--worker-module", "standin_worker"], timeout=120,
+    r = _launch([str(TINY), "--run-dir", str(tmp_path / "run"), "--worker-module", "standin_worker"], timeout=300,
                 env=_env(PYTHONPATH=str(mods), STANDIN_FAIL_RANK="1"))
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]
@@ -248,7 +248,7 @@ def test_two_nodes_on_one_machine(tmp_path):
     common = [str(TINY), "--run-dir", str(tmp_path / "run"), "--worker-module", "standin_worker", "--nnodes", "2",
               "--rdzv-endpoint", f"127.0.0.1:{port}"]
     env = _env(PYTHONPATH=str(mods))
-    cmd = ["timeout", "-k", "10", "120", sys.executable, "-m", "shardtrain", "launch"]
+    cmd = ["timeout", "-k", "10", "300", sys.executable, "-m", "shardtrain", "launch"]
     procs = [subprocess.Popen(cmd + common + ["--node-rank", str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for i in range(2)]
     outs = [p.communicate() for p in procs]

@@ -215,3 +215,17 @@ def test_requeue_without_scontrol(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert PreemptionHandler().requeue() is False
     assert "not on PATH" in caplog.text
+
+
+def test_requeue_survives_sigterm_from_slurm(tmp_path, monkeypatch):
+    """Slurm kills the job (SIGTERM to every process of the step, scontrol included) as soon as
+    it accepts the requeue; scontrol must still exit 0 so that rank 0 knows it worked."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text('#!/bin/bash\nkill -TERM $$\nsleep 0.2\necho ok\n')
+    (bindir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SHARDTRAIN_MAX_REQUEUES", raising=False)
+    assert PreemptionHandler().requeue() is True

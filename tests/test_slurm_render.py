@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys

@@ -24,7 +24,7 @@ def main(cases_path: str, out_path: str) -> int:
 
     import ds_step
     from emit_plans import make_plan
-    from shardtrain.emit.check import _autos
+    from shardtrain.emit.check import find_auto_keys
     from shardtrain.emit.deepspeed import deepspeed_config, trainer_arguments
     results = {}
     for case in json.loads(Path(cases_path).read_text()):
@@ -39,7 +39,7 @@ def main(cases_path: str, out_path: str) -> int:
             args.hf_deepspeed_config.trainer_config_finalize(args, model, num_training_steps=10)
         except ValueError as e:
             res["mismatch"] = str(e)
-        res["autos_left"] = list(_autos(args.hf_deepspeed_config.config))
+        res["autos_left"] = list(find_auto_keys(args.hf_deepspeed_config.config))
         if case.get("train") and res["mismatch"] is None:
             class Data(torch.utils.data.Dataset):
                 def __len__(self):

@@ -324,7 +324,8 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
             host_staging = p * P + p * largest   # param_buffer_of_bit16..., temp_grad_buffer_for_cpu_offload
     else:
         P = _zero3_partition(groups, N, trainable=True)
-        frozen_part = math.ceil(frozen / N)
+        frozen_part = frozen_weight_bytes(tuple(replace(g, shape=(math.ceil(g.numel / N),))
+                                                for g in groups if not g.trainable), method, precision)
         persistent = zero3_persistent_bytes(groups, buckets, method, precision)
         params = p * P + frozen_part + persistent
         gathered = min(buckets.max_live_parameters, _largest_unit_params(model) + buckets.prefetch_bucket_elements)

@@ -52,16 +52,17 @@ def _unknown(block: dict, known, where: str, out: list) -> None:
     for k in block:
         if k not in known:
             close = difflib.get_close_matches(str(k), sorted(known), n=1, cutoff=0.6)
-            fix = f"rename it to '{close[0]}'" if close else f"remove it (known keys: {', '.join(sorted(known)[:12])}, ...)"
+            fix = (f"rename it to '{close[0]}'" if close
+                   else f"remove it (known keys: {', '.join(sorted(known)[:12])}, ...)")
             out.append(Finding(ERROR, f"{where}{k}", "unknown key (DeepSpeed ignores unknown top-level keys silently "
                                "and rejects unknown keys inside blocks at start-up)", fix))
 
 
-def _autos(d, prefix: str = ""):
+def find_auto_keys(d, prefix: str = ""):
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            yield from _autos(v, key + ".")
+            yield from find_auto_keys(v, key + ".")
         elif isinstance(v, str) and v.lower() == K.AUTO:
             yield key
 
@@ -92,7 +93,7 @@ def check_deepspeed(cfg: dict, *, consumer: str = "deepspeed", world_size: int |
             _unknown(blk, known, where, out)
     # "auto" values
     allowed = {"trainer": K.TRAINER_AUTO_KEYS, "accelerate": K.ACCELERATE_AUTO_KEYS}.get(consumer, frozenset())
-    for key in _autos(cfg):
+    for key in find_auto_keys(cfg):
         if key not in allowed:
             who = {"trainer": "the HF Trainer does not fill this key", "accelerate": "accelerate does not fill this key"}
             out.append(Finding(ERROR, key, '"auto" ' + who.get(consumer, "is only filled in by the HF Trainer/"
@@ -201,7 +202,8 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
         ds = cfg.get("deepspeed_config") or {}
         _unknown(ds, ACCELERATE_DS_KEYS, "deepspeed_config.", out)
         if ds.get("deepspeed_config_file"):
-            for k in [k for k in DS_FILE_CONFLICTS if k in ds] + (["mixed_precision"] if mp not in (None, "no") else []):
+            conflicts = [k for k in DS_FILE_CONFLICTS if k in ds] + (["mixed_precision"] if mp not in (None, "no") else [])
+            for k in conflicts:
                 out.append(Finding(ERROR, k, "accelerate refuses it next to deepspeed_config_file",
                                    "delete it here; set it in the DeepSpeed JSON"))
             p = Path(ds["deepspeed_config_file"])

@@ -143,9 +143,11 @@ def largest_param_elements(plan: Plan) -> int:
 
 
 def nvme_buffer_elements(plan: Plan) -> int:
-    """offload_param.buffer_size = sub_group_size: holds the largest ZeRO-3 partition of one param
-    (partitioned_param_swapper.py asserts numel <= buffer_size) and the largest fp32 optimizer
-    sub-group (stage3._initialize_from_swapped_fp16_params asserts fp16 buffer >= sub-group)."""
+    """offload_param.buffer_size (= sub_group_size): at least the largest ZeRO-3 partition of one
+    param (partitioned_param_swapper.py asserts numel <= buffer_size), DeepSpeed's 1e8 default
+    otherwise, or the whole partition when that is smaller. sub_group_size follows it because
+    stage3._initialize_from_swapped_fp16_params asserts the fp16 swap buffers can hold an fp32
+    sub-group. Pinned host RAM per rank: buffer_count × this × 2 B (params) + 4 × this × 4 B (optimizer)."""
     w = plan.chosen.world_size
     part = math.ceil(largest_param_elements(plan) / w)
     n = max(part, min(NVME_MIN_BUFFER_ELEMENTS, math.ceil(plan.model.num_params / w)))

@@ -34,8 +34,9 @@ def torchrun_argv(*, nproc_per_node: int, nnodes: int = 1, node_rank: int | None
     --rdzv_endpoint HOST:PORT --rdzv_id ID`` (required for ``nnodes > 1``; the same on every node).
     ``node_rank`` is passed when given (c10d assigns ranks itself, but it keeps logs readable).
 
-    ``module`` runs ``-m MODULE`` (default: our worker); ``script=PATH`` runs a script instead. ``python`` (e.g. ``sys.executable``) gives ``PYTHON -m torch.distributed.run`` instead of
-    the ``torchrun`` console script, so the right virtualenv is used. ``signals_to_handle`` adds
+    ``module`` runs ``-m MODULE`` (default: our worker); ``script=PATH`` runs a script instead.
+    ``python`` (e.g. ``sys.executable``) gives ``PYTHON -m torch.distributed.run`` instead of the
+    ``torchrun`` console script, so the right virtualenv is used. ``signals_to_handle`` adds
     e.g. ``SIGUSR1`` (Slurm pre-emption warning) to the signals torchrun forwards to workers.
     """
     _positive("nproc_per_node", nproc_per_node)

@@ -93,7 +93,16 @@ def check_plan_matches(cfg: RunConfig, p: Plan) -> None:
 
 
 def emitted_configs(cfg: RunConfig, p: Plan) -> dict[str, dict]:
-    """Engine configs for the plan, by file name (empty for DDP)."""
+    """Engine configs for the plan, by file name (empty for DDP). Emitter errors become ConfigError."""
+    try:
+        return _emitted_configs(cfg, p)
+    except ConfigError:
+        raise
+    except ValueError as e:  # e.g. DeepSpeedConfigError: names the key, the value and the fix
+        raise ConfigError(str(e)) from None
+
+
+def _emitted_configs(cfg: RunConfig, p: Plan) -> dict[str, dict]:
     engine = p.strategy.engine
     if engine is Engine.DEEPSPEED:
         from shardtrain.emit.deepspeed import deepspeed_config

@@ -72,6 +72,7 @@ COLLATERAL = re.compile(
     r"Socket Timeout|Timed out waiting|Interrupted system call|KeyboardInterrupt|SignalException|"
     r"ProcessGroup.*(aborted|shut ?down)|recvBytes|sendBytes|read error|Terminated|received signal",
     re.IGNORECASE)
+_ERRORISH = re.compile(r"error|fatal|exception|failed|abort", re.IGNORECASE)
 _LOG_NOISE = re.compile(r"^(\[[A-Z]|\[rank|\[default|[WIEF]\d{4} |\[shardtrain\]|\S+ \[(INFO|WARNING|ERROR)\])")
 
 
@@ -258,6 +259,8 @@ class RankFailure:
     log: Path | None
     collateral: bool
     mtime: float
+    tail: str = ""
+    """Its last output lines, shown when there is no traceback (e.g. sys.exit with a message)."""
 
 
 @dataclass(frozen=True)
@@ -436,10 +439,16 @@ def find_first_failure(spec: LaunchSpec, launcher_log: str) -> RankFailure | Non
                 log, mtime = p, p.stat().st_mtime
         if tb and not exc:
             exc = _extract_traceback(tb)[1]
-        if not tb and rank not in codes:
+        lines = [] if tb else [ln for p in paths if p.is_file() and p.suffix == ".log"
+                               for ln in RANK_PREFIX.sub("", _read(p)).splitlines() if ln.strip()]
+        # torchrun tells exit codes; with the deepspeed launcher a rank without traceback counts when its
+        # last words look like an error (e.g. `sys.exit("error: ...")`)
+        if not tb and rank not in codes and not (lines and _ERRORISH.search(lines[-1])):
             continue
         code = codes.get(rank)
+        tail = ""
         if not tb:
+            tail = "\n".join(lines[-15:])
             sig = ""
             if code is not None and code < 0:
                 try:
@@ -447,11 +456,13 @@ def find_first_failure(spec: LaunchSpec, launcher_log: str) -> RankFailure | Non
                 except ValueError:
                     sig = f"signal {-code}"
             exc = (f"killed by {sig}" + (" (out of memory? the kernel OOM killer sends SIGKILL)"
-                                          if sig == "SIGKILL" else "")) if sig else f"exited with code {code}"
+                                          if sig == "SIGKILL" else "")) if sig else (
+                (f"exited with code {code}" if code is not None else "exited")
+                + (f": {lines[-1].strip()[:200]}" if lines else ""))
         collateral = bool(COLLATERAL.search(exc or "")) or (not tb and code is not None and code < 0
                                                             and rank != root)
         found.append(RankFailure(rank=rank, exitcode=code, exception=exc or "(no exception line)", traceback=tb,
-                                 log=log, collateral=collateral, mtime=mtime))
+                                 log=log, collateral=collateral, mtime=mtime, tail=tail))
     if not found:
         return None
     found.sort(key=lambda f: (f.collateral, not f.traceback, f.mtime, f.rank))
@@ -586,18 +597,27 @@ def run(spec: LaunchSpec, *, timeout: float | None = None, out=None, err=None) -
     failure = find_first_failure(spec, launcher_log)
     if failure is None:
         tail_lines = [ln for ln in launcher_log.splitlines() if ln.strip()][-25:]
-        print("\n[shardtrain] the launcher failed before any worker reported an error; its last output "
-              f"({rel}/launcher.log):\n" + "\n".join("  " + ln for ln in tail_lines), file=err, flush=True)
+        print("\n[shardtrain] no worker printed a traceback; the launcher's last output "
+              f"({rel}/launcher.log, rank logs beside it):\n" + "\n".join("  " + ln for ln in tail_lines),
+              file=err, flush=True)
         code = EXIT_TIMEOUT if timed_out else (rc if rc and rc > 0 else EXIT_FAILED)
         what = "timed out" if timed_out else f"{spec.launcher} exited with code {rc}"
         return LaunchResult(code, f"shardtrain: FAILED — {what} after {wall:.0f} s; see {rel}/launcher.log",
                             wall, None, spec.log_dir)
     log = _rel(failure.log) if failure.log else rel
+    if failure.collateral:
+        print(f"\n[shardtrain] note: no rank reported a root cause; rank {failure.rank}'s error looks like a "
+              f"consequence of another process dying (killed? out of memory?). All rank logs: {rel}", file=err)
     if failure.traceback:
         bar = "─" * 72
         print(f"\n{bar}\n[shardtrain] rank {failure.rank} failed first"
               + (f" (exit code {failure.exitcode})" if failure.exitcode is not None else "")
               + f"; its traceback ({log}):\n{bar}\n{failure.traceback}\n{bar}", file=err, flush=True)
+    elif failure.tail:
+        bar = "─" * 72
+        print(f"\n{bar}\n[shardtrain] rank {failure.rank} failed first"
+              + (f" (exit code {failure.exitcode})" if failure.exitcode is not None else "")
+              + f"; its last output ({log}):\n{bar}\n{failure.tail}\n{bar}", file=err, flush=True)
     code = EXIT_TIMEOUT if timed_out else EXIT_FAILED
     what = "timed out; " if timed_out else ""
     summary = (f"shardtrain: FAILED — {what}rank {failure.rank}: {failure.exception} after {wall:.0f} s; "

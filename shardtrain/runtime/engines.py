@@ -29,6 +29,7 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 class BaseEngine:
     kind: Engine
     loss_multiplier = 1.0
+    grads_set_to_none = True
 
     def __init__(self, model: nn.Module, optimizer, *, precision: Precision, grad_clip: float,
                  device: torch.device):
@@ -67,7 +68,7 @@ class BaseEngine:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
         return float(norm)
 
     def train(self, mode: bool = True) -> None:
@@ -81,6 +82,9 @@ class DDPEngine(BaseEngine):
     """torch DDP, fp32 params with autocast to the 16-bit compute dtype; no_sync on all micro-steps
     but the last; gradient_as_bucket_view=True (grads are the buckets, memory.py)."""
     kind = Engine.DDP
+    # gradients stay views into the DDP buckets across steps (set_to_none would make autograd
+    # allocate fresh gradients on the next no_sync micro-step, copied into the buckets later)
+    grads_set_to_none = False
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)

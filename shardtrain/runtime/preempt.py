@@ -180,10 +180,13 @@ class PreemptionHandler:
         if scontrol is None:
             log.warning("not requeueing job %s: scontrol is not on PATH", job_id)
             return False
+        # `scontrol requeue` makes Slurm terminate the running job at once, and the SIGTERM goes
+        # to every process of the job step -- scontrol itself included, which then may die before
+        # it reports success. Run it with SIGTERM/SIGINT/SIGHUP ignored (set by sh, so no Python
+        # runs between fork and exec); it is done in milliseconds, long before the SIGKILL.
+        cmd = ["/bin/sh", "-c", 'trap "" TERM INT HUP; exec "$@"', "sh", scontrol, "requeue", job_id]
         try:
-            proc = subprocess.run(
-                [scontrol, "requeue", job_id], capture_output=True, text=True, timeout=60
-            )
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("not requeued: scontrol requeue %s failed: %s", job_id, exc)
             return False

@@ -111,6 +111,9 @@ class StateMeter:
         self.inner = eng.optimizer.optimizer if ds else eng.optimizer
         self.device = {t: 0 for t in TERMS}
         self.host = {t: 0 for t in TERMS}
+        # FSDP2 swaps unsharded params onto the module during forward/backward (transient buffers in
+        # the memory model): the sharded DTensor params registered now are the params term
+        self.params = list(eng.model.named_parameters())
         self.active = True
         self.largest: list = []   # the biggest storages of the largest snapshot (diagnostics)
         self._largest_total = 0
@@ -158,7 +161,7 @@ class StateMeter:
         if not self.active:
             return
         found, seen = [], set()
-        for n, p in self.eng.model.named_parameters():
+        for n, p in self.params:
             gathered = hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
             found.append((f"gathered.{n}" if gathered else f"module.{n}", p))
             if _local(p) is not p:

@@ -140,6 +140,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     pre.install()
     signal_at = int(os.environ.get(TEST_SIGNAL_ENV, "0") or 0)
     meter = StateMeter(eng)
+    measure_at = start + 1 if cfg.train.steps - start > 1 else start  # 2nd step: DDP buckets rebuilt, states exist
     phase = PhaseMemory(info.device, lambda: live_bytes(eng))
     leak = LeakDetector()
     bar = progress_bar(main and sys.stderr.isatty(), cfg.train.steps, start)
@@ -147,8 +148,9 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     losses, evals, saved_at, preempted = [], [], -1, False
     eng.train(True)
     for s in range(start, total):
-        rec = train_step(r, s, phase, meter if s < start + 2 else None)
-        meter.active = s < start + 1  # the DeepSpeed step probe measures the first two steps only
+        meter.active = s == measure_at
+        rec = train_step(r, s, phase, meter if meter.active else None)
+        meter.active = False
         step = s + 1
         losses.append(rec["loss"])
         if step % cfg.run.log_every == 0 or step == total:

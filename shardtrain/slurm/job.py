@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 import shlex
 import signal as _signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 __all__ = ["SbatchJob", "render", "sbatch_options", "LAUNCHERS", "COMMON_ENV"]

@@ -105,8 +105,12 @@ def ds_results(tmp_path_factory):
     sc = [{"name": s, "over": _s(s)} for s in DS_STRATEGIES]
     sc += [{"name": f"bf16_{s}", "over": {"train": {"strategy": s, "precision": "bf16", "steps": 2}}}
            for s in DS_STRATEGIES]
-    sc.append({"name": "bf16_zero2_adamw8bit",
-               "over": {"train": {"strategy": "zero2", "precision": "bf16", "steps": 2, "optimizer": "adamw8bit"}}})
+    sc += [{"name": "bf16_zero2_offload_accum1",
+            "over": {"train": {"strategy": "zero2_offload", "precision": "bf16", "steps": 2, "micro_batch": 4}}},
+           {"name": "bf16_zero2_adamw8bit",
+            "over": {"train": {"strategy": "zero2", "precision": "bf16", "steps": 2, "optimizer": "adamw8bit"}}},
+           {"name": "bf16_zero3_lora",
+            "over": {"train": {"strategy": "zero3", "precision": "bf16", "steps": 2, "method": "lora"}}}]
     return run_driver(base, sc)
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from shardtrain.runtime.state_bytes import Counter
+from shardtrain.compiler.specs import Engine
+from shardtrain.runtime.state_bytes import StateMeter, _term
 from shardtrain.runtime.telemetry import LeakDetector, comparison_table, rss_bytes
 
 
@@ -20,12 +21,32 @@ def test_leak_detector_quiet_when_flat():
     assert not any(d.update(s, v << 20) for s, v in enumerate(vals, 1))
 
 
-def test_counter_counts_shared_memory_once():
-    flat = torch.zeros(100)
-    views = [flat[:40], flat[40:], flat[20:60]]
-    assert Counter()(views) == 100 * 4
-    assert Counter()([flat, flat]) == 400
-    assert Counter()([torch.zeros(10, dtype=torch.bfloat16), torch.zeros(3)]) == 20 + 12
+def test_terms_by_path():
+    assert _term("module.model.layers.0.mlp.up_proj.weight") == "params"
+    assert _term("opt.single_partition_of_fp32_groups[0]") == "master_params"
+    assert _term("inner.state[#3][exp_avg]") == "optimizer_states"
+    assert _term("opt.grads_in_partition") == "grads" and _term("param.lm_head.weight.grad") == "grads"
+    assert _term("opt.ipg_buckets[#0].buffer[1]") == "buffers"
+
+
+class _Eng:
+    kind = Engine.DDP
+
+    def __init__(self):
+        self.model = torch.nn.Linear(64, 32, bias=False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters())
+
+
+def test_meter_counts_each_storage_once():
+    eng = _Eng()
+    flat = torch.zeros(64 * 32)
+    eng.model.weight.grad = flat.view(32, 64)          # a gradient that is a view into a bucket
+    meter = StateMeter(eng)
+    eng.optimizer.step()                               # pre-hook snapshot: params, grads, fresh states
+    meter.after_step()
+    dev, host = meter.report()
+    assert dev == {"params": 8192, "master_params": 0, "optimizer_states": 2 * 8192 + 4, "grads": 8192}  # + the step counter
+    assert host == {}
 
 
 def test_table_and_rss():

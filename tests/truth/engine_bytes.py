@@ -18,6 +18,8 @@ term (params > master_params > optimizer_states > grads > buffers; see ``_term``
 Snapshots (each term is reported as its maximum over them, which is what a peak needs):
   late_backward  - a hook on the embedding output's gradient: every other gradient exists and the
                    reduce buckets are live
+  epilogue       - ZeRO only: entry of ``independent_gradient_partition_epilogue``, the end of
+                   backward before DeepSpeed clears the gradients it kept outside its buckets
   post_backward  - after backward, before the optimizer step
   grad_convert   - ZeRO-1/2 only: in ``free_grad_in_param_list(params_in_partition)``, the moment
                    the fp32 gradient partition and the 16-bit gradients both exist
@@ -26,7 +28,9 @@ Snapshots (each term is reported as its maximum over them, which is what a peak 
 
 With optimizer offload, DeepSpeed puts some tensors on the host (``device='cpu'``) and the rest on
 the accelerator; on a CPU-only machine both are host memory, so placement is taken from the engine's
-own code paths (``_HOST_PATHS``) and reported as a separate ``host`` figure.
+own code paths (``_HOST_OPT``, ``_HOST_PARAM``: what DeepSpeed allocates on ``self.device = 'cpu'``)
+and reported as a separate ``host`` figure. ZeRO-3 parameters gathered for compute (not persistent)
+count as buffers, as in the memory model.
 
 Writes ``OUT_DIR/rank{R}.json``: {scenario: {"terms": {...}, "host": int, "snapshots": {...},
 "tensors": [[path, term, bytes, dtype, host], ...], "meta": {...}}}.
@@ -153,7 +157,6 @@ def _walk(root, name: str, out: list, seen: set, max_depth: int = 8) -> None:
             if mod.startswith(("deepspeed", "torch.optim", "bitsandbytes", "torch.distributed.fsdp")):
                 for k, v in vars(obj).items():
                     stack.append((v, f"{path}.{k}", d + 1))
-            # plain-attribute objects inside those (e.g. IPGBucket dataclasses) are also DeepSpeed's
 
 
 def _storage(t: torch.Tensor):
@@ -176,7 +179,6 @@ class Counter:
         self.offload_opt, self.offload_param = offload_opt, offload_param
         self.snaps: dict[str, dict] = {}
         self.tensors: dict[str, list] = {}
-        self.roots: list = []
 
     def is_host(self, path: str) -> bool:
         if self.offload_opt and _HOST_OPT.search(path) and not path.startswith("module."):
@@ -205,8 +207,6 @@ class Counter:
             _walk(inner, "inner", found, seen)
         if optimizer is not None and optimizer is not inner:
             _walk(optimizer, "opt", found, seen)
-        for r, rn in self.roots:
-            _walk(r, rn, found, seen)
         best: dict = {}  # storage -> (priority, path, term, nbytes, dtype, host)
         prio = {t: i for i, t in enumerate(TERMS)}
         buffer_storages = {_storage(t) for path, t in found if _IPG_BUFFER.search(path)}
