@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import zlib
 from dataclasses import dataclass
 
 import yaml
@@ -19,7 +20,9 @@ from shardtrain.emit.fsdp import fsdp_settings
 from shardtrain.launcher.argv import deepspeed_argv, hostfile_text, render_launch_script, torchrun_argv
 
 FORMATS = ("deepspeed", "trainer", "accelerate", "fsdp", "torchrun", "deepspeed-cmd", "hostfile")
-DEFAULT_PORT = 29500
+PORT_BASE, PORT_SPAN = 20000, 10000
+"""Default rendezvous port: derived from the run dir (stable, and two runs sharing a node rarely
+collide; 29500, every launcher's default, is often taken on shared hosts)."""
 LAUNCH_ENV = {"PYTHONUNBUFFERED": "1",
               # torchrun restarts re-use the rendezvous store otherwise (shared/notes/cpu-distributed.md)
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -35,7 +38,14 @@ class Site:
     run_dir: str
     hosts: tuple[str, ...] = ()
     master_addr: str | None = None
-    master_port: int = DEFAULT_PORT
+    port: int | None = None
+    """Rendezvous / master port; None = derived from run_dir (see PORT_BASE)."""
+
+    @property
+    def master_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return PORT_BASE + zlib.crc32(self.run_dir.encode()) % PORT_SPAN
 
     def head(self, nodes: int) -> str | None:
         if self.hosts and len(self.hosts) != nodes:

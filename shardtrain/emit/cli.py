@@ -10,7 +10,7 @@ EXIT_OK, EXIT_ERROR, EXIT_NO_FIT = 0, 1, 2
 
 
 def add_parsers(sub, add_plan_flags) -> None:
-    from shardtrain.emit.bundle import DEFAULT_PORT, FORMATS
+    from shardtrain.emit.bundle import FORMATS
     p = sub.add_parser("emit", help="write DeepSpeed/FSDP/accelerate configs and launch commands for the plan",
                        description="Compile the plan and write plan.json, run.yaml, ds_config.json (DeepSpeed) or "
                        "fsdp.json (FSDP), accelerate.yaml, launch.sh and, for multi-node DeepSpeed, hostfile into "
@@ -22,7 +22,7 @@ def add_parsers(sub, add_plan_flags) -> None:
                    "TrainingArguments(deepspeed=...)")
     g.add_argument("--hosts", help="comma-separated node host names (multi-node hostfile; first = master)")
     g.add_argument("--master-addr", help="first node's address (multi-node rendezvous)")
-    g.add_argument("--master-port", type=int, default=DEFAULT_PORT, help=f"rendezvous port (default {DEFAULT_PORT})")
+    g.add_argument("--master-port", type=int, help="rendezvous port (default: derived from the run dir, 20000-29999)")
     g.add_argument("--run-dir", help="run directory the launch commands point at (default: --out, absolute)")
     p.set_defaults(func=cmd_emit)
 
@@ -44,7 +44,7 @@ def _site(args, plan):
     from shardtrain.emit.bundle import Site
     run_dir = args.run_dir or (str(Path(args.out).absolute()) if args.out else "RUN_DIR")
     hosts = tuple(h.strip() for h in (args.hosts or "").split(",") if h.strip())
-    return Site(run_dir=run_dir, hosts=hosts, master_addr=args.master_addr, master_port=args.master_port)
+    return Site(run_dir=run_dir, hosts=hosts, master_addr=args.master_addr, port=args.master_port)
 
 
 def cmd_emit(args: argparse.Namespace) -> int:

@@ -144,6 +144,12 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
         eng = E.FSDP2Engine(model, make_opt, settings=settings, full_state=full, **common)
         del full
     else:
+        if (info.device.type == "cpu" and not offload
+                and (ds_config.get("optimizer") or {}).get("type", "").lower() == "lion"):
+            # DeepSpeed's "Lion" is FusedLion (a CUDA op): on CPU hand it our Lion as a client optimizer
+            log.warning("ds_config optimizer Lion: FusedLion needs CUDA; using shardtrain's Lion on CPU")
+            ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+            ds_config["zero_allow_untested_optimizer"] = True
         opt = None if "optimizer" in ds_config else make_opt(E.trainable(model))
         eng = E.DeepSpeedEngine(model, opt, ds_config=ds_config, grad_accum=c.grad_accum_steps,
                                 zero_stage=s.zero_stage, offload_optimizer=offload,

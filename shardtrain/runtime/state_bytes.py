@@ -28,7 +28,7 @@ _PARAM = re.compile(r"^module\.|\.ds_tensor|bit16_groups_flat|parallel_partition
 _MASTER = re.compile(r"(single_partition_of_fp32_groups|fp32_partitioned_groups_flat)\[\d+\]$|"
                      r"^inner\.param_groups\[\d+\]\.params\[\d+\]$")
 _STATE = re.compile(r"^inner\.state\[")
-_GRAD = re.compile(r"\.grad$|\.grad\b|grad_accum|averaged_gradients|grads_in_partition|"
+_GRAD = re.compile(r"\.grad$|\.grad\b|grad_accum|accumulated_grad|averaged_gradients|grads_in_partition|"
                    r"grad_partitions_flat_buffer|_param_id_to_grad_partition|all_grad_tensors|"
                    r"accumulated_grads_in_cpu|_grad_partition")
 _HOST_OPT = re.compile(r"single_partition_of_fp32_groups|fp32_partitioned_groups_flat|^inner\.state\[|"
@@ -97,6 +97,21 @@ def _walk(root, name: str, out: list, seen: set, max_depth: int = 8) -> None:
         elif hasattr(obj, "__dict__") and (type(obj).__module__ or "").startswith(_WALK_MODULES + ("bitsandbytes",)):
             for k, v in vars(obj).items():
                 stack.append((v, f"{path}.{k}", d + 1))
+
+
+def _fsdp_params(module) -> list:
+    out = []
+    for m in module.modules():
+        get_state = getattr(m, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        state = get_state()
+        groups = list(getattr(state, "_fsdp_param_groups", None) or [])
+        if getattr(state, "_fsdp_param_group", None) is not None:
+            groups.append(state._fsdp_param_group)
+        for g in groups:
+            out += list(getattr(g, "fsdp_params", []) or [])
+    return out
 
 
 class StateMeter:
@@ -171,6 +186,13 @@ class StateMeter:
             for k, v in getattr(p, "__dict__", {}).items():
                 if isinstance(v, torch.Tensor) or type(v).__name__ == "QuantState":
                     _walk(v, f"module.{n}.{k}", found, seen)
+        if getattr(self.eng, "defer_sync", False):
+            # FSDP2 set_requires_gradient_sync(False): unsharded gradients held between micro-steps
+            for i, fp in enumerate(_fsdp_params(self.eng.model)):
+                found.append((f"fsdp[{i}].unsharded_accumulated_grad", getattr(fp, "unsharded_accumulated_grad", None)))
+                up = getattr(fp, "_unsharded_param", None)
+                found.append((f"fsdp[{i}].unsharded_param.grad", getattr(up, "grad", None)))
+            found = [(p, t) for p, t in found if t is not None]
         _walk(self.inner, "inner", found, seen)
         if self.zopt is not None:
             _walk(self.zopt, "opt", found, seen)

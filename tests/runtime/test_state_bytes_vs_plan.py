@@ -20,13 +20,15 @@ def reports(res) -> list[dict]:
 
 
 def check(res, *, host=True):
-    for rep in reports(res):
-        for k in TERMS:
-            p, m = rep["predicted"][k], rep["measured"][k]
-            assert abs(m - p) <= TOL * max(p, 1), f"rank {rep['rank']} {k}: measured {m} vs predicted {p}"
-        if host:
-            p, m = rep["predicted_offloaded"], sum(rep["offloaded"].values())
-            assert abs(m - p) <= TOL * max(p, 1), f"rank {rep['rank']} offloaded: measured {m} vs predicted {p}"
+    """The plan predicts the fullest rank (ZeRO-1/2 partitions differ by rank): compare it with the
+    per-term maximum over the ranks."""
+    reps = reports(res)
+    for k in TERMS:
+        p, m = reps[0]["predicted"][k], max(r["measured"][k] for r in reps)
+        assert abs(m - p) <= TOL * max(p, 1), f"{k}: measured {[r['measured'][k] for r in reps]} vs predicted {p}"
+    if host:
+        p, m = reps[0]["predicted_offloaded"], max(sum(r["offloaded"].values()) for r in reps)
+        assert abs(m - p) <= TOL * max(p, 1), f"offloaded: measured {m} vs predicted {p}"
 
 
 @pytest.mark.parametrize("name", ["bf16_ddp", "bf16_fsdp_full_shard", "bf16_fsdp_shard_grad_op", "ddp",
@@ -47,9 +49,9 @@ def test_fsdp_deferred_sync_holds_unsharded_grads(torch_results):
     groups = tensor_inventory(plan.model, c.method)
     ms = model_state_bytes(plan.model, groups, c.strategy, plan.hardware, method=c.method, precision=c.precision,
                            optimizer=c.optimizer, fsdp_defer_grad_sync=True)
-    for rep in reports(torch_results["fsdp_defer"]):
-        assert rep["measured"]["grads"] == pytest.approx(ms.grads, rel=TOL)
-        assert rep["measured"]["params"] == pytest.approx(ms.params, rel=TOL)
+    reps = reports(torch_results["fsdp_defer"])
+    assert max(r["measured"]["grads"] for r in reps) == pytest.approx(ms.grads, rel=TOL)
+    assert max(r["measured"]["params"] for r in reps) == pytest.approx(ms.params, rel=TOL)
 
 
 @pytest.mark.parametrize("name", ["bf16_zero1", "bf16_zero2", "bf16_zero3", "bf16_zero3_offload",

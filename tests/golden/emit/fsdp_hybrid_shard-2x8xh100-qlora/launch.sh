@@ -8,7 +8,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun \
     --nnodes 2 \
     --rdzv_backend c10d \
-    --rdzv_endpoint node0:29500 \
+    --rdzv_endpoint node0:23210 \
     --rdzv_id shardtrain-fsdp_hybrid_shard-2x8xh100-qlora \
     --nproc_per_node 8 \
     --max_restarts 0 \

@@ -10,7 +10,7 @@ exec deepspeed \
     --num_nodes 2 \
     --num_gpus 8 \
     --master_addr node0 \
-    --master_port 29500 \
+    --master_port 21293 \
     --no_local_rank \
     --module shardtrain.runtime.worker \
     --run-dir /runs/zero3-2x8xh100-bf16-adamw8bit "$@"

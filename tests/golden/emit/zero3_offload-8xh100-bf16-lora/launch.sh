@@ -7,7 +7,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec deepspeed \
     --num_nodes 1 \
     --num_gpus 8 \
-    --master_port 29500 \
+    --master_port 21889 \
     --no_local_rank \
     --module shardtrain.runtime.worker \
     --run-dir /runs/zero3_offload-8xh100-bf16-lora "$@"

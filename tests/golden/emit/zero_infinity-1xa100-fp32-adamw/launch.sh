@@ -7,7 +7,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec deepspeed \
     --num_nodes 1 \
     --num_gpus 1 \
-    --master_port 29500 \
+    --master_port 24095 \
     --no_local_rank \
     --module shardtrain.runtime.worker \
     --run-dir /runs/zero_infinity-1xa100-fp32-adamw "$@"
