@@ -257,6 +257,19 @@ def _largest_unit_params(model: ModelSpec) -> int:
     return max(model.per_layer_params, model.embedding_params, model.lm_head_params)
 
 
+def _gathered_bytes_per_param(groups: tuple[TensorGroup, ...], method: Method,
+                              precision: Precision) -> tuple[float, float]:
+    """Average bytes per parameter of gathered (unsharded) weights, and the trainable fraction.
+
+    Full / LoRA gather 16-bit weights; QLoRA gathers the NF4 storage (bnb_4bit_quant_storage makes
+    the packed bytes shardable but does not change their size), so gathered units are ~4x smaller.
+    """
+    total = sum(g.total for g in groups)
+    trainable = sum(g.total for g in groups if g.trainable)
+    gathered = precision.param_bytes * trainable + frozen_weight_bytes(groups, method, precision)
+    return gathered / total, trainable / total
+
+
 def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy,
                       hw: HardwareSpec, *, method: Method, precision: Precision, optimizer: Optimizer,
                       fsdp_defer_grad_sync: bool = False) -> ModelStateBytes:
@@ -282,12 +295,14 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         sharded_params = 4 * T_shard + frozen_weight_bytes(shards, method, precision)
         grads = 4 * T_shard
         unit = _largest_unit_params(model)
-        # all-gather of the current + prefetched unit in param_dtype, and the unsharded 16-bit grads
-        # of one unit plus their fp32 reduce-scatter copy (torch/distributed/fsdp/_fully_shard).
-        buffers = 2 * unit * p + unit * (p + 4)
+        bpp, trainable_frac = _gathered_bytes_per_param(groups, method, precision)
+        # all-gather of the current + prefetched unit in param_dtype (QLoRA: the 4-bit storage), and
+        # the unsharded 16-bit grads of the unit's trainable params plus their fp32 reduce-scatter
+        # copy (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py).
+        buffers = int(2 * unit * bpp + unit * trainable_frac * (p + 4))
         if strategy is Strategy.FSDP_SHARD_GRAD_OP:
             # reshard_after_forward=False keeps every unit's unsharded params from forward to backward
-            buffers += (model.num_params - unit) * p
+            buffers += int((model.num_params - unit) * bpp)
         if fsdp_defer_grad_sync:
             # set_requires_gradient_sync(False) accumulates unsharded fp32 grads across micro-steps
             grads += 4 * T
@@ -329,8 +344,9 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         persistent = zero3_persistent_bytes(groups, buckets, method, precision)
         params = p * P + frozen_part + persistent
         gathered = min(buckets.max_live_parameters, _largest_unit_params(model) + buckets.prefetch_bucket_elements)
+        bpp, _ = _gathered_bytes_per_param(groups, method, precision)
         # stage3.py keeps ONE reduce bucket per dtype (ipg_buckets[dtype].buffer, contiguous_gradients)
-        buffers = gathered * p + buckets.reduce_bucket_elements * p
+        buffers = int(gathered * bpp) + buckets.reduce_bucket_elements * p
         if off_opt is OffloadDevice.NONE:
             grads = p * P + max(4 * P, p * largest)
         else:
