@@ -12,14 +12,15 @@ import sys
 import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+STALE_LOCK_S = 900
 
 
 def main() -> int:
-    from torch.utils.cpp_extension import _get_build_directory  # noqa: F401  (ensures env is read)
     root = pathlib.Path(os.environ.get("TORCH_EXTENSIONS_DIR", pathlib.Path.home() / ".cache/torch_extensions"))
     for lock in root.rglob("lock"):
-        print(f"removing stale lock {lock}")
-        lock.unlink(missing_ok=True)
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:  # a live build touches it recently
+            print(f"removing stale lock {lock}")
+            lock.unlink(missing_ok=True)
     from deepspeed.accelerator import get_accelerator
     names = ["ShareMemCommBuilder", "CPUAdamBuilder"]
     if "--no-aio" not in sys.argv:

@@ -68,7 +68,6 @@ def test_emitted_dir_trains(tmp_path):
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     r = subprocess.run(["bash", str(out / "launch.sh")], env=env, cwd=tmp_path, capture_output=True, text=True,
                        timeout=400)
-    print("\n".join(ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("[20"))[-3000:])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     assert [m["step"] for m in lines if m.get("kind") == "train"][-1] == 2

@@ -118,6 +118,10 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
     if ds_config is not None and engine_kind is Engine.DEEPSPEED:
         ds_config = check_ds_config(ds_config, plan, cfg.train.grad_clip)
     sharded = s.shards_params
+    if c.method is Method.QLORA and sharded:
+        raise NotImplementedError(
+            f"QLoRA with {s.value}: sharding the 4-bit weights (bnb_4bit_quant_storage = {c.precision.value}) is "
+            "not supported by this runtime yet (FSDP2 hangs in the unsharded NF4 forward); use ddp, zero1 or zero2")
     lora = None
     if c.method is not Method.FULL:
         lo = plan.train.lora

@@ -7,6 +7,10 @@ Run directory contract (written by `shardtrain launch`):
   out: metrics.jsonl (rank 0: one record per optimizer step, "kind": "train" | "eval"),
        memory_rank{R}.json, checkpoints/step_N/, final/, logs/worker_rank{R}.log, logs/memory_table.txt
 Exit 0 when done or pre-empted (a "preempted at step N" line; Slurm requeues), non-zero on errors.
+Resume: with run.resume=auto the latest complete checkpoints/step_N is loaded; the step counter, the
+data position (a pure function of the step) and the RNG continue, and metrics.jsonl is cut back to
+step N so every step appears once. Environment: SHARDTRAIN_DEVICE (overrides run.device),
+SHARDTRAIN_TEST_SIGNAL_AT_STEP (tests: rank 0 sends itself SIGUSR2 after that step).
 """
 from __future__ import annotations
 

@@ -141,6 +141,9 @@ def lora_results(tmp_path_factory, tiny_checkpoint):
                "over": {"model": {"name": ck}, "run": {"eval_every": 1},
                         "train": {"strategy": "ddp", "method": "qlora", "precision": "bf16", "lr": 1e-2,
                                   "steps": STEPS, "grad_ckpt": "full"}}})
+    sc.append({"name": "qlora_zero2", "over": {"model": {"name": ck}, "run": {"eval_every": 2},
+                                               "train": {"strategy": "zero2", "method": "qlora", "precision": "bf16",
+                                                         "lr": 1e-2, "steps": STEPS}}})
     sc.append({"name": "bf16_lora_ddp", "over": {"model": {"name": ck},
                                                  "train": {"strategy": "ddp", "method": "lora", "precision": "bf16",
                                                            "steps": 2}}})

@@ -70,7 +70,7 @@ def test_deepspeed_zero2_with_accumulation(ds_results, name):
     check(ds_results[name])
 
 
-@pytest.mark.parametrize("name", ["bf16_lora_ddp", "qlora_ddp"])
+@pytest.mark.parametrize("name", ["bf16_lora_ddp", "qlora_ddp", "qlora_zero2"])
 def test_lora_qlora(lora_results, name):
     check(lora_results[name])
 
