@@ -34,7 +34,7 @@ def reference_run(run_dir) -> tuple[list[float], dict]:
             labels = b.pop("labels")
             loss = ce_sum(model(**b).logits, labels)
             (loss / n).backward()
-            total += float(loss)
+            total += float(loss.detach())
         lr = lr_at(s, lr=cfg.train.lr, warmup=cfg.train.warmup_steps, total=cfg.train.steps,
                    min_ratio=cfg.train.min_lr_ratio)
         for g in opt.param_groups:
