@@ -118,10 +118,14 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
     if ds_config is not None and engine_kind is Engine.DEEPSPEED:
         ds_config = check_ds_config(ds_config, plan, cfg.train.grad_clip)
     sharded = s.shards_params
-    if c.method is Method.QLORA and sharded:
-        raise NotImplementedError(
-            f"QLoRA with {s.value}: sharding the 4-bit weights (bnb_4bit_quant_storage = {c.precision.value}) is "
-            "not supported by this runtime yet (FSDP2 hangs in the unsharded NF4 forward); use ddp, zero1 or zero2")
+    if c.method is Method.QLORA and (sharded or engine_kind is Engine.FSDP):
+        # The emitted FSDP/DeepSpeed configs set bnb_4bit_quant_storage for other runtimes
+        # (accelerate + Trainer); this worker does not shard NF4 weights (FSDP2 hung in the NF4
+        # forward on CPU), so it refuses before loading anything.
+        raise ValueError(
+            f"train.strategy: QLoRA with {s.value} shards the 4-bit weights, which the shardtrain runtime does "
+            "not support yet; set train.strategy to ddp, zero1, zero2 or zero2_offload, or run the emitted "
+            "accelerate.yaml with the HF Trainer")
     lora = None
     if c.method is not Method.FULL:
         lo = plan.train.lora

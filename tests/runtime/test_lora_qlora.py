@@ -102,5 +102,5 @@ def test_qlora_refuses_sharded_strategies(tmp_path):
     d = make_run_dir(tmp_path / "r", {"hardware": {"gpus_per_node": 1},
                                       "train": {"strategy": "zero3", "method": "qlora", "precision": "bf16",
                                                 "global_batch": 4}})
-    with pytest.raises(NotImplementedError, match="QLoRA"):
+    with pytest.raises(ValueError, match="QLoRA with zero3 .*ddp, zero1, zero2"):
         setup(d, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo"))
