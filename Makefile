@@ -11,6 +11,10 @@ TORCH_VERSION := 2.13.0
 # CPU-only wheel (default: pip's configured index).
 TORCH_INDEX ?=
 STAMP  := $(VENV)/.shardtrain-installed
+# DeepSpeed JIT-builds its C++ ops here. One directory per environment: ops built against another
+# checkout's DeepSpeed sources have different build.ninja paths, and two environments sharing
+# ~/.cache/torch_extensions would rebuild each other's ops on every use.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv demo test clean-runs
 

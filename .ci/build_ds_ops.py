@@ -22,7 +22,8 @@ def main() -> int:
             print(f"removing stale lock {lock}")
             lock.unlink(missing_ok=True)
     from deepspeed.accelerator import get_accelerator
-    names = ["ShareMemCommBuilder", "CPUAdamBuilder"]
+    # shm_comm: CPU collectives; cpu_adam / cpu_lion: ZeRO-Offload optimizers; async_io: NVMe.
+    names = ["ShareMemCommBuilder", "CPUAdamBuilder", "CPULionBuilder"]
     if "--no-aio" not in sys.argv:
         names.append("AsyncIOBuilder")
     for name in names:
