@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "examples" / "tiny-cpu.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
+HISTORY = RESULTS / "runtime_vs_accelerate.history.jsonl"
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
        "LOCAL_SIZE": "2", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1"}
@@ -215,7 +216,9 @@ def main() -> None:
     if args.record:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "runtime_vs_accelerate.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "runtime_vs_accelerate.md").write_text(_markdown(result))
+        with open(HISTORY, "a") as f:  # every recorded run, so the spread between runs stays visible
+            f.write(json.dumps(_history_row(result)) + "\n")
+        (RESULTS / "runtime_vs_accelerate.md").write_text(_markdown(result, _history()))
         print(f"recorded in {RESULTS / 'runtime_vs_accelerate.md'}")
     if args.keep:
         print(f"work directory: {work}")
@@ -223,7 +226,20 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _markdown(r: dict) -> str:
+def _history_row(r: dict) -> dict:
+    return {"date": r["date"], "load_average_before": r["load_average_before"],
+            "ratios": {t["strategy"]: t["ratio"] for t in r["throughput"]},
+            "best_case_ratios": {t["strategy"]: t["best"]["ratio"] for t in r["throughput"]},
+            "startup_first_step_ratio": r["startup"]["first_step_ratio"], "note": ""}
+
+
+def _history() -> list[dict]:
+    if not HISTORY.is_file():
+        return []
+    return [json.loads(x) for x in HISTORY.read_text().splitlines() if x.strip()]
+
+
+def _markdown(r: dict, history: list[dict] | None = None) -> str:
     v = r["versions"]
     lines = ["# shardtrain runtime vs accelerate launch + HF Trainer", "",
              f"Measured {r['date']} with `python benchmarks/{r['command']}` ({r['duration_s']} s).", "",
@@ -255,8 +271,18 @@ def _markdown(r: dict) -> str:
               f"| `shardtrain launch` (compile + prepare + torchrun) | {su['shardtrain_launch']['first_step_s']} | "
               f"{su['shardtrain_launch']['wall_s']} |",
               f"| ratio | **{su['first_step_ratio']}** | **{su['wall_ratio']}** |", "",
-              "Raw figures: runtime_vs_accelerate.json (same directory).", ""]
-    return "\n".join(lines)
+              "Raw figures: runtime_vs_accelerate.json (same directory)."]
+    if history:
+        lines += ["", "## All recorded runs (runtime_vs_accelerate.history.jsonl)", "",
+                  "The cores are shared with other jobs; the spread between runs is the honest error bar.", "",
+                  "| date | load before | tokens/s ratio (median) | best-case ratio | start-up ratio | note |",
+                  "|---|---|---|---|---|---|"]
+        for h in history:
+            fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "—"  # noqa: E731
+            lines.append(f"| {h['date']} | {h['load_average_before']} | {fmt(h['ratios'])} | "
+                         f"{fmt(h.get('best_case_ratios') or {})} | {h.get('startup_first_step_ratio', '—')} | "
+                         f"{h.get('note', '')} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

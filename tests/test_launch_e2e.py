@@ -92,6 +92,16 @@ def test_multi_node_specs(tmp_path):
         spawn.build_launch(run_dir=tmp_path, launcher="deepspeed", nproc_per_node=2, nnodes=2, node_rank=0)
 
 
+def test_workers_find_the_ops_built_for_this_environment(tmp_path):
+    assert spawn.ops_env({}, str(tmp_path)) == {}
+    (tmp_path / "torch_extensions").mkdir()
+    assert spawn.ops_env({}, str(tmp_path)) == {"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
+    assert spawn.ops_env({"TORCH_EXTENSIONS_DIR": "/x"}, str(tmp_path)) == {}  # the user's choice wins
+    s = spawn.build_launch(run_dir=tmp_path, launcher="deepspeed", nproc_per_node=2,
+                           extra_env=spawn.ops_env({}, str(tmp_path)))
+    assert "export TORCH_EXTENSIONS_DIR=" in s.script()
+
+
 def test_no_gpu_visible():
     assert spawn.count_local_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
     assert spawn.local_devices("cpu") == (0, "cpu")

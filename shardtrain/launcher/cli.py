@@ -147,7 +147,8 @@ def cmd_launch(args) -> int:
         spec = spawn.build_launch(
             run_dir=run_dir, launcher=launcher, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank,
             rdzv_endpoint=args.rdzv_endpoint, master_port=master_port, max_restarts=args.max_restarts, gpus=gpus,
-            device=device, cpu_count=spawn.cpu_count(), environ=dict(os.environ), progress=sys.stderr.isatty(),
+            device=device, cpu_count=spawn.cpu_count(), environ=dict(os.environ), progress=True,
+            extra_env=spawn.ops_env(),
             **({"module": args.worker_module} if args.worker_module else {}))
     except ValueError as e:
         raise ConfigError(str(e)) from None

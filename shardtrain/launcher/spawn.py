@@ -139,7 +139,7 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
                  max_restarts: int = 0, gpus: int = 0, device: str | None = None, cpu_count: int | None = None,
                  environ: Mapping[str, str] | None = None, module: str = DEFAULT_MODULE,
                  python: str | None = None, log_dir: str | os.PathLike | None = None,
-                 progress: bool | None = None) -> LaunchSpec:
+                 progress: bool | None = None, extra_env: Mapping[str, str] | None = None) -> LaunchSpec:
     """The launcher command for a prepared run dir (pure: no process, no file, no environment read
     unless passed in ``environ``). ``device`` defaults to cuda when ``gpus`` > 0, else cpu.
     ``progress``: tell rank 0 to draw a progress bar (``SHARDTRAIN_PROGRESS=1``; its stderr is a log
@@ -195,6 +195,7 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
         env["OMP_NUM_THREADS"] = str(max(1, (cpu_count or 1) // nproc_per_node))
     if progress is not None:
         env[PROGRESS_ENV] = "1" if progress else "0"
+    env.update(extra_env or {})
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         env["LOCAL_SIZE"] = str(nproc_per_node)
@@ -232,6 +233,17 @@ def local_devices(device_pref: str = "auto") -> tuple[int, str]:
         raise ValueError("run.device: cuda, but no NVIDIA GPU is visible here (no /proc/driver/nvidia/gpus, "
                          "or CUDA_VISIBLE_DEVICES hides them); set run.device: auto to train on CPU")
     return n, ("cuda" if n else "cpu")
+
+
+def ops_env(environ: Mapping[str, str] | None = None, prefix: str | None = None) -> dict[str, str]:
+    """TORCH_EXTENSIONS_DIR=<venv>/torch_extensions when it exists and nothing else was chosen: the
+    DeepSpeed C++ ops `make test` built for this environment (Makefile) are then found by the workers
+    instead of being JIT-compiled again by every rank at once."""
+    environ = os.environ if environ is None else environ
+    d = Path(prefix or sys.prefix) / "torch_extensions"
+    if "TORCH_EXTENSIONS_DIR" not in environ and d.is_dir():
+        return {"TORCH_EXTENSIONS_DIR": str(d)}
+    return {}
 
 
 def cpu_count() -> int:

@@ -108,8 +108,10 @@ def progress_bar(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
     from tqdm import tqdm
+    tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0, disable=not enabled)
+                dynamic_ncols=tty, ncols=None if tty else 100, mininterval=1.0 if tty else 5.0,
+                disable=not enabled)
 
 
 TERMS = ("params", "grads", "master_params", "optimizer_states")

@@ -147,7 +147,10 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     measure_at = start + 1 if cfg.train.steps - start > 1 else start  # 2nd step: DDP buckets rebuilt, states exist
     phase = PhaseMemory(info.device, lambda: live_bytes(eng))
     leak = LeakDetector()
-    bar = progress_bar(main and sys.stderr.isatty(), cfg.train.steps, start)
+    # The launcher redirects rank stderr to a log file and copies rank 0's to the console, so it
+    # asks for the bar explicitly (SHARDTRAIN_PROGRESS=1) instead of relying on isatty().
+    want_bar = sys.stderr.isatty() or os.environ.get("SHARDTRAIN_PROGRESS") == "1"
+    bar = progress_bar(main and want_bar, cfg.train.steps, start)
     total = cfg.train.steps
     losses, evals, saved_at, preempted = [], [], -1, False
     eng.train(True)
