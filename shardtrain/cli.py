@@ -42,6 +42,8 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", help="adamw|adamw8bit|adafactor|lion|sgd")
     g.add_argument("--grad-ckpt", help="auto|none|full|selective")
     g.add_argument("--attention", help="sdpa|flash|eager")
+    g.add_argument("--loss", help="full|chunked|auto (chunked: never the whole fp32 logits)")
+    g.add_argument("--activation-offload", help="none|cpu (allow saved activations in host RAM)")
     g.add_argument("--strategy", help="auto|ddp|zero1|zero2|zero3|fsdp_full_shard|fsdp_shard_grad_op|"
                                      "fsdp_hybrid_shard|zero2_offload|zero3_offload|zero_infinity")
     g.add_argument("--steps", type=int)
@@ -59,6 +61,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
         v = getattr(args, flag, None)
         if v is not None:
             out[key] = v
+    if out.get("model.params") is not None and out.get("model.name") is not None:
+        raise ConfigError(f"--model {out['model.name']!r} and --params {out['model.params']!r} conflict: give one "
+                          "(a preset/config.json with --model, or a parameter count with --params)")
     if "model.params" in out and "model.name" not in out:
         out["model.name"] = None
     if "model.name" in out and out["model.name"] is not None:
@@ -79,19 +84,31 @@ def compile_from_args(args: argparse.Namespace):
 def cmd_plan(args: argparse.Namespace) -> int:
     from shardtrain.compiler.planner import NoFitError
     from shardtrain.report import render_plan
+    no_fit = None
     try:
         _, p = compile_from_args(args)
     except NoFitError as e:
-        if args.json:
-            print(json.dumps(e.plan.to_json() if args.full_json else _public_json(e.plan.to_json()), indent=2))
-        else:
-            print(render_plan(e.plan))
-        print(f"\nshardtrain: {e}", file=sys.stderr)
-        return EXIT_NO_FIT
+        no_fit, p = e, e.plan
+    trace = None
+    if getattr(args, "trace", False):
+        from shardtrain.trace.render import trace_or_error   # imports torch: only with --trace
+        trace, err = trace_or_error(p)
+        if err:
+            print(f"shardtrain: {err}", file=sys.stderr)
+            return EXIT_ERROR
     if args.json:
-        print(json.dumps(p.to_json() if args.full_json else _public_json(p.to_json()), indent=2))
+        d = p.to_json() if args.full_json else _public_json(p.to_json())
+        if trace is not None:
+            d["trace"] = trace.to_json()
+        print(json.dumps(d, indent=2))
     else:
         print(render_plan(p))
+        if trace is not None:
+            from shardtrain.trace.render import render_trace
+            print("\n" + render_trace(p, trace))
+    if no_fit is not None:
+        print(f"\nshardtrain: {no_fit}", file=sys.stderr)
+        return EXIT_NO_FIT
     return EXIT_OK if p.chosen.fits else EXIT_NO_FIT
 
 
@@ -124,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_flags(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--full-json", action="store_true", help="with --json: include the spec block (as plan.json)")
+    p.add_argument("--trace", action="store_true", help="also trace the plan's training step on the CPU under "
+                   "FakeTensorMode (torch's MemTracker/FSDPMemTracker) and show it beside the analytic peak")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("presets", help="list bundled model and GPU presets")
     p.set_defaults(func=cmd_presets)
-    for modname in ("shardtrain.emit.cli", "shardtrain.launcher.cli", "shardtrain.slurm.cli"):
+    for modname in ("shardtrain.emit.cli", "shardtrain.launcher.cli", "shardtrain.slurm.cli", "shardtrain.runreport"):
         _add_optional(sub, modname)
     return parser
 
@@ -153,8 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, PlanningError) as e:
-        print(f"shardtrain: error: {e}", file=sys.stderr)
+        print(f"shardtrain: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def one_line(msg: str) -> str:
+    """Error text as ONE printable line: values echoed from user files may hold newlines or control
+    characters (a YAML key "\r"), which would split or garble the `shardtrain: error:` line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
 
 
 if __name__ == "__main__":

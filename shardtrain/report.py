@@ -11,12 +11,25 @@ def _row(c: Candidate, best: float) -> str:
             f"{c.grad_accum_steps:>3}  ckpt {c.gradient_checkpointing.value:<9} {c.step_time_s / best:>6.2f}x")
 
 
+def _gpu_label(hw) -> str:
+    """The preset's name, or "custom GPU" when --gpu-memory differs from that preset's memory (issue 12:
+    "1 × h100-80gb (24.0 GiB each)" named a GPU that has no such memory)."""
+    from shardtrain.config.presets import get_gpu_preset
+    try:
+        preset = get_gpu_preset(hw.gpu_name)
+    except ValueError:
+        return hw.gpu_name
+    if preset.memory_bytes == hw.gpu_memory_bytes:
+        return hw.gpu_name
+    return f"custom GPU (--gpu-memory; {hw.gpu_name} speeds assumed)"
+
+
 def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
     c, m, hw = plan.chosen, plan.model, plan.hardware
     out = []
     out.append(f"model      {m.name}: {m.num_params / 1e9:.3f}B params ({m.num_params:,}), "
                f"{c.trainable_params:,} trainable ({c.method.value}), {m.num_layers} layers")
-    out.append(f"hardware   {hw.nodes} node(s) × {hw.gpus_per_node} {hw.gpu_name} "
+    out.append(f"hardware   {hw.nodes} node(s) × {hw.gpus_per_node} {_gpu_label(hw)} "
                f"({fmt_bytes(hw.gpu_memory_bytes)} each, {fmt_bytes(plan.gpu_memory_bytes - plan.headroom_bytes)} "
                f"usable), host RAM {fmt_bytes(hw.cpu_memory_bytes)}/node"
                + (f", NVMe {hw.nvme_path}" if hw.nvme_path else ""))
@@ -33,6 +46,9 @@ def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
         v = getattr(c.per_gpu, k)
         out.append(f"           {k:<18}{v:>16,}  {fmt_bytes(v):>10}")
     out.append(f"           {'total':<18}{c.per_gpu.total:>16,}  {fmt_bytes(c.per_gpu.total):>10}")
+    if c.per_phase:
+        out.append("phases     " + "  ".join(f"{ph} {fmt_bytes(b.total)}" for ph, b in c.per_phase)
+                   + f"  (peak: {c.peak_phase}; terms above are at the peak)")
     out.append(f"host RAM   {fmt_bytes(c.cpu_memory_per_node_bytes)} per node"
                + (f"; NVMe {fmt_bytes(c.nvme_bytes)} per node" if c.nvme_bytes else ""))
     out.append("")

@@ -21,24 +21,31 @@ def parse_bytes(value: object, *, key: str = "value") -> int:
     if isinstance(value, bool):
         raise ValueError(f"{key}: {value!r} is not a size; write e.g. 80GiB")
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{key}: {value!r} is not a finite size; write e.g. 80GiB")
         if value < 0:
             raise ValueError(f"{key}: {value!r} is negative; sizes are >= 0")
         return int(value)
     m = _RE.match(str(value))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{key}: cannot read {value!r} as a size; write e.g. 80GiB, 24GB or 1.5TiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    except OverflowError:  # "1e400GiB" is float inf
+        raise ValueError(f"{key}: {value!r} is not a finite size; write e.g. 80GiB") from None
 
 
 def parse_count(value: object, *, key: str = "value") -> int:
     """Parse a count such as 7.5e9, "7.5B", "70b", "405M"."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: {value!r} is not a number; write e.g. 7.5e9 or 7.5B")
     s = str(value).strip().lower()
     mult = {"k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}.get(s[-1:], None)
     try:
+        if isinstance(value, (int, float)):
+            return int(value)
         return int(float(s[:-1]) * mult) if mult else int(float(s))
-    except ValueError:
+    except (ValueError, OverflowError):  # int(nan) is a ValueError, int(inf) an OverflowError
         raise ValueError(f"{key}: cannot read {value!r} as a number; write e.g. 7.5e9 or 7.5B") from None
 
 

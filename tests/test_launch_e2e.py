@@ -169,6 +169,21 @@ def _launch(args: list[str], *, timeout: int = 600, env: dict | None = None, cwd
     return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), cwd=cwd or ROOT)
 
 
+# Issue 13: secret-looking environment values must never be printed or land in a run directory.
+SECRETS = {"HF_TOKEN": "hf_Zq8secretTOKENvalue1", "WANDB_API_KEY": "wb0secretAPIkeyValue2",
+           "DB_PASSWORD": "pw-secretPASSWORD-3", "AWS_SECRET_ACCESS_KEY": "aws/secretACCESSkey4"}
+
+
+def _assert_no_secrets(run_dir: Path, console: str) -> None:
+    """Scan the console and EVERY file of the run dir (binary too: checkpoints, logs) for the values."""
+    files = [p for p in Path(run_dir).rglob("*") if p.is_file()]
+    assert files
+    for v in SECRETS.values():
+        assert v not in console
+        for p in files:
+            assert v.encode() not in p.read_bytes(), f"{v!r} written to {p}"
+
+
 def _metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
             if r.get("kind", "train") == kind]
@@ -200,7 +215,7 @@ def test_torchrun_end_to_end(tmp_path):
     run = tmp_path / "run"
     t0 = time.time()
     r = _launch([str(TINY), "--run-dir", str(run), "--steps", "6", "--set", "run.eval_every=3",
-                 "--set", "run.checkpoint_every=3"])
+                 "--set", "run.checkpoint_every=3"], env=_env(**SECRETS))
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "2 CPU processes on gloo via torchrun" in out
@@ -215,6 +230,7 @@ def test_torchrun_end_to_end(tmp_path):
     assert "torch.distributed.run" in (run / "command.txt").read_text()
     assert any((run / "checkpoints").iterdir())
     assert "Traceback" not in out
+    _assert_no_secrets(run, out)
     print(f"torchrun e2e: {time.time() - t0:.1f} s")
 
 
@@ -223,7 +239,7 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     run = tmp_path / "run"
     t0 = time.time()
     r = _launch([str(TINY), "--run-dir", str(run), "--steps", "4", "--strategy", "zero2",
-                 "--set", "run.eval_every=0", "--set", "run.checkpoint_every=0"])
+                 "--set", "run.eval_every=0", "--set", "run.checkpoint_every=0"], env=_env(**SECRETS))
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "via deepspeed" in out  # auto: ZeRO plans go through the deepspeed launcher
@@ -234,6 +250,7 @@ def test_deepspeed_launcher_end_to_end(tmp_path):
     assert sorted(p.name.split("_")[-1] for p in logs.glob("*_rank*.log")) == ["rank0.log", "rank1.log"]
     train = _metrics(run)
     assert [m["step"] for m in train] == [1, 2, 3, 4] and train[-1]["loss"] < train[0]["loss"]
+    _assert_no_secrets(run, out)
     print(f"deepspeed e2e: {time.time() - t0:.1f} s")
 
 
@@ -265,3 +282,21 @@ def test_two_nodes_on_one_machine(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "stand-in done: world 4" in outs[0][0] + outs[1][0]
     assert "(node 1 of 2)" in outs[1][0]
+
+
+@pytest.mark.multiproc
+def test_signal_saves_and_exits_75(tmp_path):
+    """Issue 13 (c): SIGTERM to a worker -> every rank saves at the next step, the launch exits with
+    EXIT_PREEMPTED (75, distinct from success and failure) with a PREEMPTED summary line."""
+    from shardtrain.runtime.preempt import EXIT_PREEMPTED
+    run = tmp_path / "run"
+    args = [str(TINY), "--run-dir", str(run), "--steps", "4", "--set", "run.eval_every=0",
+            "--set", "run.checkpoint_every=0"]
+    r = _launch(args, env=_env(SHARDTRAIN_TEST_SIGNAL_AT_STEP="2:TERM"))
+    out = r.stdout + r.stderr
+    assert r.returncode == EXIT_PREEMPTED, out[-4000:]
+    assert "PREEMPTED" in out and "at step 2" in out and "Traceback" not in out
+    assert (run / "checkpoints" / "step_2" / "COMPLETE").is_file()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_2"
+    # Resuming from it (exactly, for every engine and each of the four signals) is tested with the
+    # in-process driver: tests/runtime/test_checkpoint_resume.py::test_resume_is_exact.

@@ -32,7 +32,7 @@ def test_signal_number():
         signal_number("NOPE")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_signal_to_self_sets_flag(handler, sig):
     assert not handler.signalled and not handler.should_stop()
     os.kill(os.getpid(), sig)
@@ -65,11 +65,12 @@ def test_from_env(monkeypatch):
     monkeypatch.setenv("SHARDTRAIN_PREEMPT_SIGNAL", "USR1")
     monkeypatch.setenv("SHARDTRAIN_MAX_REQUEUES", "7")
     h = PreemptionHandler.from_env()
-    assert h.signals == (signal.SIGUSR1, signal.SIGTERM) and h.max_requeues == 7
+    # issue 13: TERM, INT, USR1 and USR2 all mean "checkpoint and stop"; the env's signal comes first
+    assert h.signals == (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT) and h.max_requeues == 7
     monkeypatch.delenv("SHARDTRAIN_PREEMPT_SIGNAL")
     monkeypatch.delenv("SHARDTRAIN_MAX_REQUEUES")
     h = PreemptionHandler.from_env(default_max_requeues=2)
-    assert h.signals == (signal.SIGUSR2, signal.SIGTERM) and h.max_requeues == 2
+    assert h.signals == (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) and h.max_requeues == 2
 
 
 _CHILD = textwrap.dedent("""\
@@ -229,3 +230,80 @@ def test_requeue_survives_sigterm_from_slurm(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     monkeypatch.delenv("SHARDTRAIN_MAX_REQUEUES", raising=False)
     assert PreemptionHandler().requeue() is True
+
+
+# ---------------------------------------------------------------------------- issue 13
+_SECOND = textwrap.dedent("""\
+    import os, signal, sys, time
+    sys.path.insert(0, {repo!r})
+    from shardtrain.runtime import preempt
+    preempt.SECOND_SIGNAL_AFTER_S = {grace}
+    h = preempt.PreemptionHandler()
+    h.install()
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)   # the same event twice (scancel + torchrun): still running
+    print("after duplicate", h.signalled, flush=True)
+    time.sleep({grace} + 0.05)
+    os.kill(os.getpid(), signal.SIGINT)    # a real second signal: stop at once
+    print("not reached", flush=True)
+""")
+
+
+@pytest.mark.parametrize("grace", [0.2])
+def test_second_signal_stops_at_once(grace):
+    p = subprocess.run([sys.executable, "-c", _SECOND.format(repo=str(REPO), grace=grace)],
+                       capture_output=True, text=True, timeout=60)
+    assert "after duplicate True" in p.stdout and "not reached" not in p.stdout
+    assert p.returncode == 128 + signal.SIGINT, (p.returncode, p.stderr)
+    assert "second signal" in p.stderr
+
+
+_EARLY = textwrap.dedent("""\
+    import os, runpy, signal, sys
+    sys.path.insert(0, {repo!r})
+    class Hook:  # a SIGUSR2 exactly when the worker starts importing torch (the slow start-up)
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), signal.SIGUSR2)
+            return None
+    sys.meta_path.insert(0, Hook())
+    sys.argv = ["worker", "--run-dir", {missing!r}]
+    try:
+        runpy.run_module("shardtrain.runtime.worker", run_name="__main__")
+    except BaseException as e:
+        print("worker stopped:", type(e).__name__, flush=True)
+    from shardtrain.runtime import preempt
+    print("kept", preempt._SHARED is not None and preempt._SHARED.signalled, flush=True)
+""")
+
+
+def test_signal_during_startup_is_not_lost(tmp_path):
+    env = {**os.environ}
+    env.pop("SHARDTRAIN_PREEMPT_SIGNAL", None)
+    p = subprocess.run([sys.executable, "-c", _EARLY.format(repo=str(REPO), missing=str(tmp_path / "nope"))],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert "kept True" in p.stdout, (p.returncode, p.stdout, p.stderr[-2000:])
+
+
+def test_exit_code_is_distinct():
+    from shardtrain.runtime.preempt import EXIT_PREEMPTED
+    from shardtrain.launcher import cli as launch_cli
+    assert EXIT_PREEMPTED not in (0, 1, 2, 124) and EXIT_PREEMPTED < 128
+    assert str(EXIT_PREEMPTED) in launch_cli.__doc__  # documented where users read exit codes
+
+
+def test_signals_after_the_stop_checkpoint_are_ignored():
+    """After the agreed stop was saved (then `scontrol requeue` makes Slurm send SIGTERM), a signal must
+    not turn the orderly exit into an abrupt one."""
+    from shardtrain.runtime import preempt
+    h = preempt.PreemptionHandler(("USR1",))
+    h.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        h._first_at -= 10 * preempt.SECOND_SIGNAL_AFTER_S  # as if the save took a while
+        h.mark_saved()
+        os.kill(os.getpid(), signal.SIGUSR1)  # would os._exit without mark_saved
+        assert h.signalled
+    finally:
+        h.uninstall()

@@ -21,13 +21,29 @@ one layer's full working set during its recomputation.
 Logits (architecture notes): lm_head output b·s·V in 16-bit is kept in the model output; HF's
 ForCausalLMLoss upcasts to fp32 (4bsV) and log_softmax saves its fp32 output (4bsV); backward holds
 the fp32 gradient (4bsV) while the 16-bit grad is formed -> (p + 12)·bsV peak for p = 2.
+Chunked loss (shardtrain/runtime/loss.py; torchtune CEWithChunkedOutputLoss, Liger-Kernel
+LigerFusedLinearCrossEntropyLoss): the final norm output is computed once (already counted in the
+activations' head term), then lm_head + fp32 CE run chunk by chunk under non-reentrant checkpointing,
+so only one chunk of c tokens holds logits. Its peak is in backward, where log_softmax_backward_data
+reads the fp32 log_softmax output and its incoming fp32 gradient and writes the fp32 logits gradient:
+12·c·V in every precision (the 16-bit chunk logits are not kept: `.float()` saves nothing; measured
+with torch's MemTracker in tests/runtime/test_memory_savers.py). Plus the gradient of the final
+norm output, p·b·s·h, which accumulates across the chunks.
+Activation offload (torch.autograd.graph.save_on_cpu): every tensor saved for backward outside a
+checkpointed region — and the checkpointed layers' inputs (torch/utils/checkpoint.py
+_CheckpointFrame.save_inputs packs them with the active saved-tensor hooks) — goes to host RAM; the
+GPU keeps one layer's backward working set and the head tensors.
 """
 from __future__ import annotations
 
 import math
 
 from shardtrain.compiler.model import ModelSpec
-from shardtrain.compiler.specs import Attention, GradCkpt, Precision
+from shardtrain.compiler.specs import ActivationOffload, Attention, GradCkpt, LossMode, Precision
+
+
+CHUNK_FP32_TERMS = 12
+"""Bytes per token per vocab entry of one loss chunk at its backward peak (3 fp32 tensors)."""
 
 
 def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Attention, seq_len: int) -> float:
@@ -58,9 +74,9 @@ def resolved_ckpt_fraction(grad_ckpt: GradCkpt, num_layers: int, selective_every
     return 0.0
 
 
-def activation_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
-                     attention: Attention, grad_ckpt: GradCkpt, selective_every: int = 2) -> int:
-    """Peak activation bytes on one GPU (decoder layers + embeddings + final norm)."""
+def _activation_terms(model: ModelSpec, micro_batch: int, seq_len: int, precision: Precision,
+                      attention: Attention, grad_ckpt: GradCkpt, selective_every: int) -> tuple[float, float, float]:
+    """(kept between forward and backward, backward working set, head tensors) in bytes."""
     tokens = micro_batch * seq_len
     p = precision.param_bytes
     per_layer = layer_bytes_per_token(model, precision, attention, seq_len) * tokens
@@ -70,11 +86,51 @@ def activation_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precis
     # backward working set: the layer being recomputed/differentiated plus its input grads (2 x h)
     working = per_layer + 2 * p * model.hidden_size * tokens
     head = 2 * p * model.hidden_size * tokens  # embedding output, final norm output
+    return kept, working, head
+
+
+def activation_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
+                     attention: Attention, grad_ckpt: GradCkpt, selective_every: int = 2,
+                     offload: ActivationOffload = ActivationOffload.NONE) -> int:
+    """Peak activation bytes on one GPU (decoder layers + embeddings + final norm). With offload the
+    kept term lives in host RAM (activation_host_bytes) and comes back one layer at a time."""
+    kept, working, head = _activation_terms(model, micro_batch, seq_len, precision, attention, grad_ckpt,
+                                            selective_every)
+    if offload is ActivationOffload.CPU:
+        kept = 0
     return int(kept + working + head)
 
 
-def logits_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision) -> int:
-    """Peak bytes of logits + fp32 loss path (see module docstring)."""
+def activation_host_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
+                          attention: Attention, grad_ckpt: GradCkpt, selective_every: int = 2,
+                          offload: ActivationOffload = ActivationOffload.NONE) -> int:
+    """Host bytes per rank that activation offload holds (and moves over PCIe twice per micro-step)."""
+    if offload is ActivationOffload.NONE:
+        return 0
+    kept, _, _ = _activation_terms(model, micro_batch, seq_len, precision, attention, grad_ckpt, selective_every)
+    return int(kept)
+
+
+def logits_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
+                 loss: LossMode = LossMode.FULL, chunk_tokens: int = 512) -> int:
+    """Peak bytes of the logits + fp32 loss path for one loss mode (see module docstring);
+    `auto` is the smaller of the two (resolve_loss says which)."""
     p = precision.param_bytes
     fp32_terms = 12 if p == 2 else 8  # the upcast is a no-op in fp32
-    return micro_batch * seq_len * model.vocab_size * (p + fp32_terms)
+    tokens = micro_batch * seq_len
+    full = tokens * model.vocab_size * (p + fp32_terms)
+    if loss is LossMode.FULL:
+        return full
+    chunk = min(chunk_tokens, tokens)
+    chunked = CHUNK_FP32_TERMS * chunk * model.vocab_size + p * tokens * model.hidden_size
+    return chunked if loss is LossMode.CHUNKED else min(full, chunked)
+
+
+def resolve_loss(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
+                 loss: LossMode, chunk_tokens: int) -> LossMode:
+    """auto -> chunked when the full logits path costs more than the chunked one, else full."""
+    if loss is not LossMode.AUTO:
+        return loss
+    kw = dict(micro_batch=micro_batch, seq_len=seq_len, precision=precision, chunk_tokens=chunk_tokens)
+    full = logits_bytes(model, loss=LossMode.FULL, **kw)
+    return LossMode.CHUNKED if full > logits_bytes(model, loss=LossMode.CHUNKED, **kw) else LossMode.FULL

@@ -9,6 +9,9 @@ optimizer step (no_sync / local accumulation); DeepSpeed ZeRO-2 reduce-scatters 
 (Ψ) and all-gathers once (Ψ); ZeRO-3 / FSDP full shard 3Ψ per micro-step (gather fwd + gather bwd +
 reduce-scatter); FSDP SHARD_GRAD_OP 2Ψ per micro-step. Offload adds PCIe traffic and DeepSpeedCPUAdam
 time; ZeRO-Infinity adds NVMe reads and writes of the optimizer states (and params).
+Chunked loss recomputes the output projection in backward (checkpointed chunks): +2·h·V FLOPs per
+token. Activation offload (torch.autograd.graph.save_on_cpu) copies the saved activations to the host
+in forward and back in backward, synchronously: 2 × offloaded bytes per micro-step over PCIe, exposed.
 Only ratios between plans matter; absolute seconds are rough.
 """
 from __future__ import annotations
@@ -56,12 +59,15 @@ def _ring(bytes_: float, n: int, bw: float) -> float:
 
 def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method: Method,
               precision: Precision, micro_batch: int, grad_accum: int, seq_len: int,
-              ckpt_fraction: float, trainable_params: int, fsdp_defer_grad_sync: bool = False) -> StepTime:
+              ckpt_fraction: float, trainable_params: int, fsdp_defer_grad_sync: bool = False,
+              chunked_loss: bool = False, activation_offload_bytes: int = 0) -> StepTime:
     tokens_micro = micro_batch * seq_len
     N = model.active_params
     attn = 12 * model.num_layers * seq_len * model.num_heads * model.head_dim * 0.5
     fwd = 2 * N + attn / 3
     per_token = (3 * fwd if method is Method.FULL else 2 * fwd) + ckpt_fraction * fwd
+    if chunked_loss:
+        per_token += 2 * model.hidden_size * model.vocab_size  # lm_head forward recomputed per chunk
     mfu = MFU_MAX * (1 - math.exp(-tokens_micro / MFU_TOKENS_HALF))
     flops_s = hw.bf16_tflops * 1e12 * mfu * (FP32_SPEED if precision is Precision.FP32 else 1.0)
     compute = per_token * tokens_micro * grad_accum / flops_s
@@ -108,6 +114,8 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
         offload += K * 2 * p * P / Nsh / hw.pcie_bandwidth_bytes_per_s
         if strategy.offload_params is OffloadDevice.NVME:
             offload += K * 2 * p * P / Nsh * hw.gpus_per_node / hw.nvme_bandwidth_bytes_per_s
+    if activation_offload_bytes:
+        offload += K * 2 * activation_offload_bytes / hw.pcie_bandwidth_bytes_per_s
     hidden = min(comm, COMM_OVERLAP * compute)
     total = compute + comm - hidden + offload
     return StepTime(compute_s=compute, comm_s=comm, offload_s=offload, total_s=total)

@@ -40,13 +40,14 @@ class LoraTargetError(ValueError):
 
 def resolve_lora_targets(model: ModelSpec, targets: tuple[str, ...] | str) -> tuple[str, ...]:
     """Expand "all-linear" (peft's meaning: every nn.Linear in the decoder layers, not lm_head) and
-    check that named targets exist in this architecture (Phi-3 fuses qkv_proj/gate_up_proj)."""
+    check that named targets exist in this architecture (Phi-3 fuses qkv_proj/gate_up_proj).
+    `lm_head` (an untied output projection) may be named too: peft adapts it like any Linear."""
     linear = [s.name for s in model.linear_shapes() if not s.fused_parameter]
     if isinstance(targets, str):
         targets = (targets,)
     if targets == ("all-linear",):
         return tuple(linear)
-    valid = {s.name for s in model.linear_shapes()}
+    valid = {s.name for s in model.linear_shapes()} | ({"lm_head"} if not model.tie_word_embeddings else set())
     bad = [t for t in targets if t not in valid]
     if bad:
         raise LoraTargetError(
@@ -81,6 +82,10 @@ def tensor_inventory(model: ModelSpec, method: Method, lora_rank: int = 16,
     if not full:
         by_name = {s.name: s for s in model.linear_shapes()}
         for t in resolve_lora_targets(model, lora_targets):
+            if t == "lm_head":
+                groups.append(TensorGroup("lm_head.lora_A", (lora_rank, h), 1, True))
+                groups.append(TensorGroup("lm_head.lora_B", (V, lora_rank), 1, True))
+                continue
             s = by_name[t]
             n = L * s.count_per_layer
             groups.append(TensorGroup(f"{t}.lora_A", (lora_rank, s.in_features), n, True))

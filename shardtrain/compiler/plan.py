@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from shardtrain.compiler.memory import ZeroBuckets
 from shardtrain.compiler.model import ModelSpec
-from shardtrain.compiler.specs import (Attention, GradCkpt, HardwareSpec, LoraSpec, Method, Optimizer,
-                                       Precision, Strategy, TrainSpec)
+from shardtrain.compiler.specs import (ActivationOffload, Attention, GradCkpt, HardwareSpec, LoraSpec, LossMode,
+                                       Method, Optimizer, Precision, Strategy, TrainSpec)
 
 MEMORY_TERMS = ("params", "grads", "master_params", "optimizer_states", "activations", "logits",
                 "buffers", "cuda_context")
@@ -68,6 +68,14 @@ class Candidate:
     """FSDP2: skip gradient reduce-scatter on non-final micro-steps (costs unsharded fp32 grads)."""
     why_not: tuple[str, ...] = ()
     """Why this candidate does not fit (empty when it fits)."""
+    loss: LossMode = LossMode.FULL
+    """The logits path this candidate assumes (auto resolved to full or chunked)."""
+    activation_offload: ActivationOffload = ActivationOffload.NONE
+    """cpu: saved activations in host RAM (torch.autograd.graph.save_on_cpu)."""
+    per_phase: tuple[tuple[str, MemoryBreakdown], ...] = ()
+    """(phase, breakdown) for "forward", "backward", "optimizer" (compiler/phases.py); per_gpu is the
+    breakdown of peak_phase."""
+    peak_phase: str = ""
 
     @property
     def key(self) -> tuple:
@@ -112,7 +120,11 @@ class Plan:
             "offload_optimizer": c.strategy.offload_optimizer.value,
             "offload_params": c.strategy.offload_params.value,
             "fsdp_defer_grad_sync": c.fsdp_defer_grad_sync,
+            "loss": c.loss.value, "loss_chunk_tokens": self.train.loss_chunk_tokens,
+            "activation_offload": c.activation_offload.value,
             "why_not": list(c.why_not),
+            **({"per_phase": {ph: b.to_json() for ph, b in c.per_phase}, "peak_phase": c.peak_phase}
+               if c.per_phase else {}),
         }
 
     def to_json(self) -> dict:
@@ -147,7 +159,11 @@ class Plan:
                 world_size=c["world_size"], per_gpu=MemoryBreakdown.from_json(c["per_gpu"]),
                 cpu_memory_per_node_bytes=c["cpu_memory_per_node_bytes"], nvme_bytes=c["nvme_bytes"],
                 step_time_s=c["estimated_step_time_s"], trainable_params=c["model"]["trainable_params"],
-                fsdp_defer_grad_sync=c.get("fsdp_defer_grad_sync", False), why_not=tuple(c.get("why_not", ())))
+                fsdp_defer_grad_sync=c.get("fsdp_defer_grad_sync", False), why_not=tuple(c.get("why_not", ())),
+                loss=LossMode(c.get("loss", "full")),
+                activation_offload=ActivationOffload(c.get("activation_offload", "none")),
+                per_phase=tuple((ph, MemoryBreakdown.from_json(b)) for ph, b in (c.get("per_phase") or {}).items()),
+                peak_phase=c.get("peak_phase", ""))
         lora = d.get("lora") or {}
         return Plan(chosen=cand(d), alternatives=tuple(cand(a) for a in d.get("alternatives", [])),
                     model=model, hardware=hw, train=train, gpu_memory_bytes=d["gpu_memory_bytes"],
@@ -172,5 +188,7 @@ def _train_from_json(d: dict) -> TrainSpec:
         **{**d, "precision": Precision(d["precision"]), "method": Method(d["method"]),
            "optimizer": Optimizer(d["optimizer"]), "grad_ckpt": GradCkpt(d["grad_ckpt"]),
            "attention": Attention(d["attention"]),
+           "loss": LossMode(d.get("loss", "full")),
+           "activation_offload": ActivationOffload(d.get("activation_offload", "none")),
            "strategy": Strategy(d["strategy"]) if d.get("strategy") else None},
         lora=LoraSpec(**{**lora, "targets": tuple(lora["targets"])}))

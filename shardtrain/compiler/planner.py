@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from shardtrain.compiler.activations import activation_bytes, logits_bytes, resolved_ckpt_fraction
+from shardtrain.compiler.activations import (activation_bytes, activation_host_bytes, logits_bytes,
+                                             resolve_loss, resolved_ckpt_fraction)
 from shardtrain.compiler.cost import step_time
 from shardtrain.compiler.inventory import resolve_lora_targets, tensor_inventory, trainable_params
-from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes
+from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes, shard_group_size
+from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.plan import Candidate, MemoryBreakdown, Plan
-from shardtrain.compiler.specs import (Engine, GradCkpt, HardwareSpec, Method, OffloadDevice, Optimizer,
-                                       Precision, Strategy, TrainSpec)
+from shardtrain.compiler.specs import (ActivationOffload, Engine, GradCkpt, HardwareSpec, LossMode, Method,
+                                       OffloadDevice, Optimizer, Precision, Strategy, TrainSpec)
 from shardtrain.units import fmt_bytes
 
 MAX_AUTO_MICRO_BATCH = 64
@@ -65,24 +67,37 @@ class _Ctx:
 
 
 def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
-              method: Method, defer: bool, groups) -> Candidate:
+              method: Method, defer: bool, groups,
+              act_offload: ActivationOffload = ActivationOffload.NONE) -> Candidate:
     m, hw, t = ctx.model, ctx.hw, ctx.train
     ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
                            optimizer=optimizer, fsdp_defer_grad_sync=defer)
-    acts = activation_bytes(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision,
-                            attention=t.attention, grad_ckpt=ckpt, selective_every=t.selective_every)
-    logits = logits_bytes(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision)
-    per_gpu = MemoryBreakdown(params=ms.params, grads=ms.grads, master_params=ms.master_params,
-                              optimizer_states=ms.optimizer_states, activations=acts, logits=logits,
-                              buffers=ms.buffers, cuda_context=CUDA_CONTEXT_BYTES)
-    cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes, t.precision)
+    akw = dict(micro_batch=micro, seq_len=t.seq_len, precision=t.precision, attention=t.attention,
+               grad_ckpt=ckpt, selective_every=t.selective_every, offload=act_offload)
+    acts = activation_bytes(m, **akw)
+    act_host = activation_host_bytes(m, **akw)
+    loss = resolve_loss(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=t.loss,
+                        chunk_tokens=t.loss_chunk_tokens)
+    logits = logits_bytes(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=loss,
+                          chunk_tokens=t.loss_chunk_tokens)
+    # per_gpu = the breakdown at the peak phase (compiler/phases.py), not the sum of each term's maximum
+    phases, peak = candidate_phases(
+        m, groups, strategy, ms, shard_size=shard_group_size(strategy, hw), world_size=hw.world_size, method=method,
+        precision=t.precision, optimizer=optimizer, micro_batch=micro, seq_len=t.seq_len, attention=t.attention,
+        grad_ckpt=ckpt, selective_every=t.selective_every,
+        grad_accum=t.global_batch_size // (micro * hw.world_size), defer_grad_sync=defer, loss=loss,
+        chunk_tokens=t.loss_chunk_tokens, activation_offload=act_offload is not ActivationOffload.NONE,
+        cuda_context=CUDA_CONTEXT_BYTES)
+    per_gpu = phases[peak]
+    cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes + act_host, t.precision)
     nvme = ms.nvme_bytes * hw.gpus_per_node
     accum = t.global_batch_size // (micro * hw.world_size)
     T = trainable_params(groups)
     st = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
                    grad_accum=accum, seq_len=t.seq_len,
                    ckpt_fraction=resolved_ckpt_fraction(ckpt, m.num_layers, t.selective_every),
-                   trainable_params=T, fsdp_defer_grad_sync=defer)
+                   trainable_params=T, fsdp_defer_grad_sync=defer, chunked_loss=loss is LossMode.CHUNKED,
+                   activation_offload_bytes=act_host)
     why = []
     if per_gpu.total > ctx.usable:
         why.append(f"needs {fmt_bytes(per_gpu.total)} per GPU > {fmt_bytes(ctx.usable)} usable")
@@ -94,7 +109,8 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                      gradient_checkpointing=ckpt, optimizer=optimizer, method=method,
                      precision=t.precision, world_size=hw.world_size, per_gpu=per_gpu,
                      cpu_memory_per_node_bytes=cpu, nvme_bytes=nvme, step_time_s=st.total_s,
-                     trainable_params=T, fsdp_defer_grad_sync=defer, why_not=tuple(why))
+                     trainable_params=T, fsdp_defer_grad_sync=defer, why_not=tuple(why), loss=loss,
+                     activation_offload=act_offload, per_phase=tuple(phases.items()), peak_phase=peak)
 
 
 def micro_batch_options(train: TrainSpec, hw: HardwareSpec) -> list[int]:
@@ -138,6 +154,9 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
     methods = [train.method]
     if train.allow_method_change and train.method is Method.FULL:
         methods += [Method.LORA, Method.QLORA]
+    # activation offload is a permission: both are evaluated, the faster fitting one wins (PCIe is slow)
+    offloads = [ActivationOffload.NONE] + ([ActivationOffload.CPU] if train.activation_offload is ActivationOffload.CPU
+                                           else [])
     targets: tuple[str, ...] = ()
     candidates: list[Candidate] = []
     illegal: dict[Strategy, str] = {}
@@ -159,7 +178,8 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
                         accum = train.global_batch_size // (mb * hw.world_size)
                         defers = [False, True] if (s.engine is Engine.FSDP and accum > 1) else [False]
                         for d in defers:
-                            candidates.append(_evaluate(ctx, s, ck, mb, opt, method, d, groups))
+                            for ao in offloads:
+                                candidates.append(_evaluate(ctx, s, ck, mb, opt, method, d, groups, ao))
     if not candidates:
         forced = train.strategy.value if train.strategy else "every strategy"
         raise PlanningError(f"{forced}: " + "; ".join(sorted(set(illegal.values()))))
@@ -228,9 +248,35 @@ def _reasons(ctx: _Ctx, c: Candidate, best: dict[Strategy, Candidate], illegal: 
         r.append(f"optimizer switched to {c.optimizer.value} (allow_optimizer_change) to fit")
     if c.method is not t.method:
         r.append(f"method switched to {c.method.value} (allow_method_change) to fit")
+    r += _memory_saver_reasons(ctx, c, best)
     if c.fsdp_defer_grad_sync:
         r.append("FSDP gradient sync deferred to the last micro-step (set_requires_gradient_sync): "
                  "fewer reduce-scatters, unsharded fp32 grads held meanwhile")
+    return r
+
+
+def _memory_saver_reasons(ctx: _Ctx, c: Candidate, best: dict[Strategy, Candidate]) -> list[str]:
+    """Why the loss path and activation offload are what they are."""
+    t, r = ctx.train, []
+    kw = dict(micro_batch=c.micro_batch_size, seq_len=t.seq_len, precision=t.precision,
+              chunk_tokens=t.loss_chunk_tokens)
+    full = logits_bytes(ctx.model, loss=LossMode.FULL, **kw)
+    chunked = logits_bytes(ctx.model, loss=LossMode.CHUNKED, **kw)
+    if c.loss is LossMode.CHUNKED:
+        how = "loss auto → chunked" if t.loss is LossMode.AUTO else "loss chunked"
+        r.append(f"{how}: lm_head + fp32 cross-entropy in chunks of {t.loss_chunk_tokens} tokens, logits term "
+                 f"{fmt_bytes(chunked)} instead of {fmt_bytes(full)} for the full fp32 logits "
+                 "(the runtime recomputes one chunk's projection in backward)")
+    elif t.loss is LossMode.AUTO:
+        r.append(f"loss auto → full: the whole logits path ({fmt_bytes(full)}) is no larger than a chunked one")
+    elif full > chunked and not c.fits:
+        r.append(f"loss full: the full fp32 logits path needs {fmt_bytes(full)}; loss: chunked would need "
+                 f"{fmt_bytes(chunked)}")
+    if c.activation_offload is ActivationOffload.CPU:
+        r.append("activations offloaded to host RAM (save_on_cpu): no faster plan fits; the GPU keeps one "
+                 "layer's working set, each micro-step moves the saved activations over PCIe twice")
+    elif t.activation_offload is ActivationOffload.CPU:
+        r.append("activation offload allowed but not used: a plan without the PCIe round trip fits and is faster")
     return r
 
 
@@ -241,6 +287,13 @@ def _no_fit_message(ctx: _Ctx, least: Candidate) -> str:
              f"checkpointing {least.gradient_checkpointing.value}) needs {fmt_bytes(least.per_gpu.total)} per GPU; "
              + "; ".join(least.why_not) + "."]
     fixes = []
+    if least.per_gpu.total > ctx.usable and least.loss is LossMode.FULL:
+        kw = dict(micro_batch=least.micro_batch_size, seq_len=t.seq_len, precision=t.precision,
+                  chunk_tokens=t.loss_chunk_tokens)
+        full, chunked = (logits_bytes(ctx.model, loss=mode, **kw) for mode in (LossMode.FULL, LossMode.CHUNKED))
+        if full > chunked:
+            fixes.append(f"loss: chunked (--loss chunked: the logits path needs {fmt_bytes(chunked)} "
+                         f"instead of {fmt_bytes(full)})")
     if least.per_gpu.total > ctx.usable:
         fixes.append(f"GPUs with at least {fmt_bytes(need_gpu)} (--gpu-memory)")
         if least.strategy.shards_params or least.strategy.zero_stage:

@@ -113,6 +113,22 @@ class Attention(_StrEnum):
     EAGER = "eager"
 
 
+class LossMode(_StrEnum):
+    """How the output projection + cross-entropy run. full: the whole fp32 logits tensor exists
+    (HF ForCausalLMLoss); chunked: projection + fp32 CE chunk by chunk under checkpointing
+    (shardtrain/runtime/loss.py); auto: the planner picks chunked when the full path costs more."""
+    AUTO = "auto"
+    FULL = "full"
+    CHUNKED = "chunked"
+
+
+class ActivationOffload(_StrEnum):
+    """Where saved activations live between forward and backward (cpu: pinned host memory via
+    torch.autograd.graph.save_on_cpu)."""
+    NONE = "none"
+    CPU = "cpu"
+
+
 @dataclass(frozen=True)
 class HardwareSpec:
     """The machines a job runs on. Bandwidths are per GPU, unidirectional, usable (not peak)."""
@@ -188,3 +204,10 @@ class TrainSpec:
     """Let the planner try LoRA/QLoRA when full fine-tuning does not fit."""
     headroom_fraction: float = 0.05
     """Fraction of GPU memory kept free for allocator fragmentation (calibratable)."""
+    loss: LossMode = LossMode.FULL
+    """Logits path: full, chunked, or auto (chunked when the full path costs more than a chunk)."""
+    loss_chunk_tokens: int = 512
+    """Tokens per chunk of the chunked loss (torchtune CEWithChunkedOutputLoss: 8 chunks of the
+    sequence = 512 tokens at b=2, s=2048)."""
+    activation_offload: ActivationOffload = ActivationOffload.NONE
+    """Saved activations to host RAM (cpu) — the planner only picks it when nothing faster fits."""

@@ -83,7 +83,14 @@ def _resolve(name_or_path: str) -> tuple[Path, str]:
     key = raw.lower()
     if key in presets:
         return MODELS_DIR / f"{key}.json", key
+    from shardtrain.config import hub
     norm = _normalize(raw)
+    if hub.is_hub_id(raw) and (hub.cached_config(raw) is not None or _normalize(raw.split("@")[0]) not in presets):
+        try:
+            return hub.resolve_config(raw), raw  # ORG/NAME[@REV]: the Hub's own config.json (cache first)
+        except ValueError as e:
+            near = difflib.get_close_matches(norm, presets, n=3, cutoff=0.4)
+            raise ValueError(f"{e}" + (f"; nearest presets: {', '.join(near)}" if near else "")) from None
     if norm in presets:
         return MODELS_DIR / f"{norm}.json", norm
     if _looks_like_path(raw):
@@ -96,15 +103,10 @@ def _resolve(name_or_path: str) -> tuple[Path, str]:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"model config {str(path)!r}: invalid JSON: {e}") from None
-    except OSError as e:
-        raise ValueError(f"model config {str(path)!r}: cannot read: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"model config {str(path)!r}: expected a JSON object")
-    return cfg
+    # Any bad file (binary, huge, deeply nested, NaN, ...) -> one ConfigError (a ValueError) naming it.
+    from shardtrain.config.safe_io import load_mapping
+    return load_mapping(path, fmt="json", what="model config",
+                        fix="give a Hugging Face config.json (model_type, hidden_size, num_hidden_layers, ...)")
 
 
 def load_model_config(name_or_path: str) -> tuple[dict, str]:

@@ -53,7 +53,8 @@ def resolve_train(cfg: RunConfig) -> TrainSpec:
         optimizer=t.optimizer, grad_ckpt=t.grad_ckpt, selective_every=t.selective_every,
         attention=t.attention, strategy=None if t.strategy == "auto" else Strategy(t.strategy),
         allow_optimizer_change=t.allow_optimizer_change, allow_method_change=t.allow_method_change,
-        headroom_fraction=t.headroom)
+        headroom_fraction=t.headroom, loss=t.loss, loss_chunk_tokens=t.loss_chunk_tokens,
+        activation_offload=t.activation_offload)
 
 
 def resolve_specs(cfg: RunConfig) -> tuple[ModelSpec, HardwareSpec, TrainSpec]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from shardtrain.compiler.specs import Attention, GradCkpt, Method, Optimizer, Precision, Strategy
+from shardtrain.compiler.specs import (ActivationOffload, Attention, GradCkpt, LossMode, Method, Optimizer,
+                                       Precision, Strategy)
 from shardtrain.units import parse_bytes, parse_count
 
 
@@ -105,6 +107,12 @@ class TrainConfig:
     """With grad_ckpt selective: checkpoint every k-th decoder layer."""
     attention: Attention = Attention.SDPA
     """sdpa | flash | eager."""
+    loss: LossMode = LossMode.FULL
+    """full | chunked (lm_head + fp32 CE in chunks, never the whole logits) | auto (chunked when smaller)."""
+    loss_chunk_tokens: int = 512
+    """Tokens per chunk of the chunked loss."""
+    activation_offload: ActivationOffload = ActivationOffload.NONE
+    """none | cpu (allow saved activations in host RAM; used only when no faster plan fits)."""
     strategy: str = "auto"
     """auto or one of the strategies (forces it)."""
     allow_optimizer_change: bool = False
@@ -132,7 +140,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str | None = None
-    """Training data: .jsonl (text, or prompt/completion) or plain text."""
+    """Training data: .jsonl (text, prompt/completion or chat messages), .parquet/.arrow, a `datasets`
+    save_to_disk directory, a Hub dataset id in the local HF cache, or plain text."""
     eval: str | None = None
     """Held-out data; unset: the last eval_fraction of train."""
     eval_fraction: float = 0.05
@@ -141,6 +150,9 @@ class DataConfig:
     """auto | jsonl | text."""
     packing: bool = True
     """Pack samples into seq_len blocks (else pad to the longest in the batch)."""
+    chat_template: str | None = None
+    """Chat `messages` data: Jinja chat template (string or .jinja file), or `default` (shardtrain's);
+    unset: the tokenizer's own."""
 
 
 @dataclass(frozen=True)
@@ -161,10 +173,19 @@ class RunSection:
     """auto (continue from the latest checkpoint) | never."""
     max_requeues: int = 3
     """Slurm: requeue after preemption while SLURM_RESTART_COUNT is below this."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept under checkpoints/ (older ones are deleted after a save)."""
     device: str = "auto"
     """auto (cuda if present, else cpu/gloo) | cpu | cuda."""
     launcher: str = "auto"
     """auto (from the plan) | torchrun | deepspeed."""
+    report_to: tuple[str, ...] | None = None
+    """Experiment trackers fed by rank 0 each step: tensorboard, wandb, mlflow (runtime/trackers.py);
+    unset: none (metrics.jsonl only)."""
+    memory_trace: bool = False
+    """Record PyTorch's MemTracker peak of live tensors per phase (forward / backward / optimizer) on
+    the measured step and print it against the plan (memory_rank{R}.json, logs/memory_table.txt).
+    Off by default: it slows that step down several times."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +221,7 @@ FLAG_KEYS = {
     "precision": "train.precision", "method": "train.method", "lora_rank": "lora.rank",
     "optimizer": "train.optimizer", "grad_ckpt": "train.grad_ckpt", "attention": "train.attention",
     "strategy": "train.strategy", "steps": "train.steps",
+    "loss": "train.loss", "activation_offload": "train.activation_offload",
 }
 
 _SECTIONS = typing.get_type_hints(RunConfig)
@@ -269,6 +291,8 @@ def _coerce(key: str, tp, value):
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: {value!r} is not an integer; write e.g. {key.split('.')[-1]}: 4") from None
+        if not math.isfinite(f):  # int(inf) is an OverflowError (issue 13: seq_len: 1e400)
+            raise ConfigError(f"{key}: {value!r} is not a finite integer; write e.g. {key.split('.')[-1]}: 4")
         if f != int(f):
             raise ConfigError(f"{key}: {value!r} is not a whole number")
         return int(f)
@@ -276,9 +300,12 @@ def _coerce(key: str, tp, value):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: {value!r} is not a number")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: {value!r} is not a number; write e.g. 3e-4") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{key}: {value!r} is not a finite number; write e.g. 3e-4")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
@@ -295,11 +322,14 @@ def _coerce(key: str, tp, value):
 # Value constraints: key -> (predicate, message fragment saying what is allowed).
 _CHECKS = {
     "hardware.nodes": (lambda v: v >= 1, "must be >= 1"),
+    "run.report_to": (lambda v: v is None or set(v) <= {"tensorboard", "wandb", "mlflow"},
+                      "must list trackers from: tensorboard, wandb, mlflow"),
     "hardware.gpus_per_node": (lambda v: v >= 1, "must be >= 1"),
     "train.seq_len": (lambda v: v >= 1, "must be >= 1, e.g. 4096"),
     "train.micro_batch": (lambda v: v is None or v >= 1, "must be auto or >= 1"),
     "train.global_batch": (lambda v: v >= 1, "must be >= 1"),
     "train.selective_every": (lambda v: v >= 1, "must be >= 1"),
+    "train.loss_chunk_tokens": (lambda v: v >= 1, "must be >= 1, e.g. 512"),
     "train.headroom": (lambda v: 0 <= v < 0.9, "must be a fraction in [0, 0.9), e.g. 0.05"),
     "train.lr": (lambda v: v > 0, "must be > 0, e.g. 3e-4"),
     "train.steps": (lambda v: v >= 1, "must be >= 1"),
@@ -316,6 +346,7 @@ _CHECKS = {
     "run.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
     "run.launcher": (lambda v: v in ("auto", "torchrun", "deepspeed"), "must be auto, torchrun or deepspeed"),
     "run.checkpoint_every": (lambda v: v >= 0, "must be >= 0"),
+    "run.keep_checkpoints": (lambda v: v >= 1, "must be >= 1 (complete checkpoints kept), e.g. 3"),
     "run.eval_every": (lambda v: v >= 0, "must be >= 0"),
 }
 
@@ -377,13 +408,8 @@ def load_run_config(path: str | Path | None, overrides: dict[str, object] | None
     """Read a YAML run config (yaml.safe_load) and validate it with overrides applied."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"run config '{path}' does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, hardware, train, ...)")
+        from shardtrain.config.safe_io import load_mapping  # any bad file -> one ConfigError (issue 13)
+        raw = load_mapping(path, fmt="yaml", what="run config", empty_ok=True,
+                           fix="write a YAML mapping of sections (model, hardware, train, ...), "
+                               "e.g. configs/examples/tiny-cpu.yaml")
     return parse_run_config(raw, overrides)

@@ -103,6 +103,22 @@ def notes(plan: Plan) -> list[str]:
             out.append("selective checkpointing is not expressible here: every layer is checkpointed")
     if plan.hardware.nodes > 1:
         out.append("run the same command on every node, adding --machine_rank N (0 on the first node)")
+    return out + memory_saver_notes(plan)
+
+
+def memory_saver_notes(plan: Plan) -> list[str]:
+    """What the plan assumed that no engine config can express (chunked loss, activation offload):
+    the training code must do it, as shardtrain's runtime does (shardtrain/runtime/loss.py)."""
+    c, out = plan.chosen, []
+    if c.loss.value == "chunked":
+        out.append(f"the plan assumes a CHUNKED loss (lm_head + fp32 cross-entropy {plan.train.loss_chunk_tokens} "
+                   "tokens at a time; its memory has no full logits term): no accelerate/DeepSpeed key does "
+                   "this; HF Trainer: TrainingArguments(use_liger_kernel=True, liger_kernel_config="
+                   "{'fused_linear_cross_entropy': True}), or shardtrain launch; model(**batch).loss does not fit")
+    if c.activation_offload.value == "cpu":
+        out.append("the plan assumes activation offload to host RAM (torch.autograd.graph.save_on_cpu around "
+                   "the forward, pinned memory); no accelerate/DeepSpeed key does this: wrap your forward, "
+                   "or use shardtrain launch")
     return out
 
 

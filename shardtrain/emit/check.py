@@ -7,7 +7,6 @@ shardtrain.emit.accelerate. Pure: takes dicts (plus a base directory to follow
 """
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,23 +14,11 @@ from pathlib import Path
 import yaml
 
 from shardtrain.emit import deepspeed as K
-from shardtrain.emit.accelerate import DS_FILE_CONFLICTS, FSDP_KEYS
+from shardtrain.emit import engine_schema as S
+from shardtrain.emit.accelerate import DS_FILE_CONFLICTS
 
-ERROR, WARNING = "error", "warning"
+ERROR, WARNING, INFO = "error", "warning", "info"
 _DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "no": "float32", None: "float32"}
-#: accelerate 1.15 ClusterConfig fields (commands/config/config_args.py) + BaseConfig.
-ACCELERATE_KEYS = frozenset({
-    "compute_environment", "distributed_type", "mixed_precision", "use_cpu", "debug", "num_processes",
-    "machine_rank", "num_machines", "gpu_ids", "main_process_ip", "main_process_port", "rdzv_backend",
-    "same_network", "main_training_function", "enable_cpu_affinity", "fp8_config", "deepspeed_config",
-    "fsdp_config", "parallelism_config", "megatron_lm_config", "mpirun_config", "downcast_bf16", "tpu_name",
-    "tpu_zone", "tpu_use_cluster", "tpu_use_sudo", "command_file", "commands", "tpu_vm", "tpu_env",
-    "dynamo_config", "ipex_config"})
-ACCELERATE_DS_KEYS = frozenset({
-    "deepspeed_config_file", "zero3_init_flag", "zero3_save_16bit_model", "zero_stage", "offload_optimizer_device",
-    "offload_param_device", "offload_optimizer_nvme_path", "offload_param_nvme_path", "gradient_accumulation_steps",
-    "gradient_clipping", "deepspeed_multinode_launcher", "deepspeed_hostfile", "deepspeed_exclusion_filter",
-    "deepspeed_inclusion_filter", "deepspeed_moe_layer_cls_names"})
 _8BIT_HINTS = ("8bit", "bnb", "bitsandbytes", "paged")
 _DS_CPU_TYPES = {"adam", "adamw", "adagrad", "lion"}
 _ZERO_SUPPORTED_TYPES = {"adam", "adamw", "adagrad", "lion", "muon"}
@@ -47,15 +34,34 @@ class Finding:
     def __str__(self) -> str:
         return f"{self.severity}: {self.key}: {self.problem}. Fix: {self.fix}"
 
+    def to_json(self, file: str) -> dict:
+        return {"file": file, "key": self.key, "severity": self.severity, "message": self.problem, "fix": self.fix}
 
-def _unknown(block: dict, known, where: str, out: list) -> None:
-    for k in block:
-        if k not in known:
-            close = difflib.get_close_matches(str(k), sorted(known), n=1, cutoff=0.6)
-            fix = (f"rename it to '{close[0]}'" if close
-                   else f"remove it (known keys: {', '.join(sorted(known)[:12])}, ...)")
-            out.append(Finding(ERROR, f"{where}{k}", "unknown key (DeepSpeed ignores unknown top-level keys silently "
-                               "and rejects unknown keys inside blocks at start-up)", fix))
+
+def _accelerate_unknown(cfg: dict, out: list) -> None:
+    """Top-level keys outside accelerate's ClusterConfig make `accelerate launch` raise; keys of a nested
+    block that its launcher does not know are silently ignored (engine_schema: both read from accelerate)."""
+    try:
+        top = S.accelerate_top_keys()
+    except ImportError:
+        out.append(Finding(WARNING, "<top level>", "accelerate is not installed here, so key names were not checked",
+                           "run `shardtrain check` where accelerate is installed"))
+        return
+    for k in cfg:
+        if k not in top:
+            hit = S.near_miss(k, top)
+            out.append(Finding(ERROR, str(k), "not a key of accelerate's ClusterConfig (`accelerate launch` raises "
+                               "'unknown keys')", f"rename it to '{hit}'" if hit else "delete it"))
+    for block, sub in cfg.items():
+        if not isinstance(sub, dict) or block not in top:
+            continue
+        prefix, known = S.accelerate_block_keys(block)
+        for k in sub:
+            name = k if str(k).startswith(prefix) else prefix + str(k)
+            if name not in known:
+                hit = S.near_miss(k, known | {x[len(prefix):] for x in known if prefix and x.startswith(prefix)})
+                out.append(Finding(WARNING, f"{block}.{k}", "accelerate's launcher does not know this key and "
+                                   "silently ignores it", f"rename it to '{hit}'" if hit else "delete it"))
 
 
 def find_auto_keys(d, prefix: str = ""):
@@ -71,34 +77,15 @@ def check_deepspeed(cfg: dict, *, consumer: str = "deepspeed", world_size: int |
                     optimizer: str | None = None, method: str | None = None,
                     quant_storage: str | None = None) -> list[Finding]:
     """Lint a DeepSpeed config dict. consumer: deepspeed (deepspeed.initialize), trainer (HF
-    TrainingArguments(deepspeed=...)) or accelerate (referenced from an accelerate YAML)."""
-    out: list[Finding] = []
+    TrainingArguments(deepspeed=...)) or accelerate (referenced from an accelerate YAML).
+    Key names, aliases, types and the extra-keys policy are the installed DeepSpeed's own
+    (engine_schema runs its parser); the checks below are the pitfalls its parser does not see."""
     if not isinstance(cfg, dict):
         return [Finding(ERROR, "<top level>", "not a JSON object", "write a {...} DeepSpeed config")]
-    for k in cfg:
-        if k in K.REMOVED_TOP_LEVEL_KEYS:
-            out.append(Finding(ERROR, k, "removed from DeepSpeed 0.19 (it refuses to start)", "delete the block"))
-    _unknown({k: v for k, v in cfg.items() if k not in K.REMOVED_TOP_LEVEL_KEYS}, K.TOP_LEVEL_KEYS, "", out)
-    if K.BF16_OLD in cfg:
-        out.append(Finding(WARNING, K.BF16_OLD, "legacy spelling", f"rename to '{K.BF16}'"))
+    out = _engine_findings(cfg, consumer, world_size)
     z = cfg.get(K.ZERO) or {}
     if not isinstance(z, dict):
         z = {}
-    for where, blk, known in ((f"{K.ZERO}.", z, K.ZERO_KEYS),
-                              (f"{K.ZERO}.{K.OFFLOAD_PARAM}.", z.get(K.OFFLOAD_PARAM), K.OFFLOAD_PARAM_KEYS),
-                              (f"{K.ZERO}.{K.OFFLOAD_OPTIMIZER}.", z.get(K.OFFLOAD_OPTIMIZER), K.OFFLOAD_OPTIMIZER_KEYS),
-                              (f"{K.BF16}.", cfg.get(K.BF16), K.BF16_KEYS), (f"{K.FP16}.", cfg.get(K.FP16), K.FP16_KEYS),
-                              (f"{K.AIO}.", cfg.get(K.AIO), K.AIO_KEYS)):
-        if isinstance(blk, dict):
-            _unknown(blk, known, where, out)
-    # "auto" values
-    allowed = {"trainer": K.TRAINER_AUTO_KEYS, "accelerate": K.ACCELERATE_AUTO_KEYS}.get(consumer, frozenset())
-    for key in find_auto_keys(cfg):
-        if key not in allowed:
-            who = {"trainer": "the HF Trainer does not fill this key", "accelerate": "accelerate does not fill this key"}
-            out.append(Finding(ERROR, key, '"auto" ' + who.get(consumer, "is only filled in by the HF Trainer/"
-                               "accelerate; deepspeed.initialize rejects it (batch keys) or silently uses its default"),
-                               "write the value (shardtrain emit computes it from the plan)"))
     stage = z.get(K.STAGE, 0) if isinstance(z.get(K.STAGE, 0), int) else 0
     op, oo = z.get(K.OFFLOAD_PARAM) or {}, z.get(K.OFFLOAD_OPTIMIZER) or {}
     if isinstance(op, dict) and op.get(K.DEVICE, "none") != "none" and stage < 3:
@@ -113,9 +100,6 @@ def check_deepspeed(cfg: dict, *, consumer: str = "deepspeed", world_size: int |
         if isinstance(blk, dict) and blk.get(K.DEVICE) == "nvme" and not blk.get(K.NVME_PATH):
             out.append(Finding(ERROR, f"{K.ZERO}.{name}.{K.NVME_PATH}", "device is nvme but no nvme_path is set",
                                "set nvme_path to a directory on a local NVMe drive"))
-    if isinstance(cfg.get(K.BF16), dict) and isinstance(cfg.get(K.FP16), dict) \
-            and cfg[K.BF16].get(K.ENABLED) is True and cfg[K.FP16].get(K.ENABLED) is True:
-        out.append(Finding(ERROR, f"{K.BF16}.{K.ENABLED}", "bf16 and fp16 are both enabled", "enable only one"))
     out += _batch(cfg, world_size, consumer)
     out += _optimizer(cfg, stage, oo, optimizer)
     if method == "qlora" and stage == 3:
@@ -123,6 +107,75 @@ def check_deepspeed(cfg: dict, *, consumer: str = "deepspeed", world_size: int |
             "float16" if (cfg.get(K.FP16) or {}).get(K.ENABLED) is True else "float32"
         out += _quant_storage(dtype, quant_storage, "ZeRO-3")
     return out
+
+
+def auto_allowed(consumer: str) -> dict[str, str]:
+    """{key: who fills it} for the keys the consumer replaces "auto" in."""
+    fills = S.trainer_fills() if consumer in ("trainer", "accelerate") else {}
+    if not fills and consumer in ("trainer", "accelerate"):  # transformers not installed here
+        fills = {k: "the HF Trainer" for k in K.TRAINER_AUTO_KEYS}
+    if consumer == "accelerate":  # Accelerator._prepare_deepspeed fills these, not betas/eps
+        fills = {k: v for k, v in fills.items() if k in K.ACCELERATE_AUTO_KEYS}
+    return fills
+
+
+def _placeholder(cfg: dict, allowed) -> dict:
+    """A copy with the values the Trainer/accelerate will fill set to something DeepSpeed accepts
+    (batch sizes 1, clipping 1.0, precision off); other "auto"s stay for DeepSpeed to judge."""
+    work = json.loads(json.dumps(cfg))
+    for key in find_auto_keys(cfg):
+        if key not in allowed:
+            continue
+        *parents, leaf = key.split(".")
+        d = work
+        for p in parents:
+            d = d[p]
+        if leaf in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM):
+            d[leaf] = 1
+        elif leaf == K.GRADIENT_CLIPPING:
+            d[leaf] = 1.0
+        elif leaf == K.ENABLED:
+            d[leaf] = False
+    return work
+
+
+def _engine_findings(cfg: dict, consumer: str, world_size: int | None) -> list[Finding]:
+    try:
+        import contextlib
+        import sys
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout: keep `check --json` clean
+            import deepspeed  # noqa: F401  (lazy: the plan path never imports it)
+    except ImportError:
+        return [Finding(WARNING, "<top level>", "DeepSpeed is not installed here, so key names and types were not "
+                        "checked against it", "run `shardtrain check` where deepspeed is installed")]
+    allowed = auto_allowed(consumer)
+    work = _placeholder(cfg, allowed)
+    nums = [work.get(k) for k in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM)]
+    world = world_size or 1
+    if all(isinstance(v, int) and v > 0 for v in nums) and nums[0] % (nums[1] * nums[2]) == 0 and not world_size:
+        world = nums[0] // (nums[1] * nums[2])  # our _batch check judges the arithmetic
+    raw, trace = S.deepspeed_findings(work, world_size=world)
+    out = [Finding(r.severity, S._dotted(r.path), r.problem, r.fix) for r in raw]
+    seen = {f.key for f in out}
+    for key in find_auto_keys(cfg):
+        if key in allowed or key in seen:
+            continue
+        path = tuple(key.split("."))
+        if S.auto_in_validated_block(trace, path):
+            out.append(Finding(WARNING, key, '"auto" is dropped by DeepSpeed here (DeepSpeedConfigModel removes '
+                               '"auto" values) and its default is used' + ("; the HF Trainer does not fill this key"
+                               if consumer != "deepspeed" else ""), "write the value you want, or delete the key"))
+        else:
+            who = {"trainer": "the HF Trainer does not fill this key", "accelerate": "accelerate does not fill this key"}
+            out.append(Finding(ERROR, key, '"auto" ' + who.get(consumer, "is only filled in by the HF Trainer/"
+                               "accelerate; DeepSpeed passes the string on where a number belongs"),
+                               "write the value (shardtrain emit computes it from the plan)"))
+    return out
+
+
+def looks_like_trainer_template(cfg) -> bool:
+    """A DeepSpeed JSON with "auto" values is written for the HF Trainer/accelerate to fill."""
+    return isinstance(cfg, dict) and any(True for _ in find_auto_keys(cfg))
 
 
 def _batch(cfg: dict, world: int | None, consumer: str) -> list[Finding]:
@@ -189,7 +242,7 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
     out: list[Finding] = []
     if not isinstance(cfg, dict):
         return [Finding(ERROR, "<top level>", "not a YAML mapping", "write `key: value` lines")]
-    _unknown(cfg, ACCELERATE_KEYS, "", out)
+    _accelerate_unknown(cfg, out)
     dt = cfg.get("distributed_type")
     n, m = cfg.get("num_processes"), cfg.get("num_machines", 1)
     if dt is None:
@@ -200,7 +253,6 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
     mp = cfg.get("mixed_precision")
     if dt == "DEEPSPEED":
         ds = cfg.get("deepspeed_config") or {}
-        _unknown(ds, ACCELERATE_DS_KEYS, "deepspeed_config.", out)
         if ds.get("deepspeed_config_file"):
             conflicts = [k for k in DS_FILE_CONFLICTS if k in ds] + (["mixed_precision"] if mp not in (None, "no") else [])
             for k in conflicts:
@@ -213,8 +265,11 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
                                    "point it at the JSON (relative paths resolve from where you launch)"))
             else:
                 ws = n if isinstance(n, int) and n > 0 else None
+                from shardtrain.config.safe_io import load_mapping
+                ds_json = load_mapping(p, fmt="json", what="deepspeed_config_file",
+                                       fix="point deepspeed_config.deepspeed_config_file at a DeepSpeed JSON")
                 out += [Finding(f.severity, f"{p.name}: {f.key}", f.problem, f.fix) for f in check_deepspeed(
-                    json.loads(p.read_text()), consumer="accelerate", world_size=ws, optimizer=optimizer,
+                    ds_json, consumer="accelerate", world_size=ws, optimizer=optimizer,
                     method=method, quant_storage=quant_storage)]
         else:
             stage = int(ds.get("zero_stage", 2) or 0)
@@ -233,7 +288,6 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
                 out += _quant_storage(_DTYPE_OF.get(mp, "float32"), quant_storage, "ZeRO-3")
     if dt == "FSDP":
         f = cfg.get("fsdp_config") or {}
-        _unknown(f, FSDP_KEYS, "fsdp_config.", out)
         v = f.get("fsdp_version", 1)
         if v != 2:
             out.append(Finding(WARNING, "fsdp_config.fsdp_version", f"{v!r}: FSDP1 (deprecated in torch)",
@@ -262,12 +316,16 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
 
 def load_any(path: str | Path) -> tuple[str, dict]:
     """("deepspeed"|"accelerate", dict) by content: accelerate configs have distributed_type."""
+    from shardtrain.config.safe_io import load_file  # any bad file -> one ConfigError (a ValueError)
     p = Path(path)
-    text = p.read_text()
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    data = load_file(p, fmt="auto", what="config", fix="give a DeepSpeed JSON or an accelerate YAML "
+                     "(`shardtrain emit RUN.yaml` writes both)")
+    if not isinstance(data, dict):
+        raise ValueError(f"config '{p}': the top level must be a mapping (a JSON object), got {type(data).__name__}; "
+                         "give a DeepSpeed JSON or an accelerate YAML")
     kind = "accelerate" if isinstance(data, dict) and ("distributed_type" in data or "compute_environment" in data) \
         else "deepspeed"
+    if kind == "accelerate":
+        from shardtrain.config.safe_io import check_accelerate_shape
+        check_accelerate_shape(data, p)
     return kind, data

@@ -34,8 +34,12 @@ def add_parsers(sub, add_plan_flags) -> None:
     p.add_argument("file", metavar="FILE", help="ds_config.json or accelerate YAML")
     add_plan_flags(p)
     g = p.add_argument_group("check")
-    g.add_argument("--trainer", action="store_true",
-                   help='the DeepSpeed JSON is for the HF Trainer (allows "auto" where the Trainer fills values)')
+    g.add_argument("--target", choices=("auto", "trainer", "deepspeed"), default="auto",
+                   help='who reads the DeepSpeed JSON: trainer (HF Trainer/TrainingArguments(deepspeed=...) fills '
+                   '"auto" values) or deepspeed (deepspeed.initialize); default: trainer when "auto" values are present')
+    g.add_argument("--trainer", action="store_const", dest="target", const="trainer", help="same as --target trainer")
+    g.add_argument("--json", action="store_true", help="print one JSON object per finding (file, key, severity, "
+                   "message, fix)")
     g.add_argument("--quant-storage", help="QLoRA: the bnb_4bit_quant_storage dtype you use (e.g. bfloat16)")
     p.set_defaults(func=cmd_check)
 
@@ -63,6 +67,10 @@ def cmd_emit(args: argparse.Namespace) -> int:
     try:
         if args.format:
             sys.stdout.write(render(args.format, plan, site, cfg))
+            if args.format in ("deepspeed", "trainer", "fsdp"):  # JSON has no comments: say it here
+                from shardtrain.emit.accelerate import memory_saver_notes
+                for note in memory_saver_notes(plan):
+                    print(f"note: {note}", file=sys.stderr)
         if args.out:
             files = bundle(plan, site, cfg)
             out = Path(args.out)
@@ -120,11 +128,15 @@ def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from shardtrain.emit.check import ERROR, check_accelerate, check_deepspeed, load_any
+    import json
+
+    from shardtrain.emit.check import (ERROR, INFO, Finding, auto_allowed, check_accelerate, check_deepspeed,
+                                       find_auto_keys, load_any, looks_like_trainer_template)
     try:
         kind, data = load_any(args.file)
     except (OSError, ValueError) as e:
-        print(f"shardtrain: error: {e}", file=sys.stderr)
+        from shardtrain.cli import one_line
+        print(f"shardtrain: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_ERROR
     world = args.nodes * args.gpus_per_node if args.nodes and args.gpus_per_node else args.gpus_per_node
     wrap = None
@@ -134,20 +146,44 @@ def cmd_check(args: argparse.Namespace) -> int:
         from shardtrain.emit.fsdp import transformers_layer_class
         spec = load_model_spec(args.model)
         wrap = (transformers_layer_class(spec.model_type) or (spec.decoder_layer_class,))[0]
+    notes = []
     if kind == "deepspeed":
-        findings = check_deepspeed(data, consumer="trainer" if args.trainer else "deepspeed", world_size=world,
+        target = args.target if args.target != "auto" else ("trainer" if looks_like_trainer_template(data)
+                                                             else "deepspeed")
+        findings = check_deepspeed(data, consumer=target, world_size=world,
                                    optimizer=args.optimizer, method=args.method, quant_storage=args.quant_storage)
+        if target == "trainer":
+            fills = auto_allowed("trainer")
+            filled = [k for k in find_auto_keys(data) if k in fills]
+            why = "" if args.target == "trainer" else ' ("auto" values found; --target deepspeed to check it as a ' \
+                'plain DeepSpeed config)'
+            notes.append(Finding(INFO, "<top level>", f"checked as an HF Trainer template{why}",
+                                 "the Trainer fills: " + (", ".join(f"{k} <- {fills[k]}" for k in filled) or "nothing")))
     else:
         findings = check_accelerate(data, base_dir=Path(args.file).parent, method=args.method,
                                     quant_storage=args.quant_storage, optimizer=args.optimizer, wrap_class=wrap)
-    for f in findings:
-        print(f"{args.file}: {f}")
+    if args.json:
+        for f in notes + findings:
+            print(json.dumps(f.to_json(args.file)))
+    else:
+        for f in notes + findings:
+            print(f"{args.file}: {f}")
     errors = sum(f.severity == ERROR for f in findings)
-    if not findings:
+    if not findings and not args.json:
         print(f"{args.file}: ok ({kind})")
     code = EXIT_ERROR if errors else EXIT_OK
     if model_given:
-        fit = _fit(args, kind, data)
+        if args.json:  # keep stdout one JSON object per line: the fit verdict becomes one more object
+            import contextlib
+            import io
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                fit = _fit(args, kind, data)
+            for line in buf.getvalue().splitlines():
+                sev = INFO if fit == EXIT_OK else ERROR
+                print(json.dumps(Finding(sev, "<fit>", line.removeprefix("fit: "), "").to_json(args.file)))
+        else:
+            fit = _fit(args, kind, data)
         if fit is not None and code == EXIT_OK:
             code = fit
     return code

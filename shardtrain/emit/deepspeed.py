@@ -286,6 +286,12 @@ def trainer_arguments(plan: Plan, *, lr: float | None = None, weight_decay: floa
             kw["activation_checkpointing_kwargs"]["every_n_layers"] = plan.train.selective_every
     if c.optimizer is Optimizer.ADAMW8BIT:
         kw["optim"] = "adamw_bnb_8bit"  # no optimizer block: the Trainer builds it
+    if c.loss.value == "chunked":
+        # the Trainer's way to never hold the full logits: Liger's fused linear cross-entropy
+        # (transformers trainer.py apply_liger_kernel); nothing in the DeepSpeed JSON expresses it
+        kw["use_liger_kernel"] = True
+        kw["liger_kernel_config"] = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
+                                     "swiglu": False, "rms_norm": False}
     for k, v in (("learning_rate", lr), ("weight_decay", weight_decay), ("max_grad_norm", grad_clip)):
         if v is not None:
             kw[k] = v

@@ -6,7 +6,9 @@
     shardtrain launch RUN.yaml --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400   # on each node
 
 Exit codes: 0 ok; 1 a rank or the launcher failed (its traceback is shown once); 2 the plan does not
-fit; 124 --timeout; 130/143 interrupted by SIGINT/SIGTERM (run the same command to resume).
+fit; 75 pre-empted: a worker got SIGTERM/SIGINT/SIGUSR1/SIGUSR2, every rank saved a checkpoint at the
+next step and stopped (run the same command to resume); 124 --timeout; 130/143 interrupted by
+SIGINT/SIGTERM (run the same command to resume).
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ def add_parsers(subparsers, add_plan_flags) -> None:
                    help="start fresh: move the run dir's checkpoints/metrics/logs to previous/<time>/")
     g.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="torchrun: restart all workers up to N times after a failure (they resume)")
+    g.add_argument("--on-oom", metavar="replan[:N]", default=None,
+                   help="when a rank runs out of memory: re-plan (smaller micro batch with more accumulation, then "
+                        "checkpointing) and resume, at most N times (default 2); default: fail")
     g.add_argument("--dry-run", action="store_true", help="print the plan, the run dir and the exact command; "
                    "write and run nothing")
     g.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the workers after this long (exit 124)")
@@ -101,14 +106,23 @@ def cmd_launch(args) -> int:
     from shardtrain.compiler.plan import Plan
     from shardtrain.compiler.planner import NoFitError
     from shardtrain.config.schema import ConfigError
-    from shardtrain.launcher import rundir, spawn
+    from shardtrain.launcher import restart, rundir, spawn
+    from shardtrain.launcher.datacheck import validate_training_data
     from shardtrain.report import render_plan
 
+    from shardtrain.launcher import oom
+    try:
+        oom.parse_on_oom(args.on_oom)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     overrides = _launch_overrides(args)
     if args.plan:
+        from shardtrain.config.safe_io import load_mapping
+        fix = "write one with `shardtrain plan ... --json --full-json > plan.json`"
+        raw_plan = load_mapping(args.plan, fmt="json", what="--plan", fix=fix)
         try:
-            plan = Plan.from_json(json.loads(Path(args.plan).read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            plan = Plan.from_json(raw_plan)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
             raise ConfigError(f"--plan {args.plan}: cannot read a full plan ({type(e).__name__}: {e}); write one "
                               "with `shardtrain plan ... --json --full-json > plan.json`") from None
         cfg = rundir.load_config(args.config if args.config else _config_for_plan_only(plan), overrides)
@@ -129,11 +143,13 @@ def cmd_launch(args) -> int:
               f"({'; '.join(plan.chosen.why_not) or 'over the GPU memory'}); choose another --strategy or change "
               "the job", file=sys.stderr)
         return EXIT_NO_FIT
+    validate_training_data(cfg)  # issue 12: bad data is refused before any worker starts
 
     nnodes, nproc = cfg.hardware.nodes, cfg.hardware.gpus_per_node
     try:
         gpus, device = spawn.local_devices(cfg.run.device)
         launcher = spawn.choose_launcher(args.launcher, cfg, plan)
+        launcher = restart.launcher_for_restarts(args.launcher, launcher, args.max_restarts)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if device == "cuda" and nproc > gpus:
@@ -153,6 +169,17 @@ def cmd_launch(args) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     resume = args.resume if args.resume is not None else cfg.run.resume != "never"
+    from shardtrain.launcher import preflight  # the plan against this machine, before spawning (issue 13)
+    pf = preflight.check(cfg, plan, machine=preflight.this_machine(gpus), device=device, nproc=nproc,
+                         run_dir=run_dir, launcher=launcher, master_port=args.master_port,
+                         node_rank=args.node_rank or 0)
+    for note in pf.notes:
+        print(f"[shardtrain] {note}", flush=True)
+    for line in pf.problems:
+        print(f"shardtrain: error: preflight: {line}", file=sys.stderr, flush=True)
+    if pf.problems and not args.dry_run:
+        print(f"shardtrain: {len(pf.problems)} preflight problem(s): nothing was started", file=sys.stderr)
+        return EXIT_ERROR
 
     if args.dry_run:
         state = rundir.has_state(run_dir) if run_dir.is_dir() else False
@@ -179,6 +206,39 @@ def cmd_launch(args) -> int:
     print(f"[shardtrain] run dir {spawn._rel(run_dir)}{note}; rank logs in {spawn._rel(spec.log_dir)}", flush=True)
     print(f"[shardtrain] $ {spec.shell()}\n", flush=True)
     result = spawn.run(spec, timeout=args.timeout)
+    for line in restart.restart_report(spec, args.max_restarts):
+        print(line, flush=True)
+    result = _replan_on_oom(args, cfg, plan, spec, result, run_dir)
     stream = sys.stdout if result.returncode == 0 else sys.stderr
     print(result.summary, file=stream, flush=True)
     return result.returncode
+
+
+def _replan_on_oom(args, cfg, plan, spec, result, run_dir: Path):
+    """--on-oom replan[:N]: after a launch that ran out of memory, re-plan and launch again (launcher/oom.py)."""
+    import dataclasses
+
+    from shardtrain.launcher import oom, rundir, spawn
+    budget = oom.parse_on_oom(args.on_oom)
+    for i in range(1, budget + 1):
+        records = oom.oom_records(run_dir)
+        if result.returncode == 0 or not records:
+            return result
+        nxt = oom.next_plan(cfg, plan, records)
+        if nxt is None:
+            print(f"[shardtrain] out of memory and nothing smaller to re-plan to (micro batch "
+                  f"{plan.chosen.micro_batch_size}, checkpointing {plan.chosen.gradient_checkpointing.value})",
+                  file=sys.stderr, flush=True)
+            return result
+        print(f"\n[shardtrain] re-plan {i} of {budget}: {nxt.message}", flush=True)
+        cfg, plan = nxt.cfg, nxt.plan
+        oom.clear_records(run_dir)
+        oom.accept_new_split(run_dir, cfg, plan)
+        log_dir = Path(f"{spec.log_dir}-replan{i}")
+        argv = tuple(str(log_dir) if a == str(spec.log_dir) else a.replace(str(spec.log_dir), str(log_dir))
+                     for a in spec.argv)
+        spec = dataclasses.replace(spec, log_dir=log_dir, argv=argv)
+        rundir.write_run_dir(run_dir, cfg, plan, command_text=spec.script(), resume=True,
+                             move_aside=spec.node_rank == 0)
+        result = spawn.run(spec, timeout=args.timeout)
+    return result

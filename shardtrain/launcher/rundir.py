@@ -171,10 +171,10 @@ def completed_steps(run_dir: Path) -> int:
     """The last optimizer step recorded in metrics.jsonl (0 when none)."""
     last = 0
     try:
-        for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        for line in (Path(run_dir) / "metrics.jsonl").read_text(errors="replace").splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # a damaged line (issue 13): skip it
                 continue
             if isinstance(rec, dict) and rec.get("kind", "train") == "train" and isinstance(rec.get("step"), int):
                 last = max(last, rec["step"])
@@ -223,16 +223,18 @@ def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, comman
         if old_yaml.is_file():
             try:
                 old_cfg = yaml.safe_load(old_yaml.read_text()) or {}
-            except yaml.YAMLError:
+            except (yaml.YAMLError, UnicodeDecodeError, RecursionError):  # damaged: compared as empty
                 old_cfg = {}
+            old_cfg = old_cfg if isinstance(old_cfg, dict) else {}
             diff = {k: v for k, v in config_diff(old_cfg, new_cfg).items() if k not in RESUME_SAFE_KEYS}
             problems += [f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items()]
         old_plan = run_dir / "plan.json"
         if old_plan.is_file() and not problems:
             try:
                 old = json.loads(old_plan.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 old = {}
+            old = old if isinstance(old, dict) else {}
             if _plan_identity(old) != _plan_identity(new_plan):
                 ok = {k: old.get(k) for k in _PLAN_IDENTITY if k != "spec"}
                 nk = {k: new_plan.get(k) for k in _PLAN_IDENTITY if k != "spec"}

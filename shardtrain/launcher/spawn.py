@@ -606,6 +606,9 @@ def run(spec: LaunchSpec, *, timeout: float | None = None, out=None, err=None) -
                    f"run dir {_rel(spec.run_dir)}")
         return LaunchResult(EXIT_OK, summary, wall, None, spec.log_dir)
     launcher_log = _read(launcher_log_path)
+    from shardtrain.launcher.restart import preempted_result  # exit 75: saved, then stopped (issue 13)
+    if not timed_out and (pre := preempted_result(spec, rc, launcher_log, wall)) is not None:
+        return pre
     failure = find_first_failure(spec, launcher_log)
     if failure is None:
         tail_lines = [ln for ln in launcher_log.splitlines() if ln.strip()][-25:]

@@ -69,32 +69,44 @@ class Run:
     def write_memory_report(self, meter, phase) -> dict:
         """memory_rank{R}.json (measured vs predicted) and, on rank 0, the table in logs/."""
         measured, offloaded = meter.report()
-        pg = self.plan.chosen.per_gpu
-        predicted = {k: getattr(pg, k) for k in ("params", "grads", "master_params", "optimizer_states")}
-        cpu_pred = predicted_cpu_bytes(self.plan)
+        # model states after a full step (all grads present): per_gpu is now the breakdown at the
+        # peak phase (compiler/phases.py), where e.g. FSDP grads are only partly materialised
+        ms = predicted_state_bytes(self.plan)
+        predicted = {k: int(getattr(ms, k)) for k in ("params", "grads", "master_params", "optimizer_states")}
+        cpu_pred = int(ms.cpu_bytes)
         rec = {"rank": self.info.rank, "strategy": self.plan.strategy.value, "measured": measured,
                "offloaded": offloaded, "predicted": predicted, "predicted_offloaded": cpu_pred,
                "model_states_measured": sum(measured.values()), "model_states_predicted": sum(predicted.values()),
-               "buffers_measured": meter.buffers, "buffers_predicted": pg.buffers,
+               "buffers_measured": meter.buffers, "buffers_predicted": int(ms.buffers),
                "largest_tensors": meter.largest,
                "last_step_phases": phase.phases}
+        trace_table = None
+        if "memtrace" in self.extra:  # run.memory_trace: the MemTracker peak per phase (runtime/memtrace.py)
+            from shardtrain.runtime.memtrace import trace_record
+            rec["memory_trace"], trace_table = trace_record(self.extra["memtrace"], self.run_dir / "plan.json")
         (self.run_dir / f"memory_rank{self.info.rank}.json").write_text(json.dumps(rec, indent=1))
         if self.info.is_main:
             table = comparison_table(predicted, measured, cpu_pred, sum(offloaded.values()),
                                      peak={f"{ph} {k}": v for ph, d in phase.phases.items() for k, v in d.items()})
+            if trace_table:
+                table += "\n\npeak of live tensors per phase (MemTracker, real mode) vs the plan:\n" + trace_table
             (self.run_dir / "logs" / "memory_table.txt").write_text(table + "\n")
             log.info("predicted vs measured model-state bytes per rank (%s):\n%s", self.plan.strategy.value, table)
         return rec
 
 
-def predicted_cpu_bytes(plan: Plan) -> int:
+def predicted_state_bytes(plan: Plan):
+    """compiler.memory.ModelStateBytes of the plan's chosen candidate (steady-state model states)."""
     from shardtrain.compiler.inventory import tensor_inventory
     from shardtrain.compiler.memory import model_state_bytes
     c, t = plan.chosen, plan.train
     groups = tensor_inventory(plan.model, c.method, t.lora.rank, plan.lora_targets or t.lora.targets)
-    ms = model_state_bytes(plan.model, groups, c.strategy, plan.hardware, method=c.method, precision=c.precision,
-                           optimizer=c.optimizer, fsdp_defer_grad_sync=c.fsdp_defer_grad_sync)
-    return int(ms.cpu_bytes)
+    return model_state_bytes(plan.model, groups, c.strategy, plan.hardware, method=c.method, precision=c.precision,
+                             optimizer=c.optimizer, fsdp_defer_grad_sync=c.fsdp_defer_grad_sync)
+
+
+def predicted_cpu_bytes(plan: Plan) -> int:
+    return int(predicted_state_bytes(plan).cpu_bytes)
 
 
 def setup(run_dir: Path, info: DistInfo) -> Run:
@@ -110,7 +122,8 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {src.config.vocab_size}")
     train, ev = build_datasets(tok, train_path=cfg.data.train, eval_path=cfg.data.eval,
                                eval_fraction=cfg.data.eval_fraction, fmt=cfg.data.format,
-                               packing=cfg.data.packing, seq_len=plan.train.seq_len)
+                               packing=cfg.data.packing, seq_len=plan.train.seq_len,
+                               chat_template=getattr(cfg.data, "chat_template", None))
     sampler = StepSampler(len(train), cfg.train.seed, micro_batch=c.micro_batch_size, grad_accum=c.grad_accum_steps,
                           world_size=info.world_size, rank=info.rank)
     s = c.strategy
@@ -118,14 +131,11 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
     if ds_config is not None and engine_kind is Engine.DEEPSPEED:
         ds_config = check_ds_config(ds_config, plan, cfg.train.grad_clip)
     sharded = s.shards_params
-    if c.method is Method.QLORA and (sharded or engine_kind is Engine.FSDP):
-        # The emitted FSDP/DeepSpeed configs set bnb_4bit_quant_storage for other runtimes
-        # (accelerate + Trainer); this worker does not shard NF4 weights (FSDP2 hung in the NF4
-        # forward on CPU), so it refuses before loading anything.
-        raise ValueError(
-            f"train.strategy: QLoRA with {s.value} shards the 4-bit weights, which the shardtrain runtime does "
-            "not support yet; set train.strategy to ddp, zero1, zero2 or zero2_offload, or run the emitted "
-            "accelerate.yaml with the HF Trainer")
+    # QLoRA under FSDP2 / ZeRO-3: the packed NF4 bytes are stored in the compute dtype
+    # (bnb_4bit_quant_storage, modeling.quantize_4bit) so the engines shard them like any 16-bit
+    # parameter; Linear4bit re-attaches its QuantState to the gathered weight
+    # (bitsandbytes nn/modules.py fix_4bit_weight_quant_state_from_module)
+    sharded = sharded or engine_kind is Engine.FSDP
     lora = None
     if c.method is not Method.FULL:
         lo = plan.train.lora
@@ -146,7 +156,8 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
     if engine_kind is Engine.DDP:
         eng = E.DDPEngine(model, make_opt(E.trainable(model)), **common)
     elif engine_kind is Engine.FSDP:
-        full = model.state_dict() if info.rank == 0 and info.world_size > 1 else None
+        # QLoRA is built (broadcast, then quantised identically) on every rank: nothing to load
+        full = model.state_dict() if info.rank == 0 and info.world_size > 1 and c.method is not Method.QLORA else None
         from shardtrain.emit.fsdp import FsdpSettings, fsdp_settings
         settings = FsdpSettings.from_dict(fsdp) if fsdp else fsdp_settings(plan)
         eng = E.FSDP2Engine(model, make_opt, settings=settings, full_state=full, **common)

@@ -1,10 +1,14 @@
 """Checkpoints (resume) and the final Hugging Face export.
 
-checkpoints/step_N/   N optimizer steps done. DDP: rank 0 `model.pt` + `optimizer.pt` (LoRA: only
-                      the trainable tensors); FSDP2: torch.distributed.checkpoint under `dcp/`
-                      (resharding on load); DeepSpeed: `engine.save_checkpoint(checkpoints, tag=step_N)`.
-                      Every rank: `rng_rank{R}.pt`. Rank 0, after a barrier: `trainer_state.json` and
-                      `COMPLETE` — resume only considers complete checkpoints.
+checkpoints/step_N/   N optimizer steps done, written crash-safely (see :mod:`ckpt_files`: engines write
+                      into .tmp_step_N/, rank 0 writes MANIFEST.json, fsyncs, renames to step_N/, then
+                      COMPLETE and the `latest` pointer last). DDP: rank 0 `model.pt` + `optimizer.pt`
+                      (LoRA: only the trainable tensors); FSDP2: torch.distributed.checkpoint under `dcp/`
+                      (resharding on load); DeepSpeed: `engine.save_checkpoint(checkpoints, tag=...)`.
+                      Every rank: `rng_rank{R}.pt` (Python, NumPy, torch CPU [+CUDA] generators).
+                      Rank 0: `trainer_state.json` (step, samples_seen = the data position, ...).
+                      Resume takes the newest checkpoint that verifies; the last `run.keep_checkpoints`
+                      are kept. Loads use torch.load(weights_only=True) (no pickled code runs).
 final/                `save_pretrained` model (or peft adapter) + tokenizer, loadable with
                       from_pretrained / PeftModel.from_pretrained.
 """
@@ -15,14 +19,19 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from shardtrain.compiler.specs import Engine
+from shardtrain.runtime import ckpt_files as files
+from shardtrain.runtime.ckpt_files import COMPLETE, CheckpointSpaceError  # noqa: F401  (re-exported)
 from shardtrain.runtime.dist import barrier
+from shardtrain.runtime.faults import maybe_kill
 
-COMPLETE = "COMPLETE"
 KEEP_LAST = 3
+#: Free space kept on top of the estimate (metadata, the manifest, file-system slack).
+SPACE_MARGIN = 1.10
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -30,16 +39,10 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    root = Path(run_dir) / "checkpoints"
-    found = []
-    for d in root.glob("step_*") if root.is_dir() else []:
-        try:
-            n = int(d.name.split("_", 1)[1])
-        except ValueError:
-            continue
-        if (d / COMPLETE).is_file():
-            found.append((n, d))
-    return max(found) if found else None
+    """The newest checkpoint that verifies (COMPLETE, manifest sizes, trainer_state.json); newer broken
+    ones are skipped with one warning line (rank 0 only, so a 2-rank job prints it once)."""
+    warn = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return files.newest_complete(run_dir, warn=warn)
 
 
 def _is_partial(model) -> bool:
@@ -52,63 +55,130 @@ def _trainable_state(model) -> dict:
 
 
 def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every generator the run draws from, as tensors/ints/strs so weights_only loading accepts it."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
-def save_checkpoint(eng, run_dir: Path, step: int, trainer_state: dict) -> Path:
-    d = step_dir(run_dir, step)
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    py = s["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in s:
+        n = s["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _load(path: Path, device=None):
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _local_state_bytes(eng) -> int:
+    """Bytes this rank's share of model + optimizer state takes (what a save writes for it)."""
+    seen, total = set(), 0
+    tensors = list(eng.model.parameters()) + list(eng.model.buffers())
+    opt = getattr(eng, "optimizer", None)
+    for st in (getattr(opt, "state", {}) or {}).values() if opt is not None else []:
+        tensors += [v for v in (st.values() if isinstance(st, dict) else []) if torch.is_tensor(v)]
+    for t in tensors:
+        t = getattr(t, "_local_tensor", t)  # FSDP2 DTensor: this rank's shard
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _space_preflight(eng, root: Path, keep: int) -> None:
+    """COLLECTIVE, before anything is written: is there room for one more checkpoint? The size of the
+    previous checkpoint when there is one (exact), else this rank's state bytes summed over ranks
+    (DeepSpeed keeps fp32 master copies and optimizer states: counted through its optimizer too)."""
+    prev = files.complete_steps(root)
+    if prev:
+        need = files.dir_bytes(prev[-1][1])
+    else:
+        est = torch.tensor([_local_state_bytes(eng)], dtype=torch.float64)
+        if eng.kind is not Engine.DDP:  # sharded: every rank writes its share
+            dist.all_reduce(est)
+        need = int(est.item() * (3 if eng.kind is Engine.DEEPSPEED else 1))  # DS: master + 2 states
+    need = int(need * SPACE_MARGIN)
+    free = files.free_bytes(root)
+    short = torch.tensor([1 if free < need else 0], dtype=torch.int32)
+    dist.all_reduce(short, op=dist.ReduceOp.MAX)
+    if short.item():
+        from shardtrain.units import fmt_bytes
+        raise CheckpointSpaceError(
+            f"checkpoint dir {root}: {fmt_bytes(free)} free, the next checkpoint needs about {fmt_bytes(need)}; "
+            f"free space there, lower run.keep_checkpoints (is {keep}), or move run.output_dir")
+
+
+def save_checkpoint(eng, run_dir: Path, step: int, trainer_state: dict, keep: int = KEEP_LAST) -> Path:
+    """COLLECTIVE. Write checkpoints/step_{step} crash-safely; keep the newest ``keep``."""
+    final = step_dir(run_dir, step)
+    root = final.parent
+    tmp = root / f"{files.TMP_PREFIX}{final.name}"
     rank = dist.get_rank()
     if rank == 0:
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        files.sweep_temporaries(root)
+    barrier()
+    _space_preflight(eng, root, keep)
+    if rank == 0:
+        tmp.mkdir(parents=True)
     barrier()
     partial = _is_partial(eng.model)
     if eng.kind is Engine.DDP:
         if rank == 0:
             model_sd = _trainable_state(eng.model) if partial else eng.model.state_dict()
-            torch.save(model_sd, d / "model.pt")
-            torch.save(eng.optimizer.state_dict(), d / "optimizer.pt")
+            torch.save(model_sd, tmp / "model.pt")
+            torch.save(eng.optimizer.state_dict(), tmp / "optimizer.pt")
             if eng.scaler is not None:
-                torch.save(eng.scaler.state_dict(), d / "scaler.pt")
+                torch.save(eng.scaler.state_dict(), tmp / "scaler.pt")
     elif eng.kind is Engine.FSDP:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         msd, osd = get_state_dict(eng.model, eng.optimizer, options=StateDictOptions(ignore_frozen_params=partial))
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(d / "dcp"))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     else:
-        eng.ds.save_checkpoint(str(d.parent), tag=d.name, client_state={"step": step},
+        # save_latest=False: DeepSpeed's own `latest` file would name the temporary tag.
+        eng.ds.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=partial)
-    torch.save(_rng_state(), d / f"rng_rank{rank}.pt")
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    maybe_kill("save", rank, step)  # TEST-ONLY (runtime/faults.py): a crash in the middle of a save
     barrier()
     if rank == 0:
-        (d / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        (d / COMPLETE).write_text("")
-        old = sorted((int(p.name.split("_")[1]), p) for p in d.parent.glob("step_*") if (p / COMPLETE).is_file())
-        for _, p in old[:-KEEP_LAST]:
-            shutil.rmtree(p, ignore_errors=True)
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        files.seal(tmp, final)
+        files.prune(root, max(1, keep))
     barrier()
-    return d
+    return final
 
 
 def load_checkpoint(eng, d: Path) -> dict:
     d = Path(d)
     rank = dist.get_rank()
     if eng.kind is Engine.DDP:
-        sd = torch.load(d / "model.pt", map_location=eng.device, weights_only=False)
+        sd = _load(d / "model.pt", eng.device)
         missing, unexpected = eng.model.load_state_dict(sd, strict=not _is_partial(eng.model))
         if unexpected:
             raise RuntimeError(f"{d}: unexpected keys in model.pt: {unexpected[:5]}")
-        eng.optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=eng.device, weights_only=False))
+        eng.optimizer.load_state_dict(_load(d / "optimizer.pt", eng.device))
         if eng.scaler is not None and (d / "scaler.pt").is_file():
-            eng.scaler.load_state_dict(torch.load(d / "scaler.pt", weights_only=False))
+            eng.scaler.load_state_dict(_load(d / "scaler.pt"))
     elif eng.kind is Engine.FSDP:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-        opts = StateDictOptions(ignore_frozen_params=_is_partial(eng.model))
+        # LoRA: only trainable tensors were saved; strict loading would demand the frozen base weights
+        # too (torch/distributed/checkpoint/state_dict.py: _load_model_state_dict, info.strict).
+        partial = _is_partial(eng.model)
+        opts = StateDictOptions(ignore_frozen_params=partial, strict=not partial)
         msd, osd = get_state_dict(eng.model, eng.optimizer, options=opts)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(d / "dcp"))
@@ -120,11 +190,7 @@ def load_checkpoint(eng, d: Path) -> dict:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {d}")
     rng = d / f"rng_rank{rank}.pt"
     if rng.is_file():
-        s = torch.load(rng, weights_only=False)
-        torch.set_rng_state(s["torch"])
-        random.setstate(s["python"])
-        if "cuda" in s and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["cuda"])
+        _set_rng_state(_load(rng))
     return json.loads((d / "trainer_state.json").read_text())
 
 

@@ -1,7 +1,9 @@
 """Training data: read → tokenize → pack or pad → deterministic distributed sampling.
 
 Formats: JSONL with `text`, or `prompt` + `completion` (prompt tokens get label -100, so only the
-completion is learned), or plain text (documents separated by blank lines). With `data.packing`
+completion is learned), chat `messages` (runtime/chat.py: loss on assistant turns only), parquet/arrow
+files and `datasets` directories with those columns (runtime/records.py), or plain text (documents
+separated by blank lines). With `data.packing`
 documents are concatenated (BOS ... EOS) and cut into `seq_len` blocks (no cross-document mask);
 otherwise each document is one sample (long ones split into `seq_len` pieces) and a micro-batch is
 padded to its longest sample.
@@ -13,12 +15,13 @@ the run stopped, and any world size / accumulation split covers the same G sampl
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from shardtrain.runtime import chat, records
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_TOKENIZER = ASSETS / "tokenizer.json"
@@ -44,28 +47,9 @@ def load_tokenizer(tokenizer_dir: str | None, model_dir: str | None):
     return tok
 
 
-def read_documents(path: str | Path, fmt: str = "auto") -> list[tuple[str, str | None]]:
-    """(text, None) or (prompt, completion) per document."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file {str(p)!r} does not exist")
-    if fmt == "auto":
-        fmt = "jsonl" if p.suffix in (".jsonl", ".json") else "text"
-    if fmt == "text":
-        return [(d.strip(), None) for d in p.read_text().split("\n\n") if d.strip()]
-    docs: list[tuple[str, str | None]] = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if "prompt" in rec and "completion" in rec:
-            docs.append((str(rec["prompt"]), str(rec["completion"])))
-        elif "text" in rec:
-            docs.append((str(rec["text"]), None))
-        else:
-            raise ValueError(f"{p}:{i}: a JSONL record needs 'text', or 'prompt' and 'completion'; "
-                             f"got keys {sorted(rec)}")
-    return docs
+def read_documents(path: str | Path, fmt: str = "auto") -> list[tuple]:
+    """(text, None), (prompt, completion) or (messages, "chat") per document (formats: runtime/records.py)."""
+    return records.read_documents(path, fmt)
 
 
 def tokenize(tok, docs: list[tuple[str, str | None]]) -> list[tuple[list[int], list[int]]]:
@@ -74,6 +58,9 @@ def tokenize(tok, docs: list[tuple[str, str | None]]) -> list[tuple[list[int], l
     eos = [tok.eos_token_id]
     out = []
     for text, completion in docs:
+        if completion == records.CHAT:  # rendered by the chat template (which writes its own BOS/EOS)
+            out.append(chat.tokenize_chat(tok, text))
+            continue
         first = tok(text, add_special_tokens=False)["input_ids"]
         if completion is None:
             ids = bos + first + eos
@@ -129,9 +116,12 @@ class TokenDataset:
 
 
 def build_datasets(tok, *, train_path: str | None, eval_path: str | None, eval_fraction: float,
-                   fmt: str, packing: bool, seq_len: int) -> tuple[TokenDataset, TokenDataset | None]:
+                   fmt: str, packing: bool, seq_len: int,
+                   chat_template: str | None = None) -> tuple[TokenDataset, TokenDataset | None]:
     """Train and held-out datasets (eval: `data.eval`, else the last eval_fraction of documents)."""
     docs = read_documents(train_path or BUNDLED_CORPUS, fmt)
+    if any(d[1] == records.CHAT for d in docs):
+        chat.apply_template(tok, chat_template)
     if eval_path:
         eval_docs = read_documents(eval_path, fmt)
     elif eval_fraction > 0 and len(docs) > 1:

@@ -48,6 +48,10 @@ class BaseEngine:
     def micro_step(self, is_last: bool):
         return contextlib.nullcontext()
 
+    def autocast(self):
+        """The compute-dtype context the forward runs in (the chunked loss projects under it too)."""
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
@@ -103,6 +107,11 @@ class DDPEngine(BaseEngine):
 
     def micro_step(self, is_last):
         return contextlib.nullcontext() if is_last else self.module.no_sync()
+
+    def autocast(self):
+        if self.precision is Precision.FP32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=compute_dtype(self.precision))
 
 
 class FSDP2Engine(BaseEngine):

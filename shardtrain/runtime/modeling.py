@@ -49,6 +49,9 @@ def model_source(cfg, plan) -> ModelSource:
     model_dir = None
     if m.name is not None:
         p = Path(m.name).expanduser()
+        from shardtrain.config import hub
+        if hub.is_hub_id(m.name) and hub.snapshot_dir(m.name):  # ORG/NAME[@REV]: the cached snapshot
+            p = hub.snapshot_dir(m.name)
         if p.is_dir():
             model_dir = str(p)
             config = AutoConfig.from_pretrained(model_dir)

@@ -29,9 +29,24 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from typing import Callable, Optional, Union
 
-__all__ = ["PreemptionHandler", "signal_number"]
+__all__ = ["PreemptionHandler", "signal_number", "EXIT_PREEMPTED", "shared_handler", "release_shared"]
+
+#: Exit code of a worker (and of `shardtrain launch`) that stopped on a signal AFTER saving a complete
+#: checkpoint: 75 = EX_TEMPFAIL of sysexits.h ("temporary failure; the user is invited to retry"): run
+#: the same command again to resume. Distinct from success (0), errors (1), "does not fit" (2), the
+#: launcher's timeout (124) and killed-by-signal (128+N). Slurm records it as FAILED, ExitCode 75, so a
+#: job whose requeue limit is reached never shows COMPLETED.
+EXIT_PREEMPTED = 75
+#: A SECOND signal this many seconds or more after the first stops the process at once (exit 128+N).
+#: Closer ones are the same event delivered twice (scancel signals every process of the step AND
+#: torchrun forwards its own SIGTERM to the workers), so they must not cancel the checkpoint.
+SECOND_SIGNAL_AFTER_S = 2.0
+#: Every signal that means "stop soon": Slurm's warning (USR2 by default; USR1 is the other common
+#: choice), scancel / pre-emption (TERM) and Ctrl-C or torchrun forwarding it (INT).
+DEFAULT_SIGNALS = ("SIGUSR2", "SIGTERM", "SIGINT", "SIGUSR1")
 
 log = logging.getLogger("shardtrain.preempt")
 
@@ -57,7 +72,7 @@ class PreemptionHandler:
     """Turns pre-emption signals into an agreed stop at an optimizer-step boundary."""
 
     def __init__(
-        self, signals: tuple[str, ...] = ("SIGUSR2", "SIGTERM"), max_requeues: int = 3
+        self, signals: tuple[str, ...] = DEFAULT_SIGNALS, max_requeues: int = 3
     ) -> None:
         self.signals: tuple[signal.Signals, ...] = tuple(
             dict.fromkeys(signal_number(s) for s in signals)
@@ -66,17 +81,19 @@ class PreemptionHandler:
         self._flag = False
         self._received: Optional[int] = None
         self._previous: dict[signal.Signals, Union[Callable, int, None]] = {}
+        self._first_at: Optional[float] = None
+        self._saved = False
 
     @classmethod
     def from_env(
         cls,
-        default_signals: tuple[str, ...] = ("SIGUSR2", "SIGTERM"),
+        default_signals: tuple[str, ...] = DEFAULT_SIGNALS,
         default_max_requeues: int = 3,
     ) -> "PreemptionHandler":
         """Use ``SHARDTRAIN_PREEMPT_SIGNAL`` (plus SIGTERM) and ``SHARDTRAIN_MAX_REQUEUES`` when a
         rendered batch script set them, else the defaults."""
         sig = os.environ.get(ENV_SIGNAL)
-        signals = (sig, "SIGTERM") if sig else default_signals
+        signals = (sig, *default_signals) if sig else default_signals
         limit = os.environ.get(ENV_MAX_REQUEUES)
         return cls(signals, int(limit) if limit else default_max_requeues)
 
@@ -85,9 +102,21 @@ class PreemptionHandler:
     def _handler(self, signum, frame) -> None:
         # Only set a flag: Python runs this between bytecodes of the main thread, and anything
         # heavier (logging takes locks, collectives, I/O) could deadlock or re-enter the loop.
+        now = time.monotonic()
+        if self._saved:  # the stop checkpoint is complete and the process is exiting: nothing to cut short
+            return         # (under Slurm, `scontrol requeue` sends the SIGTERM that lands here)
+        if self._flag and self._first_at is not None and now - self._first_at >= SECOND_SIGNAL_AFTER_S:
+            # Second signal: stop NOW. Safe for the checkpoints: a save in progress only ever writes
+            # into checkpoints/.tmp_step_N (renamed when complete), so the last complete one stays.
+            try:
+                os.write(2, b"[shardtrain] second signal %d: stopping now (the last complete checkpoint is "
+                            b"kept)\n" % signum)
+            finally:
+                os._exit(128 + signum)
         self._flag = True
         if self._received is None:
             self._received = signum
+            self._first_at = now
         try:
             os.write(2, b"[shardtrain] pre-emption signal %d: checkpoint at the next step\n" % signum)
         except OSError:
@@ -127,6 +156,10 @@ class PreemptionHandler:
     def received_signal(self) -> Optional[str]:
         """Name of the first signal received (``"SIGUSR2"``), or None."""
         return signal.Signals(self._received).name if self._received is not None else None
+
+    def mark_saved(self) -> None:
+        """The agreed stop's checkpoint is complete: later signals are ignored (the rank exits anyway)."""
+        self._saved = True
 
     # -- agreement --------------------------------------------------------------------------
 
@@ -207,3 +240,26 @@ def _collective_device(dist) -> "torch.device":  # noqa: F821
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+_SHARED: Optional[PreemptionHandler] = None
+
+
+def shared_handler(default_max_requeues: Optional[int] = None) -> PreemptionHandler:
+    """The process's handler, installed on first use. The worker calls this FIRST (before torch,
+    the process group, the model or the data), so a signal that arrives during start-up is kept."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = PreemptionHandler.from_env()
+        _SHARED.install()
+    if default_max_requeues is not None and not os.environ.get(ENV_MAX_REQUEUES):
+        _SHARED.max_requeues = int(default_max_requeues)
+    return _SHARED
+
+
+def release_shared() -> None:
+    """Uninstall and forget the shared handler (end of a run; tests drive several runs per process)."""
+    global _SHARED
+    if _SHARED is not None:
+        _SHARED.uninstall()
+        _SHARED = None

@@ -6,15 +6,18 @@ Run directory contract (written by `shardtrain launch`):
        fsdp.json (FSDP2 settings, optional)
   out: metrics.jsonl (rank 0: one record per optimizer step, "kind": "train" | "eval"),
        memory_rank{R}.json, checkpoints/step_N/, final/, logs/worker_rank{R}.log, logs/memory_table.txt
-Exit 0 when done or pre-empted (a "preempted at step N" line; Slurm requeues), non-zero on errors.
+Exit 0 when done; 75 (preempt.EXIT_PREEMPTED) when stopped by SIGTERM/SIGINT/SIGUSR1/SIGUSR2 after
+saving a checkpoint at the agreed step (a "preempted at step N" line; Slurm requeues while below the
+limit; rerun to resume); 128+N on a second signal N (stops at once); 1 on errors.
 Resume: with run.resume=auto the latest complete checkpoints/step_N is loaded; the step counter, the
 data position (a pure function of the step) and the RNG continue, and metrics.jsonl is cut back to
 step N so every step appears once. Environment: SHARDTRAIN_DEVICE (overrides run.device),
-SHARDTRAIN_TEST_SIGNAL_AT_STEP (tests: rank 0 sends itself SIGUSR2 after that step).
+SHARDTRAIN_TEST_SIGNAL_AT_STEP=N[:SIG] (tests: rank 0 sends itself SIGUSR2, or SIG, after step N).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -24,25 +27,26 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # before importing torch: a pre-emption signal during start-up is kept (issue 13)
+    from shardtrain.runtime.preempt import shared_handler
+    shared_handler()
+
 import torch
 
 from shardtrain.runtime import checkpoint as ckpt
 from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed
 from shardtrain.runtime.build import Run, setup
 from shardtrain.runtime.data import count_label_tokens, eval_indices
+from shardtrain.runtime.faults import maybe_kill, maybe_oom
+from shardtrain.runtime.loss import ce_sum, token_loss  # noqa: F401  (ce_sum: re-exported for tests)
 from shardtrain.runtime.optim import lr_at
 from shardtrain.runtime.telemetry import LeakDetector, MetricsWriter, PhaseMemory, progress_bar
+from shardtrain.runtime.trackers import with_trackers
 from shardtrain.runtime.state_bytes import StateMeter, live_bytes
 
 log = logging.getLogger("shardtrain.worker")
 TEST_SIGNAL_ENV = "SHARDTRAIN_TEST_SIGNAL_AT_STEP"
 """Tests: after this optimizer step, rank 0 sends itself SIGUSR2 (a simulated Slurm warning)."""
-
-
-def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled tokens (fp32, like HF's loss)."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum")
 
 
 def _to(batch: dict, device) -> dict:
@@ -67,11 +71,9 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
         b = _to(b, r.info.device)
         labels = b.pop("labels")
         with eng.micro_step(last):
-            logits = eng.forward(b)
-            loss = ce_sum(logits, labels)
+            loss = token_loss(r)(b, labels)  # full or chunked logits, activation offload (runtime/loss.py)
             if phase and last:
                 phase.snap("after_forward")
-            del logits
             eng.backward(loss * scale, last)
         loss_sum += float(loss.detach())
         if meter:
@@ -106,7 +108,7 @@ def evaluate(r: Run, step: int) -> dict | None:
         for ix in idx:
             b = _to(r.eval_data.collate(ix), r.info.device)
             labels = b.pop("labels")
-            tot += float(ce_sum(eng.forward(b), labels))
+            tot += float(token_loss(r)(b, labels))
             n += float((labels[:, 1:] != -100).sum())
     finally:
         eng.train(True)
@@ -124,6 +126,8 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     """Train per the run directory; returns a summary. Tests drive several runs per launch
     (`destroy_group=False`) and probe the engine with `on_setup(run)` before the first step."""
     run_dir = Path(run_dir)
+    from shardtrain.runtime.preempt import EXIT_PREEMPTED, release_shared, shared_handler  # noqa: F401
+    pre = shared_handler()  # installed before the process group, model and data (they are slow)
     info = init_distributed(os.environ.get("SHARDTRAIN_DEVICE") or _device_pref(run_dir))
     _setup_logging(run_dir, info.rank)
     r = setup(run_dir, info)
@@ -137,13 +141,16 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
         start = int(state["step"])
         log.info("resumed from %s at step %d", latest[1], start)
     metrics.truncate_after(start)
+    metrics = with_trackers(metrics, r)  # run.report_to: tensorboard / wandb / mlflow (runtime/trackers.py)
     if on_setup is not None:
         on_setup(r)
-    from shardtrain.runtime.preempt import PreemptionHandler
-    pre = PreemptionHandler.from_env(default_max_requeues=cfg.run.max_requeues)
-    pre.install()
-    signal_at = int(os.environ.get(TEST_SIGNAL_ENV, "0") or 0)
+    shared_handler(cfg.run.max_requeues)
+    at, _, sig_name = (os.environ.get(TEST_SIGNAL_ENV, "") or "0").partition(":")  # "3" or "3:TERM"
+    signal_at, test_sig = int(at or 0), signal.Signals["SIG" + (sig_name or "USR2").upper().removeprefix("SIG")]
     meter = StateMeter(eng)
+    if cfg.run.memory_trace:  # MemTracker peak per phase on the measured step (runtime/memtrace.py)
+        from shardtrain.runtime.memtrace import StepMemTrace
+        r.extra["memtrace"] = StepMemTrace(eng)
     measure_at = start + 1 if cfg.train.steps - start > 1 else start  # 2nd step: DDP buckets rebuilt, states exist
     phase = PhaseMemory(info.device, lambda: live_bytes(eng))
     leak = LeakDetector()
@@ -155,8 +162,10 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     losses, evals, saved_at, preempted = [], [], -1, False
     eng.train(True)
     for s in range(start, total):
+        maybe_oom(s + 1, r.plan.chosen.micro_batch_size)  # records where; TEST-ONLY limit (runtime/faults.py)
         meter.active = s == measure_at
-        rec = train_step(r, s, phase, meter if meter.active else None)
+        with (r.extra["memtrace"].step() if meter.active and "memtrace" in r.extra else contextlib.nullcontext()):
+            rec = train_step(r, s, phase, meter if meter.active else None)
         meter.active = False
         step = s + 1
         losses.append(rec["loss"])
@@ -178,27 +187,30 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
                 if main:
                     log.info("eval step %d: loss %.4f ppl %.2f", step, ev["eval_loss"], ev["eval_ppl"])
         if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
-            ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step))
+            ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step), cfg.run.keep_checkpoints)
             saved_at = step
+        maybe_kill("step", info.rank, step)  # TEST-ONLY (runtime/faults.py): a worker dying mid-run
         if signal_at and step == signal_at and main:
-            os.kill(os.getpid(), signal.SIGUSR2)
+            os.kill(os.getpid(), test_sig)
         if step < total and pre.should_stop():
             if saved_at != step:
-                ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step))
+                ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step), cfg.run.keep_checkpoints)
             barrier()
+            pre.mark_saved()  # a later signal (Slurm's SIGTERM after the requeue) must not cut the exit short
             if main:
                 pre.requeue()
-                print(f"[shardtrain] preempted at step {step}: checkpoint saved, exiting", flush=True)
+                print(f"[shardtrain] preempted at step {step}: checkpoint saved, exiting with code {EXIT_PREEMPTED}",
+                      flush=True)
             preempted = True
             break
     if bar:
         bar.close()
     result = {"losses": losses, "evals": evals, "preempted": preempted, "start_step": start}
     if not preempted:
-        ckpt.save_checkpoint(eng, run_dir, total, trainer_state(r, total))
+        ckpt.save_checkpoint(eng, run_dir, total, trainer_state(r, total), cfg.run.keep_checkpoints)
         ckpt.save_final(eng, run_dir / "final", r.tokenizer)
     result["memory"] = r.write_memory_report(meter, phase)
-    pre.uninstall()
+    release_shared()
     eng.close()
     if destroy_group:
         from shardtrain.runtime.dist import destroy
@@ -236,8 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(f"unknown arguments: {' '.join(unknown)}")
-    run(args.run_dir)
-    return 0
+    try:
+        res = run(args.run_dir)
+    except torch.OutOfMemoryError as e:  # recorded for `launch --on-oom replan` (launcher/oom.py)
+        from shardtrain.runtime.faults import record_oom
+        record_oom(args.run_dir, int(os.environ.get("RANK", "0")), e)
+        raise
+    from shardtrain.runtime.preempt import EXIT_PREEMPTED
+    return EXIT_PREEMPTED if res["preempted"] else 0
 
 
 if __name__ == "__main__":

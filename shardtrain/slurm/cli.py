@@ -70,11 +70,9 @@ def add_sbatch_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_sbatch_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="RUN.yaml", help="run config")
-    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (processes) per node")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. train.steps=200 (repeatable)")
+    # the same flag set as plan/emit/check/launch (config, --set, --model, --seq-len, --nodes, ...)
+    from shardtrain.cli import add_plan_flags
+    add_plan_flags(p)
     p.add_argument("--run-dir", help="run directory (default: <run.output_dir>/<run.name>)")
     p.add_argument("--launcher", choices=LAUNCHERS,
                    help="default: run.launcher, else deepspeed when the plan uses DeepSpeed")
@@ -148,15 +146,22 @@ def build_job(args: argparse.Namespace, run_dir: Path) -> SbatchJob:
 
 def _effective_overrides(args: argparse.Namespace) -> list[str]:
     # The command line's --nodes/--gpus-per-node are the truth: the plan is compiled for them.
-    return [*args.overrides, f"hardware.nodes={args.nodes}",
-            f"hardware.gpus_per_node={args.gpus_per_node}"]
+    # Plan flags (--model, --seq-len, ...) become KEY=VALUE overrides, the same ones plan/launch apply.
+    from shardtrain.cli import overrides_from_args
+    if not args.config or args.nodes is None or args.gpus_per_node is None:
+        raise SystemExit("shardtrain sbatch: give RUN.yaml, --nodes N and --gpus-per-node G")
+    flags = overrides_from_args(args) if hasattr(args, "sets") else {}
+    flags.pop("hardware.nodes", None)
+    flags.pop("hardware.gpus_per_node", None)
+    return [*getattr(args, "overrides", []), *(f"{k}={'null' if v is None else v}" for k, v in flags.items()),
+            f"hardware.nodes={args.nodes}", f"hardware.gpus_per_node={args.gpus_per_node}"]
 
 
 def _check_plan(run_dir: Path, job: SbatchJob) -> None:
     plan = run_dir / "plan.json"
     try:
         world = json.loads(plan.read_text()).get("world_size")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # issue 13: never a traceback
         return
     if isinstance(world, int) and world != job.world_size:
         raise SystemExit(

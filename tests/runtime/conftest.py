@@ -150,19 +150,25 @@ def lora_results(tmp_path_factory, tiny_checkpoint):
     return run_driver(base, sc)
 
 
-RESUME_ENGINES = ("ddp", "fsdp_full_shard", "zero2")
+RESUME_ENGINES = ("ddp", "fsdp_full_shard", "zero2", "zero3", "lora_zero3", "lora_fsdp_full_shard")
+#: Issue 13: each stop signal, one per engine (the worker treats them alike; each must end in a checkpoint).
+RESUME_SIGNAL = {"ddp": "USR2", "fsdp_full_shard": "TERM", "zero2": "INT", "zero3": "USR1"}
 
 
 @pytest.fixture(scope="session")
-def resume_results(tmp_path_factory):
+def resume_results(tmp_path_factory, tiny_checkpoint):
     """Per engine: a run pre-empted after step 3 (simulated SIGUSR2), the same run dir again
     (resume), and an uninterrupted reference run."""
     base = tmp_path_factory.mktemp("rt_resume")
     sc = []
     for s in RESUME_ENGINES:
         over = {"train": {"strategy": s, "precision": "fp32", "steps": 6}, "run": {"eval_every": 2}}
+        if s.startswith("lora_"):  # LoRA on a saved tiny checkpoint: only the adapter is checkpointed
+            over = {"model": {"name": str(tiny_checkpoint)}, "run": {"eval_every": 2},
+                    "train": {"strategy": s[5:], "method": "lora", "precision": "fp32", "lr": 1e-2, "steps": 6}}
         d = base / f"resume_{s}"
-        sc.append({"name": f"pre_{s}", "run_dir": str(d), "over": over, "env": {"SHARDTRAIN_TEST_SIGNAL_AT_STEP": 3}})
+        sc.append({"name": f"pre_{s}", "run_dir": str(d), "over": over,
+                   "env": {"SHARDTRAIN_TEST_SIGNAL_AT_STEP": f"3:{RESUME_SIGNAL.get(s, 'USR2')}"}})
         sc.append({"name": f"post_{s}", "run_dir": str(d)})
         sc.append({"name": f"ref_{s}", "over": over})
     return run_driver(base, sc)

@@ -63,6 +63,18 @@ def make_probe(name: str | None, box: dict):
             box["avx512bf16_flags"] = sorted({bool(m.support_avx512bf16_for_cpu) for m in q})
             box["quant_type"] = sorted({m.weight.quant_type for m in q})
             box["double_quant"] = sorted({bool(m.weight.compress_statistics) for m in q})
+        elif name == "labels":  # issue 12: which tokens the loss sees (chat: assistant turns only)
+            tok, samples = r.tokenizer, r.train_data.samples
+            box["learned"] = [tok.decode([t for t in y if t != -100]) for _, y in samples[:8]]
+            box["label_fraction"] = sum(t != -100 for _, y in samples for t in y) / sum(len(y) for _, y in samples)
+        elif name == "frozen_bytes":  # issue 10: this rank's storage of the frozen (NF4) weights
+            def local(p):
+                t = getattr(p, "ds_tensor", None)
+                t = t if t is not None else (p.to_local() if hasattr(p, "to_local") else p)
+                return t.numel() * t.element_size()
+            box["frozen_bytes"] = sum(local(p) for p in eng.model.parameters() if not p.requires_grad)
+            box["quant_storage"] = sorted({str(m.weight.dtype) for m in eng.model.modules()
+                                           if type(m).__name__ == "Linear4bit"})
         box["trainable"] = sum(p.numel() for p in eng.model.parameters() if p.requires_grad)
     return probe
 

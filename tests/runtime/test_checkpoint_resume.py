@@ -34,7 +34,28 @@ def test_resume_continues_exactly(resume_results, engine):
     assert (ck / "step_3" / "COMPLETE").is_file() and (ck / "step_6" / "COMPLETE").is_file()
     state = json.loads((ck / "step_3" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["samples_seen"] == 3 * 8
-    assert (Path(post["run_dir"]) / "final" / "config.json").is_file()
+    final = Path(post["run_dir"]) / "final"
+    assert (final / ("adapter_config.json" if engine.startswith("lora_") else "config.json")).is_file()
+
+
+@pytest.mark.parametrize("engine", RESUME_ENGINES)
+def test_resume_is_exact(resume_results, engine):
+    """Issue 13 (d): stop at step 3 (a different stop signal per engine), resume: every logged loss and
+    the final parameters equal the uninterrupted run's. fp32 on CPU gloo, same reduction order in both
+    runs: we assert BITWISE equality (no tolerance)."""
+    from safetensors.torch import load_file
+    pre, post, ref = (resume_results[f"{k}_{engine}"] for k in ("pre", "post", "ref"))
+    assert pre["preempted"] and post["start_step"] == 3
+    assert pre["losses"] + post["losses"] == ref["losses"]  # bitwise: float == float
+    got, want = records(post["run_dir"]), records(ref["run_dir"])
+    assert [r.get("loss", r.get("eval_loss")) for r in got] == [r.get("loss", r.get("eval_loss")) for r in want]
+    a = load_file(str(next((Path(post["run_dir"]) / "final").glob("*.safetensors"))))
+    b = load_file(str(next((Path(ref["run_dir"]) / "final").glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), \
+        max((a[k] - b[k]).abs().max().item() for k in a)
+    ck = Path(post["run_dir"]) / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_6"
+    assert not list(ck.glob(".tmp_*"))  # nothing half-written left behind
 
 
 def test_latest_checkpoint_ignores_incomplete(tmp_path):
@@ -42,7 +63,8 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
     for n, done in ((2, True), (4, True), (6, False)):
         d = tmp_path / "checkpoints" / f"step_{n}"
         d.mkdir(parents=True)
-        if done:
+        if done:  # the layout before MANIFEST.json existed: trainer_state.json, then COMPLETE
+            (d / "trainer_state.json").write_text(json.dumps({"step": n}))
             (d / "COMPLETE").write_text("")
     assert latest_checkpoint(tmp_path)[0] == 4
     assert latest_checkpoint(tmp_path / "nothing") is None

@@ -93,14 +93,3 @@ def test_qlora_under_zero2(lora_results):
     recs = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"] > 0 for r in recs if r["kind"] == "train")
     assert (Path(res["run_dir"]) / "final" / "adapter_model.safetensors").is_file()
-
-
-def test_qlora_refuses_sharded_strategies(tmp_path):
-    from rundirs import make_run_dir
-    from shardtrain.runtime.build import setup
-    from shardtrain.runtime.dist import DistInfo
-    d = make_run_dir(tmp_path / "r", {"hardware": {"gpus_per_node": 1},
-                                      "train": {"strategy": "zero3", "method": "qlora", "precision": "bf16",
-                                                "global_batch": 4}})
-    with pytest.raises(ValueError, match="QLoRA with zero3 .*ddp, zero1, zero2"):
-        setup(d, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo"))

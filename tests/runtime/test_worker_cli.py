@@ -1,5 +1,6 @@
 """The real entry point under the real launchers: `torchrun -m shardtrain.runtime.worker --run-dir`
-is pre-empted (SIGUSR2 → checkpoint → exit 0 with a "preempted" line), then the deepspeed launcher
+is pre-empted (SIGUSR2 → checkpoint → exit 75 = EXIT_PREEMPTED, issue 13, with a "preempted" line), then the
+deepspeed launcher
 (which appends --local_rank=N) resumes the same run directory to the end."""
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def test_cli_preempt_then_resume_with_deepspeed_launcher(tmp_path):
            "-m", "shardtrain.runtime.worker", "--run-dir", str(d)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env=_env(SHARDTRAIN_TEST_SIGNAL_AT_STEP="2"))
-    assert p.returncode == 0, p.stderr[-4000:]
+    from shardtrain.runtime.preempt import EXIT_PREEMPTED
+    assert p.returncode != 0, p.stderr[-4000:]  # torchrun exits 1 and reports each worker's code
+    assert f"exitcode  : {EXIT_PREEMPTED}" in p.stderr and "Traceback" not in p.stdout, p.stderr[-4000:]
     assert "preempted at step 2" in p.stdout + p.stderr
     assert not (d / "final").exists()
     ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))

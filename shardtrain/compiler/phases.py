@@ -1,0 +1,279 @@
+"""Phase-aware peak memory per GPU: the live bytes of every term at the moments that decide the peak.
+
+The old per-GPU total summed each term's maximum as if all coexisted. They do not (issue 8):
+- "forward": end of the forward incl. the loss / logits path. No gradients yet in FSDP2 / DeepSpeed
+  steady state (runtime.engines BaseEngine.step: `zero_grad(set_to_none=True)`), except previous
+  micro-steps' gradients when accumulating (FSDP2 sharded grads, or unsharded fp32 grads with
+  `set_requires_gradient_sync(False)`). DDP keeps its gradients always: with
+  gradient_as_bucket_view=True they are views into the reducer's buckets
+  (torch/csrc/distributed/c10d/reducer.cpp initialize_bucket_views) and the runtime zeroes them with
+  set_to_none=False (runtime.engines.DDPEngine.grads_set_to_none).
+- "backward": the larger of two instants: (1) the loss backward (all activations still saved, the
+  fp32 logits gradient and log_softmax output alive) and (2) the first decoder layer's backward (all
+  activations, one layer's backward working set, the unit's unsharded gradients and, FSDP2, the
+  root's unsharded lm_head/embedding gradients, which are reduce-scattered only in the root's
+  post-backward: _fully_shard/_fsdp_param_group.py post_backward).
+- "optimizer": optimizer.step(): full (sharded) gradients, states, the optimizer's temporaries and
+  DeepSpeed's step-time fp32 gradient partition (stage_1_and_2.py step:
+  `flatten(averaged_gradients).to(fp32)`; stage3.py `fp32_partitioned_groups_flat[i].grad`);
+  activations are freed.
+FSDP2 unsharded parameters (_fully_shard/_fsdp_param_group.py unshard/reshard,
+_fsdp_collectives.py foreach_all_gather): the root unit (embedding, final norm, lm_head) is gathered
+in its pre-forward and kept until its post-forward (reshard_after_forward=True, runtime.engines
+FSDP2Engine passes it to the root too) and again from its pre-backward to the end of backward; a
+decoder unit's all-gather output coexists with the copied-out unsharded parameters
+(foreach_all_gather_copy_out) while the next unit is prefetched, so two units are in flight in the
+backward; the reduce-scatter input is the unit's unsharded gradients in reduce_dtype (fp32).
+SHARD_GRAD_OP (reshard_after_forward=False) keeps every unit gathered from forward to backward.
+Constants marked "measured" were fitted to `shardtrain plan --trace` (torch 2.13 FSDPMemTracker /
+MemTracker under FakeTensorMode, transformers 5.23) and are re-checked by benchmarks/calibrate_memory.py
+and tests/test_trace.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardtrain.compiler.inventory import TensorGroup
+from shardtrain.compiler.memory import ModelStateBytes, frozen_weight_bytes
+from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.specs import Engine, GradCkpt, Method, OffloadDevice, Optimizer, Precision, Strategy
+
+PHASES = ("forward", "backward", "optimizer")
+
+AUTOCAST_FP32_RESIDUAL_BYTES_PER_H = 12
+"""DDP full fine-tuning runs fp32 params under autocast: the embedding output, residual adds and
+RMSNorm inputs stay fp32 (autocast casts only matmul inputs), +12·h bytes per token per layer over
+the all-16-bit block (measured: 8B, exactly 49 288 B/token/layer = 12·4096 + 136)."""
+LORA_SAVED_BYTES_PER_INPUT = {Engine.DDP: 4.67, Engine.FSDP: 2.64, Engine.DEEPSPEED: 2.64}
+"""peft LoRA per adapted Linear and token, per input feature: lora_dropout's mask and output (saved
+by lora_A), peft's cast of x to the adapter dtype (fp32 adapters under DDP autocast), minus the base
+inputs a frozen weight no longer needs saved (measured on 8B, r=16, all 7 projections)."""
+FSDP_EXTRA_BYTES_PER_H = 3
+"""All-16-bit block (FSDP2 / DeepSpeed): the block saves ~3·h bytes/token more than the derivation in
+activations.py (measured: 8B, 221.3 kB vs 208.9 kB per token per layer)."""
+BACKWARD_WORKING_BYTES_PER_H = 8
+"""Backward of one decoder layer beyond its saved tensors: the incoming and outgoing hidden-state
+gradients and the fp32 RMSNorm backward temporaries (measured)."""
+
+
+@dataclass(frozen=True)
+class PhaseInputs:
+    """Everything the phase model needs about one candidate."""
+    model: ModelSpec
+    groups: tuple[TensorGroup, ...]
+    strategy: Strategy
+    world_size: int
+    shard_size: int
+    method: Method
+    precision: Precision
+    optimizer: Optimizer
+    micro_batch: int
+    seq_len: int
+    grad_ckpt_layers: int
+    """Number of decoder layers whose activations are recomputed (0 .. num_layers)."""
+    grad_accum: int
+    defer_grad_sync: bool
+    layer_act_bytes_per_token: float
+    """activations.layer_bytes_per_token for the all-16-bit block."""
+    logits_forward_bytes: int
+    logits_backward_bytes: int
+    activation_offload: bool = False
+    """save_on_cpu: saved activations (and checkpointed layers' inputs) live in host RAM."""
+    foreach_optimizer: bool = True
+    """torch picks foreach AdamW on CUDA (torch/optim/optimizer.py _default_to_fused_or_foreach) and
+    the for-loop on CPU; the runtime passes neither."""
+
+
+def _sum_in_features(model: ModelSpec, targets_trainable: tuple[TensorGroup, ...]) -> int:
+    """Σ in_features of the LoRA-adapted linears of one layer (lora_A is (r, in))."""
+    L = model.num_layers
+    return sum(g.shape[-1] * g.count // L for g in targets_trainable
+               if g.name.endswith(".lora_A") and g.count % L == 0)
+
+
+def _layer_trainable(groups: tuple[TensorGroup, ...], model: ModelSpec) -> int:
+    L = model.num_layers
+    return sum(g.total // L for g in groups if g.trainable and g.count % L == 0 and g.count >= L)
+
+
+def _largest_trainable(groups: tuple[TensorGroup, ...], shard: int) -> int:
+    from math import ceil
+    return max((ceil(g.shape[0] / shard) * (g.numel // g.shape[0]) for g in groups if g.trainable), default=0)
+
+
+def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]]:
+    """{phase: {term: bytes}} (without cuda_context) for one candidate."""
+    m, s = x.model, x.strategy
+    eng = s.engine
+    p = x.precision.param_bytes
+    h, L = m.hidden_size, m.num_layers
+    tokens = x.micro_batch * x.seq_len
+    T = sum(g.total for g in x.groups if g.trainable)
+    autocast = eng is Engine.DDP and x.precision is not Precision.FP32
+    full_ft = x.method is Method.FULL
+
+    # ---- saved activations per layer (bytes per token)
+    per_tok = x.layer_act_bytes_per_token
+    if autocast and full_ft:
+        per_tok += AUTOCAST_FP32_RESIDUAL_BYTES_PER_H * h
+    elif p == 2:
+        per_tok += FSDP_EXTRA_BYTES_PER_H * h
+    if not full_ft:
+        per_tok += LORA_SAVED_BYTES_PER_INPUT[eng] * _sum_in_features(m, x.groups)
+    per_layer = per_tok * tokens
+    if autocast and full_ft:
+        # autocast's cast cache keeps a 16-bit copy of every fp32 weight a layer's matmuls used
+        # (aten/src/ATen/autocast_mode.cpp cached_cast), saved by the matmul for backward
+        per_layer += p * _layer_trainable(x.groups, m)
+    resid = (4 if autocast and full_ft else p) * h * tokens   # checkpointed layer keeps its input
+    n_ck = x.grad_ckpt_layers
+    kept = (L - n_ck) * per_layer + n_ck * resid
+    if x.activation_offload:
+        kept = 0     # activations.activation_bytes: host RAM (activation_host_bytes)
+    head = 2 * resid                                        # embedding output + final norm output
+
+    # ---- model states, and the instants of each phase
+    params, master, states = ms.params, ms.master_params, ms.optimizer_states
+    top = per_layer if n_ck == 0 else resid   # what the first layer's backward frees
+    working = (per_layer if n_ck else 0) + BACKWARD_WORKING_BYTES_PER_H * h * tokens
+    bsv_p = p * x.micro_batch * x.seq_len * m.vocab_size   # 16-bit logits at the lm_head matmul
+    if eng is Engine.FSDP:
+        N = x.shard_size
+        T_shard = -(-T // N)
+        bpp = _gathered_bpp(x.groups, x.method, x.precision)
+        unit = int(m.per_layer_params * bpp)
+        root = int((m.embedding_params + m.lm_head_params + m.final_norm_params) * bpp)
+        root_tr = sum(g.total for g in x.groups if g.trainable and g.name in ("embed_tokens", "lm_head", "norm"))
+        layer_tr = _layer_trainable(x.groups, m)
+        g_prev = 0   # previous micro-steps' grads (sharded, or unsharded fp32 when the sync is deferred)
+        if x.grad_accum > 1:
+            g_prev = 4 * T if x.defer_grad_sync else 4 * T_shard
+        gathered = unit * (L - 1) if s is Strategy.FSDP_SHARD_GRAD_OP else 0   # reshard_after_forward=False
+        # one rank: no collective, the unsharded params are initialised from the shards and no
+        # all-gather output or reduce-scatter input exists (_fsdp_param_group.py unshard/wait_for_unshard
+        # `world_size == 1`, _fsdp_collectives.py foreach_reduce `world_size > 1`)
+        ag = 2 if N > 1 else 1
+        rs = 4 * layer_tr if N > 1 else 0
+        instants = {
+            # lm_head matmul: root gathered + the last unit's all-gather output, 16-bit logits
+            "forward": [dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=root + unit + gathered),
+                        # loss: the root resharded after its forward, fp32 loss path
+                        dict(grads=g_prev, activations=kept + head, logits=x.logits_forward_bytes, buffers=gathered)],
+            # loss backward: the root is re-gathered only when the logits' gradient exists (its
+            # pre-backward hook sits on the forward outputs: _fsdp_state.py _register_pre_backward_hook),
+            # after the fp32 loss-path tensors are gone
+            "backward": [dict(grads=g_prev, activations=kept + head, logits=x.logits_backward_bytes,
+                              buffers=gathered),
+                         # second layer from the top: root + current + prefetched unit, the previous
+                         # unit's fp32 reduce-scatter input and sharded grads, the root's unsharded
+                         # 16-bit grads (reduce-scattered in the root's post-backward, at the end)
+                         dict(grads=g_prev + p * root_tr + 4 * -(-layer_tr // N),
+                              activations=max(kept - top, 0) + head + working, logits=0,
+                              buffers=root + 2 * unit + rs + max(gathered - unit, 0))],
+        }
+        # the root's all-gather (pre-forward; pre-backward once the logits' gradient exists): its
+        # all-gather output and the copied-out unsharded params coexist (foreach_all_gather_copy_out)
+        instants["forward"].append(dict(grads=g_prev, activations=0, logits=0, buffers=ag * root + gathered))
+        instants["backward"].append(dict(grads=g_prev, activations=kept + head + bsv_p, logits=0,
+                                         buffers=ag * root + gathered))
+        # end of backward (embedding backward): every layer's sharded grads, the root still gathered
+        # with its unsharded 16-bit grads (tied embeddings: lm_head grad + embedding grad + their sum,
+        # AccumulateGrad), the last unit's fp32 reduce-scatter input; activations all freed
+        emb_tr = m.embedding_params if any(g.trainable and g.name == "embed_tokens" for g in x.groups) else 0
+        tied_extra = 2 * p * emb_tr if m.tie_word_embeddings else 0
+        instants["backward"].append(dict(grads=g_prev + 4 * (T_shard - -(-root_tr // N)) + p * root_tr + tied_extra,
+                                         activations=0, logits=0, buffers=root + rs))
+        instants.update({
+            # the last micro-step syncs: deferred unsharded grads are reduce-scattered and freed
+            "optimizer": [dict(grads=4 * T_shard, activations=0, logits=0, buffers=0)],
+        })
+        local_T = T_shard
+    else:
+        if eng is Engine.DDP:
+            g = {ph: ms.grads for ph in PHASES}
+            local_T = T
+        else:
+            # DeepSpeed: ms.grads = persistent 16-bit partition + max(step fp32 partition, in-flight
+            # backward gradients) (memory.py). The fp32 partition exists only inside step(); in the
+            # forward neither it nor the in-flight gradients exist (backward keeps the max: conservative).
+            local_T = -(-T // x.shard_size)
+            step_fp32 = 4 * local_T if s.offload_optimizer is OffloadDevice.NONE else 0
+            g = {"forward": max(ms.grads - step_fp32, p * local_T if step_fp32 else 0),
+                 "backward": ms.grads, "optimizer": ms.grads}
+        b = ms.buffers
+        # autocast's weight cache (cleared when the forward's autocast region exits) holds a 16-bit copy
+        # of every fp32 weight used; the lm_head copy stays saved by its matmul until its backward
+        lm_w = (m.lm_head_params or m.embedding_params) if autocast and full_ft else 0
+        cached = p * _layer_trainable(x.groups, m) * n_ck if autocast and full_ft else 0
+        instants = {
+            "forward": [dict(grads=g["forward"], activations=kept + head + p * lm_w + cached + bsv_p, logits=0,
+                             buffers=b),
+                        dict(grads=g["forward"], activations=kept + head + p * lm_w, logits=x.logits_forward_bytes,
+                             buffers=b)],
+            "backward": [dict(grads=g["backward"], activations=kept + head + p * lm_w, logits=x.logits_backward_bytes,
+                              buffers=b),
+                         dict(grads=g["backward"], activations=max(kept - top, 0) + head + working, logits=0, buffers=b)],
+            "optimizer": [dict(grads=g["optimizer"], activations=0, logits=0, buffers=b)],
+        }
+    # ---- optimizer temporaries (optimizer phase only; torch/optim/adamw.py)
+    opt_tmp = 0
+    if eng is not Engine.DEEPSPEED and x.optimizer in (Optimizer.ADAMW, Optimizer.LION):
+        if x.foreach_optimizer:
+            opt_tmp = 4 * local_T            # _multi_tensor_adamw: exp_avg_sq_sqrt = _foreach_sqrt(...)
+        else:
+            # _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt) -> two temporaries
+            opt_tmp = 2 * 4 * _largest_trainable(x.groups, x.shard_size if eng is Engine.FSDP else 1)
+    instants["optimizer"][0]["buffers"] += opt_tmp
+    out = {}
+    for ph in PHASES:
+        worst = max(instants[ph], key=lambda d: sum(d.values()))
+        out[ph] = dict(params=params, master_params=master, optimizer_states=states,
+                       **{k: int(v) for k, v in worst.items()})
+    return out
+
+
+def _gathered_bpp(groups: tuple[TensorGroup, ...], method: Method, precision: Precision) -> float:
+    total = sum(g.total for g in groups)
+    trainable = sum(g.total for g in groups if g.trainable)
+    return (precision.param_bytes * trainable + frozen_weight_bytes(groups, method, precision)) / max(total, 1)
+
+
+def _ds_partition(x: PhaseInputs, T: int) -> int:
+    return -(-T // x.shard_size)
+
+
+def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy, ms: ModelStateBytes,
+                     *, shard_size: int, world_size: int, method: Method, precision: Precision,
+                     optimizer: Optimizer, micro_batch: int, seq_len: int, attention, grad_ckpt: GradCkpt,
+                     selective_every: int, grad_accum: int, defer_grad_sync: bool, loss=None,
+                     chunk_tokens: int = 512, activation_offload: bool = False, cuda_context: int = 0,
+                     foreach_optimizer: bool = True) -> tuple[dict[str, "MemoryBreakdown"], str]:
+    """({phase: MemoryBreakdown}, peak phase) for one candidate; `loss`/`chunk_tokens` are the
+    resolved loss mode of activations.logits_bytes (None: its default, the full logits path)."""
+    from shardtrain.compiler.activations import layer_bytes_per_token, logits_bytes, resolved_ckpt_fraction
+    from shardtrain.compiler.plan import MemoryBreakdown
+    n_ck = round(resolved_ckpt_fraction(grad_ckpt, model.num_layers, selective_every) * model.num_layers)
+    lkw = dict(micro_batch=micro_batch, seq_len=seq_len, precision=precision)
+    if loss is not None:
+        lkw.update(loss=loss, chunk_tokens=chunk_tokens)
+    logits = logits_bytes(model, **lkw)
+    full_path = loss is None or getattr(loss, "value", loss) == "full"
+    bsv = micro_batch * seq_len * model.vocab_size
+    if full_path:
+        # forward: 16-bit logits + fp32 upcast + fp32 log_softmax output (runtime ce_sum); backward:
+        # saved log_softmax output + nll gradient + log_softmax gradient, all fp32
+        # (fp32: `.float()` is a no-op, so the flattened fp32 copy, the logits and the output coexist)
+        fwd_logits = logits - 4 * bsv if precision.param_bytes == 2 else logits
+        bwd_logits = min(12 * bsv, logits)
+    else:
+        fwd_logits = bwd_logits = logits
+    x = PhaseInputs(model=model, groups=groups, strategy=strategy, world_size=world_size, shard_size=shard_size,
+                    method=method, precision=precision, optimizer=optimizer, micro_batch=micro_batch,
+                    seq_len=seq_len, grad_ckpt_layers=n_ck, grad_accum=grad_accum, defer_grad_sync=defer_grad_sync,
+                    layer_act_bytes_per_token=layer_bytes_per_token(model, precision, attention, seq_len),
+                    logits_forward_bytes=fwd_logits, logits_backward_bytes=bwd_logits,
+                    foreach_optimizer=foreach_optimizer, activation_offload=activation_offload)
+    terms = phase_terms(x, ms)
+    phases = {ph: MemoryBreakdown(**t, cuda_context=cuda_context) for ph, t in terms.items()}
+    peak = max(PHASES, key=lambda ph: (phases[ph].total, -PHASES.index(ph)))
+    return phases, peak

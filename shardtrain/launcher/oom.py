@@ -1,0 +1,95 @@
+"""`shardtrain launch --on-oom replan[:N]`: when a rank runs out of memory, re-plan and resume (issue 13 (g)).
+
+The worker records each out-of-memory error in ``<run dir>/oom/rank{R}.json`` (runtime/faults.py:
+phase, step, micro batch, measured peak). After a failed launch the launcher reads those records and,
+at most N times (default 2), asks the PUBLIC planner for the next smaller setup, in this order:
+  1. half the micro batch (more accumulation: the global batch, hence every step's samples and the
+     checkpoints, stay the same);
+  2. at micro batch 1: full activation checkpointing;
+then rewrites the run dir and launches again; the workers resume from the last complete checkpoint.
+Each change is printed with its reason. On CPU the control path is exercised with the TEST-ONLY
+``SHARDTRAIN_TEST_OOM_AT_MICRO_BATCH`` (runtime/faults.py), never with a real OOM.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_REPLANS = 2
+
+
+def parse_on_oom(value: str | None) -> int:
+    """'replan' -> DEFAULT_REPLANS, 'replan:N' -> N, 'fail'/None -> 0; ValueError otherwise."""
+    if value is None or value == "fail":
+        return 0
+    head, _, n = value.partition(":")
+    if head != "replan" or (n and not n.isdigit()):
+        raise ValueError(f"--on-oom {value!r}: write replan, replan:N (N re-plans at most) or fail")
+    return int(n) if n else DEFAULT_REPLANS
+
+
+def oom_records(run_dir: Path) -> list[dict]:
+    out = []
+    for p in sorted((Path(run_dir) / "oom").glob("rank*.json")):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def clear_records(run_dir: Path) -> None:
+    for p in (Path(run_dir) / "oom").glob("rank*.json"):
+        p.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Replan:
+    cfg: object
+    plan: object
+    message: str
+
+
+def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
+    """The next smaller plan after an OOM (None when nothing smaller is left), via the public planner
+    with a fixed micro batch / checkpointing (compiler internals are not touched)."""
+    from shardtrain.compiler.specs import GradCkpt
+    from shardtrain.config.schema import ConfigError
+    from shardtrain.launcher.rundir import compile_plan, load_config
+    from shardtrain.units import fmt_bytes
+    c = plan.chosen
+    rec = records[0] if records else {}
+    where = (f"rank {rec.get('rank', '?')} ran out of memory in {rec.get('phase', '?')} at step {rec.get('step', '?')}"
+             + (f" (measured peak {fmt_bytes(rec['measured_peak_bytes'])})" if rec.get("measured_peak_bytes") else ""))
+    over: dict[str, object] = {"train.strategy": plan.strategy.value}  # same sharding: checkpoints stay valid
+    if c.micro_batch_size > 1:
+        over["train.micro_batch"] = c.micro_batch_size // 2
+    elif c.gradient_checkpointing is not GradCkpt.FULL:
+        over["train.grad_ckpt"] = "full"
+    else:
+        return None
+    try:
+        new_cfg = load_config(cfg, over)
+        new = compile_plan(new_cfg)
+    except (ConfigError, ValueError):
+        return None
+    n = new.chosen
+    if (n.micro_batch_size, n.gradient_checkpointing) == (c.micro_batch_size, c.gradient_checkpointing):
+        return None
+    msg = (f"{where}: re-planned: micro batch {c.micro_batch_size} → {n.micro_batch_size}, accumulation "
+           f"{c.grad_accum_steps} → {n.grad_accum_steps}"
+           + (f", checkpointing {c.gradient_checkpointing.value} → {n.gradient_checkpointing.value}"
+              if n.gradient_checkpointing != c.gradient_checkpointing else "")
+           + f" (global batch {plan.train.global_batch_size} unchanged; resuming from the last checkpoint)")
+    return Replan(new_cfg, new, msg)
+
+
+def accept_new_split(run_dir: Path, cfg, plan) -> None:
+    """Record the re-planned config and plan in the run dir before rundir.write_run_dir re-checks it:
+    a re-plan after OOM keeps the strategy, world size and global batch (the same samples per optimizer
+    step), so the run's checkpoints stay valid even though the batch split changed."""
+    import yaml
+    run_dir = Path(run_dir)
+    (run_dir / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")

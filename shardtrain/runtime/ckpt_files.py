@@ -1,0 +1,170 @@
+"""Crash-safe checkpoint directories: the file-system half of :mod:`shardtrain.runtime.checkpoint`.
+
+Layout under ``<run dir>/checkpoints/``::
+
+    .tmp_step_N/     being written (engines write here); a crash leaves only this, swept on the next save
+    step_N/          renamed from .tmp_step_N after every file is written and fsynced; holds
+                     MANIFEST.json (every file's relative path and size) and, written LAST, COMPLETE
+    latest           text "step_N", replaced atomically (write temp, fsync, rename) after COMPLETE
+
+A checkpoint counts only when COMPLETE exists, MANIFEST.json parses, every listed file exists with
+its recorded size (a truncated file or a missing shard fails this) and trainer_state.json parses.
+Resume takes the newest checkpoint that passes; each one that fails is skipped with ONE warning line
+(rank 0). Why temp + fsync + rename: rename(2) is atomic within a file system, and fsync of the files
+and then of the directory orders the data before the name (POSIX rename; ext4/xfs "data=ordered"
+do not guarantee this without fsync — see the LWN article "ext4 and data loss", 2009).
+No torch, no process groups here: every function is plain file I/O on one rank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("shardtrain.checkpoint")
+
+COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp_"
+#: TEST-ONLY: pretend the checkpoint file system has this many free bytes (exercises the free-disk
+#: preflight without filling a disk). Never set it in production.
+TEST_FREE_BYTES_ENV = "SHARDTRAIN_TEST_FREE_BYTES"
+
+
+def step_of(d: Path) -> int | None:
+    name = d.name
+    if not name.startswith("step_"):
+        return None
+    try:
+        return int(name[5:])
+    except ValueError:
+        return None
+
+
+def fsync_path(p: Path) -> None:
+    """fsync a file or a directory (directories: makes a rename/creation in it durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if p.is_dir() else 0)
+    fd = os.open(p, flags)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the data fsyncs still hold
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path via a temp file in the same directory, fsync, rename, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def sweep_temporaries(root: Path) -> None:
+    """Remove .tmp_step_* left by a save that crashed (rank 0, before a new save)."""
+    for d in Path(root).glob(TMP_PREFIX + "*") if Path(root).is_dir() else []:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def seal(tmp: Path, final: Path) -> None:
+    """Rank 0, after every rank finished writing into ``tmp``: manifest, fsync everything, rename to
+    ``final``, then COMPLETE (and the ``latest`` pointer) — in that order."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
+    (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=0))
+    for p in [*files, tmp / MANIFEST]:
+        fsync_path(p)
+    for d in sorted({p.parent for p in files} | {tmp}, key=lambda x: -len(x.parts)):
+        fsync_path(d)
+    if final.exists():  # the same step saved again (e.g. after a resume at that step): replace it
+        trash = final.with_name(f"{TMP_PREFIX}old_{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    write_atomic(final / COMPLETE, "")
+    write_atomic(final.parent / LATEST, final.name + "\n")
+
+
+def verify(d: Path) -> str | None:
+    """None when ``d`` is a complete checkpoint, else why not (one short phrase)."""
+    if not (d / COMPLETE).is_file():
+        return "no COMPLETE marker (the save did not finish)"
+    try:
+        json.loads((d / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json unreadable ({type(e).__name__})"
+    mf = d / MANIFEST
+    if not mf.is_file():
+        return None  # written before manifests existed: COMPLETE is all there is to check
+    try:
+        files = json.loads(mf.read_text())["files"]
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    for rel, size in files.items():
+        p = d / rel
+        if not p.is_file():
+            return f"missing {rel}"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, {size} were written (truncated or altered)"
+    return None
+
+
+def newest_complete(run_dir: Path, warn: bool = True) -> tuple[int, Path] | None:
+    """The newest checkpoint that verifies; each newer one that does not is skipped with one warning."""
+    root = Path(run_dir) / "checkpoints"
+    found = sorted(((n, d) for d in (root.iterdir() if root.is_dir() else []) if d.is_dir()
+                    and (n := step_of(d)) is not None), reverse=True)
+    for n, d in found:
+        why = verify(d)
+        if why is None:
+            return n, d
+        if warn:
+            log.warning("skipping checkpoint %s: %s; resuming from an older one", d, why)
+    return None
+
+
+def complete_steps(root: Path) -> list[tuple[int, Path]]:
+    out = []
+    for d in root.iterdir() if root.is_dir() else []:
+        n = step_of(d)
+        if n is not None and d.is_dir() and (d / COMPLETE).is_file():
+            out.append((n, d))
+    return sorted(out)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; older step dirs (complete or not) go."""
+    done = complete_steps(root)
+    if len(done) <= keep:
+        return
+    cutoff = done[-keep][0]
+    for d in root.iterdir():
+        n = step_of(d)
+        if n is not None and n < cutoff:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in Path(d).rglob("*") if p.is_file())
+
+
+def free_bytes(root: Path) -> int:
+    v = os.environ.get(TEST_FREE_BYTES_ENV)
+    if v:
+        return int(float(v))
+    return shutil.disk_usage(root).free
+
+
+class CheckpointSpaceError(RuntimeError):
+    """Not enough free disk for the next checkpoint (raised on every rank, before writing anything)."""

@@ -1,0 +1,68 @@
+"""TEST-ONLY fault injection for the crash-safety tests (issue 13). Never set these in production.
+
+``SHARDTRAIN_TEST_KILL="ATTEMPT:RANK:STEP:POINT[;...]"`` — in restart attempt ATTEMPT (torchrun's
+``TORCHELASTIC_RESTART_COUNT``, 0 for the first run), rank RANK sends itself SIGKILL at STEP:
+POINT ``step`` right after that optimizer step (a worker dying mid-run), ``save`` in the middle of
+saving the checkpoint of that step (after its files are written into ``.tmp_step_N``, before the
+checkpoint is sealed). SIGKILL, like the OOM killer or a node failure: no handler, no cleanup.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+TEST_KILL_ENV = "SHARDTRAIN_TEST_KILL"
+
+
+def maybe_kill(point: str, rank: int, step: int) -> None:
+    spec = os.environ.get(TEST_KILL_ENV)
+    if not spec:
+        return
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    for item in spec.split(";"):
+        a, r, s, p = item.split(":")
+        if (int(a), int(r), int(s), p) == (attempt, rank, step, point):
+            os.write(2, f"[shardtrain] TEST: rank {rank} SIGKILLs itself at step {step} ({point})\n".encode())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ out of memory (issue 13 (g))
+#: TEST-ONLY: simulate the device running out of memory in the forward pass of the first step whenever
+#: this process's micro batch is >= the value (an injected allocation limit: CPU has no device limit).
+TEST_OOM_ENV = "SHARDTRAIN_TEST_OOM_AT_MICRO_BATCH"
+_where: dict = {"phase": "setup", "step": None, "micro_batch": None}
+
+
+def at(phase: str, step: int | None, micro_batch: int | None = None) -> None:
+    """Remember where this rank is (for the OOM record)."""
+    _where.update(phase=phase, step=step, **({"micro_batch": micro_batch} if micro_batch else {}))
+
+
+def maybe_oom(step: int, micro_batch: int) -> None:
+    at("forward", step, micro_batch)
+    limit = os.environ.get(TEST_OOM_ENV)
+    if limit and micro_batch >= int(limit):
+        import torch
+        raise torch.OutOfMemoryError(f"TEST: injected allocation limit: micro batch {micro_batch} >= {limit} "
+                                     f"({TEST_OOM_ENV})")
+
+
+def record_oom(run_dir, rank: int, exc: BaseException) -> None:
+    """Write <run dir>/oom/rank{R}.json: where it happened and the measured peak (CUDA: max allocated;
+    CPU: the process's peak RSS), for `launch --on-oom replan` (launcher/oom.py)."""
+    import json
+    import resource
+    from pathlib import Path
+    peak = 0
+    try:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak = int(torch.cuda.max_memory_allocated())
+    except Exception:  # noqa: BLE001 - the record must be written even if CUDA is in a bad state
+        pass
+    if not peak:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    d = Path(run_dir) / "oom"
+    d.mkdir(parents=True, exist_ok=True)
+    rec = {"rank": rank, **_where, "measured_peak_bytes": peak, "error": str(exc)[:500]}
+    (d / f"rank{rank}.json").write_text(json.dumps(rec))

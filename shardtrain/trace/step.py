@@ -1,0 +1,216 @@
+"""Trace one plan's training step on the CPU under FakeTensorMode (no real memory, no GPU).
+
+What is traced is what the runtime really runs (shardtrain.runtime.modeling / engines / worker):
+the HF model built from the plan's config on the meta device (runtime.modeling.build_base policy:
+fp32 trainable params for DDP/FSDP full fine-tuning, 16-bit frozen base + fp32 adapters for LoRA via
+runtime.modeling.apply_lora), checkpointing via runtime.modeling.enable_checkpointing, FSDP2
+`fully_shard` per decoder layer + root with the plan's emitted FsdpSettings (mesh, MixedPrecisionPolicy,
+reshard_after_forward), DDP's autocast compute, the worker's loss (runtime.worker.ce_sum, fp32
+cross-entropy), backward, clip_grad_norm_, optimizer.step and zero_grad with the engine's set_to_none.
+The process group is torch's "fake" backend (torch/testing/_internal/distributed/fake_pg.py) of the
+plan's world size, so collectives return immediately with correctly-shaped outputs.
+
+Trackers (torch/distributed/_tools): FSDPMemTracker for FSDP2 (categorises sharded/unsharded params
+and grads, all-gather and reduce-scatter buffers), MemTracker for DDP/single device. Peaks per phase
+are read by resetting the tracker's peak between phases (MemTracker keeps `_peak_mem`/`_peak_mem_snap`
+per device; there is no public reset, see mem_tracker.py _update_peak_stats).
+
+DDP is traced unwrapped: with gradient_as_bucket_view=True (runtime.engines.DDPEngine) the gradients
+ARE the reducer's buckets (torch/csrc/distributed/c10d/reducer.cpp initialize_bucket_views), allocated
+once in C++ and never freed (zero_grad(set_to_none=False)); the all-reduce is in place. The unwrapped
+model with persistent .grad tensors has exactly that footprint; the 2×25 MiB in-flight buckets are the
+plan's `buffers` term (untraced).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardtrain.compiler.plan import Plan
+from shardtrain.compiler.specs import Engine, Method, Optimizer, Precision
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+class TraceError(ValueError):
+    """The plan cannot be traced (one line saying why and what stands instead)."""
+
+
+def check_traceable(plan: Plan) -> None:
+    c = plan.chosen
+    if c.strategy.engine is Engine.DEEPSPEED:
+        raise TraceError(f"--trace: {c.strategy.value} runs DeepSpeed ZeRO, whose internal buffers cannot be "
+                         "traced under FakeTensorMode; its analytic numbers (checked against the real engine "
+                         "in tests/test_truth_engines.py) stand. Trace ddp or an fsdp_* strategy instead")
+    if c.method is Method.QLORA:
+        raise TraceError("--trace: QLoRA's bitsandbytes 4-bit kernels cannot run under FakeTensorMode; "
+                         "the analytic numbers stand (use --method lora to trace the 16-bit equivalent)")
+    if c.optimizer is Optimizer.ADAMW8BIT:
+        raise TraceError("--trace: bitsandbytes 8-bit AdamW cannot run under FakeTensorMode; "
+                         "trace with --optimizer adamw")
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """torch's in-process fake backend: every rank-local collective is a no-op with real shapes."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        raise TraceError("--trace: a process group is already initialised in this process; "
+                         "run the trace in a fresh process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _hf_config(plan: Plan):
+    """The model's own config.json (preset, config path or checkpoint dir: runtime.modeling.model_source),
+    else the plan's shape (`--params` plans: ModelSpec.to_hf_config, llama layouts)."""
+    from transformers import AutoConfig
+    from shardtrain.config.presets import load_model_config
+    raw = None
+    for ref in (getattr(plan.model, "source", None), plan.model.name):
+        try:
+            raw = dict(load_model_config(ref)[0]) if ref else None
+        except (ValueError, OSError):
+            raw = None
+        if raw is not None:
+            break
+    if raw is None:
+        try:
+            raw = dict(plan.model.to_hf_config())
+        except ValueError as e:
+            raise TraceError(f"--trace: {e}") from None
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    config.use_cache = False
+    return config
+
+
+def _build_meta(plan: Plan) -> nn.Module:
+    """The runtime's model on the meta device (runtime.modeling.build_base/apply_lora policy)."""
+    from shardtrain.runtime.modeling import apply_lora, build_base, build_dtype, enable_checkpointing, ModelSource
+    c, t = plan.chosen, plan.train
+    attention = "sdpa" if t.attention.value == "flash" else t.attention.value  # no flash kernels on CPU
+    src = ModelSource(config=_hf_config(plan), weights_dir=None, model_dir=None)
+    model = build_base(src, build_dtype(c.strategy.engine, c.method, c.precision), seed=0, attention=attention,
+                       meta=True)
+    enable_checkpointing(model, c.gradient_checkpointing, t.selective_every)
+    if c.method is not Method.FULL:
+        lo = t.lora
+        with torch.device("meta"):
+            model = apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
+                               targets=tuple(plan.lora_targets or lo.targets), seed=0)
+    return model
+
+
+def _optimizer(plan: Plan, params):
+    """AdamW with foreach=False: FSDPMemTracker over-counts the foreach/fused step under fake mode
+    (issue 8); the foreach temporaries are added from the analytic model (compiler/phases.py)."""
+    from shardtrain.runtime.optim import build_optimizer
+    c = plan.chosen
+    if c.optimizer is Optimizer.ADAMW:
+        return torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    return build_optimizer(c.optimizer, params, lr=1e-4)
+
+
+def _reset_peak(mt) -> None:
+    mt._peak_mem_snap = copy.deepcopy(mt._curr_mem_snap)
+    mt._peak_mem = {dev: snap.get("Total", 0) for dev, snap in mt._peak_mem_snap.items()}
+
+
+def _read_peak(mt) -> dict[str, int]:
+    snap = mt.get_tracker_snapshot("peak")
+    out: dict[str, int] = {}
+    for dev_snap in snap.values():
+        for k, v in dev_snap.items():
+            key = "total" if k == "Total" else str(getattr(k, "value", k))
+            out[key] = out.get(key, 0) + int(v)
+    return out
+
+
+def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]], str, int]:
+    """Per-phase peak bytes per category of rank 0 over `steps` optimizer steps (max over steps and
+    micro-steps), the tracker's name, and the world size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from shardtrain.runtime.engines import trainable
+    from shardtrain.runtime.modeling import compute_dtype, decoder_layers
+    from shardtrain.runtime.worker import ce_sum
+    check_traceable(plan)
+    c, t = plan.chosen, plan.train
+    W = c.world_size
+    fsdp = c.strategy.engine is Engine.FSDP
+    accum = min(c.grad_accum_steps, 2)   # the first and a later micro-step differ; more repeat the later one
+    phases: dict[str, dict[str, int]] = {p: {} for p in PHASES}
+
+    def keep(phase: str, peak: dict[str, int]) -> None:
+        if peak.get("total", 0) >= phases[phase].get("total", -1):
+            phases[phase] = peak
+
+    with fake_process_group(W):
+        model = _build_meta(plan)
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+            from shardtrain.emit.fsdp import fsdp_settings
+            st = fsdp_settings(plan)
+            kw = dict(mesh=st.device_mesh("cpu"), mp_policy=st.mixed_precision_policy(),
+                      reshard_after_forward=st.reshard_after_forward)
+            for layer in decoder_layers(model, st.wrap_class):
+                fully_shard(layer, **kw)
+            fully_shard(model, **kw)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            if hasattr(model, "tie_weights"):   # to_empty makes new Parameters (runtime.modeling re-ties too)
+                model.tie_weights()
+            opt = _optimizer(plan, trainable(model))
+            ids = torch.randint(0, plan.model.vocab_size, (c.micro_batch_size, t.seq_len))
+            if fsdp:
+                from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+                mt = FSDPMemTracker(model, opt)
+                mt.track_inputs((ids,))
+                tool = "FSDPMemTracker"
+            else:
+                from shardtrain.trace.trackers import FrozenSafeMemTracker
+                mt = FrozenSafeMemTracker()
+                mt.track_external(model, opt, ids)
+                tool = "MemTracker"
+            autocast = (torch.autocast("cpu", dtype=compute_dtype(c.precision))
+                        if not fsdp and c.precision is not Precision.FP32 else contextlib.nullcontext())
+            with mt:
+                for _ in range(steps):
+                    for k in range(accum):
+                        last = k == accum - 1
+                        if fsdp:
+                            model.set_requires_gradient_sync(last or not c.fsdp_defer_grad_sync)
+                        mt.reset_mod_stats()   # FSDPMemTracker refuses a second forward otherwise
+                        _reset_peak(mt)
+                        with autocast:
+                            logits = model(input_ids=ids).logits
+                        loss = ce_sum(logits, ids)
+                        del logits
+                        keep("forward", _read_peak(mt))
+                        _reset_peak(mt)
+                        loss.backward()
+                        del loss
+                        keep("backward", _read_peak(mt))
+                    _reset_peak(mt)
+                    params = trainable(model)
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    # runtime.engines: DDP keeps grads as bucket views (set_to_none=False)
+                    opt.zero_grad(set_to_none=fsdp)
+                    # the first step's lazy state init is over-counted under fake mode (DTensor
+                    # zeros_like); the steady state is the last step's optimizer phase
+                    phases["optimizer"] = _read_peak(mt)
+    return phases, tool, W
+
+
+def timed_trace(plan: Plan, *, steps: int = 2):
+    t0 = time.perf_counter()
+    phases, tool, W = trace_step(plan, steps=steps)
+    return phases, tool, W, time.perf_counter() - t0

@@ -1,0 +1,96 @@
+"""Issue 13 (f): preflight compares the plan with the machine before anything is spawned; each problem
+is one line with the fix. Machines are described with preflight.Machine (a GPU machine cannot exist
+here); files, dirs and ports are real."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from shardtrain.launcher import preflight
+from shardtrain.launcher.rundir import compile_plan, load_config
+from shardtrain.launcher.preflight import Machine
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "examples" / "tiny-cpu.yaml"
+BIG = ROOT / "configs" / "examples" / "llama-13b-full-1x80gb-nvme.yaml"
+GiB = 2**30
+CPU_BOX = Machine(gpus=0, host_memory_bytes=24 * GiB, host_available_bytes=20 * GiB, cpus=2)
+
+
+def _check(config, tmp_path, machine=CPU_BOX, device="cpu", nproc=2, **over):
+    cfg = load_config(config, over)
+    plan = compile_plan(cfg)
+    return preflight.check(cfg, plan, machine=machine, device=device, nproc=nproc, run_dir=tmp_path / "run",
+                           launcher="torchrun")
+
+
+def test_tiny_cpu_demo_passes(tmp_path):
+    r = _check(TINY, tmp_path)
+    assert r.problems == [] and any("no GPU visible" in n for n in r.notes)
+
+
+def test_gpu_plan_on_cpu_machine_is_refused_with_the_fixes(tmp_path):
+    r = _check(BIG, tmp_path, **{"hardware.gpus_per_node": 2})
+    text = "\n".join(r.problems)
+    assert "no GPU is visible here" in text and "run.device: cpu" in text  # says so, and how to force it
+    assert "host RAM per node" in text and "--cpu-memory 24GiB" in text  # 128 GiB planned vs this node
+    assert "nvme_path" in text and "does not exist" in text
+    assert all("; fix: " in p and "\n" not in p for p in r.problems)
+    forced = _check(BIG, tmp_path, **{"hardware.gpus_per_node": 2, "run.device": "cpu"})
+    assert not any("no GPU is visible" in p for p in forced.problems)
+
+
+def test_gpu_count_and_memory(tmp_path):
+    small = Machine(gpus=1, gpu_memory_bytes=(24 * GiB,), host_memory_bytes=2048 * GiB, cpus=64)
+    r = _check(TINY, tmp_path, machine=small, device="cuda", nproc=2)
+    text = "\n".join(r.problems)
+    assert "2 processes per node but 1 GPU(s)" in text and "--nproc-per-node 1" in text
+    assert "--gpu-memory 24GiB" in text  # the preset is 80 GB
+
+
+def test_processes_possible(tmp_path):
+    r = _check(TINY, tmp_path, machine=Machine(gpus=0, host_memory_bytes=8 * GiB, cpus=1), nproc=2)
+    assert any("1 CPU core" in p and "--nproc-per-node 1" in p for p in r.problems)
+
+
+def test_data_and_model_paths(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = _check(TINY, tmp_path, **{"data.train": str(empty)})
+    assert any("data.train" in p and "empty" in p for p in r.problems)
+    r = _check(TINY, tmp_path, **{"data.train": str(tmp_path / "missing.jsonl")})
+    assert any("data.train" in p and "does not exist" in p for p in r.problems)
+    r = _check(TINY, tmp_path, **{"model.tokenizer": str(tmp_path / "no-tok")})
+    assert any("model.tokenizer" in p for p in r.problems)
+
+
+def test_unwritable_run_dir(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    cfg = load_config(TINY, {})
+    r = preflight.check(cfg, compile_plan(cfg), machine=CPU_BOX, device="cpu", nproc=2, run_dir=f / "run",
+                        launcher="torchrun")
+    assert any("run dir" in p and "not a directory" in p for p in r.problems)
+
+
+def test_rendezvous_port_in_use(tmp_path):
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = load_config(TINY, {})
+        r = preflight.check(cfg, compile_plan(cfg), machine=CPU_BOX, device="cpu", nproc=2, run_dir=tmp_path / "r",
+                            launcher="torchrun", master_port=port)
+    assert any(f"port {port} is in use" in p for p in r.problems)
+
+
+def test_launch_spawns_nothing_on_preflight_failure(tmp_path, capsys):
+    from shardtrain.cli import main
+    rc = main(["launch", str(BIG), "--nproc-per-node", "2", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "nothing was started" in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("shardtrain: error: preflight: ")]
+    assert any("nvme_path" in ln for ln in lines)  # machine-independent: /local_nvme does not exist here
+    assert not (tmp_path / "run").exists()
