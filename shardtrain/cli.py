@@ -20,7 +20,7 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.lr=1e-4")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="preset name, config.json or HF checkpoint dir")
+    g.add_argument("--model", help="preset name, config.json, HF checkpoint dir or Hub id ORG/NAME[@REVISION]")
     g.add_argument("--params", help="parameter count instead of --model, e.g. 7.5e9")
     for k in ("hidden", "layers", "heads", "kv-heads", "vocab", "intermediate"):
         g.add_argument(f"--{k}", type=int, help=f"{k} (with --params)")

@@ -170,3 +170,15 @@ def test_cli_exit_codes_and_fit(capsys):
     rc = main(["check", str(FIX / "qlora_zero3.json"), "--model", "llama-3.1-70b", "--gpus-per-node", "1",
                "--gpu-memory", "24GiB"])
     assert rc == 2 and "does NOT fit" in capsys.readouterr().out
+
+
+def test_accelerate_own_launcher_judges_what_check_does_not_know():
+    """A bad value no rule here knows: accelerate's launcher + FSDP plugin refuse it, so check does."""
+    cfg = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "mixed_precision": "bf16",
+           "num_machines": 1, "num_processes": 2,
+           "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_WRAP",
+                           "fsdp_reshard_after_forward": True}}
+    hit = errors(check_accelerate(cfg), "fsdp_config")[0]
+    assert "TRANSFORMER_WRAP" in hit.problem and "accelerate" in hit.problem
+    cfg["fsdp_config"]["fsdp_auto_wrap_policy"] = "TRANSFORMER_BASED_WRAP"
+    assert not [f for f in check_accelerate(cfg) if f.severity == ERROR]

@@ -69,6 +69,11 @@ def _hostile_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     put("list.yaml", b"- model\n- train\n", "mapping")
     put("alias-bomb.yaml", b"a: &a [x, x]\nb: &b [*a, *a]\nc: &c [*b, *b]\nmodel: *c\n", "model")
     put("big.yaml", b"# " + b"x" * (17 * 2**20) + b"\n", "MiB")
+    laughs, prev = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'], "a"
+    for n in "bcdefghi":  # 9^9 values once expanded: an alias bomb, not a config
+        laughs.append(f"{n}: &{n} [" + ",".join(["*" + prev] * 9) + "]")
+        prev = n
+    put("billion-laughs.yaml", ("\n".join(laughs) + "\nmodel:\n  name: *i\n").encode(), "aliases")
     (tmp / "adir").mkdir()
     out["adir"] = (tmp / "adir", "directory")
     os.symlink(tmp / "loop2", tmp / "loop1")
@@ -79,8 +84,8 @@ def _hostile_files(tmp: Path) -> dict[str, tuple[Path, str]]:
 
 
 HOSTILE = ["binary.yaml", "latin1.yaml", "deep-flow.yaml", "deep-block.yaml", "huge-int.yaml", "nan.yaml", "tag.yaml",
-           "custom-tag.yaml", "truncated.yaml", "list.yaml", "alias-bomb.yaml", "big.yaml", "adir", "loop1",
-           "missing.yaml"]
+           "custom-tag.yaml", "truncated.yaml", "list.yaml", "alias-bomb.yaml", "big.yaml", "billion-laughs.yaml",
+           "adir", "loop1", "missing.yaml"]
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -93,7 +98,7 @@ def test_hostile_run_config(tmp_path, capsys, name):
 
 
 @pytest.mark.parametrize("name", ["binary.yaml", "deep-flow.yaml", "tag.yaml", "truncated.yaml", "adir", "loop1",
-                                  "missing.yaml", "big.yaml"])
+                                  "missing.yaml", "big.yaml", "billion-laughs.yaml"])
 def test_hostile_file_given_to_check(tmp_path, capsys, name):
     path, word = _hostile_files(tmp_path)[name]
     rc, _, err = run_cli(["check", path], capsys)

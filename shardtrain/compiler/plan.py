@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from shardtrain.compiler.activations import logits_bytes
 from shardtrain.compiler.memory import ZeroBuckets
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import (ActivationOffload, Attention, GradCkpt, HardwareSpec, LoraSpec, LossMode,
@@ -121,6 +122,10 @@ class Plan:
             "offload_params": c.strategy.offload_params.value,
             "fsdp_defer_grad_sync": c.fsdp_defer_grad_sync,
             "loss": c.loss.value, "loss_chunk_tokens": self.train.loss_chunk_tokens,
+            # the logits path's own peak for this loss mode (per_gpu shows it only when it is the peak)
+            "logits_path_bytes": logits_bytes(self.model, micro_batch=c.micro_batch_size, seq_len=self.train.seq_len,
+                                              precision=c.precision, loss=c.loss,
+                                              chunk_tokens=self.train.loss_chunk_tokens),
             "activation_offload": c.activation_offload.value,
             "why_not": list(c.why_not),
             **({"per_phase": {ph: b.to_json() for ph, b in c.per_phase}, "peak_phase": c.peak_phase}

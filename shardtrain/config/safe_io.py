@@ -78,11 +78,22 @@ def read_text(path: str | os.PathLike, what: str, fix: str) -> str:
     return text.lstrip("\ufeff")
 
 
+#: Values in a config after YAML aliases are expanded; more is an alias bomb ("billion laughs": 9 levels
+#: of 9 aliases are 9^9 values that str() or a walk would expand), not a config.
+MAX_VALUES = 100_000
+
+
 def _check_finite(obj, head: str, path: str = "") -> None:
-    """NaN/Infinity anywhere is refused: no config value means that, and they poison arithmetic."""
+    """NaN/Infinity anywhere is refused: no config value means that, and they poison arithmetic.
+    Also bounds the expanded size (MAX_VALUES)."""
     stack = [(obj, path)]
+    seen = 0
     while stack:
         o, at = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{head}: more than {MAX_VALUES} values once YAML aliases (*name) are expanded; "
+                              "write the values out instead of nesting aliases")
         if isinstance(o, float) and not math.isfinite(o):
             raise ConfigError(f"{head}: {at or 'value'} is {o!r}; write a finite number")
         if isinstance(o, dict):
@@ -136,7 +147,7 @@ def load_mapping(path: str | os.PathLike, *, fmt: str, what: str, fix: str, empt
 # mappings of scalars; every other key holds a scalar (or a list of scalars, e.g. gpu_ids as a list).
 _ACCELERATE_BLOCKS = ("deepspeed_config", "fsdp_config", "megatron_lm_config", "dynamo_config", "ipex_config",
                       "mpirun_config", "fp8_config", "parallelism_config", "downcast_bf16_config")
-_ACCELERATE_STR = ("distributed_type", "mixed_precision", "compute_environment", "deepspeed_config_file",
+_ACCELERATE_STR = ("distributed_type", "mixed_precision", "compute_environment", "deepspeed_config_file", "gpu_ids",
                    "zero3_init_flag", "offload_param_device", "offload_optimizer_device", "fsdp_auto_wrap_policy",
                    "fsdp_transformer_layer_cls_to_wrap")
 _ACCELERATE_INT = ("num_processes", "num_machines", "machine_rank", "zero_stage", "fsdp_version")

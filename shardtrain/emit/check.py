@@ -243,6 +243,7 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
     if not isinstance(cfg, dict):
         return [Finding(ERROR, "<top level>", "not a YAML mapping", "write `key: value` lines")]
     _accelerate_unknown(cfg, out)
+    n_hand = len(out)
     dt = cfg.get("distributed_type")
     n, m = cfg.get("num_processes"), cfg.get("num_machines", 1)
     if dt is None:
@@ -311,6 +312,10 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
                                "shards", "use AdamW with FSDP, or DeepSpeed ZeRO with adamw8bit"))
         if method == "qlora":
             out += _quant_storage(_DTYPE_OF.get(mp, "float32"), quant_storage, "FSDP")
+    if not any(f.severity == ERROR for f in out[n_hand:]) and not any(f.severity == ERROR and "." not in f.key
+                                                                       for f in out[:n_hand]):
+        # nothing found by hand: ask accelerate's own launcher and FSDP plugin (engine_schema)
+        out += [Finding(r.severity, S._dotted(r.path), r.problem, r.fix) for r in S.accelerate_launch_errors(cfg)]
     return out
 
 

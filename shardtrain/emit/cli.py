@@ -27,7 +27,8 @@ def add_parsers(sub, add_plan_flags) -> None:
     p.set_defaults(func=cmd_emit)
 
     p = sub.add_parser("check", help="lint a DeepSpeed JSON or accelerate YAML (and optionally: does it fit?)",
-                       description="Lint FILE (DeepSpeed JSON or accelerate YAML): unknown or misspelled keys, "
+                       description="Lint FILE (DeepSpeed JSON or accelerate YAML) against the installed DeepSpeed/"
+                       "accelerate (what they refuse: error; what they silently ignore: warning), plus "
                        "offload_param below stage 3, NVMe without a path, batch arithmetic, stray \"auto\" values, "
                        "8-bit optimizers with offload, QLoRA quant-storage dtype. With a run config or --model, "
                        "also plan the file's strategy and say whether it fits. Exit 1 on errors.")

@@ -23,9 +23,12 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import os
 import re
 import types
 from dataclasses import dataclass, field
+
+from shardtrain.emit import deepspeed as K
 
 AUTO = "auto"
 NEAR_MISS = 0.8  # difflib ratio: "gradient_clip"~"gradient_clipping" 0.87; "comms_config"~"comms_logger" 0.67
@@ -187,11 +190,10 @@ def deepspeed_findings(cfg: dict, *, world_size: int = 1, batch_checked: bool = 
             except Exception as e:  # noqa: BLE001 - whatever DeepSpeed raises at start-up
                 if _is_batch_failure(e):
                     if not batch_checked:
-                        out.append(RawFinding("error", ("train_batch_size",), f"DeepSpeed: {e}",
+                        out.append(RawFinding("error", (K.TRAIN_BATCH_SIZE,), f"DeepSpeed: {e}",
                                               "make train_batch_size = micro batch x accumulation x world size"))
-                    for k, v in (("train_batch_size", 1), ("train_micro_batch_size_per_gpu", 1),
-                                 ("gradient_accumulation_steps", 1)):
-                        work[k] = v
+                    for k in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM):
+                        work[k] = 1
                     world = 1
                     continue
                 named = [k for k in work if re.search(rf"\b{re.escape(str(k))}\b", str(e))]
@@ -323,3 +325,37 @@ def trainer_fills() -> dict[str, str]:
         out[key] = (f"TrainingArguments {names[-1]}" if kind == "match" and names
                     else "the model config (hidden_size)" if "hidden_size" in rest else "a fixed value")
     return out
+
+
+def accelerate_launch_errors(cfg: dict) -> list[RawFinding]:
+    """What `accelerate launch` itself refuses for this YAML: its launch parser reads the file
+    (commands/launch.py _validate_launch_command), builds the workers' environment
+    (utils/launch.py prepare_multi_gpu_env) and, for FSDP, the workers' FullyShardedDataParallelPlugin
+    is constructed from that environment (utils/dataclasses.py __post_init__) — each step's exception
+    is an error. Runs on the CPU: nothing is launched."""
+    import tempfile
+
+    import yaml
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+    old_env = dict(os.environ)
+    try:
+        args = launch_command_parser().parse_args(["--config_file", f.name, "train.py"])
+        _validate_launch_command(args)
+        if cfg.get("distributed_type") != "FSDP":
+            return []
+        os.environ.update(prepare_multi_gpu_env(args))
+        from accelerate.utils.dataclasses import FullyShardedDataParallelPlugin
+        FullyShardedDataParallelPlugin()
+    except (ValueError, TypeError, KeyError, AssertionError) as e:
+        where = ("fsdp_config",) if cfg.get("distributed_type") == "FSDP" and isinstance(cfg.get("fsdp_config"), dict) \
+            else ()
+        return [RawFinding("error", where, f"accelerate refuses it at launch: {' '.join(str(e).split())}",
+                           "fix the value accelerate names (see `accelerate launch --help`)")]
+    finally:
+        os.environ.clear()
+        os.environ.update(old_env)
+        os.unlink(f.name)
+    return []

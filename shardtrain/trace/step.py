@@ -170,8 +170,8 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
             opt = _optimizer(plan, trainable(model))
             ids = torch.randint(0, plan.model.vocab_size, (c.micro_batch_size, t.seq_len))
             if fsdp:
-                from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-                mt = FSDPMemTracker(model, opt)
+                from shardtrain.trace.trackers import GlobalPeakFSDPMemTracker
+                mt = GlobalPeakFSDPMemTracker(model, opt)
                 mt.track_inputs((ids,))
                 tool = "FSDPMemTracker"
             else:
