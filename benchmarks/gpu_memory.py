@@ -63,7 +63,8 @@ def row_config(name: str, a) -> dict:
     return {"model": {"name": TINY if a.dry_run else a.model},
             "hardware": {"nodes": 1, "gpus_per_node": 1, "gpu_memory": a.gpu_memory},
             "train": {"strategy": strategy, "method": method, "grad_ckpt": ckpt, "optimizer": opt,
-                      "precision": ("bf16" if method == "qlora" else "fp32") if a.dry_run else a.precision, "seq_len": a.seq_len,
+                      "precision": ("bf16" if method == "qlora" else "fp32") if a.dry_run else a.precision,
+                      "seq_len": a.seq_len,
                       "micro_batch": a.micro_batch, "global_batch": a.micro_batch, "steps": a.steps,
                       "warmup_steps": 0, "lr": 1e-4},
             "run": {"device": "cpu" if a.dry_run else "cuda", "checkpoint_every": 0, "eval_every": 0,
@@ -137,7 +138,8 @@ def run_row(name: str, a, work: Path) -> dict:
                            for ph in PHASES if any(ph in s for s in steady)}
     else:
         tr = json.loads((d / "memory_rank0.json").read_text()).get("memory_trace") or {}
-        out["measured"] = {ph: {"memtracker_live": v["total"]} for ph, v in tr.get("per_phase", {}).items()}
+        per = (tr.get("no_comm_temp") or tr).get("per_phase", {})  # as on NCCL (runtime/memtrace.py COLLECTIVES)
+        out["measured"] = {ph: {"memtracker_live": v["total"]} for ph, v in per.items()}
     return out
 
 
@@ -233,7 +235,8 @@ def main(argv=None) -> int:
                 results.append(run_row(name, a, Path(tmp)))
             else:
                 results.append(_isolated(name, a, Path(tmp)))
-            print(f"[gpu_memory] {name}: {'skipped' if 'skipped' in results[-1] else 'done'}", file=sys.stderr, flush=True)
+            done = "skipped" if "skipped" in results[-1] else "done"
+            print(f"[gpu_memory] {name}: {done}", file=sys.stderr, flush=True)
     v = versions()
     print(f"versions: {json.dumps(v)}")
     print(f"mode: {'dry run (CPU, MemTracker live tensors)' if a.dry_run else 'CUDA'}; model "

@@ -276,7 +276,7 @@ def corrupted(draw):
 
 
 @pytest.mark.skipif(not SAMPLES, reason="no golden DeepSpeed/accelerate files")
-@FUZZ(300)
+@FUZZ(200)
 @given(sample=corrupted())
 def test_fuzz_check_corrupted_engine_configs(sample, tmp_path_factory, capsys):
     suffix, data = sample

@@ -36,7 +36,15 @@ def test_next_plan_halves_micro_batch_then_checkpoints():
     assert "rank 1 ran out of memory in forward at step 3" in r.message and "micro batch 2 → 1" in r.message
     r2 = oom.next_plan(r.cfg, r.plan, rec)
     assert r2.plan.chosen.gradient_checkpointing.value == "full" and "checkpointing" in r2.message
-    assert oom.next_plan(r2.cfg, r2.plan, rec) is None  # nothing smaller left
+    assert r2.plan.chosen.micro_batch_size == 1
+    ladder, cur = [], r2
+    while (cur := oom.next_plan(cur.cfg, cur.plan, rec)) is not None:  # then loss / offload, then the end
+        ladder.append(cur.message)
+        assert cur.plan.strategy == p.strategy and cur.plan.chosen.micro_batch_size == 1
+        assert len(ladder) < 5
+    # the loss rung, then offload where the planner applies it (it does not under full recomputation)
+    assert [("loss full → chunked" in m, "offload" in m) for m in ladder] in ([(True, False), (False, True)],
+                                                                             [(True, False)])
 
 
 @pytest.mark.multiproc

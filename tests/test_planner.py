@@ -158,12 +158,14 @@ def test_memory_grows_with_seq_len_and_micro_batch(strategy, ckpt, seq, mb):
 
     def total(s, b):  # accumulation 1 throughout, so only activations/logits change
         t = TrainSpec(seq_len=s, global_batch_size=4 * b, micro_batch_size=b, strategy=strategy, grad_ckpt=ckpt)
-        c = plan(L8B, h, t).chosen
-        return c.per_gpu.total, dict(c.per_phase)["backward"].total
-    # the backward phase holds the activations and grows strictly; the peak (max over phases, the
-    # optimizer phase does not depend on the tokens) never shrinks
-    for bigger in (total(seq + 64, mb), total(seq, mb * 2)):
-        assert bigger[1] > total(seq, mb)[1] and bigger[0] >= total(seq, mb)[0]
+        return plan(L8B, h, t).chosen
+    # no phase shrinks; the peak grows strictly whenever activations/logits are part of it (the
+    # optimizer step and FSDP's end-of-backward instant do not depend on the tokens)
+    small = total(seq, mb)
+    for big in (total(seq + 64, mb), total(seq, mb * 2)):
+        assert all(b.total >= a.total for (_, a), (_, b) in zip(small.per_phase, big.per_phase))
+        if small.per_gpu.activations + small.per_gpu.logits > 0:
+            assert big.per_gpu.total > small.per_gpu.total
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardtrain.compiler.activations import layer_bytes_per_token, logits_bytes, resolved_ckpt_fraction
 from shardtrain.compiler.inventory import TensorGroup
 from shardtrain.compiler.memory import ModelStateBytes, frozen_weight_bytes
 from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.plan import MemoryBreakdown
 from shardtrain.compiler.specs import Engine, GradCkpt, Method, OffloadDevice, Optimizer, Precision, Strategy
 
 PHASES = ("forward", "backward", "optimizer")
@@ -44,7 +46,7 @@ AUTOCAST_FP32_RESIDUAL_BYTES_PER_H = 12
 """DDP full fine-tuning runs fp32 params under autocast: the embedding output, residual adds and
 RMSNorm inputs stay fp32 (autocast casts only matmul inputs), +12·h bytes per token per layer over
 the all-16-bit block (measured: 8B, exactly 49 288 B/token/layer = 12·4096 + 136)."""
-LORA_SAVED_BYTES_PER_INPUT = {Engine.DDP: 4.67, Engine.FSDP: 2.64, Engine.DEEPSPEED: 2.64}
+LORA_SAVED_BYTES_PER_INPUT = {Engine.DDP: 4.36, Engine.FSDP: 2.33, Engine.DEEPSPEED: 2.33}
 """peft LoRA per adapted Linear and token, per input feature: lora_dropout's mask and output (saved
 by lora_A), peft's cast of x to the adapter dtype (fp32 adapters under DDP autocast), minus the base
 inputs a frozen weight no longer needs saved (measured on 8B, r=16, all 7 projections)."""
@@ -62,7 +64,6 @@ class PhaseInputs:
     model: ModelSpec
     groups: tuple[TensorGroup, ...]
     strategy: Strategy
-    world_size: int
     shard_size: int
     method: Method
     precision: Precision
@@ -145,44 +146,56 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         root = int((m.embedding_params + m.lm_head_params + m.final_norm_params) * bpp)
         root_tr = sum(g.total for g in x.groups if g.trainable and g.name in ("embed_tokens", "lm_head", "norm"))
         layer_tr = _layer_trainable(x.groups, m)
+        emb_tr = m.embedding_params if any(g.trainable and g.name == "embed_tokens" for g in x.groups) else 0
+        # the lm_head's gradient exists from the loss backward on (tied: it is the embedding's)
+        lm_tr = sum(g.total for g in x.groups if g.trainable and g.name == "lm_head") + \
+            (emb_tr if m.tie_word_embeddings else 0)
         g_prev = 0   # previous micro-steps' grads (sharded, or unsharded fp32 when the sync is deferred)
         if x.grad_accum > 1:
             g_prev = 4 * T if x.defer_grad_sync else 4 * T_shard
-        gathered = unit * (L - 1) if s is Strategy.FSDP_SHARD_GRAD_OP else 0   # reshard_after_forward=False
-        # one rank: no collective, the unsharded params are initialised from the shards and no
-        # all-gather output or reduce-scatter input exists (_fsdp_param_group.py unshard/wait_for_unshard
-        # `world_size == 1`, _fsdp_collectives.py foreach_reduce `world_size > 1`)
+        # SHARD_GRAD_OP (reshard_after_forward=False, root included) keeps every unit and the root
+        # gathered from its forward until its own backward (reshard after backward)
+        sgo = s is Strategy.FSDP_SHARD_GRAD_OP
+        held = root + L * unit if sgo else 0
+        # one rank: no all-gather, the unsharded params are initialised from the shards
+        # (_fsdp_param_group.py unshard/wait_for_unshard `world_size == 1`); the reduce-scatter input
+        # (foreach_reduce's chunk_cat into a reduce_dtype buffer) is allocated at every world size
         ag = 2 if N > 1 else 1
-        rs = 4 * layer_tr if N > 1 else 0
+        rs = 4 * layer_tr
         instants = {
-            # lm_head matmul: root gathered + the last unit's all-gather output, 16-bit logits
-            "forward": [dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=root + unit + gathered),
-                        # loss: the root resharded after its forward, fp32 loss path
-                        dict(grads=g_prev, activations=kept + head, logits=x.logits_forward_bytes, buffers=gathered)],
-            # loss backward: the root is re-gathered only when the logits' gradient exists (its
-            # pre-backward hook sits on the forward outputs: _fsdp_state.py _register_pre_backward_hook),
-            # after the fp32 loss-path tensors are gone
-            "backward": [dict(grads=g_prev, activations=kept + head, logits=x.logits_backward_bytes,
-                              buffers=gathered),
-                         # second layer from the top: root + current + prefetched unit, the previous
-                         # unit's fp32 reduce-scatter input and sharded grads, the root's unsharded
-                         # 16-bit grads (reduce-scattered in the root's post-backward, at the end)
-                         dict(grads=g_prev + p * root_tr + 4 * -(-layer_tr // N),
-                              activations=max(kept - top, 0) + head + working, logits=0,
-                              buffers=root + 2 * unit + rs + max(gathered - unit, 0))],
+            "forward": [
+                # the root's all-gather before anything runs: its all-gather output and the
+                # copied-out unsharded params coexist (_fsdp_collectives.py foreach_all_gather_copy_out)
+                dict(grads=g_prev, activations=0, logits=0, buffers=ag * root),
+                # lm_head matmul: root gathered + the last unit's all-gather output, 16-bit logits
+                dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=max(root + unit, held)),
+                # loss: the root resharded after its forward (FULL/HYBRID), fp32 loss path
+                dict(grads=g_prev, activations=kept + head, logits=x.logits_forward_bytes, buffers=held)],
+            "backward": [
+                # loss backward: the root is re-gathered only when the logits' gradient exists (its
+                # pre-backward hook sits on the forward outputs: _fsdp_state.py
+                # _register_pre_backward_hook), after the fp32 loss-path tensors are gone
+                dict(grads=g_prev, activations=kept + head, logits=x.logits_backward_bytes, buffers=held),
+                # ... then the root's re-gather next to the logits' gradient
+                dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=held or ag * root),
+                # second layer from the top: root + current + prefetched unit, the previous unit's
+                # fp32 reduce-scatter input and sharded grads, the root's unsharded 16-bit grads
+                # (reduce-scattered in the root's post-backward, at the very end)
+                dict(grads=g_prev + p * lm_tr + 4 * -(-layer_tr // N),
+                     activations=max(kept - top, 0) + head + working, logits=0,
+                     buffers=max(root + 2 * unit, held) + rs)],
         }
-        # the root's all-gather (pre-forward; pre-backward once the logits' gradient exists): its
-        # all-gather output and the copied-out unsharded params coexist (foreach_all_gather_copy_out)
-        instants["forward"].append(dict(grads=g_prev, activations=0, logits=0, buffers=ag * root + gathered))
-        instants["backward"].append(dict(grads=g_prev, activations=kept + head + bsv_p, logits=0,
-                                         buffers=ag * root + gathered))
         # end of backward (embedding backward): every layer's sharded grads, the root still gathered
         # with its unsharded 16-bit grads (tied embeddings: lm_head grad + embedding grad + their sum,
         # AccumulateGrad), the last unit's fp32 reduce-scatter input; activations all freed
-        emb_tr = m.embedding_params if any(g.trainable and g.name == "embed_tokens" for g in x.groups) else 0
         tied_extra = 2 * p * emb_tr if m.tie_word_embeddings else 0
-        instants["backward"].append(dict(grads=g_prev + 4 * (T_shard - -(-root_tr // N)) + p * root_tr + tied_extra,
+        layers_sharded = 4 * (T_shard - -(-root_tr // N))
+        instants["backward"].append(dict(grads=g_prev + layers_sharded + p * root_tr + tied_extra,
                                          activations=0, logits=0, buffers=root + rs))
+        # ... then the root's own reduce-scatter (post_backward reshards first): its fp32 input
+        # next to its unsharded grads
+        instants["backward"].append(dict(grads=g_prev + layers_sharded + p * root_tr, activations=0, logits=0,
+                                         buffers=4 * root_tr))
         instants.update({
             # the last micro-step syncs: deferred unsharded grads are reduce-scattered and freed
             "optimizer": [dict(grads=4 * T_shard, activations=0, logits=0, buffers=0)],
@@ -216,13 +229,15 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
             "optimizer": [dict(grads=g["optimizer"], activations=0, logits=0, buffers=b)],
         }
     # ---- optimizer temporaries (optimizer phase only; torch/optim/adamw.py)
+    # (DeepSpeed's step-time fp32 partition is in its grads term; bitsandbytes 8-bit updates in place)
     opt_tmp = 0
-    if eng is not Engine.DEEPSPEED and x.optimizer in (Optimizer.ADAMW, Optimizer.LION):
-        if x.foreach_optimizer:
-            opt_tmp = 4 * local_T            # _multi_tensor_adamw: exp_avg_sq_sqrt = _foreach_sqrt(...)
-        else:
-            # _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt) -> two temporaries
-            opt_tmp = 2 * 4 * _largest_trainable(x.groups, x.shard_size if eng is Engine.FSDP else 1)
+    largest = _largest_trainable(x.groups, x.shard_size if eng is Engine.FSDP else 1)
+    if eng is not Engine.DEEPSPEED and x.optimizer is Optimizer.ADAMW and x.foreach_optimizer:
+        opt_tmp = 4 * local_T            # _multi_tensor_adamw: exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)
+    elif eng is not Engine.DEEPSPEED and x.optimizer is not Optimizer.ADAMW8BIT:
+        # per-tensor loops (_single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt);
+        # runtime.optim Lion / Adafactor, SGD momentum): two fp32 temporaries of the largest local tensor
+        opt_tmp = 2 * 4 * largest
     instants["optimizer"][0]["buffers"] += opt_tmp
     out = {}
     for ph in PHASES:
@@ -238,20 +253,14 @@ def _gathered_bpp(groups: tuple[TensorGroup, ...], method: Method, precision: Pr
     return (precision.param_bytes * trainable + frozen_weight_bytes(groups, method, precision)) / max(total, 1)
 
 
-def _ds_partition(x: PhaseInputs, T: int) -> int:
-    return -(-T // x.shard_size)
-
-
 def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy, ms: ModelStateBytes,
-                     *, shard_size: int, world_size: int, method: Method, precision: Precision,
+                     *, shard_size: int, method: Method, precision: Precision,
                      optimizer: Optimizer, micro_batch: int, seq_len: int, attention, grad_ckpt: GradCkpt,
                      selective_every: int, grad_accum: int, defer_grad_sync: bool, loss=None,
                      chunk_tokens: int = 512, activation_offload: bool = False, cuda_context: int = 0,
-                     foreach_optimizer: bool = True) -> tuple[dict[str, "MemoryBreakdown"], str]:
+                     foreach_optimizer: bool = True) -> tuple[dict[str, MemoryBreakdown], str]:
     """({phase: MemoryBreakdown}, peak phase) for one candidate; `loss`/`chunk_tokens` are the
     resolved loss mode of activations.logits_bytes (None: its default, the full logits path)."""
-    from shardtrain.compiler.activations import layer_bytes_per_token, logits_bytes, resolved_ckpt_fraction
-    from shardtrain.compiler.plan import MemoryBreakdown
     n_ck = round(resolved_ckpt_fraction(grad_ckpt, model.num_layers, selective_every) * model.num_layers)
     lkw = dict(micro_batch=micro_batch, seq_len=seq_len, precision=precision)
     if loss is not None:
@@ -267,7 +276,7 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
         bwd_logits = min(12 * bsv, logits)
     else:
         fwd_logits = bwd_logits = logits
-    x = PhaseInputs(model=model, groups=groups, strategy=strategy, world_size=world_size, shard_size=shard_size,
+    x = PhaseInputs(model=model, groups=groups, strategy=strategy, shard_size=shard_size,
                     method=method, precision=precision, optimizer=optimizer, micro_batch=micro_batch,
                     seq_len=seq_len, grad_ckpt_layers=n_ck, grad_accum=grad_accum, defer_grad_sync=defer_grad_sync,
                     layer_act_bytes_per_token=layer_bytes_per_token(model, precision, attention, seq_len),

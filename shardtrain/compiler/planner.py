@@ -82,7 +82,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                           chunk_tokens=t.loss_chunk_tokens)
     # per_gpu = the breakdown at the peak phase (compiler/phases.py), not the sum of each term's maximum
     phases, peak = candidate_phases(
-        m, groups, strategy, ms, shard_size=shard_group_size(strategy, hw), world_size=hw.world_size, method=method,
+        m, groups, strategy, ms, shard_size=shard_group_size(strategy, hw), method=method,
         precision=t.precision, optimizer=optimizer, micro_batch=micro, seq_len=t.seq_len, attention=t.attention,
         grad_ckpt=ckpt, selective_every=t.selective_every,
         grad_accum=t.global_batch_size // (micro * hw.world_size), defer_grad_sync=defer, loss=loss,

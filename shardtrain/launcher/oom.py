@@ -6,6 +6,10 @@ at most N times (default 2), asks the PUBLIC planner for the next smaller setup,
   1. half the micro batch (more accumulation: the global batch, hence every step's samples and the
      checkpoints, stay the same);
   2. at micro batch 1: full activation checkpointing;
+  3. the chunked loss (no full fp32 logits tensor);
+  4. activations offloaded to host memory;
+(the strategy is kept: another one would not read this run's checkpoints, so the ladder ends there;
+the measured peak is reported, not yet fed back into the memory model as a calibration);
 then rewrites the run dir and launches again; the workers resume from the last complete checkpoint.
 Each change is printed with its reason. On CPU the control path is exercised with the TEST-ONLY
 ``SHARDTRAIN_TEST_OOM_AT_MICRO_BATCH`` (runtime/faults.py), never with a real OOM.
@@ -62,11 +66,21 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
     rec = records[0] if records else {}
     where = (f"rank {rec.get('rank', '?')} ran out of memory in {rec.get('phase', '?')} at step {rec.get('step', '?')}"
              + (f" (measured peak {fmt_bytes(rec['measured_peak_bytes'])})" if rec.get("measured_peak_bytes") else ""))
-    over: dict[str, object] = {"train.strategy": plan.strategy.value}  # same sharding: checkpoints stay valid
+    # Same strategy (the checkpoints' format/sharding stay valid) and the settings already chosen pinned,
+    # so each rung changes exactly one thing.
+    over: dict[str, object] = {"train.strategy": plan.strategy.value, "train.micro_batch": c.micro_batch_size,
+                               "train.grad_ckpt": c.gradient_checkpointing.value}
+    loss = getattr(c, "loss", None)
+    offload = getattr(c, "activation_offload", None)
     if c.micro_batch_size > 1:
         over["train.micro_batch"] = c.micro_batch_size // 2
     elif c.gradient_checkpointing is not GradCkpt.FULL:
         over["train.grad_ckpt"] = "full"
+    elif loss is not None and loss.value == "full":
+        over["train.loss"] = "chunked"
+    elif offload is not None and offload.value == "none":
+        over["train.loss"] = loss.value if loss is not None else "full"
+        over["train.activation_offload"] = "cpu"
     else:
         return None
     try:
@@ -75,12 +89,19 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
     except (ConfigError, ValueError):
         return None
     n = new.chosen
-    if (n.micro_batch_size, n.gradient_checkpointing) == (c.micro_batch_size, c.gradient_checkpointing):
+
+    def knobs(x):
+        return (x.micro_batch_size, x.gradient_checkpointing, getattr(x, "loss", None),
+                getattr(x, "activation_offload", None))
+    if knobs(n) == knobs(c):
         return None
     msg = (f"{where}: re-planned: micro batch {c.micro_batch_size} → {n.micro_batch_size}, accumulation "
            f"{c.grad_accum_steps} → {n.grad_accum_steps}"
            + (f", checkpointing {c.gradient_checkpointing.value} → {n.gradient_checkpointing.value}"
               if n.gradient_checkpointing != c.gradient_checkpointing else "")
+           + (f", loss {c.loss.value} → {n.loss.value}" if getattr(c, "loss", None) != getattr(n, "loss", None) else "")
+           + (f", activation offload {c.activation_offload.value} → {n.activation_offload.value}"
+              if getattr(c, "activation_offload", None) != getattr(n, "activation_offload", None) else "")
            + f" (global batch {plan.train.global_batch_size} unchanged; resuming from the last checkpoint)")
     return Replan(new_cfg, new, msg)
 

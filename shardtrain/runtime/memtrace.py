@@ -44,8 +44,17 @@ CATEGORY_TERM = {
     "Logits": "logits",
     "Buffer": "buffers", "Unsharded Param": "buffers", "All Gather": "buffers", "Reduce Scatter": "buffers",
     "Other": "buffers",
+    "Comm temp": "comm_temp",
 }
-TERMS = ("params", "grads", "master_params", "optimizer_states", "activations", "logits", "buffers")
+TERMS = ("params", "grads", "master_params", "optimizer_states", "activations", "logits", "buffers", "comm_temp")
+# Tensors a CPU (gloo) collective allocates inside the call: ProcessGroupGloo's reduce-scatter copies
+# FSDP2's flat gradient input (measured: 131 MB, the root unit's fp32 embedding + lm_head gradients of
+# tests/fixtures/models/small-llama-32k.json at world size 2) while NCCL reduce-scatters in place. The
+# plan and the trace model NCCL, so "comm_temp" is reported apart and "no_comm_temp" holds the peaks
+# without it (a second running peak, not the peak minus comm_temp).
+COLLECTIVES = ("reduce_scatter_single", "all_gather_single", "reduce_scatter_tensor", "all_gather_into_tensor",
+               "all_reduce", "all_gather", "reduce_scatter", "broadcast", "_reduce_scatter_base",
+               "_all_gather_base")
 
 
 def _extended_refs(base):
@@ -53,7 +62,7 @@ def _extended_refs(base):
     the tracker's own `_MemRefType.ACT` keys still index the snapshot dicts)."""
     from torch.distributed._tools.mem_tracker import _RefType
     members = {m.name: m.value for m in base}
-    members.update(LOGITS="Logits", MASTER="Master")
+    members.update(LOGITS="Logits", MASTER="Master", COMM="Comm temp")
     return _RefType("STRefType", members)
 
 
@@ -62,11 +71,24 @@ def _make_tracker(eng):
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
     class _Logits:
-        """Mixin: ACT storages created in the logits region are filed under "Logits"."""
+        """Mixin: ACT storages created in the logits region are filed under "Logits"; storages the
+        process-group backend creates inside a collective call under "Comm temp"."""
         in_logits = False
+        in_comm = False
+
+        def _update_peak_stats(self, peak_state):
+            # a second running peak without the backend's collective temporaries (see COLLECTIVES)
+            super()._update_peak_stats(peak_state)
+            for dev, snap in self._curr_mem_snap.items():
+                v = snap[_TOTAL] - snap.get(self._comm_key, 0)
+                if v > self.nc_peak.get(dev, -1):
+                    self.nc_peak[dev] = v
+                    self.nc_snap[dev] = dict(snap)
 
         def _track(self, reftype, t):
-            if self.in_logits and reftype.value == "Activation":
+            if self.in_comm and reftype.value in ("Activation", "Temp"):
+                reftype = self._ref_class("Comm temp")
+            elif self.in_logits and reftype.value == "Activation":
                 reftype = self._ref_class("Logits")
             return super()._track(reftype, t)
 
@@ -81,7 +103,32 @@ def _make_tracker(eng):
             pass
         mt = Tracker()
         mt._ref_class = _extended_refs(_MemRefType)
+    mt._comm_key = mt._ref_class("Comm temp")
+    mt.nc_peak, mt.nc_snap = {}, {}
     return mt
+
+
+@contextmanager
+def _flag_collectives(mt):
+    """While a torch.distributed collective runs, new storages are the backend's temporaries."""
+    import torch.distributed as dist
+    saved = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
+
+    def wrap(f):
+        def inner(*a, **k):
+            prev, mt.in_comm = mt.in_comm, True
+            try:
+                return f(*a, **k)
+            finally:
+                mt.in_comm = prev
+        return inner
+    for n, f in saved.items():
+        setattr(dist, n, wrap(f))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(dist, n, f)
 
 
 class _NoHook:
@@ -155,6 +202,7 @@ class StepMemTrace:
     def __init__(self, engine):
         self.eng = engine
         self.phases: dict[str, dict] = {}
+        self.no_comm: dict[str, dict] = {}  # the same without collective temporaries (COLLECTIVES)
         self.tool = ("torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker" if engine.kind is Engine.FSDP
                      else "torch.distributed._tools.mem_tracker.MemTracker")
         self._mt = None
@@ -164,13 +212,21 @@ class StepMemTrace:
         mt, ph = self._mt, self._cur
         if mt is None or ph is None:
             return
-        peak = _by_category(mt.get_tracker_snapshot("peak"), self.eng.device.type)
+        dt = self.eng.device.type
+        peak = _by_category(mt.get_tracker_snapshot("peak"), dt)
         if peak.get("total", 0) > self.phases.get(ph, {}).get("total", -1):
             self.phases[ph] = peak
-        # restart the peak from what is live now (the tracker keeps one running peak)
+        nc = _by_category(mt.nc_snap, dt)
+        nc["total"] = sum(v for k, v in nc.items() if k not in ("total", "Comm temp"))
+        nc.pop("Comm temp", None)
+        if nc["total"] > self.no_comm.get(ph, {}).get("total", -1):
+            self.no_comm[ph] = nc
+        # restart the peaks from what is live now (the tracker keeps one running peak)
         cur = mt.get_tracker_snapshot("current")
         mt._peak_mem_snap = copy.deepcopy(cur)
         mt._peak_mem = {dev: s[_TOTAL] for dev, s in cur.items()}
+        mt.nc_snap = {dev: dict(s) for dev, s in cur.items()}
+        mt.nc_peak = {dev: s[_TOTAL] - s.get(mt._comm_key, 0) for dev, s in cur.items()}
 
     def mark(self, phase: str | None) -> None:
         self._close_phase()
@@ -212,7 +268,7 @@ class StepMemTrace:
             mt.in_logits = self._cur == "forward"
         handle = head.register_forward_pre_hook(logits_on) if head else None
         try:
-            with mt:
+            with mt, _flag_collectives(mt):
                 yield self
                 self.mark(None)
         finally:
@@ -229,8 +285,13 @@ class StepMemTrace:
         """{"tool", "peak_phase", "total", "per_phase": {phase: {"total", categories..., "terms": {...}}}}."""
         per = {ph: {**cats, "terms": by_term(cats)} for ph, cats in self.phases.items()}
         peak_phase = max(per, key=lambda p: per[p]["total"]) if per else None
+        nc = {ph: {**cats, "terms": by_term(cats)} for ph, cats in self.no_comm.items()}
+        nc_phase = max(nc, key=lambda p: nc[p]["total"]) if nc else None
         return {"tool": self.tool, "mode": "real", "peak_phase": peak_phase,
-                "total": per[peak_phase]["total"] if peak_phase else 0, "per_phase": per}
+                "total": per[peak_phase]["total"] if peak_phase else 0, "per_phase": per,
+                # like for like with the plan and the trace (they model NCCL, see COLLECTIVES)
+                "no_comm_temp": {"peak_phase": nc_phase, "total": nc[nc_phase]["total"] if nc_phase else 0,
+                                 "per_phase": nc}}
 
 
 def _output_embeddings(model):
@@ -257,9 +318,10 @@ def predicted_phases(plan_json: dict) -> tuple[dict, str | None]:
     return {"peak": plan_json["per_gpu"]}, "peak"
 
 
-def comparison(predicted: dict, measured: dict) -> list[tuple]:
+def comparison(predicted: dict, measured: dict, no_comm: dict | None = None) -> list[tuple]:
     """Rows (phase, term, predicted, measured): the plan's terms without cuda_context (no tensor
-    holds it), against the tracker's categories folded into those terms."""
+    holds it), against the tracker's categories folded into those terms; with `no_comm`, the
+    phase's peak without collective temporaries too (the like-for-like total, see COLLECTIVES)."""
     rows = []
     phases = [p for p in PHASES if p in measured] or list(measured)
     for ph in phases:
@@ -269,6 +331,8 @@ def comparison(predicted: dict, measured: dict) -> list[tuple]:
             rows.append((ph, t, int(pred.get(t, 0)), int(meas.get(t, 0))))
         ptot = int(pred.get("total", 0)) - int(pred.get("cuda_context", 0))
         rows.append((ph, "total (no cuda_context)", ptot, int(meas["total"])))
+        if no_comm and ph in no_comm and meas.get("comm_temp"):
+            rows.append((ph, "total without comm_temp", ptot, int(no_comm[ph]["total"])))
     return rows
 
 
@@ -290,7 +354,7 @@ def trace_record(trace: StepMemTrace, plan_path) -> tuple[dict, str]:
     from pathlib import Path
     rep = trace.report()
     pred, pred_peak = predicted_phases(json.loads(Path(plan_path).read_text()))
-    rows = comparison(pred, rep["per_phase"])
+    rows = comparison(pred, rep["per_phase"], rep["no_comm_temp"]["per_phase"])
     rep["predicted_per_phase"] = pred
     rep["predicted_peak_phase"] = pred_peak
     rep["rows"] = [list(r) for r in rows]

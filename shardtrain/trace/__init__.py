@@ -38,7 +38,7 @@ def _foreach_extra(plan) -> int:
     groups = tensor_inventory(m, c.method, t.lora.rank, plan.lora_targets or t.lora.targets)
     ms = model_state_bytes(m, groups, c.strategy, hw, method=c.method, precision=c.precision,
                            optimizer=c.optimizer, fsdp_defer_grad_sync=c.fsdp_defer_grad_sync)
-    kw = dict(shard_size=shard_group_size(c.strategy, hw), world_size=c.world_size, method=c.method,
+    kw = dict(shard_size=shard_group_size(c.strategy, hw), method=c.method,
               precision=c.precision, optimizer=c.optimizer, micro_batch=c.micro_batch_size, seq_len=t.seq_len,
               attention=t.attention, grad_ckpt=c.gradient_checkpointing, selective_every=t.selective_every,
               grad_accum=c.grad_accum_steps, defer_grad_sync=c.fsdp_defer_grad_sync)

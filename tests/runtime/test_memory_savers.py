@@ -23,7 +23,7 @@ LORA_HEAD = {"targets": ["q_proj", "v_proj", "lm_head"], "dropout": 0.0}  # drop
 
 def _over(strategy: str, *, loss: str, model: str = TINY, method: str = "full", lora: dict | None = None,
           **train) -> dict:
-    o = {"model": {"name": model},
+    o = {"model": {"name": model}, "run": {"eval_every": STEPS},
          "train": {"strategy": strategy, "precision": "fp32", "steps": STEPS, "method": method, "loss": loss,
                    "loss_chunk_tokens": CHUNK, "lr": 1e-2 if method != "full" else 1e-3, **train}}
     if lora:
@@ -87,6 +87,10 @@ def test_chunked_equals_full(saver_results, name):
     # later steps see parameters updated with the chunked gradients
     assert chunked["losses"] == pytest.approx(full["losses"], rel=LOSS_RTOL)
     assert full["losses"][-1] < full["losses"][0]
+    # evaluation (no_grad: chunks without checkpointing) after the last step
+    assert [e["eval_loss"] for e in chunked["evals"]] == pytest.approx([e["eval_loss"] for e in full["evals"]],
+                                                                      rel=LOSS_RTOL)
+    assert len(full["evals"]) == 1
 
 
 def test_activation_offload_equal_losses(saver_results):
