@@ -63,7 +63,7 @@ GRID = [
     ("llama-3.1-8b", "fsdp_full_shard", 4, 8, 8192, 1, "full", "lora", "bf16"),
     ("llama-3.1-8b", "ddp", 1, 1, 512, 1, "full", "lora", "bf16"),
     ("mixtral-8x7b", "fsdp_full_shard", 1, 8, 2048, 1, "full", "full", "bf16"),
-    ("mixtral-8x7b", "fsdp_full_shard", 8, 8, 4096, 1, "none", "lora", "bf16"),
+    ("mixtral-8x7b", "fsdp_full_shard", 8, 8, 4096, 1, "none", "full", "bf16"),
 ]
 QUICK = [GRID[i] for i in (0, 1, 2, 6, 9, 13)]
 

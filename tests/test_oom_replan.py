@@ -66,3 +66,23 @@ def test_injected_oom_replans_to_smaller_micro_batch_and_finishes(tmp_path):
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert (run / "final").is_dir() and not list((run / "oom").glob("*.json"))
+
+
+def test_cuda_oom_calibrates_the_budget():
+    """A CUDA OOM record (the device's capacity was exceeded although the model predicted less): the re-plan
+    tightens the budget by f = capacity / predicted and lets the planner choose: the same strategy and a
+    setup whose prediction × f fits."""
+    cfg = load_config(ROOT / "configs" / "examples" / "llama3-8b-lora-1x24gb.yaml", {"train.micro_batch": "auto"})
+    p = compile_plan(cfg)
+    predicted, cap = int(p.chosen.per_gpu.total), p.gpu_memory_bytes
+    assert predicted < cap
+    rec = [{"rank": 0, "phase": "forward", "step": 1, "device": "cuda", "device_capacity_bytes": cap,
+            "measured_peak_bytes": cap}]
+    r = oom.next_plan(cfg, p, rec)
+    f = cap / predicted
+    assert r is not None and f"calibrated ×{f:.2f}" in r.message, r and r.message
+    assert r.plan.strategy == p.strategy
+    assert r.plan.chosen.micro_batch_size < p.chosen.micro_batch_size
+    assert r.plan.chosen.per_gpu.total * f <= cap * (1 - cfg.train.headroom)  # fits once calibrated
+    cpu = [{**rec[0], "device": "cpu", "device_capacity_bytes": 0}]  # no measurement: the ladder
+    assert "calibrated" not in oom.next_plan(cfg, p, cpu).message

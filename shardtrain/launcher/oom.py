@@ -2,14 +2,15 @@
 
 The worker records each out-of-memory error in ``<run dir>/oom/rank{R}.json`` (runtime/faults.py:
 phase, step, micro batch, measured peak). After a failed launch the launcher reads those records and,
-at most N times (default 2), asks the PUBLIC planner for the next smaller setup, in this order:
+at most N times (default 2), asks the PUBLIC planner for the next smaller setup. A CUDA OOM carries a
+measurement (the device capacity the step exceeded): it calibrates the memory model for this job (see
+:func:`calibrated`). Without one (CPU, or no smaller calibrated plan) a ladder, one change per rung:
   1. half the micro batch (more accumulation: the global batch, hence every step's samples and the
      checkpoints, stay the same);
   2. at micro batch 1: full activation checkpointing;
   3. the chunked loss (no full fp32 logits tensor);
   4. activations offloaded to host memory;
-(the strategy is kept: another one would not read this run's checkpoints, so the ladder ends there;
-the measured peak is reported, not yet fed back into the memory model as a calibration);
+(the strategy is kept: another one would not read this run's checkpoints, so the ladder ends there);
 then rewrites the run dir and launches again; the workers resume from the last complete checkpoint.
 Each change is printed with its reason. On CPU the control path is exercised with the TEST-ONLY
 ``SHARDTRAIN_TEST_OOM_AT_MICRO_BATCH`` (runtime/faults.py), never with a real OOM.
@@ -55,9 +56,48 @@ class Replan:
     message: str
 
 
+def calibrated(cfg, plan, records: list[dict]) -> Replan | None:
+    """A real device OOM (CUDA): the step needed more than the device's capacity although the memory model
+    predicted ``per_gpu.total`` below it, so the model under-predicts this job by at least
+    f = capacity / predicted. Re-plan with the same strategy and micro batch "auto" under a budget
+    tightened by f (train.headroom raised so that usable' = usable / f): the PUBLIC planner then picks the
+    largest setup whose prediction × f fits. None when there is no usable measurement (CPU, or the
+    prediction was already over capacity) or nothing fits the tighter budget."""
+    from shardtrain.compiler.planner import PlanningError
+    from shardtrain.config.schema import ConfigError
+    from shardtrain.launcher.rundir import compile_plan, load_config
+    rec = next((r for r in records if r.get("device") == "cuda" and r.get("device_capacity_bytes")), None)
+    predicted = int(plan.chosen.per_gpu.total)
+    if rec is None or predicted <= 0 or rec["device_capacity_bytes"] <= predicted:
+        return None
+    f = rec["device_capacity_bytes"] / predicted
+    headroom = 1 - (1 - cfg.train.headroom) / f
+    if not 0 <= headroom < 0.9:
+        return None
+    try:
+        new_cfg = load_config(cfg, {"train.strategy": plan.strategy.value, "train.micro_batch": "auto",
+                                    "train.headroom": round(headroom, 4)})
+        new = compile_plan(new_cfg)
+    except (ConfigError, PlanningError, ValueError):
+        return None
+    c, n = plan.chosen, new.chosen
+    if not n.fits or (n.micro_batch_size, n.gradient_checkpointing) == (c.micro_batch_size, c.gradient_checkpointing):
+        return None
+    msg = (f"rank {rec.get('rank', '?')} ran out of memory in {rec.get('phase', '?')} at step {rec.get('step', '?')} "
+           f"although {predicted / 2**30:.1f} GiB was predicted of {rec['device_capacity_bytes'] / 2**30:.1f} GiB: "
+           f"calibrated ×{f:.2f} (train.headroom {cfg.train.headroom} → {headroom:.3f}); re-planned: micro batch "
+           f"{c.micro_batch_size} → {n.micro_batch_size}, accumulation {c.grad_accum_steps} → {n.grad_accum_steps}"
+           + (f", checkpointing {c.gradient_checkpointing.value} → {n.gradient_checkpointing.value}"
+              if n.gradient_checkpointing != c.gradient_checkpointing else ""))
+    return Replan(new_cfg, new, msg)
+
+
 def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
     """The next smaller plan after an OOM (None when nothing smaller is left), via the public planner
     with a fixed micro batch / checkpointing (compiler internals are not touched)."""
+    cal = calibrated(cfg, plan, records)
+    if cal is not None:
+        return cal
     from shardtrain.compiler.specs import GradCkpt
     from shardtrain.config.schema import ConfigError
     from shardtrain.launcher.rundir import compile_plan, load_config

@@ -53,16 +53,19 @@ def record_oom(run_dir, rank: int, exc: BaseException) -> None:
     import json
     import resource
     from pathlib import Path
-    peak = 0
+    peak, device, capacity = 0, "cpu", 0
     try:
         import torch
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             peak = int(torch.cuda.max_memory_allocated())
+            device = "cuda"
+            capacity = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     except Exception:  # noqa: BLE001 - the record must be written even if CUDA is in a bad state
         pass
     if not peak:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     d = Path(run_dir) / "oom"
     d.mkdir(parents=True, exist_ok=True)
-    rec = {"rank": rank, **_where, "measured_peak_bytes": peak, "error": str(exc)[:500]}
+    rec = {"rank": rank, **_where, "device": device, "device_capacity_bytes": capacity,
+           "measured_peak_bytes": peak, "error": str(exc)[:500]}
     (d / f"rank{rank}.json").write_text(json.dumps(rec))
