@@ -68,11 +68,11 @@ def phase_rows(run: dict) -> list[dict]:
         p = pred.get(ph) or pred.get("peak")
         row = {"phase": ph, "predicted": int(p["total"]), "predicted_tensors": _tensor_total(p)}
         if traces:  # without gloo's collective temporaries, as the plan models NCCL (runtime/memtrace.py)
-            row["traced_real"] = max((t.get("no_comm_temp") or t)["per_phase"].get(ph, {}).get("total", 0)
+            row["memtracker_live"] = max((t.get("no_comm_temp") or t)["per_phase"].get(ph, {}).get("total", 0)
                                      for t in traces)
             raw = max(t["per_phase"].get(ph, {}).get("total", 0) for t in traces)
-            if raw != row["traced_real"]:
-                row["traced_real_with_comm"] = raw
+            if raw != row["memtracker_live"]:
+                row["memtracker_with_comm"] = raw
         snaps = [s["memory"].get(PHASE_SNAP[ph], {}) for s in run["steps"]]
         if snaps and "max_allocated" in snaps[0]:
             row["cuda_max_allocated"] = max(s.get("max_allocated", 0) for s in snaps)
@@ -85,7 +85,7 @@ def phase_rows(run: dict) -> list[dict]:
 
 
 COLUMNS = (("predicted", "predicted"), ("predicted_tensors", "pred. − cuda ctx"),
-           ("traced_real", "MemTracker peak"), ("traced_real_with_comm", "incl. gloo comm temp"),
+           ("memtracker_live", "MemTracker peak"), ("memtracker_with_comm", "incl. gloo comm temp"),
            ("cuda_max_allocated", "max allocated*"),
            ("cuda_reserved", "reserved"), ("model_states", "model states"), ("rss", "process RSS"))
 
@@ -93,13 +93,13 @@ COLUMNS = (("predicted", "predicted"), ("predicted_tensors", "pred. − cuda ctx
 def render_table(run: dict, rows: list[dict]) -> str:
     plan = run["plan"]
     cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
-    head = ["phase"] + [h for _, h in cols] + (["vs plan"] if any("traced_real" in r for r in rows) else [])
+    head = ["phase"] + [h for _, h in cols] + (["vs plan"] if any("memtracker_live" in r for r in rows) else [])
     table = [head]
     for r in rows:
         line = [r["phase"] + (" (peak)" if r["phase"] == plan.get("peak_phase") else "")]
         line += [fmt_bytes(r[k]) if k in r else "" for k, _ in cols]
         if "vs plan" in head:
-            m, p = r.get("traced_real", 0), r["predicted_tensors"]
+            m, p = r.get("memtracker_live", 0), r["predicted_tensors"]
             line.append(f"{(p - m) / m * 100:+.1f}%" if m else "")
         table.append(line)
     w = [max(len(x[i]) for x in table) for i in range(len(head))]
@@ -156,7 +156,7 @@ def write_png(run: dict, rows: list[dict], path: Path) -> Path:
         tops = [peak, limit] + [y for ys in series.values() for y in ys]
         if limit > 20 * max(1, min(t for t in tops if t > 0)):
             ax.set_yscale("log")  # a tiny CPU run against an 80 GiB device: keep both readable
-    traced = [r["traced_real"] for r in rows if r.get("traced_real")]
+    traced = [r["memtracker_live"] for r in rows if r.get("memtracker_live")]
     if traced and xs:
         at = xs[min(1, len(xs) - 1)]  # the worker measures the second step of the run (worker.measure_at)
         ax.scatter([at], [max(traced) / gib], marker="*", s=150, color="tab:green", zorder=5,
@@ -171,7 +171,7 @@ def write_png(run: dict, rows: list[dict], path: Path) -> Path:
     idx = range(len(rows))
     bx.bar([i - 0.2 for i in idx], [r["predicted_tensors"] / gib for r in rows], width=0.4,
            label="predicted − cuda_context", color="tab:orange")
-    meas = [r.get("traced_real", r.get("cuda_max_allocated", r.get("model_states", 0))) for r in rows]
+    meas = [r.get("memtracker_live", r.get("cuda_max_allocated", r.get("model_states", 0))) for r in rows]
     bx.bar([i + 0.2 for i in idx], [m / gib for m in meas], width=0.4, label="measured", color="tab:blue")
     bx.set_xticks(list(idx), [r["phase"] for r in rows])
     bx.set_title("per phase")

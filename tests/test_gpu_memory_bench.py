@@ -35,3 +35,50 @@ def test_gpu_memory_dry_run(tmp_path):
     for name in rows:
         assert name in proc.stdout
     assert "dry run" in proc.stdout
+
+
+def _bench():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_memory_bench", ROOT / "benchmarks" / "gpu_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cuda_phase_peaks_and_table(monkeypatch):
+    """The CUDA branch without a GPU: torch.cuda's peak counters are replaced by a fake allocator
+    (the one thing that cannot exist here); PhasePeaks must reset the peak at each phase boundary
+    and keep each phase's own maximum, and the table must print predicted vs measured."""
+    import types
+    import torch
+    bench = _bench()
+    state = {"alloc": 100, "peak": 100, "reserved": 1000}
+
+    def alloc(n):
+        state["alloc"] += n
+        state["peak"] = max(state["peak"], state["alloc"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: state["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=state["alloc"]))
+
+    eng = types.SimpleNamespace()
+    eng.forward = lambda b: (alloc(50), alloc(-20))[0]        # forward peak = base + 50
+    eng.backward = lambda loss, last: (alloc(80), alloc(-30))[0]  # backward peak = after fwd + 80
+    eng.step = lambda lr: (alloc(10), alloc(-40))[0]
+    peaks = bench.PhasePeaks(cuda=True)
+    peaks.install(types.SimpleNamespace(engine=eng))
+    for _ in range(2):
+        eng.forward({})
+        eng.backward(None, True)
+        eng.step(0.1)
+    s1, s2 = peaks.steps
+    assert s1 == {"forward": {"max_allocated": 150, "reserved": 1000},
+                  "backward": {"max_allocated": 210, "reserved": 1000},
+                  "optimizer": {"max_allocated": 190, "reserved": 1000}}
+    assert s2["forward"]["max_allocated"] == 200 and s2["backward"]["max_allocated"] == 260  # step 1 left 50 B allocated
+    pred = {ph: {"total": 300, "cuda_context": 100} for ph in ("forward", "backward", "optimizer")}
+    row = {"row": "single_full", "predicted": pred, "peak_phase": "backward",
+           "measured": {ph: v for ph, v in s2.items()}}
+    table = bench.render([row, {"row": "qlora_ckpt", "skipped": "bitsandbytes not installed"}])
+    assert "single_full" in table and "backward*" in table and "-23.1%" in table  # (300 - 100 - 260) / 260
+    assert "skipped: bitsandbytes not installed" in table

@@ -9,7 +9,8 @@ from torch import nn
 
 from shardtrain.compiler.specs import Engine, Precision
 from shardtrain.runtime.engines import BaseEngine
-from shardtrain.runtime.memtrace import StepMemTrace, by_term, comparison
+from shardtrain.runtime.memtrace import StepMemTrace, by_term
+from shardtrain.runtime.memtrace_table import comparison
 from shardtrain.runtime.loss import ce_sum
 
 V, H, T = 1000, 64, 32

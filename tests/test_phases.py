@@ -14,7 +14,7 @@ from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, DDP_BUCKET_BYTES, mod
 from shardtrain.compiler.phases import PHASES
 from shardtrain.compiler.plan import MEMORY_TERMS, Plan
 from shardtrain.compiler.planner import NoFitError, plan
-from shardtrain.compiler.specs import GradCkpt, HardwareSpec, Method, Optimizer, Precision, Strategy, TrainSpec
+from shardtrain.compiler.specs import GradCkpt, HardwareSpec, Method, Precision, Strategy, TrainSpec
 from shardtrain.config.presets import load_model_spec
 from shardtrain.report import render_plan
 

@@ -8,11 +8,13 @@ The old per-GPU total summed each term's maximum as if all coexisted. They do no
   gradient_as_bucket_view=True they are views into the reducer's buckets
   (torch/csrc/distributed/c10d/reducer.cpp initialize_bucket_views) and the runtime zeroes them with
   set_to_none=False (runtime.engines.DDPEngine.grads_set_to_none).
-- "backward": the larger of two instants: (1) the loss backward (all activations still saved, the
-  fp32 logits gradient and log_softmax output alive) and (2) the first decoder layer's backward (all
-  activations, one layer's backward working set, the unit's unsharded gradients and, FSDP2, the
-  root's unsharded lm_head/embedding gradients, which are reduce-scattered only in the root's
-  post-backward: _fully_shard/_fsdp_param_group.py post_backward).
+- "backward": the worst of several instants: the loss backward (all activations still saved, the
+  fp32 log_softmax output + nll gradient + its gradient); the root's re-gather once the logits'
+  gradient exists; the second decoder layer from the top (activations minus one layer, one layer's
+  backward working set, the root's unsharded lm_head gradient, which FSDP2 reduce-scatters only in
+  the root's post-backward: _fully_shard/_fsdp_param_group.py post_backward); a late layer (sharded
+  grads nearly complete, a unit's unsharded grads + fp32 reduce-scatter input); the embedding
+  backward (tied: lm_head grad + embedding grad + their sum) and the root's own reduce-scatter.
 - "optimizer": optimizer.step(): full (sharded) gradients, states, the optimizer's temporaries and
   DeepSpeed's step-time fp32 gradient partition (stage_1_and_2.py step:
   `flatten(averaged_gradients).to(fp32)`; stage3.py `fp32_partitioned_groups_flat[i].grad`);
@@ -25,17 +27,22 @@ decoder unit's all-gather output coexists with the copied-out unsharded paramete
 (foreach_all_gather_copy_out) while the next unit is prefetched, so two units are in flight in the
 backward; the reduce-scatter input is the unit's unsharded gradients in reduce_dtype (fp32).
 SHARD_GRAD_OP (reshard_after_forward=False) keeps every unit gathered from forward to backward.
+Gathered sizes use dim 0 padded to a multiple of the shard group (8 experts on 64 ranks gather 8x).
+DDP full fine-tuning under autocast (runtime.engines.DDPEngine) keeps an fp32 residual stream and the
+autocast cache's 16-bit weight copies (aten/src/ATen/autocast_mode.cpp cached_cast).
+Each instant is one dict of terms; a phase's breakdown is its worst instant, so terms sum to totals.
 Constants marked "measured" were fitted to `shardtrain plan --trace` (torch 2.13 FSDPMemTracker /
 MemTracker under FakeTensorMode, transformers 5.23) and are re-checked by benchmarks/calibrate_memory.py
 and tests/test_trace.py.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from shardtrain.compiler.activations import layer_bytes_per_token, logits_bytes, resolved_ckpt_fraction
 from shardtrain.compiler.inventory import TensorGroup
-from shardtrain.compiler.memory import ModelStateBytes, frozen_weight_bytes
+from shardtrain.compiler.memory import ModelStateBytes, frozen_weight_bytes, fsdp_shard_groups
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.plan import MemoryBreakdown
 from shardtrain.compiler.specs import Engine, GradCkpt, Method, OffloadDevice, Optimizer, Precision, Strategy
@@ -54,7 +61,7 @@ FSDP_EXTRA_BYTES_PER_H = 3
 """All-16-bit block (FSDP2 / DeepSpeed): the block saves ~3·h bytes/token more than the derivation in
 activations.py (measured: 8B, 221.3 kB vs 208.9 kB per token per layer)."""
 BACKWARD_WORKING_BYTES_PER_H = 8
-"""Backward of one decoder layer beyond its saved tensors: the incoming and outgoing hidden-state
+"""(fitted) Backward of one decoder layer beyond its saved tensors: the incoming and outgoing hidden-state
 gradients and the fp32 RMSNorm backward temporaries (measured)."""
 
 
@@ -140,12 +147,11 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     bsv_p = p * x.micro_batch * x.seq_len * m.vocab_size   # 16-bit logits at the lm_head matmul
     if eng is Engine.FSDP:
         N = x.shard_size
-        T_shard = -(-T // N)
-        bpp = _gathered_bpp(x.groups, x.method, x.precision)
-        unit = int(m.per_layer_params * bpp)
-        root = int((m.embedding_params + m.lm_head_params + m.final_norm_params) * bpp)
-        root_tr = sum(g.total for g in x.groups if g.trainable and g.name in ("embed_tokens", "lm_head", "norm"))
-        layer_tr = _layer_trainable(x.groups, m)
+        # every size below is what FSDP2 really moves: dim 0 padded to a multiple of N
+        # (_fsdp_param.py _init_sharded_param; matters when dim 0 is small, e.g. 8 experts on 64 ranks)
+        T_shard = sum(g.total for g in fsdp_shard_groups(x.groups, N) if g.trainable)
+        unit, layer_tr = _gathered(x.groups, N, x.method, x.precision, lambda g: _per_layer(g, L))
+        root, root_tr = _gathered(x.groups, N, x.method, x.precision, lambda g: _ROOT.get(g.name, 0) * g.count)
         emb_tr = m.embedding_params if any(g.trainable and g.name == "embed_tokens" for g in x.groups) else 0
         # the lm_head's gradient exists from the loss backward on (tied: it is the embedding's)
         lm_tr = sum(g.total for g in x.groups if g.trainable and g.name == "lm_head") + \
@@ -167,6 +173,11 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
                 # the root's all-gather before anything runs: its all-gather output and the
                 # copied-out unsharded params coexist (_fsdp_collectives.py foreach_all_gather_copy_out)
                 dict(grads=g_prev, activations=0, logits=0, buffers=ag * root),
+                # a unit's all-gather near the end of the forward: its all-gather output + copied-out
+                # params, the next unit's prefetched all-gather output (implicit forward prefetch),
+                # the root gathered since the forward began
+                dict(grads=g_prev, activations=max(kept - top, 0) + head, logits=0,
+                     buffers=max(root + (ag + 1) * unit, held + unit)),
                 # lm_head matmul: root gathered + the last unit's all-gather output, 16-bit logits
                 dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=max(root + unit, held)),
                 # loss: the root resharded after its forward (FULL/HYBRID), fp32 loss path
@@ -190,6 +201,10 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         # AccumulateGrad), the last unit's fp32 reduce-scatter input; activations all freed
         tied_extra = 2 * p * emb_tr if m.tie_word_embeddings else 0
         layers_sharded = 4 * (T_shard - -(-root_tr // N))
+        # a late layer's backward (activations nearly freed, sharded grads nearly complete): its
+        # unsharded 16-bit grads, the previous unit's fp32 reduce-scatter input, current + prefetched unit
+        instants["backward"].append(dict(grads=g_prev + layers_sharded + p * lm_tr + p * layer_tr, activations=0,
+                                         logits=0, buffers=max(root + 2 * unit, held) + rs))
         instants["backward"].append(dict(grads=g_prev + layers_sharded + p * root_tr + tied_extra,
                                          activations=0, logits=0, buffers=root + rs))
         # ... then the root's own reduce-scatter (post_backward reshards first): its fp32 input
@@ -247,10 +262,31 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     return out
 
 
-def _gathered_bpp(groups: tuple[TensorGroup, ...], method: Method, precision: Precision) -> float:
-    total = sum(g.total for g in groups)
-    trainable = sum(g.total for g in groups if g.trainable)
-    return (precision.param_bytes * trainable + frozen_weight_bytes(groups, method, precision)) / max(total, 1)
+_ROOT = {"embed_tokens": 1, "lm_head": 1, "norm": 1}
+
+
+def _per_layer(g: TensorGroup, L: int) -> float:
+    """Tensors of this group in ONE decoder layer (0 for the root's groups)."""
+    return g.count / L if g.count % L == 0 and g.count >= L and g.name not in _ROOT else 0
+
+
+def _gathered(groups: tuple[TensorGroup, ...], N: int, method: Method, precision: Precision,
+              how_many) -> tuple[int, int]:
+    """(all-gathered bytes, trainable padded elements) of `how_many(g)` tensors per group: trainable
+    params gather in param_dtype, frozen ones in their storage (16-bit; QLoRA NF4)."""
+    nbytes = 0.0
+    trainable = 0.0
+    for g in groups:
+        k = how_many(g)
+        if not k:
+            continue
+        elems = N * math.ceil(g.shape[0] / N) * (g.numel // g.shape[0])
+        if g.trainable:
+            nbytes += k * elems * precision.param_bytes
+            trainable += k * elems
+        else:
+            nbytes += k * elems * frozen_weight_bytes((g,), method, precision) / g.total
+    return int(nbytes), int(trainable)
 
 
 def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy, ms: ModelStateBytes,

@@ -82,7 +82,7 @@ class Run:
                "last_step_phases": phase.phases}
         trace_table = None
         if "memtrace" in self.extra:  # run.memory_trace: the MemTracker peak per phase (runtime/memtrace.py)
-            from shardtrain.runtime.memtrace import trace_record
+            from shardtrain.runtime.memtrace_table import trace_record
             rec["memory_trace"], trace_table = trace_record(self.extra["memtrace"], self.run_dir / "plan.json")
         (self.run_dir / f"memory_rank{self.info.rank}.json").write_text(json.dumps(rec, indent=1))
         if self.info.is_main:

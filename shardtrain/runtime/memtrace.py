@@ -16,8 +16,12 @@ registered first: for DDP / single device the module (params, grads, buffers) an
 (states) through `track_external`; for DeepSpeed the engine objects walked like
 shardtrain.runtime.state_bytes (flat 16-bit partitions, fp32 master partitions, gradient
 partitions, ipg buckets), each categorised by the same path rules. Tensors allocated while the
-lm_head runs and the loss is computed are recorded as "Logits" (the plan's `logits` term).
+lm_head runs and the loss is computed are recorded as "Logits" (the plan's `logits` term); those a
+process-group backend allocates inside a collective as "Comm temp" (see COLLECTIVES).
 
+There is no public way to restart a tracker's peak or file a pre-existing storage under a category,
+so this uses the trackers' private `_peak_mem`, `_peak_mem_snap`, `_update_and_maybe_create_winfos`,
+`_param_to_grad_hook_handles` and `_ref_class` (torch 2.13); tests/test_memtrace.py fails if they change.
 Nothing here runs when the key is off (the worker does not even import this module).
 """
 from __future__ import annotations
@@ -308,54 +312,3 @@ def _output_embeddings(model):
         if m is None:
             return None
     return None
-
-
-def predicted_phases(plan_json: dict) -> tuple[dict, str | None]:
-    """The plan's per-phase breakdown ({phase: {term: bytes, total}}), or its single per_gpu."""
-    per = plan_json.get("per_phase")
-    if per:
-        return per, plan_json.get("peak_phase")
-    return {"peak": plan_json["per_gpu"]}, "peak"
-
-
-def comparison(predicted: dict, measured: dict, no_comm: dict | None = None) -> list[tuple]:
-    """Rows (phase, term, predicted, measured): the plan's terms without cuda_context (no tensor
-    holds it), against the tracker's categories folded into those terms; with `no_comm`, the
-    phase's peak without collective temporaries too (the like-for-like total, see COLLECTIVES)."""
-    rows = []
-    phases = [p for p in PHASES if p in measured] or list(measured)
-    for ph in phases:
-        pred = predicted.get(ph) or predicted.get("peak") or {}
-        meas = measured[ph]["terms"]
-        for t in TERMS:
-            rows.append((ph, t, int(pred.get(t, 0)), int(meas.get(t, 0))))
-        ptot = int(pred.get("total", 0)) - int(pred.get("cuda_context", 0))
-        rows.append((ph, "total (no cuda_context)", ptot, int(meas["total"])))
-        if no_comm and ph in no_comm and meas.get("comm_temp"):
-            rows.append((ph, "total without comm_temp", ptot, int(no_comm[ph]["total"])))
-    return rows
-
-
-def render(rows: list[tuple], peak_phase: str | None, pred_peak_phase: str | None) -> str:
-    from shardtrain.runtime.telemetry import _fmt
-    out = [("phase", "term", "predicted", "measured", "diff")]
-    for ph, t, p, m in rows:
-        diff = f"{(m - p) / p * 100:+.1f}%" if p else ("=" if m == 0 else "n/a")
-        out.append((ph, t, _fmt(p), _fmt(m), diff))
-    w = [max(len(r[i]) for r in out) for i in range(5)]
-    lines = ["  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r)) for r in out]
-    lines.append(f"peak phase: measured {peak_phase}, predicted {pred_peak_phase}")
-    return "\n".join(lines)
-
-
-def trace_record(trace: StepMemTrace, plan_path) -> tuple[dict, str]:
-    """The memory_rank{R}.json "memory_trace" block and the table the worker prints."""
-    import json
-    from pathlib import Path
-    rep = trace.report()
-    pred, pred_peak = predicted_phases(json.loads(Path(plan_path).read_text()))
-    rows = comparison(pred, rep["per_phase"], rep["no_comm_temp"]["per_phase"])
-    rep["predicted_per_phase"] = pred
-    rep["predicted_peak_phase"] = pred_peak
-    rep["rows"] = [list(r) for r in rows]
-    return rep, render(rows, rep["peak_phase"], pred_peak)

@@ -30,7 +30,6 @@ class TraceResult:
 
 def _foreach_extra(plan) -> int:
     """Bytes foreach AdamW (CUDA default) needs beyond the traced for-loop step (analytic)."""
-    from dataclasses import replace as _r
     from shardtrain.compiler.inventory import tensor_inventory
     from shardtrain.compiler.memory import model_state_bytes, shard_group_size
     from shardtrain.compiler.phases import candidate_phases

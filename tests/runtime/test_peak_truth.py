@@ -164,8 +164,8 @@ def test_report_command(truth, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)["phases"]
     reps = [json.loads((d / f"memory_rank{r}.json").read_text())["memory_trace"] for r in (0, 1)]
     for row in rows:  # the table is the fullest rank's MemTracker peak per phase (without gloo's temporaries)
-        assert row["traced_real"] == max(r["no_comm_temp"]["per_phase"][row["phase"]]["total"] for r in reps)
-    assert rows[1]["traced_real_with_comm"] > rows[1]["traced_real"]  # backward: gloo's reduce-scatter copy
+        assert row["memtracker_live"] == max(r["no_comm_temp"]["per_phase"][row["phase"]]["total"] for r in reps)
+    assert rows[1]["memtracker_with_comm"] > rows[1]["memtracker_live"]  # backward: gloo's reduce-scatter copy
 
 
 def test_report_cuda_records(truth, tmp_path, capsys):
