@@ -147,6 +147,9 @@ def main(argv=None) -> int:
         out = ROOT / "benchmarks" / "results"
         out.mkdir(parents=True, exist_ok=True)
         (out / "memory_savers.json").write_text(json.dumps(rec, indent=2) + "\n")
+        with (out / "memory_savers.history.jsonl").open("a") as f:   # every recorded run: the noise
+            f.write(json.dumps({k: rec[k] for k in ("date", "command", "load_average_before", "ratios",
+                                                     "measured_drop_bytes", "predicted_drop_bytes")}) + "\n")
         lines = [f"# Memory savers: chunked loss and activation offload (issue 10)", "",
                  f"Measured {rec['date']} with `{rec['command']}` ({rec['wall_s']} s) on {rec['versions']['device']} "
                  f"({os.cpu_count()} cores; load average before/after {rec['load_average_before']} / "

@@ -129,6 +129,15 @@ class ActivationOffload(_StrEnum):
     CPU = "cpu"
 
 
+class CompileMode(_StrEnum):
+    """torch.compile in the runtime (issue 11). blocks: each decoder layer compiled in place before
+    the engine wraps the model (torchtitan's per-block compile, repeated layers reuse one graph);
+    model: the whole module once; none: eager."""
+    NONE = "none"
+    BLOCKS = "blocks"
+    MODEL = "model"
+
+
 @dataclass(frozen=True)
 class HardwareSpec:
     """The machines a job runs on. Bandwidths are per GPU, unidirectional, usable (not peak)."""

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from shardtrain.compiler.specs import (ActivationOffload, Attention, GradCkpt, LossMode, Method, Optimizer,
-                                       Precision, Strategy)
+from shardtrain.compiler.specs import (ActivationOffload, Attention, CompileMode, GradCkpt, LossMode, Method,
+                                       Optimizer, Precision, Strategy)
 from shardtrain.units import parse_bytes, parse_count
 
 
@@ -113,6 +113,8 @@ class TrainConfig:
     """Tokens per chunk of the chunked loss."""
     activation_offload: ActivationOffload = ActivationOffload.NONE
     """none | cpu (allow saved activations in host RAM; used only when no faster plan fits)."""
+    compile: CompileMode = CompileMode.NONE
+    """none | blocks (torch.compile each decoder layer, torchtitan-style) | model (the whole model)."""
     strategy: str = "auto"
     """auto or one of the strategies (forces it)."""
     allow_optimizer_change: bool = False

@@ -147,6 +147,9 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
                      qlora_storage=compute_dtype(c.precision) if sharded else torch.uint8)
     model = build_model(src, spec, rank=info.rank, world_size=info.world_size, device=info.device,
                         ds_config=ds_config, materialize=engine_kind is not Engine.FSDP)
+    if cfg.train.compile.value != "none":  # before the engine wraps it (runtime/compiling.py)
+        from shardtrain.runtime.compiling import apply_compile
+        apply_compile(model, cfg.train.compile, plan.model.decoder_layer_class)
     offload = s.offload_optimizer is not OffloadDevice.NONE
 
     def make_opt(params):

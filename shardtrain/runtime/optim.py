@@ -120,7 +120,10 @@ def build_optimizer(name: Optimizer, params, *, lr: float, weight_decay: float =
             return DeepSpeedCPULion(params, lr=lr, weight_decay=weight_decay)
         raise ValueError(f"optimizer {name.value}: ZeRO-Offload needs a DeepSpeed CPU optimizer; use adamw or lion")
     if name is Optimizer.ADAMW:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # on CUDA the fused kernel (one launch for all params; torch/optim/adam.py _fused_adamw), as
+        # torchtitan and the HF Trainer's adamw_torch_fused; elsewhere torch's default (foreach on CUDA)
+        fused = all(p.device.type == "cuda" and p.is_floating_point() for p in params) or None
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if name is Optimizer.ADAMW8BIT:
         import bitsandbytes as bnb
         cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit

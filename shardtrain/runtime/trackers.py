@@ -131,6 +131,7 @@ class TrackedMetrics:
             t.log(int(rec.get("step", 0)), values)
 
     def close(self) -> None:
+        getattr(self.inner, "close", lambda: None)()  # MetricsWriter batches its lines (telemetry.py)
         for t in self.trackers:
             t.close()
         self.trackers = []

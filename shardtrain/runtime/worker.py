@@ -43,6 +43,7 @@ from shardtrain.runtime.optim import lr_at
 from shardtrain.runtime.telemetry import LeakDetector, MetricsWriter, PhaseMemory, progress_bar
 from shardtrain.runtime.trackers import with_trackers
 from shardtrain.runtime.state_bytes import StateMeter, live_bytes
+from shardtrain.runtime.stepstats import reduce_sum
 
 log = logging.getLogger("shardtrain.worker")
 TEST_SIGNAL_ENV = "SHARDTRAIN_TEST_SIGNAL_AT_STEP"
@@ -60,11 +61,14 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
     if phase:
         phase.begin_step()
     batches = [ds.collate(ix) for ix in r.sampler.step_indices(step)]
-    n_input = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                  for b in batches)
-    n_label, n_input = all_reduce_sum([sum(count_label_tokens(b) for b in batches), n_input], r.info.device)
+    if "tokens" in r.extra:  # global counts from the sampler: no collective before backward (runtime/stepstats.py)
+        n_label, n_input = r.extra["tokens"].step(step)
+    else:
+        n_input = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                      for b in batches)
+        n_label, n_input = all_reduce_sum([sum(count_label_tokens(b) for b in batches), n_input], r.info.device)
     scale = r.info.world_size * eng.loss_multiplier / max(n_label, 1.0)
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=r.info.device)  # no host sync per micro-step
     K = len(batches)
     for k, b in enumerate(batches):
         last = k == K - 1
@@ -75,7 +79,7 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
             if phase and last:
                 phase.snap("after_forward")
             eng.backward(loss * scale, last)
-        loss_sum += float(loss.detach())
+        loss_sum += loss.detach()
         if meter:
             meter.after_micro_backward()
         if phase and last:
@@ -87,12 +91,15 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
         meter.after_step()
     if phase:
         phase.snap("after_step")
-    (total_loss,) = all_reduce_sum([loss_sum], r.info.device)
+    (total_loss,) = reduce_sum(loss_sum.reshape(1))  # the step's one collective (and one host sync)
     dt = time.perf_counter() - t0
-    return {"kind": "train", "step": step + 1, "loss": total_loss / max(n_label, 1.0), "lr": lr,
-            "grad_norm": grad_norm, "tokens": int(n_input), "tokens_per_s": n_input / dt, "step_time_s": dt,
-            "epoch": round(r.sampler.epoch_of(step + 1), 4),
-            "memory": dict(phase.phases) if phase else {}}
+    rec = {"kind": "train", "step": step + 1, "loss": total_loss / max(n_label, 1.0), "lr": lr,
+           "grad_norm": grad_norm, "tokens": int(n_input), "tokens_per_s": n_input / dt, "step_time_s": dt,
+           "epoch": round(r.sampler.epoch_of(step + 1), 4),
+           "memory": dict(phase.phases) if phase else {}}
+    if "throughput" in r.extra:
+        rec.update(r.extra["throughput"].metrics(n_input, dt))
+    return rec
 
 
 @torch.no_grad()
@@ -154,6 +161,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     measure_at = start + 1 if cfg.train.steps - start > 1 else start  # 2nd step: DDP buckets rebuilt, states exist
     phase = PhaseMemory(info.device, lambda: live_bytes(eng))
     leak = LeakDetector()
+    _throughput_setup(r)  # global token counts without a collective; tokens/s, TFLOP/s, MFU (runtime/stepstats.py)
     # The launcher redirects rank stderr to a log file and copies rank 0's to the console, so it
     # asks for the bar explicitly (SHARDTRAIN_PROGRESS=1) instead of relying on isatty().
     want_bar = sys.stderr.isatty() or os.environ.get("SHARDTRAIN_PROGRESS") == "1"
@@ -163,7 +171,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     eng.train(True)
     for s in range(start, total):
         maybe_oom(s + 1, r.plan.chosen.micro_batch_size)  # records where; TEST-ONLY limit (runtime/faults.py)
-        meter.active = s == measure_at
+        meter.active = phase.measure = s == measure_at
         with (r.extra["memtrace"].step() if meter.active and "memtrace" in r.extra else contextlib.nullcontext()):
             rec = train_step(r, s, phase, meter if meter.active else None)
         meter.active = False
@@ -175,10 +183,10 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
             log.warning(msg)
         if bar:
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", **_speed_postfix(rec))
         elif main and (step % max(1, total // 20) == 0 or step == total):
-            log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", step, total, rec["loss"],
-                     rec["lr"], rec["grad_norm"], rec["tokens_per_s"])
+            log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s%s", step, total, rec["loss"],
+                     rec["lr"], rec["grad_norm"], rec["tokens_per_s"], _speed_text(rec))
         if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == total):
             ev = evaluate(r, step)
             if ev:
@@ -187,12 +195,14 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
                 if main:
                     log.info("eval step %d: loss %.4f ppl %.2f", step, ev["eval_loss"], ev["eval_ppl"])
         if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
+            metrics.flush()  # every record up to a checkpoint is on disk before it (resume truncates after it)
             ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step), cfg.run.keep_checkpoints)
             saved_at = step
         maybe_kill("step", info.rank, step)  # TEST-ONLY (runtime/faults.py): a worker dying mid-run
         if signal_at and step == signal_at and main:
             os.kill(os.getpid(), test_sig)
         if step < total and pre.should_stop():
+            metrics.flush()
             if saved_at != step:
                 ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step), cfg.run.keep_checkpoints)
             barrier()
@@ -205,6 +215,10 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
             break
     if bar:
         bar.close()
+    metrics.flush()
+    if main and losses and not preempted:
+        log.info("done: %d steps, final loss %.4f, %.0f tok/s per device%s", total - start, losses[-1],
+                 rec.get("tokens_per_s_per_device", 0.0), _speed_text(rec, per_device=False))
     result = {"losses": losses, "evals": evals, "preempted": preempted, "start_step": start}
     if not preempted:
         ckpt.save_checkpoint(eng, run_dir, total, trainer_state(r, total), cfg.run.keep_checkpoints)
@@ -216,6 +230,32 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
         from shardtrain.runtime.dist import destroy
         destroy()
     return result
+
+
+def _throughput_setup(r: Run) -> None:
+    from shardtrain.runtime.modeling import checkpointed_layers
+    from shardtrain.runtime.stepstats import GlobalTokens, Throughput
+    if GlobalTokens.supported(r.train_data, r.sampler):
+        r.extra["tokens"] = GlobalTokens(r.train_data, r.sampler)
+    try:
+        ckpt_layers = len(checkpointed_layers(r.engine.model))
+    except Exception:  # noqa: BLE001 - a model without HF checkpointing layers: nothing recomputed
+        ckpt_layers = 0
+    r.extra["throughput"] = Throughput(r.plan, r.info.world_size, r.info.device.type, ckpt_layers)
+
+
+def _speed_postfix(rec: dict) -> dict:
+    out = {"tok/s/dev": f"{rec.get('tokens_per_s_per_device', 0):.0f}"}
+    if "mfu" in rec:
+        out.update(tflops=f"{rec['tflops_per_device']:.1f}", mfu=f"{rec['mfu']:.1%}")
+    return out
+
+
+def _speed_text(rec: dict, per_device: bool = True) -> str:
+    txt = f", {rec.get('tokens_per_s_per_device', 0):.0f} tok/s/device" if per_device else ""
+    if "mfu" in rec:
+        txt += f", {rec['tflops_per_device']:.1f} TFLOP/s/device, MFU {rec['mfu']:.1%}"
+    return txt
 
 
 def _device_pref(run_dir: Path) -> str:

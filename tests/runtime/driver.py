@@ -75,6 +75,10 @@ def make_probe(name: str | None, box: dict):
             box["frozen_bytes"] = sum(local(p) for p in eng.model.parameters() if not p.requires_grad)
             box["quant_storage"] = sorted({str(m.weight.dtype) for m in eng.model.modules()
                                            if type(m).__name__ == "Linear4bit"})
+        elif name == "compiled":  # issue 11: which modules train.compile compiled in place
+            from shardtrain.runtime.compiling import is_compiled
+            box["compiled"] = sorted({type(m).__name__ for m in eng.model.modules() if is_compiled(m)})
+            box["compiled_count"] = sum(1 for m in eng.model.modules() if is_compiled(m))
         box["trainable"] = sum(p.numel() for p in eng.model.parameters() if p.requires_grad)
     return probe
 

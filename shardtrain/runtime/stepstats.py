@@ -1,0 +1,86 @@
+"""Per-step scalars of the training loop without extra collectives or host syncs (issue 11).
+
+- Token counts: the sampler is a pure function of (step, micro, rank) and every rank holds the whole
+  tokenized dataset, so each rank counts the GLOBAL label and input tokens of a step from the sample
+  indices of all ranks (per-sample counts cached), with no all-reduce before the backward. The
+  count is the same integer the old all-reduce produced, so the loss scale — and the gradient — are
+  bit-identical (tests/runtime/test_equivalence.py).
+- The loss is accumulated as a device tensor (no `float(loss)` sync per micro-step) and summed over
+  ranks in the step's single collective (`reduce_sum`), read back once.
+- Throughput: tokens/s per device, achieved TFLOP/s and MFU/HFU (compiler/flops.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from shardtrain.compiler import flops as F
+from shardtrain.runtime.data import IGNORE
+
+
+class GlobalTokens:
+    """(label tokens, input tokens) of one optimizer step over all ranks, from the dataset."""
+
+    def __init__(self, ds, sampler):
+        self.ds, self.sampler = ds, sampler
+        self._counts: dict[int, tuple[int, int]] = {}
+
+    @staticmethod
+    def supported(ds, sampler) -> bool:
+        return hasattr(ds, "samples") and hasattr(sampler, "micro_indices")
+
+    def _sample(self, i: int) -> tuple[int, int]:
+        c = self._counts.get(i)
+        if c is None:
+            ids, labels = self.ds.samples[i]
+            # = data.count_label_tokens on the collated row: labels[1:] that are not IGNORE (padding is
+            # IGNORE); inputs = the row's attention-mask sum (= its length; unpadded rows fill the batch)
+            c = self._counts[i] = (sum(1 for t in labels[1:] if t != IGNORE), len(ids))
+        return c
+
+    def step(self, step: int) -> tuple[int, int]:
+        s = self.sampler
+        n_label = n_input = 0
+        for k in range(s.k):
+            for r in range(s.w):
+                for i in s.micro_indices(step, k, r):
+                    a, b = self._sample(i)
+                    n_label += a
+                    n_input += b
+        return n_label, n_input
+
+
+def reduce_sum(t: torch.Tensor) -> list[float]:
+    """Sum a small float64 tensor over all ranks (one collective) and read it back (one sync)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Throughput:
+    """tokens/s per device, and TFLOP/s + MFU (model FLOPs) + HFU (with recomputation) per device."""
+
+    def __init__(self, plan, world_size: int, device_type: str, checkpointed_layers: int):
+        m, c = plan.model, plan.chosen
+        self.flops = F.train_flops_per_token(m, plan.train.seq_len, full_finetune=c.method.value == "full",
+                                             checkpointed_layers=checkpointed_layers)
+        self.world = max(1, world_size)
+        self.peak_tflops = peak_tflops(plan, c.precision.value) if device_type == "cuda" else 0.0
+
+    def metrics(self, tokens: float, seconds: float) -> dict:
+        per_dev = tokens / max(seconds, 1e-12) / self.world
+        out = {"tokens_per_s_per_device": per_dev,
+               "tflops_per_device": self.flops.hardware * per_dev / 1e12}
+        if self.peak_tflops > 0:
+            out["mfu"] = F.utilisation(self.flops.model, per_dev, self.peak_tflops)
+            out["hfu"] = F.utilisation(self.flops.hardware, per_dev, self.peak_tflops)
+        return out
+
+
+def peak_tflops(plan, precision: str) -> float:
+    """The plan's GPU preset peak for the training precision (config/presets.py), else the plan's bf16 figure."""
+    from shardtrain.config.presets import get_gpu_preset
+    try:
+        return get_gpu_preset(plan.hardware.gpu_name).tflops(precision)
+    except (KeyError, ValueError):
+        return plan.hardware.bf16_tflops if precision != "fp32" else 0.0
