@@ -156,7 +156,7 @@ def _isolated(name: str, a, work: Path) -> dict:
 
 def render(rows: list[dict]) -> str:
     from shardtrain.units import fmt_bytes
-    lines = [f"{'row':<18}{'phase':<10}{'predicted':>11}{'pred-ctx':>11}{'measured':>11}{'reserved':>11}{'err':>8}"]
+    lines = [f"{'row':<18}{'phase':<10}{'predicted':>11}{'pred-ctx':>11}{'measured':>11}{'reserved':>11}{'err':>10}"]
     for r in rows:
         if "skipped" in r or "error" in r:
             lines.append(f"{r['row']:<18}{'skipped: ' + r['skipped'] if 'skipped' in r else 'ERROR: ' + r['error']}")
@@ -170,7 +170,7 @@ def render(rows: list[dict]) -> str:
             star = "*" if ph == r.get("peak_phase") else " "
             lines.append(f"{r['row']:<18}{ph + star:<10}{fmt_bytes(p['total']):>11}{fmt_bytes(pt):>11}"
                          f"{fmt_bytes(meas) if meas else '-':>11}"
-                         f"{fmt_bytes(m['reserved']) if 'reserved' in m else '-':>11}{err:>8}")
+                         f"{fmt_bytes(m['reserved']) if 'reserved' in m else '-':>11}{err:>10}")
     lines.append("* the plan's peak phase; err = (predicted − cuda_context − measured) / measured")
     return "\n".join(lines)
 

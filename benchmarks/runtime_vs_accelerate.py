@@ -41,10 +41,26 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get(
        "LOCAL_SIZE": "2", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("CUDA_VISIBLE_DEVICES", None)
 COMMON_SETS = ["--set", "run.eval_every=0", "--set", "run.checkpoint_every=0"]
+# The jobs (issue 11): "tiny" (configs/examples/tiny-cpu.yaml, 0.43M params, seq 128: the loop's own
+# per-step work dominates) and "compute" (benchmarks/models/bench-llama-26m.json, 26.2M params, seq 512,
+# global batch 4: the model's matmuls dominate, the loop's overhead is small). Both sides train the
+# same plan (micro batch, accumulation, no checkpointing, full-logits loss).
+CASES = {"tiny": [],
+         "compute": ["--model", str(ROOT / "benchmarks" / "models" / "bench-llama-26m.json"), "--seq-len", "512",
+                     "--global-batch", "4", "--grad-ckpt", "none", "--loss", "full"]}
+# accelerate's FSDP2 flags for the Trainer side of fsdp_full_shard (per-layer wrap, as shardtrain's FSDP2)
+FSDP_ACC = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true",
+            "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
+            "LlamaDecoderLayer", "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_cpu_ram_efficient_loading",
+            "false"]
+
+
+LOADS: list[list[float]] = []  # the 1-minute load average before each run (noise on shared cores)
 
 
 def _run(cmd: list[str], timeout: int, log: Path, *, first_step_file: Path | None = None) -> tuple[float, float | None]:
     """Run cmd (output to log); return (wall seconds, seconds until first_step_file got its first line)."""
+    LOADS.append([round(x, 2) for x in os.getloadavg()])
     t0 = time.perf_counter()
     first = None
     with open(log, "w") as f:
@@ -87,49 +103,61 @@ def _trainer_tps(out: Path, skip: int):
     return _steady_tps(d["tokens_per_step"], times), _best_tps(d["tokens_per_step"], times), d["losses"], d
 
 
-def _one_shardtrain(strategy: str, steps: int, skip: int, work: Path, i: int) -> dict:
-    run_dir = work / f"shardtrain-{strategy}"
+def _one_shardtrain(strategy: str, steps: int, skip: int, work: Path, i: int, case: str = "tiny") -> dict:
+    run_dir = work / f"shardtrain-{case}-{strategy}"
     cmd = [str(BIN / "shardtrain"), "launch", str(CONFIG), "--strategy", strategy, "--steps", str(steps),
-           "--run-dir", str(run_dir), "--no-resume", *COMMON_SETS]
-    wall, _ = _run(cmd, 900, work / f"shardtrain-{strategy}-{i}.log")
+           "--run-dir", str(run_dir), "--no-resume", *CASES[case], *COMMON_SETS]
+    wall, _ = _run(cmd, 900, work / f"shardtrain-{case}-{strategy}-{i}.log")
     tps, best, losses = _shardtrain_tps(run_dir, skip)
-    return {"tokens_per_s": tps, "best_tokens_per_s": best, "wall_s": wall, "losses": losses,
+    return {"tokens_per_s": tps, "best_tokens_per_s": best, "wall_s": wall, "losses": losses, "load_1m": LOADS[-1][0],
             "launcher": "deepspeed" if (run_dir / "ds_config.json").exists() else "torchrun"}
 
 
-def _one_trainer(strategy: str, skip: int, work: Path, i: int) -> dict:
-    out = work / f"trainer-{strategy}-{i}.json"
+def _one_trainer(strategy: str, skip: int, work: Path, i: int, case: str = "tiny") -> dict:
+    out = work / f"trainer-{case}-{strategy}-{i}.json"
     acc = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no"]
-    acc += ["--use_deepspeed", "--zero_stage", "2"] if strategy == "zero2" else ["--multi_gpu"]
+    acc += (["--use_deepspeed", "--zero_stage", "2"] if strategy == "zero2" else
+            FSDP_ACC if strategy.startswith("fsdp") else ["--multi_gpu"])
     # the shardtrain run dir of this strategy supplies run.yaml + plan.json (the same job); it is only read
-    acc += [str(ROOT / "benchmarks" / "hf_trainer_side.py"), "--run-dir", str(work / f"shardtrain-{strategy}"),
+    acc += [str(ROOT / "benchmarks" / "hf_trainer_side.py"), "--run-dir", str(work / f"shardtrain-{case}-{strategy}"),
             "--out", str(out)]
-    wall, _ = _run(acc, 900, work / f"trainer-{strategy}-{i}.log")
+    note, log, t0 = "", work / f"trainer-{case}-{strategy}-{i}.log", time.perf_counter()
+    try:
+        wall, _ = _run(acc, 900, log)
+    except SystemExit:
+        # the DeepSpeed Trainer side sometimes aborts at interpreter exit ("terminate called without an
+        # active exception") AFTER training and writing its results: keep the measured steps, say so
+        if not (out.is_file() and "terminate called without an active exception" in log.read_text(errors="replace")):
+            raise
+        wall, note = time.perf_counter() - t0, "Trainer process aborted at exit after writing its results"
+        print(f"{case}/{strategy} round {i}: {note}", flush=True)
     tps, best, losses, d = _trainer_tps(out, skip)
-    return {"tokens_per_s": tps, "best_tokens_per_s": best, "wall_s": wall, "losses": losses,
-            "distributed_type": d["distributed"]}
+    return {"tokens_per_s": tps, "best_tokens_per_s": best, "wall_s": wall, "losses": losses, "load_1m": LOADS[-1][0],
+            "distributed_type": d["distributed"], "note": note}
 
 
-def throughput(strategy: str, steps: int, skip: int, rounds: int, work: Path) -> dict:
+def throughput(strategy: str, steps: int, skip: int, rounds: int, work: Path, case: str = "tiny") -> dict:
     st, hf = [], []
     for i in range(rounds):  # alternate the order so drifting background load hits both sides alike
         if i % 2 == 0:
-            st.append(_one_shardtrain(strategy, steps, skip, work, i))
-            hf.append(_one_trainer(strategy, skip, work, i))
+            st.append(_one_shardtrain(strategy, steps, skip, work, i, case))
+            hf.append(_one_trainer(strategy, skip, work, i, case))
         else:
-            hf.append(_one_trainer(strategy, skip, work, i))
-            st.append(_one_shardtrain(strategy, steps, skip, work, i))
+            hf.append(_one_trainer(strategy, skip, work, i, case))
+            st.append(_one_shardtrain(strategy, steps, skip, work, i, case))
     med = statistics.median
     st_tps, hf_tps = med(r["tokens_per_s"] for r in st), med(r["tokens_per_s"] for r in hf)
     st_best, hf_best = max(r["best_tokens_per_s"] for r in st), max(r["best_tokens_per_s"] for r in hf)
-    return {"strategy": strategy, "steps": steps, "skipped_steps": skip, "rounds": rounds,
+    return {"case": case, "strategy": strategy, "steps": steps, "skipped_steps": skip, "rounds": rounds,
+            "load_1m_per_run": {"shardtrain": [r["load_1m"] for r in st], "trainer": [r["load_1m"] for r in hf]},
             "shardtrain": {"tokens_per_s": round(st_tps, 1), "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in st],
                            "wall_s": round(med(r["wall_s"] for r in st), 2), "launcher": st[0]["launcher"],
                            "loss_first": round(st[-1]["losses"][0], 4), "loss_last": round(st[-1]["losses"][-1], 4)},
             "trainer": {"tokens_per_s": round(hf_tps, 1), "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in hf],
                         "wall_s": round(med(r["wall_s"] for r in hf), 2), "launcher": "accelerate launch",
-                        "distributed_type": hf[0]["distributed_type"], "loss_first": round(hf[-1]["losses"][0], 4),
+                        "distributed_type": hf[0]["distributed_type"], "notes": [r["note"] for r in hf if r["note"]],
+                        "loss_first": round(hf[-1]["losses"][0], 4),
                         "loss_last": round(hf[-1]["losses"][-1], 4)},
             "ratio": round(st_tps / hf_tps, 3),
             "best": {"shardtrain": round(st_best, 1), "trainer": round(hf_best, 1), "ratio": round(st_best / hf_best, 3)}}
@@ -188,6 +216,11 @@ def main() -> None:
     ap.add_argument("--startup-repeats", type=int, default=3)
     ap.add_argument("--startup-steps", type=int, default=3)
     ap.add_argument("--strategies", default="ddp,zero2")
+    ap.add_argument("--compute-strategies", default="ddp,fsdp_full_shard,zero2",
+                    help="strategies of the compute-bound case (26M params, seq 512); '' skips it")
+    ap.add_argument("--compute-steps", type=int, default=12)
+    ap.add_argument("--compute-skip", type=int, default=3)
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up comparison")
     ap.add_argument("--record", action="store_true", help="write benchmarks/results/runtime_vs_accelerate.{md,json}")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (run dirs, logs)")
     args = ap.parse_args()
@@ -196,23 +229,31 @@ def main() -> None:
     t0 = time.time()
     load_before = os.getloadavg()
     rows = []
-    for s in args.strategies.split(","):
-        r = throughput(s, args.steps, args.skip, args.rounds, work)
+    jobs = [("tiny", s, args.steps, args.skip) for s in args.strategies.split(",") if s]
+    jobs += [("compute", s, args.compute_steps, args.compute_skip) for s in args.compute_strategies.split(",") if s]
+    for case, s, steps, skip in jobs:
+        try:
+            r = throughput(s, steps, skip, args.rounds, work, case)
+        except SystemExit as e:  # one side failed: record it, keep measuring the others
+            print(f"{case}/{s}: FAILED: {str(e)[:2000]}", flush=True)
+            rows.append({"case": case, "strategy": s, "error": str(e)[-1500:]})
+            continue
         rows.append(r)
-        print(f"{s:<6} tokens/s  shardtrain {r['shardtrain']['tokens_per_s']:>9.1f} ({r['shardtrain']['launcher']})"
+        print(f"{case:<7} {s:<6} tokens/s  shardtrain {r['shardtrain']['tokens_per_s']:>9.1f} ({r['shardtrain']['launcher']})"
               f"   accelerate+Trainer {r['trainer']['tokens_per_s']:>9.1f}   ratio {r['ratio']:.3f} (goal >= 1.0)"
               f"   loss {r['shardtrain']['loss_first']:.3f}→{r['shardtrain']['loss_last']:.3f} vs "
               f"{r['trainer']['loss_first']:.3f}→{r['trainer']['loss_last']:.3f}; best-case (p10 step time) "
               f"{r['best']['shardtrain']:.0f} vs {r['best']['trainer']:.0f}: ratio {r['best']['ratio']:.3f}", flush=True)
-    su = startup(args.startup_repeats, args.startup_steps, work)
-    print(f"start-up to first step: shardtrain launch {su['shardtrain_launch']['first_step_s']:.2f} s vs bare torchrun "
+    su = startup(args.startup_repeats, args.startup_steps, work) if not args.no_startup else None
+    if su:
+        print(f"start-up to first step: shardtrain launch {su['shardtrain_launch']['first_step_s']:.2f} s vs bare torchrun "
           f"{su['bare_torchrun']['first_step_s']:.2f} s: ratio {su['first_step_ratio']:.3f} (goal <= 1.1); "
           f"whole run {su['shardtrain_launch']['wall_s']:.2f} vs {su['bare_torchrun']['wall_s']:.2f} s: ratio "
           f"{su['wall_ratio']:.3f}", flush=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "versions": versions(), "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()], "duration_s": round(time.time() - t0, 1),
-              "throughput": rows, "startup": su}
+              "throughput": rows, "startup": su, "load_1m_before_each_run": LOADS}
     if args.record:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "runtime_vs_accelerate.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -228,9 +269,13 @@ def main() -> None:
 
 def _history_row(r: dict) -> dict:
     return {"date": r["date"], "load_average_before": r["load_average_before"],
-            "ratios": {t["strategy"]: t["ratio"] for t in r["throughput"]},
-            "best_case_ratios": {t["strategy"]: t["best"]["ratio"] for t in r["throughput"]},
-            "startup_first_step_ratio": r["startup"]["first_step_ratio"], "note": ""}
+            "ratios": {_key(t): t["ratio"] for t in r["throughput"] if "ratio" in t},
+            "best_case_ratios": {_key(t): t["best"]["ratio"] for t in r["throughput"] if "best" in t},
+            "startup_first_step_ratio": (r["startup"] or {}).get("first_step_ratio"), "note": ""}
+
+
+def _key(t: dict) -> str:
+    return t["strategy"] if t.get("case", "tiny") == "tiny" else f"{t['case']}/{t['strategy']}"
 
 
 def _history() -> list[dict]:
@@ -248,22 +293,40 @@ def _markdown(r: dict, history: list[dict] | None = None) -> str:
              "noisy, ratios were measured back to back).", "",
              f"Versions: python {v['python']}, torch {v['torch']}, deepspeed {v['deepspeed']}, transformers "
              f"{v['transformers']}, accelerate {v['accelerate']}.", "",
-             "Job: configs/examples/tiny-cpu.yaml (tiny Llama, random init; bundled corpus; seq 128, global batch 16 "
-             "= micro 8 × 2 processes; fp32; AdamW), gloo on CPU.", "",
+             "Jobs (2 processes, gloo on CPU, fp32, AdamW, bundled corpus, random init): **tiny** = "
+             "configs/examples/tiny-cpu.yaml (tiny Llama 0.43M params; seq 128, global batch 16: the loop's own "
+             "per-step work dominates); **compute** = benchmarks/models/bench-llama-26m.json (26.2M params; seq 512, "
+             "global batch 4; no checkpointing: the model's matmuls dominate). The 1-minute load average before "
+             "each run is listed per row (shardtrain runs; Trainer runs).", "",
              "## Steady-state tokens/s (goal: ratio >= 1.0)", "",
              "Tokens/s = tokens per optimizer step / median step time after the skipped warm-up steps; median of "
              "the alternating rounds (all rounds in the JSON).", "",
-             "| strategy | steps (skipped) | shardtrain | accelerate + Trainer | ratio | best-case ratio (p10 step) | "
-             "loss shardtrain | loss Trainer |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | strategy | steps (skipped) | shardtrain | accelerate + Trainer | ratio | best-case ratio "
+             "(p10 step) | loss shardtrain | loss Trainer | load (1 min) before each run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for t in r["throughput"]:
+        if "error" in t:
+            lines.append(f"| {t.get('case', 'tiny')} | {t['strategy']} | failed: {t['error'][-200:]!r} "
+                         "| | | | | | | |".replace("\n", " "))
+            continue
         s, h = t["shardtrain"], t["trainer"]
-        lines.append(f"| {t['strategy']} | {t['steps']} ({t['skipped_steps']}) | {s['tokens_per_s']} ({s['launcher']}) | "
+        loads = t.get("load_1m_per_run", {})
+        lines.append(f"| {t.get('case', 'tiny')} | {t['strategy']} | {t['steps']} ({t['skipped_steps']}) | "
+                     f"{s['tokens_per_s']} ({s['launcher']}) | "
                      f"{h['tokens_per_s']} ({h['distributed_type']}) | **{t['ratio']}** | {t['best']['ratio']} "
                      f"({t['best']['shardtrain']} vs {t['best']['trainer']}) | {s['loss_first']} → "
-                     f"{s['loss_last']} | {h['loss_first']} → {h['loss_last']} |")
+                     f"{s['loss_last']} | {h['loss_first']} → {h['loss_last']} | "
+                     f"{loads.get('shardtrain', '')}; {loads.get('trainer', '')} |")
+    if any(t.get("strategy", "").startswith("fsdp") and "MULTI_CPU" in t.get("trainer", {}).get("distributed_type", "")
+           for t in r["throughput"]):
+        lines += ["", "FSDP rows: on CPU `accelerate launch --use_fsdp` falls back to DistributedType.MULTI_CPU (plain "
+                  "DDP; accelerate's FSDP needs an accelerator), so the Trainer side there is DDP, not FSDP2: the "
+                  "ratio compares shardtrain's FSDP2 (all-gather + reduce-scatter per layer over gloo) with DDP."]
     su = r["startup"]
-    lines += ["", "## Start-up vs bare torchrun (goal: ratio <= 1.1)", "",
+    if not su:
+        lines += ["", "Start-up comparison not run (--no-startup)."]
+    else:
+        lines += ["", "## Start-up vs bare torchrun (goal: ratio <= 1.1)", "",
               f"Median of {su['repeats']} alternating runs of {su['steps']} steps each.", "",
               "| | to first step (s) | whole run (s) |", "|---|---|---|",
               f"| bare `torchrun -m shardtrain.runtime.worker` (run dir prepared beforehand) | "

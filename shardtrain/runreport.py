@@ -119,20 +119,23 @@ def render_table(run: dict, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def step_series(run: dict) -> tuple[list[int], dict[str, list[int]]]:
-    """Per-step measured series for the plot."""
+SERIES = (("max_allocated", "max allocated (step peak)"), ("reserved", "reserved"), ("rss", "process RSS"),
+          ("model_states", "live model states"))
+
+
+def step_series(run: dict) -> tuple[list[int], dict[str, tuple[list[int], list[int]]]]:
+    """Per-step measured series for the plot: {label: (steps, bytes)}, each over the steps that
+    recorded it (the CPU model-state count is taken on the measured step only)."""
     xs = [int(s["step"]) for s in run["steps"]]
-    series: dict[str, list[int]] = {}
+    series: dict[str, tuple[list[int], list[int]]] = {}
     for s in run["steps"]:
-        snaps = s["memory"]
-        if any("max_allocated" in v for v in snaps.values()):
-            vals = {"max allocated (step peak)": max(v.get("max_allocated", 0) for v in snaps.values()),
-                    "reserved": max(v.get("reserved", 0) for v in snaps.values())}
-        else:
-            vals = {"process RSS": max(v.get("rss", 0) for v in snaps.values()),
-                    "live model states": max(v.get("model_states", 0) for v in snaps.values())}
-        for k, v in vals.items():
-            series.setdefault(k, []).append(v)
+        snaps = s["memory"].values()
+        for key, label in SERIES:
+            vals = [v[key] for v in snaps if key in v]
+            if vals:
+                pts = series.setdefault(label, ([], []))
+                pts[0].append(int(s["step"]))
+                pts[1].append(max(vals))
     return xs, series
 
 
@@ -144,8 +147,8 @@ def write_png(run: dict, rows: list[dict], path: Path) -> Path:
     xs, series = step_series(run)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     gib = 2 ** 30
-    for name, ys in series.items():
-        ax.plot(xs, [y / gib for y in ys], marker="o", ms=3, label=f"measured: {name}")
+    for name, (sx, ys) in series.items():
+        ax.plot(sx, [y / gib for y in ys], marker="o", ms=3, label=f"measured: {name}")
     peak = int(plan["per_gpu"]["total"])
     ax.axhline(peak / gib, color="tab:red", ls="--", label=f"predicted peak {fmt_bytes(peak)}")
     ax.axhline(_tensor_total(plan["per_gpu"]) / gib, color="tab:orange", ls=":",
@@ -153,7 +156,7 @@ def write_png(run: dict, rows: list[dict], path: Path) -> Path:
     limit = int(plan.get("gpu_memory_bytes", 0))
     if limit:
         ax.axhline(limit / gib, color="black", lw=1.5, label=f"device limit {fmt_bytes(limit)}")
-        tops = [peak, limit] + [y for ys in series.values() for y in ys]
+        tops = [peak, limit] + [y for _, ys in series.values() for y in ys]
         if limit > 20 * max(1, min(t for t in tops if t > 0)):
             ax.set_yscale("log")  # a tiny CPU run against an 80 GiB device: keep both readable
     traced = [r["memtracker_live"] for r in rows if r.get("memtracker_live")]

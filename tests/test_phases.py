@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from shardtrain.compiler.inventory import tensor_inventory
-from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, DDP_BUCKET_BYTES, model_state_bytes
+from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, model_state_bytes
 from shardtrain.compiler.phases import PHASES
 from shardtrain.compiler.plan import MEMORY_TERMS, Plan
 from shardtrain.compiler.planner import NoFitError, plan
@@ -56,27 +56,32 @@ def test_every_phase_sums_and_the_peak_is_the_max(strategy, method, ckpt):
 
 def test_ddp_optimizer_phase_hand_computed():
     """DDP full fine-tuning, AdamW: fp32 params + fp32 grads (bucket views, kept) + m, v, plus the
-    foreach step's `_foreach_sqrt(exp_avg_sqs)` temporary (4 B/param) and the two DDP buckets."""
+    foreach step's `_foreach_sqrt(exp_avg_sqs)` temporary (4 B/param); no extra DDP bucket (the grads are the
+    buckets: gradient_as_bucket_view=True, all-reduced in place)."""
     c = _plan(L1B, "ddp", gpus=1).chosen
     T = L1B.num_params
     o = dict(c.per_phase)["optimizer"]
     assert (o.params, o.grads, o.optimizer_states, o.master_params) == (4 * T, 4 * T, 8 * T, 0)
-    assert o.buffers == 2 * DDP_BUCKET_BYTES + 4 * T
-    assert o.total == 20 * T + 2 * DDP_BUCKET_BYTES + CUDA_CONTEXT_BYTES
+    assert o.buffers == 4 * T
+    assert o.total == 20 * T + CUDA_CONTEXT_BYTES
     # DDP keeps its gradients in every phase (gradient_as_bucket_view + zero_grad(set_to_none=False))
     assert all(b.grads == 4 * T for _, b in c.per_phase)
 
 
 def test_loss_path_hand_computed():
     """bf16 logits + fp32 upcast + fp32 log_softmax output in the forward (10 B per logit);
-    log_softmax output + nll gradient + its gradient in the backward (12 B); fp32: 12 and 12."""
+    log_softmax output + nll gradient + its gradient in the backward (12 B); fp32: 12 and 12, except that
+    with micro batch 1 `logits[:, :-1].flatten(0, 1)` is a view (no flattened copy): 8 in the forward
+    (measured with the real MemTracker, tests/runtime/test_peak_truth.py)."""
     c = _plan(L1B, "ddp", gpus=1, seq=512).chosen
     bsv = 512 * L1B.vocab_size
     phases = dict(c.per_phase)
     assert phases["forward"].logits == 10 * bsv
     assert phases["backward"].logits in (0, 12 * bsv)   # 0 when a layer's backward is the worse instant
     c32 = _plan(L1B, "ddp", gpus=1, seq=512, precision="fp32").chosen
-    assert dict(c32.per_phase)["forward"].logits == 12 * bsv
+    assert dict(c32.per_phase)["forward"].logits == 8 * bsv
+    c32 = _plan(L1B, "ddp", gpus=1, seq=512, mb=2, precision="fp32").chosen
+    assert dict(c32.per_phase)["forward"].logits == 12 * 2 * bsv
 
 
 @pytest.mark.parametrize("strategy", ["fsdp_full_shard", "fsdp_hybrid_shard", "fsdp_shard_grad_op"])
@@ -145,3 +150,37 @@ def test_plan_json_has_phases_and_does_not_import_torch():
     assert r.returncode == 0, r.stderr
     peak, *rest = r.stdout.split()
     assert peak in PHASES and "False" == rest[-1], r.stdout
+
+
+def test_zero3_gathered_params_follow_the_reuse_distance():
+    """DeepSpeed ZeRO-3 keeps a gathered param whose next use in the module trace lies within
+    stage3_max_reuse_distance (1e9) numel (partitioned_param_coordinator.py __params_to_release).
+    1B (1.2B params, tied): between a layer's forward and backward lie 2x the layers above it, so the top
+    layers stay gathered after the forward; 8B: no decoder layer (2 x 218M x layers above + 2 x lm_head
+    > 1e9) and not the embedding, only the lm_head (reused at once). One rank: the gathered param aliases its
+    partition (partition_parameters.py _no_gather_coalesced), nothing is gathered."""
+    def fwd_buffers(model, gpus):
+        return dict(_plan(model, "zero3", gpus=gpus).chosen.per_phase)["forward"].buffers
+    h = L8B.hidden_size
+    reduce_bucket, window = 2 * h * h, 2 * (L8B.lm_head_params + int(0.9 * h * h))
+    assert fwd_buffers(L8B, 2) == reduce_bucket + window + 2 * L8B.lm_head_params
+    assert fwd_buffers(L8B, 1) == reduce_bucket
+    h1, per_layer = L1B.hidden_size, L1B.per_layer_params
+    kept = sum(1 for i in range(1, L1B.num_layers + 1) if (L1B.num_layers - i) * per_layer * 2 < 10**9)
+    assert 0 < kept < L1B.num_layers
+    b1 = fwd_buffers(L1B, 2) - 2 * h1 * h1
+    window1 = 2 * (max(per_layer, L1B.embedding_params) + int(0.9 * h1 * h1))
+    # the held layers (16-bit, without the persistent norms) + the tied embedding + the prefetch window
+    assert b1 - window1 - 2 * L1B.embedding_params == pytest.approx(2 * kept * per_layer, rel=1e-3)
+
+
+def test_plan_phases_reproduces_the_plan_and_the_cpu_loop_costs_more_under_zero():
+    """device_phases.plan_phases(foreach=True) is the plan itself; the CPU for-loop AdamW over DeepSpeed's
+    one flat fp32 partition needs two temporaries of it (8P) instead of foreach's one (4P)."""
+    from shardtrain.compiler.device_phases import plan_phases
+    p = _plan(L1B, "zero3", gpus=2)
+    ph, peak = plan_phases(p, foreach_optimizer=True)
+    assert ph == dict(p.chosen.per_phase) and peak == p.chosen.peak_phase
+    loop = plan_phases(p, foreach_optimizer=False)[0]["optimizer"]
+    P = math.ceil(L1B.num_params / 2)
+    assert loop.buffers - ph["optimizer"].buffers == pytest.approx(4 * P, rel=1e-3)

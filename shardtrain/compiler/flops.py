@@ -16,9 +16,12 @@ LoRA / QLoRA: the frozen base weights get no weight gradient, so their backward 
 4·N for them; the adapters (r·(in+out) per linear, r ≪ h) are left out.
 
 Activation checkpointing recomputes the forward of the checkpointed layers during backward
-(Megatron-LM §5.1: 4× forward instead of 3× → 8·N with full checkpointing). Recomputation is work the
-hardware does but not model progress: MFU (PaLM's definition) uses model FLOPs only; HFU (hardware
-FLOPs utilisation) includes it.
+(Megatron-LM §5.1: 4× forward instead of 3× → 8·N with full checkpointing), except what backward
+does not need: non-reentrant checkpointing stops recomputing once every saved tensor is back
+(torch/utils/checkpoint.py, `early_stop=True` by default), so the layer's last projection (the MLP
+down_proj, I·h weights per visited expert) is not recomputed — measured with FlopCounterMode in
+tests/test_flops.py. Recomputation is work the hardware does but not model progress: MFU (PaLM's
+definition) uses model FLOPs only; HFU (hardware FLOPs utilisation) includes it.
 """
 from __future__ import annotations
 
@@ -54,7 +57,8 @@ def train_flops_per_token(m: ModelSpec, seq_len: int, *, full_finetune: bool = T
     weight_grad = 2.0 * n if full_finetune else 0.0
     model = 2.0 * n + 2.0 * n + weight_grad + 3.0 * attn_fwd  # fwd + input grads + weight grads + attention
     k = max(0, min(checkpointed_layers, m.num_layers))
-    recompute = k / m.num_layers * (2.0 * layers_n + attn_fwd) if m.num_layers else 0.0
+    last_proj = float(m.intermediate_size * m.hidden_size * (m.experts_per_token if m.num_experts > 1 else 1))
+    recompute = k * (2.0 * (layers_n / m.num_layers - last_proj) + attn_fwd / m.num_layers) if m.num_layers else 0.0
     return TokenFlops(model=model, hardware=model + recompute)
 
 

@@ -19,6 +19,10 @@ The old per-GPU total summed each term's maximum as if all coexisted. They do no
   DeepSpeed's step-time fp32 gradient partition (stage_1_and_2.py step:
   `flatten(averaged_gradients).to(fp32)`; stage3.py `fp32_partitioned_groups_flat[i].grad`);
   activations are freed.
+DeepSpeed ZeRO (checked against the real engine with the real MemTracker, tests/runtime/test_peak_truth.py):
+stage 1/2 frees its gradient partition at the end of every backward, so none exists in the forward or
+at the loss backward; stage 3 keeps gathered params within stage3_max_reuse_distance from the forward
+to their backward (compiler/gathered.py); the step's torch AdamW runs over the flat fp32 partition.
 FSDP2 unsharded parameters (_fully_shard/_fsdp_param_group.py unshard/reshard,
 _fsdp_collectives.py foreach_all_gather): the root unit (embedding, final norm, lm_head) is gathered
 in its pre-forward and kept until its post-forward (reshard_after_forward=True, runtime.engines
@@ -37,12 +41,12 @@ and tests/test_trace.py.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from shardtrain.compiler.activations import layer_bytes_per_token, logits_bytes, resolved_ckpt_fraction
+from shardtrain.compiler.gathered import _ROOT, _gathered, _per_layer, zero3_gathered
 from shardtrain.compiler.inventory import TensorGroup
-from shardtrain.compiler.memory import ModelStateBytes, frozen_weight_bytes, fsdp_shard_groups
+from shardtrain.compiler.memory import ModelStateBytes, fsdp_shard_groups
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.plan import MemoryBreakdown
 from shardtrain.compiler.specs import Engine, GradCkpt, Method, OffloadDevice, Optimizer, Precision, Strategy
@@ -228,65 +232,81 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
             step_fp32 = 4 * local_T if s.offload_optimizer is OffloadDevice.NONE else 0
             g = {"forward": max(ms.grads - step_fp32, p * local_T if step_fp32 else 0),
                  "backward": ms.grads, "optimizer": ms.grads}
+            if s.zero_stage in (1, 2) and step_fp32 and x.grad_accum == 1:
+                # stage_1_and_2.py independent_gradient_partition_epilogue -> _release_ipg_buffers:
+                # `self.grads_in_partition = None` (and the ipg buckets cleared) at the end of every
+                # backward; step() frees `averaged_gradients` and the fp32 partition. So no gradient
+                # memory exists from the forward until the first bucket copy in the backward
+                # (measured: ZeRO-2 fp32, 2 gloo ranks, no Gradient bytes in the forward or at the
+                # loss backward). Stage 3's grad_partitions_flat_buffer is persistent (kept above).
+                g["forward"] = g["loss_backward"] = 0
+            if step_fp32:
+                # memory.py's grads carry max(step fp32 partition, in-flight gradient); the fp32
+                # partition exists only inside step(), so the backward holds the persistent part + the
+                # in-flight gradient (p * largest tensor) and the loss backward, before any gradient,
+                # only the persistent part (stage3 grad_partitions_flat_buffer; measured: ZeRO-3 full,
+                # 1 rank, 4P less than ms.grads at the loss backward). Stage 1 keeps other ranks'
+                # large gradients (memory.py rank_grads held_large): left at ms.grads.
+                in_flight = p * max((g_.numel for g_ in x.groups if g_.trainable), default=0)
+                g.setdefault("loss_backward", g["forward"])
+                if s.zero_stage in (2, 3):
+                    g["backward"] = ms.grads - max(step_fp32, in_flight) + in_flight
         b = ms.buffers
+        b_fb = b   # buffers in the forward / backward
+        if eng is Engine.DEEPSPEED and s.zero_stage == 3:
+            gathered, held, everything = zero3_gathered(x)
+            # partitioned_param_coordinator.py release_sub_module -> __params_to_release keeps every
+            # gathered param reused within stage3_max_reuse_distance numel of the trace: after the
+            # forward these (`held`) are still gathered at the loss backward; the prefetch window
+            # (`gathered`, in ms.buffers) is only fetched when something is not held. The backward
+            # releases each module after its last use in the step, and the optimizer step runs on the
+            # partitions only (measured: ZeRO-3 LoRA, 2 gloo ranks: 170 MB gathered, all of the model).
+            b_fb = b - gathered + held + (gathered if held < everything else 0)
+            b = b - gathered
         # autocast's weight cache (cleared when the forward's autocast region exits) holds a 16-bit copy
         # of every fp32 weight used; the lm_head copy stays saved by its matmul until its backward
         lm_w = (m.lm_head_params or m.embedding_params) if autocast and full_ft else 0
         cached = p * _layer_trainable(x.groups, m) * n_ck if autocast and full_ft else 0
         instants = {
             "forward": [dict(grads=g["forward"], activations=kept + head + p * lm_w + cached + bsv_p, logits=0,
-                             buffers=b),
+                             buffers=b_fb),
                         dict(grads=g["forward"], activations=kept + head + p * lm_w, logits=x.logits_forward_bytes,
-                             buffers=b)],
-            "backward": [dict(grads=g["backward"], activations=kept + head + p * lm_w, logits=x.logits_backward_bytes,
-                              buffers=b),
-                         dict(grads=g["backward"], activations=max(kept - top, 0) + head + working, logits=0, buffers=b)],
+                             buffers=b_fb)],
+            "backward": [dict(grads=g.get("loss_backward", g["backward"]), activations=kept + head + p * lm_w,
+                              logits=x.logits_backward_bytes, buffers=b_fb),
+                         # a layer's backward: gradients in flight / partitioned (conservative: all of them)
+                         dict(grads=g["backward"], activations=max(kept - top, 0) + head + working, logits=0,
+                              buffers=b_fb)],
             "optimizer": [dict(grads=g["optimizer"], activations=0, logits=0, buffers=b)],
         }
+        if eng is Engine.DEEPSPEED and s.zero_stage in (1, 2) and step_fp32:
+            # step(): `flatten(averaged_gradients).to(fp32)` coexists with the 16-bit partition (the
+            # instant above), then `self.averaged_gradients[i] = None` before optimizer.step(): the
+            # update itself (temporaries added below) sees only the fp32 partition
+            instants["optimizer"].append(dict(grads=step_fp32, activations=0, logits=0, buffers=b))
     # ---- optimizer temporaries (optimizer phase only; torch/optim/adamw.py)
     # (DeepSpeed's step-time fp32 partition is in its grads term; bitsandbytes 8-bit updates in place)
     opt_tmp = 0
     largest = _largest_trainable(x.groups, x.shard_size if eng is Engine.FSDP else 1)
-    if eng is not Engine.DEEPSPEED and x.optimizer is Optimizer.ADAMW and x.foreach_optimizer:
+    torch_opt = eng is not Engine.DEEPSPEED
+    if eng is Engine.DEEPSPEED and x.optimizer is Optimizer.ADAMW and s.offload_optimizer is OffloadDevice.NONE:
+        # emit/deepspeed.py sets `torch_adam: true` here: engine.py get_optimizer_configuration returns
+        # torch.optim.AdamW over DeepSpeed's flat fp32 partition (ONE tensor of local_T elements per
+        # param group: stage_1_and_2 single_partition_of_fp32_groups, stage3 fp32_partitioned_groups_flat)
+        torch_opt, largest = True, local_T
+    if torch_opt and x.optimizer is Optimizer.ADAMW and x.foreach_optimizer:
         opt_tmp = 4 * local_T            # _multi_tensor_adamw: exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)
-    elif eng is not Engine.DEEPSPEED and x.optimizer is not Optimizer.ADAMW8BIT:
+    elif torch_opt and x.optimizer is not Optimizer.ADAMW8BIT:
         # per-tensor loops (_single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt);
         # runtime.optim Lion / Adafactor, SGD momentum): two fp32 temporaries of the largest local tensor
         opt_tmp = 2 * 4 * largest
-    instants["optimizer"][0]["buffers"] += opt_tmp
+    instants["optimizer"][-1]["buffers"] += opt_tmp
     out = {}
     for ph in PHASES:
         worst = max(instants[ph], key=lambda d: sum(d.values()))
         out[ph] = dict(params=params, master_params=master, optimizer_states=states,
                        **{k: int(v) for k, v in worst.items()})
     return out
-
-
-_ROOT = {"embed_tokens": 1, "lm_head": 1, "norm": 1}
-
-
-def _per_layer(g: TensorGroup, L: int) -> float:
-    """Tensors of this group in ONE decoder layer (0 for the root's groups)."""
-    return g.count / L if g.count % L == 0 and g.count >= L and g.name not in _ROOT else 0
-
-
-def _gathered(groups: tuple[TensorGroup, ...], N: int, method: Method, precision: Precision,
-              how_many) -> tuple[int, int]:
-    """(all-gathered bytes, trainable padded elements) of `how_many(g)` tensors per group: trainable
-    params gather in param_dtype, frozen ones in their storage (16-bit; QLoRA NF4)."""
-    nbytes = 0.0
-    trainable = 0.0
-    for g in groups:
-        k = how_many(g)
-        if not k:
-            continue
-        elems = N * math.ceil(g.shape[0] / N) * (g.numel // g.shape[0])
-        if g.trainable:
-            nbytes += k * elems * precision.param_bytes
-            trainable += k * elems
-        else:
-            nbytes += k * elems * frozen_weight_bytes((g,), method, precision) / g.total
-    return int(nbytes), int(trainable)
 
 
 def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy, ms: ModelStateBytes,
@@ -308,7 +328,10 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
         # forward: 16-bit logits + fp32 upcast + fp32 log_softmax output (runtime ce_sum); backward:
         # saved log_softmax output + nll gradient + log_softmax gradient, all fp32
         # (fp32: `.float()` is a no-op, so the flattened fp32 copy, the logits and the output coexist)
-        fwd_logits = logits - 4 * bsv if precision.param_bytes == 2 else logits
+        # fp32 with micro_batch 1: `logits[:, :-1].flatten(0, 1)` (runtime/loss.py ce_sum) is a view (a
+        # size-1 batch dim does not break contiguity), so no flattened copy: logits + log_softmax output
+        # (measured: real MemTracker, fp32, micro batch 1: Logits = 2 x 4·B·S·V in the forward)
+        fwd_logits = logits - 4 * bsv if precision.param_bytes == 2 or micro_batch == 1 else logits
         bwd_logits = min(12 * bsv, logits)
     else:
         fwd_logits = bwd_logits = logits

@@ -94,11 +94,11 @@ class DDPEngine(BaseEngine):
         super().__init__(model, optimizer, **kw)
         from torch.nn.parallel import DistributedDataParallel as DDP
         dev = self.device
-        # broadcast_buffers=False: DDP would otherwise broadcast every buffer from rank 0 at each forward
+        # forward_sync_buffers=False: DDP would otherwise broadcast every buffer from rank 0 at each forward
         # (a collective per micro-step, torch/nn/parallel/distributed.py _pre_forward); a causal LM's
         # buffers (rotary inv_freq) are computed identically on every rank and never trained (issue 11)
         self.module = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                          gradient_as_bucket_view=True, init_sync=False, broadcast_buffers=False)
+                          gradient_as_bucket_view=True, init_sync=False, forward_sync_buffers=False)
         if self.precision is Precision.FP16:
             self.scaler = torch.amp.GradScaler(dev.type)
 

@@ -122,8 +122,11 @@ class MetricsWriter:
 
     def flush(self) -> None:
         if self._buf:
-            with open(self.path, "a") as f:
-                f.write("".join(self._buf))
+            data = "".join(self._buf).encode()
+            with open(self.path, "ab+") as f:  # appends go to the end whatever the read position
+                if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                    data = b"\n" + data  # after a line cut by a kill: start a fresh line, keep the record
+                f.write(data)
             self._buf = []
         self._last = time.monotonic()
 

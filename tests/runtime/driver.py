@@ -10,6 +10,7 @@ scenario; on an error the launch stops (a rank failing alone would hang the next
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -112,6 +113,7 @@ def main() -> int:
                     os.environ[k] = v
         res["wall_s"] = round(time.time() - t0, 2)
         results[sc["name"]] = res
+        gc.collect()  # the finished scenario's engine sits in reference cycles: free it before the next one
         print(f"[driver rank{info.rank}] {sc['name']}: {'ERROR ' + res['error'] if 'error' in res else 'ok'} "
               f"({res['wall_s']} s)", file=sys.stderr, flush=True)
         if info.rank == 0:
