@@ -157,7 +157,8 @@ class StateMeter:
             def fwd_hook(_m, _inp, out):  # late in backward: every other gradient exists
                 if self.active and torch.is_grad_enabled() and out.requires_grad:
                     out.register_hook(lambda g: self.snapshot())
-            emb.register_forward_hook(fwd_hook)
+            # eager even under train.compile=model: dynamo cannot trace the object walk (runtime/compiling.py)
+            emb.register_forward_hook(torch.compiler.disable(fwd_hook))
 
     def _embedding(self):
         m = self.eng.model

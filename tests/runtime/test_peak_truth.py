@@ -85,13 +85,19 @@ def _phases(reps: list[dict]) -> str:
 def test_measured_peak_matches_plan(truth, n, strategy, method, ckpt):
     res = truth[n][_name(strategy, method, ckpt)]
     measured, reps = _measured(res, n)
-    _, raw = _plan(res)
-    pg = raw["per_gpu"]
-    predicted = pg["total"] - pg["cuda_context"]
-    per_phase = {p: v["total"] - v.get("cuda_context", 0) for p, v in (raw.get("per_phase") or {}).items()}
+    plan, raw = _plan(res)
+    # The plan assumes CUDA, where torch.optim picks foreach AdamW; this CPU run uses the per-tensor loop
+    # (torch/optim/optimizer.py _default_to_fused_or_foreach), whose temporaries differ: evaluate the
+    # same phase model for the kernel that really ran (foreach_optimizer=True reproduces per_gpu exactly,
+    # tests/test_phases.py).
+    from shardtrain.compiler.device_phases import plan_phases
+    phases, peak = plan_phases(plan, foreach_optimizer=False)
+    predicted = phases[peak].total - phases[peak].cuda_context
+    per_phase = {p: v.total - v.cuda_context for p, v in phases.items()}
     err = (predicted - measured) / measured
     assert abs(err) <= PLAN_TOL, (
-        f"analytic peak {predicted:,} B (per_gpu.total - cuda_context, phase {raw.get('peak_phase')}) vs measured "
+        f"analytic peak {predicted:,} B (plan phases for the CPU optimizer kernel - cuda_context, phase {peak}; "
+        f"plan's own peak phase {raw.get('peak_phase')}) vs measured "
         f"{measured:,} B: {err:+.1%} (tolerance {PLAN_TOL:.0%}); measured per phase: {_phases(reps)}; "
         f"predicted per phase: {json.dumps(per_phase)}")
 
