@@ -33,6 +33,7 @@ from contextlib import contextmanager
 import torch
 
 from shardtrain.compiler.specs import Engine
+from shardtrain.runtime.modeling import find_embeddings
 
 log = logging.getLogger("shardtrain.worker")
 PHASES = ("forward", "backward", "optimizer")
@@ -266,7 +267,7 @@ class StepMemTrace:
             self.mark("optimizer")
             return saved["step"](lr)
         eng.forward, eng.backward, eng.step = forward, backward, step
-        head = _output_embeddings(eng.model)
+        head = find_embeddings(eng.model, "output")
 
         def logits_on(*_):  # the forward's lm_head call up to backward (not recomputations in backward)
             mt.in_logits = self._cur == "forward"
@@ -298,17 +299,3 @@ class StepMemTrace:
                                  "per_phase": nc}}
 
 
-def _output_embeddings(model):
-    m = model
-    for _ in range(4):
-        if hasattr(m, "get_output_embeddings"):
-            try:
-                head = m.get_output_embeddings()
-                if head is not None:
-                    return head
-            except (NotImplementedError, AttributeError):
-                pass
-        m = getattr(m, "base_model", None) or getattr(m, "model", None)
-        if m is None:
-            return None
-    return None

@@ -230,6 +230,25 @@ def build_model(src: ModelSource, spec: BuildSpec, *, rank: int, world_size: int
     return model
 
 
+def find_embeddings(model: nn.Module, which: str) -> nn.Module | None:
+    """The input ("input") or output ("output") embedding module of a wrapped HF model: walks through
+    DDP/peft/DeepSpeed wrappers (base_model / model attributes), at most 4 levels."""
+    getter = f"get_{which}_embeddings"
+    m = model
+    for _ in range(4):
+        if hasattr(m, getter):
+            try:
+                found = getattr(m, getter)()
+                if found is not None:
+                    return found
+            except (NotImplementedError, AttributeError):
+                pass
+        m = getattr(m, "base_model", None) or getattr(m, "model", None)
+        if m is None:
+            return None
+    return None
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     was = model.training

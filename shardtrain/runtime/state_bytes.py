@@ -20,6 +20,7 @@ import re
 import torch
 
 from shardtrain.compiler.specs import Engine
+from shardtrain.runtime.modeling import find_embeddings
 
 TERMS = ("params", "master_params", "optimizer_states", "grads", "buffers")
 _PARAM = re.compile(r"^module\.|\.ds_tensor|bit16_groups_flat|parallel_partitioned_bit16_groups|"
@@ -161,17 +162,7 @@ class StateMeter:
             emb.register_forward_hook(torch.compiler.disable(fwd_hook))
 
     def _embedding(self):
-        m = self.eng.model
-        for _ in range(4):
-            if hasattr(m, "get_input_embeddings"):
-                try:
-                    return m.get_input_embeddings()
-                except (NotImplementedError, AttributeError):
-                    pass
-            m = getattr(m, "base_model", None) or getattr(m, "model", None)
-            if m is None:
-                return None
-        return None
+        return find_embeddings(self.eng.model, "input")
 
     def snapshot(self):
         if not self.active:
