@@ -148,6 +148,11 @@ def _job(workdir: Path, name: str, run_dir: Path, nodes: int, nproc: int, steps:
     return Case(name, job, script, steps)
 
 
+PREEMPT_STEPS = 48
+"""Steps of the pre-empted jobs: the watcher signals once metrics.jsonl shows step 2, and the worker
+batches metric writes (runtime/telemetry.py MetricsWriter: up to 1 s), so the job must still be running
+well after step 2 becomes visible (12 tiny steps took ~1 s and sometimes finished first)."""
+
 def _cli_case(workdir: Path, name: str, nodes: int, nproc: int, steps: int, *extra: str,
               submit: bool = False) -> Case:
     """Through `shardtrain sbatch` (prepares the run dir now, renders, optionally submits)."""
@@ -221,7 +226,7 @@ def cases(slurm_cluster, workdir):
         # pre-empted mid-run (USR2 once 2 steps are logged), requeued, resumed, completed
         # (the DDP plan under the deepspeed launcher: the launcher wiring is what is tested here;
         # a ZeRO engine adds ~1 min of imports per launch on 2 cores)
-        _job(workdir, "ds2", workdir / "runs" / "ds2", 2, 2, 12, launcher="deepspeed"),
+        _job(workdir, "ds2", workdir / "runs" / "ds2", 2, 2, PREEMPT_STEPS, launcher="deepspeed"),
         _job(workdir, "one", hostile, 1, 2, 6, request_gpus=slurm_cluster.gpus_per_node >= 2,
              job_name="one 'tiny' $(touch PWNED); `x`"),
         _crash_case(workdir),
@@ -230,7 +235,7 @@ def cases(slurm_cluster, workdir):
         c.job_id = slurm_cluster.sbatch(c.script)
         c.submitted = time.monotonic()
     # through `shardtrain sbatch --submit`; pre-empted too
-    built.insert(0, _cli_case(workdir, "tr2", 2, 2, 12, submit=True))
+    built.insert(0, _cli_case(workdir, "tr2", 2, 2, PREEMPT_STEPS, submit=True))
     for c in built:
         if c.name in ("tr2", "ds2"):
             c.signal_after = 2
