@@ -9,23 +9,17 @@ flat fp32 partition) that is 8P instead of 4P. Pure: no torch.
 from __future__ import annotations
 
 from shardtrain.compiler.inventory import tensor_inventory
-from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, model_state_bytes, shard_group_size
-from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.plan import MemoryBreakdown
+from shardtrain.compiler.planner import evaluate_phases
 
 
 def plan_phases(plan, *, foreach_optimizer: bool) -> tuple[dict[str, MemoryBreakdown], str]:
     """({phase: MemoryBreakdown}, peak phase) of the plan's chosen candidate with the given kernel
-    (the same arguments as planner._evaluate; foreach_optimizer=True reproduces the plan)."""
-    c, t, m, hw = plan.chosen, plan.train, plan.model, plan.hardware
-    groups = tensor_inventory(m, c.method, t.lora.rank, plan.lora_targets or t.lora.targets)
-    ms = model_state_bytes(m, groups, c.strategy, hw, method=c.method, precision=c.precision,
-                           optimizer=c.optimizer, fsdp_defer_grad_sync=c.fsdp_defer_grad_sync)
-    return candidate_phases(m, groups, c.strategy, ms, shard_size=shard_group_size(c.strategy, hw),
-                            method=c.method, precision=c.precision, optimizer=c.optimizer,
-                            micro_batch=c.micro_batch_size, seq_len=t.seq_len, attention=t.attention,
-                            grad_ckpt=c.gradient_checkpointing, selective_every=t.selective_every,
-                            grad_accum=c.grad_accum_steps, defer_grad_sync=c.fsdp_defer_grad_sync,
-                            loss=c.loss, chunk_tokens=t.loss_chunk_tokens,
-                            activation_offload=c.activation_offload.value != "none",
-                            cuda_context=CUDA_CONTEXT_BYTES, foreach_optimizer=foreach_optimizer)
+    (planner.evaluate_phases, as the planner ran it; foreach_optimizer=True reproduces the plan)."""
+    c, t = plan.chosen, plan.train
+    groups = tensor_inventory(plan.model, c.method, t.lora.rank, plan.lora_targets or t.lora.targets)
+    _, phases, peak = evaluate_phases(plan.model, plan.hardware, t, groups, c.strategy, method=c.method,
+                                      optimizer=c.optimizer, micro=c.micro_batch_size,
+                                      ckpt=c.gradient_checkpointing, defer=c.fsdp_defer_grad_sync, loss=c.loss,
+                                      act_offload=c.activation_offload, foreach_optimizer=foreach_optimizer)
+    return phases, peak

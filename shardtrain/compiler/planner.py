@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from shardtrain.compiler.activations import (activation_bytes, activation_host_bytes, logits_bytes,
+from shardtrain.compiler.activations import (activation_host_bytes, logits_bytes,
                                              resolve_loss, resolved_ckpt_fraction)
 from shardtrain.compiler.cost import step_time
 from shardtrain.compiler.inventory import resolve_lora_targets, tensor_inventory, trainable_params
 from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes, shard_group_size
 from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.model import ModelSpec
-from shardtrain.compiler.plan import Candidate, MemoryBreakdown, Plan
+from shardtrain.compiler.plan import Candidate, Plan
 from shardtrain.compiler.specs import (ActivationOffload, Engine, GradCkpt, HardwareSpec, LossMode, Method,
                                        OffloadDevice, Optimizer, Precision, Strategy, TrainSpec)
 from shardtrain.units import fmt_bytes
@@ -66,28 +66,35 @@ class _Ctx:
     usable: int
 
 
-def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
-              method: Method, defer: bool, groups,
-              act_offload: ActivationOffload = ActivationOffload.NONE) -> Candidate:
-    m, hw, t = ctx.model, ctx.hw, ctx.train
+def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups, strategy: Strategy, *,
+                    method: Method, optimizer: Optimizer, micro: int, ckpt: GradCkpt, defer: bool,
+                    loss: LossMode, act_offload: ActivationOffload, foreach_optimizer: bool = True):
+    """(model-state bytes, {phase: MemoryBreakdown}, peak phase) of one candidate — the one place that
+    assembles the phase model's inputs (the planner, and device_phases for the kernel a run really uses)."""
     ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
                            optimizer=optimizer, fsdp_defer_grad_sync=defer)
-    akw = dict(micro_batch=micro, seq_len=t.seq_len, precision=t.precision, attention=t.attention,
-               grad_ckpt=ckpt, selective_every=t.selective_every, offload=act_offload)
-    acts = activation_bytes(m, **akw)
-    act_host = activation_host_bytes(m, **akw)
-    loss = resolve_loss(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=t.loss,
-                        chunk_tokens=t.loss_chunk_tokens)
-    logits = logits_bytes(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=loss,
-                          chunk_tokens=t.loss_chunk_tokens)
-    # per_gpu = the breakdown at the peak phase (compiler/phases.py), not the sum of each term's maximum
     phases, peak = candidate_phases(
         m, groups, strategy, ms, shard_size=shard_group_size(strategy, hw), method=method,
         precision=t.precision, optimizer=optimizer, micro_batch=micro, seq_len=t.seq_len, attention=t.attention,
         grad_ckpt=ckpt, selective_every=t.selective_every,
         grad_accum=t.global_batch_size // (micro * hw.world_size), defer_grad_sync=defer, loss=loss,
         chunk_tokens=t.loss_chunk_tokens, activation_offload=act_offload is not ActivationOffload.NONE,
-        cuda_context=CUDA_CONTEXT_BYTES)
+        cuda_context=CUDA_CONTEXT_BYTES, foreach_optimizer=foreach_optimizer)
+    return ms, phases, peak
+
+
+def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
+              method: Method, defer: bool, groups,
+              act_offload: ActivationOffload = ActivationOffload.NONE) -> Candidate:
+    m, hw, t = ctx.model, ctx.hw, ctx.train
+    akw = dict(micro_batch=micro, seq_len=t.seq_len, precision=t.precision, attention=t.attention,
+               grad_ckpt=ckpt, selective_every=t.selective_every, offload=act_offload)
+    act_host = activation_host_bytes(m, **akw)
+    loss = resolve_loss(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=t.loss,
+                        chunk_tokens=t.loss_chunk_tokens)
+    # per_gpu = the breakdown at the peak phase (compiler/phases.py), not the sum of each term's maximum
+    ms, phases, peak = evaluate_phases(m, hw, t, groups, strategy, method=method, optimizer=optimizer,
+                                       micro=micro, ckpt=ckpt, defer=defer, loss=loss, act_offload=act_offload)
     per_gpu = phases[peak]
     cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes + act_host, t.precision)
     nvme = ms.nvme_bytes * hw.gpus_per_node
