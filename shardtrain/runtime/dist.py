@@ -70,6 +70,24 @@ def init_deepspeed_comm() -> None:
     """Make deepspeed.comm wrap the existing torch process group (zero.Init reads its world size)."""
     import deepspeed
     deepspeed.init_distributed(dist_backend=str(dist.get_backend()), dist_init_required=False)
+    _unlink_deepspeed_shm()
+
+
+def _unlink_deepspeed_shm() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp shm_initialize)
+    creates one ~70 MB /dev/shm segment per rank, `deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_
+    {MASTER_PORT}_{rank}`, and never calls its shared_close(): every CPU run leaked them (RAM in tmpfs;
+    19 GB after a day of tests here). Once every rank has mapped its peers' segments (the barrier), the
+    names can go: the mappings stay valid and the memory is freed when the processes exit."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port) or not os.path.isdir("/dev/shm"):
+        return
+    dist.barrier()
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    try:
+        os.unlink(name)
+    except OSError:
+        pass  # not created (no shm op, ranks on several nodes) or already gone
 
 
 def barrier() -> None:

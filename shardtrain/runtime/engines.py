@@ -185,6 +185,8 @@ class DeepSpeedEngine(BaseEngine):
         args = dict(model=model, model_parameters=trainable(model), config=ds_config)
         if optimizer is not None and "optimizer" not in ds_config:
             args["optimizer"] = optimizer
+        from shardtrain.runtime.dist import init_deepspeed_comm
+        init_deepspeed_comm()  # before initialize: one place sets up deepspeed.comm (and its shm cleanup)
         self.ds, self.optimizer, _, self.ds_scheduler = deepspeed.initialize(**args)
         self.module = self.ds
         self.own_schedule = "scheduler" not in ds_config
