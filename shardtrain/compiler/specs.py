@@ -220,3 +220,31 @@ class TrainSpec:
     sequence = 512 tokens at b=2, s=2048)."""
     activation_offload: ActivationOffload = ActivationOffload.NONE
     """Saved activations to host RAM (cpu) — the planner only picks it when nothing faster fits."""
+
+
+class Launcher(_StrEnum):
+    """The program that starts the ranks (launcher/ owns its argv). auto (config only): deepspeed for
+    ZeRO plans, torchrun otherwise."""
+    AUTO = "auto"
+    TORCHRUN = "torchrun"
+    DEEPSPEED = "deepspeed"
+
+
+class Device(_StrEnum):
+    """run.device: auto = CUDA when GPUs are visible, else CPU (gloo)."""
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Resume(_StrEnum):
+    """run.resume: auto = continue from the run dir's last complete checkpoint; never = start over."""
+    AUTO = "auto"
+    NEVER = "never"
+
+
+class DataFormat(_StrEnum):
+    """data.format of the training file (auto: from the extension/contents)."""
+    AUTO = "auto"
+    JSONL = "jsonl"
+    TEXT = "text"
