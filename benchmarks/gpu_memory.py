@@ -114,9 +114,9 @@ class PhasePeaks:
 
 def run_row(name: str, a, work: Path) -> dict:
     """Plan, write the run dir, train a.steps steps with the worker; predicted and measured per phase."""
-    from shardtrain.launcher.rundir import compile_plan, load_config, write_run_dir
-    cfg = load_config(row_config(name, a))
-    p = compile_plan(cfg)
+    from shardtrain.config import pipeline
+    from shardtrain.launcher.rundir import write_run_dir
+    cfg, p = pipeline.compile(row_config(name, a))
     pj = p.to_json()
     out = {"row": name, "strategy": pj["strategy"], "method": pj["method"], "grad_ckpt": pj["gradient_checkpointing"],
            "optimizer": pj["optimizer"], "fits": pj["fits"], "peak_phase": pj.get("peak_phase"),

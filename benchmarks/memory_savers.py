@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         "offload_vs_none_ckpt_full": tps[("full", "cpu", True)] / tps[("full", "none", True)],
     }
     from shardtrain.compiler.activations import logits_bytes
-    from shardtrain.compiler.model import model_spec_from_hf_config
+    from shardtrain.compiler.model_hf import model_spec_from_hf_config
     from shardtrain.compiler.specs import LossMode, Precision
     spec = model_spec_from_hf_config(cfg.to_dict())
     kw = dict(micro_batch=args.micro_batch, seq_len=args.seq_len, precision=Precision.FP32,

@@ -9,84 +9,19 @@ import argparse
 import json
 import sys
 
-from shardtrain.config.schema import FLAG_KEYS, ConfigError
+from shardtrain.config.flags import add_plan_flags
+from shardtrain.config.schema import ConfigError
 
-EXIT_OK, EXIT_ERROR, EXIT_NO_FIT = 0, 1, 2
-
-
-def add_plan_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by plan/emit/launch/sbatch: each maps to a run-config key (FLAG_KEYS)."""
-    p.add_argument("config", nargs="?", help="run config YAML (flags override it)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set train.lr=1e-4")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="preset name, config.json, HF checkpoint dir or Hub id ORG/NAME[@REVISION]")
-    g.add_argument("--params", help="parameter count instead of --model, e.g. 7.5e9")
-    for k in ("hidden", "layers", "heads", "kv-heads", "vocab", "intermediate"):
-        g.add_argument(f"--{k}", type=int, help=f"{k} (with --params)")
-    g = p.add_argument_group("hardware")
-    g.add_argument("--nodes", type=int)
-    g.add_argument("--gpus-per-node", type=int)
-    g.add_argument("--gpu", help="GPU preset, e.g. h100-80gb (see `shardtrain presets`)")
-    g.add_argument("--gpu-memory", help="per-GPU memory, e.g. 80GiB")
-    g.add_argument("--cpu-memory", help="host RAM per node, e.g. 1TiB")
-    g.add_argument("--nvme-path")
-    g.add_argument("--nvme-capacity")
-    g = p.add_argument_group("job")
-    g.add_argument("--seq-len", type=int)
-    g.add_argument("--micro-batch", help="auto or N")
-    g.add_argument("--global-batch", type=int)
-    g.add_argument("--precision", help="bf16|fp16|fp32")
-    g.add_argument("--method", help="full|lora|qlora")
-    g.add_argument("--lora-rank", type=int)
-    g.add_argument("--optimizer", help="adamw|adamw8bit|adafactor|lion|sgd")
-    g.add_argument("--grad-ckpt", help="auto|none|full|selective")
-    g.add_argument("--attention", help="sdpa|flash|eager")
-    g.add_argument("--loss", help="full|chunked|auto (chunked: never the whole fp32 logits)")
-    g.add_argument("--activation-offload", help="none|cpu (allow saved activations in host RAM)")
-    g.add_argument("--strategy", help="auto|ddp|zero1|zero2|zero3|fsdp_full_shard|fsdp_shard_grad_op|"
-                                     "fsdp_hybrid_shard|zero2_offload|zero3_offload|zero_infinity")
-    g.add_argument("--steps", type=int)
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
-    """Collect flag values and --set pairs as dotted config overrides (flags beat the file)."""
-    out: dict[str, object] = {}
-    for s in args.sets:
-        if "=" not in s:
-            raise ConfigError(f"--set {s!r}: write KEY=VALUE, e.g. --set train.seq_len=2048")
-        k, v = s.split("=", 1)
-        out[k.strip()] = v
-    for flag, key in FLAG_KEYS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            out[key] = v
-    if out.get("model.params") is not None and out.get("model.name") is not None:
-        raise ConfigError(f"--model {out['model.name']!r} and --params {out['model.params']!r} conflict: give one "
-                          "(a preset/config.json with --model, or a parameter count with --params)")
-    if "model.params" in out and "model.name" not in out:
-        out["model.name"] = None
-    if "model.name" in out and out["model.name"] is not None:
-        out["model.params"] = None
-    return out
-
-
-def compile_from_args(args: argparse.Namespace):
-    """Load config + flags, plan. Returns (RunConfig, Plan). Raises ConfigError/PlanningError."""
-    from shardtrain.compiler.planner import plan
-    from shardtrain.config.resolve import resolve_specs
-    from shardtrain.config.schema import load_run_config
-    cfg = load_run_config(args.config, overrides_from_args(args))
-    model, hw, train = resolve_specs(cfg)
-    return cfg, plan(model, hw, train)
+from shardtrain.exitcodes import EXIT_ERROR, EXIT_NO_FIT, EXIT_OK  # noqa: E402
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from shardtrain.compiler.planner import NoFitError
+    from shardtrain.config.pipeline import compile_args
     from shardtrain.report import render_plan
     no_fit = None
     try:
-        _, p = compile_from_args(args)
+        _, p = compile_args(args)
     except NoFitError as e:
         no_fit, p = e, e.plan
     trace = None
@@ -161,7 +96,7 @@ def _add_optional(sub, modname: str) -> None:
             raise
         return
     if hasattr(mod, "add_parsers"):
-        mod.add_parsers(sub, add_plan_flags)
+        mod.add_parsers(sub)
     else:  # shardtrain.slurm.cli
         mod.add_sbatch_parser(sub)
 

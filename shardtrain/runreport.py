@@ -1,6 +1,6 @@
 """`shardtrain report RUN_DIR`: predicted vs measured memory per phase over a run, as a table and a PNG.
 
-Reads what the worker wrote (shardtrain/runtime/worker.py run-directory contract):
+Reads what the worker wrote (the run-directory format: shardtrain/rundir_format.py):
   plan.json            the prediction: per_gpu (at the peak phase), per_phase, peak_phase, device memory
   metrics.jsonl        one "train" record per step with "memory": {after_forward, after_backward,
                        after_step} — on CUDA torch.cuda max_memory_allocated (peak since the step began,
@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from shardtrain import rundir_format as rf
 from shardtrain.units import fmt_bytes
 
 PHASES = ("forward", "backward", "optimizer")
@@ -30,22 +31,13 @@ class ReportError(ValueError):
 
 def load_run(run_dir: str | Path) -> dict:
     d = Path(run_dir)
-    if not (d / "plan.json").is_file():
-        raise ReportError(f"{d}: no plan.json here; pass a run directory written by `shardtrain launch`")
-    plan = json.loads((d / "plan.json").read_text())
-    steps = []
-    mpath = d / "metrics.jsonl"
-    if mpath.is_file():
-        for line in mpath.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("kind") == "train" and rec.get("memory"):
-                steps.append(rec)
-    ranks = [json.loads(p.read_text()) for p in sorted(d.glob("memory_rank*.json"))]
+    if not (d / rf.PLAN_JSON).is_file():
+        raise ReportError(f"{d}: no {rf.PLAN_JSON} here; pass a run directory written by `shardtrain launch`")
+    plan = json.loads((d / rf.PLAN_JSON).read_text())
+    steps = [rec for rec in rf.read_metrics(d) if rf.is_train(rec) and rec.get(rf.MEMORY)]
+    ranks = [json.loads(p.read_text()) for p in sorted(d.glob(rf.MEMORY_RANK_GLOB))]
     if not steps and not ranks:
-        raise ReportError(f"{d}: no metrics.jsonl memory records and no memory_rank*.json yet; "
+        raise ReportError(f"{d}: no {rf.METRICS_JSONL} memory records and no {rf.MEMORY_RANK_GLOB} yet; "
                           "run the job (shardtrain launch) first")
     return {"dir": d, "plan": plan, "steps": steps, "ranks": ranks}
 
@@ -206,7 +198,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_parsers(sub, _add_plan_flags=None) -> None:
     p = sub.add_parser("report", help="predicted vs measured memory per phase of a run (table + PNG)")
-    p.add_argument("run_dir", help="run directory (plan.json, metrics.jsonl, memory_rank*.json)")
+    p.add_argument("run_dir", help=f"run directory ({rf.PLAN_JSON}, {rf.METRICS_JSONL}, {rf.MEMORY_RANK_GLOB})")
     p.add_argument("--png", help="where to write the plot (default RUN_DIR/memory_report.png)")
     p.add_argument("--json", action="store_true", help="print the per-phase numbers as JSON")
     p.set_defaults(func=cmd_report)

@@ -14,6 +14,7 @@ _UNITS = {
 }
 _RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 GiB = 2**30
+MiB = 2**20
 
 
 def parse_bytes(value: object, *, key: str = "value") -> int:

@@ -95,7 +95,8 @@ def test_hub_dataset_id_from_the_local_cache(tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    docs = read_documents("acme/chat")
+    from shardtrain.config.hub import dataset_source
+    docs = read_documents(dataset_source("acme/chat"))  # resolved before the ranks start (emit/runtime.py)
     assert len(docs) == 2 and docs[0][1] == "chat"  # the train split only
     validate_training_data(_cfg("acme/chat", chat_template="default"))
     with pytest.raises(ConfigError, match="hf download --repo-type dataset acme/other"):

@@ -38,28 +38,45 @@ def parse(cfg: dict, world: int):
         dsc.dist = old
 
 
-def test_key_sets_are_deepspeeds_own():
+def test_every_emitted_key_is_read_by_deepspeed():
+    """No hand-kept key list: DeepSpeed's own parser, run by engine_schema with every dict recording the
+    keys DeepSpeed reads, reports a key it refuses or silently ignores; no emitted config has one."""
     from deepspeed.runtime import config as dsc
-    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
-    from deepspeed.runtime.swap_tensor import constants as aio
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    from deepspeed.runtime.zero.offload_config import (DeepSpeedZeroOffloadOptimizerConfig,
-                                                       DeepSpeedZeroOffloadParamConfig)
-
-    def keys(model):
-        return {f.alias or n for n, f in model.model_fields.items()}
-    assert K.ZERO_KEYS == keys(DeepSpeedZeroConfig)
-    assert K.OFFLOAD_PARAM_KEYS == keys(DeepSpeedZeroOffloadParamConfig)
-    assert K.OFFLOAD_OPTIMIZER_KEYS == keys(DeepSpeedZeroOffloadOptimizerConfig)
-    assert K.BF16_KEYS == keys(DeepSpeedBF16Config)
-    assert K.FP16_KEYS == keys(DeepSpeedFP16Config)
-    assert K.AIO_KEYS == {v for k, v in vars(aio).items() if k.startswith("AIO_") and isinstance(v, str)
-                          and k not in ("AIO", "AIO_FORMAT")}
-    assert K.REMOVED_TOP_LEVEL_KEYS == set(dsc._REMOVED_TOP_LEVEL_CONFIG_KEYS)
-    src = "\n".join(p.read_text(errors="ignore") for p in Path(DS.__file__).parent.rglob("*.py"))
-    missing = [k for k in K.TOP_LEVEL_KEYS if f'"{k}"' not in src and f"'{k}'" not in src]
-    assert not missing, f"not DeepSpeed keys: {missing}"
+    from shardtrain.emit.engine_schema import deepspeed_findings
+    done = set()
+    for s, o, p, m in LEGAL:
+        if (s, o, m) in done:  # precision only switches the bf16/fp16 block: one of each is enough
+            continue
+        done.add((s, o, m))
+        plan = make_plan(s, optimizer=o.value, precision=p.value, method=m, gpus_per_node=8, global_batch=32)
+        findings, _ = deepspeed_findings(deepspeed_config(plan, grad_clip=0.5), world_size=8)
+        assert findings == [], (s, o, p, m, findings)
+    for p in (Precision.BF16, Precision.FP16):
+        cfg = deepspeed_config(make_plan("zero3_offload", precision=p.value, gpus_per_node=8, global_batch=32))
+        assert deepspeed_findings(cfg, world_size=8)[0] == []
+    cfg = deepspeed_config(make_plan("zero_infinity", gpus_per_node=8, global_batch=32), nvme_path="/nvme")
+    assert K.AIO in cfg and deepspeed_findings(cfg, world_size=8)[0] == []
     assert {v.lower() for v in K.DS_OPTIMIZER_TYPE.values() if v} - {"sgd", "adafactor"} <= set(dsc.DEEPSPEED_OPTIMIZERS)
+
+
+def test_verify_names_what_disagrees_with_the_plan():
+    plan = make_plan("zero2", gpus_per_node=8, global_batch=64)
+    cfg = deepspeed_config(plan)
+    assert K.verify(cfg, plan) == []
+    bad = {**cfg, K.MICRO_BATCH: cfg[K.MICRO_BATCH] + 1, K.ZERO: {**cfg[K.ZERO], K.STAGE: 3}}
+    problems = K.verify(bad, plan)
+    assert len(problems) == 2 and K.MICRO_BATCH in problems[0] and "zero2" in problems[1], problems
+    assert K.verify(deepspeed_config(make_plan("zero3", gpus_per_node=8, global_batch=64)), plan)
+
+
+def test_cpu_config_replaces_fused_lion_only():
+    lion = make_plan("zero2", optimizer="lion", gpus_per_node=2, global_batch=8)
+    cpu = K.cpu_config(deepspeed_config(lion), lion)
+    assert cpu is not None and K.OPTIMIZER not in cpu and cpu[K.ALLOW_UNTESTED_OPTIMIZER] is True
+    offload = make_plan("zero2_offload", optimizer="lion", gpus_per_node=2, global_batch=8)
+    adamw = make_plan("zero2", gpus_per_node=2, global_batch=8)
+    assert K.cpu_config(deepspeed_config(offload), offload) is None  # DeepSpeedCPULion runs on the host
+    assert K.cpu_config(deepspeed_config(adamw), adamw) is None
 
 
 def _device(block) -> str:

@@ -1,6 +1,6 @@
 """FSDP2 settings from plans: sharding flags, meshes, dtypes, the wrap class resolved from the real
-transformers model class (and at wrap time from the module tree), JSON round trip, and a real
-fully_shard wrap + step with the settings (world size 1, gloo)."""
+transformers model class, JSON round trip, and a real fully_shard wrap + step with the settings built
+into torch objects the way the runtime does it (runtime/fsdp_wrap.py; world size 1, gloo)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from emit_plans import make_plan
 from shardtrain.config.presets import load_model_spec
-from shardtrain.emit.fsdp import FsdpSettings, find_layer_class, fsdp_settings, transformers_layer_class
+from shardtrain.emit.fsdp import FsdpSettings, fsdp_settings, transformers_layer_class
 
 
 @pytest.mark.parametrize("strategy,reshard,mesh", [("fsdp_full_shard", True, (8,)),
@@ -41,6 +41,8 @@ def test_wrap_class_from_the_real_model_class(preset):
     model_cls = getattr(transformers, source.split(":")[1].split(".")[0])
     module = __import__(model_cls.__module__, fromlist=[name])
     assert isinstance(getattr(module, name), type)  # the class really exists in the modeling file
+    # read from transformers' source without importing it: the same answer as the imported class
+    assert name == model_cls._no_split_modules[0]
 
 
 def test_unknown_model_type_falls_back_to_the_spec():
@@ -62,21 +64,14 @@ def test_non_fsdp_plan_raises():
         fsdp_settings(make_plan("zero2"))
 
 
-def test_find_layer_class_in_the_module_tree():
-    import ds_step
-    model = ds_step.tiny_model()
-    assert find_layer_class(model, "LlamaDecoderLayer").__name__ == "LlamaDecoderLayer"
-    assert find_layer_class(model).__name__ == "LlamaDecoderLayer"
-    with pytest.raises(ValueError, match="LlamaDecoderLayer"):
-        find_layer_class(model, "MistralDecoderLayer")
-
-
 def test_fully_shard_with_the_settings_takes_a_step():
     import torch
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule
 
     import ds_step
+    from shardtrain.runtime.fsdp_wrap import shard_model
+    from shardtrain.runtime.modeling import decoder_layers
     f = fsdp_settings(make_plan("fsdp_full_shard", grad_ckpt="none"))
     f = FsdpSettings.from_dict({**f.to_dict(), "offload_pin_memory": False})  # CPU host: no pinned memory
     own = not dist.is_initialized()
@@ -85,14 +80,10 @@ def test_fully_shard_with_the_settings_takes_a_step():
         dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{29900 + os.getpid() % 90}")
     try:
         model = ds_step.tiny_model()
-        mesh = f.device_mesh("cpu")
-        cls = find_layer_class(model, f.wrap_class)
-        kw = dict(mesh=mesh, reshard_after_forward=f.reshard_after_forward, mp_policy=f.mixed_precision_policy(),
-                  offload_policy=f.offload_policy())
-        for m in model.modules():
-            if isinstance(m, cls):
-                fully_shard(m, **kw)
-        fully_shard(model, **kw)
+        units = decoder_layers(model, f.wrap_class)
+        assert len(units) == model.config.num_hidden_layers
+        shard_model(model, f, "cpu", units)
+        assert all(isinstance(m, FSDPModule) for m in [model, *units])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         ids = torch.randint(0, 512, (2, 16))
         loss = model(input_ids=ids, labels=ids).loss

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from shardtrain.compiler import flops as F
+from shardtrain.compiler.activations import checkpointed_layer_count
+from shardtrain.compiler.specs import GradCkpt
 from shardtrain.config.presets import load_model_spec
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny-llama.json")
@@ -30,8 +32,10 @@ def test_hand_count_tiny_llama():
     assert half.hardware == f.model + (2 * 2 * (layer - 256 * 128) + attn) / 2
     lora = F.train_flops_per_token(m, s, full_finetune=False)     # frozen weights: no weight gradients
     assert lora.model == 4 * n + 3 * attn
-    assert F.checkpointed_layer_count(32, "full", 2) == 32 and F.checkpointed_layer_count(32, "selective", 3) == 11
-    assert F.checkpointed_layer_count(32, "none", 2) == 0
+    # layers the runtime recomputes: all, or 0, k, 2k, … (selective every 3 of 32: 0, 3, …, 30)
+    assert checkpointed_layer_count(GradCkpt.FULL, 32, 2) == 32
+    assert checkpointed_layer_count(GradCkpt.SELECTIVE, 32, 3) == len(range(0, 32, 3)) == 11
+    assert checkpointed_layer_count(GradCkpt.NONE, 32, 2) == 0
     # MFU: 1e5 tokens/s × 2,362,368 FLOPs = 0.236 TFLOP/s of a 989 TFLOP/s peak
     assert F.utilisation(f.model, 1e5, 989.0) == pytest.approx(2_362_368 * 1e5 / 989e12)
     assert F.utilisation(f.model, 1e5, 0.0) == 0.0

@@ -295,11 +295,11 @@ def test_fuzz_check_corrupted_engine_configs(sample, tmp_path_factory, capsys):
 def test_damaged_run_dir_files_on_resume(tmp_path, capsys, junk):
     """A run dir whose run.yaml / plan.json / metrics.jsonl got damaged: one error line (or a fresh
     prepare), never a traceback — checked through the launcher's run-dir writer directly."""
+    from shardtrain.config import pipeline
     from shardtrain.config.schema import ConfigError
     from shardtrain.launcher import rundir
     tiny = Path(__file__).resolve().parents[1] / "configs" / "examples" / "tiny-cpu.yaml"
-    cfg = rundir.load_config(tiny, {})
-    plan = rundir.compile_plan(cfg)
+    cfg, plan = pipeline.compile(tiny)
     d = tmp_path / "run"
     rundir.write_run_dir(d, cfg, plan)
     for name in ("run.yaml", "plan.json", "metrics.jsonl"):

@@ -50,9 +50,10 @@ def test_not_cached_offline_names_the_id_and_the_fix(hub_cache, capsys):
 
 def test_runtime_uses_the_cached_snapshot(hub_cache):
     from shardtrain.config.schema import parse_run_config
+    from shardtrain.emit.runtime import model_ref
     from shardtrain.runtime.modeling import model_source
     cfg = parse_run_config({"model": {"name": "acme/tiny-chat"}})
-    src = model_source(cfg, None)
+    src = model_source(model_ref(cfg, None))  # resolved when the run dir is written, loaded by the ranks
     assert Path(src.model_dir) == hub_cache / "snapshots" / SHA
     assert src.config.num_hidden_layers == json.loads(TINY.read_text())["num_hidden_layers"]
 

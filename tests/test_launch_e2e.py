@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shardtrain.launcher import spawn
+from shardtrain.launcher import failure, hosts, logtail, rankstart
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "examples" / "tiny-cpu.yaml"
@@ -50,8 +50,8 @@ STANDIN = textwrap.dedent('''
 
 # --------------------------------------------------------------------------- fast: no processes
 def test_torchrun_spec_on_cpu(tmp_path):
-    s = spawn.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=2, gpus=0, cpu_count=2,
-                           python="/py", environ={})
+    s = rankstart.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=2, gpus=0, cpu_count=2,
+                               python="/py", environ={})
     a = list(s.argv)
     assert a[:3] == ["/py", "-m", "torch.distributed.run"] and "--standalone" in a
     assert a[a.index("--redirects") + 1] == "3" and a.index("--redirects") < a.index("shardtrain.runtime.worker")
@@ -64,22 +64,22 @@ def test_torchrun_spec_on_cpu(tmp_path):
 
 
 def test_gpu_spec_and_user_omp_threads(tmp_path):
-    s = spawn.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=8, gpus=8, cpu_count=64,
-                           environ={"OMP_NUM_THREADS": "4"})
+    s = rankstart.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=8, gpus=8, cpu_count=64,
+                               environ={"OMP_NUM_THREADS": "4"})
     assert s.device == "cuda" and "DS_ACCELERATOR" not in s.env and "LOCAL_SIZE" not in s.env
     assert "OMP_NUM_THREADS" not in s.env  # the user's choice is inherited
-    s = spawn.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=8, gpus=8, cpu_count=64)
+    s = rankstart.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=8, gpus=8, cpu_count=64)
     assert s.env["OMP_NUM_THREADS"] == "8"
 
 
 def test_multi_node_specs(tmp_path):
-    t = spawn.build_launch(run_dir=tmp_path / "job", launcher="torchrun", nproc_per_node=4, nnodes=2, node_rank=1,
-                           rdzv_endpoint="node0:29400", gpus=4)
+    t = rankstart.build_launch(run_dir=tmp_path / "job", launcher="torchrun", nproc_per_node=4, nnodes=2, node_rank=1,
+                               rdzv_endpoint="node0:29400", gpus=4)
     a = list(t.argv)
     assert a[a.index("--rdzv_endpoint") + 1] == "node0:29400" and a[a.index("--rdzv_id") + 1] == "shardtrain-job"
     assert "--standalone" not in a and t.log_dir.name.endswith("-node1")
-    d = spawn.build_launch(run_dir=tmp_path / "job", launcher="deepspeed", nproc_per_node=4, nnodes=2, node_rank=1,
-                           rdzv_endpoint="node0:29400", gpus=4)
+    d = rankstart.build_launch(run_dir=tmp_path / "job", launcher="deepspeed", nproc_per_node=4, nnodes=2, node_rank=1,
+                               rdzv_endpoint="node0:29400", gpus=4)
     a = list(d.argv)
     assert "--no_ssh" in a and a[a.index("--node_rank") + 1] == "1" and a[a.index("--master_addr") + 1] == "node0"
     assert a[a.index("--master_port") + 1] == "29400"
@@ -87,28 +87,28 @@ def test_multi_node_specs(tmp_path):
     assert d.files[hostfile] == "node0 slots=4\nnode1 slots=4\n"
     assert any(x.startswith("--enable_each_rank_log=") for x in a)
     with pytest.raises(ValueError, match="restart"):
-        spawn.build_launch(run_dir=tmp_path, launcher="deepspeed", nproc_per_node=2, max_restarts=1)
+        rankstart.build_launch(run_dir=tmp_path, launcher="deepspeed", nproc_per_node=2, max_restarts=1)
     with pytest.raises(ValueError, match="rdzv"):
-        spawn.build_launch(run_dir=tmp_path, launcher="deepspeed", nproc_per_node=2, nnodes=2, node_rank=0)
+        rankstart.build_launch(run_dir=tmp_path, launcher="deepspeed", nproc_per_node=2, nnodes=2, node_rank=0)
 
 
 def test_workers_find_the_ops_built_for_this_environment(tmp_path):
-    assert spawn.ops_env({}, str(tmp_path)) == {}
+    assert hosts.ops_env({}, str(tmp_path)) == {}
     (tmp_path / "torch_extensions").mkdir()
-    assert spawn.ops_env({}, str(tmp_path)) == {"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
-    assert spawn.ops_env({"TORCH_EXTENSIONS_DIR": "/x"}, str(tmp_path)) == {}  # the user's choice wins
-    s = spawn.build_launch(run_dir=tmp_path, launcher="deepspeed", nproc_per_node=2,
-                           extra_env=spawn.ops_env({}, str(tmp_path)))
+    assert hosts.ops_env({}, str(tmp_path)) == {"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
+    assert hosts.ops_env({"TORCH_EXTENSIONS_DIR": "/x"}, str(tmp_path)) == {}  # the user's choice wins
+    s = rankstart.build_launch(run_dir=tmp_path, launcher="deepspeed", nproc_per_node=2,
+                               extra_env=hosts.ops_env({}, str(tmp_path)))
     assert "export TORCH_EXTENSIONS_DIR=" in s.script()
 
 
 def test_no_gpu_visible():
-    assert spawn.count_local_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
-    assert spawn.local_devices("cpu") == (0, "cpu")
+    assert hosts.count_local_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert hosts.local_devices("cpu") == (0, "cpu")
 
 
-def _torchrun_logs(tmp_path: Path, files: dict[int, str]) -> spawn.LaunchSpec:
-    s = spawn.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=len(files), log_dir=tmp_path / "L")
+def _torchrun_logs(tmp_path: Path, files: dict[int, str]) -> rankstart.LaunchSpec:
+    s = rankstart.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=len(files), log_dir=tmp_path / "L")
     for rank, text in files.items():
         d = tmp_path / "L" / "abc_x" / "attempt_0" / str(rank)
         d.mkdir(parents=True)
@@ -126,7 +126,7 @@ def test_first_failure_is_the_cause_not_the_collateral(tmp_path):
              "[W1122 03:04:32 ProcessGroupGloo.cpp] Warning: destroy_process_group() was not called\n")
     # the collateral traceback is written FIRST (earlier mtime) and must still lose
     s = _torchrun_logs(tmp_path, {0: collateral, 1: cause})
-    f = spawn.find_first_failure(s, "  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 9)\n")
+    f = failure.find_first_failure(s, "  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 9)\n")
     assert f.rank == 1 and f.exception == "ValueError: boom" and f.exitcode == 1 and not f.collateral
     assert f.traceback.startswith("Traceback (most recent call last):") and f.traceback.endswith("ValueError: boom")
     assert "[rank1]" not in f.traceback and "destroy_process_group" not in f.traceback
@@ -136,7 +136,7 @@ def test_killed_rank_without_traceback(tmp_path):
     s = _torchrun_logs(tmp_path, {0: "", 1: ""})
     log = ("Root Cause (first observed failure):\n[0]:\n  time : x\n  host : h\n"
            "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 5)\n")
-    f = spawn.find_first_failure(s, log)
+    f = failure.find_first_failure(s, log)
     assert f.rank == 1 and "SIGKILL" in f.exception and "out of memory" in f.exception
 
 
@@ -146,8 +146,8 @@ def test_console_tail_holds_back_tracebacks(tmp_path):
     class Out(io.StringIO):
         pass
     out, err = Out(), Out()
-    s = spawn.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=2)
-    t = spawn._Tail(s, out, err)
+    s = rankstart.build_launch(run_dir=tmp_path, launcher="torchrun", nproc_per_node=2)
+    t = logtail.Tail(s, out, err)
     p = tmp_path / "x.log"
     # a progress bar (carriage returns, no newline), then a traceback arriving in pieces mid-line
     for chunk in [b"\rtrain 1/5", b"\rtrain 2/5 loss 3.2", b"[ran", b"k0]: Trace", b"back (most recent call last):\n",
@@ -271,7 +271,7 @@ def test_a_failing_rank_is_reported_once(tmp_path):
 @pytest.mark.multiproc
 def test_two_nodes_on_one_machine(tmp_path):
     mods = _standin(tmp_path)
-    port = spawn.free_port()
+    port = rankstart.free_port()
     common = [str(TINY), "--run-dir", str(tmp_path / "run"), "--worker-module", "standin_worker", "--nnodes", "2",
               "--rdzv-endpoint", f"127.0.0.1:{port}"]
     env = _env(PYTHONPATH=str(mods))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shardtrain.launcher.argv import deepspeed_argv, hostfile_text, render_launch_script, torchrun_argv
+from shardtrain.launcher.rankstart import deepspeed_argv, hostfile_text, render_launch_script, torchrun_argv
 
 
 def _torchrun(argv):
@@ -31,22 +31,21 @@ def test_torchrun_single_node_standalone():
 
 def test_torchrun_multi_node_c10d():
     argv = torchrun_argv(nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="n0:29400", rdzv_id="job7",
-                         max_restarts=3, signals_to_handle=["SIGTERM", "SIGUSR1"], shutdown_timeout=60)
+                         max_restarts=3, log_dir="/l", redirects=3)
     a = _torchrun(argv)
     assert (a.nnodes, a.node_rank, a.rdzv_backend, a.rdzv_endpoint, a.rdzv_id, a.max_restarts) == \
         ("2", 1, "c10d", "n0:29400", "job7", 3)
-    assert a.signals_to_handle == "SIGTERM,SIGUSR1" and a.shutdown_timeout == 60 and not a.standalone
+    assert a.log_dir == "/l" and a.redirects == "3" and not a.standalone
 
 
-def test_torchrun_script_and_python_forms():
-    argv = torchrun_argv(nproc_per_node=2, module=None, script="train.py", python=sys.executable)
-    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"] and argv[-1] == "train.py"
+def test_torchrun_python_form():
+    argv = torchrun_argv(nproc_per_node=2, module="m", python=sys.executable)
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"] and argv[-2:] == ["-m", "m"]
 
 
 @pytest.mark.parametrize("kw,match", [
     (dict(nproc_per_node=0), "positive"), (dict(nproc_per_node=2, nnodes=2), "rdzv_endpoint"),
-    (dict(nproc_per_node=2, nnodes=2, rdzv_endpoint="h:1", rdzv_id="x", node_rank=2), "node_rank"),
-    (dict(nproc_per_node=2, module=None), "module= or script=")])
+    (dict(nproc_per_node=2, nnodes=2, rdzv_endpoint="h:1", rdzv_id="x", node_rank=2), "node_rank")])
 def test_torchrun_rejects(kw, match):
     with pytest.raises(ValueError, match=match):
         torchrun_argv(**kw)
@@ -64,14 +63,13 @@ def test_deepspeed_multi_node_hostfile_and_no_ssh():
     b = _deepspeed(deepspeed_argv(num_gpus=4, num_nodes=2, no_ssh=True, node_rank=1, master_addr="n0",
                                   hostfile="/h/hostfile"))
     assert b.no_ssh and b.node_rank == 1
-    c = _deepspeed(deepspeed_argv(include="localhost:0,1", script="t.py", no_local_rank=False))
-    assert c.include == "localhost:0,1" and c.num_gpus == -1 and not c.module and c.user_script == "t.py"
+    c = _deepspeed(deepspeed_argv(num_gpus=2, each_rank_log="/l d"))
+    assert c.enable_each_rank_log == "/l d" and c.module and c.user_script == "shardtrain.runtime.worker"
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(num_gpus=2, include="h:0"), "include"), (dict(), "num_gpus"),
-    (dict(num_gpus=2, num_nodes=2), "hostfile"), (dict(num_gpus=2, num_nodes=2, no_ssh=True), "node_rank"),
-    (dict(num_gpus=2, module=None), "module= or script=")])
+    (dict(num_gpus=0), "num_gpus"),
+    (dict(num_gpus=2, num_nodes=2), "hostfile"), (dict(num_gpus=2, num_nodes=2, no_ssh=True), "node_rank")])
 def test_deepspeed_rejects(kw, match):
     with pytest.raises(ValueError, match=match):
         deepspeed_argv(**kw)

@@ -13,8 +13,7 @@ import pytest
 
 from shardtrain.compiler.inventory import tensor_inventory, trainable_params
 from shardtrain.compiler.memory import (QLORA_BYTES_PER_PARAM, QLORA_QUANT_STATE_BYTES_PER_TENSOR,
-                                        ZeroBuckets, frozen_weight_bytes, model_state_bytes,
-                                        zero3_persistent_params)
+                                        ZeroBuckets, frozen_weight_bytes, model_state_bytes)
 from shardtrain.compiler.optimizer_states import (BNB_BLOCK_SIZE, BNB_MIN_8BIT_SIZE, BNB_QMAP_BYTES,
                                                   state_bytes)
 from shardtrain.compiler.specs import HardwareSpec, Method, Optimizer, Precision, Strategy
@@ -102,7 +101,10 @@ def test_zero_tiny_against_paper():
 
 
 def _persistent(model) -> int:
-    return zero3_persistent_params(tensor_inventory(model, Method.FULL), ZeroBuckets.for_model(model))
+    """Elements DeepSpeed marks ds_persist (parameter_offload.py mark_persistent_parameters:
+    ds_numel <= stage3_param_persistence_threshold); they stay gathered on every rank."""
+    threshold = ZeroBuckets.for_model(model).param_persistence_threshold
+    return sum(g.total for g in tensor_inventory(model, Method.FULL) if g.numel <= threshold)
 
 
 @pytest.mark.parametrize("n", [8, 64, 512])

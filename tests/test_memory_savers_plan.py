@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shardtrain.cli import main
-from shardtrain.compiler.activations import activation_bytes, activation_host_bytes, logits_bytes, resolve_loss
+from shardtrain.compiler.activations import activation_host_bytes, logits_bytes, resolve_loss
 from shardtrain.compiler.plan import Plan
 from shardtrain.compiler.planner import NoFitError, plan
 from shardtrain.compiler.specs import (ActivationOffload, Attention, GradCkpt, HardwareSpec, LossMode, Method,
@@ -93,7 +93,6 @@ def test_activation_offload_only_when_nothing_faster_fits():
     kw = dict(micro_batch=1, seq_len=8192, precision=Precision.BF16, attention=Attention.SDPA, grad_ckpt=GradCkpt.NONE)
     moved = activation_host_bytes(m, offload=ActivationOffload.CPU, **kw)
     assert moved > 0 and activation_host_bytes(m, **kw) == 0
-    assert activation_bytes(m, offload=ActivationOffload.CPU, **kw) == activation_bytes(m, **kw) - moved
     assert tight.chosen.cpu_memory_per_node_bytes >= moved
     offload_alt = [c for c in roomy.alternatives + (roomy.chosen,)]
     assert all(c.activation_offload is ActivationOffload.NONE or c.step_time_s > roomy.chosen.step_time_s

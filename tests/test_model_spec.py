@@ -8,12 +8,9 @@ import sys
 
 import pytest
 
-from shardtrain.compiler.model import (
-    LinearShape,
-    ModelSpec,
-    model_spec_from_hf_config,
-    model_spec_from_params,
-)
+from shardtrain.compiler.model import LinearShape, ModelSpec
+from shardtrain.compiler.model_hf import model_spec_from_hf_config
+from shardtrain.compiler.model_params import model_spec_from_params
 from shardtrain.config.presets import MODELS_DIR, list_model_presets, load_model_config, \
     load_model_spec
 
@@ -235,9 +232,9 @@ def test_from_params_7_5b():
 
 def test_from_params_honours_dims():
     spec = model_spec_from_params(7.5e9, hidden_size=4096, num_heads=32, num_kv_heads=8,
-                                  vocab_size=128256, name="mine")
+                                  vocab_size=128256)
     assert (spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.vocab_size, spec.name) == \
-        (4096, 32, 8, 128256, "mine")
+        (4096, 32, 8, 128256, "custom")
     assert spec.num_params == pytest.approx(7.5e9, rel=0.02)
     s2 = model_spec_from_params(7.5e9, num_layers=20, intermediate_size=14336)
     assert (s2.num_layers, s2.intermediate_size) == (20, 14336)
@@ -283,7 +280,8 @@ def test_from_params_builds_in_transformers():
 
 
 def test_model_module_imports_without_torch():
-    code = ("import sys, time; t = time.perf_counter(); import shardtrain.compiler.model; "
+    code = ("import sys, time; t = time.perf_counter(); import shardtrain.compiler.model, shardtrain.compiler.model_hf, "
+            "shardtrain.compiler.model_params; "
             "dt = time.perf_counter() - t; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
             "print(dt)")

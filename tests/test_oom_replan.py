@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shardtrain.launcher import oom
-from shardtrain.launcher.rundir import compile_plan, load_config
+from shardtrain.config.pipeline import compile as compile_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "examples" / "tiny-cpu.yaml"
@@ -27,8 +27,7 @@ def test_parse_on_oom():
 
 
 def test_next_plan_halves_micro_batch_then_checkpoints():
-    cfg = load_config(TINY, {"train.micro_batch": 2})
-    p = compile_plan(cfg)
+    cfg, p = compile_config(TINY, {"train.micro_batch": 2})
     rec = [{"rank": 1, "phase": "forward", "step": 3, "measured_peak_bytes": 2**30}]
     r = oom.next_plan(cfg, p, rec)
     assert r.plan.chosen.micro_batch_size == 1 and r.plan.chosen.grad_accum_steps == 2 * p.chosen.grad_accum_steps
@@ -72,8 +71,7 @@ def test_cuda_oom_calibrates_the_budget():
     """A CUDA OOM record (the device's capacity was exceeded although the model predicted less): the re-plan
     tightens the budget by f = capacity / predicted and lets the planner choose: the same strategy and a
     setup whose prediction × f fits."""
-    cfg = load_config(ROOT / "configs" / "examples" / "llama3-8b-lora-1x24gb.yaml", {"train.micro_batch": "auto"})
-    p = compile_plan(cfg)
+    cfg, p = compile_config(ROOT / "configs" / "examples" / "llama3-8b-lora-1x24gb.yaml", {"train.micro_batch": "auto"})
     predicted, cap = int(p.chosen.per_gpu.total), p.gpu_memory_bytes
     assert predicted < cap
     rec = [{"rank": 0, "phase": "forward", "step": 1, "device": "cuda", "device_capacity_bytes": cap,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shardtrain.runtime.preempt import PreemptionHandler, signal_number
+from shardtrain.exitcodes import signal_name, signal_number
+from shardtrain.runtime.preempt import PreemptionHandler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +29,10 @@ def test_signal_number():
     assert signal_number("USR2") == signal.SIGUSR2
     assert signal_number("sigterm") == signal.SIGTERM
     assert signal_number(10) == signal.SIGUSR1
-    with pytest.raises(ValueError):
-        signal_number("NOPE")
+    for bad in ("NOPE", "USR2; rm", "", 999):
+        with pytest.raises(ValueError):
+            signal_number(bad)
+    assert signal_name("SIGUSR1") == "USR1" and signal_name("term") == "TERM"  # as sbatch and trap spell it
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
@@ -287,7 +290,7 @@ def test_signal_during_startup_is_not_lost(tmp_path):
 
 
 def test_exit_code_is_distinct():
-    from shardtrain.runtime.preempt import EXIT_PREEMPTED
+    from shardtrain.exitcodes import EXIT_PREEMPTED
     from shardtrain.launcher import cli as launch_cli
     assert EXIT_PREEMPTED not in (0, 1, 2, 124) and EXIT_PREEMPTED < 128
     assert str(EXIT_PREEMPTED) in launch_cli.__doc__  # documented where users read exit codes

@@ -6,10 +6,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
-
+from shardtrain.config.pipeline import compile as compile_config
 from shardtrain.launcher import preflight
-from shardtrain.launcher.rundir import compile_plan, load_config
 from shardtrain.launcher.preflight import Machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,10 +18,8 @@ CPU_BOX = Machine(gpus=0, host_memory_bytes=24 * GiB, host_available_bytes=20 * 
 
 
 def _check(config, tmp_path, machine=CPU_BOX, device="cpu", nproc=2, **over):
-    cfg = load_config(config, over)
-    plan = compile_plan(cfg)
-    return preflight.check(cfg, plan, machine=machine, device=device, nproc=nproc, run_dir=tmp_path / "run",
-                           launcher="torchrun")
+    cfg, plan = compile_config(config, over)
+    return preflight.check(cfg, plan, machine=machine, device=device, nproc=nproc, run_dir=tmp_path / "run")
 
 
 def test_tiny_cpu_demo_passes(tmp_path):
@@ -69,9 +65,8 @@ def test_data_and_model_paths(tmp_path):
 def test_unwritable_run_dir(tmp_path):
     f = tmp_path / "file"
     f.write_text("")
-    cfg = load_config(TINY, {})
-    r = preflight.check(cfg, compile_plan(cfg), machine=CPU_BOX, device="cpu", nproc=2, run_dir=f / "run",
-                        launcher="torchrun")
+    cfg, plan = compile_config(TINY)
+    r = preflight.check(cfg, plan, machine=CPU_BOX, device="cpu", nproc=2, run_dir=f / "run")
     assert any("run dir" in p and "not a directory" in p for p in r.problems)
 
 
@@ -80,9 +75,9 @@ def test_rendezvous_port_in_use(tmp_path):
         s.bind(("", 0))
         s.listen()
         port = s.getsockname()[1]
-        cfg = load_config(TINY, {})
-        r = preflight.check(cfg, compile_plan(cfg), machine=CPU_BOX, device="cpu", nproc=2, run_dir=tmp_path / "r",
-                            launcher="torchrun", master_port=port)
+        cfg, plan = compile_config(TINY)
+        r = preflight.check(cfg, plan, machine=CPU_BOX, device="cpu", nproc=2, run_dir=tmp_path / "r",
+                            master_port=port)
     assert any(f"port {port} is in use" in p for p in r.problems)
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from shardtrain.compiler.plan import Plan
 from shardtrain.compiler.planner import PlanningError
+from shardtrain.config.pipeline import compile as compile_config
 from shardtrain.config.schema import ConfigError, parse_run_config
 from shardtrain.launcher import rundir
 from shardtrain.launcher.rundir import prepare_run_dir
@@ -86,8 +87,8 @@ def test_a_config_change_that_breaks_checkpoints_is_refused(tmp_path):
 def test_no_resume_moves_the_old_state_aside(tmp_path):
     d = prepare_run_dir(RAW, {}, tmp_path / "r")
     _fake_state(d)
-    cfg = rundir.load_config(RAW, {"train.lr": 1e-3})
-    prepared = rundir.write_run_dir(d, cfg, rundir.compile_plan(cfg), resume=False)
+    cfg, p = compile_config(RAW, {"train.lr": 1e-3})
+    prepared = rundir.write_run_dir(d, cfg, p, resume=False)
     assert prepared.moved_aside is not None and prepared.moved_aside.parent == d / "previous"
     assert (prepared.moved_aside / "checkpoints" / "step_5" / "state.pt").is_file()
     assert (prepared.moved_aside / "metrics.jsonl").is_file()

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from shardtrain.compiler.specs import GradCkpt, Method, Precision
+from shardtrain.compiler.specs import (DataFormat, Device, GradCkpt, Launcher, Method, ModelInit, Precision, Resume,
+                                       Strategy)
 from shardtrain.config.resolve import resolve_specs
 from shardtrain.config.schema import ConfigError, load_run_config, parse_run_config
 
@@ -39,12 +40,25 @@ def test_defaults_and_types():
     ({"lora": {"targets": []}}, ["lora.targets", "non-empty"]),
     ({"train": {"method": "qlora", "precision": "fp32"}}, ["qlora", "bf16"]),
     ({"train": "fast"}, ["train", "mapping"]),
+    ({"run": {"device": "gpu"}}, ["run.device", "'gpu'", "cuda"]),
+    ({"run": {"launcher": "mpi"}}, ["run.launcher", "'mpi'", "torchrun"]),
+    ({"run": {"resume": "yes"}}, ["run.resume", "'yes'", "never"]),
+    ({"data": {"format": "csv"}}, ["data.format", "'csv'", "jsonl"]),
+    ({"model": {"init": "zeros"}}, ["model.init", "'zeros'", "pretrained"]),
 ])
 def test_bad_values_name_key_value_fix(raw, needles):
     with pytest.raises(ConfigError) as ei:
         parse_run_config({**BASE, **raw})
     for n in needles:
         assert n in str(ei.value), (n, str(ei.value))
+
+
+def test_choices_are_enums():
+    c = cfg(run={"device": "CPU", "launcher": "deepspeed", "resume": "never"}, data={"format": "text"},
+            train={"strategy": "zero3"}, model={"name": "tiny-llama", "init": "random"})
+    assert (c.run.device, c.run.launcher, c.run.resume) == (Device.CPU, Launcher.DEEPSPEED, Resume.NEVER)
+    assert c.data.format is DataFormat.TEXT and c.model.init is ModelInit.RANDOM and c.train.strategy is Strategy.ZERO3
+    assert cfg().train.strategy == "auto" and cfg().to_dict()["train"]["strategy"] == "auto"  # run.yaml keeps "auto"
 
 
 def test_model_name_xor_params():

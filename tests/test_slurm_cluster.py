@@ -321,7 +321,7 @@ def test_two_node_torchrun(slurm_cluster, cases):
     case = finish(slurm_cluster, cases["tr2"])
     assert_trained(case, world=4)
     text = case.script.read_text()
-    assert "--rdzv-backend=c10d" in text and '--rdzv-id="$SLURM_JOB_ID"' in text
+    assert "--rdzv_backend c10d" in text and "--rdzv_id \"shardtrain-$SLURM_JOB_ID\"" in text
     log = case.log()
     assert "node 0 (" in log and "node 1 (" in log
 

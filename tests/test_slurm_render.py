@@ -24,11 +24,12 @@ import stat
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import pytest
+import yaml
 
+from shardtrain.launcher.rankstart import PORT_BASE, PORT_SPAN
 from shardtrain.slurm import SbatchJob, parse_job_id, render, sbatch_options
 from shardtrain.slurm import cli as slurm_cli
 
@@ -122,7 +123,7 @@ def test_bash_n_and_structure(name, tmp_path):
                 "PYTORCH_CUDA_ALLOC_CONF"):
         assert f"export {var}=" in text
     if job.launcher == "torchrun":
-        assert '--rdzv-id="$SLURM_JOB_ID"' in text and "--rdzv-backend=c10d" in text
+        assert "--rdzv_id \"shardtrain-$SLURM_JOB_ID\"" in text and "--rdzv_backend c10d" in text
     else:
         assert "--no_ssh" in text and '--node_rank "$SLURM_NODEID"' in text
 
@@ -321,20 +322,26 @@ def test_hostile_values_cannot_execute(tmp_path, launcher, hostile):
         assert env["SHARDTRAIN_RUN_DIR"] == str(run_dir)
         assert env["EXTRA"] == value
         assert env["SHARDTRAIN_HEAD"] == "node1"
-        assert env["SHARDTRAIN_PORT"] == str(10000 + 4242 % 20000)
+        port = PORT_BASE + 4242 % PORT_SPAN  # rankstart's policy, keyed by SLURM_JOB_ID
+        assert env["SHARDTRAIN_PORT"] == str(port)
         assert env["SHARDTRAIN_MAX_REQUEUES"] == "3" and env["SHARDTRAIN_PREEMPT_SIGNAL"] == "USR2"
+        # the per-node command as the installed launchers' own parsers read it
         if launcher == "torchrun":
+            from torch.distributed.run import get_args_parser
             assert argv[:2] == ["-m", "torch.distributed.run"]
-            assert "--rdzv-id=4242" in argv and "--rdzv-endpoint=node1:14242" in argv
-            assert argv[-3:] == ["shardtrain.runtime.worker", "--run-dir", str(run_dir)]
+            a = get_args_parser().parse_args(argv[2:])
+            assert (a.nnodes, a.nproc_per_node, a.rdzv_backend, a.rdzv_id, a.rdzv_endpoint, a.max_restarts) == \
+                ("2", "2", "c10d", "shardtrain-4242", f"node1:{port}", 0)
         else:
+            from deepspeed.launcher.runner import parse_args
             assert argv[:2] == ["-m", "deepspeed.launcher.runner"]
-            assert argv[argv.index("--node_rank") + 1] == env["SLURM_NODEID"]
-            assert argv[argv.index("--master_addr") + 1] == "node1"
-            assert argv[argv.index("--master_port") + 1] == "14242"
-            hostfile = Path(argv[argv.index("--hostfile") + 1])
-            assert hostfile.read_text() == "node1 slots=2\nnode2 slots=2\n"
-            assert argv[-4:] == ["--module", "shardtrain.runtime.worker", "--run-dir", str(run_dir)]
+            a = parse_args(argv[2:])
+            assert a.no_ssh and a.no_local_rank and a.node_rank == int(env["SLURM_NODEID"])
+            assert (a.master_addr, a.master_port, a.num_nodes, a.num_gpus) == ("node1", port, 2, 2)
+            assert Path(a.hostfile).read_text() == "node1 slots=2\nnode2 slots=2\n"
+            a.training_script, a.training_script_args = a.user_script, a.user_args
+        assert a.module and a.training_script == "shardtrain.runtime.worker"
+        assert a.training_script_args == ["--run-dir", str(run_dir)]
 
 
 def test_missing_plan_runs_prepare_with_quoted_overrides(tmp_path):
@@ -378,7 +385,7 @@ def test_launcher_failure_fails_the_script(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# submit + CLI (prepare_run_dir stubbed; sbatch faked on PATH)
+# submit + CLI (the real run-dir preparation of a tiny model; sbatch faked on PATH)
 
 
 @pytest.mark.parametrize(
@@ -396,29 +403,6 @@ def test_parse_job_id_rejects_garbage():
         parse_job_id("sbatch: error: Batch job submission failed\n")
 
 
-@pytest.fixture
-def stub_rundir(monkeypatch):
-    """A stand-in for shardtrain.launcher.rundir.prepare_run_dir (owned by another module)."""
-    calls = []
-
-    def prepare_run_dir(config, overrides, run_dir):
-        calls.append((config, dict(overrides), Path(run_dir)))
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        nodes = int(overrides.get("hardware.nodes", 1))
-        gpus = int(overrides.get("hardware.gpus_per_node", 1))
-        (run_dir / "plan.json").write_text(json.dumps({"world_size": nodes * gpus}))
-        if "ds" in str(config):
-            (run_dir / "ds_config.json").write_text("{}")
-        return run_dir
-
-    mod = types.ModuleType("shardtrain.launcher.rundir")
-    mod.prepare_run_dir = prepare_run_dir
-    monkeypatch.setitem(sys.modules, "shardtrain.launcher.rundir", mod)
-    monkeypatch.setattr(slurm_cli, "_config_value", lambda c, o, s, k, d: d)
-    return calls
-
-
 def _parse_cli(argv):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
@@ -426,60 +410,56 @@ def _parse_cli(argv):
     return parser.parse_args(argv)
 
 
-def test_cli_prints_script(tmp_path, stub_rundir, capsys):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("model: {name: tiny-llama}\n")
-    args = _parse_cli(["sbatch", str(cfg), "--nodes", "2", "--gpus-per-node", "4",
+def _tiny(tmp_path, name="run.yaml"):
+    cfg = tmp_path / name
+    cfg.write_text("model: {name: tiny-llama}\ntrain: {seq_len: 64, global_batch: 8}\n")
+    return cfg
+
+
+def test_cli_prints_script(tmp_path, capsys):
+    args = _parse_cli(["sbatch", str(_tiny(tmp_path)), "--nodes", "2", "--gpus-per-node", "4",
                        "--run-dir", str(tmp_path / "r"), "--partition", "p q", "--set", "train.steps=5"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --partition='p q'" in out and "#SBATCH --nodes=2" in out
-    assert "--rdzv-backend=c10d" in out  # no ds_config.json -> torchrun
-    assert stub_rundir[0][1] == {"train.steps": "5", "hardware.nodes": "2",
-                                 "hardware.gpus_per_node": "4"}
-    assert "--set hardware.nodes=2" in out
+    assert "-m torch.distributed.run" in out  # a DDP plan -> torchrun
+    # the run dir is prepared with the overrides the compute nodes get back
+    assert "--set train.steps=5" in out and "--set hardware.nodes=2" in out
+    run = yaml.safe_load((tmp_path / "r" / "run.yaml").read_text())
+    assert (run["train"]["steps"], run["hardware"]["nodes"], run["hardware"]["gpus_per_node"]) == (5, 2, 4)
+    assert json.loads((tmp_path / "r" / "plan.json").read_text())["world_size"] == 8
 
 
-def test_cli_picks_deepspeed_from_run_dir(tmp_path, stub_rundir, capsys):
-    cfg = tmp_path / "ds.yaml"
-    cfg.write_text("model: {name: tiny-llama}\n")
-    args = _parse_cli(["sbatch", str(cfg), "--nodes", "1", "--gpus-per-node", "2",
-                       "--run-dir", str(tmp_path / "r"), "--script", str(tmp_path / "s.sh")])
+def test_cli_picks_deepspeed_for_a_zero_plan(tmp_path, capsys):
+    args = _parse_cli(["sbatch", str(_tiny(tmp_path)), "--nodes", "1", "--gpus-per-node", "2",
+                       "--strategy", "zero2", "--run-dir", str(tmp_path / "r"), "--script", str(tmp_path / "s.sh")])
     assert args.func(args) == 0
     assert "deepspeed.launcher.runner" in (tmp_path / "s.sh").read_text()
+    assert (tmp_path / "r" / "ds_config.json").is_file()
 
 
-def test_cli_submit_prints_job_id(tmp_path, stub_rundir, capsys, monkeypatch):
+def test_cli_reads_the_run_config_once(tmp_path, capsys, monkeypatch):
+    from shardtrain.config import safe_io
+    calls = []
+    real = safe_io.load_mapping
+    monkeypatch.setattr(safe_io, "load_mapping", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cfg = _tiny(tmp_path)
+    args = _parse_cli(["sbatch", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--run-dir", str(tmp_path / "r")])
+    assert args.func(args) == 0
+    assert [c for c in calls if str(c[0]) == str(cfg)] == [(str(cfg),)]  # model config files are other reads
+
+
+def test_cli_submit_prints_job_id(tmp_path, capsys, monkeypatch):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     log = tmp_path / "sbatch.log"
     _write_exe(bindir / "sbatch", f'#!/bin/bash\necho "$@" > {log}\necho "977;local"\n')
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("model: {name: tiny-llama}\n")
-    args = _parse_cli(["sbatch", str(cfg), "--nodes", "1", "--gpus-per-node", "2",
+    args = _parse_cli(["sbatch", str(_tiny(tmp_path)), "--nodes", "1", "--gpus-per-node", "2",
                        "--run-dir", str(tmp_path / "r"), "--submit"])
     assert args.func(args) == 0
     assert capsys.readouterr().out == "977\n"
     assert log.read_text().split() == ["--parsable", str(tmp_path / "r" / "job.sbatch")]
-
-
-def test_cli_world_size_mismatch(tmp_path, stub_rundir, monkeypatch):
-    run_dir = tmp_path / "r"
-    real = sys.modules["shardtrain.launcher.rundir"].prepare_run_dir
-
-    def stale(config, overrides, rd):
-        real(config, overrides, rd)
-        (Path(rd) / "plan.json").write_text('{"world_size": 3}')
-        return Path(rd)
-
-    monkeypatch.setattr(sys.modules["shardtrain.launcher.rundir"], "prepare_run_dir", stale)
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("x: 1\n")
-    args = _parse_cli(["sbatch", str(cfg), "--nodes", "1", "--gpus-per-node", "2",
-                       "--run-dir", str(run_dir)])
-    with pytest.raises(SystemExit, match="world_size 3"):
-        args.func(args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 
 from shardtrain.compiler.inventory import tensor_inventory, trainable_params
-from shardtrain.compiler.memory import (ZeroBuckets, flat_order_numels, model_state_bytes,
-                                        zero12_partitions)
+from shardtrain.compiler.memory import ZeroBuckets, model_state_bytes
+from shardtrain.compiler.zero_layout import flat_order_numels, zero12_partitions
 from shardtrain.compiler.specs import HardwareSpec, Method, Optimizer, Precision, Strategy
 from shardtrain.config.presets import load_model_spec
 

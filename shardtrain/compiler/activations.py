@@ -74,40 +74,23 @@ def resolved_ckpt_fraction(grad_ckpt: GradCkpt, num_layers: int, selective_every
     return 0.0
 
 
-def _activation_terms(model: ModelSpec, micro_batch: int, seq_len: int, precision: Precision,
-                      attention: Attention, grad_ckpt: GradCkpt, selective_every: int) -> tuple[float, float, float]:
-    """(kept between forward and backward, backward working set, head tensors) in bytes."""
-    tokens = micro_batch * seq_len
-    p = precision.param_bytes
-    per_layer = layer_bytes_per_token(model, precision, attention, seq_len) * tokens
-    frac = resolved_ckpt_fraction(grad_ckpt, model.num_layers, selective_every)
-    n_ckpt = round(frac * model.num_layers)
-    kept = (model.num_layers - n_ckpt) * per_layer + n_ckpt * p * model.hidden_size * tokens
-    # backward working set: the layer being recomputed/differentiated plus its input grads (2 x h)
-    working = per_layer + 2 * p * model.hidden_size * tokens
-    head = 2 * p * model.hidden_size * tokens  # embedding output, final norm output
-    return kept, working, head
-
-
-def activation_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
-                     attention: Attention, grad_ckpt: GradCkpt, selective_every: int = 2,
-                     offload: ActivationOffload = ActivationOffload.NONE) -> int:
-    """Peak activation bytes on one GPU (decoder layers + embeddings + final norm). With offload the
-    kept term lives in host RAM (activation_host_bytes) and comes back one layer at a time."""
-    kept, working, head = _activation_terms(model, micro_batch, seq_len, precision, attention, grad_ckpt,
-                                            selective_every)
-    if offload is ActivationOffload.CPU:
-        kept = 0
-    return int(kept + working + head)
+def checkpointed_layer_count(grad_ckpt: GradCkpt, num_layers: int, selective_every: int) -> int:
+    """Decoder layers whose activations are recomputed (selective: layers 0, k, 2k, ..., as
+    runtime/modeling.py checkpoints them)."""
+    return round(resolved_ckpt_fraction(grad_ckpt, num_layers, selective_every) * num_layers)
 
 
 def activation_host_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
                           attention: Attention, grad_ckpt: GradCkpt, selective_every: int = 2,
                           offload: ActivationOffload = ActivationOffload.NONE) -> int:
-    """Host bytes per rank that activation offload holds (and moves over PCIe twice per micro-step)."""
+    """Host bytes per rank that activation offload holds (and moves over PCIe twice per micro-step):
+    the saved tensors of every non-checkpointed layer and the inputs of the checkpointed ones."""
     if offload is ActivationOffload.NONE:
         return 0
-    kept, _, _ = _activation_terms(model, micro_batch, seq_len, precision, attention, grad_ckpt, selective_every)
+    tokens = micro_batch * seq_len
+    per_layer = layer_bytes_per_token(model, precision, attention, seq_len) * tokens
+    n_ckpt = checkpointed_layer_count(grad_ckpt, model.num_layers, selective_every)
+    kept = (model.num_layers - n_ckpt) * per_layer + n_ckpt * precision.param_bytes * model.hidden_size * tokens
     return int(kept)
 
 

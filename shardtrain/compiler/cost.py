@@ -17,10 +17,9 @@ Only ratios between plans matter; absolute seconds are rough.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from shardtrain.compiler.model import ModelSpec
-from shardtrain.compiler.specs import Engine, GradCkpt, HardwareSpec, Method, OffloadDevice, Precision, Strategy
+from shardtrain.compiler.specs import Engine, HardwareSpec, Method, OffloadDevice, Precision, Strategy
 
 MFU_MAX = 0.45
 """Model FLOP utilisation a well-tuned dense LLM step reaches on large micro-batches."""
@@ -45,14 +44,6 @@ QLORA_DEQUANT_FACTOR = 1.25
 """QLoRA dequantises NF4 weights per matmul: ~25% slower than 16-bit LoRA (QLoRA paper, §4)."""
 
 
-@dataclass(frozen=True)
-class StepTime:
-    compute_s: float
-    comm_s: float
-    offload_s: float
-    total_s: float
-
-
 def _ring(bytes_: float, n: int, bw: float) -> float:
     return 0.0 if n <= 1 else bytes_ * (n - 1) / n / bw
 
@@ -60,7 +51,8 @@ def _ring(bytes_: float, n: int, bw: float) -> float:
 def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method: Method,
               precision: Precision, micro_batch: int, grad_accum: int, seq_len: int,
               ckpt_fraction: float, trainable_params: int, fsdp_defer_grad_sync: bool = False,
-              chunked_loss: bool = False, activation_offload_bytes: int = 0) -> StepTime:
+              chunked_loss: bool = False, activation_offload_bytes: int = 0) -> float:
+    """Estimated seconds per optimizer step: compute + communication not hidden behind it + offload."""
     tokens_micro = micro_batch * seq_len
     N = model.active_params
     attn = 12 * model.num_layers * seq_len * model.num_heads * model.head_dim * 0.5
@@ -118,4 +110,4 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
         offload += K * 2 * activation_offload_bytes / hw.pcie_bandwidth_bytes_per_s
     hidden = min(comm, COMM_OVERLAP * compute)
     total = compute + comm - hidden + offload
-    return StepTime(compute_s=compute, comm_s=comm, offload_s=offload, total_s=total)
+    return total

@@ -62,15 +62,6 @@ def train_flops_per_token(m: ModelSpec, seq_len: int, *, full_finetune: bool = T
     return TokenFlops(model=model, hardware=model + recompute)
 
 
-def checkpointed_layer_count(num_layers: int, grad_ckpt: str, every: int) -> int:
-    """Layers recomputed in backward: full = all; selective = layers 0, k, 2k, … (runtime/modeling.py)."""
-    if grad_ckpt == "full":
-        return num_layers
-    if grad_ckpt == "selective":
-        return len(range(0, num_layers, max(1, every)))
-    return 0
-
-
 def utilisation(flops_per_token: float, tokens_per_s_per_device: float, peak_tflops: float) -> float:
     """Achieved FLOP/s per device over the device's peak (0 when the peak is unknown)."""
     if peak_tflops <= 0:

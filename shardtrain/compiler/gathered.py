@@ -3,17 +3,14 @@ used by the phase model (compiler/phases.py)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from shardtrain.compiler.inventory import TensorGroup
-from shardtrain.compiler.memory import (ZeroBuckets, _gathered_bytes_per_param, _largest_unit_params,
-                                       frozen_weight_bytes)
+from shardtrain.compiler.memory import ZeroBuckets, frozen_weight_bytes, gathered_bytes_per_param, largest_unit_params
+from shardtrain.compiler.phase_inputs import PhaseInputs
 from shardtrain.compiler.specs import Method, OffloadDevice, Precision
 
-if TYPE_CHECKING:
-    from shardtrain.compiler.phases import PhaseInputs
-
-_ROOT = {"embed_tokens": 1, "lm_head": 1, "norm": 1}
+ROOT_GROUPS = {"embed_tokens": 1, "lm_head": 1, "norm": 1}
+"""Tensor groups of the root unit (FSDP2's root module; not inside a decoder layer)."""
 
 
 def zero3_gathered(x: PhaseInputs) -> tuple[int, int, int]:
@@ -28,8 +25,8 @@ def zero3_gathered(x: PhaseInputs) -> tuple[int, int, int]:
     the lm_head, right after the forward). Persistent params (numel <= threshold) are in `params`."""
     m, L = x.model, x.model.num_layers
     buckets = ZeroBuckets.for_model(m)
-    bpp, _ = _gathered_bytes_per_param(x.groups, x.method, x.precision)
-    window = int(min(buckets.max_live_parameters, _largest_unit_params(m) + buckets.prefetch_bucket_elements) * bpp)
+    bpp, _ = gathered_bytes_per_param(x.groups, x.method, x.precision)
+    window = int(min(buckets.max_live_parameters, largest_unit_params(m) + buckets.prefetch_bucket_elements) * bpp)
     if x.shard_size == 1 and x.strategy.offload_params is OffloadDevice.NONE:
         # one rank: partition_parameters.py all_gather_coalesced -> _no_gather_coalesced sets
         # `param.data = param.ds_tensor.data.to(device)`, a no-op on the same device: the "gathered"
@@ -38,10 +35,10 @@ def zero3_gathered(x: PhaseInputs) -> tuple[int, int, int]:
     thr = buckets.param_persistence_threshold
 
     def unit_bytes(how_many) -> int:
-        return _gathered(x.groups, 1, x.method, x.precision,
-                         lambda g: how_many(g) if g.numel > thr else 0)[0]
+        return gathered_bytes(x.groups, 1, x.method, x.precision,
+                              lambda g: how_many(g) if g.numel > thr else 0)[0]
 
-    layer_b = unit_bytes(lambda g: _per_layer(g, L))
+    layer_b = unit_bytes(lambda g: per_layer_count(g, L))
     emb_b = unit_bytes(lambda g: g.count if g.name == "embed_tokens" else 0)
     head_b = unit_bytes(lambda g: g.count if g.name in ("lm_head", "norm") else 0)
     layer_n = m.per_layer_params
@@ -57,12 +54,12 @@ def zero3_gathered(x: PhaseInputs) -> tuple[int, int, int]:
     return window, held, head_b + L * layer_b + emb_b
 
 
-def _per_layer(g: TensorGroup, L: int) -> float:
+def per_layer_count(g: TensorGroup, L: int) -> float:
     """Tensors of this group in ONE decoder layer (0 for the root's groups)."""
-    return g.count / L if g.count % L == 0 and g.count >= L and g.name not in _ROOT else 0
+    return g.count / L if g.count % L == 0 and g.count >= L and g.name not in ROOT_GROUPS else 0
 
 
-def _gathered(groups: tuple[TensorGroup, ...], N: int, method: Method, precision: Precision,
+def gathered_bytes(groups: tuple[TensorGroup, ...], N: int, method: Method, precision: Precision,
               how_many) -> tuple[int, int]:
     """(all-gathered bytes, trainable padded elements) of `how_many(g)` tensors per group: trainable
     params gather in param_dtype, frozen ones in their storage (16-bit; QLoRA NF4)."""

@@ -94,8 +94,6 @@ def tensor_inventory(model: ModelSpec, method: Method, lora_rank: int = 16,
 
 
 def trainable_params(groups: tuple[TensorGroup, ...]) -> int:
+    """Trainable elements: what gets gradients, master copies and optimizer states."""
     return sum(g.total for g in groups if g.trainable)
 
-
-def frozen_params(groups: tuple[TensorGroup, ...]) -> int:
-    return sum(g.total for g in groups if not g.trainable)

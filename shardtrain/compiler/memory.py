@@ -13,7 +13,7 @@ ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N. The engines differ in t
   gloo ranks (tests/test_truth_engines.py):
   * params: the module is cast to 16-bit (p·T + frozen, stage 1/2); stage 3 keeps the `ds_tensor`
     partitions plus a full copy of every *persistent* parameter (numel <= param persistence
-    threshold, see zero3_persistent_params).
+    threshold, see zero3_persistent_bytes).
   * master_params: an fp32 clone of the partition, 4P, in every precision (fp32 too:
     `single_partition_of_fp32_groups = ...clone().to(fp32)`; stage3 `fp32_partitioned_groups_flat`).
   * grads = 16-bit gradient partition + the larger of two phases that never overlap:
@@ -26,7 +26,7 @@ ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N. The engines differ in t
     The stage-1/2 16-bit partition buffer `grads_in_partition` is sized by the *whole* tensors that
     overlap the rank's slice of the flat buffer (get_partition_info / copy_grads_in_partition), so the
     worst rank can hold much more than T/N (a 128k-vocab embedding straddling many small slices):
-    zero12_grad_partition_elements simulates the flat layout in module order. Stage 3 partitions
+    compiler/zero_layout.py simulates the flat layout in module order. Stage 3 partitions
     every tensor, so its `grad_partitions_flat_buffer` is exactly P.
   * optimizer offload (DeepSpeedCPUAdam): master, states and the fp32 gradient partition live on the
     host, plus a 16-bit staging copy of the partition (stage 1/2 `param_buffer_of_bit16_for_cpu_offload
@@ -42,33 +42,23 @@ per-tensor QuantState (QLORA_QUANT_STATE_BYTES_PER_TENSOR).
 """
 from __future__ import annotations
 
-import bisect
-import functools
 import math
 from dataclasses import dataclass, replace
 
-from shardtrain.compiler.inventory import TensorGroup
+from shardtrain.compiler.inventory import TensorGroup, trainable_params
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.optimizer_states import state_bytes
 from shardtrain.compiler.specs import Engine, HardwareSpec, Method, OffloadDevice, Optimizer, Precision, Strategy
-
-GiB = 2**30
-MiB = 2**20
+from shardtrain.compiler.zero_layout import Zero12Partition, flat_order_numels, zero12_partitions
+from shardtrain.units import GiB, MiB
 
 CUDA_CONTEXT_BYTES = 768 * MiB
 """CUDA context + cuBLAS/cuDNN workspaces + NCCL communicator buffers per GPU (calibratable:
 ~500 MiB context on H100 with torch 2.x, plus NCCL channels)."""
 HOST_BYTES_PER_RANK = 3 * GiB
 """Host RSS of one training process before model states (Python, torch, CUDA host runtime)."""
-DDP_BUCKET_BYTES = 25 * MiB
-"""torch DDP bucket_cap_mb default. The runtime sets gradient_as_bucket_view=True, so the grads ARE the
-buckets (reducer.cpp initialize_bucket_views) and the default comm hook all-reduces them in place
-(_AllReduceBySumCommHook; ProcessGroupNCCL allreduce is in place, then `div_`): no extra bucket memory
-beyond the 4·T grads term (measured: real MemTracker, 2 gloo ranks, Buffer/Other = 256 B)."""
 QLORA_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 """NF4 + double quantisation: 0.5 B + 8-bit absmax per 64 + fp32 absmax per 256 blocks."""
-QLORA_BYTES_PER_PARAM_NO_DQ = 0.5 + 4 / 64
-"""NF4 without double quantisation."""
 QLORA_QUANT_STATE_BYTES_PER_TENSOR = 16 * 4 + 4 + 256 * 4
 """Per quantized tensor, bitsandbytes 0.50.2 functional.quantize_4bit keeps a QuantState with its own
 `code` (16 fp32 NF4 levels) and, with double quantisation, `offset` (fp32 scalar) and a nested
@@ -130,14 +120,6 @@ def shard_group_size(strategy: Strategy, hw: HardwareSpec) -> int:
     return hw.world_size
 
 
-def zero3_persistent_params(groups: tuple[TensorGroup, ...], buckets: ZeroBuckets) -> int:
-    """Elements of the parameters ZeRO-3 never re-partitions: DeepSpeed parameter_offload.py
-    mark_persistent_parameters() marks every parameter (trainable or frozen) with
-    `ds_numel <= stage3_param_persistence_threshold` as `ds_persist`; after the first forward it
-    stays gathered on every rank (its partition `ds_tensor` is kept too)."""
-    return sum(g.total for g in groups if g.numel <= buckets.param_persistence_threshold)
-
-
 def fsdp_shard_groups(groups: tuple[TensorGroup, ...], n: int) -> tuple[TensorGroup, ...]:
     """The tensor groups as one FSDP2 rank stores them: dim 0 padded to a multiple of n, then split."""
     if n == 1:
@@ -147,7 +129,11 @@ def fsdp_shard_groups(groups: tuple[TensorGroup, ...], n: int) -> tuple[TensorGr
 
 def zero3_persistent_bytes(groups: tuple[TensorGroup, ...], buckets: ZeroBuckets, method: Method,
                            precision: Precision) -> int:
-    """Bytes of the full (gathered) copies of ZeRO-3's persistent parameters, in their own dtype."""
+    """Bytes of the full (gathered) copies of ZeRO-3's persistent parameters, in their own dtype.
+
+    DeepSpeed parameter_offload.py mark_persistent_parameters() marks every parameter (trainable or
+    frozen) with `ds_numel <= stage3_param_persistence_threshold` as `ds_persist`; after the first
+    forward it stays gathered on every rank (its partition `ds_tensor` is kept too)."""
     total = 0
     for g in groups:
         if g.numel > buckets.param_persistence_threshold:
@@ -159,107 +145,17 @@ def zero3_persistent_bytes(groups: tuple[TensorGroup, ...], buckets: ZeroBuckets
     return total
 
 
-def flat_order_numels(model: ModelSpec, groups: tuple[TensorGroup, ...]) -> list[int]:
-    """Element counts of the trainable tensors in module (named_parameters) order — the order in which
-    DeepSpeed ZeRO-1/2 lays them into its flat 16-bit buffer: embed_tokens, then per decoder layer the
-    attention and MLP projections (weight, bias, LoRA A, LoRA B, as peft registers them), the router,
-    the layer norms; then the final norm and lm_head (HF Llama-family module layout)."""
-    L = model.num_layers
-    by_name = {g.name: g for g in groups if g.trainable}
-    per_layer: list[str] = []
-    for s in model.linear_shapes():
-        if s.fused_parameter and "router" not in per_layer:
-            per_layer.append("router")
-        per_layer += [s.name, s.name + ".bias", s.name + ".lora_A", s.name + ".lora_B"]
-    per_layer += ["router", "layer_norms"]
-    order: list[int] = []
-    used: set[str] = set()
-    if "embed_tokens" in by_name:
-        order.append(by_name["embed_tokens"].numel)
-        used.add("embed_tokens")
-    layer_groups = [by_name[n] for n in dict.fromkeys(per_layer) if n in by_name and by_name[n].count % L == 0]
-    for _ in range(L):
-        for g in layer_groups:
-            order += [g.numel] * (g.count // L)
-    used.update(g.name for g in layer_groups)
-    for name in ("norm", "lm_head", "other"):
-        if name in by_name:
-            order += [by_name[name].numel] * by_name[name].count
-            used.add(name)
-    for g in groups:  # anything not placed above (keeps totals exact)
-        if g.trainable and g.name not in used:
-            order += [g.numel] * g.count
-    return order
-
-
-@dataclass(frozen=True)
-class Zero12Partition:
-    """DeepSpeed ZeRO-1/2 flat-buffer partition of one rank (elements)."""
-    partition: int
-    """P: the rank's slice of the flat buffer (padded to a multiple of 2·N, stage_1_and_2.py
-    `nccl_start_alignment_factor * world_size`)."""
-    grad_buffer: int
-    """`grads_in_partition`: whole tensors overlapping the slice (copy_grads_in_partition)."""
-    held_large: int
-    """ZeRO-1 backward peak of gradients held outside the buckets: tensors larger than the reduce
-    bucket are reduced from their own storage (`extra_large_param_to_reduce`); those outside this
-    rank's slice are kept until the epilogue, one inside it until it is copied into the buffer."""
-
-
-def zero12_partitions(numels: list[int] | tuple[int, ...], n: int, bucket: int) -> list[Zero12Partition]:
-    """Per-rank ZeRO-1/2 layout: stage_1_and_2.py get_partition_info() puts a tensor in rank r's
-    partition if it starts inside the slice or straddles its start. O(tensors + N)."""
-    return list(_zero12_partitions(tuple(numels), n, bucket))
-
-
-@functools.lru_cache(maxsize=256)
-def _zero12_partitions(numels: tuple[int, ...], n: int, bucket: int) -> tuple[Zero12Partition, ...]:
-    total = sum(numels)
-    align = 2 * n
-    part = math.ceil(total / align) * align // n if total else 0
-    starts, acc = [], 0
-    for k in numels:
-        starts.append(acc)
-        acc += k
-    prefix = [0]
-    large_prefix = [0]
-    for k in numels:
-        prefix.append(prefix[-1] + k)
-        large_prefix.append(large_prefix[-1] + (k if k > bucket else 0))
-    out = []
-    for r in range(n):
-        lo, hi = r * part, (r + 1) * part
-        if lo >= total:
-            out.append(Zero12Partition(part, 0, large_prefix[-1]))
-            continue
-        i_lo = bisect.bisect_right(starts, lo) - 1
-        i_hi = bisect.bisect_left(starts, hi)
-        buf = prefix[i_hi] - prefix[i_lo]
-        large_in_r = large_prefix[i_hi] - large_prefix[i_lo]
-        held = large_prefix[-1] - large_in_r    # at the epilogue: every large gradient outside r
-        # backward runs in reverse module order: while an in-slice large gradient k is pending, the
-        # outside-slice large gradients produced before it (indices > k) are held as well
-        in_r_after = 0
-        for k in range(i_hi - 1, i_lo - 1, -1):
-            if numels[k] > bucket:
-                outside_after = (large_prefix[-1] - large_prefix[k + 1]) - in_r_after
-                held = max(held, outside_after + numels[k])
-                in_r_after += numels[k]
-        out.append(Zero12Partition(part, buf, held))
-    return tuple(out)
-
-
 def _zero3_partition(groups: tuple[TensorGroup, ...], n: int, trainable: bool) -> int:
     """Stage 3 partitions every tensor separately: ds_tensor holds ceil(numel / N) elements."""
     return sum(g.count * math.ceil(g.numel / n) for g in groups if g.trainable is trainable)
 
 
-def _largest_unit_params(model: ModelSpec) -> int:
+def largest_unit_params(model: ModelSpec) -> int:
     """Largest FSDP unit / ZeRO-3 gathered module: one decoder layer, or the embedding/lm_head."""
     return max(model.per_layer_params, model.embedding_params, model.lm_head_params)
 
 
-def _gathered_bytes_per_param(groups: tuple[TensorGroup, ...], method: Method,
+def gathered_bytes_per_param(groups: tuple[TensorGroup, ...], method: Method,
                               precision: Precision) -> tuple[float, float]:
     """Average bytes per parameter of gathered (unsharded) weights, and the trainable fraction.
 
@@ -267,7 +163,7 @@ def _gathered_bytes_per_param(groups: tuple[TensorGroup, ...], method: Method,
     the packed bytes shardable but does not change their size), so gathered units are ~4x smaller.
     """
     total = sum(g.total for g in groups)
-    trainable = sum(g.total for g in groups if g.trainable)
+    trainable = trainable_params(groups)
     gathered = precision.param_bytes * trainable + frozen_weight_bytes(groups, method, precision)
     return gathered / total, trainable / total
 
@@ -276,7 +172,7 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
                       hw: HardwareSpec, *, method: Method, precision: Precision, optimizer: Optimizer,
                       fsdp_defer_grad_sync: bool = False) -> ModelStateBytes:
     """Model-state bytes per rank for one strategy (see module docstring for the dtype policy)."""
-    T = sum(g.total for g in groups if g.trainable)
+    T = trainable_params(groups)
     frozen = frozen_weight_bytes(groups, method, precision)
     p = precision.param_bytes
     N = shard_group_size(strategy, hw)
@@ -284,6 +180,10 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
     buckets = ZeroBuckets.for_model(model)
 
     if engine is Engine.DDP:
+        # no bucket memory: the runtime sets gradient_as_bucket_view=True, so the grads ARE the 25 MiB
+        # buckets (reducer.cpp initialize_bucket_views) and the default comm hook all-reduces them in
+        # place (_AllReduceBySumCommHook; ProcessGroupNCCL allreduce is in place, then `div_`): nothing
+        # beyond the 4·T grads term (measured: real MemTracker, 2 gloo ranks, Buffer/Other = 256 B)
         states = state_bytes(optimizer, groups)
         return ModelStateBytes(params=4 * T + frozen, grads=4 * T, master_params=0,
                                optimizer_states=states, buffers=0)
@@ -293,11 +193,11 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         # FSDP2 shards every parameter on dim 0, padding it to a multiple of N
         # (_fully_shard/_fsdp_param.py _init_sharded_param: padded chunk of ceil(dim0 / N) rows)
         shards = fsdp_shard_groups(groups, N)
-        T_shard = sum(g.total for g in shards if g.trainable)
+        T_shard = trainable_params(shards)
         sharded_params = 4 * T_shard + frozen_weight_bytes(shards, method, precision)
         grads = 4 * T_shard
-        unit = _largest_unit_params(model)
-        bpp, trainable_frac = _gathered_bytes_per_param(groups, method, precision)
+        unit = largest_unit_params(model)
+        bpp, trainable_frac = gathered_bytes_per_param(groups, method, precision)
         # all-gather of the current + prefetched unit in param_dtype (QLoRA: the 4-bit storage), and
         # the unsharded 16-bit grads of the unit's trainable params plus their fp32 reduce-scatter
         # copy (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py).
@@ -345,8 +245,8 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
                                                 for g in groups if not g.trainable), method, precision)
         persistent = zero3_persistent_bytes(groups, buckets, method, precision)
         params = p * P + frozen_part + persistent
-        gathered = min(buckets.max_live_parameters, _largest_unit_params(model) + buckets.prefetch_bucket_elements)
-        bpp, _ = _gathered_bytes_per_param(groups, method, precision)
+        gathered = min(buckets.max_live_parameters, largest_unit_params(model) + buckets.prefetch_bucket_elements)
+        bpp, _ = gathered_bytes_per_param(groups, method, precision)
         # stage3.py keeps ONE reduce bucket per dtype (ipg_buckets[dtype].buffer, contiguous_gradients)
         buffers = int(gathered * bpp) + buckets.reduce_bucket_elements * p
         if off_opt is OffloadDevice.NONE:
@@ -369,7 +269,7 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
             cpu += partitions
         else:
             nvme += partitions
-            cpu += INFINITY_SWAP_BUFFERS * _largest_unit_params(model) * p
+            cpu += INFINITY_SWAP_BUFFERS * largest_unit_params(model) * p
         params = persistent
     return ModelStateBytes(params=params, grads=grads, master_params=master, optimizer_states=states,
                            buffers=buffers, cpu_bytes=cpu, nvme_bytes=nvme)

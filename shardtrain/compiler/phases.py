@@ -41,15 +41,15 @@ and tests/test_trace.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from shardtrain.compiler.activations import layer_bytes_per_token, logits_bytes, resolved_ckpt_fraction
-from shardtrain.compiler.gathered import _ROOT, _gathered, _per_layer, zero3_gathered
-from shardtrain.compiler.inventory import TensorGroup
+from shardtrain.compiler.activations import checkpointed_layer_count, layer_bytes_per_token, logits_bytes
+from shardtrain.compiler.gathered import ROOT_GROUPS, gathered_bytes, per_layer_count, zero3_gathered
+from shardtrain.compiler.inventory import TensorGroup, trainable_params
 from shardtrain.compiler.memory import ModelStateBytes, fsdp_shard_groups
 from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.phase_inputs import PhaseInputs
 from shardtrain.compiler.plan import MemoryBreakdown
-from shardtrain.compiler.specs import Engine, GradCkpt, Method, OffloadDevice, Optimizer, Precision, Strategy
+from shardtrain.compiler.specs import (Attention, Engine, GradCkpt, LossMode, Method, OffloadDevice, Optimizer,
+                                       Precision, Strategy)
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -67,33 +67,6 @@ activations.py (measured: 8B, 221.3 kB vs 208.9 kB per token per layer)."""
 BACKWARD_WORKING_BYTES_PER_H = 8
 """(fitted) Backward of one decoder layer beyond its saved tensors: the incoming and outgoing hidden-state
 gradients and the fp32 RMSNorm backward temporaries (measured)."""
-
-
-@dataclass(frozen=True)
-class PhaseInputs:
-    """Everything the phase model needs about one candidate."""
-    model: ModelSpec
-    groups: tuple[TensorGroup, ...]
-    strategy: Strategy
-    shard_size: int
-    method: Method
-    precision: Precision
-    optimizer: Optimizer
-    micro_batch: int
-    seq_len: int
-    grad_ckpt_layers: int
-    """Number of decoder layers whose activations are recomputed (0 .. num_layers)."""
-    grad_accum: int
-    defer_grad_sync: bool
-    layer_act_bytes_per_token: float
-    """activations.layer_bytes_per_token for the all-16-bit block."""
-    logits_forward_bytes: int
-    logits_backward_bytes: int
-    activation_offload: bool = False
-    """save_on_cpu: saved activations (and checkpointed layers' inputs) live in host RAM."""
-    foreach_optimizer: bool = True
-    """torch picks foreach AdamW on CUDA (torch/optim/optimizer.py _default_to_fused_or_foreach) and
-    the for-loop on CPU; the runtime passes neither."""
 
 
 def _sum_in_features(model: ModelSpec, targets_trainable: tuple[TensorGroup, ...]) -> int:
@@ -120,7 +93,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     p = x.precision.param_bytes
     h, L = m.hidden_size, m.num_layers
     tokens = x.micro_batch * x.seq_len
-    T = sum(g.total for g in x.groups if g.trainable)
+    T = trainable_params(x.groups)
     autocast = eng is Engine.DDP and x.precision is not Precision.FP32
     full_ft = x.method is Method.FULL
 
@@ -141,7 +114,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     n_ck = x.grad_ckpt_layers
     kept = (L - n_ck) * per_layer + n_ck * resid
     if x.activation_offload:
-        kept = 0     # activations.activation_bytes: host RAM (activation_host_bytes)
+        kept = 0     # in host RAM (activations.activation_host_bytes)
     head = 2 * resid                                        # embedding output + final norm output
 
     # ---- model states, and the instants of each phase
@@ -153,9 +126,10 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         N = x.shard_size
         # every size below is what FSDP2 really moves: dim 0 padded to a multiple of N
         # (_fsdp_param.py _init_sharded_param; matters when dim 0 is small, e.g. 8 experts on 64 ranks)
-        T_shard = sum(g.total for g in fsdp_shard_groups(x.groups, N) if g.trainable)
-        unit, layer_tr = _gathered(x.groups, N, x.method, x.precision, lambda g: _per_layer(g, L))
-        root, root_tr = _gathered(x.groups, N, x.method, x.precision, lambda g: _ROOT.get(g.name, 0) * g.count)
+        T_shard = trainable_params(fsdp_shard_groups(x.groups, N))
+        unit, layer_tr = gathered_bytes(x.groups, N, x.method, x.precision, lambda g: per_layer_count(g, L))
+        root, root_tr = gathered_bytes(x.groups, N, x.method, x.precision,
+                                       lambda g: ROOT_GROUPS.get(g.name, 0) * g.count)
         emb_tr = m.embedding_params if any(g.trainable and g.name == "embed_tokens" for g in x.groups) else 0
         # the lm_head's gradient exists from the loss backward on (tied: it is the embedding's)
         lm_tr = sum(g.total for g in x.groups if g.trainable and g.name == "lm_head") + \
@@ -311,20 +285,17 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
 
 def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy, ms: ModelStateBytes,
                      *, shard_size: int, method: Method, precision: Precision,
-                     optimizer: Optimizer, micro_batch: int, seq_len: int, attention, grad_ckpt: GradCkpt,
-                     selective_every: int, grad_accum: int, defer_grad_sync: bool, loss=None,
-                     chunk_tokens: int = 512, activation_offload: bool = False, cuda_context: int = 0,
-                     foreach_optimizer: bool = True) -> tuple[dict[str, MemoryBreakdown], str]:
+                     optimizer: Optimizer, micro_batch: int, seq_len: int, attention: Attention,
+                     grad_ckpt: GradCkpt, selective_every: int, grad_accum: int, defer_grad_sync: bool,
+                     loss: LossMode = LossMode.FULL, chunk_tokens: int = 512, activation_offload: bool = False,
+                     cuda_context: int = 0, foreach_optimizer: bool = True) -> tuple[dict[str, MemoryBreakdown], str]:
     """({phase: MemoryBreakdown}, peak phase) for one candidate; `loss`/`chunk_tokens` are the
-    resolved loss mode of activations.logits_bytes (None: its default, the full logits path)."""
-    n_ck = round(resolved_ckpt_fraction(grad_ckpt, model.num_layers, selective_every) * model.num_layers)
-    lkw = dict(micro_batch=micro_batch, seq_len=seq_len, precision=precision)
-    if loss is not None:
-        lkw.update(loss=loss, chunk_tokens=chunk_tokens)
-    logits = logits_bytes(model, **lkw)
-    full_path = loss is None or getattr(loss, "value", loss) == "full"
+    resolved loss mode of activations.logits_bytes (activations.resolve_loss: never auto here)."""
+    n_ck = checkpointed_layer_count(grad_ckpt, model.num_layers, selective_every)
+    logits = logits_bytes(model, micro_batch=micro_batch, seq_len=seq_len, precision=precision, loss=loss,
+                          chunk_tokens=chunk_tokens)
     bsv = micro_batch * seq_len * model.vocab_size
-    if full_path:
+    if loss is LossMode.FULL:
         # forward: 16-bit logits + fp32 upcast + fp32 log_softmax output (runtime ce_sum); backward:
         # saved log_softmax output + nll gradient + log_softmax gradient, all fp32
         # (fp32: `.float()` is a no-op, so the flattened fp32 copy, the logits and the output coexist)

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from shardtrain.compiler.activations import logits_bytes
+from shardtrain.compiler.facts import FsdpSettings, ModelRef, RuntimeFacts, StateBytes  # noqa: F401  (re-exported)
 from shardtrain.compiler.memory import ZeroBuckets
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import (ActivationOffload, Attention, GradCkpt, HardwareSpec, LoraSpec, LossMode,
@@ -94,6 +95,9 @@ class Plan:
     headroom_bytes: int
     reasons: tuple[str, ...]
     lora_targets: tuple[str, ...] = ()
+    runtime: RuntimeFacts | None = None
+    """What the ranks need beyond the decisions (compiler/facts.py); set when a run dir is written
+    (emit/runtime.py), never by the planner: `plan --json` does not show it."""
 
     @property
     def strategy(self) -> Strategy:
@@ -147,6 +151,8 @@ class Plan:
         d["zero_buckets"] = dataclasses.asdict(self.zero_buckets)
         d["spec"] = {"model": self.model.to_dict(), "hardware": dataclasses.asdict(self.hardware),
                      "train": _train_json(t)}
+        if self.runtime is not None:
+            d["runtime"] = self.runtime.to_json()
         return d
 
     @staticmethod
@@ -173,7 +179,8 @@ class Plan:
         return Plan(chosen=cand(d), alternatives=tuple(cand(a) for a in d.get("alternatives", [])),
                     model=model, hardware=hw, train=train, gpu_memory_bytes=d["gpu_memory_bytes"],
                     headroom_bytes=d["headroom_bytes"], reasons=tuple(d.get("reasons", ())),
-                    lora_targets=tuple(lora.get("targets", ())))
+                    lora_targets=tuple(lora.get("targets", ())),
+                    runtime=RuntimeFacts.from_json(d["runtime"]) if d.get("runtime") else None)
 
 
 def _train_json(t: TrainSpec) -> dict:

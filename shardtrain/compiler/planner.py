@@ -2,12 +2,12 @@
 fits, choose the fastest, and explain why. Pure: no I/O, no torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from shardtrain.compiler.activations import (activation_host_bytes, logits_bytes,
                                              resolve_loss, resolved_ckpt_fraction)
 from shardtrain.compiler.cost import step_time
-from shardtrain.compiler.inventory import resolve_lora_targets, tensor_inventory, trainable_params
+from shardtrain.compiler.inventory import TensorGroup, resolve_lora_targets, tensor_inventory, trainable_params
 from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes, shard_group_size
 from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.model import ModelSpec
@@ -66,9 +66,9 @@ class _Ctx:
     usable: int
 
 
-def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups, strategy: Strategy, *,
-                    method: Method, optimizer: Optimizer, micro: int, ckpt: GradCkpt, defer: bool,
-                    loss: LossMode, act_offload: ActivationOffload, foreach_optimizer: bool = True):
+def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[TensorGroup, ...],
+                    strategy: Strategy, *, method: Method, optimizer: Optimizer, micro: int, ckpt: GradCkpt,
+                    defer: bool, loss: LossMode, act_offload: ActivationOffload, foreach_optimizer: bool = True):
     """(model-state bytes, {phase: MemoryBreakdown}, peak phase) of one candidate — the one place that
     assembles the phase model's inputs (the planner, and device_phases for the kernel a run really uses)."""
     ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
@@ -84,8 +84,8 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups, strate
 
 
 def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
-              method: Method, defer: bool, groups,
-              act_offload: ActivationOffload = ActivationOffload.NONE) -> Candidate:
+              method: Method, defer: bool, groups: tuple[TensorGroup, ...],
+              act_offload: ActivationOffload) -> Candidate:
     m, hw, t = ctx.model, ctx.hw, ctx.train
     akw = dict(micro_batch=micro, seq_len=t.seq_len, precision=t.precision, attention=t.attention,
                grad_ckpt=ckpt, selective_every=t.selective_every, offload=act_offload)
@@ -100,7 +100,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
     nvme = ms.nvme_bytes * hw.gpus_per_node
     accum = t.global_batch_size // (micro * hw.world_size)
     T = trainable_params(groups)
-    st = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
+    step_s = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
                    grad_accum=accum, seq_len=t.seq_len,
                    ckpt_fraction=resolved_ckpt_fraction(ckpt, m.num_layers, t.selective_every),
                    trainable_params=T, fsdp_defer_grad_sync=defer, chunked_loss=loss is LossMode.CHUNKED,
@@ -115,7 +115,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
     return Candidate(strategy=strategy, fits=not why, micro_batch_size=micro, grad_accum_steps=accum,
                      gradient_checkpointing=ckpt, optimizer=optimizer, method=method,
                      precision=t.precision, world_size=hw.world_size, per_gpu=per_gpu,
-                     cpu_memory_per_node_bytes=cpu, nvme_bytes=nvme, step_time_s=st.total_s,
+                     cpu_memory_per_node_bytes=cpu, nvme_bytes=nvme, step_time_s=step_s,
                      trainable_params=T, fsdp_defer_grad_sync=defer, why_not=tuple(why), loss=loss,
                      activation_offload=act_offload, per_phase=tuple(phases.items()), peak_phase=peak)
 
@@ -322,6 +322,3 @@ def _no_fit_message(ctx: _Ctx, least: Candidate) -> str:
     lines.append("To fit, try: " + "; or ".join(fixes) + ".")
     return " ".join(lines)
 
-
-def with_memory(hw: HardwareSpec, gpu_memory_bytes: int) -> HardwareSpec:
-    return replace(hw, gpu_memory_bytes=gpu_memory_bytes)

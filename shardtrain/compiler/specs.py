@@ -248,3 +248,10 @@ class DataFormat(_StrEnum):
     AUTO = "auto"
     JSONL = "jsonl"
     TEXT = "text"
+
+
+class ModelInit(_StrEnum):
+    """model.init: auto = the checkpoint's weights when its directory has them, else random init."""
+    AUTO = "auto"
+    RANDOM = "random"
+    PRETRAINED = "pretrained"

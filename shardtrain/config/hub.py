@@ -95,3 +95,22 @@ def dataset_snapshot(name: str) -> Path | None:
     sha = ref.read_text().strip() if ref.is_file() else (rev or "")
     snap = root / "snapshots" / sha
     return snap if sha and snap.is_dir() else None
+
+
+def dataset_source(path: str | Path) -> Path:
+    """A local data path as given, else a Hub dataset id ORG/NAME[@REV] from the local Hugging Face cache
+    (`hf download --repo-type dataset ORG/NAME`): its snapshot directory. Never downloads: data is read
+    by every rank, so it must be on disk before the launch (the run dir's plan.json carries the result,
+    emit/runtime.py). FileNotFoundError for a missing path, ValueError (with the fix) for an uncached id."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    if is_hub_id(str(path)):
+        snap = dataset_snapshot(str(path))
+        if snap is not None:
+            return snap
+        repo, rev = split_id(str(path))
+        raise ValueError(f"{path}: not a local file, and the dataset {repo!r} is not in the local Hugging Face "
+                         f"cache; fix: `hf download --repo-type dataset {repo}"
+                         f"{' --revision ' + rev if rev else ''}` (same HF_HOME/HF_HUB_CACHE), or give a path")
+    raise FileNotFoundError(f"data file {str(p)!r} does not exist")

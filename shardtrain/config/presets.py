@@ -6,12 +6,12 @@ model from the same file the compiler counts. Reading those files is the only I/
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardtrain.compiler.model import ModelSpec, model_spec_from_hf_config
+from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.model_hf import model_spec_from_hf_config
 
 __all__ = [
     "MODELS_DIR",

@@ -4,8 +4,10 @@ This is the only place that reads model config files for the compiler (the compi
 """
 from __future__ import annotations
 
-from shardtrain.compiler.model import ModelSpec, model_spec_from_params
-from shardtrain.compiler.specs import HardwareSpec, LoraSpec, Strategy, TrainSpec
+from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.model_params import model_spec_from_params
+from shardtrain.compiler.specs import HardwareSpec, LoraSpec, TrainSpec
+from shardtrain.config.coerce import Auto
 from shardtrain.config.presets import get_gpu_preset, load_model_spec
 from shardtrain.config.schema import ConfigError, RunConfig
 
@@ -51,7 +53,7 @@ def resolve_train(cfg: RunConfig) -> TrainSpec:
         precision=t.precision, method=t.method,
         lora=LoraSpec(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=targets),
         optimizer=t.optimizer, grad_ckpt=t.grad_ckpt, selective_every=t.selective_every,
-        attention=t.attention, strategy=None if t.strategy == "auto" else Strategy(t.strategy),
+        attention=t.attention, strategy=None if t.strategy is Auto.AUTO else t.strategy,
         allow_optimizer_change=t.allow_optimizer_change, allow_method_change=t.allow_method_change,
         headroom_fraction=t.headroom, loss=t.loss, loss_chunk_tokens=t.loss_chunk_tokens,
         activation_offload=t.activation_offload)

@@ -1,34 +1,27 @@
 """The user-facing run config: YAML → strictly validated, frozen dataclasses.
 
-Every key a flag can set, a key can set (see `FLAG_KEYS`). Unknown keys, wrong types and impossible
-values raise `ConfigError` naming the key, the bad value and a fix (nearest valid key by difflib).
+Every key a flag can set, a key can set (config/flags.py). Choices are the compiler's enums
+(compiler/specs.py). Unknown keys, wrong types and impossible values raise `ConfigError` naming the key,
+the bad value and a fix (nearest valid key by difflib; value coercion: config/coerce.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from shardtrain.compiler.specs import (ActivationOffload, Attention, CompileMode, DataFormat, Device, GradCkpt,
+                                       Launcher, LoraSpec, LossMode, Method, ModelInit, Optimizer, Precision, Resume,
+                                       Strategy, TrainSpec)
+from shardtrain.config.coerce import Auto, AutoInt, Bytes, ConfigError, Count, coerce, nearest
 
-from shardtrain.compiler.specs import (ActivationOffload, Attention, CompileMode, GradCkpt, LossMode, Method,
-                                       Optimizer, Precision, Strategy)
-from shardtrain.units import parse_bytes, parse_count
+# The job's defaults are the compiler's (TrainSpec, LoraSpec): one place to change them.
+_TRAIN, _LORA = TrainSpec(), LoraSpec()
 
-
-class ConfigError(ValueError):
-    """A bad run config value: the message names the key, the value and a fix."""
-
-
-# Marker types for parsing (keep the dataclasses readable).
-Bytes = typing.NewType("Bytes", int)      # "80GiB" | 8.6e10
-Count = typing.NewType("Count", int)      # 7.5e9 | "7.5B"
-AutoInt = typing.NewType("AutoInt", int)  # "auto" (-> None) | positive int
+__all__ = ["ConfigError", "ModelConfig", "HardwareConfig", "LoraConfig", "TrainConfig", "DataConfig", "RunSection",
+           "RunConfig", "parse_run_config", "load_run_config", "set_dotted"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +42,7 @@ class ModelConfig:
     """Vocabulary size (with `params`)."""
     intermediate: int | None = None
     """MLP intermediate size (with `params`)."""
-    init: str = "auto"
+    init: ModelInit = ModelInit.AUTO
     """auto (checkpoint weights when the directory has them, else random) | random | pretrained."""
     tokenizer: str | None = None
     """Tokenizer directory; default: the checkpoint's, else the bundled byte-level tokenizer."""
@@ -77,11 +70,11 @@ class HardwareConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 16
+    rank: int = _LORA.rank
     """Adapter rank r."""
-    alpha: int = 32
+    alpha: int = _LORA.alpha
     """LoRA alpha (update scaled by alpha / rank)."""
-    dropout: float = 0.05
+    dropout: float = _LORA.dropout
     """Adapter dropout."""
     targets: tuple[str, ...] | str = "all-linear"
     """Module leaf names to adapt, or all-linear."""
@@ -89,39 +82,39 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seq_len: int = 4096
+    seq_len: int = _TRAIN.seq_len
     """Tokens per sample."""
     micro_batch: AutoInt | None = None
     """Samples per GPU per micro-step: auto or N."""
-    global_batch: int = 64
+    global_batch: int = _TRAIN.global_batch_size
     """Samples per optimizer step (= micro × accumulation × data-parallel ranks)."""
-    precision: Precision = Precision.BF16
+    precision: Precision = _TRAIN.precision
     """bf16 | fp16 | fp32."""
-    method: Method = Method.FULL
+    method: Method = _TRAIN.method
     """full | lora | qlora."""
-    optimizer: Optimizer = Optimizer.ADAMW
+    optimizer: Optimizer = _TRAIN.optimizer
     """adamw | adamw8bit | adafactor | lion | sgd."""
-    grad_ckpt: GradCkpt = GradCkpt.AUTO
+    grad_ckpt: GradCkpt = _TRAIN.grad_ckpt
     """auto | none | full | selective."""
-    selective_every: int = 2
+    selective_every: int = _TRAIN.selective_every
     """With grad_ckpt selective: checkpoint every k-th decoder layer."""
-    attention: Attention = Attention.SDPA
+    attention: Attention = _TRAIN.attention
     """sdpa | flash | eager."""
-    loss: LossMode = LossMode.FULL
+    loss: LossMode = _TRAIN.loss
     """full | chunked (lm_head + fp32 CE in chunks, never the whole logits) | auto (chunked when smaller)."""
-    loss_chunk_tokens: int = 512
+    loss_chunk_tokens: int = _TRAIN.loss_chunk_tokens
     """Tokens per chunk of the chunked loss."""
-    activation_offload: ActivationOffload = ActivationOffload.NONE
+    activation_offload: ActivationOffload = _TRAIN.activation_offload
     """none | cpu (allow saved activations in host RAM; used only when no faster plan fits)."""
     compile: CompileMode = CompileMode.NONE
     """none | blocks (torch.compile each decoder layer, torchtitan-style) | model (the whole model)."""
-    strategy: str = "auto"
+    strategy: Auto | Strategy = Auto.AUTO
     """auto or one of the strategies (forces it)."""
-    allow_optimizer_change: bool = False
+    allow_optimizer_change: bool = _TRAIN.allow_optimizer_change
     """Let the planner switch to 8-bit AdamW when the requested optimizer does not fit."""
-    allow_method_change: bool = False
+    allow_method_change: bool = _TRAIN.allow_method_change
     """Let the planner switch to LoRA/QLoRA when full fine-tuning does not fit."""
-    headroom: float = 0.05
+    headroom: float = _TRAIN.headroom_fraction
     """Fraction of GPU memory kept free for fragmentation."""
     lr: float = 3e-4
     """Peak learning rate."""
@@ -148,7 +141,7 @@ class DataConfig:
     """Held-out data; unset: the last eval_fraction of train."""
     eval_fraction: float = 0.05
     """Fraction of train held out when eval is unset."""
-    format: str = "auto"
+    format: DataFormat = DataFormat.AUTO
     """auto | jsonl | text."""
     packing: bool = True
     """Pack samples into seq_len blocks (else pad to the longest in the batch)."""
@@ -171,15 +164,15 @@ class RunSection:
     """Batches per evaluation."""
     log_every: int = 1
     """Metrics every N steps."""
-    resume: str = "auto"
+    resume: Resume = Resume.AUTO
     """auto (continue from the latest checkpoint) | never."""
     max_requeues: int = 3
     """Slurm: requeue after preemption while SLURM_RESTART_COUNT is below this."""
     keep_checkpoints: int = 3
     """Complete checkpoints kept under checkpoints/ (older ones are deleted after a save)."""
-    device: str = "auto"
+    device: Device = Device.AUTO
     """auto (cuda if present, else cpu/gloo) | cpu | cuda."""
-    launcher: str = "auto"
+    launcher: Launcher = Launcher.AUTO
     """auto (from the plan) | torchrun | deepspeed."""
     report_to: tuple[str, ...] | None = None
     """Experiment trackers fed by rank 0 each step: tensorboard, wandb, mlflow (runtime/trackers.py);
@@ -211,21 +204,6 @@ class RunConfig:
                 for s in dataclasses.fields(self)}
 
 
-# Flags of `shardtrain plan` and their config keys (architecture notes: stable interface).
-FLAG_KEYS = {
-    "model": "model.name", "params": "model.params", "hidden": "model.hidden", "layers": "model.layers",
-    "heads": "model.heads", "kv_heads": "model.kv_heads", "vocab": "model.vocab",
-    "intermediate": "model.intermediate",
-    "nodes": "hardware.nodes", "gpus_per_node": "hardware.gpus_per_node", "gpu": "hardware.gpu",
-    "gpu_memory": "hardware.gpu_memory", "cpu_memory": "hardware.cpu_memory",
-    "nvme_path": "hardware.nvme_path", "nvme_capacity": "hardware.nvme_capacity",
-    "seq_len": "train.seq_len", "micro_batch": "train.micro_batch", "global_batch": "train.global_batch",
-    "precision": "train.precision", "method": "train.method", "lora_rank": "lora.rank",
-    "optimizer": "train.optimizer", "grad_ckpt": "train.grad_ckpt", "attention": "train.attention",
-    "strategy": "train.strategy", "steps": "train.steps",
-    "loss": "train.loss", "activation_offload": "train.activation_offload",
-}
-
 _SECTIONS = typing.get_type_hints(RunConfig)
 _HINTS_CACHE: dict[type, dict] = {}
 
@@ -234,91 +212,6 @@ def _hints(cls: type) -> dict:
     if cls not in _HINTS_CACHE:
         _HINTS_CACHE[cls] = typing.get_type_hints(cls)
     return _HINTS_CACHE[cls]
-
-
-def _nearest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" — did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(options))}"
-
-
-def _coerce(key: str, tp, value):
-    """Convert one YAML/flag value to the field's type, or raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            if type(None) in typing.get_args(tp):
-                return None
-        if AutoInt in args and isinstance(value, str) and value.lower() == "auto":
-            return None
-        errors = []
-        for a in args:
-            try:
-                return _coerce(key, a, value)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if tp is Bytes:
-        try:
-            return parse_bytes(value, key=key)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    if tp is Count:
-        try:
-            n = parse_count(value, key=key)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if n <= 0:
-            raise ConfigError(f"{key}: {value!r} must be positive, e.g. 7.5e9")
-        return n
-    if tp is AutoInt:
-        tp = int
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        valid = [m.value for m in tp]
-        if str(value).lower() in valid:
-            return tp(str(value).lower())
-        close = difflib.get_close_matches(str(value).lower(), valid, n=1, cutoff=0.5)
-        hint = f" — did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{key}: {value!r} is not valid{hint} (valid: {', '.join(valid)})")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: {value!r} is not a boolean; write true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: {value!r} is not an integer")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: {value!r} is not an integer; write e.g. {key.split('.')[-1]}: 4") from None
-        if not math.isfinite(f):  # int(inf) is an OverflowError (issue 13: seq_len: 1e400)
-            raise ConfigError(f"{key}: {value!r} is not a finite integer; write e.g. {key.split('.')[-1]}: 4")
-        if f != int(f):
-            raise ConfigError(f"{key}: {value!r} is not a whole number")
-        return int(f)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: {value!r} is not a number")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: {value!r} is not a number; write e.g. 3e-4") from None
-        if not math.isfinite(f):
-            raise ConfigError(f"{key}: {value!r} is not a finite number; write e.g. 3e-4")
-        return f
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
-        return str(value)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
-        return tuple(str(v) for v in value)
-    raise ConfigError(f"{key}: unsupported type {tp}")
 
 
 # Value constraints: key -> (predicate, message fragment saying what is allowed).
@@ -337,16 +230,9 @@ _CHECKS = {
     "train.steps": (lambda v: v >= 1, "must be >= 1"),
     "train.warmup_steps": (lambda v: v >= 0, "must be >= 0"),
     "train.grad_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
-    "train.strategy": (lambda v: v == "auto" or v in {s.value for s in Strategy},
-                       "must be auto or one of " + ", ".join(s.value for s in Strategy)),
     "lora.rank": (lambda v: v >= 1, "must be >= 1, e.g. 16"),
     "lora.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "model.init": (lambda v: v in ("auto", "random", "pretrained"), "must be auto, random or pretrained"),
-    "data.format": (lambda v: v in ("auto", "jsonl", "text"), "must be auto, jsonl or text"),
     "data.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "run.resume": (lambda v: v in ("auto", "never"), "must be auto or never"),
-    "run.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
-    "run.launcher": (lambda v: v in ("auto", "torchrun", "deepspeed"), "must be auto, torchrun or deepspeed"),
     "run.checkpoint_every": (lambda v: v >= 0, "must be >= 0"),
     "run.keep_checkpoints": (lambda v: v >= 1, "must be >= 1 (complete checkpoints kept), e.g. 3"),
     "run.eval_every": (lambda v: v >= 0, "must be >= 0"),
@@ -361,8 +247,8 @@ def _build_section(name: str, cls: type, raw: dict) -> object:
     for k, v in raw.items():
         key = f"{name}.{k}"
         if k not in hints:
-            raise ConfigError(f"unknown key '{key}'{_nearest(str(k), hints)}")
-        value = _coerce(key, hints[k], v)
+            raise ConfigError(f"unknown key '{key}'{nearest(str(k), hints)}")
+        value = coerce(key, hints[k], v)
         check = _CHECKS.get(key)
         if check and value is not None and not check[0](value):
             raise ConfigError(f"{key}: {v!r} {check[1]}")
@@ -377,7 +263,7 @@ def set_dotted(raw: dict, dotted: str, value) -> None:
         raise ConfigError(f"override '{dotted}': write section.key=value, e.g. train.seq_len=2048")
     section, key = parts
     if section not in _SECTIONS:
-        raise ConfigError(f"unknown section '{section}'{_nearest(section, _SECTIONS)}")
+        raise ConfigError(f"unknown section '{section}'{nearest(section, _SECTIONS)}")
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise ConfigError(f"{section}: expected a mapping")
@@ -393,7 +279,7 @@ def parse_run_config(raw: dict | None, overrides: dict[str, object] | None = Non
     sections = {}
     for name, value in raw.items():
         if name not in _SECTIONS:
-            raise ConfigError(f"unknown section '{name}'{_nearest(str(name), _SECTIONS)}")
+            raise ConfigError(f"unknown section '{name}'{nearest(str(name), _SECTIONS)}")
         sections[name] = _build_section(name, _SECTIONS[name], value or {})
     cfg = RunConfig(**sections)
     m = cfg.model

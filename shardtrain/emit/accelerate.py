@@ -18,6 +18,7 @@ import yaml
 from shardtrain.compiler.plan import Plan
 from shardtrain.compiler.specs import Engine, Precision
 from shardtrain.emit.fsdp import fsdp_settings
+from shardtrain.rundir_format import DS_CONFIG_JSON
 
 _MIXED = {Precision.BF16: "bf16", Precision.FP16: "fp16", Precision.FP32: "no"}
 #: Keys accelerate refuses next to deepspeed_config_file (accelerate/utils/dataclasses.py
@@ -36,7 +37,7 @@ class AccelerateConfigError(ValueError):
     """A plan that needs more information to become an accelerate config."""
 
 
-def accelerate_config(plan: Plan, *, ds_config_path: str = "ds_config.json", main_process_ip: str | None = None,
+def accelerate_config(plan: Plan, *, ds_config_path: str = DS_CONFIG_JSON, main_process_ip: str | None = None,
                       main_process_port: int = 29500, machine_rank: int = 0) -> dict:
     """The accelerate config dict (write it with :func:`render_yaml`)."""
     c, hw = plan.chosen, plan.hardware

@@ -7,25 +7,17 @@ from __future__ import annotations
 
 import json
 import shlex
-import zlib
 from dataclasses import dataclass
 
-import yaml
-
+from shardtrain import rundir_format as rf
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import Engine
+from shardtrain.compiler.specs import Engine, Launcher
 from shardtrain.emit import accelerate as acc
 from shardtrain.emit.deepspeed import deepspeed_config
 from shardtrain.emit.fsdp import fsdp_settings
-from shardtrain.launcher.argv import deepspeed_argv, hostfile_text, render_launch_script, torchrun_argv
+from shardtrain.launcher import rankstart as rs
 
 FORMATS = ("deepspeed", "trainer", "accelerate", "fsdp", "torchrun", "deepspeed-cmd", "hostfile")
-PORT_BASE, PORT_SPAN = 20000, 10000
-"""Default rendezvous port: derived from the run dir (stable, and two runs sharing a node rarely
-collide; 29500, every launcher's default, is often taken on shared hosts)."""
-LAUNCH_ENV = {"PYTHONUNBUFFERED": "1",
-              # torchrun restarts re-use the rendezvous store otherwise (shared/notes/cpu-distributed.md)
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 class EmitError(ValueError):
@@ -39,13 +31,13 @@ class Site:
     hosts: tuple[str, ...] = ()
     master_addr: str | None = None
     port: int | None = None
-    """Rendezvous / master port; None = derived from run_dir (see PORT_BASE)."""
+    """Rendezvous / master port; None = derived from run_dir (rankstart's port policy)."""
 
     @property
     def master_port(self) -> int:
         if self.port is not None:
             return self.port
-        return PORT_BASE + zlib.crc32(self.run_dir.encode()) % PORT_SPAN
+        return rs.rendezvous_port(rs.run_dir_key(self.run_dir))
 
     def head(self, nodes: int) -> str | None:
         if self.hosts and len(self.hosts) != nodes:
@@ -67,9 +59,9 @@ def torchrun_command(plan: Plan, site: Site) -> list[str]:
         raise EmitError(f"hardware.nodes {hw.nodes}: torchrun needs the first node's address for the c10d "
                         "rendezvous; pass --master-addr HOST or --hosts h1,h2,...")
     endpoint = f"{head}:{site.master_port}" if hw.nodes > 1 else None
-    rid = "shardtrain-" + (site.run_dir.rstrip("/").rsplit("/", 1)[-1] or "run")
-    return torchrun_argv(nproc_per_node=hw.gpus_per_node, nnodes=hw.nodes, rdzv_endpoint=endpoint,
-                         rdzv_id=rid if endpoint else None, script_args=["--run-dir", site.run_dir])
+    return rs.torchrun_argv(nproc_per_node=hw.gpus_per_node, nnodes=hw.nodes, rdzv_endpoint=endpoint,
+                            rdzv_id=rs.rdzv_id(site.run_dir) if endpoint else None,
+                            script_args=["--run-dir", site.run_dir])
 
 
 def deepspeed_command(plan: Plan, site: Site) -> list[str]:
@@ -78,10 +70,11 @@ def deepspeed_command(plan: Plan, site: Site) -> list[str]:
     if hw.nodes > 1:
         if not site.hosts:
             raise EmitError(f"hardware.nodes {hw.nodes}: the deepspeed launcher needs a hostfile; pass --hosts h1,h2,...")
-        return deepspeed_argv(num_gpus=hw.gpus_per_node, num_nodes=hw.nodes, hostfile=f"{site.run_dir}/hostfile",
-                              master_addr=head, master_port=site.master_port, script_args=["--run-dir", site.run_dir])
-    return deepspeed_argv(num_gpus=hw.gpus_per_node, master_port=site.master_port,
-                          script_args=["--run-dir", site.run_dir])
+        return rs.deepspeed_argv(num_gpus=hw.gpus_per_node, num_nodes=hw.nodes, hostfile=f"{site.run_dir}/hostfile",
+                                 master_addr=head, master_port=site.master_port,
+                                 script_args=["--run-dir", site.run_dir])
+    return rs.deepspeed_argv(num_gpus=hw.gpus_per_node, master_port=site.master_port,
+                             script_args=["--run-dir", site.run_dir])
 
 
 def render(fmt: str, plan: Plan, site: Site, cfg=None) -> str:
@@ -91,7 +84,7 @@ def render(fmt: str, plan: Plan, site: Site, cfg=None) -> str:
     if fmt == "fsdp":
         return json.dumps(fsdp_settings(plan).to_dict(), indent=2) + "\n"
     if fmt == "accelerate":
-        d = acc.accelerate_config(plan, ds_config_path=f"{site.run_dir}/ds_config.json",
+        d = acc.accelerate_config(plan, ds_config_path=f"{site.run_dir}/{rf.DS_CONFIG_JSON}",
                                   main_process_ip=site.head(plan.hardware.nodes), main_process_port=site.master_port)
         return acc.render_yaml(d, acc.notes(plan))
     if fmt == "torchrun":
@@ -102,7 +95,7 @@ def render(fmt: str, plan: Plan, site: Site, cfg=None) -> str:
         if not site.hosts:
             raise EmitError("hostfile: pass --hosts h1,h2,... (one per node)")
         site.head(plan.hardware.nodes)
-        return hostfile_text(site.hosts, plan.hardware.gpus_per_node)
+        return rs.hostfile_text(site.hosts, plan.hardware.gpus_per_node)
     raise EmitError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
 
 
@@ -110,16 +103,19 @@ def bundle(plan: Plan, site: Site, cfg=None) -> dict[str, str]:
     """All files for the plan: plan.json, run.yaml (with a config), engine config, accelerate.yaml,
     launch.sh (deepspeed launcher for ZeRO plans unless run.launcher says torchrun), hostfile."""
     engine = plan.strategy.engine
-    files = {"plan.json": json.dumps(plan.to_json(), indent=2) + "\n"}
+    with_facts = plan
+    if cfg is not None:  # a run dir for the worker: plan.json carries the runtime facts (emit/runtime.py)
+        from shardtrain.emit.runtime import with_runtime_facts
+        with_facts = with_runtime_facts(cfg, plan)
+    files = {rf.PLAN_JSON: rf.json_text(with_facts.to_json())}
     if cfg is not None:
-        files["run.yaml"] = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        files[rf.RUN_YAML] = rf.config_text(cfg.to_dict())
     if engine is Engine.DEEPSPEED:
-        files["ds_config.json"] = render("deepspeed", plan, site, cfg)
+        files[rf.DS_CONFIG_JSON] = render("deepspeed", plan, site, cfg)
     if engine is Engine.FSDP:
-        files["fsdp.json"] = render("fsdp", plan, site, cfg)
+        files[rf.FSDP_JSON] = render("fsdp", plan, site, cfg)
     files["accelerate.yaml"] = render("accelerate", plan, site, cfg)
-    launcher = getattr(getattr(cfg, "run", None), "launcher", "auto")
-    use_ds = launcher == "deepspeed" or (launcher == "auto" and engine is Engine.DEEPSPEED)
+    use_ds = rs.choose_launcher(None, cfg, plan) is Launcher.DEEPSPEED
     argv = deepspeed_command(plan, site) if use_ds else torchrun_command(plan, site)
     c = plan.chosen
     where = (f"{plan.hardware.nodes} node(s) x {plan.hardware.gpus_per_node} GPUs, strategy {c.strategy.value}, "
@@ -127,7 +123,7 @@ def bundle(plan: Plan, site: Site, cfg=None) -> dict[str, str]:
     if plan.hardware.nodes > 1:
         where += ("\nrun on the first node (the launcher reaches the others over ssh/pdsh)" if use_ds
                   else "\nrun the same script on every node")
-    files["launch.sh"] = render_launch_script(argv, LAUNCH_ENV, comment=where)
+    files["launch.sh"] = rs.render_launch_script(argv, {**rs.WORKER_ENV, **rs.RESTART_ENV}, comment=where)
     if use_ds and plan.hardware.nodes > 1:
         files["hostfile"] = render("hostfile", plan, site, cfg)
     return files

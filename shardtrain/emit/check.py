@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from shardtrain.emit import deepspeed as K
 from shardtrain.emit import engine_schema as S
 from shardtrain.emit.accelerate import DS_FILE_CONFLICTS
@@ -86,7 +84,8 @@ def check_deepspeed(cfg: dict, *, consumer: str = "deepspeed", world_size: int |
     z = cfg.get(K.ZERO) or {}
     if not isinstance(z, dict):
         z = {}
-    stage = z.get(K.STAGE, 0) if isinstance(z.get(K.STAGE, 0), int) else 0
+    stage = K.zero_stage(cfg)
+    stage = stage if isinstance(stage, int) else 0
     op, oo = z.get(K.OFFLOAD_PARAM) or {}, z.get(K.OFFLOAD_OPTIMIZER) or {}
     if isinstance(op, dict) and op.get(K.DEVICE, "none") != "none" and stage < 3:
         out.append(Finding(ERROR, f"{K.ZERO}.{K.OFFLOAD_PARAM}", f"parameter offload needs stage 3, stage is {stage} "
@@ -94,7 +93,7 @@ def check_deepspeed(cfg: dict, *, consumer: str = "deepspeed", world_size: int |
                            f"set {K.ZERO}.{K.STAGE}: 3, or delete {K.OFFLOAD_PARAM}"))
     if stage < 3:
         for k in z:
-            if str(k).startswith("stage3_"):
+            if str(k).startswith(K.STAGE3_PREFIX):
                 out.append(Finding(WARNING, f"{K.ZERO}.{k}", f"only used by stage 3 (stage is {stage})", "delete it"))
     for name, blk in ((K.OFFLOAD_PARAM, op), (K.OFFLOAD_OPTIMIZER, oo)):
         if isinstance(blk, dict) and blk.get(K.DEVICE) == "nvme" and not blk.get(K.NVME_PATH):
@@ -150,7 +149,7 @@ def _engine_findings(cfg: dict, consumer: str, world_size: int | None) -> list[F
                         "checked against it", "run `shardtrain check` where deepspeed is installed")]
     allowed = auto_allowed(consumer)
     work = _placeholder(cfg, allowed)
-    nums = [work.get(k) for k in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM)]
+    nums = list(K.batch_sizes(work).values())
     world = world_size or 1
     if all(isinstance(v, int) and v > 0 for v in nums) and nums[0] % (nums[1] * nums[2]) == 0 and not world_size:
         world = nums[0] // (nums[1] * nums[2])  # our _batch check judges the arithmetic
@@ -179,7 +178,7 @@ def looks_like_trainer_template(cfg) -> bool:
 
 
 def _batch(cfg: dict, world: int | None, consumer: str) -> list[Finding]:
-    vals = {k: cfg.get(k) for k in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM)}
+    vals = K.batch_sizes(cfg)
     nums = {k: v for k, v in vals.items() if isinstance(v, int) and not isinstance(v, bool)}
     out = [Finding(ERROR, k, f"{v!r} must be a positive integer", "write e.g. 1")
            for k, v in nums.items() if v <= 0]
@@ -213,9 +212,9 @@ def _optimizer(cfg: dict, stage: int, oo, optimizer: str | None) -> list[Finding
     elif offload and opt is None and cfg.get(K.FORCE_DS_CPU_OPTIMIZER, True) is not False:
         out.append(Finding(WARNING, K.OPTIMIZER, "no optimizer block with ZeRO-Offload: a client optimizer other than "
                            "DeepSpeedCPUAdam/DeepSpeedCPULion raises ZeRORuntimeException",
-                           'add "optimizer": {"type": "AdamW", ...} or pass DeepSpeedCPUAdam'))
-    if opt and isinstance(opt.get(K.PARAMS), dict) and "max_grad_norm" in opt[K.PARAMS]:
-        out.append(Finding(ERROR, f"{K.OPTIMIZER}.{K.PARAMS}.max_grad_norm", "DeepSpeed raises on it",
+                           f'add "{K.OPTIMIZER}": {{"{K.TYPE}": "AdamW", ...}} or pass DeepSpeedCPUAdam'))
+    if opt and isinstance(opt.get(K.PARAMS), dict) and K.MAX_GRAD_NORM in opt[K.PARAMS]:
+        out.append(Finding(ERROR, f"{K.OPTIMIZER}.{K.PARAMS}.{K.MAX_GRAD_NORM}", "DeepSpeed raises on it",
                            f"use top-level {K.GRADIENT_CLIPPING}"))
     untested = (opt is not None and typ.lower() not in _ZERO_SUPPORTED_TYPES) or eight
     if stage > 0 and untested and cfg.get(K.ALLOW_UNTESTED_OPTIMIZER) is not True:

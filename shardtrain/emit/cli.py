@@ -6,10 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_NO_FIT = 0, 1, 2
+from shardtrain.exitcodes import EXIT_ERROR, EXIT_NO_FIT, EXIT_OK  # noqa: E402
 
 
-def add_parsers(sub, add_plan_flags) -> None:
+def add_parsers(sub) -> None:
+    from shardtrain.config.flags import add_plan_flags
     from shardtrain.emit.bundle import FORMATS
     p = sub.add_parser("emit", help="write DeepSpeed/FSDP/accelerate configs and launch commands for the plan",
                        description="Compile the plan and write plan.json, run.yaml, ds_config.json (DeepSpeed) or "
@@ -53,14 +54,14 @@ def _site(args, plan):
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
-    from shardtrain.cli import compile_from_args
     from shardtrain.compiler.planner import NoFitError
+    from shardtrain.config.pipeline import compile_args
     from shardtrain.emit.bundle import bundle, render
     if not args.out and not args.format:
         print("shardtrain: error: give --out DIR (write every file) or --format FMT (print one)", file=sys.stderr)
         return EXIT_ERROR
     try:
-        cfg, plan = compile_from_args(args)
+        cfg, plan = compile_args(args)
     except NoFitError as e:
         print(f"shardtrain: {e}\nNothing emitted: a config for a plan that does not fit would OOM.", file=sys.stderr)
         return EXIT_NO_FIT
@@ -191,15 +192,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _fit(args, kind: str, data: dict) -> int | None:
-    from shardtrain.cli import overrides_from_args
-    from shardtrain.compiler.planner import NoFitError, PlanningError, plan
-    from shardtrain.config.resolve import resolve_specs
-    from shardtrain.config.schema import ConfigError, load_run_config
+    from shardtrain.compiler.planner import NoFitError, PlanningError
+    from shardtrain.config import pipeline
+    from shardtrain.config.flags import overrides_from_args
+    from shardtrain.config.schema import ConfigError
     from shardtrain.units import fmt_bytes
     o = {**_derived_overrides(kind, data), **overrides_from_args(args)}
     try:
-        cfg = load_run_config(args.config, o)
-        p = plan(*resolve_specs(cfg))
+        _, p = pipeline.compile(args.config, o)
     except NoFitError as e:
         p = e.plan
     except (ConfigError, PlanningError) as e:

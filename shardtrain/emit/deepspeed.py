@@ -2,7 +2,9 @@
 
 Key names are those of DeepSpeed 0.19 (deepspeed/runtime/constants.py, runtime/zero/config.py,
 runtime/zero/offload_config.py, runtime/precision_config.py, runtime/swap_tensor/constants.py);
-tests/test_emit_deepspeed.py checks the sets below against the installed DeepSpeed's own models.
+tests/test_emit_deepspeed.py runs every emitted config through the installed DeepSpeed's own parser
+(emit/engine_schema.py), which reports any key it does not read. `verify` checks a config against the
+plan and the accessors below read it, so the runtime and `shardtrain check` spell no key themselves.
 Nothing here imports deepspeed: `shardtrain emit` runs on a login node without it.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ MICRO_BATCH = "train_micro_batch_size_per_gpu"
 GRAD_ACCUM = "gradient_accumulation_steps"
 GRADIENT_CLIPPING = "gradient_clipping"
 ZERO = "zero_optimization"
-BF16, BF16_OLD, FP16 = "bf16", "bfloat16", "fp16"
+BF16, FP16 = "bf16", "fp16"
 OPTIMIZER, SCHEDULER, TYPE, PARAMS = "optimizer", "scheduler", "type", "params"
 ALLOW_UNTESTED_OPTIMIZER = "zero_allow_untested_optimizer"
 FORCE_DS_CPU_OPTIMIZER = "zero_force_ds_cpu_optimizer"
@@ -33,6 +35,8 @@ PREFETCH_BUCKET = "stage3_prefetch_bucket_size"
 PERSISTENCE_THRESHOLD = "stage3_param_persistence_threshold"
 MAX_LIVE_PARAMETERS, MAX_REUSE_DISTANCE = "stage3_max_live_parameters", "stage3_max_reuse_distance"
 GATHER_16BIT_ON_SAVE = "stage3_gather_16bit_weights_on_model_save"
+STAGE3_PREFIX = "stage3_"
+"""zero_optimization keys read only at stage 3 (runtime/zero/config.py)."""
 OFFLOAD_OPTIMIZER, OFFLOAD_PARAM = "offload_optimizer", "offload_param"
 # offload blocks
 DEVICE, NVME_PATH, PIN_MEMORY = "device", "nvme_path", "pin_memory"
@@ -45,47 +49,10 @@ LOSS_SCALE_WINDOW, HYSTERESIS, MIN_LOSS_SCALE = "loss_scale_window", "hysteresis
 AIO_BLOCK_SIZE, AIO_QUEUE_DEPTH, AIO_INTRA_OP = "block_size", "queue_depth", "intra_op_parallelism"
 AIO_SINGLE_SUBMIT, AIO_OVERLAP_EVENTS, AIO_USE_GDS = "single_submit", "overlap_events", "use_gds"
 TORCH_ADAM = "torch_adam"
+MAX_GRAD_NORM = "max_grad_norm"
+"""An optimizer param DeepSpeed refuses (engine.py _configure_basic_optimizer): clipping is GRADIENT_CLIPPING."""
 AUTO = "auto"
 
-#: Every top-level key DeepSpeed 0.19.8 reads (anything else is silently ignored by DeepSpeed).
-TOP_LEVEL_KEYS = frozenset({
-    TRAIN_BATCH_SIZE, MICRO_BATCH, GRAD_ACCUM, GRADIENT_CLIPPING, ZERO, BF16, BF16_OLD, FP16, OPTIMIZER,
-    SCHEDULER, ALLOW_UNTESTED_OPTIMIZER, FORCE_DS_CPU_OPTIMIZER, AIO, STEPS_PER_PRINT, WALL_CLOCK_BREAKDOWN,
-    "managed_gradient_accumulation", "dump_state", "disable_python_gc", "disable_allgather",
-    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
-    "gradient_predivide_factor", "gradient_allreduce_op", "activation_checkpointing", "comms_logger",
-    "tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler", "memory_breakdown", "autotuning",
-    "hybrid_engine", "pipeline", "data_efficiency", "checkpoint", "data_types", "dataloader_drop_last",
-    "log_level", "datastates_ckpt", "weight_quantization", "compile", "timers", "tensor_parallel",
-    "expert_parallel", "torch_autocast", "use_data_before_expert_parallelism", "vocabulary_size",
-    "sequence_parallel_size", "data_parallel_size",
-})
-#: Top-level keys DeepSpeed 0.19 rejects outright (features removed; runtime/config.py).
-REMOVED_TOP_LEVEL_KEYS = frozenset({
-    "nebula", "compression_training", "amp", "quantize_training", "sparse_gradients", "eigenvalue",
-    "sparse_attention", "elasticity", "graph_harvesting", "curriculum_learning", "progressive_layer_drop"})
-ZERO_KEYS = frozenset({
-    STAGE, OVERLAP_COMM, CONTIGUOUS_GRADIENTS, REDUCE_SCATTER, REDUCE_BUCKET, ALLGATHER_BUCKET,
-    ALLGATHER_PARTITIONS, SUB_GROUP_SIZE, PREFETCH_BUCKET, PERSISTENCE_THRESHOLD, MAX_LIVE_PARAMETERS,
-    MAX_REUSE_DISTANCE, GATHER_16BIT_ON_SAVE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAM, "compute_grad_norm",
-    "cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory", "elastic_checkpoint",
-    "enable_sanity_checks", "ignore_unused_parameters", "leaf_module", "legacy_stage1",
-    "load_from_fp32_weights", "log_trace_cache_warnings", "memory_efficient_linear", "override_module_apply",
-    "parameter_alignment", "pipeline_loading_checkpoint", "round_robin_gradients",
-    "save_muon_momentum_buffer_in_memory", "stage3_allgather_sequential",
-    "stage3_gather_fp16_weights_on_model_save", "stage3_model_persistence_threshold",
-    "stage3_module_granularity_threshold", "stage3_use_all_reduce_for_fetch_params",
-    "use_multi_rank_bucket_allreduce", "zenflow", "zero_hpz_partition_size", "zero_quantized_gradients",
-    "zero_quantized_nontrainable_weights", "zero_quantized_weights"})
-OFFLOAD_PARAM_KEYS = frozenset({DEVICE, NVME_PATH, PIN_MEMORY, BUFFER_COUNT, BUFFER_SIZE, MAX_IN_CPU})
-OFFLOAD_OPTIMIZER_KEYS = frozenset({DEVICE, NVME_PATH, PIN_MEMORY, BUFFER_COUNT, PIPELINE_READ, PIPELINE_WRITE,
-                                    FAST_INIT, "ratio", "super_offload", "cpuadam_cores_perc"})
-BF16_KEYS = frozenset({ENABLED, "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
-                       "bf16_optimizer_states"})
-FP16_KEYS = frozenset({ENABLED, "auto_cast", LOSS_SCALE, INITIAL_SCALE_POWER, LOSS_SCALE_WINDOW, HYSTERESIS,
-                       "consecutive_hysteresis", MIN_LOSS_SCALE, "fp16_master_weights_and_grads"})
-AIO_KEYS = frozenset({AIO_BLOCK_SIZE, AIO_QUEUE_DEPTH, AIO_INTRA_OP, AIO_SINGLE_SUBMIT, AIO_OVERLAP_EVENTS,
-                      AIO_USE_GDS})
 #: Dotted keys the HF Trainer fills itself (transformers/integrations/deepspeed.py,
 #: HfTrainerDeepSpeedConfig.trainer_config_process / _finalize): the only places "auto" may appear.
 TRAINER_AUTO_KEYS = frozenset({
@@ -296,3 +263,43 @@ def trainer_arguments(plan: Plan, *, lr: float | None = None, weight_decay: floa
         if v is not None:
             kw[k] = v
     return kw
+
+
+# ---------------------------------------------------------------- reading a config (check, runtime facts)
+def zero_stage(ds: dict) -> int:
+    """zero_optimization.stage (0 when absent, as DeepSpeed's default)."""
+    z = ds.get(ZERO) or {}
+    return z.get(STAGE, 0) if isinstance(z, dict) else 0
+
+
+def batch_sizes(ds: dict) -> dict[str, object]:
+    """{train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps: value or None}."""
+    return {k: ds.get(k) for k in (TRAIN_BATCH_SIZE, MICRO_BATCH, GRAD_ACCUM)}
+
+
+def verify(ds: dict, plan: Plan) -> list[str]:
+    """Where a DeepSpeed config disagrees with the plan it is run with: batch sizes (DeepSpeed asserts
+    train_batch_size == micro × accumulation × world, and the loop samples the plan's batches) and the
+    ZeRO stage. One line per problem, naming the key, both values and the fix; [] when it agrees."""
+    c = plan.chosen
+    want = {MICRO_BATCH: c.micro_batch_size, GRAD_ACCUM: c.grad_accum_steps,
+            TRAIN_BATCH_SIZE: c.micro_batch_size * c.grad_accum_steps * c.world_size}
+    out = [f"ds_config.json: {k}={v} but the plan has {want[k]}; re-emit the config from plan.json"
+           for k, v in batch_sizes(ds).items() if v is not None and int(v) != want[k]]
+    if zero_stage(ds) != c.strategy.zero_stage:
+        out.append(f"ds_config.json: {ZERO}.{STAGE}={zero_stage(ds)} but the plan is {c.strategy.value}; "
+                   "re-emit the config from plan.json")
+    return out
+
+
+def cpu_config(ds: dict, plan: Plan) -> dict | None:
+    """The config for a CPU-only host when DeepSpeed's own optimizer would be a CUDA kernel: its "Lion"
+    is FusedLion (ops/lion), so without offload the runtime passes its own Lion as a client optimizer
+    (engine.py _configure_basic_optimizer); None when the config runs on CPU as it is."""
+    s = plan.chosen.strategy
+    opt = ds.get(OPTIMIZER) or {}
+    if s.offload_optimizer is not OffloadDevice.NONE or str(opt.get(TYPE, "")).lower() != "lion":
+        return None
+    out = {k: v for k, v in ds.items() if k != OPTIMIZER}
+    out[ALLOW_UNTESTED_OPTIMIZER] = True  # a client optimizer outside ZERO_SUPPORTED_OPTIMIZERS
+    return out

@@ -152,7 +152,7 @@ def _is_batch_failure(exc: BaseException) -> bool:
     return False
 
 
-def deepspeed_findings(cfg: dict, *, world_size: int = 1, batch_checked: bool = True):
+def deepspeed_findings(cfg: dict, *, world_size: int = 1):
     """Run DeepSpeed's parser on `cfg` until it accepts what is left; returns (findings, trace).
     Batch arithmetic is left to the caller (it knows the world size; DeepSpeed asserts equality)."""
     import deepspeed.runtime.config as dsc
@@ -188,11 +188,8 @@ def deepspeed_findings(cfg: dict, *, world_size: int = 1, batch_checked: bool = 
                     if not _delete(work, prefix):
                         break
             except Exception as e:  # noqa: BLE001 - whatever DeepSpeed raises at start-up
-                if _is_batch_failure(e):
-                    if not batch_checked:
-                        out.append(RawFinding("error", (K.TRAIN_BATCH_SIZE,), f"DeepSpeed: {e}",
-                                              "make train_batch_size = micro batch x accumulation x world size"))
-                    for k in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM):
+                if _is_batch_failure(e):  # the caller judges the batch arithmetic (it knows the world size)
+                    for k in K.batch_sizes(work):
                         work[k] = 1
                     world = 1
                     continue

@@ -13,15 +13,16 @@ SIGINT/SIGTERM (run the same command to resume).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_NO_FIT = 0, 1, 2
+from shardtrain.exitcodes import EXIT_ERROR, EXIT_NO_FIT, EXIT_OK  # noqa: E402
 
 
-def add_parsers(subparsers, add_plan_flags) -> None:
+def add_parsers(subparsers) -> None:
+    from shardtrain.compiler.specs import Launcher
+    from shardtrain.config.flags import add_plan_flags
     p = subparsers.add_parser(
         "launch", help="compile the plan, prepare a run dir and start torchrun / the deepspeed launcher",
         description="Compile the plan (or take --plan), write the run dir (run.yaml, plan.json, engine config, "
@@ -32,7 +33,7 @@ def add_parsers(subparsers, add_plan_flags) -> None:
     g = p.add_argument_group("launch")
     g.add_argument("--plan", metavar="PLAN.json", help="use this plan (from `plan --json --full-json` or a run dir's "
                    "plan.json) instead of compiling one")
-    g.add_argument("--launcher", choices=["torchrun", "deepspeed"],
+    g.add_argument("--launcher", choices=[v.value for v in Launcher if v is not Launcher.AUTO],
                    help="default: run.launcher, else deepspeed for ZeRO plans and torchrun otherwise")
     g.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="processes per node (default: hardware.gpus_per_node; the plan is compiled for it)")
@@ -60,7 +61,7 @@ def add_parsers(subparsers, add_plan_flags) -> None:
 
 
 def _launch_overrides(args) -> dict[str, object]:
-    from shardtrain.cli import overrides_from_args
+    from shardtrain.config.flags import overrides_from_args
     from shardtrain.config.schema import ConfigError
     ov = overrides_from_args(args)
     for flag, key in (("nnodes", "hardware.nodes"), ("nproc_per_node", "hardware.gpus_per_node")):
@@ -105,6 +106,8 @@ def _check_nodes(cfg, args) -> None:
 def cmd_launch(args) -> int:
     from shardtrain.compiler.plan import Plan
     from shardtrain.compiler.planner import NoFitError
+    from shardtrain.compiler.specs import Device, Launcher, Resume
+    from shardtrain.config import pipeline
     from shardtrain.config.schema import ConfigError
     from shardtrain.launcher import restart, rundir, spawn
     from shardtrain.launcher.datacheck import validate_training_data
@@ -125,14 +128,14 @@ def cmd_launch(args) -> int:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
             raise ConfigError(f"--plan {args.plan}: cannot read a full plan ({type(e).__name__}: {e}); write one "
                               "with `shardtrain plan ... --json --full-json > plan.json`") from None
-        cfg = rundir.load_config(args.config if args.config else _config_for_plan_only(plan), overrides)
+        cfg = pipeline.load(args.config if args.config else _config_for_plan_only(plan), overrides)
         rundir.check_plan_matches(cfg, plan)
         _check_nodes(cfg, args)
     else:
-        cfg = rundir.load_config(args.config, overrides)
-        _check_nodes(cfg, args)
+        cfg = pipeline.load(args.config, overrides)
+        _check_nodes(cfg, args)  # before planning: a multi-node launch without its flags fails fast
         try:
-            plan = rundir.compile_plan(cfg)
+            plan = pipeline.plan_for(cfg)
         except NoFitError as e:
             print(render_plan(e.plan))
             print(f"\nshardtrain: error: {e}", file=sys.stderr)
@@ -152,12 +155,12 @@ def cmd_launch(args) -> int:
         launcher = restart.launcher_for_restarts(args.launcher, launcher, args.max_restarts)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if device == "cuda" and nproc > gpus:
+    if device == Device.CUDA and nproc > gpus:
         raise ConfigError(f"the plan runs {nproc} processes per node but {gpus} GPU(s) are visible here; pass "
                           f"--nproc-per-node {gpus} (the plan is recompiled for it) or set run.device: cpu")
     run_dir = Path(args.run_dir).absolute() if args.run_dir else rundir.default_run_dir(cfg, args.config)
     master_port = args.master_port
-    if master_port is None and launcher == "deepspeed" and nnodes == 1 and not args.rdzv_endpoint:
+    if master_port is None and launcher == Launcher.DEEPSPEED and nnodes == 1 and not args.rdzv_endpoint:
         master_port = spawn.free_port()  # the deepspeed launcher's default 29500 collides between runs
     try:
         spec = spawn.build_launch(
@@ -168,10 +171,10 @@ def cmd_launch(args) -> int:
             **({"module": args.worker_module} if args.worker_module else {}))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    resume = args.resume if args.resume is not None else cfg.run.resume != "never"
+    resume = args.resume if args.resume is not None else cfg.run.resume is not Resume.NEVER
     from shardtrain.launcher import preflight  # the plan against this machine, before spawning (issue 13)
     pf = preflight.check(cfg, plan, machine=preflight.this_machine(gpus), device=device, nproc=nproc,
-                         run_dir=run_dir, launcher=launcher, master_port=args.master_port,
+                         run_dir=run_dir, master_port=args.master_port,
                          node_rank=args.node_rank or 0)
     for note in pf.notes:
         print(f"[shardtrain] {note}", flush=True)
@@ -187,7 +190,7 @@ def cmd_launch(args) -> int:
         print(f"[shardtrain] run dir {run_dir} "
               + ("(exists; would resume from its checkpoints)" if state and resume else
                  "(exists; would move its state to previous/)" if state else "(would be created)"))
-        files = ["run.yaml", "plan.json", *rundir.emitted_configs(cfg, plan), "command.txt"]
+        files = rundir.run_file_names(cfg, plan)
         print(f"[shardtrain] would write: {', '.join(files)}; logs in {spec.log_dir}")
         print("[shardtrain] would run:\n")
         print(spec.script(), end="")

@@ -18,6 +18,7 @@ FIRST_RECORDS = 64
 
 def validate_training_data(cfg) -> None:
     """Raise ConfigError (one line: key, file, problem, fix) if the data cannot be trained on."""
+    from shardtrain.config import hub
     from shardtrain.runtime import chat, records
     data = cfg.data
     chat_seen = False
@@ -25,18 +26,18 @@ def validate_training_data(cfg) -> None:
         if not path:
             continue
         try:
-            records.resolve_source(path)
+            src = hub.dataset_source(path)  # a cached Hub dataset id -> its snapshot directory
         except FileNotFoundError:
             raise ConfigError(f"{key}: {path!r} does not exist; fix: give a .jsonl/.parquet/.arrow file, a `datasets` "
                               "save_to_disk directory, a cached Hub dataset id or a text file") from None
-        except records.DataFormatError as e:
+        except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
         try:
-            docs = records.read_documents(path, data.format, limit=FIRST_RECORDS)
+            docs = records.read_documents(src, data.format, limit=FIRST_RECORDS)
         except (records.DataFormatError, UnicodeDecodeError, OSError) as e:
             raise ConfigError(f"{key}: {_one_line(e)}") from None
         except Exception as e:  # noqa: BLE001 - e.g. pyarrow on a corrupt file: still one line, not a traceback
-            kind = records.detect_format(records.resolve_source(path), data.format)
+            kind = records.detect_format(src, data.format)
             raise ConfigError(f"{key}: {path}: cannot be read as {kind} "
                               f"({type(e).__name__}: {_one_line(e)}); fix: check the file or set data.format") from None
         if not docs:

@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardtrain import rundir_format as rf
+
 DEFAULT_REPLANS = 2
 
 
@@ -36,7 +38,7 @@ def parse_on_oom(value: str | None) -> int:
 
 def oom_records(run_dir: Path) -> list[dict]:
     out = []
-    for p in sorted((Path(run_dir) / "oom").glob("rank*.json")):
+    for p in sorted((Path(run_dir) / rf.OOM_DIR).glob(rf.OOM_RECORD_GLOB)):
         try:
             out.append(json.loads(p.read_text()))
         except (OSError, ValueError):
@@ -45,7 +47,7 @@ def oom_records(run_dir: Path) -> list[dict]:
 
 
 def clear_records(run_dir: Path) -> None:
-    for p in (Path(run_dir) / "oom").glob("rank*.json"):
+    for p in (Path(run_dir) / rf.OOM_DIR).glob(rf.OOM_RECORD_GLOB):
         p.unlink(missing_ok=True)
 
 
@@ -64,9 +66,10 @@ def calibrated(cfg, plan, records: list[dict]) -> Replan | None:
     largest setup whose prediction × f fits. None when there is no usable measurement (CPU, or the
     prediction was already over capacity) or nothing fits the tighter budget."""
     from shardtrain.compiler.planner import PlanningError
+    from shardtrain.compiler.specs import Device
+    from shardtrain.config import pipeline
     from shardtrain.config.schema import ConfigError
-    from shardtrain.launcher.rundir import compile_plan, load_config
-    rec = next((r for r in records if r.get("device") == "cuda" and r.get("device_capacity_bytes")), None)
+    rec = next((r for r in records if r.get("device") == Device.CUDA and r.get("device_capacity_bytes")), None)
     predicted = int(plan.chosen.per_gpu.total)
     if rec is None or predicted <= 0 or rec["device_capacity_bytes"] <= predicted:
         return None
@@ -75,9 +78,8 @@ def calibrated(cfg, plan, records: list[dict]) -> Replan | None:
     if not 0 <= headroom < 0.9:
         return None
     try:
-        new_cfg = load_config(cfg, {"train.strategy": plan.strategy.value, "train.micro_batch": "auto",
-                                    "train.headroom": round(headroom, 4)})
-        new = compile_plan(new_cfg)
+        new_cfg, new = pipeline.compile(cfg, {"train.strategy": plan.strategy, "train.micro_batch": "auto",
+                                              "train.headroom": round(headroom, 4)})
     except (ConfigError, PlanningError, ValueError):
         return None
     c, n = plan.chosen, new.chosen
@@ -98,9 +100,9 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
     cal = calibrated(cfg, plan, records)
     if cal is not None:
         return cal
-    from shardtrain.compiler.specs import GradCkpt
+    from shardtrain.compiler.specs import ActivationOffload, GradCkpt, LossMode
+    from shardtrain.config import pipeline
     from shardtrain.config.schema import ConfigError
-    from shardtrain.launcher.rundir import compile_plan, load_config
     from shardtrain.units import fmt_bytes
     c = plan.chosen
     rec = records[0] if records else {}
@@ -108,24 +110,23 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
              + (f" (measured peak {fmt_bytes(rec['measured_peak_bytes'])})" if rec.get("measured_peak_bytes") else ""))
     # Same strategy (the checkpoints' format/sharding stay valid) and the settings already chosen pinned,
     # so each rung changes exactly one thing.
-    over: dict[str, object] = {"train.strategy": plan.strategy.value, "train.micro_batch": c.micro_batch_size,
-                               "train.grad_ckpt": c.gradient_checkpointing.value}
+    over: dict[str, object] = {"train.strategy": plan.strategy, "train.micro_batch": c.micro_batch_size,
+                               "train.grad_ckpt": c.gradient_checkpointing}
     loss = getattr(c, "loss", None)
     offload = getattr(c, "activation_offload", None)
     if c.micro_batch_size > 1:
         over["train.micro_batch"] = c.micro_batch_size // 2
     elif c.gradient_checkpointing is not GradCkpt.FULL:
-        over["train.grad_ckpt"] = "full"
-    elif loss is not None and loss.value == "full":
-        over["train.loss"] = "chunked"
-    elif offload is not None and offload.value == "none":
-        over["train.loss"] = loss.value if loss is not None else "full"
-        over["train.activation_offload"] = "cpu"
+        over["train.grad_ckpt"] = GradCkpt.FULL
+    elif loss is LossMode.FULL:
+        over["train.loss"] = LossMode.CHUNKED
+    elif offload is ActivationOffload.NONE:
+        over["train.loss"] = loss if loss is not None else LossMode.FULL
+        over["train.activation_offload"] = ActivationOffload.CPU
     else:
         return None
     try:
-        new_cfg = load_config(cfg, over)
-        new = compile_plan(new_cfg)
+        new_cfg, new = pipeline.compile(cfg, over)
     except (ConfigError, ValueError):
         return None
     n = new.chosen
@@ -150,7 +151,5 @@ def accept_new_split(run_dir: Path, cfg, plan) -> None:
     """Record the re-planned config and plan in the run dir before rundir.write_run_dir re-checks it:
     a re-plan after OOM keeps the strategy, world size and global batch (the same samples per optimizer
     step), so the run's checkpoints stay valid even though the batch split changed."""
-    import yaml
-    run_dir = Path(run_dir)
-    (run_dir / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (run_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    from shardtrain.launcher.rundir import record_config_and_plan
+    record_config_and_plan(Path(run_dir), cfg, plan)

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardtrain.compiler.specs import Device
 from shardtrain.units import fmt_bytes
 
 #: Bytes a checkpoint stores per parameter: fp32 weights (4) for every parameter the run saves, plus
@@ -29,7 +30,7 @@ CKPT_WEIGHT_BYTES, CKPT_STATE_BYTES, CKPT_MASTER_BYTES = 4, 8, 4
 @dataclass(frozen=True)
 class Machine:
     gpus: int
-    """Usable NVIDIA GPUs (spawn.count_local_gpus)."""
+    """Usable NVIDIA GPUs (hosts.count_local_gpus)."""
     gpu_memory_bytes: tuple[int, ...] = ()
     """Per visible GPU, when known (nvidia-smi); empty: unknown, not checked."""
     host_memory_bytes: int = 0
@@ -105,16 +106,16 @@ def checkpoint_bytes(plan, strategy_is_deepspeed: bool) -> int:
     return saved * CKPT_WEIGHT_BYTES + t * (CKPT_STATE_BYTES + (CKPT_MASTER_BYTES if strategy_is_deepspeed else 0))
 
 
-def check(cfg, plan, *, machine: Machine, device: str, nproc: int, run_dir: Path, launcher: str,
+def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_dir: Path,
           master_port: int | None = None, node_rank: int = 0) -> Report:
     """All preflight checks; nothing is started or written (a temp file is created and removed)."""
     r = Report()
     c = plan.chosen
     per_rank = int(c.per_gpu.total)
     # --- device kind / count / memory ------------------------------------------------------------
-    if device == "cpu":
+    if device == Device.CPU:
         need = per_rank * nproc
-        forced = cfg.run.device == "cpu"
+        forced = cfg.run.device is Device.CPU
         avail = machine.host_available_bytes or machine.host_memory_bytes
         if avail and need > avail and not forced:
             r.add(f"the plan is for {plan.hardware.gpus_per_node}× {plan.hardware.gpu_name} GPUs "
@@ -145,7 +146,7 @@ def check(cfg, plan, *, machine: Machine, device: str, nproc: int, run_dir: Path
               f"re-plan with --cpu-memory {machine.host_memory_bytes // 2**30}GiB (the planner then avoids CPU "
               "offload that does not fit)")
     # --- processes ----------------------------------------------------------------------------------
-    if device == "cpu" and nproc > machine.cpus:
+    if device == Device.CPU and nproc > machine.cpus:
         r.add(f"{nproc} CPU processes requested but this machine has {machine.cpus} CPU core(s)",
               f"pass --nproc-per-node {machine.cpus} (or fewer)")
     # --- model, tokenizer, data ------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """How a launch ended when it did not simply succeed or fail: pre-emption (every rank saved a checkpoint
-and exited with :data:`shardtrain.runtime.preempt.EXIT_PREEMPTED`). And elastic restarts: torchrun
+and exited with :data:`shardtrain.exitcodes.EXIT_PREEMPTED`). And elastic restarts: torchrun
 for --max-restarts (also for DeepSpeed plans) and a report of each restart. Kept out of spawn.py (issue
-13: spawn.py is not to grow); spawn.run calls :func:`preempted_result` before looking for a failing rank.
+13); supervise.run calls :func:`preempted_result` before looking for a failing rank.
 """
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import re
 import signal
 from pathlib import Path
 
-from shardtrain.runtime.preempt import EXIT_PREEMPTED  # no torch import: preempt.py imports it lazily
+from shardtrain import rundir_format as rf
+from shardtrain.compiler.specs import Launcher
+from shardtrain.exitcodes import EXIT_PREEMPTED
+from shardtrain.launcher.failure import LaunchResult, rel, torchrun_attempts, torchrun_exitcodes
 
 
 def _latest_step(run_dir: Path) -> int | None:
@@ -22,8 +25,7 @@ def preempted_result(spec, rc: int, launcher_log: str, wall: float):
     """A LaunchResult with exit code EXIT_PREEMPTED when the workers stopped on a signal after saving
     (deepspeed launcher: its exit code is the worker's; torchrun: its report lists every rank's code),
     else None."""
-    from shardtrain.launcher.spawn import LaunchResult, _rel, _torchrun_exitcodes
-    codes, root = _torchrun_exitcodes(launcher_log)
+    codes, root = torchrun_exitcodes(launcher_log)
     # torchrun stops the whole group when the first rank exits, so ranks still tidying up after the
     # (already complete, collective) save show SIGTERM/SIGKILL: collateral, not a failure.
     collateral = {EXIT_PREEMPTED, -15, -9}
@@ -35,7 +37,7 @@ def preempted_result(spec, rc: int, launcher_log: str, wall: float):
     at = f"at step {step}" if step is not None else "(no complete checkpoint found)"
     summary = (f"shardtrain: PREEMPTED — the ranks saved a checkpoint {at} and stopped after {wall:.0f} s "
                f"(exit code {EXIT_PREEMPTED}); run the same command to resume from "
-               f"{_rel(Path(spec.run_dir))}/checkpoints")
+               f"{rel(Path(spec.run_dir))}/{rf.CHECKPOINTS}")
     return LaunchResult(EXIT_PREEMPTED, summary, wall, None, spec.log_dir)
 
 
@@ -67,12 +69,12 @@ def _exit_text(code: int) -> str:
 def restart_report(spec, max_restarts: int) -> list[str]:
     """One line per restart torchrun made: which rank died and how, restart i of N, where the restarted
     group resumed (rank 0's "resumed from … at step k" line in that attempt's log)."""
-    if spec.launcher != "torchrun" or not max_restarts:
+    if spec.launcher != Launcher.TORCHRUN or not max_restarts:
         return []
-    log_path = Path(spec.log_dir) / "launcher.log"
+    log_path = Path(spec.log_dir) / rf.LAUNCHER_LOG
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     failures = _FAILED.findall(text)
-    attempts = sorted(Path(spec.log_dir).glob("*/attempt_*"), key=lambda p: int(p.name.split("_")[1]))
+    attempts = torchrun_attempts(spec.log_dir)
     lines = []
     for i, a in enumerate(attempts[1:], start=1):
         died = ""

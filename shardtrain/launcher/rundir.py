@@ -1,15 +1,7 @@
-"""The run directory: everything one training run reads and writes, in one place.
+"""Prepare the run directory: write the run files a launch needs, keep or move aside the training state.
 
-Layout (``<run.output_dir>/<run.name or config stem>/`` unless ``--run-dir`` says otherwise)::
-
-    run.yaml          the resolved run config (RunConfig.to_dict(): every key, flags applied)
-    plan.json         the full Plan (Plan.to_json(), including "spec"; Plan.from_json reads it)
-    ds_config.json    DeepSpeed config (only for DeepSpeed strategies; shardtrain.emit.deepspeed)
-    fsdp.json         FSDP2 settings (only for FSDP strategies; shardtrain.emit.fsdp)
-    command.txt       the exact launcher command and environment, as a runnable bash script
-    logs/             one folder per launch: launcher output and per-rank stdout/stderr
-    checkpoints/      written by the workers (resume continues from the latest)
-    metrics.jsonl, memory_rank{R}.json, final/   written by the workers
+The layout and every file name are defined in :mod:`shardtrain.rundir_format` (``<run.output_dir>/
+<run.name or config stem>/`` unless ``--run-dir`` says otherwise).
 
 Preparing is idempotent: re-preparing an existing run dir with the same config (a resume, a Slurm
 requeue, every node of a multi-node job on a shared file system) rewrites the same files and keeps
@@ -32,13 +24,13 @@ from pathlib import Path
 
 import yaml
 
+from shardtrain import rundir_format as rf
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import Engine
-from shardtrain.config.schema import ConfigError, RunConfig, load_run_config, parse_run_config
+from shardtrain.compiler.specs import Resume
+from shardtrain.config import pipeline
+from shardtrain.config.schema import ConfigError, RunConfig
 
-RUN_FILES = ("run.yaml", "plan.json", "ds_config.json", "fsdp.json", "command.txt")
-#: What the workers write; "training state" that --no-resume moves aside and a config change protects.
-STATE_ENTRIES = ("checkpoints", "metrics.jsonl", "final", "logs")
+completed_steps = rf.completed_steps  # the last step in metrics.jsonl: what a resume continues from
 #: Keys that may change between launches of one run dir without invalidating its checkpoints.
 RESUME_SAFE_KEYS = frozenset({
     "train.steps", "run.checkpoint_every", "run.eval_every", "run.eval_batches", "run.log_every",
@@ -63,24 +55,6 @@ class PreparedRun:
 
 
 # --------------------------------------------------------------------------- pure parts
-def load_config(config: str | os.PathLike | Mapping | RunConfig | None,
-                overrides: Mapping[str, object] | None = None) -> RunConfig:
-    """A YAML path, a raw mapping (as from YAML) or a RunConfig, plus dotted overrides."""
-    overrides = dict(overrides or {})
-    if isinstance(config, RunConfig):
-        return parse_run_config(config.to_dict(), overrides) if overrides else config
-    if isinstance(config, Mapping):
-        return parse_run_config(dict(config), overrides)
-    return load_run_config(config, overrides)
-
-
-def compile_plan(cfg: RunConfig) -> Plan:
-    """Compile the plan for a config (raises NoFitError/PlanningError/ConfigError)."""
-    from shardtrain.compiler.planner import plan
-    from shardtrain.config.resolve import resolve_specs
-    return plan(*resolve_specs(cfg))
-
-
 def check_plan_matches(cfg: RunConfig, p: Plan) -> None:
     """A plan given with --plan must describe the hardware the config launches on."""
     hw = p.hardware
@@ -102,17 +76,26 @@ def emitted_configs(cfg: RunConfig, p: Plan) -> dict[str, dict]:
         raise ConfigError(str(e)) from None
 
 
+def run_file_names(cfg: RunConfig, p: Plan) -> list[str]:
+    """The run files :func:`write_run_dir` writes for this plan, in order (what `launch --dry-run` lists)."""
+    return [rf.RUN_YAML, rf.PLAN_JSON, *emitted_configs(cfg, p), rf.COMMAND_TXT]
+
+
 def _emitted_configs(cfg: RunConfig, p: Plan) -> dict[str, dict]:
-    engine = p.strategy.engine
-    if engine is Engine.DEEPSPEED:
-        from shardtrain.emit.deepspeed import deepspeed_config
-        t = cfg.train
-        return {"ds_config.json": deepspeed_config(p, grad_clip=t.grad_clip, lr=t.lr, weight_decay=t.weight_decay,
-                                                   nvme_path=cfg.hardware.nvme_path)}
-    if engine is Engine.FSDP:
-        from shardtrain.emit.fsdp import fsdp_settings
-        return {"fsdp.json": fsdp_settings(p).to_dict()}
-    return {}
+    from shardtrain.emit.runtime import engine_files
+    return engine_files(plan_with_facts(cfg, p))
+
+
+def plan_with_facts(cfg: RunConfig, p: Plan) -> Plan:
+    """The plan with the runtime facts the ranks read from plan.json (emit/runtime.py); emitter errors
+    (e.g. DeepSpeedConfigError: the key, the value and the fix) become ConfigError."""
+    from shardtrain.emit.runtime import with_runtime_facts
+    try:
+        return with_runtime_facts(cfg, p)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def default_run_dir(cfg: RunConfig, config_path: str | os.PathLike | None) -> Path:
@@ -141,7 +124,8 @@ def _plan_identity(d: Mapping) -> dict:
 
 def default_command_text(cfg: RunConfig, p: Plan, run_dir: Path) -> str:
     """command.txt for a run dir prepared without a launch (e.g. by `shardtrain sbatch`)."""
-    from shardtrain.launcher.spawn import build_launch, choose_launcher, local_devices
+    from shardtrain.launcher.hosts import local_devices
+    from shardtrain.launcher.rankstart import build_launch, choose_launcher
     gpus, device = local_devices(cfg.run.device)
     spec = build_launch(run_dir=run_dir, launcher=choose_launcher(None, cfg, p),
                         nproc_per_node=p.hardware.gpus_per_node, gpus=gpus, device=device)
@@ -163,33 +147,24 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def has_state(run_dir: Path) -> bool:
     """True when the workers have written checkpoints or metrics here."""
-    ck = run_dir / "checkpoints"
-    return (ck.is_dir() and any(ck.iterdir())) or (run_dir / "metrics.jsonl").is_file() or (run_dir / "final").exists()
+    ck = run_dir / rf.CHECKPOINTS
+    return (ck.is_dir() and any(ck.iterdir())) or (run_dir / rf.METRICS_JSONL).is_file() or (run_dir / rf.FINAL).exists()
 
 
-def completed_steps(run_dir: Path) -> int:
-    """The last optimizer step recorded in metrics.jsonl (0 when none)."""
-    last = 0
-    try:
-        for line in (Path(run_dir) / "metrics.jsonl").read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):  # a damaged line (issue 13): skip it
-                continue
-            if isinstance(rec, dict) and rec.get("kind", "train") == "train" and isinstance(rec.get("step"), int):
-                last = max(last, rec["step"])
-    except OSError:
-        return 0
-    return last
+def record_config_and_plan(run_dir: Path, cfg: RunConfig, p: Plan) -> None:
+    """Rewrite run.yaml and plan.json only (a re-plan after OOM records its new batch split before
+    :func:`write_run_dir` compares the run dir's config with the launch's)."""
+    for name, text in ((rf.RUN_YAML, rf.config_text(cfg.to_dict())), (rf.PLAN_JSON, rf.json_text(p.to_json()))):
+        _atomic_write(Path(run_dir) / name, text)
 
 
 def move_state_aside(run_dir: Path) -> Path | None:
     """--no-resume: move checkpoints, metrics, final/, memory reports and logs to previous/<timestamp>/."""
-    entries = [run_dir / e for e in STATE_ENTRIES] + sorted(run_dir.glob("memory_rank*.json"))
+    entries = [run_dir / e for e in rf.STATE_ENTRIES] + sorted(run_dir.glob(rf.MEMORY_RANK_GLOB))
     entries = [e for e in entries if e.exists()]
     if not entries:
         return None
-    dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest = run_dir / rf.PREVIOUS / time.strftime("%Y%m%d-%H%M%S")
     n = 1
     while dest.exists():
         dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
@@ -211,6 +186,7 @@ def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, comman
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run dir {run_dir} exists and is not a directory; pick another --run-dir")
     new_cfg = cfg.to_dict()
+    p = plan_with_facts(cfg, p)
     new_plan = p.to_json()
     moved = None
     state = run_dir.is_dir() and has_state(run_dir)
@@ -219,7 +195,7 @@ def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, comman
         state = False
     elif state:
         problems = []
-        old_yaml = run_dir / "run.yaml"
+        old_yaml = run_dir / rf.RUN_YAML
         if old_yaml.is_file():
             try:
                 old_cfg = yaml.safe_load(old_yaml.read_text()) or {}
@@ -228,7 +204,7 @@ def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, comman
             old_cfg = old_cfg if isinstance(old_cfg, dict) else {}
             diff = {k: v for k, v in config_diff(old_cfg, new_cfg).items() if k not in RESUME_SAFE_KEYS}
             problems += [f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items()]
-        old_plan = run_dir / "plan.json"
+        old_plan = run_dir / rf.PLAN_JSON
         if old_plan.is_file() and not problems:
             try:
                 old = json.loads(old_plan.read_text())
@@ -247,14 +223,13 @@ def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, comman
                   "previous/), or use another --run-dir (or run.name). Keys you may change on resume: "
                 + ", ".join(sorted(RESUME_SAFE_KEYS)))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs").mkdir(exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    files = {"run.yaml": yaml.safe_dump(new_cfg, sort_keys=False),
-             "plan.json": json.dumps(new_plan, indent=2) + "\n"}
+    (run_dir / rf.LOGS).mkdir(exist_ok=True)
+    (run_dir / rf.CHECKPOINTS).mkdir(exist_ok=True)
+    files = {rf.RUN_YAML: rf.config_text(new_cfg), rf.PLAN_JSON: rf.json_text(new_plan)}
     for name, d in emitted_configs(cfg, p).items():
-        files[name] = json.dumps(d, indent=2) + "\n"
-    files["command.txt"] = command_text if command_text is not None else default_command_text(cfg, p, run_dir)
-    for name in RUN_FILES:  # a stale engine config from an earlier strategy would mislead the worker
+        files[name] = rf.json_text(d)
+    files[rf.COMMAND_TXT] = command_text if command_text is not None else default_command_text(cfg, p, run_dir)
+    for name in rf.RUN_FILES:  # a stale engine config from an earlier strategy would mislead the worker
         if name not in files:
             (run_dir / name).unlink(missing_ok=True)
     for name, text in files.items():
@@ -270,9 +245,5 @@ def prepare_run_dir(config_path_or_dict, overrides: dict, run_dir) -> Path:
     is the same (resume); raises ConfigError when it changed in a way that invalidates them, and
     NoFitError (a PlanningError) when the plan does not fit.
     """
-    from shardtrain.compiler.planner import NoFitError
-    cfg = load_config(config_path_or_dict, overrides)
-    p = compile_plan(cfg)
-    if not p.chosen.fits:
-        raise NoFitError(f"the {p.strategy.value} plan does not fit: {'; '.join(p.chosen.why_not)}", p)
-    return write_run_dir(run_dir, cfg, p, resume=cfg.run.resume != "never").run_dir
+    cfg, p = pipeline.compile(config_path_or_dict, overrides, must_fit=True)
+    return write_run_dir(run_dir, cfg, p, resume=cfg.run.resume is not Resume.NEVER).run_dir

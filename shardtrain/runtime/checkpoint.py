@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from shardtrain.compiler.specs import Engine
 from shardtrain.runtime import ckpt_files as files
-from shardtrain.runtime.ckpt_files import COMPLETE, CheckpointSpaceError  # noqa: F401  (re-exported)
+from shardtrain.runtime.ckpt_files import CheckpointSpaceError
 from shardtrain.runtime.dist import barrier
 from shardtrain.runtime.faults import maybe_kill
 
@@ -35,7 +35,7 @@ SPACE_MARGIN = 1.10
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step}"
+    return files.checkpoint_dir(run_dir, step)
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
@@ -154,7 +154,7 @@ def save_checkpoint(eng, run_dir: Path, step: int, trainer_state: dict, keep: in
     maybe_kill("save", rank, step)  # TEST-ONLY (runtime/faults.py): a crash in the middle of a save
     barrier()
     if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        (tmp / files.TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         files.seal(tmp, final)
         files.prune(root, max(1, keep))
     barrier()
@@ -191,7 +191,7 @@ def load_checkpoint(eng, d: Path) -> dict:
     rng = d / f"rng_rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(_load(rng))
-    return json.loads((d / "trainer_state.json").read_text())
+    return json.loads((d / files.TRAINER_STATE).read_text())
 
 
 def full_state_dict(eng) -> dict | None:

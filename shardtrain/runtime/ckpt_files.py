@@ -23,25 +23,11 @@ import os
 import shutil
 from pathlib import Path
 
+from shardtrain.rundir_format import (CHECKPOINTS, COMPLETE, LATEST, MANIFEST, TMP_PREFIX,  # noqa: F401
+                                      TRAINER_STATE, checkpoint_dir, step_of)
+from shardtrain.runtime.faults import TEST_FREE_BYTES_ENV  # TEST-ONLY hook (all in runtime/faults.py)
+
 log = logging.getLogger("shardtrain.checkpoint")
-
-COMPLETE = "COMPLETE"
-MANIFEST = "MANIFEST.json"
-LATEST = "latest"
-TMP_PREFIX = ".tmp_"
-#: TEST-ONLY: pretend the checkpoint file system has this many free bytes (exercises the free-disk
-#: preflight without filling a disk). Never set it in production.
-TEST_FREE_BYTES_ENV = "SHARDTRAIN_TEST_FREE_BYTES"
-
-
-def step_of(d: Path) -> int | None:
-    name = d.name
-    if not name.startswith("step_"):
-        return None
-    try:
-        return int(name[5:])
-    except ValueError:
-        return None
 
 
 def fsync_path(p: Path) -> None:
@@ -98,11 +84,11 @@ def seal(tmp: Path, final: Path) -> None:
 def verify(d: Path) -> str | None:
     """None when ``d`` is a complete checkpoint, else why not (one short phrase)."""
     if not (d / COMPLETE).is_file():
-        return "no COMPLETE marker (the save did not finish)"
+        return f"no {COMPLETE} marker (the save did not finish)"
     try:
-        json.loads((d / "trainer_state.json").read_text())
+        json.loads((d / TRAINER_STATE).read_text())
     except (OSError, ValueError) as e:
-        return f"trainer_state.json unreadable ({type(e).__name__})"
+        return f"{TRAINER_STATE} unreadable ({type(e).__name__})"
     mf = d / MANIFEST
     if not mf.is_file():
         return None  # written before manifests existed: COMPLETE is all there is to check
@@ -122,7 +108,7 @@ def verify(d: Path) -> str | None:
 
 def newest_complete(run_dir: Path, warn: bool = True) -> tuple[int, Path] | None:
     """The newest checkpoint that verifies; each newer one that does not is skipped with one warning."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     found = sorted(((n, d) for d in (root.iterdir() if root.is_dir() else []) if d.is_dir()
                     and (n := step_of(d)) is not None), reverse=True)
     for n, d in found:

@@ -124,22 +124,14 @@ class FSDP2Engine(BaseEngine):
     kind = Engine.FSDP
 
     def __init__(self, model, optimizer_factory, *, settings, full_state: dict | None, **kw):
-        from torch.distributed.fsdp import fully_shard
+        from shardtrain.runtime.fsdp_wrap import shard_model
         super().__init__(model, None, **kw)
         dev = self.device
-        kwargs = dict(mesh=settings.device_mesh(dev.type), mp_policy=settings.mixed_precision_policy(),
-                      reshard_after_forward=settings.reshard_after_forward)
         offloaded = settings.cpu_offload
-        if offloaded:
-            from torch.distributed.fsdp import CPUOffloadPolicy
-            # pin_memory needs an accelerator ("Cannot access accelerator device" on CPU-only hosts)
-            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=settings.offload_pin_memory and dev.type == "cuda")
         units = decoder_layers(model, settings.wrap_class)
         if not units:
             raise ValueError(f"fsdp.json wrap_class {settings.wrap_class!r} matches no module of the model")
-        for layer in units:
-            fully_shard(layer, **kwargs)
-        fully_shard(model, **kwargs)
+        shard_model(model, settings, dev.type, units)
         if any(t.is_meta for t in model.parameters()) or full_state is not None:
             self._load_full(model, full_state, offloaded)
         self.defer_sync = settings.defer_grad_sync
@@ -175,21 +167,19 @@ class DeepSpeedEngine(BaseEngine):
 
     def __init__(self, model, optimizer, *, ds_config: dict, grad_accum: int, zero_stage: int,
                  offload_optimizer: bool, offload_params: bool, **kw):
+        """`ds_config`: the plan's (emit/deepspeed.py verify() checked it against the plan when the run
+        dir was written); `optimizer`: None when the config's optimizer block builds it."""
         import deepspeed
         super().__init__(model, optimizer, **kw)
         self.zero_stage, self.offload_optimizer, self.offload_params = zero_stage, offload_optimizer, offload_params
-        gas = int(ds_config.get("gradient_accumulation_steps", grad_accum))
-        if gas != grad_accum:
-            raise ValueError(f"ds_config.json gradient_accumulation_steps={gas} != plan grad_accum_steps={grad_accum}")
-        self.loss_multiplier = float(gas)
+        self.loss_multiplier = float(grad_accum)
         args = dict(model=model, model_parameters=trainable(model), config=ds_config)
-        if optimizer is not None and "optimizer" not in ds_config:
+        if optimizer is not None:
             args["optimizer"] = optimizer
         from shardtrain.runtime.dist import init_deepspeed_comm
         init_deepspeed_comm()  # before initialize: one place sets up deepspeed.comm (and its shm cleanup)
         self.ds, self.optimizer, _, self.ds_scheduler = deepspeed.initialize(**args)
         self.module = self.ds
-        self.own_schedule = "scheduler" not in ds_config
 
     def forward(self, batch):
         return self.ds(**batch).logits
@@ -200,8 +190,7 @@ class DeepSpeedEngine(BaseEngine):
             self.ds.step()  # DeepSpeed counts micro-steps; no optimizer step off the boundary
 
     def step(self, lr):
-        if self.own_schedule:
-            self.set_lr(lr)
+        self.set_lr(lr)  # the emitted config has no scheduler block: the loop's schedule drives the LR
         assert self.ds.is_gradient_accumulation_boundary(), "DeepSpeed accumulation out of step with the plan"
         self.ds.step()
         norm = self.ds.get_global_grad_norm()

@@ -1,10 +1,19 @@
-"""TEST-ONLY fault injection for the crash-safety tests (issue 13). Never set these in production.
+"""TEST-ONLY hooks, all in this one module (issues 9, 13). Never set these in production.
+
+The multi-process tests need environment variables: a fixture cannot monkeypatch a rank that torchrun
+spawned. Every hook is read from the environment where it acts (one dict lookup, nothing else, when
+unset) so a test driver can change them between runs in one process.
 
 ``SHARDTRAIN_TEST_KILL="ATTEMPT:RANK:STEP:POINT[;...]"`` — in restart attempt ATTEMPT (torchrun's
 ``TORCHELASTIC_RESTART_COUNT``, 0 for the first run), rank RANK sends itself SIGKILL at STEP:
 POINT ``step`` right after that optimizer step (a worker dying mid-run), ``save`` in the middle of
 saving the checkpoint of that step (after its files are written into ``.tmp_step_N``, before the
 checkpoint is sealed). SIGKILL, like the OOM killer or a node failure: no handler, no cleanup.
+``SHARDTRAIN_TEST_SIGNAL_AT_STEP=N[:SIG]`` — after optimizer step N rank 0 sends itself SIGUSR2 (a
+simulated Slurm warning), or SIG.
+``SHARDTRAIN_TEST_OOM_AT_MICRO_BATCH=B`` — an injected allocation limit (below).
+``SHARDTRAIN_TEST_FREE_BYTES=N`` — the checkpoint file system reports N free bytes (runtime/ckpt_files.py:
+exercises the free-disk preflight without filling a disk).
 """
 from __future__ import annotations
 
@@ -12,6 +21,19 @@ import os
 import signal
 
 TEST_KILL_ENV = "SHARDTRAIN_TEST_KILL"
+TEST_SIGNAL_ENV = "SHARDTRAIN_TEST_SIGNAL_AT_STEP"
+TEST_FREE_BYTES_ENV = "SHARDTRAIN_TEST_FREE_BYTES"
+
+
+def test_signal() -> tuple[int, signal.Signals] | None:
+    """(step, signal) from SHARDTRAIN_TEST_SIGNAL_AT_STEP ("3" or "3:TERM"), None when unset."""
+    v = os.environ.get(TEST_SIGNAL_ENV)
+    if not v:
+        return None
+    from shardtrain.exitcodes import signal_number
+    at, _, name = v.partition(":")
+    step = int(at or 0)
+    return (step, signal_number(name or "USR2")) if step else None
 
 
 def maybe_kill(point: str, rank: int, step: int) -> None:
@@ -53,6 +75,8 @@ def record_oom(run_dir, rank: int, exc: BaseException) -> None:
     import json
     import resource
     from pathlib import Path
+
+    from shardtrain import rundir_format as rf
     peak, device, capacity = 0, "cpu", 0
     try:
         import torch
@@ -64,8 +88,8 @@ def record_oom(run_dir, rank: int, exc: BaseException) -> None:
         pass
     if not peak:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    d = Path(run_dir) / "oom"
+    d = Path(run_dir) / rf.OOM_DIR
     d.mkdir(parents=True, exist_ok=True)
     rec = {"rank": rank, **_where, "device": device, "device_capacity_bytes": capacity,
            "measured_peak_bytes": peak, "error": str(exc)[:500]}
-    (d / f"rank{rank}.json").write_text(json.dumps(rec))
+    (d / rf.oom_record_name(rank)).write_text(json.dumps(rec))

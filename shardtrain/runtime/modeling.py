@@ -8,7 +8,7 @@ dict with `set_model_state_dict(..., broadcast_from_rank0=True)`. ZeRO-3 loading
 random model ≥ ZERO_INIT_MIN_PARAMS) builds under `deepspeed.zero.Init`, partitioned at construction
 (small random models are not: zero.Init draws different weights for the same seed).
 
-Dtype policy (shardtrain/compiler/memory.py): DDP/FSDP2 full fine-tuning keeps params fp32 (autocast /
+Dtype policy (compiler/memory.py): DDP/FSDP2 full fine-tuning keeps params fp32 (autocast /
 MixedPrecisionPolicy compute in 16-bit); DeepSpeed builds in the 16-bit compute dtype (it keeps the
 fp32 master copy); LoRA's frozen base is in the compute dtype and peft upcasts adapters to fp32;
 QLoRA stores decoder-layer Linear weights in NF4 (double quantisation) and the rest in 16-bit.
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardtrain.compiler.plan import ModelRef
 from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision
 
 ZERO_INIT_MIN_PARAMS = 10**9
@@ -41,32 +42,22 @@ class ModelSource:
     model_dir: str | None       # checkpoint directory (tokenizer lookup), if any
 
 
-def model_source(cfg, plan) -> ModelSource:
-    """From `model.name` (preset, config.json, checkpoint dir) or `model.params` (plan's shape)."""
+def model_source(ref: ModelRef) -> ModelSource:
+    """The model the plan's runtime facts name (emit/runtime.py resolved it when the run dir was written):
+    a checkpoint directory (its config.json; its weights unless model.init is random) or config.json
+    contents (a preset, a config.json path, a `--params` shape: random init)."""
     from transformers import AutoConfig
-    from shardtrain.config.presets import load_model_config
-    m = cfg.model
-    model_dir = None
-    if m.name is not None:
-        p = Path(m.name).expanduser()
-        from shardtrain.config import hub
-        if hub.is_hub_id(m.name) and hub.snapshot_dir(m.name):  # ORG/NAME[@REV]: the cached snapshot
-            p = hub.snapshot_dir(m.name)
-        if p.is_dir():
-            model_dir = str(p)
-            config = AutoConfig.from_pretrained(model_dir)
-        else:
-            raw, _ = load_model_config(m.name)
-            raw = dict(raw)
-            config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    model_dir = ref.checkpoint_dir
+    if model_dir is not None:
+        config = AutoConfig.from_pretrained(model_dir)
     else:
-        raw = plan.model.to_hf_config()
+        raw = dict(ref.hf_config)
         config = AutoConfig.for_model(raw.pop("model_type"), **raw)
     has_weights = model_dir is not None and any((Path(model_dir) / f).is_file() for f in WEIGHT_FILES)
-    if m.init == "pretrained" and not has_weights:
-        raise FileNotFoundError(f"model.init: pretrained, but {m.name!r} is not a checkpoint directory "
+    if ref.init == "pretrained" and not has_weights:
+        raise FileNotFoundError(f"model.init: pretrained, but {ref.name!r} is not a checkpoint directory "
                                 f"with weights ({', '.join(WEIGHT_FILES)})")
-    weights = model_dir if has_weights and m.init != "random" else None
+    weights = model_dir if has_weights and ref.init != "random" else None
     config.use_cache = False
     return ModelSource(config=config, weights_dir=weights, model_dir=model_dir)
 

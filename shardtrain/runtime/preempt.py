@@ -1,6 +1,6 @@
 """Pre-emption / time-limit handling inside each rank.
 
-Signal path under Slurm (see :mod:`shardtrain.slurm.job`): ``#SBATCH --signal=USR2@N`` makes Slurm
+Signal path under Slurm (see :mod:`shardtrain.slurm.script`): ``#SBATCH --signal=USR2@N`` makes Slurm
 send SIGUSR2 to every process of the job steps on every node N seconds before the time limit (a
 pre-empting scheduler or ``scancel`` sends SIGTERM). The launchers (torchrun agent, deepspeed
 runner) were started with the signal ignored, so they survive; each worker calls
@@ -32,14 +32,10 @@ import subprocess
 import time
 from typing import Callable, Optional, Union
 
+from shardtrain.exitcodes import ENV_MAX_REQUEUES, ENV_PREEMPT_SIGNAL, EXIT_PREEMPTED, signal_number
+
 __all__ = ["PreemptionHandler", "signal_number", "EXIT_PREEMPTED", "shared_handler", "release_shared"]
 
-#: Exit code of a worker (and of `shardtrain launch`) that stopped on a signal AFTER saving a complete
-#: checkpoint: 75 = EX_TEMPFAIL of sysexits.h ("temporary failure; the user is invited to retry"): run
-#: the same command again to resume. Distinct from success (0), errors (1), "does not fit" (2), the
-#: launcher's timeout (124) and killed-by-signal (128+N). Slurm records it as FAILED, ExitCode 75, so a
-#: job whose requeue limit is reached never shows COMPLETED.
-EXIT_PREEMPTED = 75
 #: A SECOND signal this many seconds or more after the first stops the process at once (exit 128+N).
 #: Closer ones are the same event delivered twice (scancel signals every process of the step AND
 #: torchrun forwards its own SIGTERM to the workers), so they must not cancel the checkpoint.
@@ -49,23 +45,6 @@ SECOND_SIGNAL_AFTER_S = 2.0
 DEFAULT_SIGNALS = ("SIGUSR2", "SIGTERM", "SIGINT", "SIGUSR1")
 
 log = logging.getLogger("shardtrain.preempt")
-
-#: Set by rendered batch scripts: the early-warning signal (``USR2``) and the requeue limit.
-ENV_SIGNAL = "SHARDTRAIN_PREEMPT_SIGNAL"
-ENV_MAX_REQUEUES = "SHARDTRAIN_MAX_REQUEUES"
-
-
-def signal_number(name: Union[str, int]) -> signal.Signals:
-    """``"SIGUSR2"``, ``"USR2"`` or ``12`` -> ``signal.SIGUSR2``."""
-    if isinstance(name, int):
-        return signal.Signals(name)
-    text = name.strip().upper()
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return signal.Signals[text]
-    except KeyError:
-        raise ValueError(f"unknown signal {name!r}") from None
 
 
 class PreemptionHandler:
@@ -92,7 +71,7 @@ class PreemptionHandler:
     ) -> "PreemptionHandler":
         """Use ``SHARDTRAIN_PREEMPT_SIGNAL`` (plus SIGTERM) and ``SHARDTRAIN_MAX_REQUEUES`` when a
         rendered batch script set them, else the defaults."""
-        sig = os.environ.get(ENV_SIGNAL)
+        sig = os.environ.get(ENV_PREEMPT_SIGNAL)
         signals = (sig, *default_signals) if sig else default_signals
         limit = os.environ.get(ENV_MAX_REQUEUES)
         return cls(signals, int(limit) if limit else default_max_requeues)
@@ -127,16 +106,10 @@ class PreemptionHandler:
         including SIG_IGN (launchers are started with the signal ignored so they survive it).
         The signal named by ``SHARDTRAIN_PREEMPT_SIGNAL`` is added when set."""
         sigs = list(self.signals)
-        env_sig = os.environ.get(ENV_SIGNAL)
-        if env_sig:
-            try:
-                extra = signal_number(env_sig)
-            except ValueError:
-                log.warning("ignoring %s=%r: not a signal", ENV_SIGNAL, env_sig)
-            else:
-                if extra not in sigs:
-                    sigs.append(extra)
-                    self.signals = tuple(sigs)
+        extra = _from_env(ENV_PREEMPT_SIGNAL, signal_number, "a signal")
+        if extra is not None and extra not in sigs:
+            sigs.append(extra)
+            self.signals = tuple(sigs)
         for s in sigs:
             prev = signal.signal(s, self._handler)
             self._previous.setdefault(s, prev)
@@ -192,13 +165,8 @@ class PreemptionHandler:
         if not job_id:
             log.warning("not requeueing: SLURM_JOB_ID is not set (not running under Slurm)")
             return False
-        limit = self.max_requeues
-        env_limit = os.environ.get(ENV_MAX_REQUEUES)
-        if env_limit:
-            try:
-                limit = int(env_limit)
-            except ValueError:
-                log.warning("ignoring %s=%r: not an integer", ENV_MAX_REQUEUES, env_limit)
+        limit = _from_env(ENV_MAX_REQUEUES, int, "an integer")
+        limit = self.max_requeues if limit is None else limit
         try:
             restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         except ValueError:
@@ -231,6 +199,18 @@ class PreemptionHandler:
             return False
         log.warning("requeued job %s (restart %d of at most %d)", job_id, restarts + 1, limit)
         return True
+
+
+def _from_env(name: str, parse, what: str):
+    """parse(os.environ[name]); None when unset or unparsable (with one warning naming the variable)."""
+    v = os.environ.get(name)
+    if not v:
+        return None
+    try:
+        return parse(v)
+    except ValueError:
+        log.warning("ignoring %s=%r: not %s", name, v, what)
+        return None
 
 
 def _collective_device(dist) -> "torch.device":  # noqa: F821

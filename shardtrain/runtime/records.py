@@ -28,21 +28,11 @@ class DataFormatError(ValueError):
 
 
 def resolve_source(path: str | Path) -> Path:
-    """A local path as given, else a Hub dataset id ORG/NAME[@REV] from the local Hugging Face cache
-    (`hf download --repo-type dataset ORG/NAME`): its snapshot directory. Never downloads: data is
-    read by every rank, so it must be on disk before the launch."""
+    """A local path. Hub dataset ids ORG/NAME[@REV] are resolved to their cached snapshot before the ranks
+    start (config/hub.py dataset_source, carried in plan.json's runtime facts)."""
     p = Path(path).expanduser()
     if p.exists():
         return p
-    from shardtrain.config import hub
-    if hub.is_hub_id(str(path)):
-        snap = hub.dataset_snapshot(str(path))
-        if snap is not None:
-            return snap
-        repo, rev = hub.split_id(str(path))
-        raise DataFormatError(f"{path}: not a local file, and the dataset {repo!r} is not in the local Hugging Face "
-                              f"cache; fix: `hf download --repo-type dataset {repo}"
-                              f"{' --revision ' + rev if rev else ''}` (same HF_HOME/HF_HUB_CACHE), or give a path")
     raise FileNotFoundError(f"data file {str(p)!r} does not exist")
 
 

@@ -1,5 +1,5 @@
 """Model-state bytes on this rank, counted from the real engine objects with the memory model's
-definitions (shardtrain/compiler/memory.py) — the same counting the compiler was calibrated with
+definitions (compiler/memory.py) — the same counting the compiler was calibrated with
 (tests/truth/engine_bytes.py):
 
 Every tensor reachable from the module's parameters (and their `.grad` / quantisation state), the

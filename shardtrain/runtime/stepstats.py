@@ -7,14 +7,14 @@
   bit-identical (tests/runtime/test_equivalence.py).
 - The loss is accumulated as a device tensor (no `float(loss)` sync per micro-step) and summed over
   ranks in the step's single collective (`reduce_sum`), read back once.
-- Throughput: tokens/s per device, achieved TFLOP/s and MFU/HFU (compiler/flops.py).
+- Throughput: tokens/s per device, achieved TFLOP/s and MFU/HFU from the plan's runtime facts (FLOPs per
+  token from compiler/flops.py, the GPU preset's peak; emit/runtime.py puts them in plan.json).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from shardtrain.compiler import flops as F
 from shardtrain.runtime.data import IGNORE
 
 
@@ -61,26 +61,18 @@ class Throughput:
     """tokens/s per device, and TFLOP/s + MFU (model FLOPs) + HFU (with recomputation) per device."""
 
     def __init__(self, plan, world_size: int, device_type: str, checkpointed_layers: int):
-        m, c = plan.model, plan.chosen
-        self.flops = F.train_flops_per_token(m, plan.train.seq_len, full_finetune=c.method.value == "full",
-                                             checkpointed_layers=checkpointed_layers)
+        rt = plan.runtime
+        self.model_flops = rt.model_flops_per_token
+        self.hardware_flops = rt.hardware_flops_per_token(checkpointed_layers)
         self.world = max(1, world_size)
-        self.peak_tflops = peak_tflops(plan, c.precision.value) if device_type == "cuda" else 0.0
+        self.peak_tflops = rt.peak_tflops if device_type == "cuda" else 0.0
 
     def metrics(self, tokens: float, seconds: float) -> dict:
         per_dev = tokens / max(seconds, 1e-12) / self.world
         out = {"tokens_per_s_per_device": per_dev,
-               "tflops_per_device": self.flops.hardware * per_dev / 1e12}
+               "tflops_per_device": self.hardware_flops * per_dev / 1e12}
         if self.peak_tflops > 0:
-            out["mfu"] = F.utilisation(self.flops.model, per_dev, self.peak_tflops)
-            out["hfu"] = F.utilisation(self.flops.hardware, per_dev, self.peak_tflops)
+            # achieved FLOP/s over the peak (PaLM's MFU; HFU counts the recomputed forward too)
+            out["mfu"] = self.model_flops * per_dev / (self.peak_tflops * 1e12)
+            out["hfu"] = self.hardware_flops * per_dev / (self.peak_tflops * 1e12)
         return out
-
-
-def peak_tflops(plan, precision: str) -> float:
-    """The plan's GPU preset peak for the training precision (config/presets.py), else the plan's bf16 figure."""
-    from shardtrain.config.presets import get_gpu_preset
-    try:
-        return get_gpu_preset(plan.hardware.gpu_name).tflops(precision)
-    except (KeyError, ValueError):
-        return plan.hardware.bf16_tflops if precision != "fp32" else 0.0

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from shardtrain.rundir_format import STEP, iter_metrics
+
 log = logging.getLogger("shardtrain.worker")
 MiB = 2**20
 LEAK_WINDOW = 5
@@ -104,14 +106,7 @@ class MetricsWriter:
         self.flush()
         if not self.enabled or not self.path.is_file():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("step", 0) <= step:
-                keep.append(json.dumps(rec))
+        keep = [json.dumps(rec) for rec in iter_metrics(self.path) if rec.get(STEP, 0) <= step]  # skips cut lines
         self.path.write_text("".join(k + "\n" for k in keep))
 
     def write(self, rec: dict) -> None:

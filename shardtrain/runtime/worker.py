@@ -2,8 +2,9 @@
 deepspeed launcher, which appends `--local_rank=N`; ignored — LOCAL_RANK comes from the environment).
 
 Run directory contract (written by `shardtrain launch`):
-  in:  run.yaml (resolved RunConfig), plan.json (Plan JSON incl. "spec"), ds_config.json (DeepSpeed),
-       fsdp.json (FSDP2 settings, optional)
+  in:  run.yaml (resolved RunConfig: the keys runtime/settings.py reads), plan.json (Plan JSON incl.
+       "spec" and the "runtime" facts: model and data sources, engine configs, predictions; compiler/facts.py);
+       ds_config.json / fsdp.json are exports of the same engine configs (an edited one is refused)
   out: metrics.jsonl (rank 0: one record per optimizer step, "kind": "train" | "eval"),
        memory_rank{R}.json, checkpoints/step_N/, final/, logs/worker_rank{R}.log, logs/memory_table.txt
 Exit 0 when done; 75 (preempt.EXIT_PREEMPTED) when stopped by SIGTERM/SIGINT/SIGUSR1/SIGUSR2 after
@@ -11,18 +12,16 @@ saving a checkpoint at the agreed step (a "preempted at step N" line; Slurm requ
 limit; rerun to resume); 128+N on a second signal N (stops at once); 1 on errors.
 Resume: with run.resume=auto the latest complete checkpoints/step_N is loaded; the step counter, the
 data position (a pure function of the step) and the RNG continue, and metrics.jsonl is cut back to
-step N so every step appears once. Environment: SHARDTRAIN_DEVICE (overrides run.device),
-SHARDTRAIN_TEST_SIGNAL_AT_STEP=N[:SIG] (tests: rank 0 sends itself SIGUSR2, or SIG, after step N).
+step N so every step appears once. Environment: SHARDTRAIN_DEVICE (overrides run.device); the
+tests' SHARDTRAIN_TEST_* hooks are all in runtime/faults.py.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -33,12 +32,13 @@ if __name__ == "__main__":  # before importing torch: a pre-emption signal durin
 
 import torch
 
+from shardtrain import rundir_format as rf
 from shardtrain.runtime import checkpoint as ckpt
 from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed
 from shardtrain.runtime.build import Run, setup
 from shardtrain.runtime.data import count_label_tokens, eval_indices
-from shardtrain.runtime.faults import maybe_kill, maybe_oom
-from shardtrain.runtime.loss import ce_sum, token_loss  # noqa: F401  (ce_sum: re-exported for tests)
+from shardtrain.runtime.faults import maybe_kill, maybe_oom, test_signal
+from shardtrain.runtime.loss import token_loss
 from shardtrain.runtime.optim import lr_at
 from shardtrain.runtime.telemetry import LeakDetector, MetricsWriter, PhaseMemory, progress_bar
 from shardtrain.runtime.trackers import with_trackers
@@ -46,8 +46,6 @@ from shardtrain.runtime.state_bytes import StateMeter, live_bytes
 from shardtrain.runtime.stepstats import reduce_sum
 
 log = logging.getLogger("shardtrain.worker")
-TEST_SIGNAL_ENV = "SHARDTRAIN_TEST_SIGNAL_AT_STEP"
-"""Tests: after this optimizer step, rank 0 sends itself SIGUSR2 (a simulated Slurm warning)."""
 
 
 def _to(batch: dict, device) -> dict:
@@ -140,7 +138,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     r = setup(run_dir, info)
     cfg, eng = r.cfg, r.engine
     main = info.is_main
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", main)
+    metrics = MetricsWriter(run_dir / rf.METRICS_JSONL, main)
     start = 0
     latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume == "auto" else None
     if latest:
@@ -152,8 +150,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     if on_setup is not None:
         on_setup(r)
     shared_handler(cfg.run.max_requeues)
-    at, _, sig_name = (os.environ.get(TEST_SIGNAL_ENV, "") or "0").partition(":")  # "3" or "3:TERM"
-    signal_at, test_sig = int(at or 0), signal.Signals["SIG" + (sig_name or "USR2").upper().removeprefix("SIG")]
+    signal_at = test_signal()  # TEST-ONLY (runtime/faults.py): a simulated Slurm warning
     meter = StateMeter(eng)
     if cfg.run.memory_trace:  # MemTracker peak per phase on the measured step (runtime/memtrace.py)
         from shardtrain.runtime.memtrace import StepMemTrace
@@ -199,8 +196,8 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
             ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step), cfg.run.keep_checkpoints)
             saved_at = step
         maybe_kill("step", info.rank, step)  # TEST-ONLY (runtime/faults.py): a worker dying mid-run
-        if signal_at and step == signal_at and main:
-            os.kill(os.getpid(), test_sig)
+        if signal_at and step == signal_at[0] and main:
+            os.kill(os.getpid(), signal_at[1])
         if step < total and pre.should_stop():
             metrics.flush()
             if saved_at != step:
@@ -222,7 +219,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     result = {"losses": losses, "evals": evals, "preempted": preempted, "start_step": start}
     if not preempted:
         ckpt.save_checkpoint(eng, run_dir, total, trainer_state(r, total), cfg.run.keep_checkpoints)
-        ckpt.save_final(eng, run_dir / "final", r.tokenizer)
+        ckpt.save_final(eng, run_dir / rf.FINAL, r.tokenizer)
     result["memory"] = r.write_memory_report(meter, phase)
     release_shared()
     eng.close()
@@ -260,18 +257,18 @@ def _speed_text(rec: dict, per_device: bool = True) -> str:
 
 def _device_pref(run_dir: Path) -> str:
     import yaml
-    raw = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
+    raw = yaml.safe_load((run_dir / rf.RUN_YAML).read_text()) or {}
     return (raw.get("run") or {}).get("device", "auto")
 
 
 def _setup_logging(run_dir: Path, rank: int) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / rf.LOGS).mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("shardtrain")
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(logging.INFO)
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s")
-    fh = logging.FileHandler(run_dir / "logs" / f"worker_rank{rank}.log")
+    fh = logging.FileHandler(run_dir / rf.LOGS / rf.worker_log_name(rank))
     fh.setFormatter(fmt)
     root.addHandler(fh)
     if rank == 0:

@@ -10,46 +10,22 @@ script runs (in the batch shell, before any worker) when its run dir has no ``pl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from shardtrain.slurm.job import LAUNCHERS, SbatchJob, render
+from shardtrain.launcher.rankstart import LAUNCHERS
+from shardtrain.slurm.job import SbatchJob
+from shardtrain.slurm.script import render
 
 __all__ = ["add_sbatch_parser", "sbatch_cli", "build_job", "main"]
 
 
-def _split_override(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise SystemExit(f"--set {text!r}: write section.key=value, e.g. train.steps=100")
-    return key.strip(), value
-
-
-def _overrides_dict(items: Sequence[str]) -> dict[str, str]:
-    return dict(_split_override(s) for s in items)
-
-
 def _prepare(config: str, overrides: Sequence[str], run_dir: Path) -> Path:
-    # Imported lazily: the run-dir module pulls in the compiler; rendering needs none of it.
-    from shardtrain.launcher.rundir import prepare_run_dir
-
-    return Path(prepare_run_dir(config, _overrides_dict(overrides), run_dir))
-
-
-def _default_run_dir(config: str, overrides: Sequence[str]) -> Path:
-    """``<run.output_dir>/<run.name or config file stem>``, absolute."""
-    from shardtrain.launcher.rundir import default_run_dir, load_config
-
-    return Path(default_run_dir(load_config(config, _overrides_dict(overrides)), config)).absolute()
-
-
-def _config_value(config: str, overrides: Sequence[str], section: str, key: str, default):
-    from shardtrain.config.schema import load_run_config
-
-    cfg = load_run_config(config, _overrides_dict(overrides))
-    return getattr(getattr(cfg, section), key, default)
+    """``prepare``: what a rendered script runs on the compute node (the same overrides, the same plan)."""
+    from shardtrain.config.flags import parse_sets
+    from shardtrain.launcher.rundir import prepare_run_dir  # lazily: rendering needs no compiler
+    return Path(prepare_run_dir(config, parse_sets(overrides), run_dir))
 
 
 def add_sbatch_parser(subparsers) -> argparse.ArgumentParser:
@@ -71,7 +47,7 @@ def add_sbatch_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_sbatch_arguments(p: argparse.ArgumentParser) -> None:
     # the same flag set as plan/emit/check/launch (config, --set, --model, --seq-len, --nodes, ...)
-    from shardtrain.cli import add_plan_flags
+    from shardtrain.config.flags import add_plan_flags
     add_plan_flags(p)
     p.add_argument("--run-dir", help="run directory (default: <run.output_dir>/<run.name>)")
     p.add_argument("--launcher", choices=LAUNCHERS,
@@ -101,17 +77,17 @@ def add_sbatch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
 
 
-def build_job(args: argparse.Namespace, run_dir: Path) -> SbatchJob:
-    """The SbatchJob for parsed ``args`` and a prepared ``run_dir`` (reads plan/ds_config only)."""
-    overrides = _effective_overrides(args)
-    launcher = args.launcher
-    if launcher is None:
-        launcher = _config_value(args.config, overrides, "run", "launcher", "auto")
-    if launcher not in LAUNCHERS:
-        launcher = "deepspeed" if (run_dir / "ds_config.json").is_file() else "torchrun"
+#: sbatch flags that are SbatchJob fields as they are (same name, same value).
+_AS_IS = ("partition", "time", "account", "qos", "constraint", "exclusive", "mem", "cpus_per_task", "output",
+          "request_gpus", "signal", "signal_seconds")
+
+
+def build_job(args: argparse.Namespace, run_dir: Path, cfg, plan, overrides: Sequence[str]) -> SbatchJob:
+    """The SbatchJob for parsed ``args``, the compiled config and plan, and the prepared ``run_dir``."""
+    from shardtrain.launcher.rankstart import choose_launcher
     max_requeues = args.max_requeues
     if max_requeues is None:
-        max_requeues = _config_value(args.config, overrides, "run", "max_requeues", 3)
+        max_requeues = cfg.run.max_requeues
     env = []
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -122,65 +98,46 @@ def build_job(args: argparse.Namespace, run_dir: Path) -> SbatchJob:
         run_dir=str(run_dir),
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
-        launcher=launcher,
+        launcher=choose_launcher(args.launcher, cfg, plan),
         job_name=args.job_name or run_dir.name,
         config=str(Path(args.config).absolute()),
         overrides=tuple(overrides),
         python=args.python or sys.executable,
-        partition=args.partition,
-        time=args.time,
-        account=args.account,
-        qos=args.qos,
-        constraint=args.constraint,
-        exclusive=args.exclusive,
-        mem=args.mem,
-        cpus_per_task=args.cpus_per_task,
-        output=args.output,
-        request_gpus=args.request_gpus,
-        signal=args.signal,
-        signal_seconds=args.signal_seconds,
         max_requeues=max_requeues,
         env=tuple(env),
+        **{name: getattr(args, name) for name in _AS_IS},
     )
 
 
 def _effective_overrides(args: argparse.Namespace) -> list[str]:
-    # The command line's --nodes/--gpus-per-node are the truth: the plan is compiled for them.
-    # Plan flags (--model, --seq-len, ...) become KEY=VALUE overrides, the same ones plan/launch apply.
-    from shardtrain.cli import overrides_from_args
+    """The overrides the script passes back to ``prepare`` on the compute node, as KEY=VALUE strings.
+    The command line's --nodes/--gpus-per-node are the truth: the plan is compiled for them; the other
+    plan flags (--model, --seq-len, ...) are the overrides plan/launch apply (config/flags.py)."""
+    from shardtrain.config.flags import overrides_from_args
     if not args.config or args.nodes is None or args.gpus_per_node is None:
         raise SystemExit("shardtrain sbatch: give RUN.yaml, --nodes N and --gpus-per-node G")
-    flags = overrides_from_args(args) if hasattr(args, "sets") else {}
+    flags = overrides_from_args(args)
     flags.pop("hardware.nodes", None)
     flags.pop("hardware.gpus_per_node", None)
-    return [*getattr(args, "overrides", []), *(f"{k}={'null' if v is None else v}" for k, v in flags.items()),
+    return [*(f"{k}={'null' if v is None else v}" for k, v in flags.items()),
             f"hardware.nodes={args.nodes}", f"hardware.gpus_per_node={args.gpus_per_node}"]
-
-
-def _check_plan(run_dir: Path, job: SbatchJob) -> None:
-    plan = run_dir / "plan.json"
-    try:
-        world = json.loads(plan.read_text()).get("world_size")
-    except (OSError, ValueError, AttributeError, RecursionError):  # issue 13: never a traceback
-        return
-    if isinstance(world, int) and world != job.world_size:
-        raise SystemExit(
-            f"{plan}: world_size {world} != nodes × gpus-per-node = {job.world_size}; "
-            "use a fresh --run-dir or matching --nodes/--gpus-per-node"
-        )
 
 
 def sbatch_cli(args: argparse.Namespace) -> int:
     """Handler of ``shardtrain sbatch``; returns the exit code."""
+    from shardtrain.compiler.specs import Resume
+    from shardtrain.config import pipeline
+    from shardtrain.config.flags import parse_sets
+    from shardtrain.launcher import rundir
     overrides = _effective_overrides(args)
-    run_dir = Path(args.run_dir).absolute() if args.run_dir else _default_run_dir(args.config, overrides)
-    run_dir = _prepare(args.config, overrides, run_dir)
-    run_dir = run_dir.absolute()
+    # compiled once, from the very strings the compute nodes will re-prepare with (the same plan there)
+    cfg, plan = pipeline.compile(args.config, parse_sets(overrides), must_fit=True)
+    run_dir = Path(args.run_dir).absolute() if args.run_dir else rundir.default_run_dir(cfg, args.config)
+    run_dir = rundir.write_run_dir(run_dir, cfg, plan, resume=cfg.run.resume is not Resume.NEVER).run_dir
     try:
-        job = build_job(args, run_dir)
+        job = build_job(args, run_dir, cfg, plan, overrides)
     except ValueError as exc:
         raise SystemExit(f"shardtrain sbatch: {exc}") from None
-    _check_plan(run_dir, job)
     text = render(job)
     script: Optional[Path] = Path(args.script) if args.script else None
     if args.submit and script is None:
@@ -217,8 +174,10 @@ def example_jobs(root: Path) -> dict[str, SbatchJob]:
     """``slurm/<name>.sbatch`` -> SbatchJob for every ``configs/examples/*.yaml`` (its own
     hardware, plus the node counts in EXAMPLE_MULTI_NODE). Paths are relative to the repository
     root, which is where the scripts are submitted from. Compiles each plan (pure)."""
-    from shardtrain.launcher.rundir import compile_plan, load_config
-    from shardtrain.launcher.spawn import choose_launcher
+    from shardtrain.compiler.specs import Device
+    from shardtrain.config import pipeline
+    from shardtrain.config.flags import parse_sets
+    from shardtrain.launcher.rankstart import choose_launcher
 
     root = Path(root)
     jobs: dict[str, SbatchJob] = {}
@@ -226,8 +185,7 @@ def example_jobs(root: Path) -> dict[str, SbatchJob]:
         rel = path.relative_to(root).as_posix()
         for nodes in (None, *EXAMPLE_MULTI_NODE.get(path.stem, ())):
             overrides = () if nodes is None else (f"hardware.nodes={nodes}",)
-            cfg = load_config(str(path), _overrides_dict(overrides))
-            plan = compile_plan(cfg)
+            cfg, plan = pipeline.compile(str(path), parse_sets(overrides))
             name = (cfg.run.name or path.stem) + ("" if nodes is None else f"-{nodes}node")
             script = f"{SCRIPTS_DIR}/{name}.sbatch"
             jobs[script] = SbatchJob(
@@ -241,7 +199,7 @@ def example_jobs(root: Path) -> dict[str, SbatchJob]:
                 python="python3",
                 time="08:00:00",
                 output="slurm-%x-%j.out",
-                request_gpus=cfg.run.device != "cpu",
+                request_gpus=cfg.run.device is not Device.CPU,
                 max_requeues=cfg.run.max_requeues,
                 comment=(
                     f"Example generated from {rel} by `python -m shardtrain.slurm.cli examples`",

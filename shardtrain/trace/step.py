@@ -74,7 +74,7 @@ def fake_process_group(world_size: int):
 
 
 def _hf_config(plan: Plan):
-    """The model's own config.json (preset, config path or checkpoint dir: runtime.modeling.model_source),
+    """The model's own config.json (preset, config path or checkpoint dir: emit/runtime.py model_ref),
     else the plan's shape (`--params` plans: ModelSpec.to_hf_config, llama layouts)."""
     from transformers import AutoConfig
     from shardtrain.config.presets import load_model_config
@@ -144,7 +144,7 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
     from torch._subclasses.fake_tensor import FakeTensorMode
     from shardtrain.runtime.engines import trainable
     from shardtrain.runtime.modeling import compute_dtype, decoder_layers
-    from shardtrain.runtime.worker import ce_sum
+    from shardtrain.runtime.loss import ce_sum
     check_traceable(plan)
     c, t = plan.chosen, plan.train
     W = c.world_size
@@ -159,14 +159,10 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
     with fake_process_group(W):
         model = _build_meta(plan)
         if fsdp:
-            from torch.distributed.fsdp import fully_shard
             from shardtrain.emit.fsdp import fsdp_settings
+            from shardtrain.runtime.fsdp_wrap import shard_model
             st = fsdp_settings(plan)
-            kw = dict(mesh=st.device_mesh("cpu"), mp_policy=st.mixed_precision_policy(),
-                      reshard_after_forward=st.reshard_after_forward)
-            for layer in decoder_layers(model, st.wrap_class):
-                fully_shard(layer, **kw)
-            fully_shard(model, **kw)
+            shard_model(model, st, "cpu", decoder_layers(model, st.wrap_class))
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             if hasattr(model, "tie_weights"):   # to_empty makes new Parameters (runtime.modeling re-ties too)

@@ -7,6 +7,7 @@ resume after pre-emption (all three engines). DeepSpeed's C++ ops must be prebui
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from rundirs import make_run_dir  # noqa: E402
+from rundirs import edit_plan, make_run_dir  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 420
 STEPS = 4
@@ -55,12 +56,7 @@ def run_driver(base: Path, scenarios: list[dict], nproc: int = 2, timeout: int =
 def set_defer(defer: bool):
     """Force the plan's FSDP2 gradient-sync deferral (the planner picks it by cost)."""
     def edit(d: Path):
-        p = json.loads((d / "plan.json").read_text())
-        p["fsdp_defer_grad_sync"] = defer
-        (d / "plan.json").write_text(json.dumps(p))
-        f = json.loads((d / "fsdp.json").read_text())
-        f["defer_grad_sync"] = defer
-        (d / "fsdp.json").write_text(json.dumps(f))
+        edit_plan(d, lambda p: dataclasses.replace(p, chosen=dataclasses.replace(p.chosen, fsdp_defer_grad_sync=defer)))
     return edit
 
 

@@ -8,15 +8,15 @@ from shardtrain.runtime.build import read_run_dir
 from shardtrain.runtime.data import StepSampler, build_datasets, count_label_tokens, load_tokenizer
 from shardtrain.runtime.modeling import build_base, model_source
 from shardtrain.runtime.optim import build_optimizer, lr_at
-from shardtrain.runtime.worker import ce_sum
+from shardtrain.runtime.loss import ce_sum
 
 
 def reference_run(run_dir) -> tuple[list[float], dict]:
-    cfg, plan, _, _ = read_run_dir(run_dir)
+    cfg, plan = read_run_dir(run_dir)
     c = plan.chosen
-    src = model_source(cfg, plan)
+    src = model_source(plan.runtime.model)
     tok = load_tokenizer(cfg.model.tokenizer, src.model_dir)
-    train, _ = build_datasets(tok, train_path=cfg.data.train, eval_path=cfg.data.eval,
+    train, _ = build_datasets(tok, train_path=plan.runtime.data_train, eval_path=plan.runtime.data_eval,
                               eval_fraction=cfg.data.eval_fraction, fmt=cfg.data.format,
                               packing=cfg.data.packing, seq_len=plan.train.seq_len)
     sampler = StepSampler(len(train), cfg.train.seed, micro_batch=c.micro_batch_size,

@@ -33,22 +33,28 @@ def merge(base: dict, over: dict) -> dict:
 
 def make_run_dir(path: str | Path, overrides: dict | None = None) -> Path:
     from shardtrain.compiler.planner import plan
-    from shardtrain.compiler.specs import Engine
     from shardtrain.config.resolve import resolve_specs
     from shardtrain.config.schema import parse_run_config
-    raw = merge(BASE, overrides or {})
-    cfg = parse_run_config(raw)
-    p = plan(*resolve_specs(cfg))
+    cfg = parse_run_config(merge(BASE, overrides or {}))
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     (d / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (d / "plan.json").write_text(json.dumps(p.to_json(), indent=1))
-    if p.strategy.engine is Engine.DEEPSPEED:
-        from shardtrain.emit.deepspeed import deepspeed_config
-        t = cfg.train
-        ds = deepspeed_config(p, grad_clip=t.grad_clip, lr=t.lr, weight_decay=t.weight_decay)
-        (d / "ds_config.json").write_text(json.dumps(ds, indent=1))
-    elif p.strategy.engine is Engine.FSDP:
-        from shardtrain.emit.fsdp import fsdp_settings
-        (d / "fsdp.json").write_text(json.dumps(fsdp_settings(p).to_dict(), indent=1))
+    write_plan(d, cfg, plan(*resolve_specs(cfg)))
     return d
+
+
+def write_plan(d: Path, cfg, p) -> None:
+    """plan.json with its runtime facts and the engine config files, as `shardtrain launch` writes them."""
+    from shardtrain.emit.runtime import engine_files, with_runtime_facts
+    p = with_runtime_facts(cfg, p)
+    (d / "plan.json").write_text(json.dumps(p.to_json(), indent=1))
+    for name, conf in engine_files(p).items():
+        (d / name).write_text(json.dumps(conf, indent=1))
+
+
+def edit_plan(d: Path, edit) -> None:
+    """Replace a run dir's plan by edit(plan) and re-derive its runtime facts and engine files."""
+    from shardtrain.compiler.plan import Plan
+    from shardtrain.config.schema import parse_run_config
+    cfg = parse_run_config(yaml.safe_load((d / "run.yaml").read_text()))
+    write_plan(d, cfg, edit(Plan.from_json(json.loads((d / "plan.json").read_text()))))

@@ -21,10 +21,10 @@ def reloaded_eval_loss(run_dir: Path, ckpt: Path) -> float:
     from transformers import AutoModelForCausalLM
     from shardtrain.runtime.build import read_run_dir
     from shardtrain.runtime.data import build_datasets, eval_indices, load_tokenizer
-    from shardtrain.runtime.worker import ce_sum
-    cfg, plan, _, _ = read_run_dir(run_dir)
+    from shardtrain.runtime.loss import ce_sum
+    cfg, plan = read_run_dir(run_dir)
     tok = load_tokenizer(None, str(run_dir / "final"))
-    _, ev = build_datasets(tok, train_path=cfg.data.train, eval_path=cfg.data.eval,
+    _, ev = build_datasets(tok, train_path=plan.runtime.data_train, eval_path=plan.runtime.data_eval,
                            eval_fraction=cfg.data.eval_fraction, fmt=cfg.data.format, packing=cfg.data.packing,
                            seq_len=plan.train.seq_len)
     base = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)

@@ -155,7 +155,7 @@ def test_chunked_loss_peak_drop_matches_plan():
     drops by what compiler/activations.py predicts (full - chunked logits term)."""
     from torch.distributed._tools.mem_tracker import MemTracker
     from shardtrain.compiler.activations import logits_bytes
-    from shardtrain.compiler.model import model_spec_from_hf_config
+    from shardtrain.compiler.model_hf import model_spec_from_hf_config
     from shardtrain.compiler.specs import LossMode, Precision
     from shardtrain.runtime.engines import BaseEngine
     from shardtrain.runtime.loss import TokenLoss

@@ -36,7 +36,7 @@ def test_cli_preempt_then_resume_with_deepspeed_launcher(tmp_path):
            "-m", "shardtrain.runtime.worker", "--run-dir", str(d)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env=_env(SHARDTRAIN_TEST_SIGNAL_AT_STEP="2"))
-    from shardtrain.runtime.preempt import EXIT_PREEMPTED
+    from shardtrain.exitcodes import EXIT_PREEMPTED
     assert p.returncode != 0, p.stderr[-4000:]  # torchrun exits 1 and reports each worker's code
     assert f"exitcode  : {EXIT_PREEMPTED}" in p.stderr and "Traceback" not in p.stdout, p.stderr[-4000:]
     assert "preempted at step 2" in p.stdout + p.stderr

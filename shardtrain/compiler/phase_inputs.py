@@ -1,0 +1,36 @@
+"""PhaseInputs: everything the phase model (compiler/phases.py) and the gathered-parameter model
+(compiler/gathered.py) need about one candidate — its own module so neither imports the other."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardtrain.compiler.inventory import TensorGroup
+from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.specs import Method, Optimizer, Precision, Strategy
+
+
+@dataclass(frozen=True)
+class PhaseInputs:
+    """Everything the phase model needs about one candidate."""
+    model: ModelSpec
+    groups: tuple[TensorGroup, ...]
+    strategy: Strategy
+    shard_size: int
+    method: Method
+    precision: Precision
+    optimizer: Optimizer
+    micro_batch: int
+    seq_len: int
+    grad_ckpt_layers: int
+    """Number of decoder layers whose activations are recomputed (0 .. num_layers)."""
+    grad_accum: int
+    defer_grad_sync: bool
+    layer_act_bytes_per_token: float
+    """activations.layer_bytes_per_token for the all-16-bit block."""
+    logits_forward_bytes: int
+    logits_backward_bytes: int
+    activation_offload: bool = False
+    """save_on_cpu: saved activations (and checkpointed layers' inputs) live in host RAM."""
+    foreach_optimizer: bool = True
+    """torch picks foreach AdamW on CUDA (torch/optim/optimizer.py _default_to_fused_or_foreach) and
+    the for-loop on CPU; the runtime passes neither."""

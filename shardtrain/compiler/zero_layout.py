@@ -1,0 +1,108 @@
+"""DeepSpeed ZeRO-1/2 flat-buffer layout: which tensors each rank's partition holds.
+
+Stage 1/2 flattens the trainable tensors, in module order, into one 16-bit buffer split in N equal
+slices (stage_1_and_2.py, DeepSpeed 0.19.8); a rank's `grads_in_partition` buffer is sized by the
+*whole* tensors that overlap its slice (get_partition_info / copy_grads_in_partition), so the worst
+rank can hold much more than T/N (a 128k-vocab embedding straddling many small slices). This module
+simulates that layout for compiler/memory.py (checked against the real engine in
+tests/test_truth_engines.py).
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+from dataclasses import dataclass
+
+from shardtrain.compiler.inventory import TensorGroup
+from shardtrain.compiler.model import ModelSpec
+
+
+def flat_order_numels(model: ModelSpec, groups: tuple[TensorGroup, ...]) -> list[int]:
+    """Element counts of the trainable tensors in module (named_parameters) order — the order in which
+    DeepSpeed ZeRO-1/2 lays them into its flat 16-bit buffer: embed_tokens, then per decoder layer the
+    attention and MLP projections (weight, bias, LoRA A, LoRA B, as peft registers them), the router,
+    the layer norms; then the final norm and lm_head (HF Llama-family module layout)."""
+    L = model.num_layers
+    by_name = {g.name: g for g in groups if g.trainable}
+    per_layer: list[str] = []
+    for s in model.linear_shapes():
+        if s.fused_parameter and "router" not in per_layer:
+            per_layer.append("router")
+        per_layer += [s.name, s.name + ".bias", s.name + ".lora_A", s.name + ".lora_B"]
+    per_layer += ["router", "layer_norms"]
+    order: list[int] = []
+    used: set[str] = set()
+    if "embed_tokens" in by_name:
+        order.append(by_name["embed_tokens"].numel)
+        used.add("embed_tokens")
+    layer_groups = [by_name[n] for n in dict.fromkeys(per_layer) if n in by_name and by_name[n].count % L == 0]
+    for _ in range(L):
+        for g in layer_groups:
+            order += [g.numel] * (g.count // L)
+    used.update(g.name for g in layer_groups)
+    for name in ("norm", "lm_head", "other"):
+        if name in by_name:
+            order += [by_name[name].numel] * by_name[name].count
+            used.add(name)
+    for g in groups:  # anything not placed above (keeps totals exact)
+        if g.trainable and g.name not in used:
+            order += [g.numel] * g.count
+    return order
+
+
+@dataclass(frozen=True)
+class Zero12Partition:
+    """DeepSpeed ZeRO-1/2 flat-buffer partition of one rank (elements)."""
+    partition: int
+    """P: the rank's slice of the flat buffer (padded to a multiple of 2·N, stage_1_and_2.py
+    `nccl_start_alignment_factor * world_size`)."""
+    grad_buffer: int
+    """`grads_in_partition`: whole tensors overlapping the slice (copy_grads_in_partition)."""
+    held_large: int
+    """ZeRO-1 backward peak of gradients held outside the buckets: tensors larger than the reduce
+    bucket are reduced from their own storage (`extra_large_param_to_reduce`); those outside this
+    rank's slice are kept until the epilogue, one inside it until it is copied into the buffer."""
+
+
+def zero12_partitions(numels: list[int] | tuple[int, ...], n: int, bucket: int) -> list[Zero12Partition]:
+    """Per-rank ZeRO-1/2 layout: stage_1_and_2.py get_partition_info() puts a tensor in rank r's
+    partition if it starts inside the slice or straddles its start. O(tensors + N)."""
+    return list(_zero12_partitions(tuple(numels), n, bucket))
+
+
+@functools.lru_cache(maxsize=256)
+def _zero12_partitions(numels: tuple[int, ...], n: int, bucket: int) -> tuple[Zero12Partition, ...]:
+    total = sum(numels)
+    align = 2 * n
+    part = math.ceil(total / align) * align // n if total else 0
+    starts, acc = [], 0
+    for k in numels:
+        starts.append(acc)
+        acc += k
+    prefix = [0]
+    large_prefix = [0]
+    for k in numels:
+        prefix.append(prefix[-1] + k)
+        large_prefix.append(large_prefix[-1] + (k if k > bucket else 0))
+    out = []
+    for r in range(n):
+        lo, hi = r * part, (r + 1) * part
+        if lo >= total:
+            out.append(Zero12Partition(part, 0, large_prefix[-1]))
+            continue
+        i_lo = bisect.bisect_right(starts, lo) - 1
+        i_hi = bisect.bisect_left(starts, hi)
+        buf = prefix[i_hi] - prefix[i_lo]
+        large_in_r = large_prefix[i_hi] - large_prefix[i_lo]
+        held = large_prefix[-1] - large_in_r    # at the epilogue: every large gradient outside r
+        # backward runs in reverse module order: while an in-slice large gradient k is pending, the
+        # outside-slice large gradients produced before it (indices > k) are held as well
+        in_r_after = 0
+        for k in range(i_hi - 1, i_lo - 1, -1):
+            if numels[k] > bucket:
+                outside_after = (large_prefix[-1] - large_prefix[k + 1]) - in_r_after
+                held = max(held, outside_after + numels[k])
+                in_r_after += numels[k]
+        out.append(Zero12Partition(part, buf, held))
+    return tuple(out)

@@ -1,0 +1,147 @@
+"""The run directory format: every file name in it, the checkpoint layout and the metrics.jsonl records.
+
+The one definition that the launcher (writes the run files, reads the metrics for its summary and for
+resume), the runtime (reads the run files, writes metrics, checkpoints and memory reports) and
+`shardtrain report` use. Pure: names, paths and a tolerant metrics reader; no torch, no yaml, and no
+import of ``shardtrain.launcher`` / ``shardtrain.config`` (the runtime imports it on every rank).
+
+Layout (``<run.output_dir>/<run.name or config stem>/`` unless ``--run-dir`` says otherwise)::
+
+    run.yaml          the resolved run config (RunConfig.to_dict(): every key, flags applied)
+    plan.json         the full Plan (Plan.to_json(), including "spec"; Plan.from_json reads it)
+    ds_config.json    DeepSpeed config (only for DeepSpeed strategies; shardtrain.emit.deepspeed)
+    fsdp.json         FSDP2 settings (only for FSDP strategies; shardtrain.emit.fsdp)
+    command.txt       the exact launcher command and environment, as a runnable bash script
+    logs/             one folder per launch (launcher.log and per-rank stdout/stderr), plus the workers'
+                      worker_rank{R}.log and memory_table.txt
+    checkpoints/      step_N/ (MANIFEST.json, COMPLETE written last), .tmp_step_N/ while being written,
+                      and the `latest` pointer ("step_N"); see shardtrain/runtime/ckpt_files.py
+    metrics.jsonl     rank 0: one JSON object per line, "kind": "train" (one per optimizer step) | "eval"
+    memory_rank{R}.json, final/, oom/rank{R}.json   written by the workers
+    previous/<time>/  the state --no-resume moved aside
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+# ---------------------------------------------------------------- run files (written by the launcher)
+RUN_YAML = "run.yaml"
+PLAN_JSON = "plan.json"
+DS_CONFIG_JSON = "ds_config.json"
+FSDP_JSON = "fsdp.json"
+COMMAND_TXT = "command.txt"
+#: Everything the launcher writes before a launch (a stale one from an earlier strategy is removed).
+RUN_FILES = (RUN_YAML, PLAN_JSON, DS_CONFIG_JSON, FSDP_JSON, COMMAND_TXT)
+
+
+def config_text(cfg: dict) -> str:
+    """run.yaml's text for RunConfig.to_dict() (keys in the schema's order)."""
+    import yaml  # only the writers need it
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def json_text(obj: dict) -> str:
+    """The run dir's JSON files (plan.json: Plan.to_json(); the engine configs): indented, newline-ended."""
+    return json.dumps(obj, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------- what the workers write
+METRICS_JSONL = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+LOGS = "logs"
+PREVIOUS = "previous"
+MEMORY_RANK_GLOB = "memory_rank*.json"
+MEMORY_TABLE = "memory_table.txt"
+#: The launcher's own output, in each launch's folder under logs/.
+LAUNCHER_LOG = "launcher.log"
+#: "Training state": what --no-resume moves aside and what a config change protects.
+STATE_ENTRIES = (CHECKPOINTS, METRICS_JSONL, FINAL, LOGS)
+
+
+def memory_rank_name(rank: int) -> str:
+    return f"memory_rank{rank}.json"
+
+
+def worker_log_name(rank: int) -> str:
+    return f"worker_rank{rank}.log"
+
+
+#: ``oom/rank{R}.json``: a worker's out-of-memory record (runtime/faults.py) for `launch --on-oom replan`.
+OOM_DIR = "oom"
+OOM_RECORD_GLOB = "rank*.json"
+
+
+def oom_record_name(rank: int) -> str:
+    return f"rank{rank}.json"
+
+
+# ---------------------------------------------------------------- checkpoints/ (shardtrain/runtime/ckpt_files.py)
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp_"
+COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step}"
+
+
+def step_of(d: Path) -> int | None:
+    """N for a directory named step_N, else None."""
+    name = Path(d).name
+    if not name.startswith(STEP_PREFIX):
+        return None
+    try:
+        return int(name[len(STEP_PREFIX):])
+    except ValueError:
+        return None
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / step_dir_name(step)
+
+
+# ---------------------------------------------------------------- metrics.jsonl records
+KIND = "kind"
+TRAIN = "train"
+EVAL = "eval"
+STEP = "step"
+LOSS = "loss"
+MEMORY = "memory"
+
+
+def iter_metrics(path: Path) -> Iterator[dict]:
+    """The records of a metrics.jsonl file, in order. A line that is not a JSON object (cut by a kill,
+    damaged: issue 13) is skipped; a missing or unreadable file has no records."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(rec, dict):
+            yield rec
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of ``<run_dir>/metrics.jsonl`` (see :func:`iter_metrics`)."""
+    return list(iter_metrics(Path(run_dir) / METRICS_JSONL))
+
+
+def is_train(rec: dict) -> bool:
+    """A training-step record (records written before "kind" existed count as training)."""
+    return rec.get(KIND, rec.get("type", TRAIN)) == TRAIN
+
+
+def completed_steps(run_dir: Path) -> int:
+    """The last optimizer step recorded in metrics.jsonl (0 when none)."""
+    steps = [r[STEP] for r in read_metrics(run_dir) if is_train(r) and isinstance(r.get(STEP), int)]
+    return max(steps, default=0)
