@@ -39,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile-out", help="profile rank 0's steps $SHARDTRAIN_PROFILE_AT.. (benchmarks/profile_step.py)")
     args = ap.parse_args()
 
     import yaml
@@ -78,14 +79,24 @@ def main() -> None:
         ddp_find_unused_parameters=False, **kw)
 
     times: list[float] = []
+    window = None
+    if args.profile_out:
+        from _profiling import StepWindow
+        window = StepWindow(args.profile_out, rank=int(os.environ.get("RANK", "0")))
     losses: list[float] = []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, a, state, control, **k):
             times.append(time.perf_counter())
 
+        def on_step_begin(self, a, state, control, **k):
+            if window:
+                window.begin(state.global_step)
+
         def on_step_end(self, a, state, control, **k):
             times.append(time.perf_counter())
+            if window:
+                window.end(state.global_step - 1)
 
         def on_log(self, a, state, control, logs=None, **k):
             if logs and "loss" in logs:
