@@ -14,7 +14,7 @@ from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, model_state_bytes
 from shardtrain.compiler.phases import PHASES
 from shardtrain.compiler.plan import MEMORY_TERMS, Plan
 from shardtrain.compiler.planner import NoFitError, plan
-from shardtrain.compiler.specs import GradCkpt, HardwareSpec, Method, Precision, Strategy, TrainSpec
+from shardtrain.compiler.specs import GradCkpt, HardwareSpec, Method, Optimizer, Precision, Strategy, TrainSpec
 from shardtrain.config.presets import load_model_spec
 from shardtrain.report import render_plan
 
@@ -24,9 +24,10 @@ L8B = load_model_spec("llama-3.1-8b")
 
 
 def _plan(model, strategy, *, gpus=2, seq=1024, mb=1, accum=1, method="full", ckpt="none", precision="bf16",
-          mem=10**4 * GiB):
+          mem=10**4 * GiB, optimizer="adamw"):
     t = TrainSpec(seq_len=seq, micro_batch_size=mb, global_batch_size=mb * accum * gpus, strategy=Strategy(strategy),
-                  grad_ckpt=GradCkpt(ckpt), method=Method(method), precision=Precision(precision))
+                  grad_ckpt=GradCkpt(ckpt), method=Method(method), precision=Precision(precision),
+                  optimizer=Optimizer(optimizer))
     try:
         return plan(model, HardwareSpec(gpus_per_node=gpus, gpu_memory_bytes=mem), t)
     except NoFitError as e:
@@ -55,15 +56,15 @@ def test_every_phase_sums_and_the_peak_is_the_max(strategy, method, ckpt):
 
 
 def test_ddp_optimizer_phase_hand_computed():
-    """DDP full fine-tuning, AdamW: fp32 params + fp32 grads (bucket views, kept) + m, v, plus the
-    foreach step's `_foreach_sqrt(exp_avg_sqs)` temporary (4 B/param); no extra DDP bucket (the grads are the
-    buckets: gradient_as_bucket_view=True, all-reduced in place)."""
+    """DDP full fine-tuning, AdamW: fp32 params + fp32 grads (bucket views, kept) + m, v; the fused step
+    adds nothing (in place); no extra DDP bucket (the grads are the buckets: gradient_as_bucket_view=True,
+    all-reduced in place)."""
     c = _plan(L1B, "ddp", gpus=1).chosen
     T = L1B.num_params
     o = dict(c.per_phase)["optimizer"]
     assert (o.params, o.grads, o.optimizer_states, o.master_params) == (4 * T, 4 * T, 8 * T, 0)
-    assert o.buffers == 4 * T
-    assert o.total == 20 * T + CUDA_CONTEXT_BYTES
+    assert o.buffers == 0
+    assert o.total == 16 * T + CUDA_CONTEXT_BYTES
     # DDP keeps its gradients in every phase (gradient_as_bucket_view + zero_grad(set_to_none=False))
     assert all(b.grads == 4 * T for _, b in c.per_phase)
 
@@ -181,13 +182,42 @@ def test_zero3_gathered_params_follow_the_reuse_distance():
     assert b1 - window1 - 2 * L1B.embedding_params == pytest.approx(2 * kept * per_layer, rel=1e-3)
 
 
-def test_plan_phases_reproduces_the_plan_and_the_cpu_loop_costs_more_under_zero():
-    """device_phases.plan_phases(foreach=True) is the plan itself; the CPU for-loop AdamW over DeepSpeed's
-    one flat fp32 partition needs two temporaries of it (8P) instead of foreach's one (4P)."""
-    from shardtrain.compiler.device_phases import plan_phases
-    p = _plan(L1B, "zero3", gpus=2)
-    ph, peak = plan_phases(p, foreach_optimizer=True)
-    assert ph == dict(p.chosen.per_phase) and peak == p.chosen.peak_phase
-    loop = plan_phases(p, foreach_optimizer=False)[0]["optimizer"]
-    P = math.ceil(L1B.num_params / 2)
-    assert loop.buffers - ph["optimizer"].buffers == pytest.approx(4 * P, rel=1e-3)
+def test_fused_adamw_step_adds_nothing_and_per_tensor_loops_add_two_temporaries():
+    """AdamW is torch's fused kernel (runtime/optim.py; emit/deepspeed.py `fused` for ZeRO): in place, so
+    the optimizer phase holds model state only. Lion is runtime.optim's per-tensor loop: two fp32
+    temporaries of the largest local tensor (L1B: the tied 128256 x 2048 embedding) on top."""
+    emb = L1B.vocab_size * L1B.hidden_size
+    for strategy, shard in (("ddp", 1), ("fsdp_full_shard", 2), ("zero2", 1)):
+        adamw = dict(_plan(L1B, strategy).chosen.per_phase)["optimizer"]
+        lion = dict(_plan(L1B, strategy, optimizer="lion").chosen.per_phase)["optimizer"]
+        loop = 0 if strategy == "zero2" else 2 * 4 * math.ceil(emb / shard)  # DeepSpeed: FusedLion, in place
+        assert lion.buffers - adamw.buffers == pytest.approx(loop, rel=1e-3), strategy
+
+
+def test_fused_adamw_allocates_no_temporaries_per_pytorchs_memtracker():
+    """The claim above against PyTorch's own tracker: a real fused AdamW step on CPU (the kernel
+    runtime/optim.py builds) peaks at its parameters + grads + states; the for-loop adds temporaries."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from shardtrain.compiler.specs import Optimizer as Opt
+    from shardtrain.runtime.optim import build_optimizer
+
+    def step_peak(opt_factory):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(256, 512)) for _ in range(3)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt = opt_factory(ps)
+        opt.step()  # states exist
+        mt = MemTracker()
+        mt.track_external(*ps, opt)
+        with mt:
+            before = mt.get_tracker_snapshot()
+            opt.step()
+        total = lambda snap: sum(d["Total"] for d in snap.values())  # noqa: E731
+        return total(mt.get_tracker_snapshot("peak")) - total(before), type(opt).__name__
+
+    fused_extra, _ = step_peak(lambda ps: build_optimizer(Opt.ADAMW, ps, lr=1e-3))
+    loop_extra, _ = step_peak(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False))
+    assert fused_extra <= 1024, fused_extra                       # step counters at most
+    assert loop_extra >= 2 * 4 * 256 * 512 - 1024, loop_extra     # the loop's two temporaries

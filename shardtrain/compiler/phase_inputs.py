@@ -31,6 +31,3 @@ class PhaseInputs:
     logits_backward_bytes: int
     activation_offload: bool = False
     """save_on_cpu: saved activations (and checkpointed layers' inputs) live in host RAM."""
-    foreach_optimizer: bool = True
-    """torch picks foreach AdamW on CUDA (torch/optim/optimizer.py _default_to_fused_or_foreach) and
-    the for-loop on CPU; the runtime passes neither."""

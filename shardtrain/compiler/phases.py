@@ -258,22 +258,18 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
             # instant above), then `self.averaged_gradients[i] = None` before optimizer.step(): the
             # update itself (temporaries added below) sees only the fp32 partition
             instants["optimizer"].append(dict(grads=step_fp32, activations=0, logits=0, buffers=b))
-    # ---- optimizer temporaries (optimizer phase only; torch/optim/adamw.py)
-    # (DeepSpeed's step-time fp32 partition is in its grads term; bitsandbytes 8-bit updates in place)
+    # ---- optimizer temporaries (optimizer phase only)
+    # AdamW is torch's fused kernel wherever it runs on the device: runtime/optim.py (DDP, FSDP2) and
+    # emit/deepspeed.py (`torch_adam` + `fused`, over DeepSpeed's flat fp32 partition). The kernel
+    # (torch/optim/adamw.py _fused_adamw -> aten::_fused_adamw_) updates params and states in place: no
+    # temporaries (MemTracker under FakeTensorMode agrees: its optimizer phase is the model states alone).
+    # bitsandbytes 8-bit updates in place; DeepSpeed's CPU optimizers and FusedLion need nothing on the
+    # device (its step-time fp32 partition is in the grads term).
     opt_tmp = 0
-    largest = _largest_trainable(x.groups, x.shard_size if eng is Engine.FSDP else 1)
-    torch_opt = eng is not Engine.DEEPSPEED
-    if eng is Engine.DEEPSPEED and x.optimizer is Optimizer.ADAMW and s.offload_optimizer is OffloadDevice.NONE:
-        # emit/deepspeed.py sets `torch_adam: true` here: engine.py get_optimizer_configuration returns
-        # torch.optim.AdamW over DeepSpeed's flat fp32 partition (ONE tensor of local_T elements per
-        # param group: stage_1_and_2 single_partition_of_fp32_groups, stage3 fp32_partitioned_groups_flat)
-        torch_opt, largest = True, local_T
-    if torch_opt and x.optimizer is Optimizer.ADAMW and x.foreach_optimizer:
-        opt_tmp = 4 * local_T            # _multi_tensor_adamw: exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)
-    elif torch_opt and x.optimizer is not Optimizer.ADAMW8BIT:
-        # per-tensor loops (_single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt);
-        # runtime.optim Lion / Adafactor, SGD momentum): two fp32 temporaries of the largest local tensor
-        opt_tmp = 2 * 4 * largest
+    if eng is not Engine.DEEPSPEED and x.optimizer not in (Optimizer.ADAMW, Optimizer.ADAMW8BIT):
+        # per-tensor loops (runtime.optim Lion / Adafactor, torch SGD momentum): two fp32 temporaries
+        # of the largest local tensor
+        opt_tmp = 2 * 4 * _largest_trainable(x.groups, x.shard_size if eng is Engine.FSDP else 1)
     instants["optimizer"][-1]["buffers"] += opt_tmp
     out = {}
     for ph in PHASES:
@@ -288,7 +284,7 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                      optimizer: Optimizer, micro_batch: int, seq_len: int, attention: Attention,
                      grad_ckpt: GradCkpt, selective_every: int, grad_accum: int, defer_grad_sync: bool,
                      loss: LossMode = LossMode.FULL, chunk_tokens: int = 512, activation_offload: bool = False,
-                     cuda_context: int = 0, foreach_optimizer: bool = True) -> tuple[dict[str, MemoryBreakdown], str]:
+                     cuda_context: int = 0) -> tuple[dict[str, MemoryBreakdown], str]:
     """({phase: MemoryBreakdown}, peak phase) for one candidate; `loss`/`chunk_tokens` are the
     resolved loss mode of activations.logits_bytes (activations.resolve_loss: never auto here)."""
     n_ck = checkpointed_layer_count(grad_ckpt, model.num_layers, selective_every)
@@ -311,7 +307,7 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                     seq_len=seq_len, grad_ckpt_layers=n_ck, grad_accum=grad_accum, defer_grad_sync=defer_grad_sync,
                     layer_act_bytes_per_token=layer_bytes_per_token(model, precision, attention, seq_len),
                     logits_forward_bytes=fwd_logits, logits_backward_bytes=bwd_logits,
-                    foreach_optimizer=foreach_optimizer, activation_offload=activation_offload)
+                    activation_offload=activation_offload)
     terms = phase_terms(x, ms)
     phases = {ph: MemoryBreakdown(**t, cuda_context=cuda_context) for ph, t in terms.items()}
     peak = max(PHASES, key=lambda ph: (phases[ph].total, -PHASES.index(ph)))

@@ -68,9 +68,9 @@ class _Ctx:
 
 def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[TensorGroup, ...],
                     strategy: Strategy, *, method: Method, optimizer: Optimizer, micro: int, ckpt: GradCkpt,
-                    defer: bool, loss: LossMode, act_offload: ActivationOffload, foreach_optimizer: bool = True):
+                    defer: bool, loss: LossMode, act_offload: ActivationOffload):
     """(model-state bytes, {phase: MemoryBreakdown}, peak phase) of one candidate — the one place that
-    assembles the phase model's inputs (the planner, and device_phases for the kernel a run really uses)."""
+    assembles the phase model's inputs."""
     ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
                            optimizer=optimizer, fsdp_defer_grad_sync=defer)
     phases, peak = candidate_phases(
@@ -79,7 +79,7 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[
         grad_ckpt=ckpt, selective_every=t.selective_every,
         grad_accum=t.global_batch_size // (micro * hw.world_size), defer_grad_sync=defer, loss=loss,
         chunk_tokens=t.loss_chunk_tokens, activation_offload=act_offload is not ActivationOffload.NONE,
-        cuda_context=CUDA_CONTEXT_BYTES, foreach_optimizer=foreach_optimizer)
+        cuda_context=CUDA_CONTEXT_BYTES)
     return ms, phases, peak
 
 

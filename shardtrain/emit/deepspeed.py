@@ -48,7 +48,7 @@ LOSS_SCALE_WINDOW, HYSTERESIS, MIN_LOSS_SCALE = "loss_scale_window", "hysteresis
 # aio block
 AIO_BLOCK_SIZE, AIO_QUEUE_DEPTH, AIO_INTRA_OP = "block_size", "queue_depth", "intra_op_parallelism"
 AIO_SINGLE_SUBMIT, AIO_OVERLAP_EVENTS, AIO_USE_GDS = "single_submit", "overlap_events", "use_gds"
-TORCH_ADAM = "torch_adam"
+TORCH_ADAM, FUSED = "torch_adam", "fused"
 MAX_GRAD_NORM = "max_grad_norm"
 """An optimizer param DeepSpeed refuses (engine.py _configure_basic_optimizer): clipping is GRADIENT_CLIPPING."""
 AUTO = "auto"
@@ -163,7 +163,11 @@ def _optimizer_block(plan: Plan, trainer: bool, lr: float, weight_decay: float, 
         params["momentum"] = 0.9  # the memory model counts one momentum buffer
     if opt is Optimizer.ADAMW and s.offload_optimizer is OffloadDevice.NONE:
         # torch.optim.AdamW instead of FusedAdam: no JIT build of fused_adam (needs nvcc), ZeRO-supported.
+        # `fused` is passed through to it (engine.py get_optimizer_configuration pops only torch_adam,
+        # adam_w_mode and foreach): torch's fused kernel, in place over the flat fp32 partition, so no
+        # temporaries (foreach would allocate 4 B/param, the for-loop 8 B/param; compiler/phases.py).
         params[TORCH_ADAM] = True
+        params[FUSED] = True
     return {TYPE: typ, PARAMS: params}
 
 

@@ -28,29 +28,10 @@ class TraceResult:
                 "world_size": self.world_size, "seconds": round(self.seconds, 2)}
 
 
-def _foreach_extra(plan) -> int:
-    """Bytes foreach AdamW (CUDA default) needs beyond the traced for-loop step (analytic)."""
-    from shardtrain.compiler.inventory import tensor_inventory
-    from shardtrain.compiler.memory import model_state_bytes, shard_group_size
-    from shardtrain.compiler.phases import candidate_phases
-    c, t, m, hw = plan.chosen, plan.train, plan.model, plan.hardware
-    groups = tensor_inventory(m, c.method, t.lora.rank, plan.lora_targets or t.lora.targets)
-    ms = model_state_bytes(m, groups, c.strategy, hw, method=c.method, precision=c.precision,
-                           optimizer=c.optimizer, fsdp_defer_grad_sync=c.fsdp_defer_grad_sync)
-    kw = dict(shard_size=shard_group_size(c.strategy, hw), method=c.method,
-              precision=c.precision, optimizer=c.optimizer, micro_batch=c.micro_batch_size, seq_len=t.seq_len,
-              attention=t.attention, grad_ckpt=c.gradient_checkpointing, selective_every=t.selective_every,
-              grad_accum=c.grad_accum_steps, defer_grad_sync=c.fsdp_defer_grad_sync)
-    on = candidate_phases(m, groups, c.strategy, ms, foreach_optimizer=True, **kw)[0]["optimizer"].buffers
-    off = candidate_phases(m, groups, c.strategy, ms, foreach_optimizer=False, **kw)[0]["optimizer"].buffers
-    return max(on - off, 0)
-
-
 def trace_plan(plan, *, steps: int = 2) -> TraceResult:
     """Trace `steps` optimizer steps of the plan's chosen candidate; raises TraceError when the plan
     cannot be traced. Terms that cannot be traced come from the analytic model and are named in
-    `untraced`: cuda_context (and DDP's 2 in-flight buckets) are added to the total, the foreach
-    AdamW temporaries to the optimizer phase."""
+    `untraced`: cuda_context (and DDP's 2 in-flight buckets) are added to the total."""
     from shardtrain.trace.step import trace_step
     t0 = time.perf_counter()
     phases, tool, world = trace_step(plan, steps=steps)
@@ -58,17 +39,14 @@ def trace_plan(plan, *, steps: int = 2) -> TraceResult:
     extra = {"cuda_context": pg.cuda_context}
     if plan.chosen.strategy.engine.value == "ddp":
         extra["ddp_buckets"] = pg.buffers   # reducer buckets, allocated in C++ (untraceable)
-    foreach = _foreach_extra(plan) if plan.chosen.optimizer.value in ("adamw", "lion") else 0
     per_phase = {}
     for ph in PHASES:
         d = {k: v for k, v in phases[ph].items() if k != "total" and v}
-        if ph == "optimizer" and foreach:
-            d["optimizer_foreach_temporaries"] = foreach
         d.update(extra)
         d["total"] = sum(d.values())
         per_phase[ph] = d
     peak = max(PHASES, key=lambda p: per_phase[p]["total"])
-    untraced = tuple(extra) + (("optimizer_foreach_temporaries",) if foreach else ())
+    untraced = tuple(extra)
     return TraceResult(total=per_phase[peak]["total"], peak_phase=peak, per_phase=per_phase,
                        by_category={k: v for k, v in per_phase[peak].items() if k != "total"},
                        untraced=untraced, tool=tool, world_size=world, seconds=time.perf_counter() - t0)

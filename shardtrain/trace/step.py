@@ -114,13 +114,10 @@ def _build_meta(plan: Plan) -> nn.Module:
 
 
 def _optimizer(plan: Plan, params):
-    """AdamW with foreach=False: FSDPMemTracker over-counts the foreach/fused step under fake mode
-    (issue 8); the foreach temporaries are added from the analytic model (compiler/phases.py)."""
+    """The runtime's optimizer (runtime/optim.py): fused AdamW, which MemTracker follows under fake mode
+    (its step allocates nothing, as compiler/phases.py assumes; tests/test_phases.py checks it for real)."""
     from shardtrain.runtime.optim import build_optimizer
-    c = plan.chosen
-    if c.optimizer is Optimizer.ADAMW:
-        return torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    return build_optimizer(c.optimizer, params, lr=1e-4)
+    return build_optimizer(plan.chosen.optimizer, params, lr=1e-4)
 
 
 def _reset_peak(mt) -> None:
