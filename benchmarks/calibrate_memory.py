@@ -2,7 +2,7 @@
 (issue 8). Every point is planned, traced under FakeTensorMode on the CPU with PyTorch's own
 MemTracker / FSDPMemTracker (shardtrain.trace), and compared like for like: the analytic per-GPU
 peak and the traced peak, both WITHOUT the terms the trace takes from the analytic model
-(`untraced`: cuda_context, DDP's reducer buckets, the foreach AdamW temporaries).
+(`untraced`: cuda_context, DDP's reducer buckets).
 
     python benchmarks/calibrate_memory.py                   # full grid (~10-15 min on 2 cores)
     python benchmarks/calibrate_memory.py --quick           # 6 points (~1-2 min)
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
             f"Command: `{cmd}` ({datetime.date.today().isoformat()}, {platform.machine()}, "
             f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}).\n\n"
             "Compared like for like: the plan's per-GPU peak and the traced per-rank peak of live tensors, both "
-            "without the terms the trace takes from the analytic model (cuda_context, DDP reducer buckets, "
-            "foreach AdamW temporaries). Error = (analytic - traced) / traced.\n\n"
+            "without the terms the trace takes from the analytic model (cuda_context, DDP reducer buckets). "
+            "Error = (analytic - traced) / traced.\n\n"
             + HEADER + "\n" + "\n".join(fmt_row(r) for r in results) + f"\n\n{summary}\n")
     return 0 if max(errs) <= 0.10 and statistics.median(errs) <= 0.03 else 1
 

@@ -1,5 +1,5 @@
-"""How a shardtrain process ends: its exit codes, the signal names it accepts and the variables a
-batch script sets for the workers' pre-emption handling (defined once).
+"""How a shardtrain process ends: its exit codes, the signal names it accepts, and the environment
+variables the launcher or a batch script sets for the workers (defined once).
 
 Pure and tiny (standard library only, no torch, no shardtrain import), so that the runtime, the
 launcher, the CLIs and the Slurm renderer all import the same numbers without importing each other.
@@ -22,6 +22,11 @@ EXIT_NO_FIT = 2
 EXIT_PREEMPTED = 75
 #: `shardtrain launch --timeout` ran out (the code coreutils' timeout(1) uses).
 EXIT_TIMEOUT = 124
+
+#: "1": rank 0 draws a progress bar although its stderr is a log file (the launcher tails it).
+PROGRESS_ENV = "SHARDTRAIN_PROGRESS"
+#: cpu / cuda: overrides run.device in the worker.
+DEVICE_ENV = "SHARDTRAIN_DEVICE"
 
 #: Set by rendered batch scripts (slurm/script.py), read by runtime/preempt.py: the early-warning
 #: signal (``USR2``) and how often rank 0 may requeue the job.

@@ -288,7 +288,7 @@ def test_two_nodes_on_one_machine(tmp_path):
 def test_signal_saves_and_exits_75(tmp_path):
     """Issue 13 (c): SIGTERM to a worker -> every rank saves at the next step, the launch exits with
     EXIT_PREEMPTED (75, distinct from success and failure) with a PREEMPTED summary line."""
-    from shardtrain.runtime.preempt import EXIT_PREEMPTED
+    from shardtrain.exitcodes import EXIT_PREEMPTED
     run = tmp_path / "run"
     args = [str(TINY), "--run-dir", str(run), "--steps", "4", "--set", "run.eval_every=0",
             "--set", "run.checkpoint_every=0"]

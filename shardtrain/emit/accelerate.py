@@ -26,11 +26,6 @@ _MIXED = {Precision.BF16: "bf16", Precision.FP16: "fp16", Precision.FP32: "no"}
 DS_FILE_CONFLICTS = ("gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
                      "offload_param_device", "offload_param_nvme_path", "offload_optimizer_nvme_path",
                      "zero3_save_16bit_model")
-FSDP_KEYS = ("fsdp_version", "fsdp_reshard_after_forward", "fsdp_offload_params", "fsdp_auto_wrap_policy",
-             "fsdp_transformer_layer_cls_to_wrap", "fsdp_min_num_params", "fsdp_state_dict_type",
-             "fsdp_cpu_ram_efficient_loading", "fsdp_sync_module_states", "fsdp_activation_checkpointing",
-             "fsdp_activation_checkpointing_offload", "fsdp_backward_prefetch", "fsdp_forward_prefetch",
-             "fsdp_use_orig_params", "fsdp_sharding_strategy", "fsdp_ignored_modules")
 
 
 class AccelerateConfigError(ValueError):

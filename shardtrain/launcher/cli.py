@@ -109,7 +109,8 @@ def cmd_launch(args) -> int:
     from shardtrain.compiler.specs import Device, Launcher, Resume
     from shardtrain.config import pipeline
     from shardtrain.config.schema import ConfigError
-    from shardtrain.launcher import restart, rundir, spawn
+    from shardtrain.launcher import hosts, rankstart, restart, rundir, supervise
+    from shardtrain.launcher.failure import rel
     from shardtrain.launcher.datacheck import validate_training_data
     from shardtrain.report import render_plan
 
@@ -150,8 +151,8 @@ def cmd_launch(args) -> int:
 
     nnodes, nproc = cfg.hardware.nodes, cfg.hardware.gpus_per_node
     try:
-        gpus, device = spawn.local_devices(cfg.run.device)
-        launcher = spawn.choose_launcher(args.launcher, cfg, plan)
+        gpus, device = hosts.local_devices(cfg.run.device)
+        launcher = rankstart.choose_launcher(args.launcher, cfg, plan)
         launcher = restart.launcher_for_restarts(args.launcher, launcher, args.max_restarts)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -161,13 +162,13 @@ def cmd_launch(args) -> int:
     run_dir = Path(args.run_dir).absolute() if args.run_dir else rundir.default_run_dir(cfg, args.config)
     master_port = args.master_port
     if master_port is None and launcher == Launcher.DEEPSPEED and nnodes == 1 and not args.rdzv_endpoint:
-        master_port = spawn.free_port()  # the deepspeed launcher's default 29500 collides between runs
+        master_port = rankstart.free_port()  # the deepspeed launcher's default 29500 collides between runs
     try:
-        spec = spawn.build_launch(
+        spec = rankstart.build_launch(
             run_dir=run_dir, launcher=launcher, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank,
             rdzv_endpoint=args.rdzv_endpoint, master_port=master_port, max_restarts=args.max_restarts, gpus=gpus,
-            device=device, cpu_count=spawn.cpu_count(), environ=dict(os.environ), progress=True,
-            extra_env=spawn.ops_env(),
+            device=device, cpu_count=hosts.cpu_count(), environ=dict(os.environ), progress=True,
+            extra_env=hosts.ops_env(),
             **({"module": args.worker_module} if args.worker_module else {}))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -200,15 +201,15 @@ def cmd_launch(args) -> int:
                                     move_aside=spec.node_rank == 0)
     done = rundir.completed_steps(run_dir) if prepared.has_state else 0
     if done >= cfg.train.steps and (run_dir / "final").exists():
-        print(f"\n[shardtrain] {spawn._rel(run_dir)} already finished {done} of {cfg.train.steps} steps: nothing to "
+        print(f"\n[shardtrain] {rel(run_dir)} already finished {done} of {cfg.train.steps} steps: nothing to "
               "run. Train longer with --steps N (it resumes), or start over with --no-resume.", flush=True)
         return EXIT_OK
     print(f"\n[shardtrain] {spec.describe()}", flush=True)
     note = (" (resuming from its latest checkpoint)" if prepared.has_state else
             f" (previous state moved to {prepared.moved_aside})" if prepared.moved_aside else "")
-    print(f"[shardtrain] run dir {spawn._rel(run_dir)}{note}; rank logs in {spawn._rel(spec.log_dir)}", flush=True)
+    print(f"[shardtrain] run dir {rel(run_dir)}{note}; rank logs in {rel(spec.log_dir)}", flush=True)
     print(f"[shardtrain] $ {spec.shell()}\n", flush=True)
-    result = spawn.run(spec, timeout=args.timeout)
+    result = supervise.run(spec, timeout=args.timeout)
     for line in restart.restart_report(spec, args.max_restarts):
         print(line, flush=True)
     result = _replan_on_oom(args, cfg, plan, spec, result, run_dir)
@@ -221,7 +222,7 @@ def _replan_on_oom(args, cfg, plan, spec, result, run_dir: Path):
     """--on-oom replan[:N]: after a launch that ran out of memory, re-plan and launch again (launcher/oom.py)."""
     import dataclasses
 
-    from shardtrain.launcher import oom, rundir, spawn
+    from shardtrain.launcher import oom, rundir, supervise
     budget = oom.parse_on_oom(args.on_oom)
     for i in range(1, budget + 1):
         records = oom.oom_records(run_dir)
@@ -243,5 +244,5 @@ def _replan_on_oom(args, cfg, plan, spec, result, run_dir: Path):
         spec = dataclasses.replace(spec, log_dir=log_dir, argv=argv)
         rundir.write_run_dir(run_dir, cfg, plan, command_text=spec.script(), resume=True,
                              move_aside=spec.node_rank == 0)
-        result = spawn.run(spec, timeout=args.timeout)
+        result = supervise.run(spec, timeout=args.timeout)
     return result

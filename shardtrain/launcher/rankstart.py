@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardtrain.compiler.specs import Engine, Launcher
+from shardtrain.exitcodes import PROGRESS_ENV
 
 #: The module every rank runs (``-m`` / ``--module``) with ``--run-dir DIR``.
 WORKER_MODULE = "shardtrain.runtime.worker"
 #: The launchers that start ranks (``auto`` is a config choice resolved by :func:`choose_launcher`).
 LAUNCHERS = tuple(x.value for x in Launcher if x is not Launcher.AUTO)
-#: 1: rank 0 draws a tqdm progress bar (the console is a terminal); 0: log lines only.
-PROGRESS_ENV = "SHARDTRAIN_PROGRESS"
 #: Every launch exports these for its workers.
 WORKER_ENV = {"PYTHONUNBUFFERED": "1"}
 #: When torchrun may restart workers: otherwise they re-use the agent's rendezvous TCP store, which

@@ -1,6 +1,6 @@
 """How a launch ended when it did not simply succeed or fail: pre-emption (every rank saved a checkpoint
 and exited with :data:`shardtrain.exitcodes.EXIT_PREEMPTED`). And elastic restarts: torchrun
-for --max-restarts (also for DeepSpeed plans) and a report of each restart. Kept out of spawn.py (issue
+for --max-restarts (also for DeepSpeed plans) and a report of each restart. Kept out of supervise.py (issue
 13); supervise.run calls :func:`preempted_result` before looking for a failing rank.
 """
 from __future__ import annotations
@@ -46,15 +46,15 @@ _FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 _RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
 
 
-def launcher_for_restarts(flag: str | None, chosen: str, max_restarts: int) -> str:
+def launcher_for_restarts(flag: str | None, chosen: Launcher, max_restarts: int) -> Launcher:
     """--max-restarts needs torchrun's elastic agent (the deepspeed launcher never restarts workers);
     torchrun runs DeepSpeed plans too (the worker calls deepspeed.initialize itself)."""
-    if not max_restarts or chosen != "deepspeed":
+    if not max_restarts or chosen is not Launcher.DEEPSPEED:
         return chosen
-    if flag == "deepspeed":
+    if flag == Launcher.DEEPSPEED:
         raise ValueError("--max-restarts: the deepspeed launcher does not restart failed workers; drop "
                          "--launcher deepspeed (torchrun runs DeepSpeed plans and restarts them) or --max-restarts")
-    return "torchrun"
+    return Launcher.TORCHRUN
 
 
 def _exit_text(code: int) -> str:

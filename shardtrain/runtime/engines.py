@@ -178,7 +178,7 @@ class DeepSpeedEngine(BaseEngine):
             args["optimizer"] = optimizer
         from shardtrain.runtime.dist import init_deepspeed_comm
         init_deepspeed_comm()  # before initialize: one place sets up deepspeed.comm (and its shm cleanup)
-        self.ds, self.optimizer, _, self.ds_scheduler = deepspeed.initialize(**args)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(**args)
         self.module = self.ds
 
     def forward(self, batch):

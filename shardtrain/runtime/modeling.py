@@ -15,7 +15,6 @@ QLoRA stores decoder-layer Linear weights in NF4 (double quantisation) and the r
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,12 +238,3 @@ def find_embeddings(model: nn.Module, which: str) -> nn.Module | None:
             return None
     return None
 
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)

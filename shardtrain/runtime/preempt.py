@@ -32,9 +32,9 @@ import subprocess
 import time
 from typing import Callable, Optional, Union
 
-from shardtrain.exitcodes import ENV_MAX_REQUEUES, ENV_PREEMPT_SIGNAL, EXIT_PREEMPTED, signal_number
+from shardtrain.exitcodes import ENV_MAX_REQUEUES, ENV_PREEMPT_SIGNAL, signal_number
 
-__all__ = ["PreemptionHandler", "signal_number", "EXIT_PREEMPTED", "shared_handler", "release_shared"]
+__all__ = ["PreemptionHandler", "shared_handler", "release_shared"]
 
 #: A SECOND signal this many seconds or more after the first stops the process at once (exit 128+N).
 #: Closer ones are the same event delivered twice (scancel signals every process of the step AND

@@ -21,6 +21,8 @@ import logging
 import os
 from pathlib import Path
 
+from shardtrain import rundir_format as rf
+
 log = logging.getLogger("shardtrain.trackers")
 SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "eval_loss", "eval_ppl")
 
@@ -32,7 +34,7 @@ def flat_metrics(rec: dict, predicted: dict[str, int]) -> dict[str, float]:
     for phase, vals in (rec.get("memory") or {}).items():
         for k, v in vals.items():
             out[f"memory/{phase}/{k}_bytes"] = float(v)
-    if rec.get("kind") == "train":
+    if rf.is_train(rec):
         for k, v in predicted.items():
             out[f"memory/predicted/{k}_bytes"] = float(v)
     return out

@@ -7,7 +7,7 @@ Run directory contract (written by `shardtrain launch`):
        ds_config.json / fsdp.json are exports of the same engine configs (an edited one is refused)
   out: metrics.jsonl (rank 0: one record per optimizer step, "kind": "train" | "eval"),
        memory_rank{R}.json, checkpoints/step_N/, final/, logs/worker_rank{R}.log, logs/memory_table.txt
-Exit 0 when done; 75 (preempt.EXIT_PREEMPTED) when stopped by SIGTERM/SIGINT/SIGUSR1/SIGUSR2 after
+Exit 0 when done; 75 (exitcodes.EXIT_PREEMPTED) when stopped by SIGTERM/SIGINT/SIGUSR1/SIGUSR2 after
 saving a checkpoint at the agreed step (a "preempted at step N" line; Slurm requeues while below the
 limit; rerun to resume); 128+N on a second signal N (stops at once); 1 on errors.
 Resume: with run.resume=auto the latest complete checkpoints/step_N is loaded; the step counter, the
@@ -33,6 +33,7 @@ if __name__ == "__main__":  # before importing torch: a pre-emption signal durin
 import torch
 
 from shardtrain import rundir_format as rf
+from shardtrain.exitcodes import DEVICE_ENV, EXIT_PREEMPTED, PROGRESS_ENV
 from shardtrain.runtime import checkpoint as ckpt
 from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed
 from shardtrain.runtime.build import Run, setup
@@ -91,7 +92,7 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
         phase.snap("after_step")
     (total_loss,) = reduce_sum(loss_sum.reshape(1))  # the step's one collective (and one host sync)
     dt = time.perf_counter() - t0
-    rec = {"kind": "train", "step": step + 1, "loss": total_loss / max(n_label, 1.0), "lr": lr,
+    rec = {rf.KIND: rf.TRAIN, rf.STEP: step + 1, rf.LOSS: total_loss / max(n_label, 1.0), "lr": lr,
            "grad_norm": grad_norm, "tokens": int(n_input), "tokens_per_s": n_input / dt, "step_time_s": dt,
            "epoch": round(r.sampler.epoch_of(step + 1), 4),
            "memory": dict(phase.phases) if phase else {}}
@@ -119,7 +120,7 @@ def evaluate(r: Run, step: int) -> dict | None:
         eng.train(True)
     tot, n = all_reduce_sum([tot, n], r.info.device)
     loss = tot / max(n, 1.0)
-    return {"kind": "eval", "step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(n)}
+    return {rf.KIND: rf.EVAL, rf.STEP: step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(n)}
 
 
 def trainer_state(r: Run, step: int) -> dict:
@@ -131,9 +132,9 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     """Train per the run directory; returns a summary. Tests drive several runs per launch
     (`destroy_group=False`) and probe the engine with `on_setup(run)` before the first step."""
     run_dir = Path(run_dir)
-    from shardtrain.runtime.preempt import EXIT_PREEMPTED, release_shared, shared_handler  # noqa: F401
+    from shardtrain.runtime.preempt import release_shared, shared_handler
     pre = shared_handler()  # installed before the process group, model and data (they are slow)
-    info = init_distributed(os.environ.get("SHARDTRAIN_DEVICE") or _device_pref(run_dir))
+    info = init_distributed(os.environ.get(DEVICE_ENV) or _device_pref(run_dir))
     _setup_logging(run_dir, info.rank)
     r = setup(run_dir, info)
     cfg, eng = r.cfg, r.engine
@@ -161,7 +162,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     _throughput_setup(r)  # global token counts without a collective; tokens/s, TFLOP/s, MFU (runtime/stepstats.py)
     # The launcher redirects rank stderr to a log file and copies rank 0's to the console, so it
     # asks for the bar explicitly (SHARDTRAIN_PROGRESS=1) instead of relying on isatty().
-    want_bar = sys.stderr.isatty() or os.environ.get("SHARDTRAIN_PROGRESS") == "1"
+    want_bar = sys.stderr.isatty() or os.environ.get(PROGRESS_ENV) == "1"
     bar = progress_bar(main and want_bar, cfg.train.steps, start)
     total = cfg.train.steps
     losses, evals, saved_at, preempted = [], [], -1, False
@@ -291,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
         from shardtrain.runtime.faults import record_oom
         record_oom(args.run_dir, int(os.environ.get("RANK", "0")), e)
         raise
-    from shardtrain.runtime.preempt import EXIT_PREEMPTED
     return EXIT_PREEMPTED if res["preempted"] else 0
 
 

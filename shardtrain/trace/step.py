@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 
 import torch
 import torch.distributed as dist
@@ -206,8 +205,3 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
                     phases["optimizer"] = _read_peak(mt)
     return phases, tool, W
 
-
-def timed_trace(plan: Plan, *, steps: int = 2):
-    t0 = time.perf_counter()
-    phases, tool, W = trace_step(plan, steps=steps)
-    return phases, tool, W, time.perf_counter() - t0
