@@ -3,7 +3,7 @@ environment and the rendezvous (port policy, rdzv id).
 
 The callers only format what this module builds (the torchx way: a scheduler gets entrypoint + args
 and renders them): :mod:`shardtrain.launcher.supervise` runs a :class:`LaunchSpec`,
-:mod:`shardtrain.emit.bundle` writes ``launch.sh`` and :mod:`shardtrain.slurm.job` the per-node
+:mod:`shardtrain.emit.bundle` writes ``launch.sh`` and :mod:`shardtrain.slurm.script` the per-node
 command of a batch script. A value the script's shell must expand at run time (``$SLURM_NODEID``) is a
 :class:`Shell`: :func:`shell_word` double-quotes it instead of single-quoting it.
 

@@ -49,6 +49,7 @@ _RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
 def launcher_for_restarts(flag: str | None, chosen: Launcher, max_restarts: int) -> Launcher:
     """--max-restarts needs torchrun's elastic agent (the deepspeed launcher never restarts workers);
     torchrun runs DeepSpeed plans too (the worker calls deepspeed.initialize itself)."""
+    chosen = Launcher(chosen)
     if not max_restarts or chosen is not Launcher.DEEPSPEED:
         return chosen
     if flag == Launcher.DEEPSPEED:
