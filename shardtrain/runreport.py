@@ -196,7 +196,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub, _add_plan_flags=None) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("report", help="predicted vs measured memory per phase of a run (table + PNG)")
     p.add_argument("run_dir", help=f"run directory ({rf.PLAN_JSON}, {rf.METRICS_JSONL}, {rf.MEMORY_RANK_GLOB})")
     p.add_argument("--png", help="where to write the plot (default RUN_DIR/memory_report.png)")

@@ -297,6 +297,7 @@ def test_damaged_run_dir_files_on_resume(tmp_path, capsys, junk):
     prepare), never a traceback — checked through the launcher's run-dir writer directly."""
     from shardtrain.config import pipeline
     from shardtrain.config.schema import ConfigError
+    from shardtrain import rundir_format as rf
     from shardtrain.launcher import rundir
     tiny = Path(__file__).resolve().parents[1] / "configs" / "examples" / "tiny-cpu.yaml"
     cfg, plan = pipeline.compile(tiny)
@@ -304,7 +305,7 @@ def test_damaged_run_dir_files_on_resume(tmp_path, capsys, junk):
     rundir.write_run_dir(d, cfg, plan)
     for name in ("run.yaml", "plan.json", "metrics.jsonl"):
         (d / name).write_bytes(junk)
-    assert rundir.completed_steps(d) == 0
+    assert rf.completed_steps(d) == 0
     try:
         rundir.write_run_dir(d, cfg, plan)
     except ConfigError as e:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from shardtrain import rundir_format as rf
-from shardtrain.launcher import rundir
 from shardtrain.launcher.supervise import metrics_summary
 from shardtrain.runreport import load_run
 from shardtrain.runtime.telemetry import MetricsWriter
@@ -38,13 +37,13 @@ def test_metrics_written_by_the_runtime_are_read_by_launcher_and_report(tmp_path
     w.flush()
     recs = rf.read_metrics(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3, 3, 4]
-    assert rundir.completed_steps(tmp_path) == 4
+    assert rf.completed_steps(tmp_path) == 4
     assert metrics_summary(tmp_path) == "step 4, loss 4.000 → 0.500"
     assert [s["step"] for s in load_run(tmp_path)["steps"]] == [1, 2, 3, 4]  # eval records carry no memory
 
     w.truncate_after(2)  # resume from the step-2 checkpoint: later records go, the cut line too
     assert [r["step"] for r in rf.read_metrics(tmp_path)] == [1, 2]
-    assert rundir.completed_steps(tmp_path) == 2
+    assert rf.completed_steps(tmp_path) == 2
     assert rf.read_metrics(tmp_path / "absent") == [] and metrics_summary(tmp_path / "absent") == ""
 
 

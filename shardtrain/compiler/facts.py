@@ -147,3 +147,11 @@ class RuntimeFacts:
         d = dict(d)
         return RuntimeFacts(**{**d, "model": ModelRef(**d["model"]), "state_bytes": StateBytes(**d["state_bytes"]),
                                "fsdp": FsdpSettings.from_dict(d["fsdp"]) if d.get("fsdp") else None})
+
+
+def utilisation(flops_per_token: float, tokens_per_s_per_device: float, peak_tflops: float) -> float:
+    """Achieved FLOP/s per device over the device's peak (0 when the peak is unknown): MFU with model
+    FLOPs, HFU with hardware FLOPs (compiler/flops.py; the runtime's Throughput reports both)."""
+    if peak_tflops <= 0:
+        return 0.0
+    return flops_per_token * tokens_per_s_per_device / (peak_tflops * 1e12)

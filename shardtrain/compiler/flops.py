@@ -60,10 +60,3 @@ def train_flops_per_token(m: ModelSpec, seq_len: int, *, full_finetune: bool = T
     last_proj = float(m.intermediate_size * m.hidden_size * (m.experts_per_token if m.num_experts > 1 else 1))
     recompute = k * (2.0 * (layers_n / m.num_layers - last_proj) + attn_fwd / m.num_layers) if m.num_layers else 0.0
     return TokenFlops(model=model, hardware=model + recompute)
-
-
-def utilisation(flops_per_token: float, tokens_per_s_per_device: float, peak_tflops: float) -> float:
-    """Achieved FLOP/s per device over the device's peak (0 when the peak is unknown)."""
-    if peak_tflops <= 0:
-        return 0.0
-    return flops_per_token * tokens_per_s_per_device / (peak_tflops * 1e12)

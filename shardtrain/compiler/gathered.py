@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from shardtrain.compiler.inventory import TensorGroup
-from shardtrain.compiler.memory import ZeroBuckets, frozen_weight_bytes, gathered_bytes_per_param, largest_unit_params
+from shardtrain.compiler.memory import ZeroBuckets, frozen_weight_bytes, zero3_window_bytes
 from shardtrain.compiler.phase_inputs import PhaseInputs
 from shardtrain.compiler.specs import Method, OffloadDevice, Precision
 
@@ -25,8 +25,7 @@ def zero3_gathered(x: PhaseInputs) -> tuple[int, int, int]:
     the lm_head, right after the forward). Persistent params (numel <= threshold) are in `params`."""
     m, L = x.model, x.model.num_layers
     buckets = ZeroBuckets.for_model(m)
-    bpp, _ = gathered_bytes_per_param(x.groups, x.method, x.precision)
-    window = int(min(buckets.max_live_parameters, largest_unit_params(m) + buckets.prefetch_bucket_elements) * bpp)
+    window = zero3_window_bytes(m, x.groups, x.method, x.precision, buckets)
     if x.shard_size == 1 and x.strategy.offload_params is OffloadDevice.NONE:
         # one rank: partition_parameters.py all_gather_coalesced -> _no_gather_coalesced sets
         # `param.data = param.ds_tensor.data.to(device)`, a no-op on the same device: the "gathered"

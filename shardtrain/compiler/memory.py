@@ -168,6 +168,14 @@ def gathered_bytes_per_param(groups: tuple[TensorGroup, ...], method: Method,
     return gathered / total, trainable / total
 
 
+def zero3_window_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], method: Method,
+                       precision: Precision, buckets: ZeroBuckets) -> int:
+    """ZeRO-3's gathered-parameter window: the largest module plus the prefetch bucket, capped at
+    stage3_max_live_parameters (partitioned_param_coordinator.py fetch_sub_module / prefetch)."""
+    bpp, _ = gathered_bytes_per_param(groups, method, precision)
+    return int(min(buckets.max_live_parameters, largest_unit_params(model) + buckets.prefetch_bucket_elements) * bpp)
+
+
 def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy,
                       hw: HardwareSpec, *, method: Method, precision: Precision, optimizer: Optimizer,
                       fsdp_defer_grad_sync: bool = False) -> ModelStateBytes:
@@ -245,10 +253,8 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
                                                 for g in groups if not g.trainable), method, precision)
         persistent = zero3_persistent_bytes(groups, buckets, method, precision)
         params = p * P + frozen_part + persistent
-        gathered = min(buckets.max_live_parameters, largest_unit_params(model) + buckets.prefetch_bucket_elements)
-        bpp, _ = gathered_bytes_per_param(groups, method, precision)
         # stage3.py keeps ONE reduce bucket per dtype (ipg_buckets[dtype].buffer, contiguous_gradients)
-        buffers = int(gathered * bpp) + buckets.reduce_bucket_elements * p
+        buffers = zero3_window_bytes(model, groups, method, precision, buckets) + buckets.reduce_bucket_elements * p
         if off_opt is OffloadDevice.NONE:
             grads = p * P + max(4 * P, p * largest)
         else:

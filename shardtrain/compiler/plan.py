@@ -9,7 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from shardtrain.compiler.activations import logits_bytes
-from shardtrain.compiler.facts import FsdpSettings, ModelRef, RuntimeFacts, StateBytes  # noqa: F401  (re-exported)
+from shardtrain.compiler.facts import (FsdpSettings, ModelRef, RuntimeFacts, StateBytes,  # noqa: F401  (re-exported)
+                                      utilisation)
 from shardtrain.compiler.memory import ZeroBuckets
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import (ActivationOffload, Attention, GradCkpt, HardwareSpec, LoraSpec, LossMode,

@@ -9,7 +9,7 @@ it used to re-derive on every rank is resolved here once, when the run dir is wr
 - the predicted model-state bytes per rank, GPU and host (compiler/memory.py model_state_bytes);
 - FLOPs per token (compiler/flops.py) and the GPU preset's peak for MFU (config/presets.py);
 - the engine settings the run files were written with: the FSDP2 settings (emit/fsdp.py) or the DeepSpeed
-  config (emit/deepspeed.py), checked against the plan with `deepspeed.verify`.
+  config (emit/deepspeed.py) — built from the plan here, so the ranks refuse a run file that differs.
 """
 from __future__ import annotations
 
@@ -87,9 +87,6 @@ def runtime_facts(cfg, plan: Plan) -> RuntimeFacts:
         t = cfg.train
         ds = K.deepspeed_config(plan, grad_clip=t.grad_clip, lr=t.lr, weight_decay=t.weight_decay,
                                 nvme_path=cfg.hardware.nvme_path)
-        problems = K.verify(ds, plan)
-        if problems:
-            raise ValueError(problems[0])
         kw = dict(deepspeed=ds, deepspeed_client_optimizer=K.client_optimizer(plan) is not None,
                   deepspeed_cpu_config=K.cpu_config(ds, plan))
     elif c.strategy.engine is Engine.FSDP:

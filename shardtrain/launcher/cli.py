@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from shardtrain import rundir_format as rf  # noqa: E402
 from shardtrain.exitcodes import EXIT_ERROR, EXIT_NO_FIT, EXIT_OK  # noqa: E402
 
 
@@ -163,13 +164,13 @@ def cmd_launch(args) -> int:
     master_port = args.master_port
     if master_port is None and launcher == Launcher.DEEPSPEED and nnodes == 1 and not args.rdzv_endpoint:
         master_port = rankstart.free_port()  # the deepspeed launcher's default 29500 collides between runs
+    launch_kw = dict(  # kept: an OOM re-plan launches again with only another log dir
+        run_dir=run_dir, launcher=launcher, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint, master_port=master_port, max_restarts=args.max_restarts, gpus=gpus,
+        device=device, cpu_count=hosts.cpu_count(), environ=dict(os.environ), progress=True,
+        extra_env=hosts.ops_env(), **({"module": args.worker_module} if args.worker_module else {}))
     try:
-        spec = rankstart.build_launch(
-            run_dir=run_dir, launcher=launcher, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank,
-            rdzv_endpoint=args.rdzv_endpoint, master_port=master_port, max_restarts=args.max_restarts, gpus=gpus,
-            device=device, cpu_count=hosts.cpu_count(), environ=dict(os.environ), progress=True,
-            extra_env=hosts.ops_env(),
-            **({"module": args.worker_module} if args.worker_module else {}))
+        spec = rankstart.build_launch(**launch_kw)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     resume = args.resume if args.resume is not None else cfg.run.resume is not Resume.NEVER
@@ -199,8 +200,8 @@ def cmd_launch(args) -> int:
 
     prepared = rundir.write_run_dir(run_dir, cfg, plan, command_text=spec.script(), resume=resume,
                                     move_aside=spec.node_rank == 0)
-    done = rundir.completed_steps(run_dir) if prepared.has_state else 0
-    if done >= cfg.train.steps and (run_dir / "final").exists():
+    done = rf.completed_steps(run_dir) if prepared.has_state else 0
+    if done >= cfg.train.steps and (run_dir / rf.FINAL).exists():
         print(f"\n[shardtrain] {rel(run_dir)} already finished {done} of {cfg.train.steps} steps: nothing to "
               "run. Train longer with --steps N (it resumes), or start over with --no-resume.", flush=True)
         return EXIT_OK
@@ -212,17 +213,16 @@ def cmd_launch(args) -> int:
     result = supervise.run(spec, timeout=args.timeout)
     for line in restart.restart_report(spec, args.max_restarts):
         print(line, flush=True)
-    result = _replan_on_oom(args, cfg, plan, spec, result, run_dir)
+    result = _replan_on_oom(args, cfg, plan, spec, launch_kw, result, run_dir)
     stream = sys.stdout if result.returncode == 0 else sys.stderr
     print(result.summary, file=stream, flush=True)
     return result.returncode
 
 
-def _replan_on_oom(args, cfg, plan, spec, result, run_dir: Path):
+def _replan_on_oom(args, cfg, plan, spec, launch_kw: dict, result, run_dir: Path):
     """--on-oom replan[:N]: after a launch that ran out of memory, re-plan and launch again (launcher/oom.py)."""
-    import dataclasses
-
-    from shardtrain.launcher import oom, rundir, supervise
+    from shardtrain.launcher import oom, rankstart, rundir, supervise
+    first_log_dir = spec.log_dir
     budget = oom.parse_on_oom(args.on_oom)
     for i in range(1, budget + 1):
         records = oom.oom_records(run_dir)
@@ -238,10 +238,7 @@ def _replan_on_oom(args, cfg, plan, spec, result, run_dir: Path):
         cfg, plan = nxt.cfg, nxt.plan
         oom.clear_records(run_dir)
         oom.accept_new_split(run_dir, cfg, plan)
-        log_dir = Path(f"{spec.log_dir}-replan{i}")
-        argv = tuple(str(log_dir) if a == str(spec.log_dir) else a.replace(str(spec.log_dir), str(log_dir))
-                     for a in spec.argv)
-        spec = dataclasses.replace(spec, log_dir=log_dir, argv=argv)
+        spec = rankstart.build_launch(**launch_kw, log_dir=f"{first_log_dir}-replan{i}")
         rundir.write_run_dir(run_dir, cfg, plan, command_text=spec.script(), resume=True,
                              move_aside=spec.node_rank == 0)
         result = supervise.run(spec, timeout=args.timeout)

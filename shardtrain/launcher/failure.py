@@ -96,6 +96,24 @@ def torchrun_attempts(log_dir: Path) -> list[Path]:
     return sorted(Path(log_dir).glob("*/attempt_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
+def torchrun_rank_logs(attempt: Path, local_rank: int) -> dict[str, Path]:
+    """One local rank's files in a torchrun attempt folder (``--log_dir`` with ``--redirects 3``):
+    ``<attempt>/<local rank>/{stdout.log, stderr.log, error.json}`` (torch/distributed/elastic/
+    multiprocessing/api.py)."""
+    d = attempt / str(local_rank)
+    return {"stdout": d / "stdout.log", "stderr": d / "stderr.log", "error": d / "error.json"}
+
+
+def killed_by(code: int | None) -> str:
+    """The signal name for a negative exit code (a worker killed by a signal), "" otherwise."""
+    if code is None or code >= 0:
+        return ""
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
 def torchrun_exitcodes(launcher_log: str) -> tuple[dict[int, int], int | None]:
     """{rank: exitcode} from torchrun's ChildFailedError report, and its 'root cause' rank."""
     codes, root = {}, None
@@ -116,7 +134,8 @@ def _rank_logs(spec: LaunchSpec) -> dict[int, list[Path]]:
         if attempts:
             for d in attempts[-1].iterdir():
                 if d.is_dir() and d.name.isdigit():
-                    out[base + int(d.name)] = [d / "error.json", d / "stderr.log", d / "stdout.log"]
+                    logs = torchrun_rank_logs(attempts[-1], int(d.name))
+                    out[base + int(d.name)] = [logs["error"], logs["stderr"], logs["stdout"]]
     else:
         for p in sorted(spec.log_dir.glob("*_rank*.log")):
             m = re.search(r"_rank(\d+)\.log$", p.name)
@@ -162,12 +181,7 @@ def find_first_failure(spec: LaunchSpec, launcher_log: str) -> RankFailure | Non
         tail = ""
         if not tb:
             tail = "\n".join(lines[-15:])
-            sig = ""
-            if code is not None and code < 0:
-                try:
-                    sig = signal.Signals(-code).name
-                except ValueError:
-                    sig = f"signal {-code}"
+            sig = killed_by(code)
             exc = (f"killed by {sig}" + (" (out of memory? the kernel OOM killer sends SIGKILL)"
                                           if sig == "SIGKILL" else "")) if sig else (
                 (f"exited with code {code}" if code is not None else "exited")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shardtrain.compiler.specs import Launcher
-from shardtrain.launcher.failure import TRACEBACK_MARK, torchrun_attempts
+from shardtrain.launcher.failure import TRACEBACK_MARK, torchrun_attempts, torchrun_rank_logs
 
 if TYPE_CHECKING:
     from shardtrain.launcher.rankstart import LaunchSpec
@@ -58,7 +58,8 @@ class Tail(threading.Thread):
             if self._attempt is not None and a != self._attempt:
                 self._write(self.err, f"\n[shardtrain] torchrun restarted the workers ({a.name})\n".encode())
             self._attempt = a
-            return [(a / "0" / "stdout.log", self.out), (a / "0" / "stderr.log", self.err)]
+            logs = torchrun_rank_logs(a, 0)
+            return [(logs["stdout"], self.out), (logs["stderr"], self.err)]
         r0 = self.spec.node_rank * self.spec.nproc_per_node
         logs = sorted(d.glob(f"*_rank{r0}.log"))
         return [(logs[-1], self.out)] if logs else []

@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardtrain.compiler.specs import Device
+from shardtrain.compiler.specs import Device, Engine
+from shardtrain.launcher import hosts
 from shardtrain.units import fmt_bytes
 
 #: Bytes a checkpoint stores per parameter: fp32 weights (4) for every parameter the run saves, plus
@@ -77,7 +78,7 @@ def _gpu_memory() -> tuple[int, ...]:
 def this_machine(gpus: int) -> Machine:
     mi = _meminfo()
     return Machine(gpus=gpus, gpu_memory_bytes=_gpu_memory() if gpus else (), host_memory_bytes=mi.get("MemTotal", 0),
-                   host_available_bytes=mi.get("MemAvailable", 0), cpus=os.cpu_count() or 1)
+                   host_available_bytes=mi.get("MemAvailable", 0), cpus=hosts.cpu_count())
 
 
 def _existing_ancestor(p: Path) -> Path:
@@ -162,7 +163,7 @@ def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_
     if why:
         r.add(f"run dir {run_dir}: {why}", "pass --run-dir to a writable place or change run.output_dir")
     else:
-        is_ds = plan.strategy.value.startswith("zero")
+        is_ds = plan.strategy.engine is Engine.DEEPSPEED
         keep = getattr(cfg.run, "keep_checkpoints", 3)
         n_ckpt = (min(keep, max(1, cfg.train.steps // cfg.run.checkpoint_every)) if cfg.run.checkpoint_every else 1) + 1
         need = checkpoint_bytes(plan, is_ds) * n_ckpt + plan.model.num_params * 4  # + final export (fp32)

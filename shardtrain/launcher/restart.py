@@ -6,13 +6,13 @@ for --max-restarts (also for DeepSpeed plans) and a report of each restart. Kept
 from __future__ import annotations
 
 import re
-import signal
 from pathlib import Path
 
 from shardtrain import rundir_format as rf
 from shardtrain.compiler.specs import Launcher
 from shardtrain.exitcodes import EXIT_PREEMPTED
-from shardtrain.launcher.failure import LaunchResult, rel, torchrun_attempts, torchrun_exitcodes
+from shardtrain.launcher.failure import (LaunchResult, killed_by, rel, torchrun_attempts, torchrun_exitcodes,
+                                         torchrun_rank_logs)
 
 
 def _latest_step(run_dir: Path) -> int | None:
@@ -59,12 +59,7 @@ def launcher_for_restarts(flag: str | None, chosen: Launcher, max_restarts: int)
 
 
 def _exit_text(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
+    return f"killed by {killed_by(code)}" if code < 0 else f"exited with code {code}"
 
 
 def restart_report(spec, max_restarts: int) -> list[str]:
@@ -82,7 +77,7 @@ def restart_report(spec, max_restarts: int) -> list[str]:
         if i - 1 < len(failures):
             code, local = failures[i - 1]
             died = f"rank {int(local) + spec.node_rank * spec.nproc_per_node} {_exit_text(int(code))}; "
-        err = a / "0" / "stderr.log"
+        err = torchrun_rank_logs(a, 0)["stderr"]
         m = _RESUMED.findall(err.read_text(errors="replace")) if err.is_file() else []
         where = f"resumed at step {m[-1]}" if m else "no complete checkpoint: started from step 0"
         lines.append(f"[shardtrain] restart {i} of {max_restarts}: {died}{where}")

@@ -30,7 +30,6 @@ from shardtrain.compiler.specs import Resume
 from shardtrain.config import pipeline
 from shardtrain.config.schema import ConfigError, RunConfig
 
-completed_steps = rf.completed_steps  # the last step in metrics.jsonl: what a resume continues from
 #: Keys that may change between launches of one run dir without invalidating its checkpoints.
 RESUME_SAFE_KEYS = frozenset({
     "train.steps", "run.checkpoint_every", "run.eval_every", "run.eval_batches", "run.log_every",
@@ -66,24 +65,10 @@ def check_plan_matches(cfg: RunConfig, p: Plan) -> None:
             f"or drop --plan")
 
 
-def emitted_configs(cfg: RunConfig, p: Plan) -> dict[str, dict]:
-    """Engine configs for the plan, by file name (empty for DDP). Emitter errors become ConfigError."""
-    try:
-        return _emitted_configs(cfg, p)
-    except ConfigError:
-        raise
-    except ValueError as e:  # e.g. DeepSpeedConfigError: names the key, the value and the fix
-        raise ConfigError(str(e)) from None
-
-
 def run_file_names(cfg: RunConfig, p: Plan) -> list[str]:
     """The run files :func:`write_run_dir` writes for this plan, in order (what `launch --dry-run` lists)."""
-    return [rf.RUN_YAML, rf.PLAN_JSON, *emitted_configs(cfg, p), rf.COMMAND_TXT]
-
-
-def _emitted_configs(cfg: RunConfig, p: Plan) -> dict[str, dict]:
     from shardtrain.emit.runtime import engine_files
-    return engine_files(plan_with_facts(cfg, p))
+    return [rf.RUN_YAML, rf.PLAN_JSON, *engine_files(plan_with_facts(cfg, p)), rf.COMMAND_TXT]
 
 
 def plan_with_facts(cfg: RunConfig, p: Plan) -> Plan:
@@ -226,7 +211,8 @@ def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, comman
     (run_dir / rf.LOGS).mkdir(exist_ok=True)
     (run_dir / rf.CHECKPOINTS).mkdir(exist_ok=True)
     files = {rf.RUN_YAML: rf.config_text(new_cfg), rf.PLAN_JSON: rf.json_text(new_plan)}
-    for name, d in emitted_configs(cfg, p).items():
+    from shardtrain.emit.runtime import engine_files
+    for name, d in engine_files(p).items():  # the configs the facts above were built with
         files[name] = rf.json_text(d)
     files[rf.COMMAND_TXT] = command_text if command_text is not None else default_command_text(cfg, p, run_dir)
     for name in rf.RUN_FILES:  # a stale engine config from an earlier strategy would mislead the worker

@@ -84,7 +84,7 @@ class Run:
         trace_table = None
         if "memtrace" in self.extra:  # run.memory_trace: the MemTracker peak per phase (runtime/memtrace.py)
             from shardtrain.runtime.memtrace_table import trace_record
-            rec["memory_trace"], trace_table = trace_record(self.extra["memtrace"], self.run_dir / rf.PLAN_JSON)
+            rec["memory_trace"], trace_table = trace_record(self.extra["memtrace"], self.plan)
         (self.run_dir / rf.memory_rank_name(self.info.rank)).write_text(json.dumps(rec, indent=1))
         if self.info.is_main:
             table = comparison_table(predicted, measured, cpu_pred, sum(offloaded.values()),

@@ -95,12 +95,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few floats over all ranks (float64 so token counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def reduce_sum(t: torch.Tensor) -> list[float]:
+    """Sum a small tensor over all ranks (one collective) and read it back (one host sync)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks (float64 so token counts stay exact)."""
+    return reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
 
 
 def destroy() -> None:

@@ -167,8 +167,8 @@ class DeepSpeedEngine(BaseEngine):
 
     def __init__(self, model, optimizer, *, ds_config: dict, grad_accum: int, zero_stage: int,
                  offload_optimizer: bool, offload_params: bool, **kw):
-        """`ds_config`: the plan's (emit/deepspeed.py verify() checked it against the plan when the run
-        dir was written); `optimizer`: None when the config's optimizer block builds it."""
+        """`ds_config`: the plan's copy (emitted from the plan when the run dir was written; build.py
+        refuses a ds_config.json that differs); `optimizer`: None when the config's optimizer block builds it."""
         import deepspeed
         super().__init__(model, optimizer, **kw)
         self.zero_stage, self.offload_optimizer, self.offload_params = zero_stage, offload_optimizer, offload_params

@@ -2,9 +2,6 @@
 (memory_rank{R}.json "memory_trace" and logs/memory_table.txt)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from shardtrain.runtime.memtrace import PHASES, TERMS, StepMemTrace
 
 
@@ -48,10 +45,11 @@ def render(rows: list[tuple], peak_phase: str | None, pred_peak_phase: str | Non
     return "\n".join(lines)
 
 
-def trace_record(trace: StepMemTrace, plan_path) -> tuple[dict, str]:
-    """The memory_rank{R}.json "memory_trace" block and the table the worker prints."""
+def trace_record(trace: StepMemTrace, plan) -> tuple[dict, str]:
+    """The memory_rank{R}.json "memory_trace" block and the table the worker prints (`plan`: the Plan
+    the rank runs, as read from plan.json)."""
     rep = trace.report()
-    pred, pred_peak = predicted_phases(json.loads(Path(plan_path).read_text()))
+    pred, pred_peak = predicted_phases(plan.to_json())
     rows = comparison(pred, rep["per_phase"], rep["no_comm_temp"]["per_phase"])
     rep["predicted_per_phase"] = pred
     rep["predicted_peak_phase"] = pred_peak

@@ -6,15 +6,13 @@
   count is the same integer the old all-reduce produced, so the loss scale — and the gradient — are
   bit-identical (tests/runtime/test_equivalence.py).
 - The loss is accumulated as a device tensor (no `float(loss)` sync per micro-step) and summed over
-  ranks in the step's single collective (`reduce_sum`), read back once.
+  ranks in the step's single collective (`dist.reduce_sum`), read back once.
 - Throughput: tokens/s per device, achieved TFLOP/s and MFU/HFU from the plan's runtime facts (FLOPs per
   token from compiler/flops.py, the GPU preset's peak; emit/runtime.py puts them in plan.json).
 """
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-
+from shardtrain.compiler.plan import utilisation
 from shardtrain.runtime.data import IGNORE
 
 
@@ -50,13 +48,6 @@ class GlobalTokens:
         return n_label, n_input
 
 
-def reduce_sum(t: torch.Tensor) -> list[float]:
-    """Sum a small float64 tensor over all ranks (one collective) and read it back (one sync)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 class Throughput:
     """tokens/s per device, and TFLOP/s + MFU (model FLOPs) + HFU (with recomputation) per device."""
 
@@ -73,6 +64,6 @@ class Throughput:
                "tflops_per_device": self.hardware_flops * per_dev / 1e12}
         if self.peak_tflops > 0:
             # achieved FLOP/s over the peak (PaLM's MFU; HFU counts the recomputed forward too)
-            out["mfu"] = self.model_flops * per_dev / (self.peak_tflops * 1e12)
-            out["hfu"] = self.hardware_flops * per_dev / (self.peak_tflops * 1e12)
+            out["mfu"] = utilisation(self.model_flops, per_dev, self.peak_tflops)
+            out["hfu"] = utilisation(self.hardware_flops, per_dev, self.peak_tflops)
         return out

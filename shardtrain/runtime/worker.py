@@ -35,7 +35,7 @@ import torch
 from shardtrain import rundir_format as rf
 from shardtrain.exitcodes import DEVICE_ENV, EXIT_PREEMPTED, PROGRESS_ENV
 from shardtrain.runtime import checkpoint as ckpt
-from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed
+from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed, reduce_sum
 from shardtrain.runtime.build import Run, setup
 from shardtrain.runtime.data import count_label_tokens, eval_indices
 from shardtrain.runtime.faults import maybe_kill, maybe_oom, test_signal
@@ -44,7 +44,6 @@ from shardtrain.runtime.optim import lr_at
 from shardtrain.runtime.telemetry import LeakDetector, MetricsWriter, PhaseMemory, progress_bar
 from shardtrain.runtime.trackers import with_trackers
 from shardtrain.runtime.state_bytes import StateMeter, live_bytes
-from shardtrain.runtime.stepstats import reduce_sum
 
 log = logging.getLogger("shardtrain.worker")
 
