@@ -113,6 +113,9 @@ EVAL = "eval"
 STEP = "step"
 LOSS = "loss"
 MEMORY = "memory"
+UNIX_TIME = "unix_time_s"
+"""When the step's record was made (time.time() after the step's last collective): the period
+between consecutive records is the loop's whole step, between-step work included."""
 
 
 def iter_metrics(path: Path) -> Iterator[dict]:

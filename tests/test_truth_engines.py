@@ -195,7 +195,8 @@ def _zero12_rank_grads(model, groups, strategy, precision, rank) -> int:
     p = precision.param_bytes
     largest = max(g.numel for g in groups if g.trainable)
     parts = zero12_partitions(flat_order_numels(model, groups), WORLD,
-                              ZeroBuckets.for_model(model).reduce_bucket_elements)
+                              ZeroBuckets.for_model(model, sum(g.numel for g in groups if g.trainable),
+                                                    offload=strategy.offloads).reduce_bucket_elements)
     r = parts[rank]
     backward = r.held_large if strategy.zero_stage == 1 else largest
     return p * r.grad_buffer + max(4 * r.partition, p * backward)

@@ -106,7 +106,8 @@ class Plan:
 
     @property
     def zero_buckets(self) -> ZeroBuckets:
-        return ZeroBuckets.for_model(self.model)
+        # the buckets memory.model_state_bytes assumed for this plan
+        return ZeroBuckets.for_model(self.model, self.chosen.trainable_params, offload=self.strategy.offloads)
 
     # ------------------------------------------------------------------ JSON
     def _candidate_json(self, c: Candidate, best_time: float) -> dict:

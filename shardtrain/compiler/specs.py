@@ -57,6 +57,11 @@ class Strategy(_StrEnum):
         return OffloadDevice.NONE
 
     @property
+    def offloads(self) -> bool:
+        """Optimizer (and with ZeRO-3, parameters) live on the host or NVMe."""
+        return self.offload_optimizer is not OffloadDevice.NONE
+
+    @property
     def shards_params(self) -> bool:
         return self in (Strategy.ZERO3, Strategy.ZERO3_OFFLOAD, Strategy.ZERO_INFINITY,
                         Strategy.FSDP_FULL_SHARD, Strategy.FSDP_HYBRID_SHARD)

@@ -47,8 +47,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> DistInfo:
-    """Initialise (or reuse) the default process group and pick this rank's device."""
+def cpu_cores_for_rank(usable: list[int] | tuple[int, ...], local_rank: int, local_world_size: int,
+                       world_size: int) -> tuple[int, ...]:
+    """The cores a CPU rank binds to: the local_rank-th of local_world_size equal contiguous blocks of
+    the cores this process may use (what DeepSpeed's `--bind_cores_to_rank` does for CPU training,
+    deepspeed/launcher/launch.py). () = do not bind: one rank (nothing to separate), fewer cores than
+    ranks, or ranks on several nodes (several "nodes" may share one machine, e.g. a test cluster,
+    and would bind their local ranks to the same cores). The launcher already gives each rank
+    OMP_NUM_THREADS = cores // ranks (launcher/rankstart.py), the block's size.
+
+    Why: unbound, the scheduler migrates ranks and gloo's threads between cores; bound, each rank's
+    compute thread and its gloo threads keep their core's caches. Measured on 2 cores
+    (benchmarks/runtime_vs_accelerate.py jobs, 4 alternating rounds): tiny Llama DDP step 52.5 -> 51.3 ms
+    median (47.6 -> 45.0 p10), ZeRO-2 79.5 -> 77.8 ms; 26M model DDP 2.130 -> 2.111 s."""
+    cores = sorted(usable)
+    if local_world_size <= 1 or world_size != local_world_size or len(cores) < local_world_size:
+        return ()
+    block = len(cores) // local_world_size
+    return tuple(cores[local_rank * block:(local_rank + 1) * block])
+
+
+def bind_cpu_cores() -> tuple[int, ...]:
+    """Bind this rank's process (its threads started later inherit the mask) per cpu_cores_for_rank."""
+    # torchrun exports LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE (deepspeed/launcher/launch.py)
+    local_world = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
+    cores = cpu_cores_for_rank(tuple(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_RANK", 0)),
+                               int(local_world), int(os.environ.get("WORLD_SIZE", 1)))
+    if cores:
+        os.sched_setaffinity(0, cores)
+    return cores
+
+
+def init_distributed(device_pref: str = "auto", timeout_s: int = 600, *, bind_cores: bool = False) -> DistInfo:
+    """Initialise (or reuse) the default process group and pick this rank's device. `bind_cores`
+    (run.bind_cpu_cores): on CPU, bind the rank to its own cores first, so that gloo's threads,
+    started with the process group, inherit the mask."""
     if "RANK" not in os.environ:  # single process: make a 1-rank group
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -58,6 +91,8 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> DistInf
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed's CPU accelerator sizes itself from LOCAL_SIZE (else the NUMA node count).
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if bind_cores and not dist.is_initialized() and hasattr(os, "sched_setaffinity"):
+            bind_cpu_cores()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),

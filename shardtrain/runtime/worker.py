@@ -93,7 +93,7 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
     dt = time.perf_counter() - t0
     rec = {rf.KIND: rf.TRAIN, rf.STEP: step + 1, rf.LOSS: total_loss / max(n_label, 1.0), "lr": lr,
            "grad_norm": grad_norm, "tokens": int(n_input), "tokens_per_s": n_input / dt, "step_time_s": dt,
-           "epoch": round(r.sampler.epoch_of(step + 1), 4),
+           "epoch": round(r.sampler.epoch_of(step + 1), 4), rf.UNIX_TIME: time.time(),
            "memory": dict(phase.phases) if phase else {}}
     if "throughput" in r.extra:
         rec.update(r.extra["throughput"].metrics(n_input, dt))
@@ -133,8 +133,11 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     run_dir = Path(run_dir)
     from shardtrain.runtime.preempt import release_shared, shared_handler
     pre = shared_handler()  # installed before the process group, model and data (they are slow)
-    info = init_distributed(os.environ.get(DEVICE_ENV) or _device_pref(run_dir))
+    device_pref, bind_cores = _early_run_keys(run_dir)
+    info = init_distributed(os.environ.get(DEVICE_ENV) or device_pref, bind_cores=bind_cores)
     _setup_logging(run_dir, info.rank)
+    if info.device.type == "cpu" and hasattr(os, "sched_getaffinity"):
+        log.info("CPU cores of this rank: %s (run.bind_cpu_cores: %s)", sorted(os.sched_getaffinity(0)), bind_cores)
     r = setup(run_dir, info)
     cfg, eng = r.cfg, r.engine
     main = info.is_main
@@ -255,10 +258,11 @@ def _speed_text(rec: dict, per_device: bool = True) -> str:
     return txt
 
 
-def _device_pref(run_dir: Path) -> str:
+def _early_run_keys(run_dir: Path) -> tuple[str, bool]:
+    """run.device and run.bind_cpu_cores: needed before the process group exists (Settings is read after)."""
     import yaml
-    raw = yaml.safe_load((run_dir / rf.RUN_YAML).read_text()) or {}
-    return (raw.get("run") or {}).get("device", "auto")
+    run = (yaml.safe_load((run_dir / rf.RUN_YAML).read_text()) or {}).get("run") or {}
+    return run.get("device", "auto"), bool(run.get("bind_cpu_cores", True))
 
 
 def _setup_logging(run_dir: Path, rank: int) -> None:
