@@ -57,9 +57,9 @@ def cpu_cores_for_rank(usable: list[int] | tuple[int, ...], local_rank: int, loc
     OMP_NUM_THREADS = cores // ranks (launcher/rankstart.py), the block's size.
 
     Why: unbound, the scheduler migrates ranks and gloo's threads between cores; bound, each rank's
-    compute thread and its gloo threads keep their core's caches. Measured on 2 cores
-    (benchmarks/runtime_vs_accelerate.py jobs, 4 alternating rounds): tiny Llama DDP step 52.5 -> 51.3 ms
-    median (47.6 -> 45.0 p10), ZeRO-2 79.5 -> 77.8 ms; 26M model DDP 2.130 -> 2.111 s."""
+    compute thread and its gloo threads keep their core's caches. A small gain, measured on 2 cores
+    (benchmarks/worker_ab.py, results/worker_ab.md): unbound steps took 2.9% (tiny Llama, DDP) and 1.3%
+    (26M model, DDP) longer at the median; tiny ZeRO-2 the same within noise (-0.8%)."""
     cores = sorted(usable)
     if local_world_size <= 1 or world_size != local_world_size or len(cores) < local_world_size:
         return ()

@@ -66,11 +66,17 @@ def test_deepspeed(ds_results, name):
     check(ds_results[name])
 
 
-@pytest.mark.xfail(strict=True, reason="compiler: ZeRO-2 with gradient_accumulation_steps > 1 holds more "
-                   "gradient memory than modelled (offload: 16-bit param .grad of the partition on the device "
-                   "+ accumulated_grads_in_cpu on the host; fp32: the full gradient of the embedding between "
-                   "micro-steps); the memory model was calibrated with accumulation 1")
-@pytest.mark.parametrize("name", ["bf16_zero2_offload", "zero2", "zero2_offload"])
+_OFFLOAD_ACCUM = pytest.mark.xfail(
+    strict=True, reason="compiler: ZeRO-2 offload with gradient_accumulation_steps > 1 holds more gradient memory "
+    "than modelled (16-bit param .grad of the partition on the device + accumulated_grads_in_cpu on the host); "
+    "the memory model was calibrated with accumulation 1")
+
+
+# "zero2" (fp32, no offload) matches since the reduce bucket holds every tensor of this model (issue 11:
+# buckets of at least 25 MiB): with h² buckets the embedding's gradient, larger than the bucket, was kept
+# between micro-steps, unmodelled. A model whose largest tensor exceeds the bucket still does that.
+@pytest.mark.parametrize("name", [pytest.param("bf16_zero2_offload", marks=_OFFLOAD_ACCUM), "zero2",
+                                  pytest.param("zero2_offload", marks=_OFFLOAD_ACCUM)])
 def test_deepspeed_zero2_with_accumulation(ds_results, name):
     check(ds_results[name])
 
