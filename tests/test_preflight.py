@@ -89,3 +89,19 @@ def test_launch_spawns_nothing_on_preflight_failure(tmp_path, capsys):
     lines = [ln for ln in err.splitlines() if ln.startswith("shardtrain: error: preflight: ")]
     assert any("nvme_path" in ln for ln in lines)  # machine-independent: /local_nvme does not exist here
     assert not (tmp_path / "run").exists()
+
+
+def test_cached_hub_dataset_id_passes(tmp_path, monkeypatch):
+    """`data.train: ORG/NAME` from the local Hugging Face cache is what the ranks read (config/hub.py
+    dataset_source, carried in plan.json): preflight must resolve it the same way, not as a local path."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--acme--notes"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "snapshots" / sha / "train.jsonl").write_text("".join(
+        '{"text": "note %d: the quick brown fox jumps over the lazy dog"}\n' % i for i in range(40)))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert _check(TINY, tmp_path, **{"data.train": "acme/notes"}).problems == []
+    r = _check(TINY, tmp_path, **{"data.train": "acme/absent"})
+    assert len(r.problems) == 1 and "hf download --repo-type dataset acme/absent" in r.problems[0]

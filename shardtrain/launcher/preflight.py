@@ -202,18 +202,24 @@ def _data(cfg, r: Report) -> None:
         from shardtrain.launcher.datacheck import validate_training_data
     except ImportError:
         validate_training_data = None
+    from shardtrain.config import hub
     from shardtrain.config.schema import ConfigError
     before = len(r.problems)
     for key, p in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if not p:
             continue
-        path = Path(p)
-        if not path.exists():
+        try:  # a cached Hub dataset id reads from its snapshot, as the ranks will (emit/runtime.py)
+            path = hub.dataset_source(p)
+        except FileNotFoundError:
             r.add(f"{key}: {p} does not exist", "point it at the training data")
-        elif path.is_file() and path.stat().st_size == 0:
+            continue
+        except ValueError as e:  # an uncached Hub id: its message carries the `hf download` fix
+            r.problems.append(f"{key}: {e}")
+            continue
+        if path.is_file() and path.stat().st_size == 0:
             r.add(f"{key}: {p} is empty", "point it at the training data")
-        elif not os.access(p, os.R_OK):
-            r.add(f"{key}: {p} is not readable", f"chmod u+r {p}")
+        elif not os.access(path, os.R_OK):
+            r.add(f"{key}: {p} is not readable", f"chmod u+r {path}")
     if validate_training_data is not None and len(r.problems) == before:
         try:
             validate_training_data(cfg)
