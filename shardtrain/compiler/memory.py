@@ -85,7 +85,8 @@ class ZeroBuckets:
     whole reduce_bucket_size per ipg buffer (stage_1_and_2.py setup_buckets, x2 with overlap_comm)
     even when the model is smaller, so a bigger one is memory spent on nothing. (LoRA: the buffers
     appear with the first adapter gradient, after the frozen head's backward, so they may miss the
-    backward peak; at h² they are small enough not to matter, measured in test_peak_truth.)"""
+    backward peak; capped at the adapters' count they are small enough not to matter, measured in
+    tests/runtime/test_peak_truth.py.)"""
     reduce_bucket_elements: int
     allgather_bucket_elements: int
     prefetch_bucket_elements: int
