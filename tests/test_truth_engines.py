@@ -195,7 +195,7 @@ def _zero12_rank_grads(model, groups, strategy, precision, rank) -> int:
     p = precision.param_bytes
     largest = max(g.numel for g in groups if g.trainable)
     parts = zero12_partitions(flat_order_numels(model, groups), WORLD,
-                              ZeroBuckets.for_model(model, sum(g.numel for g in groups if g.trainable),
+                              ZeroBuckets.for_model(model, trainable_params(groups),
                                                     offload=strategy.offloads).reduce_bucket_elements)
     r = parts[rank]
     backward = r.held_large if strategy.zero_stage == 1 else largest
