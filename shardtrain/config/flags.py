@@ -42,10 +42,11 @@ PLAN_FLAG_GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("--nodes", "hardware.nodes", type=int),
         Flag("--gpus-per-node", "hardware.gpus_per_node", type=int),
         Flag("--gpu", "hardware.gpu", "GPU preset, e.g. h100-80gb (see `shardtrain presets`)"),
-        Flag("--gpu-memory", "hardware.gpu_memory", "per-GPU memory, e.g. 80GiB"),
-        Flag("--cpu-memory", "hardware.cpu_memory", "host RAM per node, e.g. 1TiB"),
+        Flag("--gpu-memory", "hardware.gpu_memory", "per-GPU memory WITH its unit, e.g. 80GiB or 80GB (a bare 80 "
+                                                   "is refused, not guessed)"),
+        Flag("--cpu-memory", "hardware.cpu_memory", "host RAM per node WITH its unit, e.g. 1TiB"),
         Flag("--nvme-path", "hardware.nvme_path"),
-        Flag("--nvme-capacity", "hardware.nvme_capacity"))),
+        Flag("--nvme-capacity", "hardware.nvme_capacity", "free NVMe per node WITH its unit, e.g. 2TB"))),
     ("job", (
         Flag("--seq-len", "train.seq_len", type=int),
         Flag("--micro-batch", "train.micro_batch", "auto or N"),

@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -181,3 +182,36 @@ def check_accelerate_shape(data: dict, path) -> None:
                 check_leaf(f"{k}.{k2}", v2)
         else:
             check_leaf(k, v)
+
+
+def _umask() -> int:
+    """The process umask: Linux shows it in /proc/self/status; elsewhere os.umask can only read it by
+    setting it (set and restore at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory and a rename, with the mode an
+    ordinary ``open(path, "w")`` would give (0666 & ~umask). tempfile.mkstemp creates its file 0600
+    whatever the umask (the file is private until renamed), so without the chmod every run-dir file
+    (plan.json, run.yaml, ds_config.json, command.txt) ended up unreadable to the group (issue 22)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

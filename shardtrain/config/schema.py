@@ -57,15 +57,16 @@ class HardwareConfig:
     gpu: str = "h100-80gb"
     """GPU preset (memory, TFLOP/s, bandwidths): `shardtrain presets`."""
     gpu_memory: Bytes | None = None
-    """Override the preset's GPU memory, e.g. 80GiB."""
+    """Override the preset's GPU memory, with its unit: 80GiB (2**30) or 80GB (10**9). A bare number under
+    1 MiB is refused (80 is a forgotten unit, not 80 bytes); from 1 MiB up it is bytes (shardtrain/units.py)."""
     cpu_memory: Bytes | None = None
-    """Host RAM per node, e.g. 1TiB (default 1 TiB)."""
+    """Host RAM per node, with its unit, e.g. 1TiB (default 1 TiB)."""
     nvme_path: str | None = None
     """Local NVMe directory for ZeRO-Infinity; unset disables NVMe plans."""
     nvme_capacity: Bytes | None = None
-    """Free NVMe bytes per node (default 3.5 TB when nvme_path is set)."""
+    """Free NVMe per node, with its unit, e.g. 2TB (default 3.5 TB when nvme_path is set)."""
     inter_node_bandwidth: Bytes | None = None
-    """Network bytes/s per GPU between nodes (default: preset)."""
+    """Network bytes/s per GPU between nodes, with its unit, e.g. 25GB (default: preset)."""
 
 
 @dataclass(frozen=True)

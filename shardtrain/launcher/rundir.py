@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,15 +118,8 @@ def default_command_text(cfg: RunConfig, p: Plan, run_dir: Path) -> str:
 
 # --------------------------------------------------------------------------- effects
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from shardtrain.config.safe_io import write_text_atomic  # temp file + rename, mode from the umask (issue 22)
+    write_text_atomic(path, text)
 
 
 def has_state(run_dir: Path) -> bool:
