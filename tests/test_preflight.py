@@ -83,7 +83,8 @@ def test_rendezvous_port_in_use(tmp_path):
 
 def test_launch_spawns_nothing_on_preflight_failure(tmp_path, capsys):
     from shardtrain.cli import main
-    rc = main(["launch", str(BIG), "--nproc-per-node", "2", "--run-dir", str(tmp_path / "run")])
+    rc = main(["launch", str(BIG), "--nproc-per-node", "2", "--run-dir", str(tmp_path / "run"),
+               "--set", "data.train=demo"])  # a launch without data.train is refused first (issue 22)
     err = capsys.readouterr().err
     assert rc == 1 and "nothing was started" in err
     lines = [ln for ln in err.splitlines() if ln.startswith("shardtrain: error: preflight: ")]

@@ -102,6 +102,9 @@ def dataset_source(path: str | Path) -> Path:
     (`hf download --repo-type dataset ORG/NAME`): its snapshot directory. Never downloads: data is read
     by every rank, so it must be on disk before the launch (the run dir's plan.json carries the result,
     emit/runtime.py). FileNotFoundError for a missing path, ValueError (with the fix) for an uncached id."""
+    from shardtrain.demo_corpus import CORPUS, is_demo
+    if is_demo(str(path)):  # the bundled demo corpus, named explicitly (issue 22)
+        return CORPUS
     p = Path(path).expanduser()
     if p.exists():
         return p

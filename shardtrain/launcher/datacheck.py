@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shardtrain import demo_corpus
 from shardtrain.config.schema import ConfigError
 
 FIRST_RECORDS = 64
@@ -21,6 +22,8 @@ def validate_training_data(cfg) -> None:
     from shardtrain.config import hub
     from shardtrain.runtime import chat, records
     data = cfg.data
+    if not data.train:  # issue 22: never the bundled demo corpus without naming it
+        raise ConfigError(f"data.train is not set: nothing to train on; fix: {demo_corpus.NO_DATA_FIX}")
     chat_seen = False
     for key, path in (("data.train", data.train), ("data.eval", data.eval)):
         if not path:

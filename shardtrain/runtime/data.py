@@ -15,18 +15,31 @@ the run stopped, and any world size / accumulation split covers the same G sampl
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from shardtrain import demo_corpus
 from shardtrain.runtime import chat, records
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_TOKENIZER = ASSETS / "tokenizer.json"
-BUNDLED_CORPUS = ASSETS / "corpus.txt"
+BUNDLED_CORPUS = demo_corpus.CORPUS
 IGNORE = -100
+log = logging.getLogger("shardtrain.data")
+
+
+def train_source(train_path: str | None) -> str | Path:
+    """data.train as read: `demo` is the bundled corpus. Unset also reads it (run dirs made by hand or
+    by an emitted launch.sh; `shardtrain launch` refuses an unset data.train), but never silently."""
+    if train_path is None:
+        log.warning("data.train is not set: training on the bundled demo corpus (%s); %s", BUNDLED_CORPUS,
+                    demo_corpus.NO_DATA_FIX)
+        return BUNDLED_CORPUS
+    return BUNDLED_CORPUS if demo_corpus.is_demo(train_path) else train_path
 
 
 def load_tokenizer(tokenizer_dir: str | None, model_dir: str | None):
@@ -119,11 +132,11 @@ def build_datasets(tok, *, train_path: str | None, eval_path: str | None, eval_f
                    fmt: str, packing: bool, seq_len: int,
                    chat_template: str | None = None) -> tuple[TokenDataset, TokenDataset | None]:
     """Train and held-out datasets (eval: `data.eval`, else the last eval_fraction of documents)."""
-    docs = read_documents(train_path or BUNDLED_CORPUS, fmt)
+    docs = read_documents(train_source(train_path), fmt)
     if any(d[1] == records.CHAT for d in docs):
         chat.apply_template(tok, chat_template)
     if eval_path:
-        eval_docs = read_documents(eval_path, fmt)
+        eval_docs = read_documents(BUNDLED_CORPUS if demo_corpus.is_demo(eval_path) else eval_path, fmt)
     elif eval_fraction > 0 and len(docs) > 1:
         k = max(1, int(len(docs) * eval_fraction))
         docs, eval_docs = docs[:-k], docs[-k:]
@@ -149,7 +162,16 @@ class StepSampler:
         self.n, self.seed = n, seed
         self.m, self.k, self.w, self.r = micro_batch, grad_accum, world_size, rank
         self.global_batch = micro_batch * grad_accum * world_size
+        self.offset = 0
+        """Stream positions before step 0's first sample (non-zero only after a resume whose checkpoint
+        recorded another samples_seen than step x G: see :meth:`resume_at`)."""
         self._perms: dict[int, torch.Tensor] = {}
+
+    def resume_at(self, step: int, samples_seen: int) -> None:
+        """Continue the stream at GLOBAL sample position ``samples_seen`` (trainer_state.json) when the loop
+        resumes at optimizer step ``step``: the position is stored in global samples, not per rank, so a
+        resume on another world size / accumulation split reads the next samples of the same stream."""
+        self.offset = int(samples_seen) - step * self.global_batch
 
     def _index(self, pos: int) -> int:
         epoch, i = divmod(pos, self.n)
@@ -162,7 +184,7 @@ class StepSampler:
 
     def micro_indices(self, step: int, micro: int, rank: int | None = None) -> list[int]:
         r = self.r if rank is None else rank
-        start = step * self.global_batch + (micro * self.w + r) * self.m
+        start = self.offset + step * self.global_batch + (micro * self.w + r) * self.m
         return [self._index(start + j) for j in range(self.m)]
 
     def step_indices(self, step: int) -> list[list[int]]:
@@ -170,7 +192,7 @@ class StepSampler:
         return [self.micro_indices(step, k) for k in range(self.k)]
 
     def epoch_of(self, step: int) -> float:
-        return step * self.global_batch / self.n
+        return (self.offset + step * self.global_batch) / self.n
 
 
 def eval_indices(n: int, batches: int, micro_batch: int, world_size: int, rank: int) -> list[list[int]]:

@@ -1,0 +1,117 @@
+"""Issue 22, point 4 (safe defaults, no silent choices): sizes need a unit, no silent demo corpus,
+ignored settings are warned about, run-dir files follow the umask, network failures are named, and
+did-you-mean for misspelt flags and subcommands."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from shardtrain.cli import main
+from shardtrain.config.schema import ConfigError, parse_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "examples" / "tiny-cpu.yaml"
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ------------------------------------------------------------------ 1. sizes need a unit
+@pytest.mark.parametrize("value", ["80", 80, 80.0, "1.5", 1023])
+def test_a_size_without_a_unit_is_refused_with_the_fix(value):
+    with pytest.raises(ConfigError) as e:
+        parse_run_config({"model": {"name": "tiny-llama"}, "hardware": {"gpu_memory": value}})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("hardware.gpu_memory: ") and "has no unit" in msg
+    assert f"write {float(value):g}GiB" in msg
+
+
+@pytest.mark.parametrize("value,want", [("80GiB", 80 * 2**30), ("80GB", 80 * 10**9), ("80B", 80),
+                                        (85899345920, 85899345920), ("8.6e10", 86 * 10**9), (0, 0)])
+def test_sizes_with_a_unit_or_in_bytes_still_read(value, want):
+    cfg = parse_run_config({"model": {"name": "tiny-llama"}, "hardware": {"gpu_memory": value}})
+    assert cfg.hardware.gpu_memory == want
+
+
+def test_gpu_memory_flag_without_unit_is_one_error_line(capsys):
+    rc, out, err = run_cli(["plan", "--model", "llama-3.1-8b", "--gpu-memory", "80"], capsys)
+    assert rc == 1 and not out
+    assert err.strip() == "shardtrain: error: hardware.gpu_memory: 80 has no unit; write 80GiB (or 80GB; 80B if you " \
+                          "mean bytes)"
+    rc, out, _ = run_cli(["plan", "--model", "llama-3.1-8b", "--gpu-memory", "80GiB", "--json"], capsys)
+    assert rc == 0 and '"gpu_memory_bytes": 85899345920' in out
+
+
+def test_run_config_round_trip_keeps_bytes():
+    """pipeline.load re-validates RunConfig.to_dict() (ints of bytes): they must still read."""
+    from shardtrain.config import pipeline
+    cfg = parse_run_config({"model": {"name": "tiny-llama"}, "hardware": {"gpu_memory": "24GB", "cpu_memory": "2TiB"}})
+    again = pipeline.load(cfg, {"train.seq_len": "64"})
+    assert again.hardware == cfg.hardware
+
+
+# ------------------------------------------------------------------ 2. the demo corpus is named or refused
+def test_launch_without_data_train_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(TINY.read_text().replace("  train: demo ", "  # train: demo "))
+    rc, _, err = run_cli(["launch", cfg, "--run-dir", tmp_path / "run", "--dry-run"], capsys)
+    assert rc == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("shardtrain: error: data.train is not set") and "data.train: demo" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_named_demo_corpus_launches(tmp_path, capsys):
+    rc, out, err = run_cli(["launch", TINY, "--run-dir", tmp_path / "run", "--dry-run"], capsys)
+    assert rc == 0, err
+    from shardtrain import demo_corpus
+    from shardtrain.config import hub
+    from shardtrain.launcher.datacheck import validate_training_data
+    assert hub.dataset_source("demo") == demo_corpus.CORPUS
+    validate_training_data(parse_run_config({"model": {"name": "tiny-llama"}, "data": {"train": "demo"}}))
+    with pytest.raises(ConfigError, match="data.train: demo"):
+        validate_training_data(parse_run_config({"model": {"name": "tiny-llama"}}))
+
+
+def test_emitted_plan_carries_the_demo_corpus_path():
+    from shardtrain import demo_corpus
+    from shardtrain.config import pipeline
+    from shardtrain.emit.runtime import with_runtime_facts
+    cfg, p = pipeline.compile(str(TINY))
+    assert with_runtime_facts(cfg, p).runtime.data_train == str(demo_corpus.CORPUS)
+
+
+def test_runtime_reads_demo_and_warns_when_unset(caplog):
+    from shardtrain.runtime.data import BUNDLED_CORPUS, train_source
+    assert train_source("demo") == BUNDLED_CORPUS
+    assert train_source("x.jsonl") == "x.jsonl"
+    with caplog.at_level("WARNING", logger="shardtrain.data"):
+        assert train_source(None) == BUNDLED_CORPUS
+    assert "data.train is not set" in caplog.text
+
+
+# ------------------------------------------------------------------ 6. run-dir files follow the umask
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_run_dir_files_follow_the_umask(tmp_path, umask, mode):
+    from shardtrain.config import pipeline
+    from shardtrain.launcher.rundir import write_run_dir
+    cfg, p = pipeline.compile(str(TINY), {"train.strategy": "zero2"})
+    old = os.umask(umask)
+    try:
+        write_run_dir(tmp_path / "run", cfg, p, command_text="echo hi\n")
+    finally:
+        os.umask(old)
+    files = [f for f in (tmp_path / "run").iterdir() if f.is_file()]
+    assert {f.name for f in files} >= {"plan.json", "run.yaml", "ds_config.json", "command.txt"}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == mode, (f.name, oct(f.stat().st_mode))
+    assert not [f for f in (tmp_path / "run").iterdir() if f.name.startswith(".")]  # no temp file left
