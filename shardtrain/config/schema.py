@@ -294,6 +294,8 @@ def parse_run_config(raw: dict | None, overrides: dict[str, object] | None = Non
         raise ConfigError("model: set either model.name or model.params, not both")
     if cfg.train.method is Method.QLORA and cfg.train.precision is Precision.FP32:
         raise ConfigError("train.method: qlora computes in 16-bit; set train.precision: bf16")
+    from shardtrain.config.ignored import warn_ignored  # settings this run ignores: one line each (issue 22)
+    warn_ignored(cfg)
     return cfg
 
 
