@@ -6,7 +6,9 @@ well under 2 s cold.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
 
 from shardtrain.config.flags import add_plan_flags
@@ -68,9 +70,45 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse with did-you-mean (issue 22): a misspelt subcommand or choice ("invalid choice: 'pln'") and a
+    misspelt flag ("unrecognized arguments: --seq-lne") get the nearest valid spelling (difflib). Python
+    3.14's `suggest_on_error` does the first part only; subparsers inherit this class (add_parser)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._flag_hint(extras, ns)}")
+        return ns
+
+    def error(self, message: str):  # type: ignore[override]
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip().strip("'\"") for c in m.group(2).split(",")]
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.5)
+            if close:
+                message += f" — did you mean '{close[0]}'?"
+        super().error(message)
+
+    def _flag_hint(self, extras: list[str], ns: argparse.Namespace) -> str:
+        """' — did you mean --x?' for each unknown flag with a close option of the chosen subcommand."""
+        options = list(self._option_string_actions)
+        for a in self._actions:
+            if isinstance(a, argparse._SubParsersAction) and getattr(ns, a.dest, None) in a.choices:
+                options += list(a.choices[getattr(ns, a.dest)]._option_string_actions)
+        hints = {}
+        for word in extras:
+            flag = word.split("=", 1)[0]
+            if flag.startswith("-") and (close := difflib.get_close_matches(flag, options, n=1, cutoff=0.6)):
+                hints[flag] = close[0]
+        if len(hints) == 1:
+            return f" — did you mean {next(iter(hints.values()))}?"
+        return (" — did you mean " + ", ".join(f"{v} for {k}" for k, v in hints.items()) + "?") if hints else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardtrain", description="Plan, emit and launch distributed LLM training "
-                                     "that fits in GPU memory.")
+    parser = SuggestingParser(prog="shardtrain", description="Plan, emit and launch distributed LLM training "
+                              "that fits in GPU memory.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="predict per-GPU memory for every strategy and pick the fastest that fits")
     add_plan_flags(p)

@@ -115,3 +115,77 @@ def test_run_dir_files_follow_the_umask(tmp_path, umask, mode):
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == mode, (f.name, oct(f.stat().st_mode))
     assert not [f for f in (tmp_path / "run").iterdir() if f.name.startswith(".")]  # no temp file left
+
+
+# ------------------------------------------------------------------ 3. ignored settings are warned about
+def _warnings(raw: dict) -> list[str]:
+    from shardtrain.config.ignored import ignored_settings
+    return ignored_settings(parse_run_config({"model": {"name": "tiny-llama"}, **raw}))
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"lora": {"rank": 8}}, "lora.rank"),
+    ({"model": {"name": "tiny-llama", "hidden": 64}}, "model.hidden"),
+    ({"train": {"grad_ckpt": "full", "selective_every": 3}}, "train.selective_every"),
+    ({"train": {"loss": "full", "loss_chunk_tokens": 256}}, "train.loss_chunk_tokens"),
+    ({"hardware": {"nvme_capacity": "2TB"}}, "hardware.nvme_capacity"),
+    ({"hardware": {"nvme_path": "/nvme"}, "train": {"strategy": "zero2"}}, "hardware.nvme_path"),
+    ({"hardware": {"inter_node_bandwidth": "25GB"}}, "hardware.inter_node_bandwidth"),
+    ({"data": {"eval": "e.jsonl", "eval_fraction": 0.2}}, "data.eval_fraction"),
+    ({"run": {"eval_every": 0, "eval_batches": 8}}, "run.eval_batches"),
+])
+def test_an_ignored_setting_gets_one_line(raw, key):
+    lines = _warnings(raw)
+    assert len(lines) == 1 and lines[0].startswith(key) and "ignored" in lines[0] and "\n" not in lines[0]
+
+
+@pytest.mark.parametrize("raw", [
+    {"train": {"method": "lora"}, "lora": {"rank": 8}},
+    {"train": {"allow_method_change": True}, "lora": {"rank": 8}},  # the planner may switch to LoRA
+    {"train": {"grad_ckpt": "selective", "selective_every": 3}},
+    {"train": {"grad_ckpt": "auto", "selective_every": 3}},
+    {"train": {"loss": "auto", "loss_chunk_tokens": 256}},
+    {"hardware": {"nvme_path": "/nvme", "nvme_capacity": "2TB"}},
+    {"hardware": {"nodes": 2, "inter_node_bandwidth": "25GB"}},
+    {"lora": {"rank": 16}},  # the default: nothing was set
+])
+def test_settings_that_count_are_not_warned_about(raw):
+    assert _warnings(raw) == []
+
+
+def test_every_example_config_is_warning_free():
+    from shardtrain.config.ignored import ignored_settings
+    from shardtrain.config.schema import load_run_config
+    for f in sorted((ROOT / "configs" / "examples").glob("*.yaml")):
+        assert ignored_settings(load_run_config(f)) == [], f.name
+
+
+def test_ignored_warning_is_printed_once_on_the_cli(capsys, monkeypatch):
+    from shardtrain.config import ignored
+    monkeypatch.setattr(ignored, "_PRINTED", set())  # other tests in this process printed it already
+    rc, _, err = run_cli(["plan", "--model", "llama-3.1-8b", "--lora-rank", "8", "--set", "train.seq_len=1024",
+                          "--json"], capsys)
+    assert rc == 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("shardtrain: warning: lora.rank: ignored")]
+    assert len(lines) == 1, err
+
+
+# ------------------------------------------------------------------ 9. did-you-mean
+@pytest.mark.parametrize("argv,hint", [
+    (["pln", "--model", "x"], "did you mean 'plan'?"),
+    (["lanch"], "did you mean 'launch'?"),
+    (["plan", "--model", "llama-3.1-8b", "--seq-lne", "2048"], "did you mean --seq-len?"),
+    (["plan", "--model", "llama-3.1-8b", "--gpu-memroy=80GiB"], "did you mean --gpu-memory?"),
+    (["emit", "--model", "llama-3.1-8b", "--fromat", "json"], "did you mean --format?"),
+    (["emit", "--model", "llama-3.1-8b", "--format", "deepspeeed"], "did you mean 'deepspeed'?"),
+])
+def test_did_you_mean(argv, hint, capsys):
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("shardtrain") and last.endswith(hint), last
+
+
+def test_no_suggestion_for_nonsense(capsys):
+    rc, _, err = run_cli(["plan", "--model", "llama-3.1-8b", "--zzzzqq"], capsys)
+    assert rc == 2 and err.strip().splitlines()[-1].endswith("unrecognized arguments: --zzzzqq")
