@@ -361,8 +361,10 @@ def test_missing_plan_runs_prepare_with_quoted_overrides(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not mark.exists()
     first = json.loads(record.read_text().splitlines()[0])["argv"]
+    # "$0" is the batch script (here the file bash ran): the compute node records it as command.txt
     assert first == ["-m", "shardtrain.slurm.cli", "prepare", "/cfg/a b.yaml",
-                     "--set", f"run.name=$(touch {mark})", "--run-dir", str(run_dir)]
+                     "--set", f"run.name=$(touch {mark})", "--run-dir", str(run_dir),
+                     "--command-file", str(tmp_path / "job.sbatch")]
 
 
 def test_missing_plan_without_config_fails_fast(tmp_path):

@@ -106,14 +106,35 @@ def _plan_identity(d: Mapping) -> dict:
     return {k: d.get(k) for k in _PLAN_IDENTITY}
 
 
+#: command.txt of a multi-node run dir prepared without a launch: where every node's launcher meets.
+HEAD_PLACEHOLDER = "NODE0_ADDRESS"
+
+
 def default_command_text(cfg: RunConfig, p: Plan, run_dir: Path) -> str:
-    """command.txt for a run dir prepared without a launch (e.g. by `shardtrain sbatch`)."""
-    from shardtrain.launcher.hosts import local_devices
-    from shardtrain.launcher.rankstart import build_launch, choose_launcher
-    gpus, device = local_devices(cfg.run.device)
-    spec = build_launch(run_dir=run_dir, launcher=choose_launcher(None, cfg, p),
-                        nproc_per_node=p.hardware.gpus_per_node, gpus=gpus, device=device)
-    return spec.script()
+    """command.txt for a run dir prepared without a launch (`prepare_run_dir`; `shardtrain sbatch` writes
+    its batch script instead, `shardtrain launch` the command it runs): node 0's launcher command for the
+    PLAN's hardware. The device comes from the config and the plan, never from the machine that writes
+    the file (a login node without GPUs prepares GPU jobs): CPU/gloo only for run.device: cpu; auto is
+    CUDA/nccl, the plan's hardware being GPUs (the ranks still use CPU where none is visible)."""
+    from shardtrain.compiler.specs import Device
+    from shardtrain.launcher.rankstart import (build_launch, choose_launcher, render_launch_script,
+                                               rendezvous_port, run_dir_key)
+    from shardtrain.slurm.resources import cpus_per_task  # pure: the CPUs a node's ranks get
+    device = Device.CPU if cfg.run.device == Device.CPU else Device.CUDA
+    nodes, nproc = p.hardware.nodes, p.hardware.gpus_per_node
+    run_dir = Path(run_dir).absolute()
+    multi = {} if nodes == 1 else dict(nnodes=nodes, node_rank=0, rdzv_endpoint=(
+        f"{HEAD_PLACEHOLDER}:{rendezvous_port(run_dir_key(str(run_dir)))}"))
+    spec = build_launch(run_dir=run_dir, launcher=choose_launcher(None, cfg, p), nproc_per_node=nproc,
+                        gpus=0 if device is Device.CPU else nproc, device=device.value,
+                        cpu_count=cpus_per_task(p), **multi)
+    comment = (f"{spec.launcher}: {nodes} node(s) × {nproc} processes, node rank 0, "
+               f"{'CPU/gloo' if device is Device.CPU else 'CUDA/nccl'} (run.device: {cfg.run.device}; "
+               "from the plan, prepared without a launch)")
+    if nodes > 1:
+        comment += (f"\nevery node runs this with its own node rank; {HEAD_PLACEHOLDER} = the first node's "
+                    "address")
+    return render_launch_script(spec.argv, spec.env, comment=comment)
 
 
 # --------------------------------------------------------------------------- effects
@@ -215,13 +236,15 @@ def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, comman
     return PreparedRun(run_dir=run_dir, config=cfg, plan=p, files=tuple(files), has_state=state, moved_aside=moved)
 
 
-def prepare_run_dir(config_path_or_dict, overrides: dict, run_dir) -> Path:
+def prepare_run_dir(config_path_or_dict, overrides: dict, run_dir, *, command_text: str | None = None) -> Path:
     """Compile the run config (a YAML path or a raw dict, plus dotted overrides such as
     ``{"train.steps": 20}``) and write the run dir; returns its absolute path.
 
     Used by `shardtrain sbatch` (stable signature). Keeps existing checkpoints and metrics when the config
     is the same (resume); raises ConfigError when it changed in a way that invalidates them, and
-    NoFitError (a PlanningError) when the plan does not fit.
+    NoFitError (a PlanningError) when the plan does not fit. ``command_text``: command.txt (default:
+    :func:`default_command_text`; a Slurm job passes its own batch script).
     """
     cfg, p = pipeline.compile(config_path_or_dict, overrides, must_fit=True)
-    return write_run_dir(run_dir, cfg, p, resume=cfg.run.resume is not Resume.NEVER).run_dir
+    return write_run_dir(run_dir, cfg, p, command_text=command_text,
+                         resume=cfg.run.resume is not Resume.NEVER).run_dir

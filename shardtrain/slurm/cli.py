@@ -21,11 +21,19 @@ from shardtrain.slurm.script import render
 __all__ = ["add_sbatch_parser", "sbatch_cli", "build_job", "main"]
 
 
-def _prepare(config: str, overrides: Sequence[str], run_dir: Path) -> Path:
-    """``prepare``: what a rendered script runs on the compute node (the same overrides, the same plan)."""
+def _prepare(config: str, overrides: Sequence[str], run_dir: Path, command_file: Optional[str] = None) -> Path:
+    """``prepare``: what a rendered script runs on the compute node (the same overrides, the same plan).
+    ``command_file``: the job's batch script (``$0`` in the batch shell), recorded as command.txt."""
     from shardtrain.config.flags import parse_sets
     from shardtrain.launcher.rundir import prepare_run_dir  # lazily: rendering needs no compiler
-    return Path(prepare_run_dir(config, parse_sets(overrides), run_dir))
+    command_text = None
+    if command_file:
+        try:
+            command_text = Path(command_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:  # a job run by hand (`bash < job.sbatch`): $0 is no file
+            print(f"[shardtrain] cannot read the batch script {command_file!r} ({exc.__class__.__name__}); "
+                  "command.txt describes the plan's launch instead", file=sys.stderr)
+    return Path(prepare_run_dir(config, parse_sets(overrides), run_dir, command_text=command_text))
 
 
 def add_sbatch_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,8 +66,10 @@ def add_sbatch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qos")
     p.add_argument("--constraint")
     p.add_argument("--exclusive", action="store_true")
-    p.add_argument("--mem", help="memory per node, e.g. 0 (all) or 500G")
-    p.add_argument("--cpus-per-task", type=int, help="CPUs of the one launcher task per node")
+    p.add_argument("--mem", help="memory per node, e.g. 0 (all) or 500G (default: the plan's host RAM per "
+                                 "node + 25%%, slurm/resources.py)")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs of the one launcher task per node, shared by its "
+                                                     "ranks (default: 8 per rank, slurm/resources.py)")
     p.add_argument("--output", help="Slurm log file (default: <run-dir>/slurm-%%j.out)")
     p.add_argument("--job-name", help="default: the run directory's name")
     p.add_argument("--no-gpu-request", dest="request_gpus", action="store_false",
@@ -78,13 +88,18 @@ def add_sbatch_arguments(p: argparse.ArgumentParser) -> None:
 
 
 #: sbatch flags that are SbatchJob fields as they are (same name, same value).
-_AS_IS = ("partition", "time", "account", "qos", "constraint", "exclusive", "mem", "cpus_per_task", "output",
-          "request_gpus", "signal", "signal_seconds")
+_AS_IS = ("partition", "time", "account", "qos", "constraint", "exclusive", "output", "signal", "signal_seconds")
 
 
 def build_job(args: argparse.Namespace, run_dir: Path, cfg, plan, overrides: Sequence[str]) -> SbatchJob:
-    """The SbatchJob for parsed ``args``, the compiled config and plan, and the prepared ``run_dir``."""
+    """The SbatchJob for parsed ``args``, the compiled config and plan, and the ``run_dir`` to prepare.
+    Nodes and processes per node are the plan's (the YAML's hardware, or --nodes/--gpus-per-node);
+    --cpus-per-task and --mem default to what the plan needs (slurm/resources.py). Without a YAML
+    (flags only) a job that must re-prepare its run dir does it from the run dir's own run.yaml."""
+    from shardtrain import rundir_format as rf
+    from shardtrain.compiler.specs import Device
     from shardtrain.launcher.rankstart import choose_launcher
+    from shardtrain.slurm import resources
     max_requeues = args.max_requeues
     if max_requeues is None:
         max_requeues = cfg.run.max_requeues
@@ -94,33 +109,32 @@ def build_job(args: argparse.Namespace, run_dir: Path, cfg, plan, overrides: Seq
         if not sep:
             raise SystemExit(f"--env {item!r}: write NAME=VALUE")
         env.append((name, value))
+    request_gpus = args.request_gpus and cfg.run.device != Device.CPU
     return SbatchJob(
         run_dir=str(run_dir),
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
+        nodes=cfg.hardware.nodes,
+        gpus_per_node=cfg.hardware.gpus_per_node,
         launcher=choose_launcher(args.launcher, cfg, plan),
         job_name=args.job_name or run_dir.name,
-        config=str(Path(args.config).absolute()),
-        overrides=tuple(overrides),
+        config=str(Path(args.config).absolute()) if args.config else str(run_dir / rf.RUN_YAML),
+        overrides=tuple(overrides) if args.config else (),  # run.yaml already holds them
         python=args.python or sys.executable,
         max_requeues=max_requeues,
         env=tuple(env),
+        request_gpus=request_gpus,
+        cpus_per_task=args.cpus_per_task if args.cpus_per_task is not None else resources.cpus_per_task(plan),
+        mem=args.mem if args.mem is not None else resources.mem_per_node(plan, on_cpu=not request_gpus),
         **{name: getattr(args, name) for name in _AS_IS},
     )
 
 
 def _effective_overrides(args: argparse.Namespace) -> list[str]:
-    """The overrides the script passes back to ``prepare`` on the compute node, as KEY=VALUE strings.
-    The command line's --nodes/--gpus-per-node are the truth: the plan is compiled for them; the other
-    plan flags (--model, --seq-len, ...) are the overrides plan/launch apply (config/flags.py)."""
+    """The plan flags (--model, --seq-len, --nodes, ...) and --set pairs as KEY=VALUE strings
+    (config/flags.py): the run dir is prepared with them, and a job that finds no plan.json re-prepares
+    with the same ones. --nodes/--gpus-per-node are overrides like any other: without them the YAML's
+    hardware.nodes/hardware.gpus_per_node hold; without a YAML, the flags alone are the config."""
     from shardtrain.config.flags import overrides_from_args
-    if not args.config or args.nodes is None or args.gpus_per_node is None:
-        raise SystemExit("shardtrain sbatch: give RUN.yaml, --nodes N and --gpus-per-node G")
-    flags = overrides_from_args(args)
-    flags.pop("hardware.nodes", None)
-    flags.pop("hardware.gpus_per_node", None)
-    return [*(f"{k}={'null' if v is None else v}" for k, v in flags.items()),
-            f"hardware.nodes={args.nodes}", f"hardware.gpus_per_node={args.gpus_per_node}"]
+    return [f"{k}={'null' if v is None else v}" for k, v in overrides_from_args(args).items()]
 
 
 def sbatch_cli(args: argparse.Namespace) -> int:
@@ -133,12 +147,13 @@ def sbatch_cli(args: argparse.Namespace) -> int:
     # compiled once, from the very strings the compute nodes will re-prepare with (the same plan there)
     cfg, plan = pipeline.compile(args.config, parse_sets(overrides), must_fit=True)
     run_dir = Path(args.run_dir).absolute() if args.run_dir else rundir.default_run_dir(cfg, args.config)
-    run_dir = rundir.write_run_dir(run_dir, cfg, plan, resume=cfg.run.resume is not Resume.NEVER).run_dir
     try:
         job = build_job(args, run_dir, cfg, plan, overrides)
+        text = render(job)
     except ValueError as exc:
         raise SystemExit(f"shardtrain sbatch: {exc}") from None
-    text = render(job)
+    # command.txt is the job itself: its nodes, GPUs and device are the plan's, not this machine's
+    rundir.write_run_dir(run_dir, cfg, plan, command_text=text, resume=cfg.run.resume is not Resume.NEVER)
     script: Optional[Path] = Path(args.script) if args.script else None
     if args.submit and script is None:
         script = run_dir / "job.sbatch"
@@ -178,6 +193,7 @@ def example_jobs(root: Path) -> dict[str, SbatchJob]:
     from shardtrain.config import pipeline
     from shardtrain.config.flags import parse_sets
     from shardtrain.launcher.rankstart import choose_launcher
+    from shardtrain.slurm import resources
 
     root = Path(root)
     jobs: dict[str, SbatchJob] = {}
@@ -188,6 +204,7 @@ def example_jobs(root: Path) -> dict[str, SbatchJob]:
             cfg, plan = pipeline.compile(str(path), parse_sets(overrides))
             name = (cfg.run.name or path.stem) + ("" if nodes is None else f"-{nodes}node")
             script = f"{SCRIPTS_DIR}/{name}.sbatch"
+            request_gpus = cfg.run.device is not Device.CPU
             jobs[script] = SbatchJob(
                 run_dir=f"{cfg.run.output_dir}/{name}",
                 nodes=cfg.hardware.nodes,
@@ -199,14 +216,16 @@ def example_jobs(root: Path) -> dict[str, SbatchJob]:
                 python="python3",
                 time="08:00:00",
                 output="slurm-%x-%j.out",
-                request_gpus=cfg.run.device is not Device.CPU,
+                request_gpus=request_gpus,
+                cpus_per_task=resources.cpus_per_task(plan),
+                mem=resources.mem_per_node(plan, on_cpu=not request_gpus),
                 max_requeues=cfg.run.max_requeues,
                 comment=(
                     f"Example generated from {rel} by `python -m shardtrain.slurm.cli examples`",
                     "(tests/test_slurm_render.py fails when it drifts). Submit from the repository",
                     f"root with the project's venv active: sbatch {script}",
                     "Add --partition/--account/... on the sbatch command line or re-render with",
-                    f"`shardtrain sbatch {rel} --nodes N --gpus-per-node G ...`.",
+                    f"`shardtrain sbatch {rel} [--nodes N --gpus-per-node G ...]`.",
                 ),
             )
     return jobs
@@ -244,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prep.add_argument("config", metavar="RUN.yaml")
     prep.add_argument("--run-dir", required=True)
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    prep.add_argument("--command-file", metavar="PATH",
+                      help="the job's batch script, recorded as command.txt (rendered scripts pass \"$0\")")
     ex = sub.add_parser("examples", help="regenerate slurm/*.sbatch from configs/examples/*.yaml")
     ex.add_argument("--root", default=".", help="repository root (default: .)")
     add_sbatch_parser(sub)
@@ -253,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.command == "prepare":
-            print(_prepare(args.config, args.overrides, Path(args.run_dir).absolute()))
+            print(_prepare(args.config, args.overrides, Path(args.run_dir).absolute(), args.command_file))
             return 0
         if args.command == "examples":
             for path in write_examples(Path(args.root)):

@@ -79,11 +79,14 @@ class SbatchJob:
     task per node with no CPU request gets a single CPU under cgroup confinement)."""
 
     mem: Optional[str] = None
-    """``#SBATCH --mem`` per node (``0`` = all of the node's memory)."""
+    """``#SBATCH --mem`` per node (``0`` = all of the node's memory). ``shardtrain sbatch`` sets the
+    plan's host RAM per node plus a margin (slurm/resources.py ``mem_per_node``) unless ``--mem``."""
 
     cpus_per_task: Optional[int] = None
     """``#SBATCH --cpus-per-task`` (the CPUs of the one launcher task per node, shared by its
-    workers); also passed to ``srun`` since Slurm 23.11 steps no longer inherit it."""
+    workers); also passed to ``srun`` since Slurm 23.11 steps no longer inherit it. ``shardtrain
+    sbatch`` sets the CPUs of all local ranks (slurm/resources.py ``cpus_per_task``) unless
+    ``--cpus-per-task``."""
 
     output: Optional[str] = None
     """``#SBATCH --output`` (stdout+stderr, appended across requeues). Default:
@@ -92,7 +95,8 @@ class SbatchJob:
     by hand) should log elsewhere, e.g. ``slurm-%x-%j.out`` in the submission directory."""
 
     request_gpus: bool = True
-    """Render ``#SBATCH --gpus-per-node=<gpus_per_node>``; false for CPU-only partitions."""
+    """Render ``#SBATCH --gpus-per-node=<gpus_per_node>``; false for CPU-only partitions (and for
+    ``run.device: cpu``): the job's ranks then run on CPU/gloo."""
 
     signal: str = "USR2"
     """Early-warning signal Slurm sends to the job steps ``signal_seconds`` before the time limit
