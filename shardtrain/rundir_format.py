@@ -14,7 +14,8 @@ Layout (``<run.output_dir>/<run.name or config stem>/`` unless ``--run-dir`` say
     command.txt       the exact launcher command and environment, as a runnable bash script
     logs/             one folder per launch (launcher.log and per-rank stdout/stderr), plus the workers'
                       worker_rank{R}.log and memory_table.txt
-    checkpoints/      step_N/ (MANIFEST.json, COMPLETE written last), .tmp_step_N/ while being written,
+    checkpoints/      step_N/ (state/: the portable model + optimizer state, trainer_state.json, rng_rank{R}.pt,
+                      MANIFEST.json, COMPLETE written last), .tmp_step_N/ while being written,
                       and the `latest` pointer ("step_N"); see shardtrain/runtime/ckpt_files.py
     metrics.jsonl     rank 0: one JSON object per line, "kind": "train" (one per optimizer step) | "eval"
     memory_rank{R}.json, final/, oom/rank{R}.json   written by the workers
@@ -85,6 +86,23 @@ COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+#: MANIFEST.json keys: "files" {relative path: size in bytes}; "digest_algorithm" ("xxh3_64");
+#: "digests" {relative path: hex digest of the file's bytes, taken while writing}; "hashed_after_write"
+#: [relative paths whose digest was computed by reading the file back]. Issue 21; older manifests hold
+#: "files" only (sizes are then all a resume can check).
+MANIFEST_FILES = "files"
+MANIFEST_ALGORITHM = "digest_algorithm"
+MANIFEST_DIGESTS = "digests"
+MANIFEST_REHASHED = "hashed_after_write"
+#: Inside .tmp_step_N/ while it is written: each rank's {relative path: [size, digest]} of the files it
+#: wrote (merged into MANIFEST.json by rank 0, then removed).
+DIGESTS_DIR = ".digests"
+#: The portable checkpoint (shardtrain/runtime/portable.py): a torch.distributed.checkpoint directory in
+#: every step_N/ that DDP, FSDP2 and ZeRO-1/2/3 all read and write, on any number of ranks; its keys are
+#: ``model.<fqn>`` (fp32 master parameters) and ``optim.state.<fqn>.<name>`` (exp_avg, exp_avg_sq, step).
+CKPT_STATE_DIR = "state"
+CKPT_MODEL_PREFIX = "model."
+CKPT_OPTIM_PREFIX = "optim."
 
 
 def step_dir_name(step: int) -> str:
@@ -116,6 +134,11 @@ MEMORY = "memory"
 UNIX_TIME = "unix_time_s"
 """When the step's record was made (time.time() after the step's last collective): the period
 between consecutive records is the loop's whole step, between-step work included."""
+NONFINITE_STEPS = "nonfinite_steps"
+"""Steps of this run so far (counted since the start or the resume) whose loss or gradient norm was not
+finite and so made no optimizer update (issue 21: runtime/worker.py's guard)."""
+STEP_SKIPPED = "skipped"
+"""True on the record of a step that made no optimizer update (non-finite loss or gradient norm)."""
 
 
 def iter_metrics(path: Path) -> Iterator[dict]:

@@ -4,13 +4,22 @@ Layout under ``<run dir>/checkpoints/``::
 
     .tmp_step_N/     being written (engines write here); a crash leaves only this, swept on the next save
     step_N/          renamed from .tmp_step_N after every file is written and fsynced; holds
-                     MANIFEST.json (every file's relative path and size) and, written LAST, COMPLETE
+                     MANIFEST.json (every file's relative path, size and content digest) and, written
+                     LAST, COMPLETE
     latest           text "step_N", replaced atomically (write temp, fsync, rename) after COMPLETE
 
 A checkpoint counts only when COMPLETE exists, MANIFEST.json parses, every listed file exists with
-its recorded size (a truncated file or a missing shard fails this) and trainer_state.json parses.
+its recorded size (a truncated file or a missing shard fails this), every file's bytes hash to the
+digest recorded at save (same-size damage fails this: issue 21) and trainer_state.json parses.
 Resume takes the newest checkpoint that passes; each one that fails is skipped with ONE warning line
-(rank 0). Why temp + fsync + rename: rename(2) is atomic within a file system, and fsync of the files
+(rank 0) naming the file.
+
+Digests (issue 21): each file's XXH3-64, taken while the file is written (runtime/ckpt_digest.py's
+writers; the algorithm and its measured cost: runtime/ckpt_hash.py). Each rank lists the files it wrote
+in ``.digests/rank{R}.json`` inside the temporary directory; rank 0 merges them into the manifest when
+sealing (a file no writer hashed is read back there and listed under "hashed_after_write").
+
+Why temp + fsync + rename: rename(2) is atomic within a file system, and fsync of the files
 and then of the directory orders the data before the name (POSIX rename; ext4/xfs "data=ordered"
 do not guarantee this without fsync — see the LWN article "ext4 and data loss", 2009).
 No torch, no process groups here: every function is plain file I/O on one rank.
@@ -21,10 +30,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-from shardtrain.rundir_format import (CHECKPOINTS, COMPLETE, LATEST, MANIFEST, TMP_PREFIX,  # noqa: F401
-                                      TRAINER_STATE, checkpoint_dir, step_of)
+from shardtrain.rundir_format import (CHECKPOINTS, COMPLETE, DIGESTS_DIR, LATEST, MANIFEST,  # noqa: F401
+                                      MANIFEST_ALGORITHM, MANIFEST_DIGESTS, MANIFEST_FILES, MANIFEST_REHASHED,
+                                      TMP_PREFIX, TRAINER_STATE, checkpoint_dir, step_of)
+from shardtrain.runtime.ckpt_hash import (DIGEST_ALGORITHM, HashingWriter, hash_file,  # noqa: F401
+                                          manifest_for, read_rank_digests, share_of, write_rank_digests)
 from shardtrain.runtime.faults import TEST_FREE_BYTES_ENV  # TEST-ONLY hook (all in runtime/faults.py)
 
 log = logging.getLogger("shardtrain.checkpoint")
@@ -61,11 +74,15 @@ def sweep_temporaries(root: Path) -> None:
 
 
 def seal(tmp: Path, final: Path) -> None:
-    """Rank 0, after every rank finished writing into ``tmp``: manifest, fsync everything, rename to
-    ``final``, then COMPLETE (and the ``latest`` pointer) — in that order."""
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
-    (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=0))
+    """Rank 0, after every rank finished writing into ``tmp``: manifest (sizes and digests), fsync
+    everything, rename to ``final``, then COMPLETE (and the ``latest`` pointer) — in that order."""
+    manifest = manifest_for(tmp, read_rank_digests(tmp))
+    shutil.rmtree(tmp / DIGESTS_DIR, ignore_errors=True)
+    if manifest[MANIFEST_REHASHED]:
+        log.info("checkpoint %s: %d file(s) hashed after writing (no streaming writer): %s", final.name,
+                 len(manifest[MANIFEST_REHASHED]), ", ".join(manifest[MANIFEST_REHASHED][:5]))
+    files = [tmp / rel for rel in manifest[MANIFEST_FILES]]
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=0))
     for p in [*files, tmp / MANIFEST]:
         fsync_path(p)
     for d in sorted({p.parent for p in files} | {tmp}, key=lambda x: -len(x.parts)):
@@ -81,38 +98,71 @@ def seal(tmp: Path, final: Path) -> None:
     write_atomic(final.parent / LATEST, final.name + "\n")
 
 
-def verify(d: Path) -> str | None:
-    """None when ``d`` is a complete checkpoint, else why not (one short phrase)."""
+def read_manifest(d: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None), (None, None) for a checkpoint written before manifests existed, or (None, why)."""
+    mf = Path(d) / MANIFEST
+    if not mf.is_file():
+        return None, None
+    try:
+        m = json.loads(mf.read_text())
+        assert isinstance(m[MANIFEST_FILES], dict) and isinstance(m.get(MANIFEST_DIGESTS, {}), dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        return None, f"{MANIFEST} unreadable ({type(e).__name__})"
+    return m, None
+
+
+def verify(d: Path, digests: bool = True, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None when ``d`` is a complete checkpoint, else why not (one short phrase naming the file).
+    Sizes of every file are checked; with ``digests``, the content of this rank's ``share`` (rank,
+    world) of the files (:func:`share_of`; (0, 1): all of them)."""
     if not (d / COMPLETE).is_file():
         return f"no {COMPLETE} marker (the save did not finish)"
     try:
         json.loads((d / TRAINER_STATE).read_text())
     except (OSError, ValueError) as e:
         return f"{TRAINER_STATE} unreadable ({type(e).__name__})"
-    mf = d / MANIFEST
-    if not mf.is_file():
-        return None  # written before manifests existed: COMPLETE is all there is to check
-    try:
-        files = json.loads(mf.read_text())["files"]
-        assert isinstance(files, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    m, why = read_manifest(d)
+    if m is None:
+        return why  # None: written before manifests existed, COMPLETE is all there is to check
+    files = m[MANIFEST_FILES]
     for rel, size in files.items():
         p = d / rel
         if not p.is_file():
             return f"missing {rel}"
         if p.stat().st_size != size:
             return f"{rel} has {p.stat().st_size} bytes, {size} were written (truncated or altered)"
+    recorded = m.get(MANIFEST_DIGESTS) or {}
+    if not digests or not recorded:
+        return None  # a manifest from before digests (sizes only)
+    algorithm = m.get(MANIFEST_ALGORITHM, DIGEST_ALGORITHM)
+    for rel in share_of(files, *share):
+        want = recorded.get(rel)
+        if want is None:
+            return f"{rel} has no digest in {MANIFEST}"
+        got = hash_file(d / rel, algorithm)
+        if got != want:
+            return f"{rel} is damaged: its bytes hash to {algorithm} {got}, {want} was recorded at save"
     return None
 
 
-def newest_complete(run_dir: Path, warn: bool = True) -> tuple[int, Path] | None:
-    """The newest checkpoint that verifies; each newer one that does not is skipped with one warning."""
+def candidates(run_dir: Path) -> list[tuple[int, Path]]:
+    """Every step_N directory under ``<run_dir>/checkpoints``, newest first."""
     root = Path(run_dir) / CHECKPOINTS
-    found = sorted(((n, d) for d in (root.iterdir() if root.is_dir() else []) if d.is_dir()
-                    and (n := step_of(d)) is not None), reverse=True)
-    for n, d in found:
-        why = verify(d)
+    return sorted(((n, d) for d in (root.iterdir() if root.is_dir() else []) if d.is_dir()
+                   and (n := step_of(d)) is not None), reverse=True)
+
+
+def newest_complete(run_dir: Path, warn: bool = True, *, digests: bool = False, share: tuple[int, int] = (0, 1),
+                    agree: Callable[[str | None], str | None] | None = None) -> tuple[int, Path] | None:
+    """The newest checkpoint that verifies; each newer one that does not is skipped with one warning.
+
+    ``digests``: also hash the files (this rank's ``share``); ``agree``: the ranks' collective that
+    turns each rank's verdict into the common one (the first reason any rank found, or None), so all
+    ranks take the same checkpoint. Without it the verdict is this process's alone."""
+    for n, d in candidates(run_dir):
+        why = verify(d, digests=digests, share=share)
+        if agree is not None:
+            why = agree(why)
         if why is None:
             return n, d
         if warn:
