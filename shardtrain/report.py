@@ -1,6 +1,7 @@
 """Human-readable rendering of a Plan (a pure function returning a string)."""
 from __future__ import annotations
 
+from shardtrain.compiler.advice import set_args
 from shardtrain.compiler.plan import MEMORY_TERMS, Candidate, Plan
 from shardtrain.units import fmt_bytes
 
@@ -32,6 +33,7 @@ def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
     out.append(f"hardware   {hw.nodes} node(s) × {hw.gpus_per_node} {_gpu_label(hw)} "
                f"({fmt_bytes(hw.gpu_memory_bytes)} each, {fmt_bytes(plan.gpu_memory_bytes - plan.headroom_bytes)} "
                f"usable), host RAM {fmt_bytes(hw.cpu_memory_bytes)}/node"
+               + (" (assumed: give --cpu-memory)" if "hardware.cpu_memory" in dict(plan.assumed) else "")
                + (f", NVMe {hw.nvme_path}" if hw.nvme_path else ""))
     out.append(f"job        seq {plan.train.seq_len}, global batch {plan.train.global_batch_size}, "
                f"{c.precision.value}, optimizer {c.optimizer.value}")
@@ -59,4 +61,12 @@ def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
         out.append("alternatives (best per strategy; time relative to the plan)")
         for a in plan.alternatives[:max_alternatives]:
             out.append(_row(a, c.step_time_s))
+    if plan.suggestions:
+        out.append("")
+        out.append("to fit, try (each change re-planned; cheapest first: same math, hardware, job)")
+        for x in plan.suggestions:
+            out.append(f"  {set_args(x):<58} {x.kind.value:<8} {x.strategy.value:<17} "
+                       f"{fmt_bytes(x.total_bytes):>10}/GPU  ~{x.step_time_s:.3g} s/step")
+        if any(k == "hardware.nvme_path" for x in plan.suggestions for k, _ in x.set):
+            out.append("  (hardware.nvme_path: any local NVMe directory; plan does not read it)")
     return "\n".join(out)

@@ -6,6 +6,7 @@ and the runtime need (ZeRO stage, offload devices, buckets, LoRA settings, the f
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 
 from shardtrain.compiler.activations import logits_bytes
@@ -85,6 +86,45 @@ class Candidate:
         return (self.strategy, self.micro_batch_size, self.gradient_checkpointing, self.optimizer, self.method)
 
 
+class ChangeKind(str, enum.Enum):
+    """What a suggested change costs, cheapest first (the order advice is printed in)."""
+    SAVER = "saver"
+    """Same training math, other memory/time trade-off: chunked loss, activation offload, checkpointing,
+    micro batch, strategy."""
+    HARDWARE = "hardware"
+    """Other hardware: bigger GPUs, more GPUs/nodes, more host RAM, an NVMe directory."""
+    JOB = "job"
+    """Other training math: method (LoRA/QLoRA), optimizer, shorter sequences."""
+
+    @property
+    def rank(self) -> int:
+        return list(ChangeKind).index(self)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One "to fit, try" change, applied to the run config and re-planned (compiler/advice.py): it fits."""
+    set: tuple[tuple[str, str], ...]
+    """(run-config key, value) pairs exactly as `--set KEY=VALUE` takes them, e.g. ("train.loss", "chunked")."""
+    total_bytes: int
+    """Per-GPU peak of the re-planned plan."""
+    step_time_s: float
+    """Estimated optimizer-step time of the re-planned plan."""
+    strategy: Strategy
+    """The strategy the re-planned plan chose."""
+    kind: ChangeKind
+    """The most expensive kind of change in ``set``."""
+
+    def to_json(self) -> dict:
+        return {"set": dict(self.set), "total_bytes": int(self.total_bytes),
+                "step_time_s": round(self.step_time_s, 6), "strategy": self.strategy.value, "kind": self.kind.value}
+
+    @staticmethod
+    def from_json(d: dict) -> "Suggestion":
+        return Suggestion(set=tuple((str(k), str(v)) for k, v in d["set"].items()), total_bytes=int(d["total_bytes"]),
+                          step_time_s=float(d["step_time_s"]), strategy=Strategy(d["strategy"]), kind=ChangeKind(d["kind"]))
+
+
 @dataclass(frozen=True)
 class Plan:
     chosen: Candidate
@@ -99,6 +139,12 @@ class Plan:
     runtime: RuntimeFacts | None = None
     """What the ranks need beyond the decisions (compiler/facts.py); set when a run dir is written
     (emit/runtime.py), never by the planner: `plan --json` does not show it."""
+    suggestions: tuple[Suggestion, ...] = ()
+    """When nothing fits: the changes that do fit, each verified by re-planning, cheapest first
+    (compiler/advice.py, run by config/pipeline.py)."""
+    assumed: tuple[tuple[str, int], ...] = ()
+    """(run-config key, value the planner used) for limits the user did not give, e.g.
+    ("hardware.cpu_memory", 1 TiB): the verdict may change with the real figure."""
 
     @property
     def strategy(self) -> Strategy:
@@ -153,6 +199,8 @@ class Plan:
         d["zero_buckets"] = dataclasses.asdict(self.zero_buckets)
         d["spec"] = {"model": self.model.to_dict(), "hardware": dataclasses.asdict(self.hardware),
                      "train": _train_json(t)}
+        d["suggestions"] = [x.to_json() for x in self.suggestions]
+        d["assumed"] = {k: int(v) for k, v in self.assumed}
         if self.runtime is not None:
             d["runtime"] = self.runtime.to_json()
         return d
@@ -182,7 +230,9 @@ class Plan:
                     model=model, hardware=hw, train=train, gpu_memory_bytes=d["gpu_memory_bytes"],
                     headroom_bytes=d["headroom_bytes"], reasons=tuple(d.get("reasons", ())),
                     lora_targets=tuple(lora.get("targets", ())),
-                    runtime=RuntimeFacts.from_json(d["runtime"]) if d.get("runtime") else None)
+                    runtime=RuntimeFacts.from_json(d["runtime"]) if d.get("runtime") else None,
+                    suggestions=tuple(Suggestion.from_json(x) for x in d.get("suggestions") or ()),
+                    assumed=tuple((str(k), int(v)) for k, v in (d.get("assumed") or {}).items()))
 
 
 def _train_json(t: TrainSpec) -> dict:

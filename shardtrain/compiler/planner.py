@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from shardtrain.compiler.activations import (activation_host_bytes, logits_bytes,
                                              resolve_loss, resolved_ckpt_fraction)
+from shardtrain.compiler.advice import no_fit_summary
 from shardtrain.compiler.cost import step_time
 from shardtrain.compiler.inventory import TensorGroup, resolve_lora_targets, tensor_inventory, trainable_params
 from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes, shard_group_size
@@ -22,6 +23,12 @@ STRATEGY_ORDER = (Strategy.DDP, Strategy.ZERO1, Strategy.ZERO2, Strategy.FSDP_SH
                   Strategy.FSDP_HYBRID_SHARD, Strategy.FSDP_FULL_SHARD, Strategy.ZERO3,
                   Strategy.ZERO2_OFFLOAD, Strategy.ZERO3_OFFLOAD, Strategy.ZERO_INFINITY)
 _CKPT_ORDER = (GradCkpt.NONE, GradCkpt.SELECTIVE, GradCkpt.FULL)
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st ("every 2th layer", issue 22)."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 class PlanningError(ValueError):
@@ -68,11 +75,13 @@ class _Ctx:
 
 def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[TensorGroup, ...],
                     strategy: Strategy, *, method: Method, optimizer: Optimizer, micro: int, ckpt: GradCkpt,
-                    defer: bool, loss: LossMode, act_offload: ActivationOffload):
+                    defer: bool, loss: LossMode, act_offload: ActivationOffload, ms=None):
     """(model-state bytes, {phase: MemoryBreakdown}, peak phase) of one candidate — the one place that
-    assembles the phase model's inputs."""
-    ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
-                           optimizer=optimizer, fsdp_defer_grad_sync=defer)
+    assembles the phase model's inputs. ``ms``: the model-state bytes when the caller has them already
+    (they do not depend on micro batch, checkpointing, loss or activation offload)."""
+    if ms is None:
+        ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
+                               optimizer=optimizer, fsdp_defer_grad_sync=defer)
     phases, peak = candidate_phases(
         m, groups, strategy, ms, shard_size=shard_group_size(strategy, hw), method=method,
         precision=t.precision, optimizer=optimizer, micro_batch=micro, seq_len=t.seq_len, attention=t.attention,
@@ -85,7 +94,7 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[
 
 def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
               method: Method, defer: bool, groups: tuple[TensorGroup, ...],
-              act_offload: ActivationOffload) -> Candidate:
+              act_offload: ActivationOffload, ms) -> Candidate:
     m, hw, t = ctx.model, ctx.hw, ctx.train
     akw = dict(micro_batch=micro, seq_len=t.seq_len, precision=t.precision, attention=t.attention,
                grad_ckpt=ckpt, selective_every=t.selective_every, offload=act_offload)
@@ -94,7 +103,8 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                         chunk_tokens=t.loss_chunk_tokens)
     # per_gpu = the breakdown at the peak phase (compiler/phases.py), not the sum of each term's maximum
     ms, phases, peak = evaluate_phases(m, hw, t, groups, strategy, method=method, optimizer=optimizer,
-                                       micro=micro, ckpt=ckpt, defer=defer, loss=loss, act_offload=act_offload)
+                                       micro=micro, ckpt=ckpt, defer=defer, loss=loss, act_offload=act_offload,
+                                       ms=ms)
     per_gpu = phases[peak]
     cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes + act_host, t.precision)
     nvme = ms.nvme_bytes * hw.gpus_per_node
@@ -167,6 +177,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
     targets: tuple[str, ...] = ()
     candidates: list[Candidate] = []
     illegal: dict[Strategy, str] = {}
+    states: dict[tuple, object] = {}
     for method in methods:
         if method is not Method.FULL:
             try:
@@ -185,8 +196,16 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
                         accum = train.global_batch_size // (mb * hw.world_size)
                         defers = [False, True] if (s.engine is Engine.FSDP and accum > 1) else [False]
                         for d in defers:
+                            # model states depend only on (method, optimizer, strategy, defer): computed
+                            # once, not per micro batch × checkpointing × offload (3x faster re-planning)
+                            key = (method, opt, s, d)
+                            if key not in states:
+                                states[key] = model_state_bytes(model, groups, s, hw, method=method,
+                                                                precision=train.precision, optimizer=opt,
+                                                                fsdp_defer_grad_sync=d)
                             for ao in offloads:
-                                candidates.append(_evaluate(ctx, s, ck, mb, opt, method, d, groups, ao))
+                                candidates.append(_evaluate(ctx, s, ck, mb, opt, method, d, groups, ao,
+                                                            states[key]))
     if not candidates:
         forced = train.strategy.value if train.strategy else "every strategy"
         raise PlanningError(f"{forced}: " + "; ".join(sorted(set(illegal.values()))))
@@ -194,7 +213,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
     if not fitting:
         least = min(candidates, key=lambda c: (c.per_gpu.total, _rank(c)))
         p = _make_plan(ctx, least, candidates, illegal, targets)
-        raise NoFitError(_no_fit_message(ctx, least), p)
+        raise NoFitError(no_fit_summary(least, ctx.usable), p)
     return _make_plan(ctx, fitting[0], candidates, illegal, targets)
 
 
@@ -246,7 +265,8 @@ def _reasons(ctx: _Ctx, c: Candidate, best: dict[Strategy, Candidate], illegal: 
         elif s in illegal and t.strategy is None:
             r.append(f"not {s.value}: {illegal[s]}")
     ck = {GradCkpt.NONE: "off: activations fit without recomputation",
-          GradCkpt.SELECTIVE: f"selective (every {t.selective_every}th layer): the cheapest recomputation that fits",
+          GradCkpt.SELECTIVE: f"selective (every {ordinal(t.selective_every)} layer): the cheapest recomputation "
+                             "that fits",
           GradCkpt.FULL: "full: needed to fit activations (~33% more compute)"}[c.gradient_checkpointing]
     r.append(f"gradient checkpointing {ck}")
     r.append(f"global batch {t.global_batch_size} = micro batch {c.micro_batch_size} × accumulation "
@@ -285,40 +305,3 @@ def _memory_saver_reasons(ctx: _Ctx, c: Candidate, best: dict[Strategy, Candidat
     elif t.activation_offload is ActivationOffload.CPU:
         r.append("activation offload allowed but not used: a plan without the PCIe round trip fits and is faster")
     return r
-
-
-def _no_fit_message(ctx: _Ctx, least: Candidate) -> str:
-    hw, t = ctx.hw, ctx.train
-    need_gpu = int(least.per_gpu.total / (1 - t.headroom_fraction)) + 1
-    lines = [f"nothing fits: the smallest plan ({least.strategy.value}, micro batch {least.micro_batch_size}, "
-             f"checkpointing {least.gradient_checkpointing.value}) needs {fmt_bytes(least.per_gpu.total)} per GPU; "
-             + "; ".join(least.why_not) + "."]
-    fixes = []
-    if least.per_gpu.total > ctx.usable and least.loss is LossMode.FULL:
-        kw = dict(micro_batch=least.micro_batch_size, seq_len=t.seq_len, precision=t.precision,
-                  chunk_tokens=t.loss_chunk_tokens)
-        full, chunked = (logits_bytes(ctx.model, loss=mode, **kw) for mode in (LossMode.FULL, LossMode.CHUNKED))
-        if full > chunked:
-            fixes.append(f"loss: chunked (--loss chunked: the logits path needs {fmt_bytes(chunked)} "
-                         f"instead of {fmt_bytes(full)})")
-    if least.per_gpu.total > ctx.usable:
-        fixes.append(f"GPUs with at least {fmt_bytes(need_gpu)} (--gpu-memory)")
-        if least.strategy.shards_params or least.strategy.zero_stage:
-            fixes.append("more GPUs/nodes (sharded states shrink with the world size)")
-        if least.per_gpu.activations + least.per_gpu.logits > least.per_gpu.model_states:
-            fixes.append(f"a shorter seq_len than {t.seq_len}")
-    if least.cpu_memory_per_node_bytes > hw.cpu_memory_bytes:
-        fixes.append(f"host RAM of at least {fmt_bytes(least.cpu_memory_per_node_bytes)} per node (--cpu-memory)")
-    if least.nvme_bytes > hw.nvme_capacity_bytes:
-        fixes.append(f"at least {fmt_bytes(least.nvme_bytes)} of NVMe per node")
-    if not hw.nvme_path and least.method is Method.FULL:
-        fixes.append("an NVMe path for zero_infinity (--nvme-path)")
-    if least.method is Method.FULL:
-        fixes.append("method: lora or qlora (--method)")
-    if least.optimizer is Optimizer.ADAMW and least.method is Method.FULL:
-        fixes.append("optimizer: adamw8bit with a non-offload strategy")
-    if t.strategy is not None:
-        fixes.append("strategy: auto")
-    lines.append("To fit, try: " + "; or ".join(fixes) + ".")
-    return " ".join(lines)
-

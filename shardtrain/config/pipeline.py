@@ -10,11 +10,12 @@ read once per call; the compiler stays pure (config/resolve.py reads model confi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Mapping
 
 from shardtrain.compiler.plan import Plan
-from shardtrain.config.schema import RunConfig, load_run_config, parse_run_config
+from shardtrain.config.schema import ConfigError, RunConfig, load_run_config, parse_run_config
 
 ConfigSource = str | os.PathLike | Mapping | RunConfig | None
 
@@ -29,15 +30,72 @@ def load(config: ConfigSource, overrides: Mapping[str, object] | None = None) ->
     return load_run_config(config, overrides)
 
 
-def plan_for(cfg: RunConfig, *, must_fit: bool = False) -> Plan:
+def plan_for(cfg: RunConfig, *, must_fit: bool = False, advise: bool = True) -> Plan:
     """The plan of a validated config (raises NoFitError/PlanningError/ConfigError). ``must_fit``: a
-    forced strategy that does not fit raises NoFitError too (a run dir is never prepared for it)."""
-    from shardtrain.compiler.planner import NoFitError, plan
-    from shardtrain.config.resolve import resolve_specs
-    p = plan(*resolve_specs(cfg))
+    forced strategy that does not fit raises NoFitError too (a run dir is never prepared for it).
+    When nothing fits and ``advise``: the NoFitError's plan carries the suggestions that fit, each
+    re-planned through this pipeline (compiler/advice.py), and its message lists them."""
+    from shardtrain.compiler import advice
+    from shardtrain.compiler.planner import NoFitError
+    try:
+        p = dataclasses.replace(_raw_plan(cfg), assumed=assumed_limits(cfg))
+    except NoFitError as e:
+        p = dataclasses.replace(e.plan, assumed=assumed_limits(cfg))
+        replans = 0
+        if advise:
+            suggestions, replans = advice.advise(p, replanner(cfg))
+            p = dataclasses.replace(p, suggestions=suggestions)
+        raise NoFitError(advice.no_fit_message(p, replans), p) from None
     if must_fit and not p.chosen.fits:
         raise NoFitError(f"the {p.strategy.value} plan does not fit: {'; '.join(p.chosen.why_not)}", p)
     return p
+
+
+def _raw_plan(cfg: RunConfig) -> Plan:
+    from shardtrain.compiler.planner import plan
+    from shardtrain.config.resolve import resolve_specs
+    return plan(*resolve_specs(cfg))
+
+
+def assumed_limits(cfg: RunConfig) -> tuple[tuple[str, int], ...]:
+    """The hardware limits the plan rests on that the config did not give (defaults the user should
+    confirm): host RAM always, NVMe capacity when an NVMe path is set."""
+    from shardtrain.config.resolve import DEFAULT_CPU_MEMORY_BYTES, DEFAULT_NVME_CAPACITY_BYTES
+    h = cfg.hardware
+    out = []
+    if h.cpu_memory is None:
+        out.append(("hardware.cpu_memory", DEFAULT_CPU_MEMORY_BYTES))
+    if h.nvme_path and h.nvme_capacity is None:
+        out.append(("hardware.nvme_capacity", DEFAULT_NVME_CAPACITY_BYTES))
+    return tuple(out)
+
+
+def _set_keys(cfg: RunConfig) -> dict:
+    """The config as a raw mapping of only the keys that differ from their defaults: what the user set.
+    (A full to_dict() round trip would re-validate defaults as if they were written, e.g. lora.targets
+    'all-linear' comes back as a list and config/ignored.py then warns about a lora section nobody wrote.)"""
+    have, default = cfg.to_dict(), RunConfig().to_dict()
+    return {s: {k: v for k, v in keys.items() if v != default[s][k]} for s, keys in have.items()}
+
+
+def replanner(cfg: RunConfig):
+    """``overrides -> Plan | None`` for compiler/advice.py: this config with ``--set``-style overrides,
+    planned (the least-memory plan when nothing fits; None when the overrides are invalid here). The
+    model is resolved once: advice never changes model.* keys, and re-reading config.json per re-plan
+    would be I/O in a loop."""
+    from shardtrain.compiler.planner import NoFitError, PlanningError, plan
+    from shardtrain.config.resolve import resolve_hardware, resolve_model, resolve_train
+    raw, model = _set_keys(cfg), resolve_model(cfg)
+
+    def replan(overrides: Mapping[str, str]) -> Plan | None:
+        try:
+            c = parse_run_config(raw, dict(overrides))
+            return plan(model, resolve_hardware(c), resolve_train(c))
+        except NoFitError as e:
+            return e.plan
+        except (ConfigError, PlanningError):
+            return None
+    return replan
 
 
 def compile(config: ConfigSource, overrides: Mapping[str, object] | None = None, *,  # noqa: A001
