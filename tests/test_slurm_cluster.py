@@ -309,11 +309,36 @@ def test_sbatch_reads_quoted_values_literally(slurm_cluster, workdir):
     assert not mark.exists()
 
 
+def test_flags_only_job_requests_the_plans_cpus_and_memory(slurm_cluster, workdir):
+    """A flags-only `shardtrain sbatch` (no YAML): Slurm's own sbatch accepts the --cpus-per-task and
+    --mem the plan asks for (issue 22); held, never started."""
+    from shardtrain.slurm import resources
+    run, script = workdir / "runs" / "flags", workdir / "flags.sbatch"
+    argv = ["sbatch", "--model", "tiny-llama", "--seq-len", "64", "--global-batch", "4", "--gpus-per-node", "1",
+            "--run-dir", str(run), "--script", str(script), "--no-gpu-request", "--python", PYTHON]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert slurm_cli.main(argv) == 0
+    text = script.read_text()
+    assert (run / "command.txt").read_text() == text
+    cpus = resources.CPUS_PER_RANK
+    mem = next(ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("#SBATCH --mem="))
+    assert f"#SBATCH --cpus-per-task={cpus}" in text and mem.endswith("G")
+    job_id = slurm_cluster.sbatch(script, "--hold")
+    try:
+        info = slurm_cluster.job_info(job_id)
+        assert info.get("MinCPUsNode") == str(cpus), info
+        assert info.get("MinMemoryNode") == mem, info
+    finally:
+        slurm_cluster.cancel(job_id)
+
+
 def test_one_node_two_processes(slurm_cluster, cases, workdir):
     case = finish(slurm_cluster, cases["one"])
     assert_trained(case, world=2)
     log = case.log()
     assert "[shardtrain] preparing" in log  # the batch shell prepared the run dir
+    # ... and recorded the batch script Slurm ran ("$0", its spooled copy) as command.txt
+    assert (case.run_dir / "command.txt").read_text() == case.script.read_text(), log[-3000:]
     assert not (workdir / "PWNED").exists() and not Path("PWNED").exists()
     info = subprocess.run(["squeue", "-h", "-t", "all", "-j", case.job_id, "-o", "%j"],
                           capture_output=True, text=True, timeout=15).stdout.rstrip("\n")
