@@ -2,13 +2,19 @@
 
 checkpoints/step_N/   N optimizer steps done, written crash-safely (see :mod:`ckpt_files`: engines write
                       into .tmp_step_N/, rank 0 writes MANIFEST.json, fsyncs, renames to step_N/, then
-                      COMPLETE and the `latest` pointer last). DDP: rank 0 `model.pt` + `optimizer.pt`
-                      (LoRA: only the trainable tensors); FSDP2: torch.distributed.checkpoint under `dcp/`
-                      (resharding on load); DeepSpeed: `engine.save_checkpoint(checkpoints, tag=...)`.
-                      Every rank: `rng_rank{R}.pt` (Python, NumPy, torch CPU [+CUDA] generators).
-                      Rank 0: `trainer_state.json` (step, samples_seen = the data position, ...).
-                      Resume takes the newest checkpoint that verifies; the last `run.keep_checkpoints`
-                      are kept. Loads use torch.load(weights_only=True) (no pickled code runs).
+                      COMPLETE and the `latest` pointer last).
+                      `state/`: the PORTABLE model + optimizer state (runtime/portable.py: one
+                      torch.distributed.checkpoint layout keyed by parameter name, fp32 masters and
+                      optimizer states) that every engine writes and reads on any number of ranks, so a
+                      run resumes on another world size or strategy (DDP <-> FSDP2 <-> ZeRO-1/2/3).
+                      Every rank: `rng_rank{R}.pt` (Python, NumPy, torch CPU [+CUDA] generators);
+                      `scaler.pt` (fp16 GradScaler, DDP/FSDP2). Rank 0: `trainer_state.json` (step,
+                      samples_seen = the data position in GLOBAL samples, global batch, world size,
+                      strategy). Resume takes the newest checkpoint that verifies; the last
+                      `run.keep_checkpoints` are kept. Loads use torch.load(weights_only=True).
+                      Checkpoints written before the portable layout (DDP model.pt/optimizer.pt, FSDP2
+                      dcp/, DeepSpeed's own tag folders) still load on the engine and world size that
+                      wrote them.
 final/                `save_pretrained` model (or peft adapter) + tokenizer, loadable with
                       from_pretrained / PeftModel.from_pretrained.
 """
@@ -24,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from shardtrain.compiler.specs import Engine
+from shardtrain.rundir_format import CKPT_STATE_DIR
 from shardtrain.runtime import ckpt_files as files
+from shardtrain.runtime import portable
 from shardtrain.runtime.ckpt_files import CheckpointSpaceError
 from shardtrain.runtime.dist import barrier
 from shardtrain.runtime.faults import maybe_kill
@@ -39,19 +47,15 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    """The newest checkpoint that verifies (COMPLETE, manifest sizes, trainer_state.json); newer broken
-    ones are skipped with one warning line (rank 0 only, so a 2-rank job prints it once)."""
-    warn = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    return files.newest_complete(run_dir, warn=warn)
+    """COLLECTIVE (with a process group): the newest checkpoint that verifies (COMPLETE, manifest sizes and
+    digests, trainer_state.json), the same on every rank; newer broken ones are skipped with one warning
+    line (rank 0 only). See runtime/ckpt_digest.py."""
+    from shardtrain.runtime.ckpt_digest import latest_verified
+    return latest_verified(run_dir)
 
 
 def _is_partial(model) -> bool:
     return any(not p.requires_grad for p in model.parameters())
-
-
-def _trainable_state(model) -> dict:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names}
 
 
 def _rng_state() -> dict:
@@ -133,28 +137,18 @@ def save_checkpoint(eng, run_dir: Path, step: int, trainer_state: dict, keep: in
     if rank == 0:
         tmp.mkdir(parents=True)
     barrier()
-    partial = _is_partial(eng.model)
-    if eng.kind is Engine.DDP:
-        if rank == 0:
-            model_sd = _trainable_state(eng.model) if partial else eng.model.state_dict()
-            torch.save(model_sd, tmp / "model.pt")
-            torch.save(eng.optimizer.state_dict(), tmp / "optimizer.pt")
-            if eng.scaler is not None:
-                torch.save(eng.scaler.state_dict(), tmp / "scaler.pt")
-    elif eng.kind is Engine.FSDP:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        msd, osd = get_state_dict(eng.model, eng.optimizer, options=StateDictOptions(ignore_frozen_params=partial))
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    else:
-        # save_latest=False: DeepSpeed's own `latest` file would name the temporary tag.
-        eng.ds.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False,
-                               exclude_frozen_parameters=partial)
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    from shardtrain.runtime.ckpt_digest import Recorder
+    rec = Recorder(tmp)  # every file is hashed as it is written: its digest goes into MANIFEST.json
+    portable.save(eng, tmp / CKPT_STATE_DIR, writer=rec.dcp_writer(tmp / CKPT_STATE_DIR))
+    if eng.scaler is not None and rank == 0:
+        rec.torch_save(eng.scaler.state_dict(), tmp / "scaler.pt")
+    rec.torch_save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     maybe_kill("save", rank, step)  # TEST-ONLY (runtime/faults.py): a crash in the middle of a save
+    if rank == 0:
+        rec.write_text(tmp / files.TRAINER_STATE, json.dumps(trainer_state, indent=1))
+    rec.dump(rank)
     barrier()
     if rank == 0:
-        (tmp / files.TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         files.seal(tmp, final)
         files.prune(root, max(1, keep))
     barrier()
@@ -162,36 +156,55 @@ def save_checkpoint(eng, run_dir: Path, step: int, trainer_state: dict, keep: in
 
 
 def load_checkpoint(eng, d: Path) -> dict:
+    """COLLECTIVE: load step_N into the engine (any engine, any world size for the portable layout);
+    returns trainer_state.json. The RNG state of rank R is restored when the checkpoint has one for R
+    (a rank that did not exist when it was written keeps its seeded generators)."""
     d = Path(d)
     rank = dist.get_rank()
+    state = json.loads((d / files.TRAINER_STATE).read_text())
+    if (d / CKPT_STATE_DIR).is_dir():
+        portable.load(eng, d / CKPT_STATE_DIR)
+        if eng.kind is Engine.DEEPSPEED:
+            eng.ds.global_steps = int(state.get("step", 0))
+    else:
+        _load_legacy(eng, d, state)
+    if eng.scaler is not None and (d / "scaler.pt").is_file():
+        eng.scaler.load_state_dict(_load(d / "scaler.pt"))
+    rng = d / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(_load(rng))
+    return state
+
+
+def _load_legacy(eng, d: Path, state: dict) -> None:
+    """A checkpoint from before the portable layout: only the engine and world size that wrote it read it."""
+    wrote = (state.get("strategy"), state.get("world_size"))
+    kind = {"model.pt": Engine.DDP, "dcp": Engine.FSDP}
+    old_engine = next((k for f, k in kind.items() if (d / f).exists()), Engine.DEEPSPEED)
+    if old_engine is not eng.kind or (wrote[1] is not None and wrote[1] != dist.get_world_size()):
+        raise RuntimeError(f"checkpoint {d} has the layout before portable checkpoints ({wrote[0]} on {wrote[1]} "
+                           f"ranks): it loads only there; resume with that strategy and world size, or start "
+                           "fresh with --no-resume")
     if eng.kind is Engine.DDP:
         sd = _load(d / "model.pt", eng.device)
         missing, unexpected = eng.model.load_state_dict(sd, strict=not _is_partial(eng.model))
         if unexpected:
             raise RuntimeError(f"{d}: unexpected keys in model.pt: {unexpected[:5]}")
         eng.optimizer.load_state_dict(_load(d / "optimizer.pt", eng.device))
-        if eng.scaler is not None and (d / "scaler.pt").is_file():
-            eng.scaler.load_state_dict(_load(d / "scaler.pt"))
     elif eng.kind is Engine.FSDP:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-        # LoRA: only trainable tensors were saved; strict loading would demand the frozen base weights
-        # too (torch/distributed/checkpoint/state_dict.py: _load_model_state_dict, info.strict).
         partial = _is_partial(eng.model)
         opts = StateDictOptions(ignore_frozen_params=partial, strict=not partial)
         msd, osd = get_state_dict(eng.model, eng.optimizer, options=opts)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(d / "dcp"))
-        set_state_dict(eng.model, eng.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=opts)
+        st = {"model": msd, "optim": osd}
+        dcp.load(st, checkpoint_id=str(d / "dcp"))
+        set_state_dict(eng.model, eng.optimizer, model_state_dict=st["model"], optim_state_dict=st["optim"],
+                       options=opts)
     else:
         path, _ = eng.ds.load_checkpoint(str(d.parent), tag=d.name, load_module_strict=not _is_partial(eng.model))
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {d}")
-    rng = d / f"rng_rank{rank}.pt"
-    if rng.is_file():
-        _set_rng_state(_load(rng))
-    return json.loads((d / files.TRAINER_STATE).read_text())
 
 
 def full_state_dict(eng) -> dict | None:

@@ -123,7 +123,7 @@ def evaluate(r: Run, step: int) -> dict | None:
 
 
 def trainer_state(r: Run, step: int) -> dict:
-    return {"step": step, "samples_seen": step * r.sampler.global_batch, "global_batch": r.sampler.global_batch,
+    return {"step": step, "samples_seen": r.sampler.offset + step * r.sampler.global_batch, "global_batch": r.sampler.global_batch,
             "world_size": r.info.world_size, "strategy": r.plan.strategy.value, "seed": r.cfg.train.seed}
 
 
@@ -147,6 +147,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     if latest:
         state = ckpt.load_checkpoint(eng, latest[1])
         start = int(state["step"])
+        r.sampler.resume_at(start, int(state.get("samples_seen", start * r.sampler.global_batch)))
         log.info("resumed from %s at step %d", latest[1], start)
     metrics.truncate_after(start)
     metrics = with_trackers(metrics, r)  # run.report_to: tensorboard / wandb / mlflow (runtime/trackers.py)
