@@ -121,7 +121,7 @@ def test_validation_one_line_and_fix(tmp_path):
         "bad_json": (tmp_path / "j.jsonl", {}, "not valid JSON"),
         "no_reply": (_jsonl(tmp_path / "u.jsonl", [{"messages": CONV[:2]}]), {"chat_template": "default"},
                      "no assistant message"),
-        "missing": (tmp_path / "nope.parquet", {}, "does not exist"),
+        "missing": (tmp_path / "nope.parquet", {}, "no such file or directory"),
         "bad_parquet": (tmp_path / "x.parquet", {}, "cannot be read as parquet"),
     }
     (tmp_path / "j.jsonl").write_text('{"text": "a"}\n{oops\n')

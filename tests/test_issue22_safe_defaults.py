@@ -189,3 +189,71 @@ def test_did_you_mean(argv, hint, capsys):
 def test_no_suggestion_for_nonsense(capsys):
     rc, _, err = run_cli(["plan", "--model", "llama-3.1-8b", "--zzzzqq"], capsys)
     assert rc == 2 and err.strip().splitlines()[-1].endswith("unrecognized arguments: --zzzzqq")
+
+
+# ------------------------------------------------------------------ 7. network failures are named as such
+def _closed_port() -> int:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: a connection is refused at once
+    return port
+
+
+def test_unreachable_hub_is_named_in_seconds(tmp_path):
+    """huggingface_hub's hf_hub_download backs off ~23 s on a dead network and then says the file is not
+    cached (an EntryNotFoundError: "has no config.json"); the probe names the network at once."""
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_HUB_CACHE", None)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "shardtrain", "plan", "--model", "acme/some-model"], env=env,
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    took = time.monotonic() - t0
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert "could not reach the Hugging Face Hub (network" in line and "hf download acme/some-model" in line, line
+    assert "has no config.json" not in line and "Traceback" not in r.stderr
+    assert took < 15, took
+
+
+def test_network_cause_is_found_through_huggingface_hubs_wrapping():
+    from huggingface_hub import errors as E
+    from shardtrain.config import hub
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError as net:
+            raise E.LocalEntryNotFoundError("cannot find the requested files in the local cache") from net
+    except E.LocalEntryNotFoundError as e:
+        assert isinstance(hub.network_cause(e), ConnectionRefusedError)
+        msg = str(hub._download_error(e, "acme/m", "acme/m", None))
+    assert msg.startswith("could not reach the Hugging Face Hub (network") and "has no config.json" not in msg
+    assert hub.network_cause(E.EntryNotFoundError("gone")) is None
+    assert "has no config.json" in str(hub._download_error(E.EntryNotFoundError("gone"), "acme/m", "acme/m", None))
+
+
+@pytest.mark.parametrize("path", ["data/train.jsonl", "./train.jsonl", "/nonexistent/train.parquet",
+                                  "corpus/train", "~/nope.txt"])
+def test_a_missing_local_data_path_is_no_such_file(tmp_path, monkeypatch, path):
+    from shardtrain.config import hub
+    from shardtrain.launcher.datacheck import validate_training_data
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()  # `corpus/train`: its first component is a local directory
+    assert hub.looks_local(path) and not hub.is_hub_id(path)
+    with pytest.raises(ConfigError) as e:
+        validate_training_data(parse_run_config({"model": {"name": "tiny-llama"}, "data": {"train": path}}))
+    assert "no such file or directory" in str(e.value) and "hf download" not in str(e.value)
+
+
+def test_a_hub_dataset_id_still_gets_the_download_hint(tmp_path, monkeypatch):
+    from shardtrain.config import hub
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert hub.is_hub_id("acme/chat-data") and not hub.looks_local("acme/chat-data")
+    with pytest.raises(ValueError, match="hf download --repo-type dataset acme/chat-data"):
+        hub.dataset_source("acme/chat-data")

@@ -31,8 +31,10 @@ def validate_training_data(cfg) -> None:
         try:
             src = hub.dataset_source(path)  # a cached Hub dataset id -> its snapshot directory
         except FileNotFoundError:
-            raise ConfigError(f"{key}: {path!r} does not exist; fix: give a .jsonl/.parquet/.arrow file, a `datasets` "
-                              "save_to_disk directory, a cached Hub dataset id or a text file") from None
+            where = "" if Path(path).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+            raise ConfigError(f"{key}: no such file or directory: {path!r}{where}; fix: check the path, or give a "
+                              ".jsonl/.parquet/.arrow file, a `datasets` save_to_disk directory, a cached Hub dataset "
+                              "id or a text file") from None
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
         try:
