@@ -4,6 +4,19 @@
     shardtrain launch RUN.yaml --launcher deepspeed --dry-run        # print what would run
     shardtrain launch RUN.yaml --plan plan.json                      # a plan compiled before
     shardtrain launch RUN.yaml --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400   # on each node
+    shardtrain launch RUN.yaml --trainer-args -- python train.py --output_dir out   # your own script
+
+Your own script (everything after `--`): every rank runs it under the plan's launcher (torchrun, or the
+deepspeed launcher for ZeRO plans) with the plan in accelerate's environment (ACCELERATE_USE_FSDP,
+FSDP_VERSION=2, ACCELERATE_USE_DEEPSPEED + the run dir's hf_ds_config.json, ACCELERATE_MIXED_PRECISION;
+ACCELERATE_USE_CPU on CPU ranks), so an unmodified Accelerator() or HF Trainer picks it up. --trainer-args
+also appends the plan's TrainingArguments flags (--per_device_train_batch_size, --gradient_accumulation_steps,
+--gradient_checkpointing, --bf16/--fp16, --deepspeed FILE, --use_cpu on CPU) after your arguments, for
+scripts that parse them with HfArgumentParser (HF examples, TRL); --dry-run shows them. The run dir, logs,
+restarts (--max-restarts restarts your script), --timeout and exit codes are as for our worker; checkpoints,
+resume, metrics, evaluation, --on-oom re-planning and the data checks are your script's business. On CPU,
+accelerate runs FSDP plans as plain DDP (it has no CPU FSDP), and ZeRO plans only through the Trainer with
+--trainer-args (--use_cpu --deepspeed FILE).
 
 Exit codes: 0 ok; 1 a rank or the launcher failed (its traceback is shown once); 2 the plan does not
 fit; 75 pre-empted: a worker got SIGTERM/SIGINT/SIGUSR1/SIGUSR2, every rank saved a checkpoint at the
@@ -57,8 +70,33 @@ def add_parsers(subparsers) -> None:
     g.add_argument("--dry-run", action="store_true", help="print the plan, the run dir and the exact command; "
                    "write and run nothing")
     g.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the workers after this long (exit 124)")
+    g.add_argument("--trainer-args", action="store_true",
+                   help="with `-- python train.py ...`: append the plan's TrainingArguments flags (micro batch, "
+                        "accumulation, checkpointing, precision, --deepspeed, --use_cpu) to your script's arguments")
     g.add_argument("--worker-module", default=None, help=argparse.SUPPRESS)  # tests: a stand-in worker
     p.set_defaults(func=cmd_launch)
+    take_user_command(p)
+
+
+class _UserCommandParser(argparse.ArgumentParser):
+    """Everything after the first ``--`` is the user's command (``args.user_command``), not ours."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        command: list[str] = []
+        if "--" in args:
+            i = args.index("--")
+            args, command = args[:i], args[i + 1:]
+        ns, extras = super().parse_known_args(args, namespace)
+        ns.user_command = command
+        return ns, extras
+
+
+def take_user_command(p: argparse.ArgumentParser) -> None:
+    """Make subcommand parser ``p`` read ``... -- COMMAND ARGS`` into ``args.user_command`` (launch, sbatch);
+    it keeps its own class (the root's did-you-mean parser) as the base."""
+    if not isinstance(p, _UserCommandParser):
+        p.__class__ = type("UserCommandParser", (_UserCommandParser, type(p)), {})
 
 
 def _launch_overrides(args) -> dict[str, object]:
@@ -120,6 +158,12 @@ def cmd_launch(args) -> int:
         oom.parse_on_oom(args.on_oom)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    command = list(getattr(args, "user_command", None) or [])
+    if command and args.on_oom:
+        raise ConfigError("--on-oom re-plans and resumes our worker; with your own script (`-- ...`) drop it")
+    if args.trainer_args and not command:
+        raise ConfigError("--trainer-args adds TrainingArguments flags to your own script: give it after `--`, "
+                          "e.g. `-- python train.py --output_dir out`")
     overrides = _launch_overrides(args)
     if args.plan:
         from shardtrain.config.safe_io import load_mapping
@@ -148,7 +192,8 @@ def cmd_launch(args) -> int:
               f"({'; '.join(plan.chosen.why_not) or 'over the GPU memory'}); choose another --strategy or change "
               "the job", file=sys.stderr)
         return EXIT_NO_FIT
-    validate_training_data(cfg)  # issue 12: bad data is refused before any worker starts
+    if not command:  # own scripts read their own data
+        validate_training_data(cfg)  # issue 12: bad data is refused before any worker starts
 
     nnodes, nproc = cfg.hardware.nodes, cfg.hardware.gpus_per_node
     try:
@@ -164,11 +209,14 @@ def cmd_launch(args) -> int:
     master_port = args.master_port
     if master_port is None and launcher == Launcher.DEEPSPEED and nnodes == 1 and not args.rdzv_endpoint:
         master_port = rankstart.free_port()  # the deepspeed launcher's default 29500 collides between runs
+    own = _own_script(command, plan, cfg, run_dir, device, args.trainer_args) if command else None
     launch_kw = dict(  # kept: an OOM re-plan launches again with only another log dir
         run_dir=run_dir, launcher=launcher, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank,
         rdzv_endpoint=args.rdzv_endpoint, master_port=master_port, max_restarts=args.max_restarts, gpus=gpus,
-        device=device, cpu_count=hosts.cpu_count(), environ=dict(os.environ), progress=True,
-        extra_env=hosts.ops_env(), **({"module": args.worker_module} if args.worker_module else {}))
+        device=device, cpu_count=hosts.cpu_count(), environ=dict(os.environ), progress=None if command else True,
+        extra_env={**hosts.ops_env(), **(own.env if own else {})},
+        **({"module": args.worker_module} if args.worker_module else {}),
+        **(dict(entry=own.entry, files=own.files, python=_interpreter(own.python)) if own else {}))
     try:
         spec = rankstart.build_launch(**launch_kw)
     except ValueError as e:
@@ -177,7 +225,7 @@ def cmd_launch(args) -> int:
     from shardtrain.launcher import preflight  # the plan against this machine, before spawning (issue 13)
     pf = preflight.check(cfg, plan, machine=preflight.this_machine(gpus), device=device, nproc=nproc,
                          run_dir=run_dir, master_port=args.master_port,
-                         node_rank=args.node_rank or 0)
+                         node_rank=args.node_rank or 0, entry=own.entry if own else None)
     for note in pf.notes:
         print(f"[shardtrain] {note}", flush=True)
     for line in pf.problems:
@@ -192,20 +240,22 @@ def cmd_launch(args) -> int:
         print(f"[shardtrain] run dir {run_dir} "
               + ("(exists; would resume from its checkpoints)" if state and resume else
                  "(exists; would move its state to previous/)" if state else "(would be created)"))
-        files = rundir.run_file_names(cfg, plan)
+        files = rundir.run_file_names(cfg, plan) + list(own.files if own else ())
         print(f"[shardtrain] would write: {', '.join(files)}; logs in {spec.log_dir}")
+        if own and own.trainer_args:
+            print(f"[shardtrain] --trainer-args appends to your arguments: {' '.join(own.trainer_args)}")
         print("[shardtrain] would run:\n")
         print(spec.script(), end="")
         return EXIT_OK
 
     prepared = rundir.write_run_dir(run_dir, cfg, plan, command_text=spec.script(), resume=resume,
                                     move_aside=spec.node_rank == 0)
-    done = rf.completed_steps(run_dir) if prepared.has_state else 0
-    if done >= cfg.train.steps and (run_dir / rf.FINAL).exists():
+    done = rf.completed_steps(run_dir) if prepared.has_state and not own else 0
+    if not own and done >= cfg.train.steps and (run_dir / rf.FINAL).exists():
         print(f"\n[shardtrain] {rel(run_dir)} already finished {done} of {cfg.train.steps} steps: nothing to "
               "run. Train longer with --steps N (it resumes), or start over with --no-resume.", flush=True)
         return EXIT_OK
-    print(f"\n[shardtrain] {spec.describe()}", flush=True)
+    print(f"\n[shardtrain] {spec.describe()}" + (" running your command" if own else ""), flush=True)
     note = (" (resuming from its latest checkpoint)" if prepared.has_state else
             f" (previous state moved to {prepared.moved_aside})" if prepared.moved_aside else "")
     print(f"[shardtrain] run dir {rel(run_dir)}{note}; rank logs in {rel(spec.log_dir)}", flush=True)
@@ -217,6 +267,31 @@ def cmd_launch(args) -> int:
     stream = sys.stdout if result.returncode == 0 else sys.stderr
     print(result.summary, file=stream, flush=True)
     return result.returncode
+
+
+def _own_script(command, plan, cfg, run_dir: Path, device, trainer_args: bool):
+    """ownscript.own_script for the CLI: its one-line errors become ConfigError."""
+    from shardtrain.config.schema import ConfigError
+    from shardtrain.launcher import ownscript
+    try:
+        return ownscript.own_script(command, plan, cfg, run_dir=str(run_dir), device=str(getattr(device, "value", device)),
+                                    trainer_args=trainer_args, environ=dict(os.environ))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _interpreter(python: str | None) -> str | None:
+    """The interpreter the user's command names, resolved on PATH (its virtualenv runs the launcher too, so
+    the ranks import the user's packages); None (another program): this interpreter runs the launcher."""
+    import shutil
+    from shardtrain.config.schema import ConfigError
+    if python is None:
+        return None
+    found = shutil.which(python)
+    if not found:
+        raise ConfigError(f"the command after `--` names `{python}`, which is not on PATH; give the interpreter's "
+                          f"path (e.g. -- {sys.executable} train.py)")
+    return os.path.abspath(found)
 
 
 def _replan_on_oom(args, cfg, plan, spec, launch_kw: dict, result, run_dir: Path):

@@ -108,9 +108,12 @@ def checkpoint_bytes(plan, strategy_is_deepspeed: bool) -> int:
 
 
 def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_dir: Path,
-          master_port: int | None = None, node_rank: int = 0) -> Report:
-    """All preflight checks; nothing is started or written (a temp file is created and removed)."""
+          master_port: int | None = None, node_rank: int = 0, entry=None) -> Report:
+    """All preflight checks; nothing is started or written (a temp file is created and removed).
+    ``entry``: the user's own command (rankstart.Entrypoint), checked instead of the training data."""
     r = Report()
+    if entry is not None:
+        _user_command(entry, r)
     c = plan.chosen
     per_rank = int(c.per_gpu.total)
     # --- device kind / count / memory ------------------------------------------------------------
@@ -157,7 +160,8 @@ def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_
                 r.add(f"{key}: {p} does not exist", "give an existing config.json / checkpoint directory")
             elif not os.access(p, os.R_OK):
                 r.add(f"{key}: {p} is not readable", f"chmod u+r {p}")
-    _data(cfg, r)
+    if entry is None:  # an own script reads its own data
+        _data(cfg, r)
     # --- run / checkpoint dirs, NVMe, port --------------------------------------------------------
     why = _writable(run_dir)
     if why:
@@ -195,6 +199,18 @@ def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_
                     r.add(f"rendezvous port {master_port} is in use on this machine",
                           "pass another --master-port (or omit it: a free one is chosen on one node)")
     return r
+
+
+def _user_command(entry, r: Report) -> None:
+    """The script (or program) after `--` must exist before N ranks fail on it at once."""
+    from shardtrain.launcher.rankstart import EntryKind
+    target = entry.target
+    if entry.kind is EntryKind.SCRIPT and not Path(target).is_file():
+        r.add(f"your script {target} does not exist (in {os.getcwd()})",
+              "give the training script's path after `--`, e.g. -- python path/to/train.py")
+    elif entry.kind is EntryKind.PROGRAM and not shutil.which(target):
+        r.add(f"your command {target} is neither an executable file nor on PATH",
+              "give an executable after `--` (or -- python train.py)")
 
 
 def _data(cfg, r: Report) -> None:

@@ -21,6 +21,7 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from shardtrain.compiler.specs import Engine, Launcher
@@ -43,6 +44,30 @@ CLUSTER_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN",
 #: of the run dir; the Slurm job id): stable for the job, rarely shared by two jobs on a node, below
 #: Linux's ephemeral range (32768+), and not 29500, every launcher's default, often taken on shared hosts.
 PORT_BASE, PORT_SPAN = 20000, 10000
+
+
+class EntryKind(str, Enum):
+    """What every rank runs: our worker and ``python -m pkg`` are MODULEs, ``python train.py`` a SCRIPT,
+    anything else a PROGRAM (torchrun ``--no-python``, the deepspeed launcher ``--no_python``)."""
+    MODULE = "module"
+    SCRIPT = "script"
+    PROGRAM = "program"
+
+
+@dataclass(frozen=True)
+class Entrypoint:
+    """The per-rank command after the launcher's own flags (the user's command for own-script launches;
+    shardtrain/launcher/ownscript.py builds it from ``-- python train.py ARGS``)."""
+    kind: EntryKind
+    target: str
+    """The module, the script path or the program."""
+    args: tuple[str, ...] = ()
+
+
+def _entry_tail(entry: Entrypoint, module_flag: str, no_python_flag: str) -> list[str]:
+    """The end of a launcher argv for ``entry`` (torchrun: -m / --no-python; deepspeed: --module / --no_python)."""
+    head = {EntryKind.MODULE: [module_flag], EntryKind.SCRIPT: [], EntryKind.PROGRAM: [no_python_flag]}[entry.kind]
+    return head + [entry.target] + [_w(a) for a in entry.args]
 
 
 class Shell(str):
@@ -107,8 +132,9 @@ def _in_range(name: str, v, n: int) -> None:
 def torchrun_argv(*, nproc_per_node: int, nnodes: int = 1, node_rank: int | None = None,
                   rdzv_endpoint: str | None = None, rdzv_id: str | None = None, max_restarts: int = 0,
                   module: str = WORKER_MODULE, script_args: Sequence[str] = (), python: str | None = None,
-                  log_dir: str | None = None, redirects: int | None = None) -> list[str]:
-    """torchrun command line.
+                  log_dir: str | None = None, redirects: int | None = None,
+                  entry: Entrypoint | None = None) -> list[str]:
+    """torchrun command line (``entry``: the user's command instead of ``-m module script_args``).
 
     Single node without ``rdzv_endpoint``: ``--standalone`` (torchrun picks a free port; no
     collisions between jobs sharing a node). Otherwise c10d rendezvous: ``--rdzv_backend c10d
@@ -139,14 +165,18 @@ def torchrun_argv(*, nproc_per_node: int, nnodes: int = 1, node_rank: int | None
         argv += ["--log_dir", _w(log_dir)]
     if redirects is not None:  # 3: every rank's stdout and stderr to files under log_dir
         argv += ["--redirects", str(redirects)]
+    if entry is not None:
+        return argv + _entry_tail(entry, "-m", "--no-python")
     return argv + ["-m", module] + [_w(a) for a in script_args]
 
 
 def deepspeed_argv(*, num_gpus: int, num_nodes: int = 1, hostfile: str | None = None,
                    master_addr: str | None = None, master_port: int | None = None, no_ssh: bool = False,
                    node_rank: int | None = None, module: str = WORKER_MODULE, script_args: Sequence[str] = (),
-                   python: str | None = None, each_rank_log: str | None = None) -> list[str]:
-    """``deepspeed`` launcher command line (flags of deepspeed/launcher/runner.py, 0.19).
+                   python: str | None = None, each_rank_log: str | None = None,
+                   entry: Entrypoint | None = None) -> list[str]:
+    """``deepspeed`` launcher command line (flags of deepspeed/launcher/runner.py, 0.19); ``entry``: the
+    user's command instead of ``--module module script_args``.
 
     - ``no_ssh=True`` (run the launcher on every node yourself, e.g. under Slurm srun) requires
       ``node_rank`` and ``master_addr``; the runner asserts ``0 <= node_rank < hosts``.
@@ -178,6 +208,8 @@ def deepspeed_argv(*, num_gpus: int, num_nodes: int = 1, hostfile: str | None = 
     argv.append("--no_local_rank")
     if each_rank_log:
         argv.append(f"--enable_each_rank_log={each_rank_log}")
+    if entry is not None:
+        return argv + _entry_tail(entry, "--module", "--no_python")
     return argv + ["--module", module] + [_w(a) for a in script_args]
 
 
@@ -270,9 +302,12 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
                  max_restarts: int = 0, gpus: int = 0, device: str | None = None, cpu_count: int | None = None,
                  environ: Mapping[str, str] | None = None, module: str = WORKER_MODULE,
                  python: str | None = None, log_dir: str | os.PathLike | None = None,
-                 progress: bool | None = None, extra_env: Mapping[str, str] | None = None) -> LaunchSpec:
+                 progress: bool | None = None, extra_env: Mapping[str, str] | None = None,
+                 entry: Entrypoint | None = None, files: Mapping[str, str] | None = None) -> LaunchSpec:
     """The launcher command for a prepared run dir (pure: no process, no file, no environment read
     unless passed in ``environ``). ``device`` defaults to cuda when ``gpus`` > 0, else cpu.
+    ``entry``: every rank runs the user's command (own-script launch) instead of our worker; ``files``:
+    run-dir file name -> text written before the launch (LaunchSpec.files).
     ``progress``: tell rank 0 to draw a progress bar (``SHARDTRAIN_PROGRESS=1``; its stderr is a log
     file, so it cannot ask isatty() itself) — pass whether the console is a terminal."""
     launcher = parse_launcher(launcher)
@@ -284,7 +319,7 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
     log_dir = Path(log_dir) if log_dir else run_dir / "logs" / (
         time.strftime("%Y%m%d-%H%M%S") + (f"-node{node_rank_i}" if nnodes > 1 else ""))
     script_args = ["--run-dir", str(run_dir)]
-    files: dict[str, str] = {}
+    files = {str(run_dir / name): text for name, text in (files or {}).items()}
     if launcher is Launcher.TORCHRUN:
         endpoint = rdzv_endpoint
         if endpoint is None and master_port is not None:
@@ -292,7 +327,7 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
         argv = torchrun_argv(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                              rdzv_endpoint=endpoint, rdzv_id=rdzv_id(str(run_dir)) if endpoint else None,
                              max_restarts=max_restarts, module=module, script_args=script_args, python=python,
-                             log_dir=str(log_dir), redirects=3)
+                             log_dir=str(log_dir), redirects=3, entry=entry)
     else:
         master_addr = None
         if rdzv_endpoint:
@@ -316,7 +351,7 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
             multi = dict(num_nodes=nnodes, hostfile=str(hostfile), no_ssh=True, node_rank=node_rank)
         argv = deepspeed_argv(num_gpus=nproc_per_node, master_addr=master_addr, master_port=master_port,
                               module=module, script_args=script_args, python=python, each_rank_log=str(log_dir),
-                              **multi)
+                              entry=entry, **multi)
     env = {**WORKER_ENV, **RESTART_ENV}
     if "OMP_NUM_THREADS" not in environ:
         env["OMP_NUM_THREADS"] = str(max(1, (cpu_count or 1) // nproc_per_node))
