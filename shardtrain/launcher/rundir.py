@@ -5,9 +5,11 @@ The layout and every file name are defined in :mod:`shardtrain.rundir_format` (`
 
 Preparing is idempotent: re-preparing an existing run dir with the same config (a resume, a Slurm
 requeue, every node of a multi-node job on a shared file system) rewrites the same files and keeps
-checkpoints, metrics and logs. Changing anything but the keys in :data:`RESUME_SAFE_KEYS` while the
-run dir holds training state is refused with a message (start fresh with ``--no-resume``, which moves
-the old state aside into ``previous/<timestamp>/``, or pick another ``--run-dir``).
+checkpoints, metrics and logs. Checkpoints are portable (another world size or strategy loads them), so
+a resume may change the hardware, the strategy and the batch split, and says what was re-planned; only a
+change of what the checkpoint depends on (model, method, LoRA shape, optimizer kind, data, sequence
+length, global batch, seed) is refused — :mod:`shardtrain.launcher.resume_check` decides. Start fresh
+with ``--no-resume`` (moves the old state aside into ``previous/<timestamp>/``) or pick another ``--run-dir``.
 
 All file writes are atomic (temp file + rename) so that a worker or another node never reads half a file.
 """
@@ -17,7 +19,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +30,8 @@ from shardtrain.compiler.specs import Resume
 from shardtrain.config import pipeline
 from shardtrain.config.schema import ConfigError, RunConfig
 
-#: Keys that may change between launches of one run dir without invalidating its checkpoints.
-RESUME_SAFE_KEYS = frozenset({
-    "train.steps", "run.checkpoint_every", "run.eval_every", "run.eval_batches", "run.log_every",
-    "run.max_requeues", "run.resume", "run.launcher", "run.output_dir", "run.name", "run.device",
-})
-#: Plan fields that must match for a checkpoint to be resumable (world size, sharding, batch shape).
-_PLAN_IDENTITY = ("strategy", "world_size", "micro_batch_size", "grad_accum_steps", "method", "precision",
-                  "optimizer", "spec")
+from shardtrain.launcher import resume_check
+from shardtrain.launcher.resume_check import config_diff  # noqa: F401  (re-exported: callers use rundir's)
 
 
 @dataclass(frozen=True)
@@ -50,6 +45,8 @@ class PreparedRun:
     """The run dir already held checkpoints/metrics that this launch continues from."""
     moved_aside: Path | None = None
     """Where --no-resume moved the previous state, if anything was there."""
+    notes: tuple[str, ...] = ()
+    """What a resume re-planned, and a changed LR schedule (printed by :func:`write_run_dir`)."""
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -89,21 +86,6 @@ def default_run_dir(cfg: RunConfig, config_path: str | os.PathLike | None) -> Pa
         name = f"{cfg.model.name or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
         name = name.replace("/", "_")
     return Path(cfg.run.output_dir, name).absolute()
-
-
-def config_diff(old: Mapping, new: Mapping) -> dict[str, tuple]:
-    """Dotted keys whose values differ between two RunConfig dicts: {key: (old, new)}."""
-    out = {}
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section) or {}, new.get(section) or {}
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                out[f"{section}.{k}"] = (a.get(k), b.get(k))
-    return out
-
-
-def _plan_identity(d: Mapping) -> dict:
-    return {k: d.get(k) for k in _PLAN_IDENTITY}
 
 
 #: command.txt of a multi-node run dir prepared without a launch: where every node's launcher meets.
@@ -186,40 +168,13 @@ def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, comman
     new_cfg = cfg.to_dict()
     p = plan_with_facts(cfg, p)
     new_plan = p.to_json()
-    moved = None
+    moved, notes = None, ()
     state = run_dir.is_dir() and has_state(run_dir)
     if state and not resume:
         moved = move_state_aside(run_dir) if move_aside else None
         state = False
     elif state:
-        problems = []
-        old_yaml = run_dir / rf.RUN_YAML
-        if old_yaml.is_file():
-            try:
-                old_cfg = yaml.safe_load(old_yaml.read_text()) or {}
-            except (yaml.YAMLError, UnicodeDecodeError, RecursionError):  # damaged: compared as empty
-                old_cfg = {}
-            old_cfg = old_cfg if isinstance(old_cfg, dict) else {}
-            diff = {k: v for k, v in config_diff(old_cfg, new_cfg).items() if k not in RESUME_SAFE_KEYS}
-            problems += [f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items()]
-        old_plan = run_dir / rf.PLAN_JSON
-        if old_plan.is_file() and not problems:
-            try:
-                old = json.loads(old_plan.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-                old = {}
-            old = old if isinstance(old, dict) else {}
-            if _plan_identity(old) != _plan_identity(new_plan):
-                ok = {k: old.get(k) for k in _PLAN_IDENTITY if k != "spec"}
-                nk = {k: new_plan.get(k) for k in _PLAN_IDENTITY if k != "spec"}
-                problems.append(f"plan: {ok} → {nk}" if ok != nk else "plan: the model/hardware spec changed")
-        if problems:
-            raise ConfigError(
-                f"run dir {run_dir} holds checkpoints/metrics of a run with a different config:\n  "
-                + "\n  ".join(problems)
-                + "\nits checkpoints would not match. Start fresh there with --no-resume (moves the old state to "
-                  "previous/), or use another --run-dir (or run.name). Keys you may change on resume: "
-                + ", ".join(sorted(RESUME_SAFE_KEYS)))
+        notes = _check_resume(run_dir, new_cfg, new_plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / rf.LOGS).mkdir(exist_ok=True)
     (run_dir / rf.CHECKPOINTS).mkdir(exist_ok=True)
@@ -233,7 +188,31 @@ def write_run_dir(run_dir: str | os.PathLike, cfg: RunConfig, p: Plan, *, comman
             (run_dir / name).unlink(missing_ok=True)
     for name, text in files.items():
         _atomic_write(run_dir / name, text)
-    return PreparedRun(run_dir=run_dir, config=cfg, plan=p, files=tuple(files), has_state=state, moved_aside=moved)
+    return PreparedRun(run_dir=run_dir, config=cfg, plan=p, files=tuple(files), has_state=state, moved_aside=moved,
+                       notes=notes)
+
+
+def _read_mapping(path: Path, parse) -> dict:
+    """A run file as a dict; a damaged or missing one compares as empty (so every key counts as changed)."""
+    try:
+        got = parse(path.read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def _check_resume(run_dir: Path, new_cfg: dict, new_plan: dict) -> tuple[str, ...]:
+    """Refuse (ConfigError, one change per line) a resume that changes what the checkpoints depend on;
+    else print and return what was re-planned and whether the LR schedule changed (resume_check.py)."""
+    old_cfg = _read_mapping(run_dir / rf.RUN_YAML, yaml.safe_load) if (run_dir / rf.RUN_YAML).is_file() else new_cfg
+    old_plan = _read_mapping(run_dir / rf.PLAN_JSON, json.loads) if (run_dir / rf.PLAN_JSON).is_file() else {}
+    verdict = resume_check.check(old_cfg, new_cfg, old_plan, new_plan)
+    if verdict.refused:
+        raise ConfigError(verdict.error(run_dir))
+    notes = tuple(n for n in (verdict.replanned, verdict.schedule and f"warning: {verdict.schedule}") if n)
+    for n in notes:
+        print(f"[shardtrain] {n}", flush=True)
+    return notes
 
 
 def prepare_run_dir(config_path_or_dict, overrides: dict, run_dir, *, command_text: str | None = None) -> Path:
