@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("presets", help="list bundled model and GPU presets")
     p.set_defaults(func=cmd_presets)
-    for modname in ("shardtrain.emit.cli", "shardtrain.launcher.cli", "shardtrain.slurm.cli", "shardtrain.runreport"):
+    for modname in ("shardtrain.emit.cli", "shardtrain.launcher.cli", "shardtrain.slurm.cli", "shardtrain.runreport",
+                    "shardtrain.verify"):
         _add_optional(sub, modname)
     return parser
 
@@ -145,14 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, PlanningError) as e:
-        print(f"shardtrain: error: {one_line(str(e))}", file=sys.stderr)
+        print(error_text(str(e)), file=sys.stderr)
         return EXIT_ERROR
 
 
 def one_line(msg: str) -> str:
-    """Error text as ONE printable line: values echoed from user files may hold newlines or control
+    """Text as ONE printable line: values echoed from user files may hold newlines or control
     characters (a YAML key "\r"), which would split or garble the `shardtrain: error:` line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
+def error_text(msg: str, prefix: str = "shardtrain: error: ") -> str:
+    """An error for the terminal: the message's line breaks become lines (issue 21: a multi-line message,
+    such as the run dir's config mismatch, printed a literal \\n), the first after ``prefix``, the rest
+    indented under it. Every other control character is escaped as in :func:`one_line` (a "\\r" or an
+    escape sequence from a user file cannot rewrite the line), and since a break only ever starts an
+    indented continuation, no text from a file can pose as a line of its own."""
+    lines = msg.rstrip("\n").split("\n")
+    return "\n".join([prefix + one_line(lines[0]), *("  " + one_line(ln) for ln in lines[1:])])
 
 
 if __name__ == "__main__":

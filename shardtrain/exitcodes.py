@@ -20,6 +20,13 @@ EXIT_NO_FIT = 2
 #: timeout (124) and killed-by-signal (128+N). Slurm records it as FAILED, ExitCode 75, so a job
 #: whose requeue limit is reached never shows COMPLETED.
 EXIT_PREEMPTED = 75
+#: A worker (and `shardtrain launch`) that stopped because train.max_nonfinite_steps steps IN A ROW had a
+#: non-finite loss or gradient norm (none of them updated the parameters; the last checkpoint is intact):
+#: 65 = EX_DATAERR of sysexits.h ("the input data was incorrect"): diverged training or bad data; rerunning
+#: unchanged would diverge again. Issue 21.
+EXIT_NONFINITE = 65
+#: `shardtrain verify RUN_DIR`: a checkpoint that claims to be complete is damaged (or none is complete).
+EXIT_DAMAGED = 3
 #: `shardtrain launch --timeout` ran out (the code coreutils' timeout(1) uses).
 EXIT_TIMEOUT = 124
 
@@ -27,6 +34,12 @@ EXIT_TIMEOUT = 124
 PROGRESS_ENV = "SHARDTRAIN_PROGRESS"
 #: cpu / cuda: overrides run.device in the worker.
 DEVICE_ENV = "SHARDTRAIN_DEVICE"
+#: Set by `shardtrain launch --max-restarts` (launcher/supervise.py): a file path. A worker stopped by a
+#: pre-emption signal writes it (local rank 0) and exits 0 instead of EXIT_PREEMPTED, because torchrun's
+#: elastic agent restarts a worker group on ANY non-zero exit and counts it against --max_restarts
+#: (torch/distributed/elastic/agent/server/api.py, _invoke_run); the launcher then reports
+#: EXIT_PREEMPTED itself. Issue 21.
+PREEMPT_MARKER_ENV = "SHARDTRAIN_PREEMPT_MARKER"
 
 #: Set by rendered batch scripts (slurm/script.py), read by runtime/preempt.py: the early-warning
 #: signal (``USR2``) and how often rank 0 may requeue the job.

@@ -129,6 +129,12 @@ class TrainConfig:
     """Max global gradient norm (0 disables)."""
     steps: int = 100
     """Optimizer steps to run."""
+    max_nonfinite_steps: int = 10
+    """Steps in a row whose loss or gradient norm is not finite (inf/NaN) before the run stops. Each such
+    step is skipped (no optimizer update; counted as nonfinite_steps in metrics.jsonl) and training goes
+    on; this many in a row stop the run with exit code 65 (exitcodes.EXIT_NONFINITE), the last checkpoint
+    intact. fp16 loss scaling skips overflowing steps the same way while it lowers its scale: keep this
+    above a handful there."""
     seed: int = 1234
     """Seed for init, sampling and dropout."""
 
@@ -235,6 +241,7 @@ _CHECKS = {
     "train.steps": (lambda v: v >= 1, "must be >= 1"),
     "train.warmup_steps": (lambda v: v >= 0, "must be >= 0"),
     "train.grad_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
+    "train.max_nonfinite_steps": (lambda v: v >= 1, "must be >= 1, e.g. 10"),
     "lora.rank": (lambda v: v >= 1, "must be >= 1, e.g. 16"),
     "lora.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "data.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),

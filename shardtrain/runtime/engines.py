@@ -4,7 +4,18 @@
     with eng.micro_step(is_last): ...     (DDP no_sync, FSDP2 set_requires_gradient_sync)
     eng.backward(loss, is_last)
     eng.step(lr) -> grad norm             (clip, optimizer step, zero grads)
+    eng.guard, eng.step_applied           (the non-finite guard: see below)
     eng.loss_multiplier                   (DeepSpeed divides the loss by the accumulation steps itself)
+
+Non-finite guard (issue 21): the loop sets ``eng.guard``, a COLLECTIVE ``guard(grad_norm or None) -> bool``
+that sums the step's loss and a "this rank's grad norm is not finite" flag over the ranks in one
+all-reduce; every rank gets the same answer, so no rank steps alone. ``step`` calls it after clipping
+(DDP/FSDP2: the norm is already global) and makes no optimizer update when it says False (the gradients
+are zeroed; an fp16 GradScaler still updates its scale). DeepSpeed computes the global norm inside its
+own ``step`` and skips a non-finite one itself (stage_1_and_2.py/stage3.py: ``is_invalid_grad_norm`` ->
+``overflow``; bf16 through its default ``bf16.check_grad_overflow: true``; fp32 always); the guard checks
+the loss before ``ds.step()`` and ``ds.was_step_applied()`` says what happened. ``eng.step_applied`` is
+False after a skipped step.
 
 Gradients are averaged over ranks by every engine, so the loop scales the summed token loss by
 W / (tokens in the global batch) (× K for DeepSpeed): the update equals one big batch exactly.
@@ -26,10 +37,19 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class NonFiniteUpdateError(RuntimeError):
+    """An engine applied an update although the step's loss was not finite (never expected; raised so
+    that training does not go on from it)."""
+
+
 class BaseEngine:
     kind: Engine
     loss_multiplier = 1.0
     grads_set_to_none = True
+    #: the loop's collective non-finite check (module docstring); None: every step updates
+    guard = None
+    #: whether the last ``step`` made an optimizer update
+    step_applied = True
 
     def __init__(self, model: nn.Module, optimizer, *, precision: Precision, grad_clip: float,
                  device: torch.device):
@@ -67,11 +87,14 @@ class BaseEngine:
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
+        self.step_applied = self.guard(norm) if self.guard is not None else True
+        if self.step_applied:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
         if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+            self.scaler.update()  # after unscale_: an inf/NaN seen there lowers the scale, as on a skip
         self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
         return float(norm)
 
@@ -192,7 +215,15 @@ class DeepSpeedEngine(BaseEngine):
     def step(self, lr):
         self.set_lr(lr)  # the emitted config has no scheduler block: the loop's schedule drives the LR
         assert self.ds.is_gradient_accumulation_boundary(), "DeepSpeed accumulation out of step with the plan"
+        # the loss check (collective) before ds.step(); DeepSpeed skips a non-finite grad norm itself, and
+        # ds.step() must run at every boundary (it resets its micro-step count and the gradients)
+        loss_ok = self.guard(None) if self.guard is not None else True
         self.ds.step()
+        self.step_applied = bool(self.ds.was_step_applied())
+        if self.step_applied and not loss_ok:
+            raise NonFiniteUpdateError("DeepSpeed applied an optimizer update although the step's loss is not "
+                                       "finite; the parameters are no longer trustworthy: resume from the last "
+                                       "checkpoint (it is intact) with a lower train.lr or after checking the data")
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

@@ -14,6 +14,12 @@ simulated Slurm warning), or SIG.
 ``SHARDTRAIN_TEST_OOM_AT_MICRO_BATCH=B`` — an injected allocation limit (below).
 ``SHARDTRAIN_TEST_FREE_BYTES=N`` — the checkpoint file system reports N free bytes (runtime/ckpt_files.py:
 exercises the free-disk preflight without filling a disk).
+``SHARDTRAIN_TEST_NONFINITE="RANK:STEP[,STEP...]"`` — rank RANK's loss is multiplied by NaN in those
+optimizer steps (1-based), before backward: a NaN loss and NaN gradients on one rank (issue 21's guard).
+``SHARDTRAIN_TEST_DAMAGE="STEP:RELPATH"`` — right after the checkpoint of step STEP is sealed, rank 0
+overwrites 400 bytes in the middle of ``step_STEP/RELPATH`` (a glob; ``LARGEST``: the checkpoint's largest
+file), keeping its size: the same-size damage a disk or a copy can do, which only the manifest's digests
+catch (issue 21).
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ import signal
 TEST_KILL_ENV = "SHARDTRAIN_TEST_KILL"
 TEST_SIGNAL_ENV = "SHARDTRAIN_TEST_SIGNAL_AT_STEP"
 TEST_FREE_BYTES_ENV = "SHARDTRAIN_TEST_FREE_BYTES"
+TEST_NONFINITE_ENV = "SHARDTRAIN_TEST_NONFINITE"
+TEST_DAMAGE_ENV = "SHARDTRAIN_TEST_DAMAGE"
+#: Bytes overwritten by SHARDTRAIN_TEST_DAMAGE (issue 21 measured the loss jump with 400 flipped bytes).
+DAMAGE_BYTES = 400
 
 
 def test_signal() -> tuple[int, signal.Signals] | None:
@@ -46,6 +56,40 @@ def maybe_kill(point: str, rank: int, step: int) -> None:
         if (int(a), int(r), int(s), p) == (attempt, rank, step, point):
             os.write(2, f"[shardtrain] TEST: rank {rank} SIGKILLs itself at step {step} ({point})\n".encode())
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_loss(loss, rank: int, step: int):
+    """``loss`` times NaN when SHARDTRAIN_TEST_NONFINITE names this rank and optimizer step, else ``loss``."""
+    spec = os.environ.get(TEST_NONFINITE_ENV)
+    if not spec:
+        return loss
+    r, _, steps = spec.partition(":")
+    if int(r) == rank and step in {int(x) for x in steps.split(",") if x}:
+        return loss * float("nan")
+    return loss
+
+
+def maybe_damage(run_dir, step: int, rank: int) -> None:
+    """SHARDTRAIN_TEST_DAMAGE: overwrite DAMAGE_BYTES in the middle of a sealed checkpoint file (rank 0)."""
+    spec = os.environ.get(TEST_DAMAGE_ENV)
+    if not spec or rank != 0:
+        return
+    at, _, pattern = spec.partition(":")
+    if int(at) != step:
+        return
+    from shardtrain import rundir_format as rf
+    d = rf.checkpoint_dir(run_dir, step)
+    files = sorted(d.glob(pattern)) if pattern != "LARGEST" else \
+        sorted((p for p in d.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)[-1:]
+    for p in files:
+        size = p.stat().st_size
+        with open(p, "r+b") as f:
+            start = max(0, size // 2 - DAMAGE_BYTES // 2)
+            f.seek(start)
+            old = f.read(min(DAMAGE_BYTES, size - start))
+            f.seek(start)
+            f.write(bytes(b ^ 0xFF for b in old))  # every bit flipped: certainly different, same size
+        os.write(2, f"[shardtrain] TEST: damaged {len(old)} bytes of {p}\n".encode())
 
 
 # ------------------------------------------------------------------ out of memory (issue 13 (g))

@@ -25,6 +25,10 @@ class TrainSettings:
     grad_clip: float
     steps: int
     compile: CompileMode
+    max_nonfinite_steps: int = 10
+    """Stop (exit code exitcodes.EXIT_NONFINITE) after this many steps in a row whose loss or gradient
+    norm is not finite (each is skipped: no optimizer update). Default for run.yaml files written before
+    the key existed."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ Run directory contract (written by `shardtrain launch`):
        memory_rank{R}.json, checkpoints/step_N/, final/, logs/worker_rank{R}.log, logs/memory_table.txt
 Exit 0 when done; 75 (exitcodes.EXIT_PREEMPTED) when stopped by SIGTERM/SIGINT/SIGUSR1/SIGUSR2 after
 saving a checkpoint at the agreed step (a "preempted at step N" line; Slurm requeues while below the
-limit; rerun to resume); 128+N on a second signal N (stops at once); 1 on errors.
+limit; rerun to resume; under `launch --max-restarts` 0 and a marker file instead, exitcodes.PREEMPT_MARKER_ENV);
+65 (EXIT_NONFINITE) after train.max_nonfinite_steps steps in a row with a non-finite loss or gradient
+norm (each skipped; runtime/guard.py); 128+N on a second signal N (stops at once); 1 on errors.
 Resume: with run.resume=auto the latest complete checkpoints/step_N is loaded; the step counter, the
 data position (a pure function of the step) and the RNG continue, and metrics.jsonl is cut back to
 step N so every step appears once. Environment: SHARDTRAIN_DEVICE (overrides run.device); the
@@ -33,12 +35,13 @@ if __name__ == "__main__":  # before importing torch: a pre-emption signal durin
 import torch
 
 from shardtrain import rundir_format as rf
-from shardtrain.exitcodes import DEVICE_ENV, EXIT_PREEMPTED, PROGRESS_ENV
+from shardtrain.exitcodes import DEVICE_ENV, EXIT_NONFINITE, EXIT_PREEMPTED, PREEMPT_MARKER_ENV, PROGRESS_ENV
 from shardtrain.runtime import checkpoint as ckpt
 from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed, reduce_sum
 from shardtrain.runtime.build import Run, setup
 from shardtrain.runtime.data import count_label_tokens, eval_indices
-from shardtrain.runtime.faults import maybe_kill, maybe_oom, test_signal
+from shardtrain.runtime.faults import maybe_damage, maybe_kill, maybe_oom, poison_loss, test_signal
+from shardtrain.runtime.guard import NonFiniteSteps, finite_guard
 from shardtrain.runtime.loss import token_loss
 from shardtrain.runtime.optim import lr_at
 from shardtrain.runtime.telemetry import LeakDetector, MetricsWriter, PhaseMemory, progress_bar
@@ -74,6 +77,7 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
         labels = b.pop("labels")
         with eng.micro_step(last):
             loss = token_loss(r)(b, labels)  # full or chunked logits, activation offload (runtime/loss.py)
+            loss = poison_loss(loss, r.info.rank, step + 1)  # TEST-ONLY (runtime/faults.py): a NaN loss
             if phase and last:
                 phase.snap("after_forward")
             eng.backward(loss * scale, last)
@@ -84,15 +88,18 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
             phase.snap("after_backward")
     lr = lr_at(step, lr=r.cfg.train.lr, warmup=r.cfg.train.warmup_steps, total=r.cfg.train.steps,
                min_ratio=r.cfg.train.min_lr_ratio)
+    summed: list = []
+    eng.guard = finite_guard(loss_sum, summed)  # the non-finite guard, inside eng.step (runtime/guard.py)
     grad_norm = eng.step(lr)
     if meter:
         meter.after_step()
     if phase:
         phase.snap("after_step")
-    (total_loss,) = reduce_sum(loss_sum.reshape(1))  # the step's one collective (and one host sync)
+    (total_loss,) = summed or reduce_sum(loss_sum.reshape(1))  # the step's one collective (and one host sync)
     dt = time.perf_counter() - t0
     rec = {rf.KIND: rf.TRAIN, rf.STEP: step + 1, rf.LOSS: total_loss / max(n_label, 1.0), "lr": lr,
-           "grad_norm": grad_norm, "tokens": int(n_input), "tokens_per_s": n_input / dt, "step_time_s": dt,
+           "grad_norm": grad_norm, rf.STEP_SKIPPED: not eng.step_applied,
+           "tokens": int(n_input), "tokens_per_s": n_input / dt, "step_time_s": dt,
            "epoch": round(r.sampler.epoch_of(step + 1), 4), rf.UNIX_TIME: time.time(),
            "memory": dict(phase.phases) if phase else {}}
     if "throughput" in r.extra:
@@ -123,8 +130,9 @@ def evaluate(r: Run, step: int) -> dict | None:
 
 
 def trainer_state(r: Run, step: int) -> dict:
-    return {"step": step, "samples_seen": r.sampler.offset + step * r.sampler.global_batch, "global_batch": r.sampler.global_batch,
-            "world_size": r.info.world_size, "strategy": r.plan.strategy.value, "seed": r.cfg.train.seed}
+    return {"step": step, "samples_seen": step * r.sampler.global_batch, "global_batch": r.sampler.global_batch,
+            "world_size": r.info.world_size, "strategy": r.plan.strategy.value, "seed": r.cfg.train.seed,
+            rf.NONFINITE_STEPS: r.extra["nonfinite"].total if "nonfinite" in r.extra else 0}
 
 
 def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> dict:
@@ -142,12 +150,12 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     cfg, eng = r.cfg, r.engine
     main = info.is_main
     metrics = MetricsWriter(run_dir / rf.METRICS_JSONL, main)
-    start = 0
+    start = nonfinite_before = 0
     latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume == "auto" else None
     if latest:
         state = ckpt.load_checkpoint(eng, latest[1])
         start = int(state["step"])
-        r.sampler.resume_at(start, int(state.get("samples_seen", start * r.sampler.global_batch)))
+        nonfinite_before = int(state.get(rf.NONFINITE_STEPS, 0))
         log.info("resumed from %s at step %d", latest[1], start)
     metrics.truncate_after(start)
     metrics = with_trackers(metrics, r)  # run.report_to: tensorboard / wandb / mlflow (runtime/trackers.py)
@@ -168,7 +176,12 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     want_bar = sys.stderr.isatty() or os.environ.get(PROGRESS_ENV) == "1"
     bar = progress_bar(main and want_bar, cfg.train.steps, start)
     total = cfg.train.steps
-    losses, evals, saved_at, preempted = [], [], -1, False
+    losses, evals, saved_at, preempted, stopped = [], [], -1, False, None
+    nonfinite = r.extra["nonfinite"] = NonFiniteSteps(cfg.train.max_nonfinite_steps, nonfinite_before)
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step), cfg.run.keep_checkpoints)
+        maybe_damage(run_dir, step, info.rank)  # TEST-ONLY (runtime/faults.py): same-size damage
     eng.train(True)
     for s in range(start, total):
         maybe_oom(s + 1, r.plan.chosen.micro_batch_size)  # records where; TEST-ONLY limit (runtime/faults.py)
@@ -178,8 +191,17 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
         meter.active = False
         step = s + 1
         losses.append(rec["loss"])
-        if step % cfg.run.log_every == 0 or step == total:
+        stop = nonfinite.update(rec)
+        if rec[rf.STEP_SKIPPED] and main:
+            log.warning(nonfinite.warning(rec))
+        if step % cfg.run.log_every == 0 or step == total or rec[rf.STEP_SKIPPED]:
             metrics.write(rec)
+        if stop:
+            metrics.flush()
+            stopped = nonfinite.stop_message(step, saved_at if saved_at > 0 else (start or None))
+            if main:
+                print(stopped, flush=True)
+            break
         if msg := leak.update(step, phase.steady_value()):
             log.warning(msg)
         if bar:
@@ -197,7 +219,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
                     log.info("eval step %d: loss %.4f ppl %.2f", step, ev["eval_loss"], ev["eval_ppl"])
         if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and step < total:
             metrics.flush()  # every record up to a checkpoint is on disk before it (resume truncates after it)
-            ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step), cfg.run.keep_checkpoints)
+            save(step)
             saved_at = step
         maybe_kill("step", info.rank, step)  # TEST-ONLY (runtime/faults.py): a worker dying mid-run
         if signal_at and step == signal_at[0] and main:
@@ -205,7 +227,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
         if step < total and pre.should_stop():
             metrics.flush()
             if saved_at != step:
-                ckpt.save_checkpoint(eng, run_dir, step, trainer_state(r, step), cfg.run.keep_checkpoints)
+                save(step)
             barrier()
             pre.mark_saved()  # a later signal (Slurm's SIGTERM after the requeue) must not cut the exit short
             if main:
@@ -217,12 +239,13 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     if bar:
         bar.close()
     metrics.flush()
-    if main and losses and not preempted:
+    if main and losses and not preempted and not stopped:
         log.info("done: %d steps, final loss %.4f, %.0f tok/s per device%s", total - start, losses[-1],
                  rec.get("tokens_per_s_per_device", 0.0), _speed_text(rec, per_device=False))
-    result = {"losses": losses, "evals": evals, "preempted": preempted, "start_step": start}
-    if not preempted:
-        ckpt.save_checkpoint(eng, run_dir, total, trainer_state(r, total), cfg.run.keep_checkpoints)
+    result = {"losses": losses, "evals": evals, "preempted": preempted, "start_step": start,
+              "nonfinite_steps": nonfinite.total, "nonfinite_stop": stopped}
+    if not preempted and not stopped:  # a non-finite stop writes nothing: the last checkpoint stays the newest
+        save(total)
         ckpt.save_final(eng, run_dir / rf.FINAL, r.tokenizer)
     result["memory"] = r.write_memory_report(meter, phase)
     release_shared()
@@ -290,13 +313,30 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(f"unknown arguments: {' '.join(unknown)}")
+    marker = _preempt_marker()
     try:
         res = run(args.run_dir)
     except torch.OutOfMemoryError as e:  # recorded for `launch --on-oom replan` (launcher/oom.py)
         from shardtrain.runtime.faults import record_oom
         record_oom(args.run_dir, int(os.environ.get("RANK", "0")), e)
         raise
+    if res["nonfinite_stop"]:
+        return EXIT_NONFINITE
+    if res["preempted"] and marker is not None:  # under `launch --max-restarts`: see exitcodes.PREEMPT_MARKER_ENV
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            marker.write_text(f"{res['start_step'] + len(res['losses'])}\n")
+        return 0
     return EXIT_PREEMPTED if res["preempted"] else 0
+
+
+def _preempt_marker() -> Path | None:
+    """exitcodes.PREEMPT_MARKER_ENV's file; a stale one from an earlier attempt is removed first."""
+    v = os.environ.get(PREEMPT_MARKER_ENV)
+    if not v:
+        return None
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        Path(v).unlink(missing_ok=True)
+    return Path(v)
 
 
 if __name__ == "__main__":
