@@ -1,8 +1,7 @@
 """Human-readable rendering of a Plan (a pure function returning a string)."""
 from __future__ import annotations
 
-from shardtrain.compiler.advice import set_args
-from shardtrain.compiler.plan import MEMORY_TERMS, Candidate, Plan
+from shardtrain.compiler.plan import MEMORY_TERMS, Candidate, Plan, Suggestion
 from shardtrain.units import fmt_bytes
 
 
@@ -23,6 +22,15 @@ def _gpu_label(hw) -> str:
     if preset.memory_bytes == hw.gpu_memory_bytes:
         return hw.gpu_name
     return f"custom GPU (--gpu-memory; {hw.gpu_name} speeds assumed)"
+
+
+def suggestion_args(sug: Suggestion) -> str:
+    """A suggestion as arguments to append to the command that planned: each key's flag where it has one
+    (config/flags.py), else ``--set KEY=VALUE``. Flags beat --set, so ``--set train.method=lora`` appended
+    to a command with ``--method full`` would change nothing; an appended flag wins (the last one counts)."""
+    from shardtrain.config.flags import PLAN_FLAGS
+    flag = {f.key: f.flag for f in PLAN_FLAGS}
+    return " ".join(f"{flag[k]} {v}" if k in flag else f"--set {k}={v}" for k, v in sug.set)
 
 
 def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
@@ -63,10 +71,10 @@ def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
             out.append(_row(a, c.step_time_s))
     if plan.suggestions:
         out.append("")
-        out.append("to fit, try (each change re-planned; cheapest first: same math, hardware, job)")
+        out.append("to fit, append one of these (each re-planned; cheapest first: same math, hardware, job)")
         for x in plan.suggestions:
-            out.append(f"  {set_args(x):<58} {x.kind.value:<8} {x.strategy.value:<17} "
+            out.append(f"  {suggestion_args(x):<44} {x.kind.value:<8} {x.strategy.value:<17} "
                        f"{fmt_bytes(x.total_bytes):>10}/GPU  ~{x.step_time_s:.3g} s/step")
         if any(k == "hardware.nvme_path" for x in plan.suggestions for k, _ in x.set):
-            out.append("  (hardware.nvme_path: any local NVMe directory; plan does not read it)")
+            out.append("  (--nvme-path: any local NVMe directory; plan does not read it)")
     return "\n".join(out)

@@ -259,14 +259,18 @@ def _pairs(closer: list[tuple[float, Change, Plan]], s: _Search, fits: dict, *, 
 
 
 # ----------------------------------------------------------------------------- text
+Spell = Callable[[Suggestion], str]
+
+
 def set_args(sug: Suggestion) -> str:
-    """The suggestion as command-line arguments: ``--set train.loss=chunked --set ...``."""
+    """The suggestion as ``--set KEY=VALUE`` arguments (the spelling without the flag table, which lives
+    in config/flags.py; commands print flags instead: report.suggestion_args)."""
     return " ".join(f"--set {k}={v}" for k, v in sug.set)
 
 
-def describe(sug: Suggestion) -> str:
+def describe(sug: Suggestion, spell: Spell = set_args) -> str:
     note = " (any local NVMe directory)" if any(k == "hardware.nvme_path" for k, _ in sug.set) else ""
-    return (f"{set_args(sug)}{note} -> {sug.strategy.value}, {fmt_bytes(sug.total_bytes)} per GPU, "
+    return (f"{spell(sug)}{note} -> {sug.strategy.value}, {fmt_bytes(sug.total_bytes)} per GPU, "
             f"~{sug.step_time_s:.3g} s/step")
 
 
@@ -291,12 +295,12 @@ def assumed_note(plan: Plan) -> str:
     return ""
 
 
-def no_fit_message(plan: Plan, replans: int) -> str:
+def no_fit_message(plan: Plan, replans: int, spell: Spell = set_args) -> str:
     """The one-paragraph no-fit message: what the smallest plan needs, the assumption it rests on, and
     the verified suggestions (or that none of the re-planned changes fits)."""
     head = no_fit_summary(plan.chosen, usable_bytes(plan)) + assumed_note(plan)
     if plan.suggestions:
         return head + " To fit, try (each re-planned, cheapest first): " + \
-            "; or ".join(describe(x) for x in plan.suggestions) + "."
+            "; or ".join(describe(x, spell) for x in plan.suggestions) + "."
     return head + (f" No single change, nor a pair of them, fits ({replans} re-planned): a smaller model, "
                    "a shorter sequence or more/larger GPUs than tried.")

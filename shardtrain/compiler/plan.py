@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass
 
 from shardtrain.compiler.activations import logits_bytes
@@ -33,8 +34,9 @@ class MemoryBreakdown:
     buffers: int
     cuda_context: int
 
-    @property
+    @functools.cached_property
     def total(self) -> int:
+        # cached: the planner compares totals of thousands of candidates several times each
         return sum(getattr(self, k) for k in MEMORY_TERMS)
 
     @property

@@ -2,6 +2,7 @@
 fits, choose the fastest, and explain why. Pure: no I/O, no torch."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from shardtrain.compiler.activations import (activation_host_bytes, logits_bytes,
@@ -92,6 +93,10 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[
     return ms, phases, peak
 
 
+# one count per tensor inventory, not per candidate (the planner evaluates ~2000 per plan)
+_trainable = functools.lru_cache(maxsize=16)(trainable_params)
+
+
 def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
               method: Method, defer: bool, groups: tuple[TensorGroup, ...],
               act_offload: ActivationOffload, ms) -> Candidate:
@@ -109,7 +114,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
     cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes + act_host, t.precision)
     nvme = ms.nvme_bytes * hw.gpus_per_node
     accum = t.global_batch_size // (micro * hw.world_size)
-    T = trainable_params(groups)
+    T = _trainable(groups)
     step_s = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
                    grad_accum=accum, seq_len=t.seq_len,
                    ckpt_fraction=resolved_ckpt_fraction(ckpt, m.num_layers, t.selective_every),

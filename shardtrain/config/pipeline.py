@@ -45,7 +45,8 @@ def plan_for(cfg: RunConfig, *, must_fit: bool = False, advise: bool = True) -> 
         if advise:
             suggestions, replans = advice.advise(p, replanner(cfg))
             p = dataclasses.replace(p, suggestions=suggestions)
-        raise NoFitError(advice.no_fit_message(p, replans), p) from None
+        from shardtrain.report import suggestion_args
+        raise NoFitError(advice.no_fit_message(p, replans, suggestion_args), p) from None
     if must_fit and not p.chosen.fits:
         raise NoFitError(f"the {p.strategy.value} plan does not fit: {'; '.join(p.chosen.why_not)}", p)
     return p

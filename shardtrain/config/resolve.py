@@ -24,7 +24,11 @@ def resolve_model(cfg: RunConfig) -> ModelSpec:
                                       num_kv_heads=m.kv_heads, vocab_size=m.vocab,
                                       intermediate_size=m.intermediate)
     except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
+        # name the key once: presets.py's own messages already start with "model: " (issue 22:
+        # "model: model: unknown preset")
+        key = "model.name" if m.name is not None else "model.params"
+        msg = str(e).removeprefix("model: ")
+        raise ConfigError(f"{key}: {msg}") from None
 
 
 def resolve_hardware(cfg: RunConfig) -> HardwareSpec:
