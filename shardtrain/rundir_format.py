@@ -58,6 +58,10 @@ MEMORY_RANK_GLOB = "memory_rank*.json"
 MEMORY_TABLE = "memory_table.txt"
 #: The launcher's own output, in each launch's folder under logs/.
 LAUNCHER_LOG = "launcher.log"
+#: In each launch's folder under logs/, under --max-restarts: the exit code (and step) of workers that
+#: stopped deliberately (pre-empted, non-finite steps) and exited 0 so torchrun would not restart them
+#: (exitcodes.STOP_MARKER_ENV, launcher/restart.py).
+STOP_MARKER = "stopped"
 #: "Training state": what --no-resume moves aside and what a config change protects.
 STATE_ENTRIES = (CHECKPOINTS, METRICS_JSONL, FINAL, LOGS)
 
@@ -68,6 +72,16 @@ def memory_rank_name(rank: int) -> str:
 
 def worker_log_name(rank: int) -> str:
     return f"worker_rank{rank}.log"
+
+
+#: ``plans/world{W}.json``: `launch --min-nodes M` compiles the plan again for every smaller world the job
+#: may shrink to (M..N-1 nodes) before it starts; a worker that torchrun's elastic agent restarts on fewer
+#: ranks takes the plan for its world size (runtime/build.py) and resumes from the portable checkpoint.
+ELASTIC_PLANS_DIR = "plans"
+
+
+def elastic_plan_name(world_size: int) -> str:
+    return f"world{world_size}.json"
 
 
 #: ``oom/rank{R}.json``: a worker's out-of-memory record (runtime/faults.py) for `launch --on-oom replan`.

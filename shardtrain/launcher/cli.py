@@ -64,6 +64,9 @@ def add_parsers(subparsers) -> None:
                    help="start fresh: move the run dir's checkpoints/metrics/logs to previous/<time>/")
     g.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="torchrun: restart all workers up to N times after a failure (they resume)")
+    g.add_argument("--min-nodes", type=int, default=None, metavar="M",
+                   help="elastic: when nodes are lost for good, a restart goes on with M or more (torchrun --nnodes "
+                        "M:N; plans for the smaller worlds are compiled first; needs --max-restarts)")
     g.add_argument("--on-oom", metavar="replan[:N]", default=None,
                    help="when a rank runs out of memory: re-plan (smaller micro batch with more accumulation, then "
                         "checkpointing) and resume, at most N times (default 2); default: fail")
@@ -200,6 +203,9 @@ def cmd_launch(args) -> int:
         gpus, device = hosts.local_devices(cfg.run.device)
         launcher = rankstart.choose_launcher(args.launcher, cfg, plan)
         launcher = restart.launcher_for_restarts(args.launcher, launcher, args.max_restarts)
+        from shardtrain.launcher import elastic  # --min-nodes (issue 21: scale down on node loss)
+        elastic.check(args.min_nodes, nnodes, args.max_restarts)
+        launcher = elastic.launcher_for(args.launcher, launcher, args.min_nodes, nnodes)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if device == Device.CUDA and nproc > gpus:
@@ -213,6 +219,7 @@ def cmd_launch(args) -> int:
     launch_kw = dict(  # kept: an OOM re-plan launches again with only another log dir
         run_dir=run_dir, launcher=launcher, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank,
         rdzv_endpoint=args.rdzv_endpoint, master_port=master_port, max_restarts=args.max_restarts, gpus=gpus,
+        min_nnodes=args.min_nodes,
         device=device, cpu_count=hosts.cpu_count(), environ=dict(os.environ), progress=None if command else True,
         extra_env={**hosts.ops_env(), **(own.env if own else {})},
         **({"module": args.worker_module} if args.worker_module else {}),
@@ -250,6 +257,8 @@ def cmd_launch(args) -> int:
 
     prepared = rundir.write_run_dir(run_dir, cfg, plan, command_text=spec.script(), resume=resume,
                                     move_aside=spec.node_rank == 0)
+    for line in elastic.write_plans(run_dir, cfg, args.min_nodes):
+        print(f"[shardtrain] --min-nodes {args.min_nodes}: {line}", flush=True)
     done = rf.completed_steps(run_dir) if prepared.has_state and not own else 0
     if not own and done >= cfg.train.steps and (run_dir / rf.FINAL).exists():
         print(f"\n[shardtrain] {rel(run_dir)} already finished {done} of {cfg.train.steps} steps: nothing to "

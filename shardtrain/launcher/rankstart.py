@@ -133,7 +133,7 @@ def torchrun_argv(*, nproc_per_node: int, nnodes: int = 1, node_rank: int | None
                   rdzv_endpoint: str | None = None, rdzv_id: str | None = None, max_restarts: int = 0,
                   module: str = WORKER_MODULE, script_args: Sequence[str] = (), python: str | None = None,
                   log_dir: str | None = None, redirects: int | None = None,
-                  entry: Entrypoint | None = None) -> list[str]:
+                  entry: Entrypoint | None = None, min_nnodes: int | None = None) -> list[str]:
     """torchrun command line (``entry``: the user's command instead of ``-m module script_args``).
 
     Single node without ``rdzv_endpoint``: ``--standalone`` (torchrun picks a free port; no
@@ -141,10 +141,14 @@ def torchrun_argv(*, nproc_per_node: int, nnodes: int = 1, node_rank: int | None
     --rdzv_endpoint HOST:PORT --rdzv_id ID`` (required for ``nnodes > 1``; the same on every node).
     ``node_rank`` is passed when given (c10d assigns ranks itself, but it keeps logs readable).
     ``python`` (e.g. ``sys.executable``) gives ``PYTHON -m torch.distributed.run`` instead of the
-    ``torchrun`` console script, so the right virtualenv is used.
+    ``torchrun`` console script, so the right virtualenv is used. ``min_nnodes`` < ``nnodes``: elastic
+    ``--nnodes MIN:MAX`` (issue 21: a restart after a node is lost for good goes on with the nodes left).
     """
     _positive("nproc_per_node", nproc_per_node)
     _positive("nnodes", nnodes)
+    if min_nnodes is not None and not (isinstance(min_nnodes, int) and 1 <= min_nnodes <= nnodes):
+        raise ValueError(f"min_nnodes: {min_nnodes!r} must be in [1, {nnodes}] (the most nodes)")
+    elastic = min_nnodes is not None and min_nnodes < nnodes
     if nnodes > 1 and (not rdzv_endpoint or not rdzv_id):
         raise ValueError(f"nnodes={nnodes}: multi-node torchrun needs rdzv_endpoint='HOST:PORT' (the "
                          "first node) and a job-unique rdzv_id, identical on every node")
@@ -155,7 +159,8 @@ def torchrun_argv(*, nproc_per_node: int, nnodes: int = 1, node_rank: int | None
     if nnodes == 1 and not rdzv_endpoint:
         argv += ["--standalone", "--nnodes", "1"]
     else:
-        argv += ["--nnodes", str(nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", _w(rdzv_endpoint)]
+        span = f"{min_nnodes}:{nnodes}" if elastic else str(nnodes)
+        argv += ["--nnodes", span, "--rdzv_backend", "c10d", "--rdzv_endpoint", _w(rdzv_endpoint)]
         if rdzv_id:
             argv += ["--rdzv_id", _w(rdzv_id)]
         if node_rank is not None:
@@ -303,7 +308,8 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
                  environ: Mapping[str, str] | None = None, module: str = WORKER_MODULE,
                  python: str | None = None, log_dir: str | os.PathLike | None = None,
                  progress: bool | None = None, extra_env: Mapping[str, str] | None = None,
-                 entry: Entrypoint | None = None, files: Mapping[str, str] | None = None) -> LaunchSpec:
+                 entry: Entrypoint | None = None, files: Mapping[str, str] | None = None,
+                 min_nnodes: int | None = None) -> LaunchSpec:
     """The launcher command for a prepared run dir (pure: no process, no file, no environment read
     unless passed in ``environ``). ``device`` defaults to cuda when ``gpus`` > 0, else cpu.
     ``entry``: every rank runs the user's command (own-script launch) instead of our worker; ``files``:
@@ -327,8 +333,11 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
         argv = torchrun_argv(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                              rdzv_endpoint=endpoint, rdzv_id=rdzv_id(str(run_dir)) if endpoint else None,
                              max_restarts=max_restarts, module=module, script_args=script_args, python=python,
-                             log_dir=str(log_dir), redirects=3, entry=entry)
+                             log_dir=str(log_dir), redirects=3, entry=entry, min_nnodes=min_nnodes)
     else:
+        if min_nnodes is not None and min_nnodes < nnodes:
+            raise ValueError("min_nnodes: the deepspeed launcher has no elastic node range outside DeepSpeed's "
+                             "elasticity config; use --launcher torchrun (it runs DeepSpeed plans too)")
         master_addr = None
         if rdzv_endpoint:
             host, _, port = rdzv_endpoint.rpartition(":")

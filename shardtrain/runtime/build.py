@@ -96,12 +96,28 @@ class Run:
         return rec
 
 
+def _plan_for_world(run_dir: Path, plan: Plan, info: DistInfo) -> Plan:
+    """torchrun restarted this job on another world size (`launch --min-nodes`: a node was lost for good):
+    the plan compiled for it before the launch (plans/world{W}.json, launcher/elastic.py)."""
+    alt = run_dir / rf.ELASTIC_PLANS_DIR / rf.elastic_plan_name(info.world_size)
+    if not alt.is_file():
+        raise RuntimeError(f"plan.json was compiled for {plan.chosen.world_size} ranks but {info.world_size} are "
+                           "running; re-plan with the right --nodes/--gpus-per-node (or launch with --min-nodes)")
+    new = Plan.from_json(json.loads(alt.read_text()))
+    if info.is_main:
+        c, n = plan.chosen, new.chosen
+        log.warning("the job runs on %d ranks, not %d (a node left): re-planned from %s: %s, micro batch %d x "
+                    "accumulation %d (was %s, %d x %d); resuming from the last checkpoint", info.world_size,
+                    c.world_size, alt.name, new.strategy.value, n.micro_batch_size, n.grad_accum_steps,
+                    plan.strategy.value, c.micro_batch_size, c.grad_accum_steps)
+    return new
+
+
 def setup(run_dir: Path, info: DistInfo) -> Run:
     cfg, plan = read_run_dir(run_dir)
+    if info.world_size != plan.chosen.world_size:
+        plan = _plan_for_world(Path(run_dir), plan, info)
     c, rt = plan.chosen, plan.runtime
-    if info.world_size != c.world_size:
-        raise RuntimeError(f"plan.json was compiled for {c.world_size} ranks but {info.world_size} are running; "
-                           "re-plan with the right --nodes/--gpus-per-node")
     torch.manual_seed(cfg.train.seed + info.rank)
     src = model_source(rt.model)
     tok = load_tokenizer(cfg.model.tokenizer, src.model_dir)

@@ -8,7 +8,8 @@ unset) so a test driver can change them between runs in one process.
 ``TORCHELASTIC_RESTART_COUNT``, 0 for the first run), rank RANK sends itself SIGKILL at STEP:
 POINT ``step`` right after that optimizer step (a worker dying mid-run), ``save`` in the middle of
 saving the checkpoint of that step (after its files are written into ``.tmp_step_N``, before the
-checkpoint is sealed). SIGKILL, like the OOM killer or a node failure: no handler, no cleanup.
+checkpoint is sealed), ``node`` after that step, SIGKILLing its torchrun agent first (a node lost for
+good: issue 21's scale-down). SIGKILL, like the OOM killer or a node failure: no handler, no cleanup.
 ``SHARDTRAIN_TEST_SIGNAL_AT_STEP=N[:SIG]`` — after optimizer step N rank 0 sends itself SIGUSR2 (a
 simulated Slurm warning), or SIG.
 ``SHARDTRAIN_TEST_OOM_AT_MICRO_BATCH=B`` — an injected allocation limit (below).
@@ -53,7 +54,10 @@ def maybe_kill(point: str, rank: int, step: int) -> None:
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     for item in spec.split(";"):
         a, r, s, p = item.split(":")
-        if (int(a), int(r), int(s), p) == (attempt, rank, step, point):
+        if (int(a), int(r), int(s)) == (attempt, rank, step) and (p == point or (p, point) == ("node", "step")):
+            if p == "node":  # the whole node is lost for good: its torchrun agent first (nothing restarts there)
+                os.write(2, f"[shardtrain] TEST: rank {rank} SIGKILLs its node's agent at step {step}\n".encode())
+                os.kill(os.getppid(), signal.SIGKILL)
             os.write(2, f"[shardtrain] TEST: rank {rank} SIGKILLs itself at step {step} ({point})\n".encode())
             os.kill(os.getpid(), signal.SIGKILL)
 
