@@ -10,7 +10,9 @@ measurement (the device capacity the step exceeded): it calibrates the memory mo
   2. at micro batch 1: full activation checkpointing;
   3. the chunked loss (no full fp32 logits tensor);
   4. activations offloaded to host memory;
-(the strategy is kept: another one would not read this run's checkpoints, so the ladder ends there);
+  5. the next strategy that shards more (:data:`SHARDING_LADDER`: DDP → ZeRO-1 → ZeRO-2 → FSDP2 grad-op →
+     ZeRO-3 → FSDP2 full shard → ZeRO-2/3 offload) whose plan fits and predicts less per GPU, the other
+     settings kept: checkpoints are portable across strategies (issue 21, runtime/portable.py);
 then rewrites the run dir and launches again; the workers resume from the last complete checkpoint.
 Each change is printed with its reason. On CPU the control path is exercised with the TEST-ONLY
 ``SHARDTRAIN_TEST_OOM_AT_MICRO_BATCH`` (runtime/faults.py), never with a real OOM.
@@ -24,6 +26,10 @@ from pathlib import Path
 from shardtrain import rundir_format as rf
 
 DEFAULT_REPLANS = 2
+#: Strategies from the least to the most sharded model state (compiler/memory.py model_state_bytes): the
+#: last rung of the ladder moves right along it. ZeRO-Infinity (NVMe) is left out: it needs a path.
+SHARDING_LADDER = ("ddp", "zero1", "zero2", "fsdp_shard_grad_op", "zero3", "fsdp_full_shard", "zero2_offload",
+                   "zero3_offload")
 
 
 def parse_on_oom(value: str | None) -> int:
@@ -108,8 +114,7 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
     rec = records[0] if records else {}
     where = (f"rank {rec.get('rank', '?')} ran out of memory in {rec.get('phase', '?')} at step {rec.get('step', '?')}"
              + (f" (measured peak {fmt_bytes(rec['measured_peak_bytes'])})" if rec.get("measured_peak_bytes") else ""))
-    # Same strategy (the checkpoints' format/sharding stay valid) and the settings already chosen pinned,
-    # so each rung changes exactly one thing.
+    # The settings already chosen pinned, so each rung changes exactly one thing (the strategy last).
     over: dict[str, object] = {"train.strategy": plan.strategy, "train.micro_batch": c.micro_batch_size,
                                "train.grad_ckpt": c.gradient_checkpointing}
     loss = getattr(c, "loss", None)
@@ -124,7 +129,7 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
         over["train.loss"] = loss if loss is not None else LossMode.FULL
         over["train.activation_offload"] = ActivationOffload.CPU
     else:
-        return None
+        return switch_strategy(cfg, plan, over, where)
     try:
         new_cfg, new = pipeline.compile(cfg, over)
     except (ConfigError, ValueError):
@@ -134,8 +139,9 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
     def knobs(x):
         return (x.micro_batch_size, x.gradient_checkpointing, getattr(x, "loss", None),
                 getattr(x, "activation_offload", None))
-    if knobs(n) == knobs(c):
-        return None
+    if knobs(n) == knobs(c):  # the planner did not apply the rung (e.g. offload under full recompute)
+        return switch_strategy(cfg, plan, {k: v for k, v in over.items() if not k.startswith("train.activation")},
+                               where)
     msg = (f"{where}: re-planned: micro batch {c.micro_batch_size} → {n.micro_batch_size}, accumulation "
            f"{c.grad_accum_steps} → {n.grad_accum_steps}"
            + (f", checkpointing {c.gradient_checkpointing.value} → {n.gradient_checkpointing.value}"
@@ -147,9 +153,35 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
     return Replan(new_cfg, new, msg)
 
 
+def switch_strategy(cfg, plan, pinned: dict, where: str) -> Replan | None:
+    """The last rung: the next strategy along :data:`SHARDING_LADDER` that fits and predicts less memory per
+    GPU than the current plan, everything else pinned (None at the end of the ladder)."""
+    from shardtrain.config import pipeline
+    from shardtrain.config.schema import ConfigError
+    from shardtrain.compiler.planner import PlanningError
+    from shardtrain.units import fmt_bytes
+    cur = plan.strategy.value
+    later = SHARDING_LADDER[SHARDING_LADDER.index(cur) + 1:] if cur in SHARDING_LADDER else ()
+    now = int(plan.chosen.per_gpu.total)
+    for s in later:
+        over = {**pinned, "train.strategy": s}
+        try:
+            new_cfg, new = pipeline.compile(cfg, over)
+        except (ConfigError, PlanningError, ValueError):
+            continue
+        if new.chosen.fits and int(new.chosen.per_gpu.total) < now:
+            n = new.chosen
+            msg = (f"{where}: re-planned: strategy {cur} → {s} (predicted {fmt_bytes(now)} → "
+                   f"{fmt_bytes(int(n.per_gpu.total))} per GPU; micro batch {n.micro_batch_size} × accumulation "
+                   f"{n.grad_accum_steps}, global batch {plan.train.global_batch_size} unchanged; the checkpoints "
+                   "are portable across strategies: resuming from the last one)")
+            return Replan(new_cfg, new, msg)
+    return None
+
+
 def accept_new_split(run_dir: Path, cfg, plan) -> None:
     """Record the re-planned config and plan in the run dir before rundir.write_run_dir re-checks it:
-    a re-plan after OOM keeps the strategy, world size and global batch (the same samples per optimizer
-    step), so the run's checkpoints stay valid even though the batch split changed."""
+    a re-plan after OOM keeps the world size and global batch (the same samples per optimizer step), so
+    the run's portable checkpoints stay valid whatever the batch split or strategy."""
     from shardtrain.launcher.rundir import record_config_and_plan
     record_config_and_plan(Path(run_dir), cfg, plan)

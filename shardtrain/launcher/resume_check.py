@@ -74,9 +74,18 @@ def config_diff(old: Mapping, new: Mapping) -> dict[str, tuple]:
                 out[section] = (a, b)
             continue
         for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
+            if _norm(a.get(k)) != _norm(b.get(k)):
                 out[f"{section}.{k}"] = (a.get(k), b.get(k))
     return out
+
+
+def _norm(v):
+    """One spelling per value: a list is a tuple, a one-item list equals its item (``targets: all-linear``
+    is written back as ``['all-linear']`` when a config is re-compiled)."""
+    if isinstance(v, (list, tuple)):
+        v = tuple(_norm(x) for x in v)
+        return v[0] if len(v) == 1 else v
+    return v
 
 
 def _matches(key: str, patterns) -> bool:
@@ -96,6 +105,8 @@ def _lora_shape(plan: Mapping):
 def check(old_cfg: Mapping, new_cfg: Mapping, old_plan: Mapping, new_plan: Mapping) -> ResumeCheck:
     """Compare the run dir's run.yaml / plan.json dicts with the new launch's (see the module docstring)."""
     diff = config_diff(old_cfg, new_cfg)
+    if all(((c.get("train") or {}).get("method") or "full") == "full" for c in (old_cfg, new_cfg)):
+        diff = {k: v for k, v in diff.items() if not k.startswith("lora.")}  # ignored by full training
     refused = [f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items() if _matches(k, CHECKPOINT_KEYS)]
     if old_plan:
         for k in PLAN_DEPENDS:
