@@ -13,7 +13,10 @@ re-plans of ~10-20 ms each) so `shardtrain plan` still answers well under 2 s:
      smallest value that fits (:func:`hardware_trials`: GPU memory, host RAM and NVMe capacity from the
      evaluated candidates' own needs; GPU count by doubling);
   2. only when no single change fits: pairs of the changes that brought the plan closer to fitting
-     (:func:`distance`), and the hardware minimums on top of the closest ones.
+     (:func:`distance`), and the hardware minimums on top of the closest ones; pairs of savers also
+     when no single saver fits (chunked loss AND activation offload before "buy a bigger GPU").
+Suggestions are config keys and values (``Suggestion.set``, `plan --json`'s "suggestions"); commands
+print them as the flags to append (report.suggestion_args: a flag beats --set).
 """
 from __future__ import annotations
 
