@@ -1,6 +1,7 @@
 """Human-readable rendering of a Plan (a pure function returning a string)."""
 from __future__ import annotations
 
+from shardtrain.compiler.advice import fmt_step_time
 from shardtrain.compiler.plan import MEMORY_TERMS, Candidate, Plan, Suggestion
 from shardtrain.units import fmt_bytes
 
@@ -74,7 +75,7 @@ def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
         out.append("to fit, append one of these (each re-planned; cheapest first: same math, hardware, job)")
         for x in plan.suggestions:
             out.append(f"  {suggestion_args(x):<44} {x.kind.value:<8} {x.strategy.value:<17} "
-                       f"{fmt_bytes(x.total_bytes):>10}/GPU  ~{x.step_time_s:.3g} s/step")
+                       f"{fmt_bytes(x.total_bytes):>10}/GPU  {fmt_step_time(x.step_time_s)}")
         if any(k == "hardware.nvme_path" for x in plan.suggestions for k, _ in x.set):
             out.append("  (--nvme-path: any local NVMe directory; plan does not read it)")
     return "\n".join(out)

@@ -237,7 +237,8 @@ def test_advice_module_is_pure():
 
 def test_nothing_found_says_so(capsys):
     """No verified change: no unverified advice either, and the message says what was tried."""
-    base = ["--params", "2e12", "--gpus-per-node", "1", "--gpu", "rtx4090", "--cpu-memory", "16GiB", "--method", "qlora"]
+    base = ["--params", "2e12", "--gpus-per-node", "1", "--gpu", "rtx4090", "--cpu-memory", "16GiB",
+            "--method", "qlora"]
     rc, out, err = _plan(capsys, *base)
     assert rc == EXIT_NO_FIT and "To fit" not in err and "to fit, append" not in out
     assert re.search(r"No single change, nor a pair of them, fits \(\d+ re-planned\)", err)

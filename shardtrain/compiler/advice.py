@@ -271,10 +271,15 @@ def set_args(sug: Suggestion) -> str:
     return " ".join(f"--set {k}={v}" for k, v in sug.set)
 
 
+def fmt_step_time(seconds: float) -> str:
+    """"~3.9 s/step", "~3,879 s/step" (not "3.88e+03")."""
+    return f"~{seconds:.3g} s/step" if seconds < 100 else f"~{seconds:,.0f} s/step"
+
+
 def describe(sug: Suggestion, spell: Spell = set_args) -> str:
     note = " (any local NVMe directory)" if any(k == "hardware.nvme_path" for k, _ in sug.set) else ""
     return (f"{spell(sug)}{note} -> {sug.strategy.value}, {fmt_bytes(sug.total_bytes)} per GPU, "
-            f"~{sug.step_time_s:.3g} s/step")
+            f"{fmt_step_time(sug.step_time_s)}")
 
 
 def no_fit_summary(least: Candidate, usable: int) -> str:

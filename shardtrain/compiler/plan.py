@@ -123,8 +123,9 @@ class Suggestion:
 
     @staticmethod
     def from_json(d: dict) -> "Suggestion":
-        return Suggestion(set=tuple((str(k), str(v)) for k, v in d["set"].items()), total_bytes=int(d["total_bytes"]),
-                          step_time_s=float(d["step_time_s"]), strategy=Strategy(d["strategy"]), kind=ChangeKind(d["kind"]))
+        return Suggestion(set=tuple((str(k), str(v)) for k, v in d["set"].items()),
+                          total_bytes=int(d["total_bytes"]), step_time_s=float(d["step_time_s"]),
+                          strategy=Strategy(d["strategy"]), kind=ChangeKind(d["kind"]))
 
 
 @dataclass(frozen=True)
