@@ -98,12 +98,14 @@ def accelerate_env(plan, *, device: str, ds_config_path: str | None = None) -> d
     from shardtrain.emit.accelerate import accelerate_config
     d = accelerate_config(plan, ds_config_path=ds_config_path or SCRIPT_DS_CONFIG,
                           main_process_ip="127.0.0.1" if plan.hardware.nodes > 1 else None)
-    precision = plan.chosen.precision.value
-    env = {"ACCELERATE_MIXED_PRECISION": {"fp32": "no"}.get(precision, precision)}
+    # DeepSpeed plans: "no", as accelerate's launcher exports it; precision lives in the DeepSpeed JSON
+    env = {"ACCELERATE_MIXED_PRECISION": d.get("mixed_precision", "no")}
     kind = d["distributed_type"]
     if kind == "DEEPSPEED":
         ds = d["deepspeed_config"]
         env.update({"ACCELERATE_USE_DEEPSPEED": "true",
+                    # the keys the config set (accelerate launch_command): DeepSpeedPlugin checks them against the JSON
+                    "ACCELERATE_CONFIG_DS_FIELDS": ",".join(ds),
                     "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds["deepspeed_config_file"]),
                     "ACCELERATE_DEEPSPEED_ZERO3_INIT": _flag(ds["zero3_init_flag"])})
     elif kind == "FSDP":
