@@ -6,6 +6,10 @@
 (re-validated only when there are overrides) or None (flags/overrides only); ``overrides`` are dotted
 keys (``{"train.seq_len": "2048"}``: config/flags.py turns the command line into them). The YAML is
 read once per call; the compiler stays pure (config/resolve.py reads model config files for it).
+
+When nothing fits, :func:`plan_for` hands compiler/advice.py a :func:`replanner` (this config plus
+``--set``-style overrides -> Plan): every "to fit, try" suggestion is re-planned here, by the same
+pipeline, before it is shown.
 """
 from __future__ import annotations
 
