@@ -34,12 +34,12 @@ EXIT_TIMEOUT = 124
 PROGRESS_ENV = "SHARDTRAIN_PROGRESS"
 #: cpu / cuda: overrides run.device in the worker.
 DEVICE_ENV = "SHARDTRAIN_DEVICE"
-#: Set by `shardtrain launch --max-restarts` (launcher/supervise.py): a file path. A worker stopped by a
-#: pre-emption signal writes it (local rank 0) and exits 0 instead of EXIT_PREEMPTED, because torchrun's
-#: elastic agent restarts a worker group on ANY non-zero exit and counts it against --max_restarts
-#: (torch/distributed/elastic/agent/server/api.py, _invoke_run); the launcher then reports
-#: EXIT_PREEMPTED itself. Issue 21.
-PREEMPT_MARKER_ENV = "SHARDTRAIN_PREEMPT_MARKER"
+#: Set by `shardtrain launch --max-restarts` (launcher/supervise.py): a file path. A worker that stops
+#: deliberately (pre-empted: EXIT_PREEMPTED; non-finite steps: EXIT_NONFINITE) writes that code there
+#: (local rank 0) and exits 0, because torchrun's elastic agent restarts a worker group on ANY non-zero
+#: exit and counts it against --max_restarts (torch/distributed/elastic/agent/server/api.py,
+#: _invoke_run); the launcher then returns the code itself (launcher/restart.py). Issue 21.
+STOP_MARKER_ENV = "SHARDTRAIN_STOP_MARKER"
 
 #: Set by rendered batch scripts (slurm/script.py), read by runtime/preempt.py: the early-warning
 #: signal (``USR2``) and how often rank 0 may requeue the job.

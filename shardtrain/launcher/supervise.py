@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 from shardtrain import rundir_format as rf
 from shardtrain.compiler.specs import Launcher
-from shardtrain.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_TIMEOUT
+from shardtrain.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_TIMEOUT, STOP_MARKER_ENV
 from shardtrain.launcher.failure import LaunchResult, find_first_failure, read_text, rel
 from shardtrain.launcher.logtail import Tail
-from shardtrain.launcher.restart import preempted_result
+from shardtrain.launcher.restart import stop_marker, stopped_result
 
 if TYPE_CHECKING:
     from shardtrain.launcher.rankstart import LaunchSpec
@@ -81,6 +81,10 @@ def run(spec: LaunchSpec, *, timeout: float | None = None, out=None, err=None) -
     for path, text in spec.files.items():
         Path(path).write_text(text)
     env = {**os.environ, **spec.env}
+    marker = stop_marker(spec)  # --max-restarts: a deliberate stop must not use up a restart (restart.py)
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+        env[STOP_MARKER_ENV] = str(marker)
     launcher_log_path = spec.log_dir / rf.LAUNCHER_LOG
     t0 = time.monotonic()
     received: list[int] = []
@@ -135,6 +139,8 @@ def run(spec: LaunchSpec, *, timeout: float | None = None, out=None, err=None) -
         summary = (f"shardtrain: interrupted by {name} after {wall:.0f} s — workers stopped; run the same command "
                    f"to resume from the latest checkpoint in {rel(spec.run_dir)}/{rf.CHECKPOINTS}")
         return LaunchResult(128 + received[0], summary, wall, None, spec.log_dir)
+    if rc == 0 and not timed_out and (stop := stopped_result(spec, rc, "", wall, marker)) is not None:
+        return stop  # exit 75 / 65 under --max-restarts: the workers exited 0 and left the code in the marker
     if rc == 0 and not timed_out:
         m = metrics_summary(spec.run_dir)
         summary = (f"shardtrain: OK — {m + ', ' if m else ''}{spec.nnodes * spec.nproc_per_node} "
@@ -142,8 +148,8 @@ def run(spec: LaunchSpec, *, timeout: float | None = None, out=None, err=None) -
                    f"run dir {rel(spec.run_dir)}")
         return LaunchResult(EXIT_OK, summary, wall, None, spec.log_dir)
     launcher_log = read_text(launcher_log_path)
-    if not timed_out and (pre := preempted_result(spec, rc, launcher_log, wall)) is not None:
-        return pre  # exit 75: every rank saved, then stopped (issue 13)
+    if not timed_out and (stop := stopped_result(spec, rc, launcher_log, wall)) is not None:
+        return stop  # exit 75: every rank saved, then stopped (issue 13); 65: non-finite steps (issue 21)
     return _failed(spec, rc, launcher_log, logs, timed_out, wall, err)
 
 

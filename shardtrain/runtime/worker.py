@@ -9,9 +9,10 @@ Run directory contract (written by `shardtrain launch`):
        memory_rank{R}.json, checkpoints/step_N/, final/, logs/worker_rank{R}.log, logs/memory_table.txt
 Exit 0 when done; 75 (exitcodes.EXIT_PREEMPTED) when stopped by SIGTERM/SIGINT/SIGUSR1/SIGUSR2 after
 saving a checkpoint at the agreed step (a "preempted at step N" line; Slurm requeues while below the
-limit; rerun to resume; under `launch --max-restarts` 0 and a marker file instead, exitcodes.PREEMPT_MARKER_ENV);
-65 (EXIT_NONFINITE) after train.max_nonfinite_steps steps in a row with a non-finite loss or gradient
-norm (each skipped; runtime/guard.py); 128+N on a second signal N (stops at once); 1 on errors.
+limit; rerun to resume); 65 (EXIT_NONFINITE) after train.max_nonfinite_steps steps in a row with a
+non-finite loss or gradient norm (each skipped; runtime/guard.py); under `launch --max-restarts` these two
+exit 0 and leave their code in a marker file (exitcodes.STOP_MARKER_ENV); 128+N on a second signal N
+(stops at once); 1 on errors.
 Resume: with run.resume=auto the latest complete checkpoints/step_N is loaded; the step counter, the
 data position (a pure function of the step) and the RNG continue, and metrics.jsonl is cut back to
 step N so every step appears once. Environment: SHARDTRAIN_DEVICE (overrides run.device); the
@@ -35,7 +36,7 @@ if __name__ == "__main__":  # before importing torch: a pre-emption signal durin
 import torch
 
 from shardtrain import rundir_format as rf
-from shardtrain.exitcodes import DEVICE_ENV, EXIT_NONFINITE, EXIT_PREEMPTED, PREEMPT_MARKER_ENV, PROGRESS_ENV
+from shardtrain.exitcodes import DEVICE_ENV, EXIT_NONFINITE, EXIT_PREEMPTED, PROGRESS_ENV, STOP_MARKER_ENV
 from shardtrain.runtime import checkpoint as ckpt
 from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed, reduce_sum
 from shardtrain.runtime.build import Run, setup
@@ -313,25 +314,24 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(f"unknown arguments: {' '.join(unknown)}")
-    marker = _preempt_marker()
+    marker = _stop_marker()
     try:
         res = run(args.run_dir)
     except torch.OutOfMemoryError as e:  # recorded for `launch --on-oom replan` (launcher/oom.py)
         from shardtrain.runtime.faults import record_oom
         record_oom(args.run_dir, int(os.environ.get("RANK", "0")), e)
         raise
-    if res["nonfinite_stop"]:
-        return EXIT_NONFINITE
-    if res["preempted"] and marker is not None:  # under `launch --max-restarts`: see exitcodes.PREEMPT_MARKER_ENV
+    code = EXIT_NONFINITE if res["nonfinite_stop"] else EXIT_PREEMPTED if res["preempted"] else 0
+    if code and marker is not None:  # under `launch --max-restarts`: see exitcodes.STOP_MARKER_ENV
         if os.environ.get("LOCAL_RANK", "0") == "0":
-            marker.write_text(f"{res['start_step'] + len(res['losses'])}\n")
+            marker.write_text(f"{code} {res['start_step'] + len(res['losses'])}\n")
         return 0
-    return EXIT_PREEMPTED if res["preempted"] else 0
+    return code
 
 
-def _preempt_marker() -> Path | None:
-    """exitcodes.PREEMPT_MARKER_ENV's file; a stale one from an earlier attempt is removed first."""
-    v = os.environ.get(PREEMPT_MARKER_ENV)
+def _stop_marker() -> Path | None:
+    """exitcodes.STOP_MARKER_ENV's file; a stale one from an earlier attempt is removed first."""
+    v = os.environ.get(STOP_MARKER_ENV)
     if not v:
         return None
     if os.environ.get("LOCAL_RANK", "0") == "0":
