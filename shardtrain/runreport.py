@@ -51,6 +51,41 @@ def _tensor_total(b: dict) -> int:
     return int(b["total"]) - int(b.get("cuda_context", 0))
 
 
+MODEL_STATE_TERMS = ("params", "grads", "master_params", "optimizer_states")
+
+
+def _model_states(b: dict) -> int:
+    """The predicted model-state bytes of a phase (what the CPU step records count on the engine objects)."""
+    return sum(int(b.get(k, 0)) for k in MODEL_STATE_TERMS)
+
+
+def basis(rows: list[dict]) -> str:
+    """What the "measured" side of the comparison is, so that like is compared with like (issue 22):
+    "memtracker" (every live tensor per phase, run.memory_trace), "cuda" (the allocator's peak: every
+    tensor) or "model_states" (CPU without the trace: params, grads, master copies and optimizer states
+    only — activations were not measured, so they are compared with the predicted model states only)."""
+    if any("memtracker_live" in r for r in rows):
+        return "memtracker"
+    if any("cuda_max_allocated" in r for r in rows):
+        return "cuda"
+    return "model_states" if any("model_states" in r for r in rows) else "none"
+
+
+def compared(row: dict, how: str) -> tuple[int, int]:
+    """(predicted, measured) bytes of one phase row on the common basis."""
+    if how == "memtracker":
+        return row["predicted_tensors"], row.get("memtracker_live", 0)
+    if how == "cuda":
+        return row["predicted_tensors"], row.get("cuda_max_allocated", 0)
+    if how == "model_states":
+        return row["predicted_model_states"], row.get("model_states", 0)
+    return row["predicted_tensors"], 0
+
+
+NOT_MEASURED = ("activations were not measured (run.memory_trace is off): the measured model states are compared "
+                "with the predicted model states only; set run.memory_trace: true to measure every tensor per phase")
+
+
 def phase_rows(run: dict) -> list[dict]:
     """One row per phase: predicted (with and without cuda_context) and every measurement available."""
     pred = _predicted(run["plan"])
@@ -58,7 +93,8 @@ def phase_rows(run: dict) -> list[dict]:
     rows = []
     for ph in PHASES:
         p = pred.get(ph) or pred.get("peak")
-        row = {"phase": ph, "predicted": int(p["total"]), "predicted_tensors": _tensor_total(p)}
+        row = {"phase": ph, "predicted": int(p["total"]), "predicted_tensors": _tensor_total(p),
+               "predicted_model_states": _model_states(p)}
         if traces:  # without gloo's collective temporaries, as the plan models NCCL (runtime/memtrace.py)
             row["memtracker_live"] = max((t.get("no_comm_temp") or t)["per_phase"].get(ph, {}).get("total", 0)
                                      for t in traces)
@@ -77,6 +113,7 @@ def phase_rows(run: dict) -> list[dict]:
 
 
 COLUMNS = (("predicted", "predicted"), ("predicted_tensors", "pred. − cuda ctx"),
+           ("predicted_model_states", "pred. model states"),
            ("memtracker_live", "MemTracker peak"), ("memtracker_with_comm", "incl. gloo comm temp"),
            ("cuda_max_allocated", "max allocated*"),
            ("cuda_reserved", "reserved"), ("model_states", "model states"), ("rss", "process RSS"))
@@ -84,14 +121,16 @@ COLUMNS = (("predicted", "predicted"), ("predicted_tensors", "pred. − cuda ctx
 
 def render_table(run: dict, rows: list[dict]) -> str:
     plan = run["plan"]
-    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
-    head = ["phase"] + [h for _, h in cols] + (["vs plan"] if any("memtracker_live" in r for r in rows) else [])
+    how = basis(rows)
+    hidden = set() if how == "model_states" else {"predicted_model_states"}
+    cols = [(k, h) for k, h in COLUMNS if k not in hidden and any(k in r for r in rows)]
+    head = ["phase"] + [h for _, h in cols] + (["vs plan"] if how in ("memtracker", "model_states") else [])
     table = [head]
     for r in rows:
         line = [r["phase"] + (" (peak)" if r["phase"] == plan.get("peak_phase") else "")]
         line += [fmt_bytes(r[k]) if k in r else "" for k, _ in cols]
         if "vs plan" in head:
-            m, p = r.get("memtracker_live", 0), r["predicted_tensors"]
+            p, m = compared(r, how)
             line.append(f"{(p - m) / m * 100:+.1f}%" if m else "")
         table.append(line)
     w = [max(len(x[i]) for x in table) for i in range(len(head))]
@@ -100,8 +139,11 @@ def render_table(run: dict, rows: list[dict]) -> str:
     out += ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(x)) for x in table]
     if any("cuda_max_allocated" in r for r in rows):
         out.append("* torch.cuda.max_memory_allocated since the step began: cumulative up to the end of the phase")
-    if "vs plan" in head:
+    if how == "memtracker":
         out.append("vs plan: (predicted − cuda_context − MemTracker peak) / MemTracker peak, fullest rank")
+    elif how == "model_states":
+        out.append("vs plan: (predicted model states − measured model states) / measured, fullest rank")
+        out.append(NOT_MEASURED)
     ms = [r for r in run["ranks"] if r.get("measured")]
     if ms:
         pred = ms[0].get("predicted", {})
@@ -151,6 +193,9 @@ def write_png(run: dict, rows: list[dict], path: Path) -> Path:
         tops = [peak, limit] + [y for _, ys in series.values() for y in ys]
         if limit > 20 * max(1, min(t for t in tops if t > 0)):
             ax.set_yscale("log")  # a tiny CPU run against an 80 GiB device: keep both readable
+    if basis(rows) == "model_states":  # the one measured model-state point needs its own prediction to compare
+        ms = max(r["predicted_model_states"] for r in rows)
+        ax.axhline(ms / gib, color="tab:purple", ls="-.", lw=1, label=f"predicted model states {fmt_bytes(ms)}")
     traced = [r["memtracker_live"] for r in rows if r.get("memtracker_live")]
     if traced and xs:
         at = xs[min(1, len(xs) - 1)]  # the worker measures the second step of the run (worker.measure_at)
@@ -164,12 +209,18 @@ def write_png(run: dict, rows: list[dict], path: Path) -> Path:
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     idx = range(len(rows))
-    bx.bar([i - 0.2 for i in idx], [r["predicted_tensors"] / gib for r in rows], width=0.4,
-           label="predicted − cuda_context", color="tab:orange")
-    meas = [r.get("memtracker_live", r.get("cuda_max_allocated", r.get("model_states", 0))) for r in rows]
-    bx.bar([i + 0.2 for i in idx], [m / gib for m in meas], width=0.4, label="measured", color="tab:blue")
+    how = basis(rows)
+    pairs = [compared(r, how) for r in rows]  # like with like: model states against model states (issue 22)
+    unit, size = ("GiB", gib) if max(max(p) for p in pairs) >= gib else ("MiB", 2 ** 20)
+    pred_label = "predicted model states" if how == "model_states" else "predicted − cuda_context"
+    bx.bar([i - 0.2 for i in idx], [p / size for p, _ in pairs], width=0.4, label=pred_label, color="tab:orange")
+    meas_label = {"memtracker": "measured: MemTracker peak", "cuda": "measured: max allocated",
+                  "model_states": "measured: model states"}.get(how, "measured")
+    bx.bar([i + 0.2 for i in idx], [m / size for _, m in pairs], width=0.4, label=meas_label, color="tab:blue")
+    bx.set_ylabel(f"{unit} per rank")
     bx.set_xticks(list(idx), [r["phase"] for r in rows])
-    bx.set_title("per phase")
+    bx.set_title("per phase: model states only (activations not measured)" if how == "model_states" else "per phase",
+                 fontsize=9 if how == "model_states" else None)
     bx.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
@@ -188,7 +239,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     png = Path(args.png) if args.png else run["dir"] / "memory_report.png"
     write_png(run, rows, png)
     if args.json:
+        how = basis(rows)
         print(json.dumps({"run_dir": str(run["dir"]), "peak_phase": run["plan"].get("peak_phase"),
+                          "compared": how, "activations_measured": how in ("memtracker", "cuda"),
                           "phases": rows, "png": str(png)}, indent=2))
     else:
         print(render_table(run, rows))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 from rundirs import make_run_dir  # noqa: E402
 
-STEPS = 40
+STEPS = 30  # warm-up 5 + 4 windows of 5 steps, and a few more
 LEAK = "possible leak"
 
 DRIVER = r'''
@@ -71,14 +71,47 @@ def _run(tmp_path: Path, name: str, leak_mib: float) -> tuple[dict, str]:
     return res, logs + p.stderr
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("leak")
+    return {name: (base / name, *_run(base, name, mib)) for name, mib in (("as_is", 0), ("leaking", 2))}
+
+
 @pytest.mark.multiproc
-def test_leak_check_quiet_on_our_loop_and_fires_on_a_real_leak(tmp_path):
-    _, quiet = _run(tmp_path, "as_is", 0)
+def test_leak_check_quiet_on_our_loop_and_fires_on_a_real_leak(runs):
+    quiet = runs["as_is"][2]
     assert LEAK not in quiet, [ln for ln in quiet.splitlines() if LEAK in ln]
-    _, leaky = _run(tmp_path, "leaking", 2)
+    leaky = runs["leaking"][2]
     hits = [ln for ln in leaky.splitlines() if LEAK in ln]
     assert hits, leaky[-3000:]
     assert "windows of 5 steps" in hits[0]
+
+
+@pytest.mark.multiproc
+def test_report_without_memory_trace_compares_model_states(runs, tmp_path, capsys):
+    """Issue 22: without run.memory_trace a CPU run measures model states only; `report` drew them
+    against the full prediction (activations and logits included: it looked like a 5x over-estimate)."""
+    from shardtrain.cli import main
+    from shardtrain.runreport import NOT_MEASURED
+    d = runs["as_is"][0]
+    png = tmp_path / "mem.png"
+    assert main(["report", str(d), "--json", "--png", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compared"] == "model_states" and out["activations_measured"] is False
+    plan = json.loads((d / "plan.json").read_text())
+    for row in out["phases"]:
+        pred = plan["per_phase"][row["phase"]]
+        want = sum(pred[k] for k in ("params", "grads", "master_params", "optimizer_states"))
+        assert row["predicted_model_states"] == want <= row["predicted_tensors"]
+        # like with like: the measured model states are within 25% of the predicted ones (the
+        # full prediction is several times larger on this tiny model: activations and logits dominate)
+        assert abs(row["model_states"] - want) <= 0.25 * want, row
+    fwd = next(r for r in out["phases"] if r["phase"] == "forward")
+    assert fwd["predicted_tensors"] > 2 * fwd["predicted_model_states"]  # what the old bars compared with
+    assert main(["report", str(d), "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "pred. model states" in text and NOT_MEASURED in text and "vs plan" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------ the detector on its own
