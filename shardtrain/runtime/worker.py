@@ -131,7 +131,7 @@ def evaluate(r: Run, step: int) -> dict | None:
 
 
 def trainer_state(r: Run, step: int) -> dict:
-    return {"step": step, "samples_seen": step * r.sampler.global_batch, "global_batch": r.sampler.global_batch,
+    return {"step": step, "samples_seen": r.sampler.offset + step * r.sampler.global_batch, "global_batch": r.sampler.global_batch,
             "world_size": r.info.world_size, "strategy": r.plan.strategy.value, "seed": r.cfg.train.seed,
             rf.NONFINITE_STEPS: r.extra["nonfinite"].total if "nonfinite" in r.extra else 0}
 
@@ -158,6 +158,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
         start = int(state["step"])
         nonfinite_before = int(state.get(rf.NONFINITE_STEPS, 0))
         log.info("resumed from %s at step %d", latest[1], start)
+        r.sampler.resume_at(start, int(state.get("samples_seen", start * r.sampler.global_batch)))
     metrics.truncate_after(start)
     metrics = with_trackers(metrics, r)  # run.report_to: tensorboard / wandb / mlflow (runtime/trackers.py)
     if on_setup is not None:
