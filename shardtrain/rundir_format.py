@@ -52,6 +52,8 @@ def json_text(obj: dict) -> str:
 METRICS_JSONL = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+#: run.export: both: the merged full weights, under final/ (the adapter stays in final/ itself).
+FINAL_MERGED = "merged"
 LOGS = "logs"
 PREVIOUS = "previous"
 MEMORY_RANK_GLOB = "memory_rank*.json"

@@ -248,6 +248,16 @@ class Resume(_StrEnum):
     NEVER = "never"
 
 
+class Export(_StrEnum):
+    """run.export: what final/ holds after a LoRA run (full fine-tuning always writes the full weights).
+    adapter = the peft adapter; merged = full weights with the adapter merged in (W + B·A·alpha/r, peft's
+    merge_and_unload), loadable with AutoModelForCausalLM.from_pretrained; both = the adapter in final/
+    and the merged weights in final/merged/."""
+    ADAPTER = "adapter"
+    MERGED = "merged"
+    BOTH = "both"
+
+
 class DataFormat(_StrEnum):
     """data.format of the training file (auto: from the extension/contents)."""
     AUTO = "auto"

@@ -12,9 +12,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardtrain.compiler.specs import (ActivationOffload, Attention, CompileMode, DataFormat, Device, GradCkpt,
-                                       Launcher, LoraSpec, LossMode, Method, ModelInit, Optimizer, Precision, Resume,
-                                       Strategy, TrainSpec)
+from shardtrain.compiler.specs import (ActivationOffload, Attention, CompileMode, DataFormat, Device, Export,
+                                       GradCkpt, Launcher, LoraSpec, LossMode, Method, ModelInit, Optimizer, Precision,
+                                       Resume, Strategy, TrainSpec)
 from shardtrain.config.coerce import Auto, AutoInt, Bytes, ConfigError, Count, coerce, nearest
 
 # The job's defaults are the compiler's (TrainSpec, LoraSpec): one place to change them.
@@ -192,6 +192,11 @@ class RunSection:
     """Record PyTorch's MemTracker peak of live tensors per phase (forward / backward / optimizer) on
     the measured step and print it against the plan (memory_rank{R}.json, logs/memory_table.txt).
     Off by default: it slows that step down several times."""
+    export: Export = Export.ADAPTER
+    """LoRA runs: what final/ holds. adapter (the peft adapter, PeftModel.from_pretrained) | merged (full
+    weights with the adapter merged in, AutoModelForCausalLM.from_pretrained; as large as the base model) |
+    both (adapter in final/, merged weights in final/merged/). QLoRA: adapter only (merging into 4-bit
+    NF4 weights would round the sum back to 4 bits). No effect with train.method full."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,10 @@ def parse_run_config(raw: dict | None, overrides: dict[str, object] | None = Non
         raise ConfigError("model: set either model.name or model.params, not both")
     if cfg.train.method is Method.QLORA and cfg.train.precision is Precision.FP32:
         raise ConfigError("train.method: qlora computes in 16-bit; set train.precision: bf16")
+    if cfg.train.method is Method.QLORA and cfg.run.export is not Export.ADAPTER:
+        raise ConfigError(f"run.export: {cfg.run.export.value} with train.method qlora: merging into the 4-bit NF4 "
+                          "base would round the merged weights back to 4 bits; set run.export: adapter and merge "
+                          "onto the 16-bit base afterwards (PeftModel.from_pretrained(base, 'final').merge_and_unload())")
     from shardtrain.config.ignored import warn_ignored  # settings this run ignores: one line each (issue 22)
     warn_ignored(cfg)
     return cfg

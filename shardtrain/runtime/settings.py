@@ -55,6 +55,8 @@ class RunSettings:
     keep_checkpoints: int
     report_to: tuple[str, ...] | None = None
     memory_trace: bool = False
+    export: str = "adapter"
+    """run.export (compiler/specs.py Export): adapter | merged | both (runtime/export.py)."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from shardtrain import rundir_format as rf
 from shardtrain.exitcodes import DEVICE_ENV, EXIT_NONFINITE, EXIT_PREEMPTED, PROGRESS_ENV, STOP_MARKER_ENV
 from shardtrain.runtime import checkpoint as ckpt
 from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed, reduce_sum
+from shardtrain.runtime.export import save_final
 from shardtrain.runtime.build import Run, setup
 from shardtrain.runtime.data import count_label_tokens, eval_indices
 from shardtrain.runtime.faults import maybe_damage, maybe_kill, maybe_oom, poison_loss, test_signal
@@ -248,7 +249,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
               "nonfinite_steps": nonfinite.total, "nonfinite_stop": stopped}
     if not preempted and not stopped:  # a non-finite stop writes nothing: the last checkpoint stays the newest
         save(total)
-        ckpt.save_final(eng, run_dir / rf.FINAL, r.tokenizer)
+        save_final(eng, run_dir / rf.FINAL, r.tokenizer, cfg.run.export)  # run.export (runtime/export.py)
     result["memory"] = r.write_memory_report(meter, phase)
     release_shared()
     eng.close()
