@@ -214,8 +214,7 @@ def test_unmodified_trainer_script_runs_the_plan(tmp_path, strategy):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     plan = json.loads((run / "plan.json").read_text())
-    c = plan["chosen"]
-    micro, accum, world = c["micro_batch_size"], c["grad_accum_steps"], c["world_size"]
+    micro, accum, world = plan["micro_batch_size"], plan["grad_accum_steps"], plan["world_size"]
     assert (micro, accum, world) == (2, 2, 2)
     rep = json.loads(report.read_text())
     # the Trainer's own values, and its own log lines (rank 0's output is streamed to our console)
@@ -234,7 +233,7 @@ def test_unmodified_trainer_script_runs_the_plan(tmp_path, strategy):
     command = (run / "command.txt").read_text()
     assert str(TRAINER) in command and "--per_device_train_batch_size 2" in command
     assert {"run.yaml", "plan.json", "command.txt"} <= {p.name for p in run.iterdir()} and any((run / "logs").iterdir())
-    assert out.strip().splitlines()[-1].startswith("shardtrain: OK")
+    assert r.stdout.strip().splitlines()[-1].startswith("shardtrain: OK")
 
 
 @pytest.mark.multiproc
@@ -249,3 +248,35 @@ def test_plain_accelerate_loop_reads_the_fsdp2_plan(tmp_path):
     assert rep["fsdp_from_env"] == {"version": 2, "reshard_after_forward": True,
                                     "transformer_cls_names_to_wrap": ["LlamaDecoderLayer"],
                                     "state_dict_type": "StateDictType.SHARDED_STATE_DICT"}
+
+
+# --------------------------------------------------------------------------- sbatch
+def test_sbatch_runs_the_users_command_on_every_node(tmp_path, capsys):
+    """The rendered batch script, run by bash with srun/scontrol as shell functions and a stand-in
+    interpreter that records its argv: each node's launcher gets the user's words intact (quotes, spaces,
+    `$`), after torchrun's flags, and the job exports accelerate's variables."""
+    from torch.distributed.run import get_args_parser
+
+    from shardtrain.cli import main
+    run, job = tmp_path / "run", tmp_path / "job.sbatch"
+    fake = tmp_path / "fakepy"
+    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKEPY_OUT.$SLURM_NODEID"\n')
+    fake.chmod(0o755)
+    words = ["train.py", "--output_dir", "o d", "--note", "it's $HOME"]
+    assert main(["sbatch", *PLAN_FLAGS, "--strategy", "fsdp_full_shard", "--nodes", "2", "--run-dir", str(run),
+                 "--python", str(fake), "--script", str(job), "--trainer-args", "--", "python", *words]) == 0
+    text = job.read_text()
+    assert "SHARDTRAIN_COMMAND=(" in text and "export ACCELERATE_USE_FSDP=true" in text and "FSDP_VERSION=2" in text
+    assert "shardtrain.runtime.worker" not in text
+    stubs = ('srun() { while [ "$1" != bash ]; do shift; done; for n in 0 1; do SLURM_NODEID=$n "$@"; done; }; '
+             'scontrol() { printf "n1\\nn2\\n"; }; export -f srun scontrol; ')
+    env = {**os.environ, "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "77", "FAKEPY_OUT": str(tmp_path / "argv")}
+    r = subprocess.run(["bash", "-c", stubs + f"source {job}"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for node in (0, 1):
+        argv = (tmp_path / f"argv.{node}").read_text().splitlines()
+        assert argv[:2] == ["-m", "torch.distributed.run"]
+        a = get_args_parser().parse_args(argv[2:])
+        assert a.nnodes == "2" and a.training_script == "train.py" and not a.module
+        assert a.training_script_args[:4] == words[1:]
+        assert a.training_script_args[4:6] == ["--per_device_train_batch_size", "2"] and "--use_cpu" in argv

@@ -70,6 +70,14 @@ def _entry_tail(entry: Entrypoint, module_flag: str, no_python_flag: str) -> lis
     return head + [entry.target] + [_w(a) for a in entry.args]
 
 
+def entry_argv(launcher: str | Launcher, entry: Entrypoint) -> list[str]:
+    """The words ``launcher`` takes after its own flags to run ``entry`` (a Slurm script passes them to
+    every node as ``"$@"``, so the user's words appear once, quoted, in the batch shell)."""
+    if parse_launcher(launcher) is Launcher.TORCHRUN:
+        return _entry_tail(entry, "-m", "--no-python")
+    return _entry_tail(entry, "--module", "--no_python")
+
+
 class Shell(str):
     """A word the script's shell expands when it runs (``"$SHARDTRAIN_HEAD:$SHARDTRAIN_PORT"``)."""
     __slots__ = ()

@@ -50,6 +50,8 @@ def add_sbatch_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_sbatch_arguments(p)
     p.set_defaults(func=sbatch_cli)
+    from shardtrain.launcher.cli import take_user_command
+    take_user_command(p)  # `-- python train.py ARGS`: the user's own script on every rank
     return p
 
 
@@ -85,6 +87,8 @@ def add_sbatch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--script", metavar="PATH",
                    help="write the script here (default: print it; with --submit: RUN_DIR/job.sbatch)")
     p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
+    p.add_argument("--trainer-args", action="store_true",
+                   help="with `-- python train.py ...`: append the plan's TrainingArguments flags (as `launch`)")
 
 
 #: sbatch flags that are SbatchJob fields as they are (same name, same value).
@@ -98,7 +102,7 @@ def build_job(args: argparse.Namespace, run_dir: Path, cfg, plan, overrides: Seq
     (flags only) a job that must re-prepare its run dir does it from the run dir's own run.yaml."""
     from shardtrain import rundir_format as rf
     from shardtrain.compiler.specs import Device
-    from shardtrain.launcher.rankstart import choose_launcher
+    from shardtrain.launcher.rankstart import choose_launcher, entry_argv
     from shardtrain.slurm import resources
     max_requeues = args.max_requeues
     if max_requeues is None:
@@ -110,22 +114,39 @@ def build_job(args: argparse.Namespace, run_dir: Path, cfg, plan, overrides: Seq
             raise SystemExit(f"--env {item!r}: write NAME=VALUE")
         env.append((name, value))
     request_gpus = args.request_gpus and cfg.run.device != Device.CPU
+    launcher = choose_launcher(args.launcher, cfg, plan)
+    own = _own_script(args, cfg, plan, run_dir, device="cuda" if request_gpus else "cpu")
+    if own is not None:  # accelerate's variables first: the user's --env wins
+        env = [*own.env.items(), *env]
     return SbatchJob(
         run_dir=str(run_dir),
         nodes=cfg.hardware.nodes,
         gpus_per_node=cfg.hardware.gpus_per_node,
-        launcher=choose_launcher(args.launcher, cfg, plan),
+        launcher=launcher,
         job_name=args.job_name or run_dir.name,
         config=str(Path(args.config).absolute()) if args.config else str(run_dir / rf.RUN_YAML),
         overrides=tuple(overrides) if args.config else (),  # run.yaml already holds them
-        python=args.python or sys.executable,
+        python=args.python or (own.python if own is not None and own.python else sys.executable),
         max_requeues=max_requeues,
         env=tuple(env),
+        user_command=tuple(entry_argv(launcher, own.entry)) if own is not None else (),
         request_gpus=request_gpus,
         cpus_per_task=args.cpus_per_task if args.cpus_per_task is not None else resources.cpus_per_task(plan),
         mem=args.mem if args.mem is not None else resources.mem_per_node(plan, on_cpu=not request_gpus),
         **{name: getattr(args, name) for name in _AS_IS},
     )
+
+
+def _own_script(args: argparse.Namespace, cfg, plan, run_dir: Path, device: str):
+    """The user's command after `--` (launcher/ownscript.py), or None for our worker."""
+    command = list(getattr(args, "user_command", None) or [])
+    if getattr(args, "trainer_args", False) and not command:
+        raise ValueError("--trainer-args adds TrainingArguments flags to your own script: give it after `--`")
+    if not command:
+        return None
+    from shardtrain.launcher.ownscript import own_script
+    return own_script(command, plan, cfg, run_dir=str(run_dir), device=device,
+                      trainer_args=getattr(args, "trainer_args", False), environ={})
 
 
 def _effective_overrides(args: argparse.Namespace) -> list[str]:
@@ -154,6 +175,11 @@ def sbatch_cli(args: argparse.Namespace) -> int:
         raise SystemExit(f"shardtrain sbatch: {exc}") from None
     # command.txt is the job itself: its nodes, GPUs and device are the plan's, not this machine's
     rundir.write_run_dir(run_dir, cfg, plan, command_text=text, resume=cfg.run.resume is not Resume.NEVER)
+    if job.user_command:  # the Trainer-facing DeepSpeed JSON the user's command is pointed at
+        from shardtrain.launcher.ownscript import script_files
+        from shardtrain import rundir_format as rf
+        for name, d in script_files(plan, cfg).items():
+            (run_dir / name).write_text(rf.json_text(d))
     script: Optional[Path] = Path(args.script) if args.script else None
     if args.submit and script is None:
         script = run_dir / "job.sbatch"

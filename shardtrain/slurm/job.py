@@ -126,6 +126,11 @@ class SbatchJob:
     worker_module: str = WORKER_MODULE
     """Python module each rank runs (``-m``) with ``--run-dir``; tests use a stand-in."""
 
+    user_command: tuple[str, ...] = ()
+    """Own-script jobs (``shardtrain sbatch ... -- python train.py ARGS``): the launcher's words for the
+    user's command (rankstart.entry_argv: ``train.py ARGS``, ``-m MOD ARGS``, ``--no-python PROG ARGS``),
+    run on every rank instead of ``worker_module``; quoted once into a bash array by the script."""
+
     comment: tuple[str, ...] = ()
     """Extra comment lines for the script header (e.g. how to submit it)."""
 
@@ -169,6 +174,8 @@ class SbatchJob:
             texts[f"overrides[{i}]"] = o
         for i, c in enumerate(self.comment):
             texts[f"comment[{i}]"] = c
+        for i, w in enumerate(self.user_command):
+            texts[f"user_command[{i}]"] = w
         for name, value in self.env:
             if not _ENV_NAME.match(name):
                 raise ValueError(f"invalid environment variable name {name!r}")

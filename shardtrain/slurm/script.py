@@ -103,9 +103,11 @@ def sbatch_options(job: SbatchJob) -> dict[str, Optional[str]]:
 
 def launcher_argv(job: SbatchJob) -> list[str]:
     """The per-node launcher command (rankstart's argv). Contains no user text: only integers,
-    the validated worker module and Shell words naming variables the batch shell exported."""
+    the validated worker module and Shell words naming variables the batch shell exported; an own-script
+    job's command comes as the per-node script's arguments (``"$@"``, from the SHARDTRAIN_COMMAND array)."""
     common = dict(module=job.worker_module, python=rs.Shell("$SHARDTRAIN_PYTHON"),
-                  script_args=["--run-dir", rs.Shell("$SHARDTRAIN_RUN_DIR")])
+                  script_args=["--run-dir", rs.Shell("$SHARDTRAIN_RUN_DIR")],
+                  entry=rs.Entrypoint(rs.EntryKind.SCRIPT, rs.Shell("$@")) if job.user_command else None)
     if job.launcher is Launcher.TORCHRUN:
         return rs.torchrun_argv(nproc_per_node=job.gpus_per_node, nnodes=job.nodes,
                                 rdzv_endpoint=rs.Shell("$SHARDTRAIN_HEAD:$SHARDTRAIN_PORT"),
@@ -157,6 +159,8 @@ def render(job: SbatchJob) -> str:
     ]
     if job.config is not None:
         out.append(f"SHARDTRAIN_CONFIG={_path_word(job.config)}")
+    if job.user_command:  # the user's command, every word quoted once; each node gets it as "$@"
+        out.append("SHARDTRAIN_COMMAND=(" + " ".join(q(w) for w in job.user_command) + ")")
     out += ["", "# ---- common environment ----"]
     env = dict(COMMON_ENV)
     env.update(dict(job.env))
@@ -229,5 +233,5 @@ def render(job: SbatchJob) -> str:
     srun += ["--kill-on-bad-exit=1", "--wait=60", "bash -c '"]
     out.append(" ".join(srun))
     out += _launcher_lines(job)
-    out += ["'", ""]
+    out += ["' shardtrain-node \"${SHARDTRAIN_COMMAND[@]}\"" if job.user_command else "'", ""]
     return "\n".join(out)
