@@ -133,6 +133,7 @@ def _warnings(raw: dict) -> list[str]:
     ({"hardware": {"inter_node_bandwidth": "25GB"}}, "hardware.inter_node_bandwidth"),
     ({"data": {"eval": "e.jsonl", "eval_fraction": 0.2}}, "data.eval_fraction"),
     ({"run": {"eval_every": 0, "eval_batches": 8}}, "run.eval_batches"),
+    ({"run": {"export": "merged"}}, "run.export"),
 ])
 def test_an_ignored_setting_gets_one_line(raw, key):
     lines = _warnings(raw)
@@ -148,6 +149,7 @@ def test_an_ignored_setting_gets_one_line(raw, key):
     {"hardware": {"nvme_path": "/nvme", "nvme_capacity": "2TB"}},
     {"hardware": {"nodes": 2, "inter_node_bandwidth": "25GB"}},
     {"lora": {"rank": 16}},  # the default: nothing was set
+    {"train": {"method": "lora"}, "run": {"export": "both"}},
 ])
 def test_settings_that_count_are_not_warned_about(raw):
     assert _warnings(raw) == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from shardtrain.compiler.specs import GradCkpt, LossMode, Method, OffloadDevice, Strategy
+from shardtrain.compiler.specs import Export, GradCkpt, LossMode, Method, OffloadDevice, Strategy
 
 #: Warnings already printed by this process (the config is re-validated after every override and by
 #: the OOM re-plan: one line per setting, not one per validation).
@@ -41,10 +41,9 @@ def ignored_settings(cfg) -> list[str]:
         keys = ", ".join(f"lora.{k}" for k in lora)
         out.append(f"{keys}: ignored, train.method is full (the lora section applies to lora/qlora; set "
                    "train.method: lora, or allow_method_change: true to let the planner switch)")
-    export = getattr(run, "export", None)  # run.export (LoRA merge on export)
-    if export is not None and getattr(export, "value", export) != "adapter" and not _method_may_be_adapter(t):
-        out.append(f"run.export: {getattr(export, 'value', export)}: ignored, train.method is full (final/ holds "
-                   "the full weights already; export applies to LoRA adapters)")
+    if run.export is not Export.ADAPTER and not _method_may_be_adapter(t):
+        out.append(f"run.export: {run.export.value}: ignored, train.method is full (final/ holds the full weights "
+                   "already; run.export applies to LoRA adapters)")
     if m.name is not None:
         dims = [k for k in ("hidden", "layers", "heads", "kv_heads", "vocab", "intermediate") if getattr(m, k) is not None]
         if dims:
