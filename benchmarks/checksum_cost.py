@@ -1,0 +1,220 @@
+"""What the checkpoint digests cost (issue 21): raw hash throughput per candidate algorithm, and the time of
+a checkpoint save with and without the digest, on the same state and file system, alternating.
+
+    python benchmarks/checksum_cost.py                    # 512 MiB of fp32 tensors, 5 rounds
+    python benchmarks/checksum_cost.py --size-mib 1024 --rounds 7 --record
+
+Save paths, each written the way runtime/checkpoint.py writes it and fsynced (as the seal does); the
+writer hashes buffers of 1 MiB or more on a helper thread while it writes them (ckpt_hash.HashingWriter):
+  torch.save   one state-dict file (torch.save into a plain file vs into ckpt_hash.HashingWriter)
+  dcp          torch.distributed.checkpoint, one process (FileSystemWriter vs ckpt_digest.Recorder's
+               hashing writer): the portable layout every engine writes
+"Cost at 1 GB/s" is the hashing time of 1 GB at the measured single-core throughput, as a fraction of the
+1 s such a save takes: the issue's budget is 5%. Candidates not installed are listed as such (crc32c:
+pip install crc32c / google-crc32c). --record writes benchmarks/results/checksum_cost.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "checksum_cost.md"
+CHUNK = 8 << 20  # bytes per update: the order of what torch.save / DCP hand to write() for big tensors
+
+
+def _candidates() -> dict:
+    """name -> (factory of an object with update(bytes)) or a reason it is unavailable."""
+    out: dict = {}
+    try:
+        import xxhash
+        out["xxh3_64 (xxhash)"] = xxhash.xxh3_64
+        out["xxh3_128 (xxhash)"] = xxhash.xxh3_128
+        out["xxh64 (xxhash)"] = xxhash.xxh64
+    except ImportError:
+        out["xxh3_64 (xxhash)"] = "not installed"
+    try:
+        import crc32c
+
+        class C:
+            def __init__(self):
+                self.v = 0
+
+            def update(self, b):
+                self.v = crc32c.crc32c(b, self.v)
+        out["crc32c (crc32c)"] = C
+    except ImportError:
+        out["crc32c (crc32c)"] = "not installed"
+    try:
+        import google_crc32c
+        out["crc32c (google-crc32c)"] = lambda: _BytesOnly(google_crc32c.Checksum())
+    except ImportError:
+        out["crc32c (google-crc32c)"] = "not installed"
+
+    class Z:
+        def __init__(self):
+            self.v = 0
+
+        def update(self, b):
+            self.v = zlib.crc32(b, self.v)
+    out["crc32 (zlib)"] = Z
+    out["blake2b (hashlib)"] = hashlib.blake2b
+    out["sha256 (hashlib)"] = hashlib.sha256
+    return out
+
+
+class _BytesOnly:
+    """google-crc32c's C extension takes bytes only: the copy is part of its cost through this API."""
+    def __init__(self, h):
+        self.h = h
+
+    def update(self, b):
+        self.h.update(bytes(b))
+
+
+def hash_throughput(buf: memoryview, rounds: int) -> list[tuple[str, float | None]]:
+    """(algorithm, GB/s on one core, best of ``rounds``) over ``buf`` in CHUNK-byte updates."""
+    rows = []
+    for name, make in _candidates().items():
+        if isinstance(make, str):
+            rows.append((name, None))
+            continue
+        best = float("inf")
+        for _ in range(rounds):
+            h = make()
+            t0 = time.perf_counter()
+            for i in range(0, len(buf), CHUNK):
+                h.update(buf[i:i + CHUNK])
+            best = min(best, time.perf_counter() - t0)
+        rows.append((name, len(buf) / best / 1e9))
+    return rows
+
+
+def _state(size_mib: int) -> dict:
+    import torch
+    torch.manual_seed(0)
+    n = size_mib * (1 << 20) // 4 // 8
+    return {f"layer{i}.weight": torch.randn(n) for i in range(8)}
+
+
+def _fsync_tree(d: Path) -> None:
+    for p in d.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def _save_torch(state, d: Path, digest: bool) -> None:
+    import torch
+    from shardtrain.runtime.ckpt_hash import HashingWriter
+    p = d / "model.pt"
+    if digest:
+        with HashingWriter(p) as f:
+            torch.save(state, f)
+    else:
+        with open(p, "wb") as f:
+            torch.save(state, f)
+
+
+def _save_dcp(state, d: Path, digest: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from shardtrain.runtime.ckpt_digest import Recorder
+    writer = Recorder(d).dcp_writer(d / "state") if digest else dcp.FileSystemWriter(str(d / "state"))
+    dcp.save(state, storage_writer=writer, no_dist=True)
+
+
+def save_times(state, work: Path, rounds: int) -> dict[tuple[str, bool], list[float]]:
+    """Seconds per save (write + fsync of every file), the variants alternating round by round; a first
+    round of each (page cache, allocator, DCP planning caches) is run and dropped."""
+    times: dict = {}
+    for r in range(-1, rounds):
+        for path, fn in (("torch.save", _save_torch), ("dcp", _save_dcp)):
+            for digest in ((False, True) if r % 2 == 0 else (True, False)):
+                d = work / f"{path}-{digest}-{r}"
+                d.mkdir(parents=True)
+                t0 = time.perf_counter()
+                fn(state, d, digest)
+                _fsync_tree(d)
+                if r >= 0:
+                    times.setdefault((path, digest), []).append(time.perf_counter() - t0)
+                shutil.rmtree(d)
+    return times
+
+
+def _versions() -> str:
+    import torch
+    vs = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for mod in ("xxhash", "crc32c", "google_crc32c"):
+        try:
+            m = __import__(mod)
+            vs.append(f"{mod} {getattr(m, 'VERSION', None) or getattr(m, '__version__', '?')}")
+        except ImportError:
+            pass
+    return ", ".join(vs)
+
+
+def _machine() -> str:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}{load}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=512, help="state size to save (fp32 tensors)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
+    ap.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
+    ap.add_argument("--record", action="store_true", help=f"write {RESULTS.relative_to(ROOT)}")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    state = _state(args.size_mib)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    raw = memoryview(bytearray(os.urandom(256 << 20)))
+    rows = hash_throughput(raw, rounds=5)
+    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+        times = save_times(state, Path(work), args.rounds)
+    lines = [f"`python benchmarks/checksum_cost.py --size-mib {args.size_mib} --rounds {args.rounds}"
+             f"{' --dir ' + args.dir if args.dir else ''}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+             f"{time.time() - t_start:.0f} s; {_machine()}; {_versions()}.", "",
+             "Hash throughput, one core, 256 MiB in 8 MiB updates (best of 5):", "",
+             "| algorithm | GB/s | cost at a 1 GB/s save |", "|---|---|---|"]
+    for name, gbs in rows:
+        lines.append(f"| {name} | {gbs:.2f} | {1 / gbs:.1%} |" if gbs else f"| {name} | not installed | |")
+    lines += ["", f"Save of {nbytes / 2**20:.0f} MiB, write + fsync, median of {args.rounds} alternating rounds:", "",
+              "| save path | without digest (s) | with digest (s) | with/without | throughput without (GB/s) |",
+              "|---|---|---|---|---|"]
+    for path in ("torch.save", "dcp"):
+        a, b = statistics.median(times[(path, False)]), statistics.median(times[(path, True)])
+        lines.append(f"| {path} | {a:.3f} | {b:.3f} | {b / a:.3f} | {nbytes / a / 1e9:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        head = ("# Checkpoint digest cost (benchmarks/checksum_cost.py)\n\n"
+                "The digest is XXH3-64 (runtime/ckpt_hash.py), taken while the files are written. "
+                "Budget (issue 21): under 5% of the save time at 1 GB/s.\n\n")
+        RESULTS.write_text(head + text + "\n")
+        print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
