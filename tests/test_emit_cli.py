@@ -17,10 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/examples/tiny-cpu.yaml")
 
 
+OWN_SCRIPT = {"trainer_args.json", "accelerate.yaml", "README.md"}  # for the user's own script (emit/trainer.py)
+
+
 @pytest.mark.parametrize("strategy,expect", [
-    ("zero3", {"plan.json", "run.yaml", "ds_config.json", "accelerate.yaml", "launch.sh"}),
-    ("fsdp_full_shard", {"plan.json", "run.yaml", "fsdp.json", "accelerate.yaml", "launch.sh"}),
-    ("ddp", {"plan.json", "run.yaml", "accelerate.yaml", "launch.sh"})])
+    ("zero3", {"plan.json", "run.yaml", "ds_config.json", "hf_ds_config.json", "launch.sh", *OWN_SCRIPT}),
+    ("fsdp_full_shard", {"plan.json", "run.yaml", "fsdp.json", "launch.sh", *OWN_SCRIPT}),
+    ("ddp", {"plan.json", "run.yaml", "launch.sh", *OWN_SCRIPT})])
 def test_out_dir_files(strategy, expect, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["emit", TINY, "--strategy", strategy, "--out", str(out)]) == 0

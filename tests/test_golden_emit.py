@@ -1,7 +1,9 @@
 """Golden files for a representative matrix of emitted outputs (tests/golden/emit/<case>/<file>):
-DeepSpeed JSON (plain and `trainer` flavour), FSDP settings, accelerate YAML, launch.sh, hostfile,
+DeepSpeed JSON (our worker's ds_config.json and the Trainer/accelerate hf_ds_config.json), FSDP settings,
+trainer_args.json, lora_config.json / bnb_config.json, accelerate YAML, launch.sh, hostfile, README.md
 and the torchrun / deepspeed command lines — everything `shardtrain emit` writes except plan.json
 and run.yaml (those follow the planner and the schema, which have their own tests).
+tests/test_check_roundtrip.py runs `shardtrain check` on every one of these files.
 
 Regenerate after a deliberate change, then review the diff:
     SHARDTRAIN_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden_emit.py
@@ -46,8 +48,8 @@ def outputs(name: str) -> dict[str, str]:
     nodes = plan.hardware.nodes
     site = Site(run_dir=f"/runs/{name}", hosts=tuple(f"node{i}" for i in range(nodes)) if nodes > 1 else ())
     files = {k: v for k, v in bundle(plan, site).items() if k not in ("plan.json", "run.yaml")}
-    if plan.strategy.engine.value == "deepspeed":
-        files["trainer.json"] = render("trainer", plan, site)
+    if plan.strategy.engine.value == "deepspeed":  # `--format trainer` prints the bundle's hf_ds_config.json
+        assert render("trainer", plan, site) == files["hf_ds_config.json"]
     files["torchrun.txt"] = render("torchrun", plan, site)
     files["deepspeed-cmd.txt"] = render("deepspeed-cmd", plan, site)
     return files

@@ -117,8 +117,9 @@ class TrainConfig:
     """Let the planner switch to LoRA/QLoRA when full fine-tuning does not fit."""
     headroom: float = _TRAIN.headroom_fraction
     """Fraction of GPU memory kept free for fragmentation."""
-    lr: float = 3e-4
-    """Peak learning rate."""
+    lr: float | Auto = Auto.AUTO
+    """Peak learning rate; auto: the method's default (DEFAULT_LR: full 1e-5, lora/qlora 2e-4), resolved
+    when the config is parsed, so run.yaml, the DeepSpeed JSON and the Trainer args carry the number."""
     min_lr_ratio: float = 0.1
     """Cosine schedule floor as a fraction of lr."""
     warmup_steps: int = 10
@@ -242,7 +243,7 @@ _CHECKS = {
     "train.selective_every": (lambda v: v >= 1, "must be >= 1"),
     "train.loss_chunk_tokens": (lambda v: v >= 1, "must be >= 1, e.g. 512"),
     "train.headroom": (lambda v: 0 <= v < 0.9, "must be a fraction in [0, 0.9), e.g. 0.05"),
-    "train.lr": (lambda v: v > 0, "must be > 0, e.g. 3e-4"),
+    "train.lr": (lambda v: v is Auto.AUTO or v > 0, "must be auto or > 0, e.g. 2e-4"),
     "train.steps": (lambda v: v >= 1, "must be >= 1"),
     "train.warmup_steps": (lambda v: v >= 0, "must be >= 0"),
     "train.grad_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
@@ -310,9 +311,23 @@ def parse_run_config(raw: dict | None, overrides: dict[str, object] | None = Non
         raise ConfigError(f"run.export: {cfg.run.export.value} with train.method qlora: merging into the 4-bit NF4 "
                           "base would round the merged weights back to 4 bits; set run.export: adapter and merge "
                           "onto the 16-bit base afterwards (PeftModel.from_pretrained(base, 'final').merge_and_unload())")
+    if cfg.train.lr is Auto.AUTO:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=default_lr(cfg.train.method)))
     from shardtrain.config.ignored import warn_ignored  # settings this run ignores: one line each (issue 22)
     warn_ignored(cfg)
     return cfg
+
+
+#: train.lr: auto, by method. Full fine-tuning moves every weight: 1e-5 (this repo's
+#: configs/examples/llama3-8b-full-8x80gb.yaml; LLaMA-Factory examples/train_full/llama3_full_sft.yaml
+#: learning_rate 1.0e-5). LoRA/QLoRA train small zero-initialised adapters: 2e-4 (this repo's
+#: llama3-8b-lora-1x24gb.yaml; axolotl examples/llama-3/lora-8b.yml and qlora.yml learning_rate 0.0002).
+DEFAULT_LR = {Method.FULL: 1e-5, Method.LORA: 2e-4, Method.QLORA: 2e-4}
+
+
+def default_lr(method: Method) -> float:
+    """The learning rate `train.lr: auto` resolves to for ``method``."""
+    return DEFAULT_LR[method]
 
 
 def load_run_config(path: str | Path | None, overrides: dict[str, object] | None = None) -> RunConfig:

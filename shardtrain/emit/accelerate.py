@@ -16,7 +16,7 @@ from __future__ import annotations
 import yaml
 
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import Engine, Precision
+from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision
 from shardtrain.emit.fsdp import fsdp_settings
 from shardtrain.rundir_format import DS_CONFIG_JSON
 
@@ -99,13 +99,34 @@ def notes(plan: Plan) -> list[str]:
             out.append("selective checkpointing is not expressible here: every layer is checkpointed")
     if plan.hardware.nodes > 1:
         out.append("run the same command on every node, adding --machine_rank N (0 on the first node)")
-    return out + memory_saver_notes(plan)
+    return out + memory_saver_notes(plan) + ["what your script must do: README.md next to this file"]
 
 
-def memory_saver_notes(plan: Plan) -> list[str]:
-    """What the plan assumed that no engine config can express (chunked loss, activation offload):
-    the training code must do it, as shardtrain's runtime does (shardtrain/runtime/loss.py)."""
+def checkpointing_note(plan: Plan) -> str | None:
+    """Activation checkpointing the plan needs where no accelerate/DeepSpeed key expresses it (DeepSpeed's
+    activation_checkpointing block is for Megatron-style models, not HF ones; DDP has none); None when it is
+    off or the FSDP config carries it (fsdp_activation_checkpointing)."""
+    c = plan.chosen
+    if c.gradient_checkpointing is GradCkpt.NONE or c.strategy.engine is Engine.FSDP:
+        return None
+    sel = c.gradient_checkpointing is GradCkpt.SELECTIVE
+    every = f"every_n_layers={plan.train.selective_every}"
+    kw = {"use_reentrant": False, **({"every_n_layers": plan.train.selective_every} if sel else {})}
+    return (f"gradient checkpointing {c.gradient_checkpointing.value}: needed to fit, and no accelerate/DeepSpeed "
+            f"key turns it on for an HF model: TrainingArguments(activation_checkpointing=True, "
+            f"activation_checkpointing_kwargs={kw}) (trainer_args.json), or "
+            "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False}"
+            + (f", {every}" if sel else "") + ")")
+
+
+def memory_saver_notes(plan: Plan, *, checkpointing: bool = True) -> list[str]:
+    """What the plan assumed that no engine config can express (activation checkpointing outside FSDP,
+    chunked loss, activation offload, QLoRA's quant storage): the training code must do it, as shardtrain's
+    runtime does (shardtrain/runtime/loss.py). ``checkpointing``: include :func:`checkpointing_note`."""
     c, out = plan.chosen, []
+    note = checkpointing_note(plan) if checkpointing else None
+    if note:
+        out.append(note)
     if c.loss.value == "chunked":
         out.append(f"the plan assumes a CHUNKED loss (lm_head + fp32 cross-entropy {plan.train.loss_chunk_tokens} "
                    "tokens at a time; its memory has no full logits term): no accelerate/DeepSpeed key does "
@@ -115,6 +136,10 @@ def memory_saver_notes(plan: Plan) -> list[str]:
         out.append("the plan assumes activation offload to host RAM (torch.autograd.graph.save_on_cpu around "
                    "the forward, pinned memory); no accelerate/DeepSpeed key does this: wrap your forward, "
                    "or use shardtrain launch")
+    if c.method is Method.QLORA:
+        from shardtrain.emit.trainer import BNB_CONFIG_JSON, quant_storage_dtype
+        out.append(f"QLoRA: load the model with BitsAndBytesConfig(bnb_4bit_quant_storage={quant_storage_dtype(plan)}, "
+                   f"...) ({BNB_CONFIG_JSON})")
     return out
 
 

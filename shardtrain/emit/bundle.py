@@ -1,7 +1,12 @@
 """Everything `shardtrain emit` writes for one plan, as {file name: text} (pure: no file writes).
 
-The directory doubles as a run directory for `python -m shardtrain.runtime.worker --run-dir DIR`
-(run.yaml + plan.json + ds_config.json / fsdp.json), so `bash DIR/launch.sh` trains.
+Two audiences, with distinct files where they must differ:
+- the user's own script (HF Trainer / TRL, accelerate loop, peft): trainer_args.json, hf_ds_config.json
+  ("auto" where the Trainer/accelerate fill values), lora_config.json / bnb_config.json, accelerate.yaml,
+  and README.md listing what the script must do (emit/trainer.py, emit/readme.py);
+- shardtrain's worker: the directory doubles as a run directory for `python -m shardtrain.runtime.worker
+  --run-dir DIR` (run.yaml + plan.json + ds_config.json / fsdp.json), so `bash DIR/launch.sh` trains.
+`shardtrain check` recognises and passes every one of these files (emit/check_bundle.py).
 """
 from __future__ import annotations
 
@@ -13,11 +18,18 @@ from shardtrain import rundir_format as rf
 from shardtrain.compiler.plan import Plan
 from shardtrain.compiler.specs import Engine, Launcher
 from shardtrain.emit import accelerate as acc
+from shardtrain.emit import trainer as T
 from shardtrain.emit.deepspeed import deepspeed_config
 from shardtrain.emit.fsdp import fsdp_settings
+from shardtrain.emit.readme import readme
 from shardtrain.launcher import rankstart as rs
 
-FORMATS = ("deepspeed", "trainer", "accelerate", "fsdp", "torchrun", "deepspeed-cmd", "hostfile")
+FORMATS = ("deepspeed", "trainer", "trainer-args", "accelerate", "fsdp", "torchrun", "deepspeed-cmd", "hostfile",
+           "readme")
+README_MD = "README.md"
+ACCELERATE_YAML = "accelerate.yaml"
+LAUNCH_SH = "launch.sh"
+HOSTFILE = "hostfile"
 
 
 class EmitError(ValueError):
@@ -43,13 +55,6 @@ class Site:
         if self.hosts and len(self.hosts) != nodes:
             raise EmitError(f"--hosts: {len(self.hosts)} hosts given for hardware.nodes {nodes}; list one per node")
         return self.master_addr or (self.hosts[0] if self.hosts else None)
-
-
-def _ds_kwargs(cfg) -> dict:
-    if cfg is None:
-        return {}
-    t = cfg.train
-    return {"grad_clip": t.grad_clip, "lr": t.lr, "weight_decay": t.weight_decay, "nvme_path": cfg.hardware.nvme_path}
 
 
 def torchrun_command(plan: Plan, site: Site) -> list[str]:
@@ -79,12 +84,20 @@ def deepspeed_command(plan: Plan, site: Site) -> list[str]:
 
 def render(fmt: str, plan: Plan, site: Site, cfg=None) -> str:
     """One output format as text (`shardtrain emit --format FMT`)."""
-    if fmt in ("deepspeed", "trainer"):
-        return json.dumps(deepspeed_config(plan, trainer=fmt == "trainer", **_ds_kwargs(cfg)), indent=2) + "\n"
+    if fmt == "deepspeed":
+        return _json(deepspeed_config(plan, **T.ds_kwargs(plan, cfg)))
+    if fmt == "trainer":
+        return _json(T.trainer_deepspeed_config(plan, cfg))
+    if fmt == "trainer-args":
+        return _json(T.training_arguments(plan, cfg, ds_config_path=f"{site.run_dir}/{T.HF_DS_CONFIG_JSON}"))
     if fmt == "fsdp":
-        return json.dumps(fsdp_settings(plan).to_dict(), indent=2) + "\n"
+        return _json(fsdp_settings(plan).to_dict())
+    if fmt == "readme":
+        return readme(plan, list(bundle(plan, site, cfg)), cfg)
     if fmt == "accelerate":
-        d = acc.accelerate_config(plan, ds_config_path=f"{site.run_dir}/{rf.DS_CONFIG_JSON}",
+        # the Trainer-facing DeepSpeed JSON: a Trainer under `accelerate launch` runs trainer_config_process
+        # on it (propagate_args_to_deepspeed), so a fixed lr would be a mismatch with its learning_rate
+        d = acc.accelerate_config(plan, ds_config_path=f"{site.run_dir}/{T.HF_DS_CONFIG_JSON}",
                                   main_process_ip=site.head(plan.hardware.nodes), main_process_port=site.master_port)
         return acc.render_yaml(d, acc.notes(plan))
     if fmt == "torchrun":
@@ -100,8 +113,9 @@ def render(fmt: str, plan: Plan, site: Site, cfg=None) -> str:
 
 
 def bundle(plan: Plan, site: Site, cfg=None) -> dict[str, str]:
-    """All files for the plan: plan.json, run.yaml (with a config), engine config, accelerate.yaml,
-    launch.sh (deepspeed launcher for ZeRO plans unless run.launcher says torchrun), hostfile."""
+    """All files for the plan: plan.json, run.yaml (with a config), the worker's engine config, the Trainer's
+    DeepSpeed JSON and arguments, LoRA/QLoRA configs, accelerate.yaml, launch.sh (deepspeed launcher for ZeRO
+    plans unless run.launcher says torchrun), hostfile, README.md."""
     engine = plan.strategy.engine
     with_facts = plan
     if cfg is not None:  # a run dir for the worker: plan.json carries the runtime facts (emit/runtime.py)
@@ -112,9 +126,14 @@ def bundle(plan: Plan, site: Site, cfg=None) -> dict[str, str]:
         files[rf.RUN_YAML] = rf.config_text(cfg.to_dict())
     if engine is Engine.DEEPSPEED:
         files[rf.DS_CONFIG_JSON] = render("deepspeed", plan, site, cfg)
+        files[T.HF_DS_CONFIG_JSON] = render("trainer", plan, site, cfg)
     if engine is Engine.FSDP:
         files[rf.FSDP_JSON] = render("fsdp", plan, site, cfg)
-    files["accelerate.yaml"] = render("accelerate", plan, site, cfg)
+    files[T.TRAINER_ARGS_JSON] = render("trainer-args", plan, site, cfg)
+    for name, d in ((T.LORA_CONFIG_JSON, T.lora_config(plan)), (T.BNB_CONFIG_JSON, T.bnb_config(plan))):
+        if d is not None:
+            files[name] = _json(d)
+    files[ACCELERATE_YAML] = render("accelerate", plan, site, cfg)
     use_ds = rs.choose_launcher(None, cfg, plan) is Launcher.DEEPSPEED
     argv = deepspeed_command(plan, site) if use_ds else torchrun_command(plan, site)
     c = plan.chosen
@@ -123,7 +142,12 @@ def bundle(plan: Plan, site: Site, cfg=None) -> dict[str, str]:
     if plan.hardware.nodes > 1:
         where += ("\nrun on the first node (the launcher reaches the others over ssh/pdsh)" if use_ds
                   else "\nrun the same script on every node")
-    files["launch.sh"] = rs.render_launch_script(argv, {**rs.WORKER_ENV, **rs.RESTART_ENV}, comment=where)
+    files[LAUNCH_SH] = rs.render_launch_script(argv, {**rs.WORKER_ENV, **rs.RESTART_ENV}, comment=where)
     if use_ds and plan.hardware.nodes > 1:
-        files["hostfile"] = render("hostfile", plan, site, cfg)
+        files[HOSTFILE] = render("hostfile", plan, site, cfg)
+    files[README_MD] = readme(plan, [*files, README_MD], cfg)
     return files
+
+
+def _json(d: dict) -> str:
+    return json.dumps(d, indent=2) + "\n"

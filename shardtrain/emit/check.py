@@ -1,4 +1,5 @@
-"""`shardtrain check`: lint a hand-written DeepSpeed JSON or accelerate YAML before it costs a job.
+"""`shardtrain check`: lint a hand-written DeepSpeed JSON or accelerate YAML before it costs a job
+(the other files `emit` writes: emit/check_bundle.py).
 
 Each finding names the key, the problem and the fix. DeepSpeed key names come from
 shardtrain.emit.deepspeed (the one module that spells them); accelerate keys from
@@ -258,12 +259,10 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
             for k in conflicts:
                 out.append(Finding(ERROR, k, "accelerate refuses it next to deepspeed_config_file",
                                    "delete it here; set it in the DeepSpeed JSON"))
-            p = Path(ds["deepspeed_config_file"])
-            p = p if p.is_absolute() or p.exists() else base_dir / p
-            if not p.is_file():
-                out.append(Finding(ERROR, "deepspeed_config.deepspeed_config_file", f"{p} does not exist",
-                                   "point it at the JSON (relative paths resolve from where you launch)"))
-            else:
+            from shardtrain.emit.check_bundle import resolve_ref
+            p = resolve_ref(str(ds["deepspeed_config_file"]), base_dir / "accelerate.yaml",
+                            "deepspeed_config.deepspeed_config_file", out)
+            if p is not None:
                 ws = n if isinstance(n, int) and n > 0 else None
                 from shardtrain.config.safe_io import load_mapping
                 ds_json = load_mapping(p, fmt="json", what="deepspeed_config_file",
@@ -318,18 +317,24 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
     return out
 
 
-def load_any(path: str | Path) -> tuple[str, dict]:
-    """("deepspeed"|"accelerate", dict) by content: accelerate configs have distributed_type."""
-    from shardtrain.config.safe_io import load_file  # any bad file -> one ConfigError (a ValueError)
+def load_any(path: str | Path) -> tuple[str, object]:
+    """(kind, content) of any file `shardtrain emit` writes (emit/check_bundle.py Kind; a str enum, so
+    "deepspeed" / "accelerate" compare equal): text kinds (launch.sh, hostfile, README.md) give the text,
+    the others the parsed mapping."""
+    from shardtrain.config.safe_io import load_file, read_text  # any bad file -> one ConfigError (a ValueError)
+    from shardtrain.emit.check_bundle import Kind, kind_of_mapping, kind_of_text
     p = Path(path)
-    data = load_file(p, fmt="auto", what="config", fix="give a DeepSpeed JSON or an accelerate YAML "
-                     "(`shardtrain emit RUN.yaml` writes both)")
+    fix = "give a file `shardtrain emit --out DIR` writes (DeepSpeed JSON, accelerate YAML, fsdp.json, " \
+          "trainer_args.json, ...) or your own DeepSpeed JSON / accelerate YAML"
+    kind = kind_of_text(p, read_text(p, "config", fix))
+    if kind is not None:
+        return kind, read_text(p, "config", fix)
+    data = load_file(p, fmt="auto", what="config", fix=fix)
     if not isinstance(data, dict):
         raise ValueError(f"config '{p}': the top level must be a mapping (a JSON object), got {type(data).__name__}; "
                          "give a DeepSpeed JSON or an accelerate YAML")
-    kind = "accelerate" if isinstance(data, dict) and ("distributed_type" in data or "compute_environment" in data) \
-        else "deepspeed"
-    if kind == "accelerate":
+    kind = kind_of_mapping(data)
+    if kind is Kind.ACCELERATE:
         from shardtrain.config.safe_io import check_accelerate_shape
         check_accelerate_shape(data, p)
     return kind, data

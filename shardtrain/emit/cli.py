@@ -13,27 +13,35 @@ def add_parsers(sub) -> None:
     from shardtrain.config.flags import add_plan_flags
     from shardtrain.emit.bundle import FORMATS
     p = sub.add_parser("emit", help="write DeepSpeed/FSDP/accelerate configs and launch commands for the plan",
-                       description="Compile the plan and write plan.json, run.yaml, ds_config.json (DeepSpeed) or "
-                       "fsdp.json (FSDP), accelerate.yaml, launch.sh and, for multi-node DeepSpeed, hostfile into "
-                       "--out DIR (a run directory: `bash DIR/launch.sh` trains); or print one of them with --format.")
+                       description="Compile the plan and write into --out DIR: for your own script trainer_args.json "
+                       "(TrainingArguments), hf_ds_config.json (DeepSpeed for the Trainer/accelerate), lora_config.json"
+                       " / bnb_config.json (LoRA/QLoRA), accelerate.yaml and README.md (what your script must do); for "
+                       "shardtrain's worker plan.json, run.yaml, ds_config.json or fsdp.json, launch.sh and, for "
+                       "multi-node DeepSpeed, hostfile (`bash DIR/launch.sh` trains). Or print one with --format.")
     add_plan_flags(p)
     g = p.add_argument_group("emit")
     g.add_argument("--out", metavar="DIR", help="directory to write all files into")
     g.add_argument("--format", choices=FORMATS, help="print one output to stdout; trainer = DeepSpeed JSON for "
-                   "TrainingArguments(deepspeed=...)")
+                   "TrainingArguments(deepspeed=...) and accelerate (hf_ds_config.json); trainer-args = "
+                   "TrainingArguments keyword arguments (trainer_args.json); readme = the bundle's README.md")
     g.add_argument("--hosts", help="comma-separated node host names (multi-node hostfile; first = master)")
     g.add_argument("--master-addr", help="first node's address (multi-node rendezvous)")
     g.add_argument("--master-port", type=int, help="rendezvous port (default: derived from the run dir, 20000-29999)")
     g.add_argument("--run-dir", help="run directory the launch commands point at (default: --out, absolute)")
     p.set_defaults(func=cmd_emit)
 
-    p = sub.add_parser("check", help="lint a DeepSpeed JSON or accelerate YAML (and optionally: does it fit?)",
+    p = sub.add_parser("check", help="lint a DeepSpeed JSON, accelerate YAML or any file emit writes (and "
+                       "optionally: does it fit?)",
                        description="Lint FILE (DeepSpeed JSON or accelerate YAML) against the installed DeepSpeed/"
                        "accelerate (what they refuse: error; what they silently ignore: warning), plus "
                        "offload_param below stage 3, NVMe without a path, batch arithmetic, stray \"auto\" values, "
                        "8-bit optimizers with offload, QLoRA quant-storage dtype. With a run config or --model, "
-                       "also plan the file's strategy and say whether it fits. Exit 1 on errors.")
-    p.add_argument("file", metavar="FILE", help="ds_config.json or accelerate YAML")
+                       "also plan the file's strategy and say whether it fits. Every other file `emit --out` writes "
+                       "is recognised by its content and checked by the code that reads it: fsdp.json, "
+                       "trainer_args.json (TrainingArguments + transformers' DeepSpeed mismatch check), "
+                       "lora_config.json (peft), bnb_config.json (BitsAndBytesConfig), plan.json, run.yaml, "
+                       "launch.sh (bash -n), hostfile (DeepSpeed's parser), README.md. Exit 1 on errors.")
+    p.add_argument("file", metavar="FILE", help="a file emit wrote, your ds_config.json or accelerate YAML")
     add_plan_flags(p)
     g = p.add_argument_group("check")
     g.add_argument("--target", choices=("auto", "trainer", "deepspeed"), default="auto",
@@ -69,7 +77,7 @@ def cmd_emit(args: argparse.Namespace) -> int:
     try:
         if args.format:
             sys.stdout.write(render(args.format, plan, site, cfg))
-            if args.format in ("deepspeed", "trainer", "fsdp"):  # JSON has no comments: say it here
+            if args.format in ("deepspeed", "trainer", "trainer-args", "fsdp"):  # JSON has no comments: say it here
                 from shardtrain.emit.accelerate import memory_saver_notes
                 for note in memory_saver_notes(plan):
                     print(f"note: {note}", file=sys.stderr)
@@ -129,21 +137,42 @@ def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
     return o
 
 
+def _qlora_from_bundle(args, path: Path) -> None:
+    """A file of an emitted QLoRA bundle: the quant storage (and method) come from bnb_config.json beside it,
+    so `check` judges the file with the settings the user's script loads the model with."""
+    from shardtrain.emit.check_bundle import sibling
+    from shardtrain.emit.trainer import BNB_CONFIG_JSON
+    bnb = sibling(path, BNB_CONFIG_JSON)
+    if bnb is None or args.quant_storage:
+        return
+    import json
+    try:
+        d = json.loads(bnb.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(d, dict) and d.get("load_in_4bit"):
+        args.quant_storage = str(d.get("bnb_4bit_quant_storage") or "uint8").replace("torch.", "")
+        args.method = args.method or "qlora"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     import json
 
     from shardtrain.emit.check import (ERROR, INFO, Finding, auto_allowed, check_accelerate, check_deepspeed,
                                        find_auto_keys, load_any, looks_like_trainer_template)
+    from shardtrain.emit.check_bundle import check_other
     try:
         kind, data = load_any(args.file)
     except (OSError, ValueError) as e:
         from shardtrain.cli import one_line
         print(f"shardtrain: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_ERROR
+    path = Path(args.file)
+    _qlora_from_bundle(args, path)
     world = args.nodes * args.gpus_per_node if args.nodes and args.gpus_per_node else args.gpus_per_node
     wrap = None
     model_given = bool(args.config or args.model or args.params)
-    if kind == "accelerate" and args.model:
+    if kind in ("accelerate", "fsdp settings") and args.model:
         from shardtrain.config.presets import load_model_spec
         from shardtrain.emit.fsdp import transformers_layer_class
         spec = load_model_spec(args.model)
@@ -161,9 +190,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                 'plain DeepSpeed config)'
             notes.append(Finding(INFO, "<top level>", f"checked as an HF Trainer template{why}",
                                  "the Trainer fills: " + (", ".join(f"{k} <- {fills[k]}" for k in filled) or "nothing")))
-    else:
-        findings = check_accelerate(data, base_dir=Path(args.file).parent, method=args.method,
+    elif kind == "accelerate":
+        findings = check_accelerate(data, base_dir=path.parent, method=args.method,
                                     quant_storage=args.quant_storage, optimizer=args.optimizer, wrap_class=wrap)
+    else:
+        findings = check_other(kind, data, path, world_size=world, wrap_class=wrap)
+        model_given = False  # the fit verdict is for engine configs (their strategy and batch)
     if args.json:
         for f in notes + findings:
             print(json.dumps(f.to_json(args.file)))
@@ -172,7 +204,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{args.file}: {f}")
     errors = sum(f.severity == ERROR for f in findings)
     if not findings and not args.json:
-        print(f"{args.file}: ok ({kind})")
+        print(f"{args.file}: ok ({getattr(kind, 'value', kind)})")
     code = EXIT_ERROR if errors else EXIT_OK
     if model_given:
         if args.json:  # keep stdout one JSON object per line: the fit verdict becomes one more object

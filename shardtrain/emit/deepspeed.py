@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import Engine, GradCkpt, Method, OffloadDevice, Optimizer, Precision
+from shardtrain.compiler.specs import Engine, Method, OffloadDevice, Optimizer, Precision
 
 # ---------------------------------------------------------------- top-level keys
 TRAIN_BATCH_SIZE = "train_batch_size"
@@ -78,6 +78,11 @@ _ZERO_SUPPORTED = {Optimizer.ADAMW, Optimizer.LION}
 _DS_CPU = {Optimizer.ADAMW, Optimizer.LION}
 _OPT_KEYS = {Optimizer.ADAMW: ("lr", "betas", "eps", "weight_decay"), Optimizer.LION: ("lr", "betas", "weight_decay"),
              Optimizer.SGD: ("lr", "weight_decay"), Optimizer.ADAFACTOR: ("lr", "weight_decay")}
+
+_TRAINER_FILLED = ("lr", "weight_decay")
+OPTIMIZER_BETAS = {Optimizer.ADAMW: (0.9, 0.999), Optimizer.LION: (0.9, 0.99)}
+"""betas the emitted optimizer block uses: torch AdamW's default; Lion's paper default (Chen et al. 2023)."""
+ADAM_EPS = 1e-8
 
 AIO_BLOCK_BYTES = 1 << 20
 """aio block_size: DeepSpeed's default 1 MiB (swap_tensor/constants.py)."""
@@ -156,9 +161,13 @@ def _optimizer_block(plan: Plan, trainer: bool, lr: float, weight_decay: float, 
     typ = DS_OPTIMIZER_TYPE[opt]
     if typ is None:
         return None
-    values = {"lr": lr, "betas": list(betas) if opt is Optimizer.ADAMW else [0.9, 0.99], "eps": eps,
+    values = {"lr": lr, "betas": list(betas if opt is Optimizer.ADAMW else OPTIMIZER_BETAS.get(opt, betas)), "eps": eps,
               "weight_decay": weight_decay}
-    params = {k: (AUTO if trainer else values[k]) for k in _OPT_KEYS[opt]}
+    # Trainer flavour: "auto" only for what the Trainer AND accelerate both fill (lr, weight_decay:
+    # TrainingArguments / DummyOptim). betas/eps stay explicit: accelerate leaves "auto" betas for
+    # DeepSpeed to choke on, and the Trainer checks them against adam_beta1/2, adam_epsilon
+    # (trainer_arguments sets those to these values).
+    params = {k: (AUTO if trainer and k in _TRAINER_FILLED else values[k]) for k in _OPT_KEYS[opt]}
     if opt is Optimizer.SGD:
         params["momentum"] = 0.9  # the memory model counts one momentum buffer
     if opt is Optimizer.ADAMW and s.offload_optimizer is OffloadDevice.NONE:
@@ -207,21 +216,25 @@ def _zero_block(plan: Plan, nvme_path: str | None) -> dict:
     return z
 
 
-def deepspeed_config(plan: Plan, *, trainer: bool = False, grad_clip: float = 1.0, lr: float = 3e-4,
+def deepspeed_config(plan: Plan, *, trainer: bool = False, grad_clip: float = 1.0, lr: float | None = None,
                      weight_decay: float = 0.0, nvme_path: str | None = None,
-                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> dict:
+                     betas: tuple[float, float] = OPTIMIZER_BETAS[Optimizer.ADAMW], eps: float = ADAM_EPS) -> dict:
     """The DeepSpeed config for the plan's chosen candidate.
 
     Batch keys always satisfy train_batch_size == micro × accumulation × world size. With
-    ``trainer=True`` (for ``TrainingArguments(deepspeed=...)``) the optimizer hyper-parameters and
-    gradient clipping are "auto" (the Trainer fills them from its arguments); batch sizes and
-    precision stay explicit so the Trainer raises a mismatch error if its arguments differ from the
-    plan (see :func:`trainer_arguments`). When :func:`client_optimizer` is not None the config has
+    ``trainer=True`` (for ``TrainingArguments(deepspeed=...)`` and accelerate) lr, weight decay and
+    gradient clipping are "auto" (the Trainer fills them from its arguments, accelerate from DummyOptim);
+    batch sizes, precision and betas/eps stay explicit so the Trainer raises a mismatch error if its
+    arguments differ from the plan (see :func:`trainer_arguments`). ``lr`` None: the method's default
+    (config/schema.py default_lr), as `train.lr: auto` resolves. When :func:`client_optimizer` is not None the config has
     no optimizer block and the caller passes that optimizer to ``deepspeed.initialize``.
     Raises :class:`DeepSpeedConfigError` for combinations DeepSpeed cannot run.
     """
     _check_legal(plan, nvme_path)
     c, s = plan.chosen, plan.chosen.strategy
+    if lr is None:
+        from shardtrain.config.schema import default_lr
+        lr = default_lr(c.method)
     if grad_clip < 0:
         raise DeepSpeedConfigError("train.grad_clip", grad_clip, "must be >= 0", "use 1.0, or 0 to disable")
     cfg: dict = {TRAIN_BATCH_SIZE: c.micro_batch_size * c.grad_accum_steps * c.world_size,
@@ -244,29 +257,10 @@ def deepspeed_config(plan: Plan, *, trainer: bool = False, grad_clip: float = 1.
 
 def trainer_arguments(plan: Plan, *, lr: float | None = None, weight_decay: float | None = None,
                       grad_clip: float | None = None) -> dict:
-    """``TrainingArguments`` keyword arguments (transformers 5) that match :func:`deepspeed_config`
-    with ``trainer=True``: batch sizes and precision must equal the explicit values there."""
-    c = plan.chosen
-    ck = c.gradient_checkpointing
-    kw: dict = {"per_device_train_batch_size": c.micro_batch_size, "gradient_accumulation_steps": c.grad_accum_steps,
-                "bf16": c.precision is Precision.BF16, "fp16": c.precision is Precision.FP16,
-                "activation_checkpointing": ck in (GradCkpt.FULL, GradCkpt.SELECTIVE)}
-    if kw["activation_checkpointing"]:
-        kw["activation_checkpointing_kwargs"] = {"use_reentrant": False}
-        if ck is GradCkpt.SELECTIVE:
-            kw["activation_checkpointing_kwargs"]["every_n_layers"] = plan.train.selective_every
-    if c.optimizer is Optimizer.ADAMW8BIT:
-        kw["optim"] = "adamw_bnb_8bit"  # no optimizer block: the Trainer builds it
-    if c.loss.value == "chunked":
-        # the Trainer's way to never hold the full logits: Liger's fused linear cross-entropy
-        # (transformers trainer.py apply_liger_kernel); nothing in the DeepSpeed JSON expresses it
-        kw["use_liger_kernel"] = True
-        kw["liger_kernel_config"] = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
-                                     "swiglu": False, "rms_norm": False}
-    for k, v in (("learning_rate", lr), ("weight_decay", weight_decay), ("max_grad_norm", grad_clip)):
-        if v is not None:
-            kw[k] = v
-    return kw
+    """``TrainingArguments`` keyword arguments matching :func:`deepspeed_config` with ``trainer=True``
+    (emit/trainer.py; kept here for callers of the old name)."""
+    from shardtrain.emit.trainer import trainer_arguments as args_for
+    return args_for(plan, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
 
 
 # ---------------------------------------------------------------- reading a config (check, runtime facts)
