@@ -40,6 +40,7 @@ from shardtrain.exitcodes import DEVICE_ENV, EXIT_NONFINITE, EXIT_PREEMPTED, PRO
 from shardtrain.runtime import checkpoint as ckpt
 from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed, reduce_sum
 from shardtrain.runtime.export import save_final
+from shardtrain.runtime import opbuild
 from shardtrain.runtime.build import Run, setup
 from shardtrain.runtime.data import count_label_tokens, eval_indices
 from shardtrain.runtime.faults import maybe_damage, maybe_kill, maybe_oom, poison_loss, test_signal
@@ -141,6 +142,7 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     """Train per the run directory; returns a summary. Tests drive several runs per launch
     (`destroy_group=False`) and probe the engine with `on_setup(run)` before the first step."""
     run_dir = Path(run_dir)
+    opbuild.install()  # one line before a C++ op is JIT-compiled (DeepSpeed's take ~50 s), from the compiling rank
     from shardtrain.runtime.preempt import release_shared, shared_handler
     pre = shared_handler()  # installed before the process group, model and data (they are slow)
     device_pref, bind_cores = _early_run_keys(run_dir)
