@@ -21,6 +21,7 @@ final/                `save_pretrained` model (or peft adapter) + tokenizer, loa
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -37,6 +38,8 @@ from shardtrain.runtime.ckpt_files import CheckpointSpaceError
 from shardtrain.runtime.dist import barrier
 from shardtrain.runtime.faults import maybe_kill
 
+log = logging.getLogger("shardtrain.checkpoint")
+_WARNED: list = []  # the block-wise-state warning is given once per process
 KEEP_LAST = 3
 #: Free space kept on top of the estimate (metadata, the manifest, file-system slack).
 SPACE_MARGIN = 1.10
@@ -139,7 +142,18 @@ def save_checkpoint(eng, run_dir: Path, step: int, trainer_state: dict, keep: in
     barrier()
     from shardtrain.runtime.ckpt_digest import Recorder
     rec = Recorder(tmp)  # every file is hashed as it is written: its digest goes into MANIFEST.json
-    portable.save(eng, tmp / CKPT_STATE_DIR, writer=rec.dcp_writer(tmp / CKPT_STATE_DIR))
+    if not (odd := portable.blockwise_states(eng)):
+        portable.save(eng, tmp / CKPT_STATE_DIR, writer=rec.dcp_writer(tmp / CKPT_STATE_DIR))
+    else:  # e.g. 8-bit AdamW under ZeRO: DeepSpeed's own layout, loadable on this strategy and world size only
+        if rank == 0 and not _WARNED:
+            _WARNED.append(step)
+            log.warning("optimizer states %s are block-wise: checkpoint %s keeps DeepSpeed's layout (resumes "
+                        "only with %s on %d ranks)", odd, final.name, trainer_state.get("strategy"),
+                        dist.get_world_size())
+        # save_latest=False: DeepSpeed's own `latest` would name the temporary tag. Its files are not
+        # written through the recorder: rank 0 hashes them when sealing (ckpt_hash.manifest_for).
+        eng.ds.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=_is_partial(eng.model))
     if eng.scaler is not None and rank == 0:
         rec.torch_save(eng.scaler.state_dict(), tmp / "scaler.pt")
     rec.torch_save(_rng_state(), tmp / f"rng_rank{rank}.pt")
@@ -177,14 +191,15 @@ def load_checkpoint(eng, d: Path) -> dict:
 
 
 def _load_legacy(eng, d: Path, state: dict) -> None:
-    """A checkpoint from before the portable layout: only the engine and world size that wrote it read it."""
+    """A checkpoint in an engine's own layout (written before portable checkpoints, or by DeepSpeed for
+    block-wise optimizer states): only the engine and world size that wrote it read it."""
     wrote = (state.get("strategy"), state.get("world_size"))
     kind = {"model.pt": Engine.DDP, "dcp": Engine.FSDP}
     old_engine = next((k for f, k in kind.items() if (d / f).exists()), Engine.DEEPSPEED)
     if old_engine is not eng.kind or (wrote[1] is not None and wrote[1] != dist.get_world_size()):
-        raise RuntimeError(f"checkpoint {d} has the layout before portable checkpoints ({wrote[0]} on {wrote[1]} "
-                           f"ranks): it loads only there; resume with that strategy and world size, or start "
-                           "fresh with --no-resume")
+        raise RuntimeError(f"checkpoint {d} is in {old_engine.value}'s own layout (not portable: written by "
+                           f"{wrote[0]} on {wrote[1]} ranks): it loads only there; resume with that strategy and "
+                           "world size, or start fresh with --no-resume")
     if eng.kind is Engine.DDP:
         sd = _load(d / "model.pt", eng.device)
         missing, unexpected = eng.model.load_state_dict(sd, strict=not _is_partial(eng.model))

@@ -258,6 +258,20 @@ def _ds_refresh_working_copies(eng) -> None:
             zo._reassign_or_swap_out_partitioned_parameters(i)
 
 
+def blockwise_states(eng) -> list[str]:
+    """COLLECTIVE for DeepSpeed: optimizer states that are neither per element nor a scalar (bitsandbytes'
+    8-bit AdamW keeps absmax/qmap per block of the flat partition). They cannot be assembled per parameter,
+    so such a run keeps DeepSpeed's own checkpoint format (same strategy and world size only)."""
+    if eng.kind is not Engine.DEEPSPEED:
+        return []
+    _, base, flats = _zero(eng)
+    odd = {k for f in flats for k, v in base.state.get(f, {}).items()
+           if torch.is_tensor(v) and v.dim() > 0 and v.shape != f.shape}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sorted(odd))
+    return sorted(set().union(*every))
+
+
 # ---------------------------------------------------------------- the two entry points
 def save(eng, path: Path, writer=None) -> None:
     """COLLECTIVE: write this engine's model and optimizer state into the DCP directory ``path``

@@ -1,5 +1,6 @@
 """Issue 21 (2): portable checkpoints. A run stopped at step 3 resumes on ANOTHER number of ranks
-(2 -> 1 and 1 -> 2) or with ANOTHER strategy (FSDP2 -> ZeRO-3 -> FSDP2): the global batch stays 8
+(2 -> 1 and 1 -> 2; LoRA: ZeRO-3 x2 -> DDP x1) or with ANOTHER strategy (FSDP2 -> ZeRO-3 -> FSDP2,
+ZeRO-2 offload -> ZeRO-1 -> ZeRO-3 offload): the global batch stays 8
 (accumulation adjusts), the sample stream continues at the global position 24, the optimizer state
 is carried exactly, and the final parameters match an uninterrupted 2-rank run within
 :data:`PARAM_ATOL` (the only difference is the order of fp32 reductions over another split).
@@ -29,6 +30,14 @@ ENGINES = ("ddp", "fsdp_full_shard", "zero2", "zero3")
 PARAM_ATOL = 2e-5
 LOSS_RTOL = 1e-5
 STOP = {"SHARDTRAIN_TEST_SIGNAL_AT_STEP": "3:USR2"}
+#: bitsandbytes' 8-bit AdamW under ZeRO keeps block-wise states (absmax, qmap per block of the flat partition):
+#: not assembled per parameter, so such a run keeps DeepSpeed's own layout (same strategy and world size).
+EIGHT_BIT = {"run": {"eval_every": 0}, "train": {"strategy": "zero2", "precision": "bf16", "steps": 6,
+                                                "optimizer": "adamw8bit"}}
+#: One checkpoint folder, three strategies in turn (steps 1-2, 3-4, 5-6), on 2 ranks.
+CHAINS = {"chain": [("fsdp_a", "fsdp_full_shard", "2:USR2"), ("zero3_b", "zero3", "4:USR2"),
+                    ("fsdp_c", "fsdp_full_shard", None)],
+          "offload": [("a", "zero2_offload", "2:USR2"), ("b", "zero1", "4:USR2"), ("c", "zero3_offload", None)]}
 
 
 def _over(strategy: str, ranks: int, ck: Path | None = None) -> dict:
@@ -66,13 +75,16 @@ def portable(tmp_path_factory, tiny_checkpoint):
           for n, s, ck in cases + [lora]]
     sc += [{"name": f"up2_{s}", "run_dir": str(base / f"up_{s}")} for s in ENGINES]
     sc += [{"name": f"ref_{n}", "run_dir": str(base / f"ref_{n}"), "over": _over(s, 2, ck)} for n, s, ck in cases + [lora]]
-    shared = base / "chain_checkpoints"
-    shared.mkdir()
-    chain = [("fsdp_a", "fsdp_full_shard", "2:USR2"), ("zero3_b", "zero3", "4:USR2"), ("fsdp_c", "fsdp_full_shard", None)]
-    for name, s, stop in chain:
-        d = _chain_link(base, f"chain_{name}", shared, _over(s, 2))
-        sc.append({"name": f"chain_{name}", "run_dir": str(d),
-                   "env": {"SHARDTRAIN_TEST_SIGNAL_AT_STEP": stop} if stop else {}})
+    for chain, links in CHAINS.items():
+        shared = base / f"{chain}_checkpoints"
+        shared.mkdir()
+        for name, s, stop in links:
+            d = _chain_link(base, f"{chain}_{name}", shared, _over(s, 2))
+            sc.append({"name": f"{chain}_{name}", "run_dir": str(d),
+                       "env": {"SHARDTRAIN_TEST_SIGNAL_AT_STEP": stop} if stop else {}})
+    sc.append({"name": "ref_zero2_offload", "run_dir": str(base / "ref_zero2_offload"), "over": _over("zero2_offload", 2)})
+    sc += [{"name": "pre_8bit", "run_dir": str(base / "zero2_8bit"), "over": EIGHT_BIT, "env": STOP},
+           {"name": "post_8bit", "run_dir": str(base / "zero2_8bit")}, {"name": "ref_8bit", "over": EIGHT_BIT}]
     r2 = run_driver(two, sc)
     for n, s, ck in cases + [lora]:  # 2 -> 1 (LoRA: ZeRO-3 -> DDP)
         make_run_dir(base / f"down_{n}", _over("ddp" if n == "lora_zero3" else s, 1, ck))
@@ -117,17 +129,19 @@ def test_resume_on_another_world_size(portable, engine, direction):
     assert list((run_dir / "checkpoints" / "step_6" / "state").glob("*.distcp"))  # the portable layout
 
 
-def test_strategy_chain_fsdp_zero3_fsdp(portable):
-    """FSDP2 (steps 1-2) -> ZeRO-3 (3-4) -> FSDP2 (5-6) through one checkpoint folder."""
-    a, b, c = (portable[f"chain_{n}"] for n in ("fsdp_a", "zero3_b", "fsdp_c"))
-    ref = portable["ref_fsdp_full_shard"]
+@pytest.mark.parametrize("chain, ref", [("chain", "fsdp_full_shard"), ("offload", "zero2_offload")])
+def test_strategy_chains(portable, chain, ref):
+    """FSDP2 (steps 1-2) -> ZeRO-3 (3-4) -> FSDP2 (5-6), and ZeRO-2 offload -> ZeRO-1 -> ZeRO-3 offload
+    (DeepSpeedCPUAdam <-> torch AdamW states), each through one checkpoint folder."""
+    a, b, c = (portable[f"{chain}_{n}"] for n, _, _ in CHAINS[chain])
+    ref = portable[f"ref_{ref}"]
     assert a["preempted"] and b["preempted"] and not c["preempted"]
     assert (a["start_step"], b["start_step"], c["start_step"]) == (0, 2, 4)
     assert a["losses"] + b["losses"] + c["losses"] == pytest.approx(ref["losses"], rel=LOSS_RTOL)
     base = Path(portable["base"])
-    states = json.loads((base / "chain_checkpoints" / "step_4" / "trainer_state.json").read_text())
-    assert states["strategy"] == "zero3" and states["samples_seen"] == 32
-    assert _max_diff(_final(base / "chain_fsdp_c"), _final(ref["run_dir"])) <= PARAM_ATOL
+    states = json.loads((base / f"{chain}_checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert states["strategy"] == CHAINS[chain][1][1] and states["samples_seen"] == 32
+    assert _max_diff(_final(base / f"{chain}_{CHAINS[chain][2][0]}"), _final(ref["run_dir"])) <= PARAM_ATOL
 
 
 def test_sampler_covers_the_same_global_samples_on_any_split():
@@ -152,3 +166,11 @@ def test_sampler_covers_the_same_global_samples_on_any_split():
     assert step_samples(1, 8, 3, resume=(3, 24)) == step_samples(2, 1, 3)
     # a recorded position that is not step x G (e.g. an old run with another split) is honoured
     assert step_samples(2, 2, 3, resume=(3, 20)) == sorted(s0._index(p) for p in range(20, 28))
+
+
+def test_blockwise_optimizer_states_keep_deepspeeds_layout_and_resume_exactly(portable):
+    pre, post, ref = (portable[f"{k}_8bit"] for k in ("pre", "post", "ref"))
+    assert pre["preempted"] and post["start_step"] == 3
+    assert pre["losses"] + post["losses"] == ref["losses"]  # bitwise, as before portable checkpoints
+    step3 = Path(portable["base"]) / "zero2_8bit" / "checkpoints" / "step_3"
+    assert not (step3 / "state").exists() and list(step3.glob("*optim_states.pt"))
