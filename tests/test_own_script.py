@@ -200,6 +200,8 @@ def test_missing_script_is_one_line_and_starts_nothing(tmp_path):
 def test_trainer_args_without_a_command_is_refused(tmp_path):
     r = _launch([*PLAN_FLAGS, "--run-dir", str(tmp_path / "run"), "--trainer-args", "--dry-run"], timeout=120)
     assert r.returncode == 1 and "--trainer-args" in r.stderr and "Traceback" not in r.stderr
+    r = _launch([*PLAN_FLAGS, "--run-dir", str(tmp_path / "run"), "--dry-run", "--"], timeout=120)
+    assert r.returncode == 1 and "the command after `--` is empty" in r.stderr and "Traceback" not in r.stderr
 
 
 # --------------------------------------------------------------------------- end to end

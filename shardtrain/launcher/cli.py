@@ -86,7 +86,7 @@ class _UserCommandParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         args = list(sys.argv[1:] if args is None else args)
-        command: list[str] = []
+        command: list[str] | None = None  # None: no `--` at all; []: `--` with nothing after it (refused)
         if "--" in args:
             i = args.index("--")
             args, command = args[:i], args[i + 1:]
@@ -161,7 +161,11 @@ def cmd_launch(args) -> int:
         oom.parse_on_oom(args.on_oom)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    command = list(getattr(args, "user_command", None) or [])
+    command = getattr(args, "user_command", None)
+    if command is not None and not command:
+        raise ConfigError("the command after `--` is empty; write e.g. `shardtrain launch RUN.yaml -- python train.py "
+                          "ARGS`")
+    command = list(command or [])
     if command and args.on_oom:
         raise ConfigError("--on-oom re-plans and resumes our worker; with your own script (`-- ...`) drop it")
     if args.trainer_args and not command:
@@ -264,7 +268,7 @@ def cmd_launch(args) -> int:
         print(f"\n[shardtrain] {rel(run_dir)} already finished {done} of {cfg.train.steps} steps: nothing to "
               "run. Train longer with --steps N (it resumes), or start over with --no-resume.", flush=True)
         return EXIT_OK
-    print(f"\n[shardtrain] {spec.describe()}" + (" running your command" if own else ""), flush=True)
+    print(f"\n[shardtrain] {spec.describe()}" + (", every rank running your command" if own else ""), flush=True)
     note = (" (resuming from its latest checkpoint)" if prepared.has_state else
             f" (previous state moved to {prepared.moved_aside})" if prepared.moved_aside else "")
     print(f"[shardtrain] run dir {rel(run_dir)}{note}; rank logs in {rel(spec.log_dir)}", flush=True)

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from shardtrain.compiler.specs import Engine
+from shardtrain.emit.trainer import HF_DS_CONFIG_JSON as SCRIPT_DS_CONFIG  # noqa: F401 (re-exported)
 from shardtrain.launcher.rankstart import EntryKind, Entrypoint
 
-#: The Trainer-facing DeepSpeed JSON own scripts get (lr/weight decay/clipping "auto"; emit/trainer.py).
-SCRIPT_DS_CONFIG = "hf_ds_config.json"
+# SCRIPT_DS_CONFIG: the Trainer-facing DeepSpeed JSON own scripts get in the run dir (lr/weight decay/clipping
+# "auto"; emit/trainer.py trainer_deepspeed_config, the bundle's hf_ds_config.json).
 #: ``python``, ``python3``, ``python3.11``, ``/venv/bin/python`` ...
 _PYTHON = re.compile(r"python(\d+(\.\d+)?)?$")
 #: interpreter options that take no value and change nothing the launchers need to know

@@ -139,7 +139,10 @@ def build_job(args: argparse.Namespace, run_dir: Path, cfg, plan, overrides: Seq
 
 def _own_script(args: argparse.Namespace, cfg, plan, run_dir: Path, device: str):
     """The user's command after `--` (launcher/ownscript.py), or None for our worker."""
-    command = list(getattr(args, "user_command", None) or [])
+    command = getattr(args, "user_command", None)
+    if command is not None and not command:
+        raise ValueError("the command after `--` is empty; write e.g. `-- python train.py ARGS`")
+    command = list(command or [])
     if getattr(args, "trainer_args", False) and not command:
         raise ValueError("--trainer-args adds TrainingArguments flags to your own script: give it after `--`")
     if not command:
