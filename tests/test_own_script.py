@@ -162,6 +162,23 @@ def test_trainer_args_are_read_by_hf_argument_parser():
     assert "--gradient_checkpointing" not in ownscript.trainer_argv(plan, device="cuda")
 
 
+def test_preflight_checks_the_script_not_the_data(tmp_path):
+    from shardtrain.launcher import preflight
+    cfg, plan = pipeline.compile({"model": {"name": "tiny-llama"}, "hardware": {"gpus_per_node": 2},
+                                  "train": {"seq_len": 32, "global_batch": 8},
+                                  "data": {"train": str(tmp_path / "no-such-data.jsonl")}, "run": {"device": "cpu"}}, {})
+    box = preflight.Machine(gpus=0, host_memory_bytes=2**34, host_available_bytes=2**34, cpus=2)
+    kw = dict(machine=box, device="cpu", nproc=2, run_dir=tmp_path / "run")
+    assert any("no-such-data" in p for p in preflight.check(cfg, plan, **kw).problems)  # our worker reads data.train
+    script = tmp_path / "train.py"
+    missing = preflight.check(cfg, plan, **kw, entry=Entrypoint(EntryKind.SCRIPT, str(script))).problems
+    assert len(missing) == 1 and "train.py does not exist" in missing[0] and "fix:" in missing[0]
+    script.write_text("print('hi')\n")
+    assert preflight.check(cfg, plan, **kw, entry=Entrypoint(EntryKind.SCRIPT, str(script))).problems == []
+    nope = preflight.check(cfg, plan, **kw, entry=Entrypoint(EntryKind.PROGRAM, "no-such-program-xyz")).problems
+    assert len(nope) == 1 and "neither an executable" in nope[0]
+
+
 # --------------------------------------------------------------------------- the CLI
 def _env(**extra) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", **extra}
