@@ -299,3 +299,17 @@ def test_sbatch_runs_the_users_command_on_every_node(tmp_path, capsys):
         assert a.nnodes == "2" and a.training_script == "train.py" and not a.module
         assert a.training_script_args[:4] == words[1:]
         assert a.training_script_args[4:6] == ["--per_device_train_batch_size", "2"] and "--use_cpu" in argv
+
+
+@pytest.mark.multiproc
+def test_a_failing_own_script_is_reported_once(tmp_path):
+    """Supervision as for our worker: the first failing rank's traceback once, a FAILED summary, exit 1."""
+    script = tmp_path / "fails.py"
+    script.write_text("import os, time\nif os.environ['RANK'] == '1':\n    raise ValueError('boom on rank 1')\n"
+                      "time.sleep(1)\n")
+    r = _launch([*PLAN_FLAGS, "--strategy", "ddp", "--run-dir", str(tmp_path / "run"), "--", sys.executable,
+                 str(script)], timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.count("Traceback (most recent call last)") == 1 and "rank 1 failed first" in r.stderr
+    assert "shardtrain: FAILED — rank 1: ValueError: boom on rank 1" in r.stderr
+    assert str(script) in (tmp_path / "run" / "command.txt").read_text()
