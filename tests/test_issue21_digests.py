@@ -10,7 +10,7 @@ import os
 import pytest
 
 from shardtrain.runtime import ckpt_files as F
-from shardtrain.runtime.ckpt_hash import OVERLAP_MIN_BYTES, HashingWriter, hash_file, share_of
+from shardtrain.runtime.ckpt_hash import HashingWriter, hash_file, share_of
 
 
 def _flip(p, at: int | None = None, n: int = 400) -> None:
@@ -37,7 +37,7 @@ def _checkpoint(root, step: int, files: dict[str, bytes]):
 
 def test_hashing_writer_digest_equals_reading_back(tmp_path):
     p = tmp_path / "f.bin"
-    big = os.urandom(OVERLAP_MIN_BYTES * 3 + 17)  # the helper-thread path
+    big = os.urandom((3 << 20) + 17)
     with HashingWriter(p) as f:
         f.write(b"head")
         f.write(memoryview(big))
