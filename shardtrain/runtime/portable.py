@@ -26,7 +26,6 @@ LR from the schedule at each step (runtime/optim.py).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -35,7 +34,6 @@ import torch.distributed as dist
 from shardtrain.compiler.specs import Engine
 from shardtrain.rundir_format import CKPT_MODEL_PREFIX as MODEL, CKPT_OPTIM_PREFIX as OPTIM
 
-log = logging.getLogger("shardtrain.checkpoint")
 STEP = "step"
 #: fp32 bytes (parameters + their states) a DeepSpeed load reads per dcp.load call: bounds host memory.
 LOAD_CHUNK_BYTES = 1 << 30
