@@ -71,7 +71,7 @@ def kind_of_mapping(data: dict) -> Kind:
         return Kind.ACCELERATE
     if _FSDP_KEYS <= keys:
         return Kind.FSDP
-    if {"spec", "reasons", "strategy"} <= keys:
+    if {"strategy", "reasons"} <= keys or {"strategy", "spec"} <= keys:
         return Kind.PLAN
     if "model" in keys and keys <= {"model", "hardware", "train", "lora", "data", "run"}:
         return Kind.RUN_CONFIG
