@@ -259,7 +259,7 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
             for k in conflicts:
                 out.append(Finding(ERROR, k, "accelerate refuses it next to deepspeed_config_file",
                                    "delete it here; set it in the DeepSpeed JSON"))
-            from shardtrain.emit.check_bundle import resolve_ref
+            from shardtrain.emit.check_hf import resolve_ref
             p = resolve_ref(str(ds["deepspeed_config_file"]), base_dir / "accelerate.yaml",
                             "deepspeed_config.deepspeed_config_file", out)
             if p is not None:

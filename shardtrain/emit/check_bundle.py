@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 import subprocess
-import types
 from pathlib import Path
 
 from shardtrain.emit import deepspeed as K
 from shardtrain.emit import engine_schema as S
-from shardtrain.emit.check import ERROR, INFO, WARNING, Finding, check_deepspeed
+from shardtrain.emit.check import ERROR, INFO, WARNING, Finding
+from shardtrain.emit.check_hf import check_bnb, check_lora, check_trainer_args
 
 _FSDP_KEYS = {"sharding", "mesh_shape", "wrap_class", "param_dtype", "reduce_dtype"}
 _DS_KEYS = {K.ZERO, K.MICRO_BATCH, K.TRAIN_BATCH_SIZE}
@@ -28,11 +27,7 @@ _TRAINER_HINTS = {"per_device_train_batch_size", "learning_rate", "output_dir", 
                   "gradient_checkpointing", "num_train_epochs", "fsdp_config", "deepspeed"}
 _DTYPES = {"bfloat16", "float16", "float32"}
 _LAUNCHERS = ("torchrun", "deepspeed")
-#: fsdp_config keys TrainingArguments reads (transformers training_args.py _process_fsdp_args; "fsdp_" prefix stripped)
-TRAINER_FSDP_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activation_checkpointing",
-                     "cpu_ram_efficient_loading", "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap",
-                     "min_num_params", "xla", "xla_fsdp_settings", "xla_fsdp_grad_ckpt", "forward_prefetch",
-                     "backward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers"}
+
 
 
 class Kind(str, enum.Enum):
@@ -84,31 +79,6 @@ def kind_of_mapping(data: dict) -> Kind:
     return Kind.DEEPSPEED
 
 
-def sibling(path: Path, name: str) -> Path | None:
-    p = path.parent / name
-    return p if p.is_file() else None
-
-
-def resolve_ref(ref: str, path: Path, what: str, out: list) -> Path | None:
-    """A file another file points at (absolute, or relative to where you launch). A bundle that was moved
-    (emitted on a login node, copied to the cluster) still has the file next to this one: check that, and
-    warn that the path written in the file is wrong here."""
-    p = Path(ref)
-    if p.is_file():
-        return p
-    if (path.parent / p).is_file() and not p.is_absolute():
-        return path.parent / p
-    near = sibling(path, p.name)
-    if near is not None:
-        out.append(Finding(WARNING, what, f"{ref} does not exist here; checked {near.name} next to this file instead "
-                           "(the bundle was moved?)", "launch from where the path is valid, or re-emit with "
-                           "--run-dir set to where the bundle lives"))
-        return near
-    out.append(Finding(ERROR, what, f"{ref} does not exist", "point it at the file (relative paths resolve from "
-                       "where you launch)"))
-    return None
-
-
 # ---------------------------------------------------------------- fsdp.json (FSDP2 settings of our worker)
 def check_fsdp_settings(d: dict, wrap_class: str | None = None) -> list[Finding]:
     from shardtrain.compiler.facts import FsdpSettings
@@ -141,108 +111,6 @@ def check_fsdp_settings(d: dict, wrap_class: str | None = None) -> list[Finding]
         out.append(Finding(ERROR, "wrap_class", f"{f.wrap_class!r} is not the model's decoder layer ({wrap_class})",
                            f"set it to {wrap_class}"))
     return out
-
-
-# ---------------------------------------------------------------- trainer_args.json
-def _training_arguments_defaults() -> dict | None:
-    try:
-        from transformers import TrainingArguments
-    except ImportError:
-        return None
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else
-                     f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            for f in dataclasses.fields(TrainingArguments) if f.init}
-
-
-def check_trainer_args(d: dict, path: Path, world_size: int | None = None) -> list[Finding]:
-    """Keys TrainingArguments takes; the Trainer's own rules (FSDP checkpointing twice); the DeepSpeed JSON it
-    points at run through transformers' HfTrainerDeepSpeedConfig.trainer_config_process with these values."""
-    defaults = _training_arguments_defaults()
-    if defaults is None:
-        return [Finding(WARNING, "<top level>", "transformers is not installed here, so TrainingArguments keys were "
-                        "not checked", "run `shardtrain check` where transformers is installed")]
-    out = []
-    for k in d:
-        if k not in defaults:
-            hit = S.near_miss(k, defaults)
-            out.append(Finding(ERROR, str(k), "TrainingArguments has no such argument (TypeError)",
-                               f"rename it to '{hit}'" if hit else "delete it"))
-    fc = d.get("fsdp_config")
-    if isinstance(fc, dict):
-        for k in fc:
-            if str(k).removeprefix("fsdp_") not in TRAINER_FSDP_KEYS:
-                out.append(Finding(WARNING, f"fsdp_config.{k}", "the Trainer does not read this key", "delete it"))
-        if fc.get("activation_checkpointing") and d.get("activation_checkpointing"):
-            out.append(Finding(ERROR, "activation_checkpointing", "set together with fsdp_config.activation_"
-                               "checkpointing: the Trainer refuses both", "keep the fsdp_config one"))
-        if not d.get("fsdp"):
-            out.append(Finding(WARNING, "fsdp", "fsdp_config without fsdp: the Trainer ignores it", "set fsdp: true"))
-    ds = d.get("deepspeed")
-    if isinstance(ds, str):
-        p = resolve_ref(ds, path, "deepspeed", out)
-        if p is not None:
-            from shardtrain.config.safe_io import load_mapping
-            ds = load_mapping(p, fmt="json", what="deepspeed", fix="point deepspeed at a DeepSpeed JSON")
-    if isinstance(ds, dict):
-        out += [Finding(f.severity, f"deepspeed: {f.key}", f.problem, f.fix)
-                for f in check_deepspeed(ds, consumer="trainer", world_size=world_size)]
-        out += _trainer_mismatches(ds, {**defaults, **d}, world_size)
-    return out
-
-
-def _trainer_mismatches(ds: dict, args: dict, world_size: int | None) -> list[Finding]:
-    """What TrainingArguments(deepspeed=...) itself would refuse: HfTrainerDeepSpeedConfig's mismatches."""
-    try:
-        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-    except ImportError:
-        return []
-    if world_size is None:
-        nums = [ds.get(k) for k in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM)]
-        ok = all(isinstance(v, int) and v > 0 for v in nums)
-        world_size = nums[0] // (nums[1] * nums[2]) if ok and nums[0] % (nums[1] * nums[2]) == 0 else 1
-    ns = types.SimpleNamespace(**args, world_size=world_size)
-    hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(ds)))
-    try:
-        hf.trainer_config_process(ns)
-    except (AttributeError, TypeError, ValueError) as e:
-        return [Finding(ERROR, "deepspeed", f"transformers cannot read it with these arguments ({e})", "re-emit it")]
-    return [Finding(ERROR, "deepspeed", f"TrainingArguments refuses it: {m.strip('- ')} (world size {world_size})",
-                    "make the argument and the DeepSpeed JSON agree (or write \"auto\" there)") for m in hf.mismatches]
-
-
-# ---------------------------------------------------------------- peft / bitsandbytes
-def check_lora(d: dict) -> list[Finding]:
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        return [Finding(WARNING, "<top level>", "peft is not installed here", "check where peft is installed")]
-    try:
-        LoraConfig(**d)
-    except (TypeError, ValueError) as e:
-        return [Finding(ERROR, "<top level>", f"peft's LoraConfig refuses it ({e})", "fix the key it names")]
-    return []
-
-
-def check_bnb(d: dict, path: Path) -> list[Finding]:
-    try:
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        return [Finding(WARNING, "<top level>", "transformers is not installed here", "check where it is installed")]
-    try:
-        BitsAndBytesConfig(**d)
-    except (TypeError, ValueError) as e:
-        return [Finding(ERROR, "<top level>", f"BitsAndBytesConfig refuses it ({e})", "fix the key it names")]
-    plan_file = sibling(path, "plan.json")
-    if plan_file is None or not d.get("load_in_4bit"):
-        return []
-    from shardtrain.compiler.plan import Plan
-    from shardtrain.emit.trainer import quant_storage_dtype
-    want = quant_storage_dtype(Plan.from_json(json.loads(plan_file.read_text())))
-    got = str(d.get("bnb_4bit_quant_storage") or "uint8").replace("torch.", "")
-    if got != want:
-        return [Finding(ERROR, "bnb_4bit_quant_storage", f"{got}, but the plan next to this file shards parameters "
-                        f"stored as {want}", f"set it to {want}")]
-    return []
 
 
 # ---------------------------------------------------------------- plan.json, run.yaml, launch.sh, hostfile, README

@@ -140,7 +140,7 @@ def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
 def _qlora_from_bundle(args, path: Path) -> None:
     """A file of an emitted QLoRA bundle: the quant storage (and method) come from bnb_config.json beside it,
     so `check` judges the file with the settings the user's script loads the model with."""
-    from shardtrain.emit.check_bundle import sibling
+    from shardtrain.emit.check_hf import sibling
     from shardtrain.emit.trainer import BNB_CONFIG_JSON
     bnb = sibling(path, BNB_CONFIG_JSON)
     if bnb is None or args.quant_storage:
