@@ -69,7 +69,8 @@ def readme(plan: Plan, names: list[str], cfg=None) -> str:
         out.append(f"{n}. QLoRA: load the base model with `quantization_config=BitsAndBytesConfig(**json.load("
                    f"open('{T.BNB_CONFIG_JSON}')))`: bnb_4bit_quant_storage={bnb['bnb_4bit_quant_storage']}"
                    + (" (the sharded param dtype: FSDP / ZeRO-3 cannot flatten uint8 storage with the 16-bit "
-                      "params)" if bnb["bnb_4bit_quant_storage"] != "uint8" else "") +
+                      f"params; also pass dtype=torch.{bnb['bnb_4bit_quant_storage']} to from_pretrained so the "
+                      "unquantised params match)" if bnb["bnb_4bit_quant_storage"] != "uint8" else "") +
                    f", compute dtype {bnb['bnb_4bit_compute_dtype']}, NF4 with double quantisation.")
         n += 1
     for note in [x for x in memory_saver_notes(plan, checkpointing=False) if not x.startswith("QLoRA")]:
