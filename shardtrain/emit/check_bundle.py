@@ -163,17 +163,18 @@ def check_command(text: str) -> list[Finding]:
     import contextlib
     import shlex
     import sys
+    from shardtrain.emit.check_hf import installed
     argv = shlex.split(text)
+    with contextlib.redirect_stdout(sys.stderr):
+        mod = installed("torch.distributed.run" if argv[0] == "torchrun" else "deepspeed.launcher.runner")
+    if mod is None:
+        return [Finding(WARNING, "<command>", f"{argv[0]} is not installed here", "check where it is installed")]
     try:
         with contextlib.redirect_stdout(sys.stderr):
             if argv[0] == "torchrun":
-                from torch.distributed.run import get_args_parser as parser
-                parser().parse_args(argv[1:])
+                mod.get_args_parser().parse_args(argv[1:])
             else:
-                from deepspeed.launcher.runner import parse_args
-                parse_args(argv[1:])
-    except ImportError:
-        return [Finding(WARNING, "<command>", f"{argv[0]} is not installed here", "check where it is installed")]
+                mod.parse_args(argv[1:])
     except SystemExit:
         return [Finding(ERROR, "<command>", f"{argv[0]}'s argument parser refuses it", "re-emit it")]
     return []

@@ -6,6 +6,7 @@ HfTrainerDeepSpeedConfig.trainer_config_process (the mismatches TrainingArgument
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import types
 from pathlib import Path
@@ -19,6 +20,16 @@ TRAINER_FSDP_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activat
                      "cpu_ram_efficient_loading", "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap",
                      "min_num_params", "xla", "xla_fsdp_settings", "xla_fsdp_grad_ckpt", "forward_prefetch",
                      "backward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers"}
+
+
+def installed(module: str):
+    """The installed module, imported when a check runs (None when absent). Only `shardtrain check` gets here:
+    emit/ has no static torch/transformers import, so `shardtrain emit` runs without them
+    (tests/test_runtime_facts.py), the same contract as DeepSpeed/accelerate in engine_schema.py."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
 
 
 def sibling(path: Path, name: str) -> Path | None:
@@ -48,10 +59,10 @@ def resolve_ref(ref: str, path: Path, what: str, out: list) -> Path | None:
 
 # ---------------------------------------------------------------- trainer_args.json
 def _training_arguments_defaults() -> dict | None:
-    try:
-        from transformers import TrainingArguments
-    except ImportError:
+    ta = installed("transformers")
+    if ta is None:
         return None
+    TrainingArguments = ta.TrainingArguments  # noqa: N806
     return {f.name: (f.default if f.default is not dataclasses.MISSING else
                      f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -95,16 +106,15 @@ def check_trainer_args(d: dict, path: Path, world_size: int | None = None) -> li
 
 def _trainer_mismatches(ds: dict, args: dict, world_size: int | None) -> list[Finding]:
     """What TrainingArguments(deepspeed=...) itself would refuse: HfTrainerDeepSpeedConfig's mismatches."""
-    try:
-        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-    except ImportError:
+    mod = installed("transformers.integrations.deepspeed")
+    if mod is None:
         return []
     if world_size is None:
         nums = [ds.get(k) for k in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM)]
         ok = all(isinstance(v, int) and v > 0 for v in nums)
         world_size = nums[0] // (nums[1] * nums[2]) if ok and nums[0] % (nums[1] * nums[2]) == 0 else 1
     ns = types.SimpleNamespace(**args, world_size=world_size)
-    hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(ds)))
+    hf = mod.HfTrainerDeepSpeedConfig(json.loads(json.dumps(ds)))
     try:
         hf.trainer_config_process(ns)
     except (AttributeError, TypeError, ValueError) as e:
@@ -127,12 +137,11 @@ def check_lora(d: dict) -> list[Finding]:
 
 
 def check_bnb(d: dict, path: Path) -> list[Finding]:
-    try:
-        from transformers import BitsAndBytesConfig
-    except ImportError:
+    ta = installed("transformers")
+    if ta is None:
         return [Finding(WARNING, "<top level>", "transformers is not installed here", "check where it is installed")]
     try:
-        BitsAndBytesConfig(**d)
+        ta.BitsAndBytesConfig(**d)
     except (TypeError, ValueError) as e:
         return [Finding(ERROR, "<top level>", f"BitsAndBytesConfig refuses it ({e})", "fix the key it names")]
     plan_file = sibling(path, "plan.json")
