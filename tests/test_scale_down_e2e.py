@@ -52,7 +52,7 @@ def test_a_node_lost_for_good_the_job_finishes_on_the_other(tmp_path):
     common = ["--nnodes", "2", "--min-nodes", "1", "--max-restarts", "1", "--rdzv-endpoint", f"127.0.0.1:{port}"]
     node0 = subprocess.Popen(_cmd(run, *common, "--node-rank", "0"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=_env(), cwd=ROOT)
-    time.sleep(4)  # node 0's agent hosts the rendezvous store (the first to bind 127.0.0.1:port)
+    time.sleep(2)  # node 0's agent hosts the rendezvous store (--rdzv_conf is_host=1; node 1 is_host=0)
     # node 1 goes for good after step 3, whichever global rank its worker got
     node1 = subprocess.Popen(_cmd(run, *common, "--node-rank", "1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=_env(SHARDTRAIN_TEST_KILL="0:0:3:node;0:1:3:node"), cwd=ROOT)
@@ -82,6 +82,10 @@ def test_min_nodes_flags(tmp_path, capsys):
     from torch.distributed.run import get_args_parser, parse_min_max_nnodes  # torchrun's own parser
     a = get_args_parser().parse_args(argv[1:])
     assert parse_min_max_nnodes(a.nnodes) == (2, 4)
+    for rank, host in ((0, "1"), (3, "0")):  # node 0 hosts the rendezvous store: it must outlive a lost node
+        a = get_args_parser().parse_args(torchrun_argv(nproc_per_node=2, nnodes=4, min_nnodes=2, node_rank=rank,
+                                                       rdzv_endpoint="h:1", rdzv_id="j")[1:])
+        assert a.rdzv_conf == f"is_host={host}"
     with pytest.raises(ValueError, match="max-restarts"):
         elastic.check(1, 2, 0)
     with pytest.raises(ValueError, match="between 1 and"):

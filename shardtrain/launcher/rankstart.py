@@ -169,6 +169,8 @@ def torchrun_argv(*, nproc_per_node: int, nnodes: int = 1, node_rank: int | None
     else:
         span = f"{min_nnodes}:{nnodes}" if elastic else str(nnodes)
         argv += ["--nnodes", span, "--rdzv_backend", "c10d", "--rdzv_endpoint", _w(rdzv_endpoint)]
+        if elastic and node_rank is not None:  # the store must outlive a lost node: node 0 hosts it, always
+            argv += ["--rdzv_conf", f"is_host={1 if str(node_rank) == '0' else 0}"]
         if rdzv_id:
             argv += ["--rdzv_id", _w(rdzv_id)]
         if node_rank is not None:
