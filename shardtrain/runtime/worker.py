@@ -36,7 +36,7 @@ if __name__ == "__main__":  # before importing torch: a pre-emption signal durin
 import torch
 
 from shardtrain import rundir_format as rf
-from shardtrain.exitcodes import DEVICE_ENV, EXIT_NONFINITE, EXIT_PREEMPTED, PROGRESS_ENV, STOP_MARKER_ENV
+from shardtrain.exitcodes import DEVICE_ENV, EXIT_NONFINITE, EXIT_PREEMPTED, PROGRESS_ENV
 from shardtrain.runtime import checkpoint as ckpt
 from shardtrain.runtime.dist import all_reduce_sum, barrier, init_distributed, reduce_sum
 from shardtrain.runtime.export import save_final
@@ -45,6 +45,7 @@ from shardtrain.runtime.build import Run, setup
 from shardtrain.runtime.data import count_label_tokens, eval_indices
 from shardtrain.runtime.faults import maybe_damage, maybe_kill, maybe_oom, poison_loss, test_signal
 from shardtrain.runtime.guard import NonFiniteSteps, finite_guard
+from shardtrain.runtime.process import early_run_keys, leave_stop_code, setup_logging, stop_marker
 from shardtrain.runtime.loss import token_loss
 from shardtrain.runtime.optim import lr_at
 from shardtrain.runtime.telemetry import LeakDetector, MetricsWriter, PhaseMemory, progress_bar
@@ -145,9 +146,9 @@ def run(run_dir: str | Path, *, destroy_group: bool = True, on_setup=None) -> di
     opbuild.install()  # one line before a C++ op is JIT-compiled (DeepSpeed's take ~50 s), from the compiling rank
     from shardtrain.runtime.preempt import release_shared, shared_handler
     pre = shared_handler()  # installed before the process group, model and data (they are slow)
-    device_pref, bind_cores = _early_run_keys(run_dir)
+    device_pref, bind_cores = early_run_keys(run_dir)
     info = init_distributed(os.environ.get(DEVICE_ENV) or device_pref, bind_cores=bind_cores)
-    _setup_logging(run_dir, info.rank)
+    setup_logging(run_dir, info.rank)
     if info.device.type == "cpu" and hasattr(os, "sched_getaffinity"):
         log.info("CPU cores of this rank: %s (run.bind_cpu_cores: %s)", sorted(os.sched_getaffinity(0)), bind_cores)
     r = setup(run_dir, info)
@@ -287,30 +288,6 @@ def _speed_text(rec: dict, per_device: bool = True) -> str:
     return txt
 
 
-def _early_run_keys(run_dir: Path) -> tuple[str, bool]:
-    """run.device and run.bind_cpu_cores: needed before the process group exists (Settings is read after)."""
-    import yaml
-    run = (yaml.safe_load((run_dir / rf.RUN_YAML).read_text()) or {}).get("run") or {}
-    return run.get("device", "auto"), bool(run.get("bind_cpu_cores", True))
-
-
-def _setup_logging(run_dir: Path, rank: int) -> None:
-    (run_dir / rf.LOGS).mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger("shardtrain")
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.setLevel(logging.INFO)
-    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s")
-    fh = logging.FileHandler(run_dir / rf.LOGS / rf.worker_log_name(rank))
-    fh.setFormatter(fmt)
-    root.addHandler(fh)
-    if rank == 0:
-        sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(fmt)
-        root.addHandler(sh)
-    root.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shardtrain.runtime.worker", description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True, help="run directory (run.yaml, plan.json, ...)")
@@ -318,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(f"unknown arguments: {' '.join(unknown)}")
-    marker = _stop_marker()
+    marker = stop_marker()
     try:
         res = run(args.run_dir)
     except torch.OutOfMemoryError as e:  # recorded for `launch --on-oom replan` (launcher/oom.py)
@@ -326,21 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         record_oom(args.run_dir, int(os.environ.get("RANK", "0")), e)
         raise
     code = EXIT_NONFINITE if res["nonfinite_stop"] else EXIT_PREEMPTED if res["preempted"] else 0
-    if code and marker is not None:  # under `launch --max-restarts`: see exitcodes.STOP_MARKER_ENV
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            marker.write_text(f"{code} {res['start_step'] + len(res['losses'])}\n")
-        return 0
-    return code
-
-
-def _stop_marker() -> Path | None:
-    """exitcodes.STOP_MARKER_ENV's file; a stale one from an earlier attempt is removed first."""
-    v = os.environ.get(STOP_MARKER_ENV)
-    if not v:
-        return None
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        Path(v).unlink(missing_ok=True)
-    return Path(v)
+    return leave_stop_code(marker, code, res["start_step"] + len(res["losses"]))
 
 
 if __name__ == "__main__":
