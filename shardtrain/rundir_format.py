@@ -151,8 +151,8 @@ UNIX_TIME = "unix_time_s"
 """When the step's record was made (time.time() after the step's last collective): the period
 between consecutive records is the loop's whole step, between-step work included."""
 NONFINITE_STEPS = "nonfinite_steps"
-"""Steps of this run so far (counted since the start or the resume) whose loss or gradient norm was not
-finite and so made no optimizer update (issue 21: runtime/worker.py's guard)."""
+"""Steps of this run so far whose loss or gradient norm was not finite and so made no optimizer update
+(issue 21: runtime/guard.py); carried across resumes in trainer_state.json under the same key."""
 STEP_SKIPPED = "skipped"
 """True on the record of a step that made no optimizer update (non-finite loss or gradient norm)."""
 
