@@ -38,12 +38,25 @@ def client_optimizer(name: str | None, params, lr: float):
 
 def one_step(cfg: dict, client: str | None = None, frozen_embeddings: bool = False) -> float:
     """Initialize an engine from `cfg` and run one full optimizer step (all micro-steps)."""
+    import torch
+    linear = torch.nn.functional.linear
+    try:
+        return _one_step(cfg, client, frozen_embeddings)
+    finally:
+        # ZeRO-3 replaces F.linear for the whole process (partition_parameters.py: "This will persist
+        # unless manually reset"); in-process callers (tests/test_emit_deepspeed.py) must not leak it
+        torch.nn.functional.linear = linear
+
+
+def _one_step(cfg: dict, client: str | None, frozen_embeddings: bool) -> float:
     import deepspeed
     import torch
+    from shardtrain.runtime.dist import _unlink_deepspeed_shm
     model = tiny_model(frozen_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = client_optimizer(client, params, 1e-3)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=opt, config=cfg)
+    _unlink_deepspeed_shm()   # the shm all-reduce's segment is created by the first initialize
     g = torch.Generator().manual_seed(1)
     mb, gas = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
     losses = []
@@ -62,7 +75,9 @@ def one_step(cfg: dict, client: str | None = None, frozen_embeddings: bool = Fal
 def main(path: str) -> int:
     import deepspeed
     import torch.distributed as dist
+    from shardtrain.runtime.dist import _unlink_deepspeed_shm
     deepspeed.init_distributed(dist_backend="gloo")
+    _unlink_deepspeed_shm()
     cases = json.loads(Path(path).read_text())
     lines = []
     for case in cases:

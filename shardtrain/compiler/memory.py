@@ -199,8 +199,10 @@ def zero3_window_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], method
 
 def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy,
                       hw: HardwareSpec, *, method: Method, precision: Precision, optimizer: Optimizer,
-                      fsdp_defer_grad_sync: bool = False) -> ModelStateBytes:
-    """Model-state bytes per rank for one strategy (see module docstring for the dtype policy)."""
+                      fsdp_defer_grad_sync: bool = False, grad_accum_steps: int = 1) -> ModelStateBytes:
+    """Model-state bytes per rank for one strategy (see module docstring for the dtype policy).
+    `grad_accum_steps` > 1 adds what ZeRO-2 + optimizer offload holds between micro-steps
+    (zero2_offload_accum_grads)."""
     T = trainable_params(groups)
     frozen = frozen_weight_bytes(groups, method, precision)
     p = precision.param_bytes
@@ -259,6 +261,14 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         if off_opt is OffloadDevice.NONE:
             def rank_grads(r: Zero12Partition) -> int:
                 backward = r.held_large if stage == 1 else largest
+                if stage == 2 and grad_accum_steps > 1:
+                    # off the boundary the epilogue keeps this micro-step's gradients in
+                    # `all_grad_tensors` (views of grads_in_partition, which _release_ipg_buffers only
+                    # un-names) and the next backward allocates a new grads_in_partition: two extents,
+                    # plus the in-flight gradient once a reduction ran mid-backward (T > bucket).
+                    # Measured: 2 gloo ranks, accumulation 2, 65k-vocab tiny Llama with a 6.5M bucket:
+                    # 2 x 34.2 MB + the 33.6 MB embedding gradient (tests/runtime/test_zero2_large_grad.py)
+                    backward = r.grad_buffer + (largest if T > buckets.reduce_bucket_elements else 0)
                 return p * r.grad_buffer + max(4 * P, p * backward)
             grads = max((rank_grads(r) for r in parts), default=0)
         else:
@@ -268,6 +278,9 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
             buffers += p * largest
             host_grads = 4 * P
             host_staging = p * P + p * largest   # param_buffer_of_bit16..., temp_grad_buffer_for_cpu_offload
+            if stage == 2 and grad_accum_steps > 1:
+                dev, host = zero2_offload_accum_grads(parts, p)
+                grads, host_grads = dev, host_grads + host
     else:
         P = _zero3_partition(groups, N, trainable=True)
         frozen_part = frozen_weight_bytes(tuple(replace(g, shape=(math.ceil(g.numel / N),))
@@ -300,6 +313,26 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         params = persistent
     return ModelStateBytes(params=params, grads=grads, master_params=master, optimizer_states=states,
                            buffers=buffers, cpu_bytes=cpu, nvme_bytes=nvme)
+
+
+def zero2_offload_accum_grads(parts: list[Zero12Partition], p: int) -> tuple[int, int]:
+    """(device, host) gradient bytes of ZeRO-2 + optimizer offload with gradient_accumulation_steps > 1,
+    worst rank (DeepSpeed 0.19.8 stage_1_and_2.py, grad_accum_dtype = the model dtype, our emitted
+    default). Off the accumulation boundary, reduce_ipg_grads -> copy_grads_in_partition takes the
+    `micro_step_id > 0 or not is_gradient_accumulation_boundary()` branch:
+    async_accumulate_grad_in_cpu_via_gpu adds the host copy into `param.grad` through
+    temp_grad_buffer_for_gpu_offload (already a buffer) and copies it back to
+    `accumulated_grads_in_cpu[param_id]` — one host tensor per in-partition parameter of the *whole*
+    param.numel() in param.dtype (buffer_to_accumulate_to_in_cpu), i.e. p x the rank's
+    grads_in_partition extent, kept for the whole run. The branch never calls clear_grad_attribute
+    (only the boundary's async_inplace_copy_grad_to_fp32_buffer_from_gpu does), so every in-partition
+    gradient larger than reduce_bucket_size (`extra_large_param_to_reduce`, own storage) stays on the
+    device until the epilogue's `_clear_param_grad_only` (Zero12Partition.held_offload_accum).
+    Measured (tests/runtime/test_state_bytes_vs_plan.py, tiny Llama, 2 gloo ranks, accumulation 2,
+    h^2 = 16384-element bucket): device grads 3.5x the p x largest modelled before."""
+    device = p * max((r.held_offload_accum for r in parts), default=0)
+    host = p * max((r.grad_buffer for r in parts), default=0)
+    return device, host
 
 
 def host_bytes_per_node(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, per_rank_cpu: int,

@@ -223,8 +223,11 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
                 # large gradients (memory.py rank_grads held_large): left at ms.grads.
                 in_flight = p * max((g_.numel for g_ in x.groups if g_.trainable), default=0)
                 g.setdefault("loss_backward", g["forward"])
-                if s.zero_stage in (2, 3):
+                if s.zero_stage == 3 or (s.zero_stage == 2 and x.grad_accum == 1):
                     g["backward"] = ms.grads - max(step_fp32, in_flight) + in_flight
+                # ZeRO-2 with accumulation: the previous micro-steps' gradients (all_grad_tensors) next
+                # to the new grads_in_partition and the in-flight gradient (memory.py rank_grads): the
+                # backward keeps ms.grads, which is at least that
         b = ms.buffers
         b_fb = b   # buffers in the forward / backward
         if eng is Engine.DEEPSPEED and s.zero_stage == 3:

@@ -82,7 +82,8 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[
     (they do not depend on micro batch, checkpointing, loss or activation offload)."""
     if ms is None:
         ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
-                               optimizer=optimizer, fsdp_defer_grad_sync=defer)
+                               optimizer=optimizer, fsdp_defer_grad_sync=defer,
+                               grad_accum_steps=t.global_batch_size // (micro * hw.world_size))
     phases, peak = candidate_phases(
         m, groups, strategy, ms, shard_size=shard_group_size(strategy, hw), method=method,
         precision=t.precision, optimizer=optimizer, micro_batch=micro, seq_len=t.seq_len, attention=t.attention,
@@ -203,11 +204,11 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
                         for d in defers:
                             # model states depend only on (method, optimizer, strategy, defer): computed
                             # once, not per micro batch × checkpointing × offload (3x faster re-planning)
-                            key = (method, opt, s, d)
+                            key = (method, opt, s, d, accum > 1)
                             if key not in states:
                                 states[key] = model_state_bytes(model, groups, s, hw, method=method,
                                                                 precision=train.precision, optimizer=opt,
-                                                                fsdp_defer_grad_sync=d)
+                                                                fsdp_defer_grad_sync=d, grad_accum_steps=accum)
                             for ao in offloads:
                                 candidates.append(_evaluate(ctx, s, ck, mb, opt, method, d, groups, ao,
                                                             states[key]))

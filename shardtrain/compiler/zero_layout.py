@@ -63,6 +63,31 @@ class Zero12Partition:
     """ZeRO-1 backward peak of gradients held outside the buckets: tensors larger than the reduce
     bucket are reduced from their own storage (`extra_large_param_to_reduce`); those outside this
     rank's slice are kept until the epilogue, one inside it until it is copied into the buffer."""
+    held_offload_accum: int = 0
+    """ZeRO-2 + optimizer offload, a micro-step that is not the accumulation boundary: the peak of the
+    device gradients in the backward. copy_grads_in_partition -> async_accumulate_grad_in_cpu_via_gpu
+    accumulates this rank's gradients into `accumulated_grads_in_cpu` but, unlike the boundary path
+    (async_inplace_copy_grad_to_fp32_buffer_from_gpu -> clear_grad_attribute), never frees `param.grad`:
+    the in-partition tensors larger than the bucket keep their own storage until the backward epilogue
+    (`_clear_param_grad_only`), the others are views into the ipg buckets. Backward runs in reverse
+    module order, so at tensor k in flight: the large in-slice tensors after k, plus k itself."""
+
+
+def _offload_accum_held(numels: tuple[int, ...], large_prefix: list[int], prefix_max: list[int],
+                        i_lo: int, i_hi: int, bucket: int) -> int:
+    """Zero12Partition.held_offload_accum for the rank owning tensors [i_lo, i_hi)."""
+    total = len(numels)
+    large_in_r = large_prefix[i_hi] - large_prefix[i_lo]
+    # in flight before the slice's tensors are produced (indices >= i_hi: nothing of r held yet),
+    # after all of them (indices < i_lo: every large in-slice gradient held)
+    suffix = max(numels[i_hi:], default=0) if i_hi < total else 0
+    held = max(suffix, large_in_r + prefix_max[i_lo] if i_lo > 0 else 0)
+    done = 0   # large in-slice tensors already produced (indices > k)
+    for k in range(i_hi - 1, i_lo - 1, -1):
+        held = max(held, done + numels[k])
+        if numels[k] > bucket:
+            done += numels[k]
+    return held
 
 
 def zero12_partitions(numels: list[int] | tuple[int, ...], n: int, bucket: int) -> list[Zero12Partition]:
@@ -82,14 +107,16 @@ def _zero12_partitions(numels: tuple[int, ...], n: int, bucket: int) -> tuple[Ze
         acc += k
     prefix = [0]
     large_prefix = [0]
+    prefix_max = [0]   # prefix_max[i] = largest of numels[:i]
     for k in numels:
         prefix.append(prefix[-1] + k)
         large_prefix.append(large_prefix[-1] + (k if k > bucket else 0))
+        prefix_max.append(max(prefix_max[-1], k))
     out = []
     for r in range(n):
         lo, hi = r * part, (r + 1) * part
         if lo >= total:
-            out.append(Zero12Partition(part, 0, large_prefix[-1]))
+            out.append(Zero12Partition(part, 0, large_prefix[-1], max(numels, default=0)))
             continue
         i_lo = bisect.bisect_right(starts, lo) - 1
         i_hi = bisect.bisect_left(starts, hi)
@@ -104,5 +131,6 @@ def _zero12_partitions(numels: tuple[int, ...], n: int, bucket: int) -> tuple[Ze
                 outside_after = (large_prefix[-1] - large_prefix[k + 1]) - in_r_after
                 held = max(held, outside_after + numels[k])
                 in_r_after += numels[k]
-        out.append(Zero12Partition(part, buf, held))
+        out.append(Zero12Partition(part, buf, held,
+                                   _offload_accum_held(numels, large_prefix, prefix_max, i_lo, i_hi, bucket)))
     return tuple(out)

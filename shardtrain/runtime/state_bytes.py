@@ -153,6 +153,14 @@ class StateMeter:
                 self.snapshot()
                 return orig_epi(*a, **k)
             z.independent_gradient_partition_epilogue = epilogue
+        if z is not None and hasattr(z, "reduce_ipg_grads") and getattr(z, "partition_gradients", False):
+            orig_reduce = z.reduce_ipg_grads
+
+            def reduce_ipg(*a, **k):  # ZeRO-2 with accumulation: the new grads_in_partition next to
+                out = orig_reduce(*a, **k)   # the previous micro-steps' all_grad_tensors (issue 19)
+                self.snapshot()
+                return out
+            z.reduce_ipg_grads = reduce_ipg
         emb = self._embedding()
         if emb is not None:
             def fwd_hook(_m, _inp, out):  # late in backward: every other gradient exists

@@ -7,7 +7,10 @@ peak of live tensors per phase of the second step (runtime/memtrace.py). That me
 peak must be
   - within 5% of `shardtrain plan --trace` (FakeTensorMode trace of the same plan; DDP and FSDP2
     only: DeepSpeed's internals cannot be traced), and
-  - within 10% of the analytic plan's peak,
+  - at most 2% below and 8% above the analytic plan's peak (PLAN_UNDER / PLAN_OVER): a plan below the
+    truth is an OOM on a real GPU, so the band is asymmetric — the 2% allows for what the tracker
+    cannot tell apart (allocator-free views, the step counter), not for a modelling gap; 8% above is
+    the cost of the conservative instants (e.g. DeepSpeed's fp32 step partition next to activations),
 compared like for like: the plan's total minus `cuda_context` (no tensor holds the CUDA context,
 so neither tracker can see it) against the tracker's peak of live tensor bytes without the
 temporaries gloo allocates *inside* a collective (its reduce-scatter copies FSDP2's flat gradient
@@ -28,7 +31,10 @@ from conftest import run_driver
 pytestmark = pytest.mark.multiproc
 MODEL = str(Path(__file__).resolve().parents[1] / "fixtures" / "models" / "small-llama-32k.json")
 TRACE_TOL = 0.05
-PLAN_TOL = 0.10
+PLAN_UNDER = 0.02
+"""The plan may be at most 2% below the measured peak (issue 19: a symmetric ±10% let -6.4% pass)."""
+PLAN_OVER = 0.08
+"""... and at most 8% above it."""
 
 # (strategy, method, grad_ckpt): every engine, full and LoRA, checkpointing none and full, each
 # world size; kept to ten runs of two steps for the CI budget.
@@ -92,9 +98,9 @@ def test_measured_peak_matches_plan(truth, n, strategy, method, ckpt):
     predicted = phases[peak].total - phases[peak].cuda_context
     per_phase = {p: v.total - v.cuda_context for p, v in phases.items()}
     err = (predicted - measured) / measured
-    assert abs(err) <= PLAN_TOL, (
+    assert -PLAN_UNDER <= err <= PLAN_OVER, (
         f"analytic peak {predicted:,} B (plan - cuda_context, phase {peak}) vs measured "
-        f"{measured:,} B: {err:+.1%} (tolerance {PLAN_TOL:.0%}); measured per phase: {_phases(reps)}; "
+        f"{measured:,} B: {err:+.1%} (band -{PLAN_UNDER:.0%} / +{PLAN_OVER:.0%}); measured per phase: {_phases(reps)}; "
         f"predicted per phase: {json.dumps(per_phase)}")
 
 

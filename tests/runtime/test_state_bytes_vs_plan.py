@@ -66,17 +66,13 @@ def test_deepspeed(ds_results, name):
     check(ds_results[name])
 
 
-_OFFLOAD_ACCUM = pytest.mark.xfail(
-    strict=True, reason="compiler: ZeRO-2 offload with gradient_accumulation_steps > 1 holds more gradient memory "
-    "than modelled (16-bit param .grad of the partition on the device + accumulated_grads_in_cpu on the host); "
-    "the memory model was calibrated with accumulation 1")
-
-
-# "zero2" (fp32, no offload) matches since the reduce bucket holds every tensor of this model (issue 11:
-# buckets of at least 25 MiB): with h² buckets the embedding's gradient, larger than the bucket, was kept
-# between micro-steps, unmodelled. A model whose largest tensor exceeds the bucket still does that.
-@pytest.mark.parametrize("name", [pytest.param("bf16_zero2_offload", marks=_OFFLOAD_ACCUM), "zero2",
-                                  pytest.param("zero2_offload", marks=_OFFLOAD_ACCUM)])
+# Accumulation 2 (global batch 8 = micro 2 x 2 x 2 ranks). The offload runs keep h^2 buckets, so the
+# embedding, lm_head and MLP weights are larger than the bucket: off the accumulation boundary their
+# in-partition gradients stay on the device until the epilogue and every in-partition gradient gets a
+# host accumulator (memory.zero2_offload_accum_grads; this was a strict xfail: device grads 3.5x the
+# model). "zero2" (no offload) has buckets holding every tensor (issue 11);
+# tests/runtime/test_zero2_large_grad.py covers tensors larger than the bucket without offload.
+@pytest.mark.parametrize("name", ["bf16_zero2_offload", "zero2", "zero2_offload"])
 def test_deepspeed_zero2_with_accumulation(ds_results, name):
     check(ds_results[name])
 

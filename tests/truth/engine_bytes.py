@@ -452,7 +452,9 @@ def main() -> int:
         if scn.startswith("zero"):
             if not ds_inited:
                 import deepspeed
+                from shardtrain.runtime.dist import _unlink_deepspeed_shm
                 deepspeed.init_distributed(dist_backend="gloo")
+                _unlink_deepspeed_shm()   # else one /dev/shm segment per rank is left (runtime/dist.py)
                 ds_inited = True
             meta = run_deepspeed(scn, model_name, counter, configs)
         else:
