@@ -89,10 +89,18 @@ def cmd_emit(args: argparse.Namespace) -> int:
                 (out / name).write_text(text)
             os.chmod(out / "launch.sh", 0o755)
             print(f"{plan.strategy.value}: wrote {', '.join(files)} to {out}", file=sys.stderr)
+            print(f"{_lr_line(plan, cfg)}; what your own script must do: {out / 'README.md'}", file=sys.stderr)
     except ValueError as e:
         print(f"shardtrain: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _lr_line(plan, cfg) -> str:
+    """The learning rate every emitted file carries, and whether it is the method's default (train.lr: auto)."""
+    from shardtrain.config.schema import default_lr
+    lr, d = cfg.train.lr, default_lr(plan.chosen.method)
+    return f"learning rate {lr:g}" + (f" (train.lr auto: the {plan.chosen.method.value} default)" if lr == d else "")
 
 
 def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
