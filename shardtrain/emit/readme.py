@@ -119,6 +119,10 @@ def _how_to_run(plan: Plan) -> list[str]:
     if c.strategy.engine is Engine.DEEPSPEED and _ds_builds_optimizer(plan):
         out.append("  The DeepSpeed JSON builds the optimizer: pass `accelerate.utils.DummyOptim(model.parameters(), "
                    "lr=..., weight_decay=...)` and `DummyScheduler(optimizer, ...)` to accelerator.prepare.")
+    if c.strategy.zero_stage == 3:
+        out.append("- ZeRO-3: create TrainingArguments (or the Accelerator) BEFORE from_pretrained, so the model is "
+                   "built partitioned (zero.Init; zero3_init_flag in accelerate.yaml); otherwise every rank first "
+                   "holds the whole model.")
     if c.strategy is Strategy.FSDP_HYBRID_SHARD:
         out.append(f"- HYBRID_SHARD: accelerate.yaml's parallelism_config replicates across {hw.nodes} nodes and "
                    f"shards over {hw.gpus_per_node} GPUs; without accelerate launch pass TrainingArguments("
