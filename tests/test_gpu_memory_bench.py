@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DRY_UNDER, DRY_OVER = 0.15, 0.20
+"""Dry-run band on the tiny model: plan peak at most 15% below / 20% above the measured peak."""
 
 
 @pytest.mark.multiproc
@@ -31,6 +33,19 @@ def test_gpu_memory_dry_run(tmp_path):
         for ph, m in r["measured"].items():
             assert m["memtracker_live"] > 0, (name, ph)
         assert r["predicted"], name
+    # the numbers must mean something (issue 19: this passed at +521%): the plan's peak (minus
+    # cuda_context, which no tensor holds) against the measured peak over the phases. The band is wide
+    # because the tiny model (64 tokens) is all fixed costs, which the truth tests at a realistic size
+    # check tightly (tests/runtime/test_peak_truth.py); measured here: -14.3% (qlora_ckpt) .. +14.7% (zero2)
+    errs = {}
+    for name, r in rows.items():
+        if "skipped" in r:
+            continue
+        pk = r["predicted"][r["peak_phase"]]
+        predicted = pk["total"] - pk.get("cuda_context", 0)
+        measured = max(m["memtracker_live"] for m in r["measured"].values())
+        errs[name] = (predicted - measured) / measured
+    assert errs and all(-DRY_UNDER <= e <= DRY_OVER for e in errs.values()), {k: f"{e:+.1%}" for k, e in errs.items()}
     assert {"single_full", "fsdp2_full_ckpt", "lora_ckpt"} <= set(rows)
     for name in rows:
         assert name in proc.stdout

@@ -306,7 +306,8 @@ def test_damaged_run_dir_files_on_resume(tmp_path, capsys, junk):
     for name in ("run.yaml", "plan.json", "metrics.jsonl"):
         (d / name).write_bytes(junk)
     assert rf.completed_steps(d) == 0
-    try:
+    # every damaged file makes the stored settings unreadable: the writer must refuse to resume (a bare
+    # try/except here passed when nothing was raised at all)
+    with pytest.raises(ConfigError) as e:
         rundir.write_run_dir(d, cfg, plan)
-    except ConfigError as e:
-        assert "--no-resume" in str(e)
+    assert "--no-resume" in str(e.value) and str(d) in str(e.value)

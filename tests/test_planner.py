@@ -102,7 +102,10 @@ def test_checkpointing_chosen_only_when_needed():
     assert short.chosen.gradient_checkpointing is GradCkpt.NONE
     long = plan(L8B, hw(), TrainSpec(seq_len=16384, global_batch_size=8))
     assert long.chosen.gradient_checkpointing is not GradCkpt.NONE
-    assert any("gradient checkpointing" in r and "needed" in r or "selective" in r for r in long.reasons)
+    # the reason names the chosen policy and why (was `... and "needed" in r or "selective" in r`, true
+    # for any reason that merely mentions "selective")
+    policy = long.chosen.gradient_checkpointing.value
+    assert any(r.startswith(f"gradient checkpointing {policy}") and "needed" in r for r in long.reasons), long.reasons
 
 
 def test_lora_and_qlora_shrink_memory():
@@ -131,7 +134,7 @@ def test_plan_json_roundtrip():
 _models = st.sampled_from(["llama-3.2-1b", "llama-3.1-8b", "mistral-7b", "qwen2.5-14b"])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(name=_models, mem_gib=st.integers(16, 160), extra=st.integers(1, 160), gpus=st.sampled_from([1, 2, 8]),
        seq=st.sampled_from([512, 2048, 8192]))
 def test_more_memory_never_slower(name, mem_gib, extra, gpus, seq):
@@ -148,7 +151,7 @@ def test_more_memory_never_slower(name, mem_gib, extra, gpus, seq):
         assert b is not None and b.step_time_s <= a.step_time_s + 1e-12
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(name=_models, mem_gib=st.integers(16, 160), gpus=st.sampled_from([1, 4, 8]),
        method=st.sampled_from(list(Method)), seq=st.sampled_from([256, 1024, 4096]))
 def test_chosen_plan_always_fits(name, mem_gib, gpus, method, seq):
@@ -162,7 +165,7 @@ def test_chosen_plan_always_fits(name, mem_gib, gpus, method, seq):
     assert c.cpu_memory_per_node_bytes <= h.cpu_memory_bytes
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(strategy=st.sampled_from([s for s in Strategy if s is not Strategy.ZERO_INFINITY]),
        ckpt=st.sampled_from([GradCkpt.NONE, GradCkpt.SELECTIVE, GradCkpt.FULL]),
        seq=st.integers(64, 8192), mb=st.sampled_from([1, 2, 4]))

@@ -55,8 +55,11 @@ def test_trace_and_analytic_agree(strategy, world, method, ckpt, precision):
     for ph in PHASES:
         assert d["per_phase"][ph]["total"] == sum(v for k, v in d["per_phase"][ph].items() if k != "total")
     assert d["total"] == max(v["total"] for v in d["per_phase"].values()) == d["per_phase"][d["peak_phase"]]["total"]
-    # activations exist in forward/backward only: the step's phases differ by more than the states
-    assert d["per_phase"]["backward"]["total"] > d["per_phase"]["optimizer"]["total"] or method == "full"
+    # activations exist in the backward, not in the step (was `backward total > optimizer total or
+    # method == "full"`: vacuous for every full point, where the states dominate both totals)
+    def act(ph):  # the tracker's activation-like categories
+        return sum(v for k, v in d["per_phase"][ph].items() if k in ("Activation", "Temp"))
+    assert act("backward") > act("optimizer"), {ph: act(ph) for ph in PHASES}
     # like for like: the analytic peak and the traced peak, both without the untraced terms
     traced = res.total - _untraced(res)
     analytic = p.chosen.per_gpu.total - _untraced(res)

@@ -11,6 +11,14 @@ import pytest
 
 pytestmark = pytest.mark.multiproc
 TOL = 0.02
+"""The plan may be at most 2% above the measured bytes ..."""
+TOL_UNDER = 0.005
+"""... and at most 0.5% below (issue 19: an under-prediction is an OOM on a GPU; 0.5% covers what no
+plan term holds, e.g. the 4-byte step counters of the optimizer state)."""
+
+
+def _within(measured: int, predicted: int) -> bool:
+    return -TOL_UNDER * max(measured, 1) <= predicted - measured <= TOL * max(predicted, 1)
 TERMS = ("params", "grads", "master_params", "optimizer_states")
 
 
@@ -25,10 +33,10 @@ def check(res, *, host=True):
     reps = reports(res)
     for k in TERMS:
         p, m = reps[0]["predicted"][k], max(r["measured"][k] for r in reps)
-        assert abs(m - p) <= TOL * max(p, 1), f"{k}: measured {[r['measured'][k] for r in reps]} vs predicted {p}"
+        assert _within(m, p), f"{k}: measured {[r['measured'][k] for r in reps]} vs predicted {p}"
     if host:
         p, m = reps[0]["predicted_offloaded"], max(sum(r["offloaded"].values()) for r in reps)
-        assert abs(m - p) <= TOL * max(p, 1), f"offloaded: measured {m} vs predicted {p}"
+        assert _within(m, p), f"offloaded: measured {m} vs predicted {p}"
 
 
 @pytest.mark.parametrize("name", ["bf16_ddp", "bf16_fsdp_full_shard", "bf16_fsdp_shard_grad_op", "ddp",
