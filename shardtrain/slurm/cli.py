@@ -80,6 +80,9 @@ def add_sbatch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signal-seconds", type=int, default=90,
                    help="send it this many seconds before the time limit (default 90)")
     p.add_argument("--max-requeues", type=int, help="default: run.max_requeues")
+    p.add_argument("--min-nodes", type=int, metavar="M",
+                   help="scale-down: #SBATCH --nodes=M-N; a job started or requeued on fewer nodes re-plans its run "
+                        "dir for them and resumes from the last checkpoint (torchrun)")
     p.add_argument("--python", default=None,
                    help="python on the compute nodes (default: this interpreter)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -115,12 +118,17 @@ def build_job(args: argparse.Namespace, run_dir: Path, cfg, plan, overrides: Seq
         env.append((name, value))
     request_gpus = args.request_gpus and cfg.run.device != Device.CPU
     launcher = choose_launcher(args.launcher, cfg, plan)
+    min_nodes = getattr(args, "min_nodes", None)
+    if min_nodes is not None:  # issue 21: torchrun's elastic node range (the deepspeed launcher has none)
+        from shardtrain.launcher import elastic
+        launcher = elastic.launcher_for(args.launcher, launcher, min_nodes, cfg.hardware.nodes)
     own = _own_script(args, cfg, plan, run_dir, device="cuda" if request_gpus else "cpu")
     if own is not None:  # accelerate's variables first: the user's --env wins
         env = [*own.env.items(), *env]
     return SbatchJob(
         run_dir=str(run_dir),
         nodes=cfg.hardware.nodes,
+        min_nodes=min_nodes,
         gpus_per_node=cfg.hardware.gpus_per_node,
         launcher=launcher,
         job_name=args.job_name or run_dir.name,

@@ -132,6 +132,11 @@ class SbatchJob:
     run on every rank instead of ``worker_module``; quoted once into a bash array by the script."""
 
     comment: tuple[str, ...] = ()
+
+    min_nodes: int | None = None
+    """Scale-down (issue 21): ``#SBATCH --nodes=MIN-MAX``. A job started or requeued on fewer nodes than
+    ``nodes`` re-plans its run dir for them at start (the run-dir check allows it) and the workers resume
+    from the portable checkpoint; torchrun gets ``--nnodes MIN:MAX``. torchrun only."""
     """Extra comment lines for the script header (e.g. how to submit it)."""
 
     def __post_init__(self) -> None:
@@ -155,6 +160,12 @@ class SbatchJob:
             raise ValueError(f"worker_module must be a dotted module name, got {self.worker_module!r}")
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ValueError(f"run_dir must be a non-empty path, got {self.run_dir!r}")
+        if self.min_nodes is not None:
+            if not isinstance(self.min_nodes, int) or not 1 <= self.min_nodes <= self.nodes:
+                raise ValueError(f"min_nodes must be in [1, nodes={self.nodes}], got {self.min_nodes!r}")
+            if self.min_nodes < self.nodes and self.launcher is not Launcher.TORCHRUN:
+                raise ValueError("min_nodes: the deepspeed launcher runs a fixed node count; use the torchrun "
+                                 "launcher (it runs DeepSpeed plans too)")
         if self.config is not None and not self.config:
             raise ValueError("config must not be empty")
         texts = {

@@ -68,11 +68,16 @@ def _path_word(path: str) -> str:
     return '"$PWD"/' + shlex.quote(path)
 
 
+def _elastic(job: SbatchJob) -> bool:
+    """--min-nodes below --nodes: the job may run (or be requeued) on fewer nodes (issue 21)."""
+    return job.min_nodes is not None and job.min_nodes < job.nodes
+
+
 def sbatch_options(job: SbatchJob) -> dict[str, Optional[str]]:
     """``{option: raw value or None for a flag}``, for ``#SBATCH --option=value`` lines."""
     opts: dict[str, Optional[str]] = {
         "job-name": job.job_name,
-        "nodes": str(job.nodes),
+        "nodes": f"{job.min_nodes}-{job.nodes}" if _elastic(job) else str(job.nodes),
         "ntasks-per-node": "1",
         "open-mode": "append",
         "output": job.output if job.output is not None else output_default(job.run_dir),
@@ -109,7 +114,7 @@ def launcher_argv(job: SbatchJob) -> list[str]:
                   script_args=["--run-dir", rs.Shell("$SHARDTRAIN_RUN_DIR")],
                   entry=rs.Entrypoint(rs.EntryKind.SCRIPT, rs.Shell("$@")) if job.user_command else None)
     if job.launcher is Launcher.TORCHRUN:
-        return rs.torchrun_argv(nproc_per_node=job.gpus_per_node, nnodes=job.nodes,
+        return rs.torchrun_argv(nproc_per_node=job.gpus_per_node, nnodes=job.nodes, min_nnodes=job.min_nodes,
                                 rdzv_endpoint=rs.Shell("$SHARDTRAIN_HEAD:$SHARDTRAIN_PORT"),
                                 rdzv_id=rs.rdzv_id(rs.Shell("$SLURM_JOB_ID")), **common)
     return rs.deepspeed_argv(num_gpus=job.gpus_per_node, num_nodes=job.nodes,
@@ -132,6 +137,27 @@ def _launcher_lines(job: SbatchJob) -> list[str]:
     inner = "\n".join(lines)
     assert "'" not in inner, "the per-node script must not need single quotes"
     return inner.split("\n")
+
+
+def _node_count_lines(job: SbatchJob, prep: list[str]) -> list[str]:
+    """--min-nodes: accept MIN..MAX allocated nodes; when the plan was compiled for another count (a requeue
+    on fewer nodes), re-prepare the run dir for the allocation first (issue 21: the run-dir check allows a
+    hardware change, the workers resume from the portable checkpoint)."""
+    lo, hi, g = job.min_nodes, job.nodes, job.gpus_per_node
+    lines = [
+        "SHARDTRAIN_NNODES=${#SHARDTRAIN_NODES[@]}",
+        f'if [ "$SHARDTRAIN_NNODES" -lt {lo} ] || [ "$SHARDTRAIN_NNODES" -gt {hi} ]; then',
+        f'    echo "[shardtrain] expected {lo} to {hi} node(s) in $SLURM_JOB_NODELIST, got $SHARDTRAIN_NNODES" >&2',
+        "    exit 1",
+        "fi",
+        "export SHARDTRAIN_NNODES",
+        f'if ! grep -q "^  \\"world_size\\": $(( SHARDTRAIN_NNODES * {g} ))," "$SHARDTRAIN_RUN_DIR/{rf.PLAN_JSON}"; then',
+        '    echo "[shardtrain] $SHARDTRAIN_NNODES node(s) allocated: re-planning $SHARDTRAIN_RUN_DIR for them'
+        ' (the workers resume from the last checkpoint)"',
+    ]
+    if not prep:
+        return lines + ['    echo "[shardtrain] cannot re-plan without the run config" >&2', "    exit 2", "fi"]
+    return lines + ["    " + " \\\n        ".join([*prep, '--set "hardware.nodes=$SHARDTRAIN_NNODES"']), "fi"]
 
 
 def render(job: SbatchJob) -> str:
@@ -174,6 +200,7 @@ def render(job: SbatchJob) -> str:
         f"trap 'echo \"[shardtrain] batch shell got SIG{sig}; the workers checkpoint\" >&2' {sig}",
         f'if [ ! -f "$SHARDTRAIN_RUN_DIR/{rf.PLAN_JSON}" ]; then',
     ]
+    prep: list[str] = []
     if job.config is not None:
         prep = ['"$SHARDTRAIN_PYTHON" -m shardtrain.slurm.cli prepare', '"$SHARDTRAIN_CONFIG"']
         prep += [f"--set {q(o)}" for o in job.overrides]
@@ -197,11 +224,12 @@ def render(job: SbatchJob) -> str:
         "",
         "# ---- head node and rendezvous port (derived from the job id) ----",
         'mapfile -t SHARDTRAIN_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
-        f'if [ "${{#SHARDTRAIN_NODES[@]}}" -ne {job.nodes} ]; then',
-        f'    echo "[shardtrain] expected {job.nodes} node(s) in $SLURM_JOB_NODELIST,'
-        ' got ${#SHARDTRAIN_NODES[@]}" >&2',
-        "    exit 1",
-        "fi",
+        *(_node_count_lines(job, prep) if _elastic(job) else [
+            f'if [ "${{#SHARDTRAIN_NODES[@]}}" -ne {job.nodes} ]; then',
+            f'    echo "[shardtrain] expected {job.nodes} node(s) in $SLURM_JOB_NODELIST,'
+            ' got ${#SHARDTRAIN_NODES[@]}" >&2',
+            "    exit 1",
+            "fi"]),
         'SHARDTRAIN_HEAD=${SHARDTRAIN_NODES[0]}',
         f"SHARDTRAIN_PORT={rs.rendezvous_port(rs.Shell('SLURM_JOB_ID'), job.port_base, job.port_span)}",
         "export SHARDTRAIN_HEAD SHARDTRAIN_PORT",
@@ -222,10 +250,11 @@ def render(job: SbatchJob) -> str:
         "",
         "# ---- one launcher per node ----",
     ]
+    count = "$SHARDTRAIN_NNODES" if _elastic(job) else str(job.nodes)
     srun = [
         "srun",
-        f"--nodes={job.nodes}",
-        f"--ntasks={job.nodes}",
+        f"--nodes={count}",
+        f"--ntasks={count}",
         "--ntasks-per-node=1",
     ]
     if job.cpus_per_task is not None:
