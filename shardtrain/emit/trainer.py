@@ -129,9 +129,9 @@ def training_arguments(plan: Plan, cfg=None, *, ds_config_path: str = HF_DS_CONF
 
 
 def quant_storage_dtype(plan: Plan) -> str:
-    """bnb_4bit_quant_storage: the sharded param dtype under FSDP / ZeRO-3 (the 4-bit bytes are flattened and
-    sharded with the 16-bit params: peft's "QLoRA with FSDP/DeepSpeed ZeRO-3" guides; runtime/build.py does
-    the same), uint8 (bitsandbytes' default) when parameters are not sharded."""
+    """bnb_4bit_quant_storage: the sharded param dtype under FSDP / ZeRO-3 ("FSDP only supports sharding float
+    data types": bitsandbytes docs/source/fsdp_qlora.md, which sets quant storage = torch_dtype = bfloat16;
+    runtime/build.py does the same), uint8 (bitsandbytes' default) when parameters are not sharded."""
     c = plan.chosen
     return _DTYPE[c.precision] if c.strategy.shards_params or c.strategy.engine is Engine.FSDP else "uint8"
 
