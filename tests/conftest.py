@@ -16,12 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # reset") and its CPU comm layer leaves one /dev/shm segment per rank (shardtrain/runtime/dist.py
 # _unlink_deepspeed_shm). Both leaked from in-process tests into later ones (test_trace points moved by
 # up to 6.5% with test order; ~264 MiB of /dev/shm per run). Each test that leaves F.linear patched is
-# recorded and F.linear restored for the next test; at session end any recorded leak, or a DeepSpeed
-# shm segment created during the session that no live process maps, fails the session loudly.
+# recorded and F.linear restored for the next test; a DeepSpeed shm segment that this session's
+# processes (pytest and its children) still have linked after a test is recorded. At session end any
+# recorded leak fails the session loudly (the segments are removed then).
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-_ORIG_LINEAR = torch.nn.functional.linear
+try:
+    import torch
+    _ORIG_LINEAR = torch.nn.functional.linear
+except ImportError:  # the planner's tests run without torch
+    torch = None
+    _ORIG_LINEAR = None
 
 try:  # property tests run the same examples every time (issue 19): a red CI run reproduces locally
     from hypothesis import settings as _hyp_settings
@@ -29,58 +34,74 @@ try:  # property tests run the same examples every time (issue 19): a red CI run
     _hyp_settings.load_profile("shardtrain")
 except ImportError:
     pass
+
 _SHM_DIR = Path("/dev/shm")
 _SHM_PREFIX = f"deepspeed_allreduce_buffer_{os.getuid()}_"
 _LINEAR_LEAKS: list[str] = []
+_OUR_SHM: dict[str, str] = {}   # segment name -> the test after which this session still had it linked
 
 
-def _shm_segments() -> set[str]:
-    try:
-        return {p.name for p in _SHM_DIR.iterdir() if p.name.startswith(_SHM_PREFIX)}
-    except OSError:
-        return set()
-
-
-def _mapped_shm() -> set[str]:
-    """Names of /dev/shm files some live process still maps (a run in progress, not a leak)."""
-    names = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+def _descendants(root: int) -> list[int]:
+    """This process and its live children (torchrun harnesses run as subprocesses)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            for line in maps.read_text().splitlines():
-                if "/dev/shm/" + _SHM_PREFIX in line:
-                    names.add(line.split("/dev/shm/", 1)[1].split()[0])
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    out, frontier = [root], [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def _linked_shm_of_session() -> set[str]:
+    """DeepSpeed shm segments this session's processes map whose names still exist: a harness that
+    started deepspeed.comm and did not unlink after its barrier (unlinked ones read "(deleted)").
+    Only this session's processes count: other sessions may run tests on the same machine."""
+    names = set()
+    for pid in _descendants(os.getpid()):
+        try:
+            lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
         except OSError:
             continue
+        for line in lines:
+            if "/dev/shm/" + _SHM_PREFIX in line and not line.endswith("(deleted)"):
+                names.add(line.split("/dev/shm/", 1)[1].split()[0])
     return names
 
 
-_SHM_AT_START = _shm_segments()
-
-
 @pytest.fixture(autouse=True)
-def _restore_functional_linear(request):
+def _global_state_guard(request):
     yield
-    if torch.nn.functional.linear is not _ORIG_LINEAR:
+    if torch is not None and torch.nn.functional.linear is not _ORIG_LINEAR:
         _LINEAR_LEAKS.append(request.node.nodeid)
         torch.nn.functional.linear = _ORIG_LINEAR
+    for name in _linked_shm_of_session():
+        _OUR_SHM.setdefault(name, request.node.nodeid)
 
 
-def global_state_leaks(shm_before: set[str]) -> list[str]:
-    """What the session left behind: tests that left F.linear patched, new unmapped shm segments."""
-    out = [f"torch.nn.functional.linear left patched by {t} (restore it in the harness: "
-           "tests/ds_step.py one_step)" for t in _LINEAR_LEAKS]
-    if torch.nn.functional.linear is not _ORIG_LINEAR:
+def global_state_leaks() -> list[str]:
+    """What the session left behind: tests that left F.linear patched, shm segments it left linked
+    (removed here, so one failing run does not fill /dev/shm)."""
+    out = [f"torch.nn.functional.linear left patched by {t} (restore it in the harness, as "
+           "tests/ds_step.py one_step does)" for t in _LINEAR_LEAKS]
+    if torch is not None and torch.nn.functional.linear is not _ORIG_LINEAR:
         out.append("torch.nn.functional.linear is not the original at session end")
-    left = sorted(_shm_segments() - shm_before - _mapped_shm())
-    if left:
-        out.append(f"{len(left)} DeepSpeed /dev/shm segment(s) left ({', '.join(left[:4])}...): unlink them where "
-                   "the harness starts deepspeed.comm (shardtrain.runtime.dist._unlink_deepspeed_shm)")
+    for name in sorted(set(_OUR_SHM) | _linked_shm_of_session()):
+        path = _SHM_DIR / name
+        if path.exists():
+            out.append(f"/dev/shm/{name} left by this session (seen after {_OUR_SHM.get(name, 'the last test')}): "
+                       "unlink it where the harness starts deepspeed.comm (shardtrain.runtime.dist._unlink_deepspeed_shm)")
+            path.unlink(missing_ok=True)
     return out
 
 
 def pytest_sessionfinish(session, exitstatus):
-    leaks = global_state_leaks(_SHM_AT_START)
+    leaks = global_state_leaks()
     if leaks:
-        msg = "GLOBAL STATE LEAK (tests/conftest.py guard):\n  " + "\n  ".join(leaks)
-        print("\n" + msg, file=sys.stderr)
+        print("\nGLOBAL STATE LEAK (tests/conftest.py guard):\n  " + "\n  ".join(leaks), file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -172,6 +172,8 @@ def single_process_group():
     os.environ.update(env)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
+    from shardtrain.runtime.dist import _unlink_deepspeed_shm
+    _unlink_deepspeed_shm()   # issue 19: its /dev/shm segment outlived every test session
     yield
     dist.destroy_process_group()
     for k, v in old.items():

@@ -61,6 +61,11 @@ LORA_SAVED_BYTES_PER_INPUT = {Engine.DDP: 4.36, Engine.FSDP: 2.33, Engine.DEEPSP
 """peft LoRA per adapted Linear and token, per input feature: lora_dropout's mask and output (saved
 by lora_A), peft's cast of x to the adapter dtype (fp32 adapters under DDP autocast), minus the base
 inputs a frozen weight no longer needs saved (measured on 8B, r=16, all 7 projections)."""
+LORA_FP32_EXTRA_BYTES_PER_INPUT = 2
+"""fp32 training under FSDP2 / DeepSpeed (no autocast): peft's lora_dropout output, saved by lora_A, is
+4 bytes per element instead of the 2 the bf16 constant above was measured with (+2 per input feature;
+measured fit on the fp32 peak truth, tests/runtime/test_peak_truth.py FSDP2 LoRA world 2: +1.7, so
+this is conservative by ~0.5% there; without it that point was 2.7% under the real MemTracker)."""
 FSDP_EXTRA_BYTES_PER_H = 3
 """All-16-bit block (FSDP2 / DeepSpeed): the block saves ~3·h bytes/token more than the derivation in
 activations.py (measured: 8B, 221.3 kB vs 208.9 kB per token per layer)."""
@@ -104,7 +109,10 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     elif p == 2:
         per_tok += FSDP_EXTRA_BYTES_PER_H * h
     if not full_ft:
-        per_tok += LORA_SAVED_BYTES_PER_INPUT[eng] * _sum_in_features(m, x.groups)
+        lora_bytes = LORA_SAVED_BYTES_PER_INPUT[eng]
+        if eng is not Engine.DDP and p == 4:
+            lora_bytes += LORA_FP32_EXTRA_BYTES_PER_INPUT
+        per_tok += lora_bytes * _sum_in_features(m, x.groups)
     per_layer = per_tok * tokens
     if autocast and full_ft:
         # autocast's cast cache keeps a 16-bit copy of every fp32 weight a layer's matmuls used
@@ -189,6 +197,14 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         # next to its unsharded grads
         instants["backward"].append(dict(grads=g_prev + layers_sharded + p * root_tr, activations=0, logits=0,
                                          buffers=4 * root_tr))
+        # ... and once copied in (_fsdp_collectives.py foreach_reduce: `unsharded_grads.clear()`, then
+        # `reduce_output = reduce_scatter_comm.allocate(input_numel // world_size)`): input + output, with
+        # the gradient autograd produced last (the embedding's) still referenced by its hook. At one rank
+        # the output is as large as the input (measured: real FSDPMemTracker, fp32, world 1: Temp = 2 x
+        # 4·root, Unsharded Grad = the embedding's; was 6.4% under without it)
+        root_last = p * max((g.numel for g in x.groups if g.trainable and g.name in ROOT_GROUPS), default=0)
+        instants["backward"].append(dict(grads=g_prev + layers_sharded + root_last + tied_extra, activations=0,
+                                         logits=0, buffers=4 * root_tr + 4 * -(-root_tr // N)))
         instants.update({
             # the last micro-step syncs: deferred unsharded grads are reduce-scattered and freed
             "optimizer": [dict(grads=4 * T_shard, activations=0, logits=0, buffers=0)],
