@@ -8,8 +8,10 @@ command of a batch script. A value the script's shell must expand at run time (`
 :class:`Shell`: :func:`shell_word` double-quotes it instead of single-quoting it.
 
 Pure: no process, no environment read, no file (:func:`free_port` only asks the kernel for a port).
-The flags are those of the installed launchers: ``torch/distributed/run.py`` (torchrun) and
-``deepspeed/launcher/runner.py`` (the ``deepspeed`` launcher).
+The per-rank command (:class:`Entrypoint`), shell quoting and the hostfile text are in the
+package-private :mod:`shardtrain.launcher._command`, re-exported here. The flags are those of the
+installed launchers: ``torch/distributed/run.py`` (torchrun) and ``deepspeed/launcher/runner.py``
+(the ``deepspeed`` launcher).
 """
 from __future__ import annotations
 
@@ -19,13 +21,17 @@ import shlex
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from shardtrain.compiler.specs import Engine, Launcher
 from shardtrain.exitcodes import PROGRESS_ENV
+# The per-rank command and its shell text live in a package-private helper (size); rankstart re-exports
+# them: callers keep importing from here, the one owner of how a rank starts.
+from shardtrain.launcher._command import (EntryKind, Entrypoint, Shell, entry_tail, format_command,  # noqa: F401
+                                          hostfile_line, hostfile_text, render_launch_script, shell_word)
+from shardtrain.launcher._command import word as _w
 
 #: The module every rank runs (``-m`` / ``--module``) with ``--run-dir DIR``.
 WORKER_MODULE = "shardtrain.runtime.worker"
@@ -46,50 +52,12 @@ CLUSTER_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN",
 PORT_BASE, PORT_SPAN = 20000, 10000
 
 
-class EntryKind(str, Enum):
-    """What every rank runs: our worker and ``python -m pkg`` are MODULEs, ``python train.py`` a SCRIPT,
-    anything else a PROGRAM (torchrun ``--no-python``, the deepspeed launcher ``--no_python``)."""
-    MODULE = "module"
-    SCRIPT = "script"
-    PROGRAM = "program"
-
-
-@dataclass(frozen=True)
-class Entrypoint:
-    """The per-rank command after the launcher's own flags (the user's command for own-script launches;
-    shardtrain/launcher/ownscript.py builds it from ``-- python train.py ARGS``)."""
-    kind: EntryKind
-    target: str
-    """The module, the script path or the program."""
-    args: tuple[str, ...] = ()
-
-
-def _entry_tail(entry: Entrypoint, module_flag: str, no_python_flag: str) -> list[str]:
-    """The end of a launcher argv for ``entry`` (torchrun: -m / --no-python; deepspeed: --module / --no_python)."""
-    head = {EntryKind.MODULE: [module_flag], EntryKind.SCRIPT: [], EntryKind.PROGRAM: [no_python_flag]}[entry.kind]
-    return head + [entry.target] + [_w(a) for a in entry.args]
-
-
 def entry_argv(launcher: str | Launcher, entry: Entrypoint) -> list[str]:
     """The words ``launcher`` takes after its own flags to run ``entry`` (a Slurm script passes them to
     every node as ``"$@"``, so the user's words appear once, quoted, in the batch shell)."""
     if parse_launcher(launcher) is Launcher.TORCHRUN:
-        return _entry_tail(entry, "-m", "--no-python")
-    return _entry_tail(entry, "--module", "--no_python")
-
-
-class Shell(str):
-    """A word the script's shell expands when it runs (``"$SHARDTRAIN_HEAD:$SHARDTRAIN_PORT"``)."""
-    __slots__ = ()
-
-
-def shell_word(word: str) -> str:
-    """A :class:`Shell` word in double quotes (expanded, one word); any other word shlex-quoted."""
-    return f'"{word}"' if isinstance(word, Shell) else shlex.quote(str(word))
-
-
-def _w(v) -> str:
-    return v if isinstance(v, str) else str(v)  # keeps a Shell a Shell
+        return entry_tail(entry, "-m", "--no-python")
+    return entry_tail(entry, "--module", "--no_python")
 
 
 def rendezvous_port(key: int | Shell, base: int = PORT_BASE, span: int = PORT_SPAN) -> int | Shell:
@@ -181,7 +149,7 @@ def torchrun_argv(*, nproc_per_node: int, nnodes: int = 1, node_rank: int | None
     if redirects is not None:  # 3: every rank's stdout and stderr to files under log_dir
         argv += ["--redirects", str(redirects)]
     if entry is not None:
-        return argv + _entry_tail(entry, "-m", "--no-python")
+        return argv + entry_tail(entry, "-m", "--no-python")
     return argv + ["-m", module] + [_w(a) for a in script_args]
 
 
@@ -224,57 +192,8 @@ def deepspeed_argv(*, num_gpus: int, num_nodes: int = 1, hostfile: str | None = 
     if each_rank_log:
         argv.append(f"--enable_each_rank_log={each_rank_log}")
     if entry is not None:
-        return argv + _entry_tail(entry, "--module", "--no_python")
+        return argv + entry_tail(entry, "--module", "--no_python")
     return argv + ["--module", module] + [_w(a) for a in script_args]
-
-
-def hostfile_line(host: str, slots: int | str) -> str:
-    """One line of the deepspeed launcher's MPI-style hostfile (``HOST slots=N``, no newline)."""
-    return f"{host} slots={slots}"
-
-
-def hostfile_text(hosts: Iterable[str], slots: int) -> str:
-    """The deepspeed launcher's hostfile: one ``HOST slots=N`` line per host."""
-    _positive("slots", slots)
-    hosts = list(hosts)
-    if not hosts:
-        raise ValueError("hosts: empty; give at least one host name")
-    seen = set()
-    for h in hosts:
-        if not h or any(c.isspace() for c in h) or "=" in h:
-            raise ValueError(f"hosts: {h!r} is not a host name")
-        if h in seen:  # deepspeed: "Hostfile contains multiple entries for {host}"
-            raise ValueError(f"hosts: {h!r} listed twice; the deepspeed launcher rejects duplicates")
-        seen.add(h)
-    return "".join(hostfile_line(h, slots) + "\n" for h in hosts)
-
-
-def format_command(argv: Sequence[str], indent: str = "    ") -> str:
-    """``argv`` as shell text, one flag and its value(s) per line (:func:`shell_word` quoting)."""
-    if not argv:
-        raise ValueError("argv: empty command")
-    program = 3 if len(argv) > 2 and argv[1] == "-m" else 1  # PYTHON -m torch.distributed.run
-    groups: list[list[str]] = []
-    for i, a in enumerate(argv):
-        if i == 0 or (i >= program and str(a).startswith("-")):
-            groups.append([])
-        groups[-1].append(shell_word(a))
-    return f" \\\n{indent}".join(" ".join(g) for g in groups)
-
-
-def render_launch_script(argv: Sequence[str], env: Mapping[str, str] | None = None, *,
-                         comment: str | None = None) -> str:
-    """A bash script that exports ``env`` and execs ``argv``, every value quoted."""
-    lines = ["#!/usr/bin/env bash", "# generated by shardtrain; edit the run config, not this file"]
-    if comment:
-        lines += [f"# {c}" for c in comment.splitlines()]
-    lines.append("set -euo pipefail")
-    for k, v in (env or {}).items():
-        if not k.isidentifier():
-            raise ValueError(f"env: {k!r} is not a valid environment variable name")
-        lines.append(f"export {k}={shlex.quote(str(v))}")
-    lines.append("exec " + format_command(argv) + ' "$@"')
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- a local launch
