@@ -58,6 +58,10 @@ def integrity(tmp_path_factory):
           {"name": "stop_ddp", "over": {**_over("ddp", 8, checkpoint_every=2),
                                         "train": {"strategy": "ddp", "steps": 8, "max_nonfinite_steps": 3}},
            "env": {"SHARDTRAIN_TEST_NONFINITE": "0:5,6,7,8"}}]
+    # bf16 ZeRO-2: DeepSpeed's stage 1/2 optimizer checks a bf16 norm only with bf16.check_grad_overflow
+    # (default true); the engine raises if an update is applied on a non-finite loss, so this would fail
+    sc.append({"name": "nan_bf16_zero2", "over": {"train": {"strategy": "zero2", "precision": "bf16", "steps": 4}},
+               "env": {"SHARDTRAIN_TEST_NONFINITE": "1:2"}})
     for e in GUARD_ENGINES:
         sc.append({"name": f"nan_{e}", "over": _over(e, 4), "env": {"SHARDTRAIN_TEST_NONFINITE": "1:3"}})
         sc.append({"name": f"skipref_pre_{e}", "run_dir": str(base / f"skipref_{e}"), "over": _over(e, 4),
@@ -130,6 +134,14 @@ def test_nan_step_is_skipped_counted_and_equals_skipping_the_batch(integrity, en
     assert [r["nonfinite_steps"] for r in recs] == [0, 0, 1, 1]
     assert nan["losses"][3] == ref["losses"][0]  # step 4 starts from the same parameters
     assert _same(_final(nan["run_dir"]), _final(ref["run_dir"]))
+
+
+def test_bf16_deepspeed_skips_the_nan_step(integrity):
+    import math
+    res = integrity["nan_bf16_zero2"]
+    recs = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in recs] == [False, True, False, False] and res["nonfinite_steps"] == 1
+    assert all(math.isfinite(x) for i, x in enumerate(res["losses"]) if i != 1)
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_with_checkpoints_intact(integrity):
