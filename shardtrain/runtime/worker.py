@@ -95,6 +95,7 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
     summed: list = []
     eng.guard = finite_guard(loss_sum, summed)  # the non-finite guard, inside eng.step (runtime/guard.py)
     grad_norm = eng.step(lr)
+    eng.guard = None  # it holds this step's tensors; a later step gets its own
     if meter:
         meter.after_step()
     if phase:
