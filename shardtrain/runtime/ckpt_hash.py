@@ -27,7 +27,11 @@ def new_hasher(algorithm: str = DIGEST_ALGORITHM):
     if algorithm != DIGEST_ALGORITHM:
         raise ValueError(f"unknown checkpoint digest algorithm {algorithm!r} (this version knows "
                          f"{DIGEST_ALGORITHM}); verify it with the shardtrain version that wrote it")
-    import xxhash  # declared dependency; imported lazily so planning never needs it
+    try:
+        import xxhash  # a declared dependency; imported lazily so planning never needs it
+    except ImportError:
+        raise ImportError("checkpoint digests need the xxhash package (a shardtrain dependency since issue 21); "
+                          "fix: pip install 'xxhash>=3.4' in this environment, or reinstall shardtrain") from None
     return xxhash.xxh3_64()
 
 
