@@ -66,6 +66,16 @@ def _number(key: str, value, kind: str, example: str) -> float:
     return f
 
 
+def _one_name_as_str(args, value):
+    """``tuple[str, ...] | str`` (lora.targets): one name is kept as the name, several as a tuple. One
+    canonical form, so a config written back (to_dict, run.yaml) and read again equals the original:
+    the default ``"all-linear"`` read back as ``("all-linear",)`` looked like a lora section the user
+    wrote (config/ignored.py warned about it, the resume check saw a changed LoRA shape)."""
+    if str in args and isinstance(value, tuple) and len(value) == 1:
+        return value[0]
+    return value
+
+
 def coerce(key: str, tp, value):
     """Convert one YAML/flag value to the field's type, or raise ConfigError."""
     origin = typing.get_origin(tp)
@@ -81,7 +91,7 @@ def coerce(key: str, tp, value):
         errors = []
         for a in args:
             try:
-                return coerce(key, a, value)
+                return _one_name_as_str(args, coerce(key, a, value))
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])

@@ -76,9 +76,8 @@ def assumed_limits(cfg: RunConfig) -> tuple[tuple[str, int], ...]:
 
 
 def _set_keys(cfg: RunConfig) -> dict:
-    """The config as a raw mapping of only the keys that differ from their defaults: what the user set.
-    (A full to_dict() round trip would re-validate defaults as if they were written, e.g. lora.targets
-    'all-linear' comes back as a list and config/ignored.py then warns about a lora section nobody wrote.)"""
+    """The config as a raw mapping of only the keys that differ from their defaults: what the user set
+    (a re-plan pins nothing else; config/coerce.py keeps to_dict() round trips equal, e.g. lora.targets)."""
     have, default = cfg.to_dict(), RunConfig().to_dict()
     return {s: {k: v for k, v in keys.items() if v != default[s][k]} for s, keys in have.items()}
 
@@ -104,10 +103,12 @@ def replanner(cfg: RunConfig):
 
 
 def compile(config: ConfigSource, overrides: Mapping[str, object] | None = None, *,  # noqa: A001
-            must_fit: bool = False) -> tuple[RunConfig, Plan]:
-    """config + overrides -> (RunConfig, Plan): :func:`load` then :func:`plan_for`."""
+            must_fit: bool = False, advise: bool = True) -> tuple[RunConfig, Plan]:
+    """config + overrides -> (RunConfig, Plan): :func:`load` then :func:`plan_for`. ``advise=False``
+    for callers that only ask "does this fit?" (the OOM re-plan): no "to fit, try" search (up to
+    compiler/advice.py's MAX_REPLANS re-plans) when it does not."""
     cfg = load(config, overrides)
-    return cfg, plan_for(cfg, must_fit=must_fit)
+    return cfg, plan_for(cfg, must_fit=must_fit, advise=advise)
 
 
 def compile_args(args: argparse.Namespace) -> tuple[RunConfig, Plan]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from shardtrain import rundir_format as rf
 from shardtrain.compiler.plan import Plan
+from shardtrain.compiler.planner import ordinal
 from shardtrain.compiler.specs import Engine, GradCkpt, Method, Strategy
 from shardtrain.emit import trainer as T
 from shardtrain.emit.accelerate import memory_saver_notes
@@ -92,7 +93,7 @@ def _checkpointing(plan: Plan) -> str:
     if ck is GradCkpt.NONE:
         return "off (activations fit without recomputation); do not turn it on: it only costs time."
     what = ("every decoder layer" if ck is GradCkpt.FULL else
-            f"every {plan.train.selective_every}th decoder layer (selective)")
+            f"every {ordinal(plan.train.selective_every)} decoder layer (selective)")
     if c.strategy.engine is Engine.FSDP:
         return (f"REQUIRED ({what}). FSDP's own checkpointing does it: fsdp_activation_checkpointing in "
                 "accelerate.yaml, fsdp_config.activation_checkpointing in trainer_args.json (every layer; do not "

@@ -85,7 +85,7 @@ def calibrated(cfg, plan, records: list[dict]) -> Replan | None:
         return None
     try:
         new_cfg, new = pipeline.compile(cfg, {"train.strategy": plan.strategy, "train.micro_batch": "auto",
-                                              "train.headroom": round(headroom, 4)})
+                                              "train.headroom": round(headroom, 4)}, advise=False)
     except (ConfigError, PlanningError, ValueError):
         return None
     c, n = plan.chosen, new.chosen
@@ -131,7 +131,7 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
     else:
         return switch_strategy(cfg, plan, over, where)
     try:
-        new_cfg, new = pipeline.compile(cfg, over)
+        new_cfg, new = pipeline.compile(cfg, over, advise=False)
     except (ConfigError, ValueError):
         return None
     n = new.chosen
@@ -166,7 +166,7 @@ def switch_strategy(cfg, plan, pinned: dict, where: str) -> Replan | None:
     for s in later:
         over = {**pinned, "train.strategy": s}
         try:
-            new_cfg, new = pipeline.compile(cfg, over)
+            new_cfg, new = pipeline.compile(cfg, over, advise=False)
         except (ConfigError, PlanningError, ValueError):
             continue
         if new.chosen.fits and int(new.chosen.per_gpu.total) < now:
