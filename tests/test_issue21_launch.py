@@ -69,3 +69,22 @@ def test_multiline_errors_render_as_lines_and_control_characters_stay_escaped():
     assert "\\n" not in error_text(msg)
     hostile = "unknown key 'a\rb\x1b[2Jc'\n"
     assert error_text(hostile) == "shardtrain: error: unknown key 'a\\rb\\x1b[2Jc'"
+
+
+def test_the_config_mismatch_error_prints_real_lines(tmp_path, capsys):
+    """The issue's case: `launch` on a run dir whose checkpoints depend on a changed key printed a literal
+    \\n in its one error line; now each change is a line of its own (no process is started)."""
+    import yaml
+    from shardtrain.cli import main
+    from shardtrain.launcher.rundir import prepare_run_dir
+    run = tmp_path / "r"
+    prepare_run_dir(yaml.safe_load(TINY.read_text()), {"train.steps": 2}, run)
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 6.0}\n')
+    capsys.readouterr()
+    assert main(["launch", str(TINY), "--run-dir", str(run), "--steps", "2", "--set", "train.seed=99"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert "\\n" not in "".join(err)
+    assert err[0].startswith("shardtrain: error: run dir ") and err[0].endswith(":")
+    assert err[1].strip().startswith("train.seed: 1234 → 99") and err[1].startswith("  ")
+    assert "--no-resume" in err[-1] and err[-1].startswith("  ")
