@@ -163,18 +163,19 @@ def check_command(text: str) -> list[Finding]:
     import contextlib
     import shlex
     import sys
-    from shardtrain.emit.check_hf import installed
     argv = shlex.split(text)
-    with contextlib.redirect_stdout(sys.stderr):
-        mod = installed("torch.distributed.run" if argv[0] == "torchrun" else "deepspeed.launcher.runner")
-    if mod is None:
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its accelerator choice on import
+            if argv[0] == "torchrun":
+                from torch.distributed.run import get_args_parser
+                parse = get_args_parser().parse_args
+            else:
+                from deepspeed.launcher.runner import parse_args as parse
+    except ImportError:
         return [Finding(WARNING, "<command>", f"{argv[0]} is not installed here", "check where it is installed")]
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            if argv[0] == "torchrun":
-                mod.get_args_parser().parse_args(argv[1:])
-            else:
-                mod.parse_args(argv[1:])
+            parse(argv[1:])
     except SystemExit:
         return [Finding(ERROR, "<command>", f"{argv[0]}'s argument parser refuses it", "re-emit it")]
     return []

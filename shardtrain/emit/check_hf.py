@@ -2,11 +2,14 @@
 lora_config.json (peft LoraConfig), bnb_config.json (BitsAndBytesConfig). Judged by the installed
 transformers / peft themselves; the DeepSpeed JSON trainer_args.json points at goes through transformers'
 HfTrainerDeepSpeedConfig.trainer_config_process (the mismatches TrainingArguments(deepspeed=...) raises).
+
+A `check` module: it imports transformers / peft inside the checks, when `shardtrain check` runs (judging a
+file by the code that reads it is the point). `shardtrain emit` never imports them (tests/test_runtime_facts.py
+names the check modules that may, and runs emit to see that none is loaded).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import types
 from pathlib import Path
@@ -20,16 +23,6 @@ TRAINER_FSDP_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activat
                      "cpu_ram_efficient_loading", "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap",
                      "min_num_params", "xla", "xla_fsdp_settings", "xla_fsdp_grad_ckpt", "forward_prefetch",
                      "backward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers"}
-
-
-def installed(module: str):
-    """The installed module, imported when a check runs (None when absent). Only `shardtrain check` gets here:
-    emit/ has no static torch/transformers import, so `shardtrain emit` runs without them
-    (tests/test_runtime_facts.py), the same contract as DeepSpeed/accelerate in engine_schema.py."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
 
 
 def sibling(path: Path, name: str) -> Path | None:
@@ -59,10 +52,10 @@ def resolve_ref(ref: str, path: Path, what: str, out: list) -> Path | None:
 
 # ---------------------------------------------------------------- trainer_args.json
 def _training_arguments_defaults() -> dict | None:
-    ta = installed("transformers")
-    if ta is None:
+    try:
+        from transformers import TrainingArguments
+    except ImportError:
         return None
-    TrainingArguments = ta.TrainingArguments  # noqa: N806
     return {f.name: (f.default if f.default is not dataclasses.MISSING else
                      f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -106,15 +99,16 @@ def check_trainer_args(d: dict, path: Path, world_size: int | None = None) -> li
 
 def _trainer_mismatches(ds: dict, args: dict, world_size: int | None) -> list[Finding]:
     """What TrainingArguments(deepspeed=...) itself would refuse: HfTrainerDeepSpeedConfig's mismatches."""
-    mod = installed("transformers.integrations.deepspeed")
-    if mod is None:
+    try:
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+    except ImportError:
         return []
     if world_size is None:
         nums = [ds.get(k) for k in (K.TRAIN_BATCH_SIZE, K.MICRO_BATCH, K.GRAD_ACCUM)]
         ok = all(isinstance(v, int) and v > 0 for v in nums)
         world_size = nums[0] // (nums[1] * nums[2]) if ok and nums[0] % (nums[1] * nums[2]) == 0 else 1
     ns = types.SimpleNamespace(**args, world_size=world_size)
-    hf = mod.HfTrainerDeepSpeedConfig(json.loads(json.dumps(ds)))
+    hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(ds)))
     try:
         hf.trainer_config_process(ns)
     except (AttributeError, TypeError, ValueError) as e:
@@ -137,11 +131,12 @@ def check_lora(d: dict) -> list[Finding]:
 
 
 def check_bnb(d: dict, path: Path) -> list[Finding]:
-    ta = installed("transformers")
-    if ta is None:
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError:
         return [Finding(WARNING, "<top level>", "transformers is not installed here", "check where it is installed")]
     try:
-        ta.BitsAndBytesConfig(**d)
+        BitsAndBytesConfig(**d)
     except (TypeError, ValueError) as e:
         return [Finding(ERROR, "<top level>", f"BitsAndBytesConfig refuses it ({e})", "fix the key it names")]
     plan_file = sibling(path, "plan.json")
