@@ -5,8 +5,8 @@ matter, seq 512; tests/fixtures/models/small-llama-32k.json) for two steps on 1 
 with `run.memory_trace: true`: PyTorch's MemTracker / FSDPMemTracker in *real* mode records the
 peak of live tensors per phase of the second step (runtime/memtrace.py). That measured per-rank
 peak must be
-  - within 5% of `shardtrain plan --trace` (FakeTensorMode trace of the same plan; DDP and FSDP2
-    only: DeepSpeed's internals cannot be traced), and
+  - at most 2% below and 5% above `shardtrain plan --trace` (FakeTensorMode trace of the same plan;
+    DDP and FSDP2 only: DeepSpeed's internals cannot be traced), and
   - at most 2% below and 8% above the analytic plan's peak (PLAN_UNDER / PLAN_OVER): a plan below the
     truth is an OOM on a real GPU, so the band is asymmetric — the 2% allows for what the tracker
     cannot tell apart (allocator-free views, the step counter), not for a modelling gap; 8% above is
@@ -31,6 +31,9 @@ from conftest import run_driver
 pytestmark = pytest.mark.multiproc
 MODEL = str(Path(__file__).resolve().parents[1] / "fixtures" / "models" / "small-llama-32k.json")
 TRACE_TOL = 0.05
+"""The trace may be at most 5% above the measured peak ..."""
+TRACE_UNDER = 0.02
+"""... and at most 2% below it (measured: -0.001% .. +1.6% over the six traceable points)."""
 PLAN_UNDER = 0.02
 """The plan may be at most 2% below the measured peak (issue 19: a symmetric ±10% let -6.4% pass)."""
 PLAN_OVER = 0.08
@@ -118,9 +121,9 @@ def test_measured_peak_matches_trace(truth, n, strategy, method, ckpt):
     live = traced_live(tr)
     ph = max(live, key=live.get)
     err = (live[ph] - measured) / measured
-    assert abs(err) <= TRACE_TOL, (
+    assert -TRACE_UNDER <= err <= TRACE_TOL, (
         f"trace peak of live tensors {live[ph]:,} B ({ph}; trace total {tr['total']:,} B minus the untraced "
-        f"{tr['untraced']}) vs measured {measured:,} B: {err:+.1%} (tolerance {TRACE_TOL:.0%}); "
+        f"{tr['untraced']}) vs measured {measured:,} B: {err:+.1%} (band -{TRACE_UNDER:.0%} / +{TRACE_TOL:.0%}); "
         f"measured per phase: {_phases(reps)}; traced per phase: {json.dumps(live)}")
 
 
