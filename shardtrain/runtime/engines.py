@@ -220,12 +220,15 @@ class DeepSpeedEngine(BaseEngine):
         loss_ok = self.guard(None) if self.guard is not None else True
         self.ds.step()
         self.step_applied = bool(self.ds.was_step_applied())
-        if self.step_applied and not loss_ok:
-            raise NonFiniteUpdateError("DeepSpeed applied an optimizer update although the step's loss is not "
-                                       "finite; the parameters are no longer trustworthy: resume from the last "
-                                       "checkpoint (it is intact) with a lower train.lr or after checking the data")
-        norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        raw = self.ds.get_global_grad_norm()  # None when DeepSpeed computes no norm
+        norm = float(raw) if raw is not None else float("nan")
+        if self.step_applied and (not loss_ok or (raw is not None and not math.isfinite(norm))):
+            # never expected (DeepSpeed's check skips such steps); stop rather than train on from it
+            raise NonFiniteUpdateError("DeepSpeed applied an optimizer update although the step's loss or gradient "
+                                       "norm is not finite; the parameters are no longer trustworthy: resume from "
+                                       "the last checkpoint (it is intact) with a lower train.lr or after checking "
+                                       "the data")
+        return norm
 
     def set_lr(self, lr):
         for g in self.optimizer.param_groups:
