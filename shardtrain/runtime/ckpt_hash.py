@@ -70,8 +70,9 @@ class HashingWriter:
     def write(self, b) -> int:
         mv = memoryview(b).cast("B")
         # slice by slice: each slice is hashed right after write() copied it, while it is still in the CPU
-        # cache, so the hash does not read the buffer from memory a second time (a 64 MiB tensor hashed
-        # whole after its write: ~53 ms/GB here; in 1 MiB slices: ~18 ms/GB; benchmarks/checksum_cost.py)
+        # cache, so the hash does not read the buffer from memory a second time (measured on this project's
+        # 2-core machine: 64 MiB buffers hashed whole after their write ~53 ms/GB, in 1 MiB slices ~18 ms/GB;
+        # inside real torch.save / DCP saves 25 ms/GB, benchmarks/results/checksum_cost.md)
         for i in range(0, mv.nbytes, SLICE_BYTES):
             part = mv[i:i + SLICE_BYTES]
             self._f.write(part)
