@@ -16,7 +16,11 @@ sealing (and listed as such in the manifest).
 
 Resume: :func:`latest_verified` is COLLECTIVE: each rank hashes its share of each candidate's files
 (ckpt_hash.share_of: every file once, bytes spread evenly), the ranks exchange their verdicts, and all
-of them skip a damaged checkpoint together (one warning on rank 0 naming the file).
+of them skip a damaged checkpoint together (one warning on rank 0 naming the file). Why shares rather
+than each rank hashing the files it will load: which files a rank reads depends on DCP's load plan (a
+resume on another world size reshards) and on the engine (every DDP rank loads the same files, W reads
+of each); a share per rank checks every file of the checkpoint exactly once whatever the layout, the
+bytes spread over the ranks, and the agreement keeps any rank from loading what another found damaged.
 """
 from __future__ import annotations
 
