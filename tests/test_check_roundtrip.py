@@ -111,3 +111,27 @@ def test_plan_and_run_yaml_kinds(tmp_path, capsys):
     (out / "run.yaml").write_text((out / "run.yaml").read_text().replace("seq_len:", "seq_lenn:"))
     code, found = check(out / "run.yaml", capsys=capsys)
     assert code == 1 and "seq_lenn" in found[0]["message"]
+
+
+@pytest.mark.parametrize("job", [
+    ["--model", "qwen2.5-7b", "--method", "lora", "--gpus-per-node", "2", "--gpu", "a100-40gb", "--seq-len", "8192"],
+    ["--model", "llama-3.1-70b", "--method", "qlora", "--strategy", "fsdp_full_shard", "--gpus-per-node", "2",
+     "--gpu", "a100-80gb"],
+], ids=["issue-case-ddp-lora", "fsdp-qlora"])
+def test_check_takes_a_whole_bundle(tmp_path, capsys, job):
+    """`shardtrain check BUNDLE/*` (the way a user checks what emit wrote): one verdict per file, exit 0;
+    trainer_args.json edited away from the plan.json beside it (DDP/FSDP: nothing else would notice) makes
+    it exit 1 and names that file."""
+    out = tmp_path / "b"
+    assert main(["emit", *job, "--out", str(out)]) == 0
+    files = sorted(str(p) for p in out.iterdir())
+    capsys.readouterr()
+    assert main(["check", *files]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(ln.split(": ok (")[0] for ln in lines if ": ok (" in ln) == files, lines
+    planned = json.loads((out / "trainer_args.json").read_text())["gradient_accumulation_steps"]
+    _edit_json(out / "trainer_args.json", lambda d: d.update(gradient_accumulation_steps=planned + 1))
+    assert main(["check", *files]) == 1
+    bad = [ln for ln in capsys.readouterr().out.splitlines() if "error" in ln]
+    assert len(bad) == 1 and bad[0].startswith(str(out / "trainer_args.json")), bad
+    assert "gradient_accumulation_steps" in bad[0] and f"says {planned}" in bad[0]

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 from pathlib import Path
 
 from shardtrain.emit import deepspeed as K
 from shardtrain.emit import engine_schema as S
 from shardtrain.emit.check import ERROR, WARNING, Finding, check_deepspeed
+
+# bitsandbytes (imported by peft / transformers here) logs on a CPU with AVX512-bf16 that an optional CPU kernel
+# package is missing (backends/cpu/ops.py): noise for a check that runs no kernel.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 #: fsdp_config keys TrainingArguments reads (transformers training_args.py _process_fsdp_args; "fsdp_" prefix stripped)
 TRAINER_FSDP_KEYS = {"version", "reshard_after_forward", "cpu_offload", "activation_checkpointing",
@@ -84,6 +89,7 @@ def check_trainer_args(d: dict, path: Path, world_size: int | None = None) -> li
                                "checkpointing: the Trainer refuses both", "keep the fsdp_config one"))
         if not d.get("fsdp"):
             out.append(Finding(WARNING, "fsdp", "fsdp_config without fsdp: the Trainer ignores it", "set fsdp: true"))
+    out += _against_the_plan(d, path)
     ds = d.get("deepspeed")
     if isinstance(ds, str):
         p = resolve_ref(ds, path, "deepspeed", out)
@@ -95,6 +101,31 @@ def check_trainer_args(d: dict, path: Path, world_size: int | None = None) -> li
                 for f in check_deepspeed(ds, consumer="trainer", world_size=world_size)]
         out += _trainer_mismatches(ds, {**defaults, **d}, world_size)
     return out
+
+
+def _against_the_plan(d: dict, path: Path) -> list[Finding]:
+    """The plan's decisions in trainer_args.json vs the plan.json beside it (an emitted bundle): an edited
+    micro batch, accumulation, precision or checkpointing no longer runs the plan that was checked to fit.
+    Under DeepSpeed the Trainer itself refuses a batch mismatch (:func:`_trainer_mismatches`); under DDP/FSDP
+    nothing else would."""
+    plan_file = sibling(path, "plan.json")
+    if plan_file is None:
+        return []
+    from shardtrain.compiler.plan import Plan
+    from shardtrain.emit.trainer import training_arguments
+    try:
+        want = training_arguments(Plan.from_json(json.loads(plan_file.read_text())))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return []  # plan.json's own check reports it
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "activation_checkpointing")
+    pairs = [(k, d.get(k, False if isinstance(want[k], bool) else None), want[k]) for k in keys if k in want]
+    if isinstance(want.get("fsdp_config"), dict):  # FSDP: its own checkpointing is the plan's
+        got = d.get("fsdp_config") if isinstance(d.get("fsdp_config"), dict) else {}
+        pairs.append(("fsdp_config.activation_checkpointing", got.get("activation_checkpointing", False),
+                      want["fsdp_config"]["activation_checkpointing"]))
+    return [Finding(ERROR, k, f"{got!r}, but the plan next to this file says {w!r}",
+                    f"set it to {w!r} (or re-plan: `shardtrain emit --out` with your change)")
+            for k, got, w in pairs if got != w]
 
 
 def _trainer_mismatches(ds: dict, args: dict, world_size: int | None) -> list[Finding]:

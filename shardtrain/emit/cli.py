@@ -40,8 +40,10 @@ def add_parsers(sub) -> None:
                        "is recognised by its content and checked by the code that reads it: fsdp.json, "
                        "trainer_args.json (TrainingArguments + transformers' DeepSpeed mismatch check), "
                        "lora_config.json (peft), bnb_config.json (BitsAndBytesConfig), plan.json, run.yaml, "
-                       "launch.sh (bash -n), hostfile (DeepSpeed's parser), README.md. Exit 1 on errors.")
-    p.add_argument("file", metavar="FILE", help="a file emit wrote, your ds_config.json or accelerate YAML")
+                       "launch.sh (bash -n), hostfile (DeepSpeed's parser), README.md. Exit 1 on errors in any FILE, "
+                       "else 2 when a setup does not fit.")
+    p.add_argument("files", metavar="FILE", nargs="+", help="files emit wrote (e.g. BUNDLE/*), your ds_config.json "
+                   "or accelerate YAML; each is checked on its own")
     add_plan_flags(p)
     g = p.add_argument_group("check")
     g.add_argument("--target", choices=("auto", "trainer", "deepspeed"), default="auto",
@@ -164,6 +166,13 @@ def _qlora_from_bundle(args, path: Path) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Each FILE checked on its own (a bundle's files: `check BUNDLE/*`); exit 1 if any has errors, else 2
+    if any setup does not fit, else 0."""
+    codes = [_check_file(argparse.Namespace(**{**vars(args), "file": f})) for f in args.files]
+    return EXIT_ERROR if EXIT_ERROR in codes else max(codes)
+
+
+def _check_file(args: argparse.Namespace) -> int:
     import json
 
     from shardtrain.emit.check import (ERROR, INFO, Finding, auto_allowed, check_accelerate, check_deepspeed,
