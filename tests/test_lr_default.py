@@ -42,7 +42,7 @@ def test_emitted_files_carry_the_resolved_lr(tmp_path, capsys, method, lr):
     out = tmp_path / method
     assert main(["emit", "--model", "tiny-llama", "--gpus-per-node", "2", "--gpu-memory", "80GiB", "--strategy",
                  "zero2", "--method", method, "--out", str(out)]) == 0
-    assert f"learning rate {lr:g} (train.lr auto: the {method} default)" in capsys.readouterr().err
+    assert f"learning rate {lr:g} (the {method} default; set train.lr to change it)" in capsys.readouterr().err
     assert yaml.safe_load((out / "run.yaml").read_text())["train"]["lr"] == lr  # what the worker reads
     assert json.loads((out / "ds_config.json").read_text())["optimizer"]["params"]["lr"] == lr
     assert json.loads((out / "hf_ds_config.json").read_text())["optimizer"]["params"]["lr"] == "auto"

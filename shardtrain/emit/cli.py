@@ -99,10 +99,12 @@ def cmd_emit(args: argparse.Namespace) -> int:
 
 
 def _lr_line(plan, cfg) -> str:
-    """The learning rate every emitted file carries, and whether it is the method's default (train.lr: auto)."""
+    """The learning rate every emitted file carries, and whether it is the method's default (what train.lr: auto
+    gives; the loaded config no longer says whether the user wrote auto or the same number)."""
     from shardtrain.config.schema import default_lr
     lr, d = cfg.train.lr, default_lr(plan.chosen.method)
-    return f"learning rate {lr:g}" + (f" (train.lr auto: the {plan.chosen.method.value} default)" if lr == d else "")
+    return f"learning rate {lr:g}" + (f" (the {plan.chosen.method.value} default; set train.lr to change it)"
+                                      if lr == d else "")
 
 
 def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
