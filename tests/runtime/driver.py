@@ -76,6 +76,16 @@ def make_probe(name: str | None, box: dict):
             box["frozen_bytes"] = sum(local(p) for p in eng.model.parameters() if not p.requires_grad)
             box["quant_storage"] = sorted({str(m.weight.dtype) for m in eng.model.modules()
                                            if type(m).__name__ == "Linear4bit"})
+        elif name == "samples":  # issue 21: the sample ids each rank trains on per step (a file per rank:
+            # appended across a stop and resume, so a step read twice shows up twice)
+            orig_indices = r.sampler.step_indices
+
+            def recording(step):
+                got = orig_indices(step)
+                with open(r.run_dir / f"samples_rank{r.info.rank}.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "ids": [i for mb in got for i in mb]}) + "\n")
+                return got
+            r.sampler.step_indices = recording
         elif name == "compiled":  # issue 11: which modules train.compile compiled in place
             from shardtrain.runtime.compiling import is_compiled
             box["compiled"] = sorted({type(m).__name__ for m in eng.model.modules() if is_compiled(m)})

@@ -67,14 +67,15 @@ def portable(tmp_path_factory, tiny_checkpoint):
     lora = ("lora_zero3", "zero3", tiny_checkpoint)  # LoRA adapters: ZeRO-3 on 2 ranks -> DDP on 1
     cases = [(s, s, None) for s in ENGINES]
     # 1 -> 2: first halves on one rank
-    r1 = run_driver(one, [{"name": f"up_{s}", "run_dir": str(base / f"up_{s}"), "over": _over(s, 1), "env": STOP}
-                          for s in ENGINES], nproc=1)
+    r1 = run_driver(one, [{"name": f"up_{s}", "run_dir": str(base / f"up_{s}"), "over": _over(s, 1), "env": STOP,
+                           "probe": "samples"} for s in ENGINES], nproc=1)
     for s in ENGINES:
         make_run_dir(base / f"up_{s}", _over(s, 2))  # re-planned for 2 ranks; checkpoints kept
-    sc = [{"name": f"down_{n}", "run_dir": str(base / f"down_{n}"), "over": _over(s, 2, ck), "env": STOP}
-          for n, s, ck in cases + [lora]]
-    sc += [{"name": f"up2_{s}", "run_dir": str(base / f"up_{s}")} for s in ENGINES]
-    sc += [{"name": f"ref_{n}", "run_dir": str(base / f"ref_{n}"), "over": _over(s, 2, ck)} for n, s, ck in cases + [lora]]
+    sc = [{"name": f"down_{n}", "run_dir": str(base / f"down_{n}"), "over": _over(s, 2, ck), "env": STOP,
+           "probe": "samples"} for n, s, ck in cases + [lora]]
+    sc += [{"name": f"up2_{s}", "run_dir": str(base / f"up_{s}"), "probe": "samples"} for s in ENGINES]
+    sc += [{"name": f"ref_{n}", "run_dir": str(base / f"ref_{n}"), "over": _over(s, 2, ck), "probe": "samples"}
+           for n, s, ck in cases + [lora]]
     for chain, links in CHAINS.items():
         shared = base / f"{chain}_checkpoints"
         shared.mkdir()
@@ -88,8 +89,8 @@ def portable(tmp_path_factory, tiny_checkpoint):
     r2 = run_driver(two, sc)
     for n, s, ck in cases + [lora]:  # 2 -> 1 (LoRA: ZeRO-3 -> DDP)
         make_run_dir(base / f"down_{n}", _over("ddp" if n == "lora_zero3" else s, 1, ck))
-    r3 = run_driver(three, [{"name": f"down2_{n}", "run_dir": str(base / f"down_{n}")} for n, _, _ in cases + [lora]],
-                    nproc=1)
+    r3 = run_driver(three, [{"name": f"down2_{n}", "run_dir": str(base / f"down_{n}"), "probe": "samples"}
+                            for n, _, _ in cases + [lora]], nproc=1)
     return {**r1, **r2, **r3, "base": str(base)}
 
 
@@ -101,6 +102,17 @@ def _final(run_dir) -> dict:
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _samples_per_step(run_dir) -> dict[int, list[int]]:
+    """Every sample id the ranks trained on, per step, over all launches of the run dir (driver probe
+    'samples'); a step trained twice (or by both halves) lists its ids twice."""
+    per: dict[int, list[int]] = {}
+    for f in Path(run_dir).glob("samples_rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            per.setdefault(rec["step"], []).extend(rec["ids"])
+    return {s: sorted(ids) for s, ids in per.items()}
 
 
 def _state(run_dir, step: int) -> dict:
@@ -123,6 +135,10 @@ def test_resume_on_another_world_size(portable, engine, direction):
     # the global batch stays 8 and the stream position is counted in global samples
     assert (before["global_batch"], after["global_batch"]) == (8, 8)
     assert (before["samples_seen"], after["samples_seen"]) == (24, 48)
+    # no sample repeated or skipped: across the stop, each step's ids (all ranks) are the uninterrupted run's
+    seen, want = _samples_per_step(run_dir), _samples_per_step(ref["run_dir"])
+    assert sorted(want) == list(range(6)) and all(len(want[s]) == 8 for s in want), want
+    assert seen == want
     assert _max_diff(_final(run_dir), _final(ref["run_dir"])) <= PARAM_ATOL
     from shardtrain.runtime.portable import checkpoint_keys  # the portable layout: keys by parameter name
     keys = checkpoint_keys(run_dir / "checkpoints" / "step_6" / "state")
@@ -176,3 +192,16 @@ def test_blockwise_optimizer_states_keep_deepspeeds_layout_and_resume_exactly(po
     assert pre["losses"] + post["losses"] == ref["losses"]  # bitwise, as before portable checkpoints
     step3 = Path(portable["base"]) / "zero2_8bit" / "checkpoints" / "step_3"
     assert not (step3 / "state").exists() and list(step3.glob("*optim_states.pt"))
+    # DeepSpeed's own files carry digests too (rank 0 hashes them at seal): same-size damage is named
+    from shardtrain.runtime import ckpt_files as F
+    manifest = json.loads((step3 / "MANIFEST.json").read_text())
+    assert set(manifest["digests"]) == set(manifest["files"]) and F.verify(step3) is None
+    copy = Path(portable["base"]) / "damaged_8bit" / "checkpoints" / "step_3"
+    shutil.copytree(step3, copy)
+    victim = max(copy.rglob("*optim_states.pt"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 400] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 400])
+    victim.write_bytes(bytes(data))
+    why = F.verify(copy)
+    assert why is not None and why.startswith(f"{victim.relative_to(copy).as_posix()} is damaged"), why
+    assert F.verify(copy, digests=False) is None  # same size: only the digest sees it
