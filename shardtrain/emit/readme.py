@@ -132,7 +132,7 @@ def _how_to_run(plan: Plan) -> list[str]:
     if hw.nodes > 1:
         out.append("- Several nodes: run the same command on every node with --machine_rank N (0 on the first).")
     out.append("- shardtrain's own worker: `bash launch.sh` (this directory is also a run directory).")
-    out.append("- Check any file here with `shardtrain check FILE` (and after you edit it).")
+    out.append("- Check every file here with `shardtrain check *` (and a file again after you edit it).")
     return out
 
 
