@@ -269,7 +269,15 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
                     # Measured: 2 gloo ranks, accumulation 2, 65k-vocab tiny Llama with a 6.5M bucket:
                     # 2 x 34.2 MB + the 33.6 MB embedding gradient (tests/runtime/test_zero2_large_grad.py)
                     backward = r.grad_buffer + (largest if T > buckets.reduce_bucket_elements else 0)
-                return p * r.grad_buffer + max(4 * P, p * backward)
+                step = p * r.grad_buffer + max(4 * P, p * backward)
+                if stage == 1 and grad_accum_steps > 1:
+                    # stage 1 reduces only at the accumulation boundary (engine.allreduce_gradients;
+                    # reduce_ready_partitions_and_remove_grads), so every param.grad is held in full
+                    # between micro-steps, p·T on every rank (zero_layout._zero1_accum_held). Measured:
+                    # 4 gloo ranks, accumulation 2: the old formula was -44% (fp32) / -19% (bf16)
+                    # (tests/runtime/test_zero1_accum_world4.py)
+                    return max(step, p * r.held_zero1_accum)
+                return step
             grads = max((rank_grads(r) for r in parts), default=0)
         else:
             # grads go bucket -> fp32 host partition (async_inplace_copy_grad_to_fp32_buffer_from_gpu);

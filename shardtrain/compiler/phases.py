@@ -230,6 +230,10 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
                 # (measured: ZeRO-2 fp32, 2 gloo ranks, no Gradient bytes in the forward or at the
                 # loss backward). Stage 3's grad_partitions_flat_buffer is persistent (kept above).
                 g["forward"] = g["loss_backward"] = 0
+            if s.zero_stage == 1 and step_fp32 and x.grad_accum > 1:
+                # stage 1 reduces only at the accumulation boundary: a later micro-step's forward runs
+                # with every param.grad held in full, p·T (memory.py rank_grads, measured on 4 ranks)
+                g["forward"] = max(g["forward"], p * T)
             if step_fp32:
                 # memory.py's grads carry max(step fp32 partition, in-flight gradient); the fp32
                 # partition exists only inside step(), so the backward holds the persistent part + the

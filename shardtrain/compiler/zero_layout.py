@@ -71,6 +71,9 @@ class Zero12Partition:
     the in-partition tensors larger than the bucket keep their own storage until the backward epilogue
     (`_clear_param_grad_only`), the others are views into the ipg buckets. Backward runs in reverse
     module order, so at tensor k in flight: the large in-slice tensors after k, plus k itself."""
+    held_zero1_accum: int = 0
+    """ZeRO-1 (partition_gradients False) with gradient_accumulation_steps > 1: the backward peak of the
+    gradients in their own storage plus `grads_in_partition` (see _zero1_accum_held)."""
 
 
 def _offload_accum_held(numels: tuple[int, ...], large_prefix: list[int], prefix_max: list[int],
@@ -88,6 +91,46 @@ def _offload_accum_held(numels: tuple[int, ...], large_prefix: list[int], prefix
         if numels[k] > bucket:
             done += numels[k]
     return held
+
+
+def _zero1_flush_own(numels: tuple[int, ...], bucket: int) -> list[int]:
+    """own[j]: elements of gradients in their own storage when the boundary backward reduces the bucket
+    holding tensor j (stage 1 + accumulation, before that reduction frees anything). Off the boundary
+    stage 1 reduces nothing (reduce_ready_partitions_and_remove_grads needs partition_gradients or the
+    boundary; engine.allreduce_gradients communicates "only at gradient accumulation boundaries"), so
+    every param.grad is held in full; in the boundary backward (reverse module order) a bucket-sized
+    gradient moves into the ipg bucket (`grad_reduc.data = new_grad_tensor`), a larger one keeps its
+    storage (`extra_large_param_to_reduce`), and a tensor that would overflow the bucket reduces it
+    first (reduce_independent_p_g_buckets_and_remove_grads). The epilogue reduces the rest."""
+    own = [0] * len(numels)
+    below = sum(numels)     # tensors not yet processed (index <= k): still in their own storage
+    large_done, elements, pending = 0, 0, []
+    for k in range(len(numels) - 1, -1, -1):
+        if elements + numels[k] > bucket:
+            for j in pending:
+                own[j] = below + large_done
+            pending, elements = [], 0
+        pending.append(k)
+        elements += numels[k]
+        below -= numels[k]
+        if numels[k] > bucket:
+            large_done += numels[k]
+    for j in pending:   # independent_gradient_partition_epilogue -> reduce_ipg_grads
+        own[j] = large_done
+    return own
+
+
+def _zero1_accum_held(total: int, largest: int, bucket: int, own_at_first_reduce: int, grad_buffer: int) -> int:
+    """Zero12Partition.held_zero1_accum. Two instants: the start of the boundary backward, where every
+    held gradient (T) is still in its own storage and the first new gradient is added into it in place
+    (AccumulateGrad) — counted for a tensor above the bucket, as held_large counts it at
+    accumulation 1 (a bucket-sized one is transient and not in any engine object); and the first
+    reduction holding one of this rank's tensors, where copy_grads_in_partition allocates
+    `grads_in_partition` (the rank's extent) while the unreduced gradients still hold their storage.
+    Measured: tiny Llama, accumulation 2, 4 gloo ranks: T x p on every rank, 2.2x (fp32) the
+    accumulation-1 formula (tests/runtime/test_zero1_accum_world4.py)."""
+    in_flight = largest if largest > bucket else 0
+    return max(total + in_flight, own_at_first_reduce + grad_buffer)
 
 
 def zero12_partitions(numels: list[int] | tuple[int, ...], n: int, bucket: int) -> list[Zero12Partition]:
@@ -112,11 +155,14 @@ def _zero12_partitions(numels: tuple[int, ...], n: int, bucket: int) -> tuple[Ze
         prefix.append(prefix[-1] + k)
         large_prefix.append(large_prefix[-1] + (k if k > bucket else 0))
         prefix_max.append(max(prefix_max[-1], k))
+    largest = max(numels, default=0)
+    own = _zero1_flush_own(numels, bucket)
     out = []
     for r in range(n):
         lo, hi = r * part, (r + 1) * part
         if lo >= total:
-            out.append(Zero12Partition(part, 0, large_prefix[-1], max(numels, default=0)))
+            out.append(Zero12Partition(part, 0, large_prefix[-1], largest,
+                                       _zero1_accum_held(total, largest, bucket, 0, 0)))
             continue
         i_lo = bisect.bisect_right(starts, lo) - 1
         i_hi = bisect.bisect_left(starts, hi)
@@ -132,5 +178,6 @@ def _zero12_partitions(numels: tuple[int, ...], n: int, bucket: int) -> tuple[Ze
                 held = max(held, outside_after + numels[k])
                 in_r_after += numels[k]
         out.append(Zero12Partition(part, buf, held,
-                                   _offload_accum_held(numels, large_prefix, prefix_max, i_lo, i_hi, bucket)))
+                                   _offload_accum_held(numels, large_prefix, prefix_max, i_lo, i_hi, bucket),
+                                   _zero1_accum_held(total, largest, bucket, own[i_hi - 1], buf)))
     return tuple(out)
