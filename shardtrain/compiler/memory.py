@@ -23,6 +23,8 @@ ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N. The engines differ in t
       until the hook copies it into a bucket (p·largest tensor, "in flight"); tensors larger than
       reduce_bucket_size are reduced from their own storage; ZeRO-1 keeps those of *other* ranks'
       partitions until the backward epilogue (stage 2 frees them after each reduction).
+    With gradient accumulation, stage 1 reduces nothing off the boundary, so every rank holds every
+    param.grad in full (p·T) between micro-steps (zero_layout._zero1_accum_held).
     The stage-1/2 16-bit partition buffer `grads_in_partition` is sized by the *whole* tensors that
     overlap the rank's slice of the flat buffer (get_partition_info / copy_grads_in_partition), so the
     worst rank can hold much more than T/N (a 128k-vocab embedding straddling many small slices):

@@ -7,7 +7,8 @@ every param.grad in full: p x T, not the p x T/N partition plus the 4 x T/N fp32
 accumulation-1 formula gives. At 2 ranks the two happen to be equal; at 4 ranks the old formula was
 -44% (fp32) and -19% (bf16) below the measured device gradient bytes (compiler/memory.py rank_grads,
 zero_layout._zero1_accum_held). Global batch 8 = micro 1 x accumulation 2 x 4 ranks, tiny Llama
-(every tensor fits the reduce bucket). The per-term check is the one of test_state_bytes_vs_plan.py
+(every tensor fits the reduce bucket) and, in fp32, the 65k-vocab tiny Llama (embedding and lm_head
+above the bucket: one rank also keeps the other ranks' large gradients, 1.5 x p x T). The per-term check is the one of test_state_bytes_vs_plan.py
 (an under-prediction beyond 0.5% fails), over all 4 ranks.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from test_state_bytes_vs_plan import check, reports
 
 pytestmark = pytest.mark.multiproc
 WORLD = 4
-SCENARIOS = {"zero1": "fp32", "bf16_zero1": "bf16"}
+BIG_VOCAB = str(Path(__file__).resolve().parents[1] / "truth" / "big-vocab-llama.json")
+SCENARIOS = {"zero1": "fp32", "bf16_zero1": "bf16", "zero1_big_vocab": "fp32"}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,7 @@ def zero1_world4(tmp_path_factory):
                                   "train": {"strategy": "zero1", "precision": prec, "steps": 2,
                                             "micro_batch": 1, "global_batch": 8}}}
           for name, prec in SCENARIOS.items()]
+    sc[-1]["over"]["model"] = {"name": BIG_VOCAB}
     return run_driver(tmp_path_factory.mktemp("zero1_accum_world4"), sc, nproc=WORLD)
 
 
