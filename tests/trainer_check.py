@@ -25,7 +25,6 @@ os.environ.setdefault("MASTER_PORT", str(29300 + os.getpid() % 600))
 
 
 def main(cases_path: str, out_path: str) -> int:
-    import torch
     from transformers import Trainer, TrainingArguments
 
     import ds_step
@@ -50,16 +49,9 @@ def main(cases_path: str, out_path: str) -> int:
             res["mismatch"] = str(e)
         res["autos_left"] = list(find_auto_keys(args.hf_deepspeed_config.config))
         if case.get("train") and res["mismatch"] is None:
-            class Data(torch.utils.data.Dataset):
-                def __len__(self):
-                    return 64
-
-                def __getitem__(self, i):
-                    ids = torch.randint(0, 512, (16,), generator=torch.Generator().manual_seed(i))
-                    return {"input_ids": ids, "labels": ids}
             args = TrainingArguments(output_dir=str(Path(out_path).parent / "trainer_out"), deepspeed=cfg,
                                      max_steps=1, report_to=[], save_strategy="no", use_cpu=True, **kw)
-            out = Trainer(model=ds_step.tiny_model(), args=args, train_dataset=Data()).train()
+            out = Trainer(model=ds_step.tiny_model(), args=args, train_dataset=_data()).train()
             res["loss"] = out.training_loss
         results[case["name"]] = res
     Path(out_path).write_text(json.dumps(results, indent=1))
