@@ -15,6 +15,7 @@ import logging
 import types
 from pathlib import Path
 
+from shardtrain import rundir_format as rf
 from shardtrain.emit import deepspeed as K
 from shardtrain.emit import engine_schema as S
 from shardtrain.emit.check import ERROR, WARNING, Finding, check_deepspeed
@@ -108,7 +109,7 @@ def _against_the_plan(d: dict, path: Path) -> list[Finding]:
     micro batch, accumulation, precision or checkpointing no longer runs the plan that was checked to fit.
     Under DeepSpeed the Trainer itself refuses a batch mismatch (:func:`_trainer_mismatches`); under DDP/FSDP
     nothing else would."""
-    plan_file = sibling(path, "plan.json")
+    plan_file = sibling(path, rf.PLAN_JSON)
     if plan_file is None:
         return []
     from shardtrain.compiler.plan import Plan
@@ -170,7 +171,7 @@ def check_bnb(d: dict, path: Path) -> list[Finding]:
         BitsAndBytesConfig(**d)
     except (TypeError, ValueError) as e:
         return [Finding(ERROR, "<top level>", f"BitsAndBytesConfig refuses it ({e})", "fix the key it names")]
-    plan_file = sibling(path, "plan.json")
+    plan_file = sibling(path, rf.PLAN_JSON)
     if plan_file is None or not d.get("load_in_4bit"):
         return []
     from shardtrain.compiler.plan import Plan
