@@ -16,7 +16,8 @@ from shardtrain.compiler.facts import (FsdpSettings, ModelRef, RuntimeFacts, Sta
 from shardtrain.compiler.memory import ZeroBuckets
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import (ActivationOffload, Attention, GradCkpt, HardwareSpec, LoraSpec, LossMode,
-                                       Method, Optimizer, Precision, Strategy, TrainSpec)
+                                       Method, Optimizer, ParallelDims, ParallelRequest, Precision, Strategy,
+                                       TrainSpec)
 
 MEMORY_TERMS = ("params", "grads", "master_params", "optimizer_states", "activations", "logits",
                 "buffers", "cuda_context")
@@ -82,10 +83,21 @@ class Candidate:
     """(phase, breakdown) for "forward", "backward", "optimizer" (compiler/phases.py); per_gpu is the
     breakdown of peak_phase."""
     peak_phase: str = ""
+    parallel: ParallelDims | None = None
+    """The device mesh (dp_replicate × dp_shard × cp × tp = world_size). None only in plans written
+    before the mesh existed: read them through ``mesh``."""
+
+    @property
+    def mesh(self) -> ParallelDims:
+        """The mesh, with the 1-D meaning of the strategy for plans that carry none."""
+        if self.parallel is not None:
+            return self.parallel
+        return ParallelDims.for_strategy(self.strategy, self.world_size, self.world_size)
 
     @property
     def key(self) -> tuple:
-        return (self.strategy, self.micro_batch_size, self.gradient_checkpointing, self.optimizer, self.method)
+        return (self.strategy, self.mesh, self.micro_batch_size, self.gradient_checkpointing, self.optimizer,
+                self.method)
 
 
 class ChangeKind(str, enum.Enum):
@@ -154,6 +166,12 @@ class Plan:
         return self.chosen.strategy
 
     @property
+    def parallel(self) -> ParallelDims:
+        """The chosen device mesh (old plans: the strategy's 1-D mesh on this hardware)."""
+        c = self.chosen
+        return c.parallel or ParallelDims.for_strategy(c.strategy, c.world_size, self.hardware.gpus_per_node)
+
+    @property
     def zero_buckets(self) -> ZeroBuckets:
         # the buckets memory.model_state_bytes assumed for this plan
         return ZeroBuckets.for_model(self.model, self.chosen.trainable_params, offload=self.strategy.offloads)
@@ -182,6 +200,8 @@ class Plan:
                                               precision=c.precision, loss=c.loss,
                                               chunk_tokens=self.train.loss_chunk_tokens),
             "activation_offload": c.activation_offload.value,
+            "parallel": (c.parallel or ParallelDims.for_strategy(c.strategy, c.world_size,
+                                                                 self.hardware.gpus_per_node)).to_json(),
             "why_not": list(c.why_not),
             **({"per_phase": {ph: b.to_json() for ph, b in c.per_phase}, "peak_phase": c.peak_phase}
                if c.per_phase else {}),
@@ -227,7 +247,10 @@ class Plan:
                 loss=LossMode(c.get("loss", "full")),
                 activation_offload=ActivationOffload(c.get("activation_offload", "none")),
                 per_phase=tuple((ph, MemoryBreakdown.from_json(b)) for ph, b in (c.get("per_phase") or {}).items()),
-                peak_phase=c.get("peak_phase", ""))
+                peak_phase=c.get("peak_phase", ""),
+                parallel=(ParallelDims.from_json(c["parallel"]) if c.get("parallel")
+                          else ParallelDims.for_strategy(Strategy(c["strategy"]), c["world_size"],
+                                                         hw.gpus_per_node)))
         lora = d.get("lora") or {}
         return Plan(chosen=cand(d), alternatives=tuple(cand(a) for a in d.get("alternatives", [])),
                     model=model, hardware=hw, train=train, gpu_memory_bytes=d["gpu_memory_bytes"],
@@ -245,6 +268,7 @@ def _train_json(t: TrainSpec) -> dict:
             d[k] = v.value
     d["lora"] = {**dataclasses.asdict(t.lora), "targets": list(t.lora.targets)}
     d["strategy"] = t.strategy.value if t.strategy else None
+    d["parallel"] = t.parallel.to_json()
     return d
 
 
@@ -257,5 +281,6 @@ def _train_from_json(d: dict) -> TrainSpec:
            "attention": Attention(d["attention"]),
            "loss": LossMode(d.get("loss", "full")),
            "activation_offload": ActivationOffload(d.get("activation_offload", "none")),
-           "strategy": Strategy(d["strategy"]) if d.get("strategy") else None},
+           "strategy": Strategy(d["strategy"]) if d.get("strategy") else None,
+           "parallel": ParallelRequest.from_json(d.get("parallel"))},
         lora=LoraSpec(**{**lora, "targets": tuple(lora["targets"])}))

@@ -180,6 +180,145 @@ class HardwareSpec:
         return self.nodes * self.gpus_per_node
 
 
+class CpMode(_StrEnum):
+    """How context parallel (cp) splits one sequence's attention across cp ranks; every rank holds
+    seq_len / cp tokens of every layer's activations either way.
+
+    ulysses: DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv:2309.14509): an all-to-all turns the
+    sequence-sharded q/k/v into head-sharded full-sequence q/k/v, attention runs locally on heads / cp
+    heads, a second all-to-all turns the output back (4 all-to-alls per layer with backward); needs
+    heads % cp == 0 and seq_len % cp == 0; any attention kernel. ring: ring attention (Liu et al. 2023,
+    arXiv:2310.01889) as torch.distributed.tensor.experimental.context_parallel runs it: K/V blocks pass
+    around the cp ranks, overlapped with attention; needs seq_len % (2 * cp) == 0 (load-balanced
+    halves) and a CUDA SDPA kernel (flash / memory-efficient / cuDNN); no CPU kernel has its sharding rule."""
+    ULYSSES = "ulysses"
+    RING = "ring"
+
+
+#: Mesh dimension names, outermost first: the order torchtitan's ParallelDims and accelerate's
+#: ParallelismConfig build the device mesh in (tp innermost so it stays inside a node).
+MESH_DIM_NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The device mesh of a plan: dp_replicate × dp_shard × cp × tp = world size.
+
+    Model state (FSDP2 / ZeRO) is sharded over dp_shard × cp (as accelerate's ``dp_shard_cp`` and
+    torchtitan's ``dp_shard_cp`` mesh do: cp ranks hold different tokens of the same samples, so they
+    are data-parallel for the weights); replicated over dp_replicate (HSDP: DDP across replicas of a
+    sharded group); tp splits each linear layer (Megatron-LM column/row parallel, Shoeybi et al. 2019).
+    Gradients are reduced over dp_replicate × dp_shard × cp. Samples per step are spread over
+    dp = dp_replicate × dp_shard only: tp and cp ranks share their samples."""
+    dp_replicate: int = 1
+    """Replicas of the sharded model state (HSDP's replicate dim; DDP is dp_replicate = world)."""
+    dp_shard: int = 1
+    """Ranks the model state is sharded over (with cp), each with its own samples."""
+    cp: int = 1
+    """Context-parallel ranks: each holds seq_len / cp tokens of the same samples."""
+    tp: int = 1
+    """Tensor-parallel ranks: each holds 1/tp of every linear layer (and, with sequence parallel,
+    1/tp of the tokens outside attention/MLP)."""
+    cp_mode: CpMode = CpMode.ULYSSES
+    """How cp splits attention (only meaningful when cp > 1)."""
+
+    def __post_init__(self):
+        for k in MESH_DIM_NAMES:
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"parallel.{k}: {v!r} must be an integer >= 1")
+        if not isinstance(self.cp_mode, CpMode):
+            object.__setattr__(self, "cp_mode", CpMode(self.cp_mode))
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: the ranks that take different samples."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_shard(self) -> int:
+        """Ranks one copy of the (tp-local) model state is sharded over: dp_shard × cp."""
+        return self.dp_shard * self.cp
+
+    @property
+    def grad_reduce(self) -> int:
+        """Ranks a gradient is averaged over: dp × cp (tp ranks own different slices)."""
+        return self.dp * self.cp
+
+    @property
+    def is_hsdp(self) -> bool:
+        return self.dp_replicate > 1 and self.fsdp_shard > 1
+
+    @property
+    def is_data_parallel_only(self) -> bool:
+        return self.tp == 1 and self.cp == 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Sizes in MESH_DIM_NAMES order."""
+        return tuple(getattr(self, k) for k in MESH_DIM_NAMES)
+
+    def label(self) -> str:
+        """e.g. "dp_replicate 2 × dp_shard 4 × tp 2" (dims of size 1 left out; "dp_shard 1" for one rank)."""
+        parts = [f"{k} {getattr(self, k)}" + (f" ({self.cp_mode.value})" if k == "cp" else "")
+                 for k in MESH_DIM_NAMES if getattr(self, k) > 1]
+        return " × ".join(parts) or "dp_shard 1"
+
+    def to_json(self) -> dict:
+        return {**{k: getattr(self, k) for k in MESH_DIM_NAMES}, "cp_mode": self.cp_mode.value,
+                "world_size": self.world, "dp": self.dp, "fsdp_shard": self.fsdp_shard}
+
+    @staticmethod
+    def from_json(d: dict) -> "ParallelDims":
+        return ParallelDims(**{k: int(d[k]) for k in MESH_DIM_NAMES}, cp_mode=CpMode(d.get("cp_mode", "ulysses")))
+
+    @staticmethod
+    def for_strategy(strategy: "Strategy", world_size: int, gpus_per_node: int) -> "ParallelDims":
+        """The 1-D mesh each strategy meant before the mesh existed (and what plans without a
+        "parallel" key mean): DDP replicates over every rank; fsdp_hybrid_shard is HSDP with one
+        replica per node (dp_replicate = nodes, dp_shard = GPUs per node); every other strategy
+        shards over every rank."""
+        if strategy is Strategy.DDP:
+            return ParallelDims(dp_replicate=world_size)
+        if strategy is Strategy.FSDP_HYBRID_SHARD and world_size > gpus_per_node:
+            return ParallelDims(dp_replicate=world_size // gpus_per_node, dp_shard=gpus_per_node)
+        return ParallelDims(dp_shard=world_size)
+
+
+@dataclass(frozen=True)
+class ParallelRequest:
+    """The mesh dims a run config forces (`parallel:` keys, `--tp`/`--cp`/... flags); None = auto
+    (the planner searches it)."""
+    dp_replicate: int | None = None
+    dp_shard: int | None = None
+    cp: int | None = None
+    tp: int | None = None
+    cp_mode: CpMode | None = None
+
+    @property
+    def is_auto(self) -> bool:
+        return all(getattr(self, k) is None for k in (*MESH_DIM_NAMES, "cp_mode"))
+
+    def admits(self, p: ParallelDims) -> bool:
+        """Whether mesh ``p`` honours every forced dim."""
+        return (all(getattr(self, k) in (None, getattr(p, k)) for k in MESH_DIM_NAMES)
+                and (self.cp_mode is None or p.cp == 1 or self.cp_mode is p.cp_mode))
+
+    def to_json(self) -> dict:
+        return {**{k: getattr(self, k) for k in MESH_DIM_NAMES},
+                "cp_mode": self.cp_mode.value if self.cp_mode else None}
+
+    @staticmethod
+    def from_json(d: dict | None) -> "ParallelRequest":
+        d = d or {}
+        return ParallelRequest(**{k: d.get(k) for k in MESH_DIM_NAMES},
+                               cp_mode=CpMode(d["cp_mode"]) if d.get("cp_mode") else None)
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """LoRA adapter settings (Hu et al. 2021)."""
@@ -225,6 +364,8 @@ class TrainSpec:
     sequence = 512 tokens at b=2, s=2048)."""
     activation_offload: ActivationOffload = ActivationOffload.NONE
     """Saved activations to host RAM (cpu) — the planner only picks it when nothing faster fits."""
+    parallel: ParallelRequest = field(default_factory=ParallelRequest)
+    """Forced device-mesh dims (tp, cp, dp_replicate, dp_shard, cp_mode); unforced ones are searched."""
 
 
 class Launcher(_StrEnum):
