@@ -188,7 +188,19 @@ def _env(**extra) -> dict:
 
 def _launch(args: list[str], timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
     cmd = ["timeout", "-k", "10", str(timeout), sys.executable, "-m", "shardtrain", "launch", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd or ROOT)
+    # the fixtures' watchdog (SHARDTRAIN_TEST_WATCHDOG_S) dumps every thread's stack into the rank log
+    # and exits, well before this timeout: a hang shows where it hung (CI saw one 600 s hang, 2026-12-05)
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(SHARDTRAIN_TEST_WATCHDOG_S="240"),
+                          cwd=cwd or ROOT)
+
+
+def _rank_logs(run) -> str:
+    """Every rank log of a run dir (torchrun --redirects 3), for a failing assertion's message."""
+    out = []
+    for f in sorted(run.glob("logs/*/**/*.log")) + sorted(run.glob("logs/*/**/std*")):
+        if f.is_file():
+            out.append(f"--- {f.relative_to(run)}\n{f.read_text(errors='replace')[-3000:]}")
+    return "\n".join(out)
 
 
 def test_dry_run_shows_the_users_command_and_the_plans_flags(tmp_path):
@@ -259,8 +271,8 @@ def test_unmodified_trainer_script_runs_the_plan(tmp_path, strategy):
 def test_plain_accelerate_loop_reads_the_fsdp2_plan(tmp_path):
     run, report = tmp_path / "run", tmp_path / "loop.json"
     r = _launch([*PLAN_FLAGS, "--strategy", "fsdp_full_shard", "--run-dir", str(run), "--",
-                 sys.executable, str(LOOP), str(report), "3"], timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+                 sys.executable, str(LOOP), str(report), "3"], timeout=360, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:] + _rank_logs(run)
     rep = json.loads(report.read_text())
     assert rep["num_processes"] == 2 and rep["backend"] == "gloo" and len(rep["losses"]) == 3
     assert rep["distributed_type"] == "DistributedType.MULTI_CPU"  # accelerate has no CPU FSDP (docstring)
