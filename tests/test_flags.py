@@ -15,6 +15,7 @@ SAMPLES = {
     "--global-batch": "16", "--precision": "fp16", "--method": "lora", "--lora-rank": "8", "--optimizer": "lion",
     "--grad-ckpt": "full", "--attention": "eager", "--loss": "chunked", "--activation-offload": "cpu",
     "--strategy": "zero3", "--steps": "7",
+    "--dp-replicate": "2", "--dp-shard": "4", "--tp": "2", "--cp": "1", "--cp-mode": "ulysses",
 }
 COMMANDS = ("plan", "emit", "check", "launch", "sbatch")
 

@@ -62,6 +62,12 @@ PLAN_FLAG_GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("--strategy", "train.strategy", "auto|ddp|zero1|zero2|zero3|fsdp_full_shard|fsdp_shard_grad_op|"
                                              "fsdp_hybrid_shard|zero2_offload|zero3_offload|zero_infinity"),
         Flag("--steps", "train.steps", type=int))),
+    ("mesh", (
+        Flag("--dp-replicate", "parallel.dp_replicate", "auto or N: replicas of the sharded state (HSDP)"),
+        Flag("--dp-shard", "parallel.dp_shard", "auto or N: ranks the model state is sharded over"),
+        Flag("--tp", "parallel.tp", "auto or N: tensor parallel (1 = off)"),
+        Flag("--cp", "parallel.cp", "auto or N: context parallel, seq_len / N tokens per rank (1 = off)"),
+        Flag("--cp-mode", "parallel.cp_mode", "auto|ulysses|ring"))),
 )
 PLAN_FLAGS: tuple[Flag, ...] = tuple(f for _, group in PLAN_FLAG_GROUPS for f in group)
 

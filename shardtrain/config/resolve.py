@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.model_params import model_spec_from_params
-from shardtrain.compiler.specs import HardwareSpec, LoraSpec, TrainSpec
+from shardtrain.compiler.specs import HardwareSpec, LoraSpec, ParallelRequest, TrainSpec
 from shardtrain.config.coerce import Auto
 from shardtrain.config.presets import get_gpu_preset, load_model_spec
 from shardtrain.config.schema import ConfigError, RunConfig
@@ -60,7 +60,14 @@ def resolve_train(cfg: RunConfig) -> TrainSpec:
         attention=t.attention, strategy=None if t.strategy is Auto.AUTO else t.strategy,
         allow_optimizer_change=t.allow_optimizer_change, allow_method_change=t.allow_method_change,
         headroom_fraction=t.headroom, loss=t.loss, loss_chunk_tokens=t.loss_chunk_tokens,
-        activation_offload=t.activation_offload)
+        activation_offload=t.activation_offload, parallel=resolve_parallel(cfg))
+
+
+def resolve_parallel(cfg: RunConfig) -> ParallelRequest:
+    """The forced mesh dims of `parallel:` (auto -> None)."""
+    p = cfg.parallel
+    return ParallelRequest(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, cp=p.cp,
+                           cp_mode=None if p.cp_mode is Auto.AUTO else p.cp_mode)
 
 
 def resolve_specs(cfg: RunConfig) -> tuple[ModelSpec, HardwareSpec, TrainSpec]:

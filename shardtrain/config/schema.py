@@ -12,16 +12,16 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardtrain.compiler.specs import (ActivationOffload, Attention, CompileMode, DataFormat, Device, Export,
-                                       GradCkpt, Launcher, LoraSpec, LossMode, Method, ModelInit, Optimizer, Precision,
-                                       Resume, Strategy, TrainSpec)
+from shardtrain.compiler.specs import (ActivationOffload, Attention, CompileMode, CpMode, DataFormat, Device,
+                                       Export, GradCkpt, Launcher, LoraSpec, LossMode, Method, ModelInit, Optimizer,
+                                       Precision, Resume, Strategy, TrainSpec)
 from shardtrain.config.coerce import Auto, AutoInt, Bytes, ConfigError, Count, coerce, nearest
 
 # The job's defaults are the compiler's (TrainSpec, LoraSpec): one place to change them.
 _TRAIN, _LORA = TrainSpec(), LoraSpec()
 
 __all__ = ["ConfigError", "ModelConfig", "HardwareConfig", "LoraConfig", "TrainConfig", "DataConfig", "RunSection",
-           "RunConfig", "parse_run_config", "load_run_config", "set_dotted"]
+           "ParallelConfig", "RunConfig", "parse_run_config", "load_run_config", "set_dotted"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """The device mesh: dp_replicate × dp_shard × cp × tp = nodes × gpus_per_node. Each key is auto (the
+    planner searches it with everything else and picks the fastest mesh that fits) or an integer that
+    forces it. train.strategy fsdp_hybrid_shard is the mesh dp_replicate = nodes × dp_shard = GPUs per
+    node on fsdp_full_shard (HSDP)."""
+    dp_replicate: AutoInt | None = None
+    """Replicas of the sharded model state (HSDP; DDP replicates over every rank): auto or N."""
+    dp_shard: AutoInt | None = None
+    """Ranks the model state is sharded over (FSDP2 / ZeRO, with cp), each with its own samples: auto or N."""
+    tp: AutoInt | None = None
+    """Tensor parallel: each rank holds 1/tp of every linear layer; tp ranks share samples: auto or N
+    (1 turns it off)."""
+    cp: AutoInt | None = None
+    """Context parallel: each rank holds seq_len / cp tokens of the same samples: auto or N (1 turns it off)."""
+    cp_mode: Auto | CpMode = Auto.AUTO
+    """auto | ulysses (all-to-all around attention; heads % cp == 0; any device) | ring (ring attention,
+    torch context_parallel; CUDA only)."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train: str | None = None
     """Training data: .jsonl (text, prompt/completion or chat messages), .parquet/.arrow, a `datasets`
@@ -193,6 +213,10 @@ class RunSection:
     """Record PyTorch's MemTracker peak of live tensors per phase (forward / backward / optimizer) on
     the measured step and print it against the plan (memory_rank{R}.json, logs/memory_table.txt).
     Off by default: it slows that step down several times."""
+    oversubscribe: bool = False
+    """CPU runs: allow more ranks than this machine has CPU cores (the preflight refuses that by default:
+    oversubscribed gloo ranks are several times slower and can time out). For tests and demos of a mesh
+    on a small machine (4 ranks on 2 cores); never needed on GPUs."""
     export: Export = Export.ADAPTER
     """LoRA runs: what final/ holds. adapter (the peft adapter, PeftModel.from_pretrained) | merged (full
     weights with the adapter merged in, AutoModelForCausalLM.from_pretrained; as large as the base model) |
@@ -206,6 +230,7 @@ class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunSection = field(default_factory=RunSection)
 
@@ -249,6 +274,8 @@ _CHECKS = {
     "train.grad_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
     "train.max_nonfinite_steps": (lambda v: v >= 1, "must be >= 1, e.g. 10"),
     "lora.rank": (lambda v: v >= 1, "must be >= 1, e.g. 16"),
+    **{f"parallel.{k}": (lambda v: v is None or v >= 1, "must be auto or an integer >= 1, e.g. 2")
+       for k in ("dp_replicate", "dp_shard", "tp", "cp")},
     "lora.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "data.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "run.checkpoint_every": (lambda v: v >= 0, "must be >= 0"),

@@ -70,6 +70,9 @@ def add_parsers(subparsers) -> None:
     g.add_argument("--on-oom", metavar="replan[:N]", default=None,
                    help="when a rank runs out of memory: re-plan (smaller micro batch with more accumulation, then "
                         "checkpointing) and resume, at most N times (default 2); default: fail")
+    g.add_argument("--oversubscribe", action="store_true", default=None,
+                   help="CPU runs: allow more ranks than CPU cores (= --set run.oversubscribe=true), e.g. a "
+                        "4-rank mesh on a 2-core machine")
     g.add_argument("--dry-run", action="store_true", help="print the plan, the run dir and the exact command; "
                    "write and run nothing")
     g.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the workers after this long (exit 124)")
@@ -115,6 +118,8 @@ def _launch_overrides(args) -> dict[str, object]:
         if key in ov and int(ov[key]) != v:
             raise ConfigError(f"--{flag.replace('_', '-')} {v} contradicts {key}={ov[key]}; give one of them")
         ov[key] = v
+    if getattr(args, "oversubscribe", None):
+        ov["run.oversubscribe"] = "true"
     return ov
 
 
