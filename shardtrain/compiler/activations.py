@@ -39,15 +39,17 @@ from __future__ import annotations
 import math
 
 from shardtrain.compiler.model import ModelSpec
-from shardtrain.compiler.specs import ActivationOffload, Attention, GradCkpt, LossMode, Precision
+from shardtrain.compiler.specs import ActivationOffload, Attention, GradCkpt, LossMode, ParallelDims, Precision
 
 
 CHUNK_FP32_TERMS = 12
 """Bytes per token per vocab entry of one loss chunk at its backward peak (3 fp32 tensors)."""
 
 
-def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Attention, seq_len: int) -> float:
-    """Activation bytes saved for backward by one decoder layer, per token."""
+def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Attention, seq_len: int, *,
+                          parallel: ParallelDims | None = None) -> float:
+    """Activation bytes saved for backward by one decoder layer, per token the rank holds
+    (micro_batch × seq_len / cp of them); `parallel` None = tp 1, cp 1."""
     h, I = model.hidden_size, model.intermediate_size
     kvd = model.num_kv_heads * model.head_dim
     qd = model.num_heads * model.head_dim
@@ -82,7 +84,8 @@ def checkpointed_layer_count(grad_ckpt: GradCkpt, num_layers: int, selective_eve
 
 def activation_host_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
                           attention: Attention, grad_ckpt: GradCkpt, selective_every: int = 2,
-                          offload: ActivationOffload = ActivationOffload.NONE) -> int:
+                          offload: ActivationOffload = ActivationOffload.NONE,
+                          parallel: ParallelDims | None = None) -> int:
     """Host bytes per rank that activation offload holds (and moves over PCIe twice per micro-step):
     the saved tensors of every non-checkpointed layer and the inputs of the checkpointed ones."""
     if offload is ActivationOffload.NONE:
@@ -95,7 +98,8 @@ def activation_host_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, p
 
 
 def logits_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
-                 loss: LossMode = LossMode.FULL, chunk_tokens: int = 512) -> int:
+                 loss: LossMode = LossMode.FULL, chunk_tokens: int = 512,
+                 parallel: ParallelDims | None = None) -> int:
     """Peak bytes of the logits + fp32 loss path for one loss mode (see module docstring);
     `auto` is the smaller of the two (resolve_loss says which)."""
     p = precision.param_bytes
@@ -110,10 +114,11 @@ def logits_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision:
 
 
 def resolve_loss(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
-                 loss: LossMode, chunk_tokens: int) -> LossMode:
+                 loss: LossMode, chunk_tokens: int, parallel: ParallelDims | None = None) -> LossMode:
     """auto -> chunked when the full logits path costs more than the chunked one, else full."""
     if loss is not LossMode.AUTO:
         return loss
-    kw = dict(micro_batch=micro_batch, seq_len=seq_len, precision=precision, chunk_tokens=chunk_tokens)
+    kw = dict(micro_batch=micro_batch, seq_len=seq_len, precision=precision, chunk_tokens=chunk_tokens,
+              parallel=parallel)
     full = logits_bytes(model, loss=LossMode.FULL, **kw)
     return LossMode.CHUNKED if full > logits_bytes(model, loss=LossMode.CHUNKED, **kw) else LossMode.FULL

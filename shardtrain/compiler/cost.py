@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from shardtrain.compiler.model import ModelSpec
-from shardtrain.compiler.specs import Engine, HardwareSpec, Method, OffloadDevice, Precision, Strategy
+from shardtrain.compiler.specs import Engine, HardwareSpec, Method, OffloadDevice, ParallelDims, Precision, Strategy
 
 MFU_MAX = 0.45
 """Model FLOP utilisation a well-tuned dense LLM step reaches on large micro-batches."""
@@ -51,7 +51,8 @@ def _ring(bytes_: float, n: int, bw: float) -> float:
 def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method: Method,
               precision: Precision, micro_batch: int, grad_accum: int, seq_len: int,
               ckpt_fraction: float, trainable_params: int, fsdp_defer_grad_sync: bool = False,
-              chunked_loss: bool = False, activation_offload_bytes: int = 0) -> float:
+              chunked_loss: bool = False, activation_offload_bytes: int = 0,
+              parallel: ParallelDims | None = None) -> float:
     """Estimated seconds per optimizer step: compute + communication not hidden behind it + offload."""
     tokens_micro = micro_batch * seq_len
     N = model.active_params

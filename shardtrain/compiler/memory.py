@@ -48,9 +48,11 @@ import math
 from dataclasses import dataclass, replace
 
 from shardtrain.compiler.inventory import TensorGroup, trainable_params
+from shardtrain.compiler.mesh_memory import mesh_of, mesh_shard_size
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.optimizer_states import state_bytes
-from shardtrain.compiler.specs import Engine, HardwareSpec, Method, OffloadDevice, Optimizer, Precision, Strategy
+from shardtrain.compiler.specs import (Engine, HardwareSpec, Method, OffloadDevice, Optimizer, ParallelDims, Precision,
+                                       Strategy)
 from shardtrain.compiler.zero_layout import Zero12Partition, flat_order_numels, zero12_partitions
 from shardtrain.units import GiB, MiB
 
@@ -134,8 +136,11 @@ def frozen_weight_bytes(groups: tuple[TensorGroup, ...], method: Method, precisi
     return total
 
 
-def shard_group_size(strategy: Strategy, hw: HardwareSpec) -> int:
-    """Ranks that share one copy of the sharded state (HYBRID shards inside a node only)."""
+def shard_group_size(strategy: Strategy, hw: HardwareSpec, *, parallel: ParallelDims | None = None) -> int:
+    """Ranks that share one copy of the sharded state (HYBRID shards inside a node only); on a mesh,
+    dp_shard × cp (ParallelDims.fsdp_shard; DDP: 1). None: the strategy's 1-D mesh."""
+    if parallel is not None:
+        return mesh_shard_size(strategy, mesh_of(strategy, hw, parallel))
     if strategy is Strategy.DDP:
         return 1
     if strategy is Strategy.FSDP_HYBRID_SHARD:
@@ -201,14 +206,16 @@ def zero3_window_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], method
 
 def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy,
                       hw: HardwareSpec, *, method: Method, precision: Precision, optimizer: Optimizer,
-                      fsdp_defer_grad_sync: bool = False, grad_accum_steps: int = 1) -> ModelStateBytes:
+                      fsdp_defer_grad_sync: bool = False, grad_accum_steps: int = 1,
+                      parallel: ParallelDims | None = None) -> ModelStateBytes:
     """Model-state bytes per rank for one strategy (see module docstring for the dtype policy).
     `grad_accum_steps` > 1 adds what ZeRO-2 + optimizer offload holds between micro-steps
-    (zero2_offload_accum_grads)."""
+    (zero2_offload_accum_grads). `parallel`: the device mesh (None: the strategy's 1-D mesh, numbers
+    as before the mesh existed); the state is sharded over its dp_shard × cp ranks."""
+    N = shard_group_size(strategy, hw, parallel=parallel)
     T = trainable_params(groups)
     frozen = frozen_weight_bytes(groups, method, precision)
     p = precision.param_bytes
-    N = shard_group_size(strategy, hw)
     engine = strategy.engine
     buckets = ZeroBuckets.for_model(model, T, offload=strategy.offloads)
 
@@ -346,7 +353,7 @@ def zero2_offload_accum_grads(parts: list[Zero12Partition], p: int) -> tuple[int
 
 
 def host_bytes_per_node(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, per_rank_cpu: int,
-                        precision: Precision) -> int:
+                        precision: Precision, *, parallel: ParallelDims | None = None) -> int:
     """Peak host RAM per node: process overhead, offloaded state, and model loading.
 
     Loading is done once per node (meta init + local-rank-0 load + broadcast; zero.Init partitions

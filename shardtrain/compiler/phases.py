@@ -49,7 +49,7 @@ from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.phase_inputs import PhaseInputs
 from shardtrain.compiler.plan import MemoryBreakdown
 from shardtrain.compiler.specs import (Attention, Engine, GradCkpt, LossMode, Method, OffloadDevice, Optimizer,
-                                       Precision, Strategy)
+                                       ParallelDims, Precision, Strategy)
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -307,7 +307,8 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                      optimizer: Optimizer, micro_batch: int, seq_len: int, attention: Attention,
                      grad_ckpt: GradCkpt, selective_every: int, grad_accum: int, defer_grad_sync: bool,
                      loss: LossMode = LossMode.FULL, chunk_tokens: int = 512, activation_offload: bool = False,
-                     cuda_context: int = 0) -> tuple[dict[str, MemoryBreakdown], str]:
+                     cuda_context: int = 0, parallel: ParallelDims | None = None
+                     ) -> tuple[dict[str, MemoryBreakdown], str]:
     """({phase: MemoryBreakdown}, peak phase) for one candidate; `loss`/`chunk_tokens` are the
     resolved loss mode of activations.logits_bytes (activations.resolve_loss: never auto here)."""
     n_ck = checkpointed_layer_count(grad_ckpt, model.num_layers, selective_every)
