@@ -2,10 +2,11 @@
 fits (tiny-llama by default), for any world size. Planning is pure and fast (no torch)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from shardtrain.compiler.planner import NoFitError, illegal_reason, plan
-from shardtrain.compiler.specs import Method, Optimizer, Precision, Strategy
+from shardtrain.compiler.specs import Method, Optimizer, ParallelDims, Precision, Strategy
 from shardtrain.config.resolve import resolve_specs
 from shardtrain.config.schema import parse_run_config
 
@@ -17,7 +18,27 @@ FSDP_STRATEGIES = (Strategy.FSDP_FULL_SHARD, Strategy.FSDP_SHARD_GRAD_OP, Strate
 def make_plan(strategy: Strategy | str = "auto", *, optimizer: str = "adamw", precision: str = "bf16",
               method: str = "full", model: str = "tiny-llama", nodes: int = 1, gpus_per_node: int = 1,
               global_batch: int | None = None, micro_batch: int | str = 1, seq_len: int = 128,
-              nvme_path: str | None = "/tmp/shardtrain-nvme", grad_ckpt: str = "auto", gpu: str | None = None):
+              nvme_path: str | None = "/tmp/shardtrain-nvme", grad_ckpt: str = "auto", gpu: str | None = None,
+              mesh: dict | None = None):
+    """``mesh``: ParallelDims keyword arguments put on the chosen candidate (dataclasses.replace, until the
+    planner's mesh search and --tp/--cp flags exist), with the accumulation re-derived so that global batch
+    = micro × accumulation × dp still holds."""
+    p = _plan(strategy, optimizer=optimizer, precision=precision, method=method, model=model, nodes=nodes,
+              gpus_per_node=gpus_per_node, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len,
+              nvme_path=nvme_path, grad_ckpt=grad_ckpt, gpu=gpu)
+    return p if mesh is None else with_mesh(p, ParallelDims(**mesh))
+
+
+def with_mesh(p, mesh: ParallelDims):
+    c = p.chosen
+    assert mesh.world == c.world_size, f"mesh {mesh.label()} is not world {c.world_size}"
+    accum, rest = divmod(p.train.global_batch_size, c.micro_batch_size * mesh.dp)
+    assert rest == 0 and accum >= 1, f"global batch {p.train.global_batch_size} does not spread over {mesh.label()}"
+    return dataclasses.replace(p, chosen=dataclasses.replace(c, parallel=mesh, grad_accum_steps=accum))
+
+
+def _plan(strategy, *, optimizer, precision, method, model, nodes, gpus_per_node, global_batch, micro_batch, seq_len,
+          nvme_path, grad_ckpt, gpu):
     world = nodes * gpus_per_node
     hw = {"nodes": nodes, "gpus_per_node": gpus_per_node, "gpu_memory": "80GiB"}
     if gpu:

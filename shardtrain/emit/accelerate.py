@@ -5,8 +5,15 @@
   the YAML (zero_stage, gradient_accumulation_steps, gradient_clipping, offload_*, zero3_save_16bit_model,
   and `mixed_precision`: "When using `deepspeed_config_file`, the following accelerate config variables
   will be ignored"), so those are left out; precision lives in the DeepSpeed JSON.
-- FSDP plans: `distributed_type: FSDP`, `fsdp_version: 2`, keys as `accelerate config` writes them;
-  HYBRID_SHARD via `parallelism_config` (dp_replicate × dp_shard).
+- FSDP plans: `distributed_type: FSDP`, `fsdp_version: 2`, keys as `accelerate config` writes them; a mesh
+  that is not one dp_shard dim (HSDP, tp, cp) as the `parallelism_config` block (accelerate 1.15
+  commands/launch.py `--parallelism_config_*` dests; utils/launch.py prepare_extend_env_parallelism_config
+  exports them as PARALLELISM_CONFIG_* for ParallelismConfig). The old fsdp_hybrid_shard is that block with
+  dp_replicate_size = nodes and dp_shard_size = GPUs per node (ParallelDims.for_strategy).
+- DeepSpeed plans with a mesh: AutoTP is in the DeepSpeed JSON (tensor_parallel.autotp_size, which accelerate
+  reads from it); Ulysses (sp) is NOT written here: accelerate 1.15 exports parallelism_config only on its
+  FSDP/multi-GPU launch path (prepare_multi_gpu_env), not on the DeepSpeed one, so the script passes
+  Accelerator(parallelism_config=ParallelismConfig(sp_size=..., sp_backend="deepspeed")) (a comment says so).
 - DDP plans: MULTI_GPU (or NO for one process).
 Multi-node: rdzv_backend c10d on main_process_ip:port, so one file serves every node (pass
 `--machine_rank` per node; c10d ignores it for rank assignment).
@@ -16,7 +23,7 @@ from __future__ import annotations
 import yaml
 
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision
+from shardtrain.compiler.specs import CpMode, Engine, GradCkpt, Method, Precision
 from shardtrain.emit.fsdp import fsdp_settings
 from shardtrain.rundir_format import DS_CONFIG_JSON
 
@@ -32,11 +39,49 @@ class AccelerateConfigError(ValueError):
     """A plan that needs more information to become an accelerate config."""
 
 
+class AccelerateMeshError(AccelerateConfigError):
+    """A mesh accelerate's ParallelismConfig refuses (the plan runs with `shardtrain launch`, not accelerate)."""
+
+
+#: ParallelismConfig keyword -> accelerate.yaml key (commands/launch.py dests, config file's parallelism_config).
+PARALLELISM_KEY_PREFIX = "parallelism_config_"
+
+
+def _mesh_refusal(plan: Plan) -> str | None:
+    """Why accelerate 1.15's ParallelismConfig / FSDP2 preparation refuses this mesh (parallelism_config.py
+    __post_init__ and _validate_accelerator), or None."""
+    p = plan.parallel
+    if (p.tp > 1 or p.cp > 1) and p.dp_replicate > 1 and p.dp_shard == 1:
+        return (f"parallel: {p.label()}: accelerate refuses tp/cp with dp_replicate > 1 and dp_shard 1 "
+                "(ParallelismConfig: 'cannot be used with pure data parallelism'); fix: parallel.dp_shard > 1 "
+                "(--dp-shard), or run it with `shardtrain launch`")
+    if plan.chosen.strategy.engine is Engine.FSDP and p.fsdp_shard == 1 and p.world > 1:
+        return (f"parallel: {p.label()}: accelerate's FSDP2 needs a dim to shard over (dp_shard or cp > 1); "
+                "fix: parallel.dp_shard > 1 (--dp-shard), or strategy ddp for pure replication")
+    return None
+
+
+def parallelism_block(plan: Plan) -> dict | None:
+    """accelerate.yaml's parallelism_config block (ParallelismConfig keyword arguments with the
+    parallelism_config_ prefix) for an FSDP plan whose mesh is not one dp_shard dim; None otherwise."""
+    from shardtrain.emit.trainer import cp_comm_strategy, parallelism_config
+    kw = parallelism_config(plan) if plan.chosen.strategy.engine is Engine.FSDP else None
+    if kw is None:
+        return None
+    out = {PARALLELISM_KEY_PREFIX + k: v for k, v in kw.items()}
+    if plan.parallel.cp > 1:
+        out[PARALLELISM_KEY_PREFIX + "cp_comm_strategy"] = cp_comm_strategy(plan)
+    return out
+
+
 def accelerate_config(plan: Plan, *, ds_config_path: str = DS_CONFIG_JSON, main_process_ip: str | None = None,
                       main_process_port: int = 29500, machine_rank: int = 0) -> dict:
     """The accelerate config dict (write it with :func:`render_yaml`)."""
     c, hw = plan.chosen, plan.hardware
     engine = c.strategy.engine
+    refusal = _mesh_refusal(plan)
+    if refusal:
+        raise AccelerateMeshError(refusal)
     if hw.nodes > 1 and not main_process_ip:
         raise AccelerateConfigError(f"hardware.nodes: {hw.nodes}: a multi-node accelerate config needs the first "
                                     "node's address; pass --master-addr HOST (or --hosts h1,h2,...)")
@@ -75,9 +120,9 @@ def accelerate_config(plan: Plan, *, ds_config_path: str = DS_CONFIG_JSON, main_
         # accelerate checkpoints every wrapped layer: selective (every k-th) becomes full (less memory)
         "fsdp_activation_checkpointing": f.activation_checkpointing != "none",
     }
-    if len(f.mesh_shape) == 2:
-        d["parallelism_config"] = {"parallelism_config_dp_replicate_size": f.mesh_shape[0],
-                                   "parallelism_config_dp_shard_size": f.mesh_shape[1]}
+    block = parallelism_block(plan)
+    if block:
+        d["parallelism_config"] = block
     return d
 
 
@@ -97,9 +142,32 @@ def notes(plan: Plan) -> list[str]:
                    "(shardtrain's runtime reduces in fp32)")
         if c.gradient_checkpointing.value == "selective":
             out.append("selective checkpointing is not expressible here: every layer is checkpointed")
+    out += mesh_notes(plan)
     if plan.hardware.nodes > 1:
         out.append("run the same command on every node, adding --machine_rank N (0 on the first node)")
     return out + memory_saver_notes(plan) + ["what your script must do: README.md next to this file"]
+
+
+def mesh_notes(plan: Plan) -> list[str]:
+    """What accelerate.yaml cannot say about the plan's mesh (comments at its top)."""
+    from shardtrain.emit.trainer import parallelism_config
+    p, eng, out = plan.parallel, plan.chosen.strategy.engine, []
+    if p.is_data_parallel_only and not p.is_hsdp:
+        return out
+    out.append(f"mesh {p.label()} (dp {p.dp}: each data-parallel rank its own samples; tp/cp ranks share them)")
+    if eng is Engine.FSDP and p.cp > 1 and p.cp_mode is CpMode.ULYSSES:
+        out.append("accelerate runs cp as torch's context_parallel (ring attention, CUDA flash/efficient SDPA "
+                   "only): the same seq/cp tokens per rank as the plan's Ulysses, other collectives; Ulysses on "
+                   "FSDP2 runs with shardtrain launch")
+    if eng is Engine.DEEPSPEED and p.cp > 1:
+        out.append(f"Ulysses sequence parallel {p.cp}: accelerate 1.15 does not export parallelism_config on its "
+                   "DeepSpeed launch path; pass Accelerator(parallelism_config=ParallelismConfig("
+                   + ", ".join(f"{k}={v!r}" for k, v in parallelism_config(plan).items())
+                   + ", sp_handler=DeepSpeedSequenceParallelConfig(sp_seq_length=" + str(plan.train.seq_len)
+                   + ", sp_seq_length_is_variable=False)))")
+    if eng is Engine.DEEPSPEED and p.tp > 1:
+        out.append(f"AutoTP {p.tp}: tensor_parallel.autotp_size in the DeepSpeed JSON (accelerate reads it there)")
+    return out
 
 
 def checkpointing_note(plan: Plan) -> str | None:

@@ -133,7 +133,10 @@ def bundle(plan: Plan, site: Site, cfg=None) -> dict[str, str]:
     for name, d in ((T.LORA_CONFIG_JSON, T.lora_config(plan)), (T.BNB_CONFIG_JSON, T.bnb_config(plan))):
         if d is not None:
             files[name] = _json(d)
-    files[ACCELERATE_YAML] = render("accelerate", plan, site, cfg)
+    try:
+        files[ACCELERATE_YAML] = render("accelerate", plan, site, cfg)
+    except acc.AccelerateMeshError:  # a mesh accelerate refuses: the README says why (emit/readme.py)
+        pass
     use_ds = rs.choose_launcher(None, cfg, plan) is Launcher.DEEPSPEED
     argv = deepspeed_command(plan, site) if use_ds else torchrun_command(plan, site)
     c = plan.chosen

@@ -74,9 +74,10 @@ def find_auto_keys(d, prefix: str = ""):
 
 def check_deepspeed(cfg: dict, *, consumer: str = "deepspeed", world_size: int | None = None,
                     optimizer: str | None = None, method: str | None = None,
-                    quant_storage: str | None = None) -> list[Finding]:
+                    quant_storage: str | None = None, heads: tuple[int, int] | None = None) -> list[Finding]:
     """Lint a DeepSpeed config dict. consumer: deepspeed (deepspeed.initialize), trainer (HF
-    TrainingArguments(deepspeed=...)) or accelerate (referenced from an accelerate YAML).
+    TrainingArguments(deepspeed=...)) or accelerate (referenced from an accelerate YAML). world_size: the
+    processes it runs on; heads: the model's (attention heads, kv heads) when known (mesh checks).
     Key names, aliases, types and the extra-keys policy are the installed DeepSpeed's own
     (engine_schema runs its parser); the checks below are the pitfalls its parser does not see."""
     if not isinstance(cfg, dict):
@@ -100,6 +101,8 @@ def check_deepspeed(cfg: dict, *, consumer: str = "deepspeed", world_size: int |
         if isinstance(blk, dict) and blk.get(K.DEVICE) == "nvme" and not blk.get(K.NVME_PATH):
             out.append(Finding(ERROR, f"{K.ZERO}.{name}.{K.NVME_PATH}", "device is nvme but no nvme_path is set",
                                "set nvme_path to a directory on a local NVMe drive"))
+    from shardtrain.emit.check_mesh import deepspeed_mesh
+    out += deepspeed_mesh(cfg, world_size, stage, heads)
     out += _batch(cfg, world_size, consumer)
     out += _optimizer(cfg, stage, oo, optimizer)
     if method == "qlora" and stage == 3:
@@ -153,7 +156,9 @@ def _engine_findings(cfg: dict, consumer: str, world_size: int | None) -> list[F
     nums = list(K.batch_sizes(work).values())
     world = world_size or 1
     if all(isinstance(v, int) and v > 0 for v in nums) and nums[0] % (nums[1] * nums[2]) == 0 and not world_size:
-        world = nums[0] // (nums[1] * nums[2])  # our _batch check judges the arithmetic
+        # our _batch check judges the arithmetic; DeepSpeed's parser divides the world by sequence_parallel_size
+        sp = K.mesh_sizes(work)[K.SEQUENCE_PARALLEL_SIZE]
+        world = nums[0] // (nums[1] * nums[2]) * (sp if isinstance(sp, int) and sp > 0 else 1)
     raw, trace = S.deepspeed_findings(work, world_size=world)
     out = [Finding(r.severity, S._dotted(r.path), r.problem, r.fix) for r in raw]
     seen = {f.key for f in out}
@@ -189,11 +194,20 @@ def _batch(cfg: dict, world: int | None, consumer: str) -> list[Finding]:
                                f"{K.MICRO_BATCH} and {K.GRAD_ACCUM} (shardtrain emit writes all three)"))
         return out
     tb, mb, ga = nums[K.TRAIN_BATCH_SIZE], nums[K.MICRO_BATCH], nums[K.GRAD_ACCUM]
+    ranks = "ranks"
+    if world is not None and K.config_batch_world(cfg, world) != world:
+        # Ulysses: DeepSpeed's batch world is world / sequence_parallel_size (runtime/config.py); the
+        # mesh check reports a world that does not divide
+        bw = K.config_batch_world(cfg, world)
+        if bw != int(bw):
+            return []
+        ranks = f"data-parallel ranks (world {world} / {K.SEQUENCE_PARALLEL_SIZE} {world // int(bw)})"
+        world = int(bw)
     if tb % (mb * ga):
         return [Finding(ERROR, K.TRAIN_BATCH_SIZE, f"{tb} is not micro {mb} × accumulation {ga} × any world size",
                         f"use a multiple of {mb * ga}, e.g. {mb * ga * max(1, round(tb / (mb * ga)))}")]
     if world is not None and tb != mb * ga * world:
-        return [Finding(ERROR, K.TRAIN_BATCH_SIZE, f"{tb} != micro {mb} × accumulation {ga} × {world} ranks = "
+        return [Finding(ERROR, K.TRAIN_BATCH_SIZE, f"{tb} != micro {mb} × accumulation {ga} × {world} {ranks} = "
                         f"{mb * ga * world} (DeepSpeed asserts equality)",
                         f"set {K.TRAIN_BATCH_SIZE}: {mb * ga * world} or {K.GRAD_ACCUM}: {tb // (mb * world)}"
                         if tb % (mb * world) == 0 else f"set {K.TRAIN_BATCH_SIZE}: {mb * ga * world}")]
@@ -237,8 +251,9 @@ def _quant_storage(dtype: str, quant_storage: str | None, where: str) -> list[Fi
 
 def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | None = None,
                      quant_storage: str | None = None, optimizer: str | None = None,
-                     wrap_class: str | None = None) -> list[Finding]:
-    """Lint an accelerate config dict; follows deepspeed_config_file (relative to base_dir or cwd)."""
+                     wrap_class: str | None = None, heads: tuple[int, int] | None = None) -> list[Finding]:
+    """Lint an accelerate config dict; follows deepspeed_config_file (relative to base_dir or cwd).
+    heads: the model's (attention heads, kv heads) when known (the mesh's tp must divide them)."""
     out: list[Finding] = []
     if not isinstance(cfg, dict):
         return [Finding(ERROR, "<top level>", "not a YAML mapping", "write `key: value` lines")]
@@ -269,7 +284,7 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
                                        fix="point deepspeed_config.deepspeed_config_file at a DeepSpeed JSON")
                 out += [Finding(f.severity, f"{p.name}: {f.key}", f.problem, f.fix) for f in check_deepspeed(
                     ds_json, consumer="accelerate", world_size=ws, optimizer=optimizer,
-                    method=method, quant_storage=quant_storage)]
+                    method=method, quant_storage=quant_storage, heads=heads)]
         else:
             stage = int(ds.get("zero_stage", 2) or 0)
             if ds.get("offload_param_device", "none") != "none" and stage < 3:
@@ -310,6 +325,8 @@ def check_accelerate(cfg: dict, *, base_dir: Path = Path("."), method: str | Non
                                "shards", "use AdamW with FSDP, or DeepSpeed ZeRO with adamw8bit"))
         if method == "qlora":
             out += _quant_storage(_DTYPE_OF.get(mp, "float32"), quant_storage, "FSDP")
+    from shardtrain.emit.check_mesh import accelerate_mesh
+    out += accelerate_mesh(cfg, heads)
     if not any(f.severity == ERROR for f in out[n_hand:]) and not any(f.severity == ERROR and "." not in f.key
                                                                        for f in out[:n_hand]):
         # nothing found by hand: ask accelerate's own launcher and FSDP plugin (engine_schema)

@@ -189,19 +189,20 @@ def _check_file(args: argparse.Namespace) -> int:
     path = Path(args.file)
     _qlora_from_bundle(args, path)
     world = args.nodes * args.gpus_per_node if args.nodes and args.gpus_per_node else args.gpus_per_node
-    wrap = None
+    wrap = heads = None
     model_given = bool(args.config or args.model or args.params)
-    if kind in ("accelerate", "fsdp settings") and args.model:
+    if kind in ("accelerate", "fsdp settings", "deepspeed") and args.model:
         from shardtrain.config.presets import load_model_spec
         from shardtrain.emit.fsdp import transformers_layer_class
         spec = load_model_spec(args.model)
         wrap = (transformers_layer_class(spec.model_type) or (spec.decoder_layer_class,))[0]
+        heads = (spec.num_heads, spec.num_kv_heads)  # the mesh's tp / Ulysses sp must divide them
     notes = []
     if kind == "deepspeed":
         target = args.target if args.target != "auto" else ("trainer" if looks_like_trainer_template(data)
                                                              else "deepspeed")
-        findings = check_deepspeed(data, consumer=target, world_size=world,
-                                   optimizer=args.optimizer, method=args.method, quant_storage=args.quant_storage)
+        findings = check_deepspeed(data, consumer=target, world_size=world, optimizer=args.optimizer,
+                                   method=args.method, quant_storage=args.quant_storage, heads=heads)
         if target == "trainer":
             fills = auto_allowed("trainer")
             filled = [k for k in find_auto_keys(data) if k in fills]
@@ -211,7 +212,8 @@ def _check_file(args: argparse.Namespace) -> int:
                                  "the Trainer fills: " + (", ".join(f"{k} <- {fills[k]}" for k in filled) or "nothing")))
     elif kind == "accelerate":
         findings = check_accelerate(data, base_dir=path.parent, method=args.method,
-                                    quant_storage=args.quant_storage, optimizer=args.optimizer, wrap_class=wrap)
+                                    quant_storage=args.quant_storage, optimizer=args.optimizer, wrap_class=wrap,
+                                    heads=heads)
     else:
         findings = check_other(kind, data, path, world_size=world, wrap_class=wrap)
         model_given = False  # the fit verdict is for engine configs (their strategy and batch)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import Engine, Method, OffloadDevice, Optimizer, Precision
+from shardtrain.compiler.specs import CpMode, Engine, Method, OffloadDevice, Optimizer, Precision
 
 # ---------------------------------------------------------------- top-level keys
 TRAIN_BATCH_SIZE = "train_batch_size"
@@ -27,6 +27,12 @@ FORCE_DS_CPU_OPTIMIZER = "zero_force_ds_cpu_optimizer"
 AIO = "aio"
 STEPS_PER_PRINT = "steps_per_print"
 WALL_CLOCK_BREAKDOWN = "wall_clock_breakdown"
+SEQUENCE_PARALLEL_SIZE = "sequence_parallel_size"
+"""Ulysses sequence parallel degree (DeepSpeed 0.19 runtime/config.py DeepSpeedConfig.__init__ reads it
+from the dict: without an mpu its batch arithmetic divides the world by it; ALST's
+UlyssesSPAttentionHF.register_with_transformers builds the groups)."""
+TENSOR_PARALLEL, AUTOTP_SIZE = "tensor_parallel", "autotp_size"
+"""AutoTP training (runtime/tensor_parallel/config.py TPTrainingConfig.autotp_size; 0 = off)."""
 # zero_optimization
 STAGE, OVERLAP_COMM, CONTIGUOUS_GRADIENTS = "stage", "overlap_comm", "contiguous_gradients"
 REDUCE_SCATTER, REDUCE_BUCKET, ALLGATHER_BUCKET = "reduce_scatter", "reduce_bucket_size", "allgather_bucket_size"
@@ -120,7 +126,9 @@ def nvme_buffer_elements(plan: Plan) -> int:
     otherwise, or the whole partition when that is smaller. sub_group_size follows it because
     stage3._initialize_from_swapped_fp16_params asserts the fp16 swap buffers can hold an fp32
     sub-group. Pinned host RAM per rank: buffer_count × this × 2 B (params) + 4 × this × 4 B (optimizer)."""
-    w = plan.chosen.world_size
+    # ZeRO-3 partitions over the ranks that reduce gradients (dp × sp: DeepSpeed's seq_data_parallel
+    # group), not the world
+    w = plan.parallel.grad_reduce
     part = math.ceil(largest_param_elements(plan) / w)
     n = max(part, min(NVME_MIN_BUFFER_ELEMENTS, math.ceil(plan.model.num_params / w)))
     return math.ceil(n / AIO_ALIGN_ELEMENTS) * AIO_ALIGN_ELEMENTS
@@ -131,11 +139,52 @@ def nvme_param_buffer_count(plan: Plan) -> int:
     return max(5, len(plan.model.linear_shapes()) + 2)
 
 
+def batch_world(plan: Plan) -> int:
+    """The world size in DeepSpeed's own batch arithmetic (runtime/config.py DeepSpeedConfig.__init__ and
+    _batch_assertion: train_batch_size == micro × accumulation × world_size). Without an mpu DeepSpeed takes
+    world_size = dist.get_world_size(), divided by sequence_parallel_size when the config has it (ALST's mpu
+    gives the same: world / sp); AutoTP does not divide it (deepspeed.initialize builds the config before
+    the tp groups; accelerate's _prepare_deepspeed also fills "auto" as micro × accum × num_processes // sp).
+    So it is dp × tp: the samples per step are still micro × accumulation × dp (tp peers are fed the same
+    batch: engine.py check_dataloader_inputs_same_across_ranks), DeepSpeed just counts each tp rank."""
+    p = plan.parallel
+    return p.dp * p.tp
+
+
+def sequence_parallel_size(plan: Plan) -> int:
+    """DeepSpeed's sequence_parallel_size: the plan's cp (Ulysses); 1 without context parallel."""
+    return plan.parallel.cp
+
+
+def _check_mesh(plan: Plan) -> None:
+    """What DeepSpeed runs of a mesh (issue 18 point 2): cp only as Ulysses (sequence_parallel_size), tp only
+    as AutoTP with ZeRO-1/2, not both at once (ALST's groups have no tp dim), no HSDP dim (ZeRO partitions
+    over the whole data-parallel group: dp_replicate belongs to FSDP2)."""
+    p, s = plan.parallel, plan.chosen.strategy
+    if p.cp > 1 and p.cp_mode is not CpMode.ULYSSES:
+        raise DeepSpeedConfigError("parallel.cp_mode", p.cp_mode.value, "DeepSpeed runs context parallel only as "
+                                   "Ulysses (sequence_parallel_size); ring attention is torch's (FSDP2)",
+                                   "set parallel.cp_mode: ulysses (--cp-mode ulysses), or an fsdp_* strategy")
+    if p.tp > 1 and s.zero_stage not in (1, 2):
+        raise DeepSpeedConfigError("parallel.tp", p.tp, f"DeepSpeed AutoTP trains with ZeRO-1/2 only, not {s.value}",
+                                   "use zero1 or zero2 (--strategy zero2), or an fsdp_* strategy for tp with "
+                                   "sharded parameters, or parallel.tp: 1")
+    if p.tp > 1 and p.cp > 1:
+        raise DeepSpeedConfigError("parallel", p.label(), "DeepSpeed cannot combine AutoTP with Ulysses "
+                                   "sequence parallel (ALST's process groups have no tp dim)",
+                                   "use parallel.tp: 1 or parallel.cp: 1 on DeepSpeed, or an fsdp_* strategy")
+    if p.dp_replicate > 1 and p.dp_shard > 1:
+        raise DeepSpeedConfigError("parallel.dp_replicate", p.dp_replicate, "ZeRO partitions over every "
+                                   "data-parallel rank; a replicate dim (HSDP) is FSDP2's", "use parallel.dp_replicate: "
+                                   "1 with DeepSpeed, or fsdp_full_shard for HSDP")
+
+
 def _check_legal(plan: Plan, nvme_path: str | None) -> None:
     c, s = plan.chosen, plan.chosen.strategy
     if s.engine is not Engine.DEEPSPEED:
         raise DeepSpeedConfigError("strategy", s.value, f"the plan uses {s.engine.value}, not DeepSpeed",
                                    "use the fsdp/torchrun outputs, or force a zero* strategy (--strategy zero3)")
+    _check_mesh(plan)
     off = s.offload_optimizer
     if off is not OffloadDevice.NONE and c.optimizer not in _DS_CPU:
         name = "8-bit AdamW" if c.optimizer is Optimizer.ADAMW8BIT else c.optimizer.value
@@ -221,7 +270,9 @@ def deepspeed_config(plan: Plan, *, trainer: bool = False, grad_clip: float = 1.
                      betas: tuple[float, float] = OPTIMIZER_BETAS[Optimizer.ADAMW], eps: float = ADAM_EPS) -> dict:
     """The DeepSpeed config for the plan's chosen candidate.
 
-    Batch keys always satisfy train_batch_size == micro × accumulation × world size. With
+    Batch keys satisfy DeepSpeed's own train_batch_size == micro × accumulation × :func:`batch_world` (the
+    data-parallel size dp, times tp for AutoTP). A mesh adds sequence_parallel_size (cp, Ulysses) and
+    tensor_parallel.autotp_size (tp, ZeRO-1/2). With
     ``trainer=True`` (for ``TrainingArguments(deepspeed=...)`` and accelerate) lr, weight decay and
     gradient clipping are "auto" (the Trainer fills them from its arguments, accelerate from DummyOptim);
     batch sizes, precision and betas/eps stay explicit so the Trainer raises a mismatch error if its
@@ -237,9 +288,13 @@ def deepspeed_config(plan: Plan, *, trainer: bool = False, grad_clip: float = 1.
         lr = default_lr(c.method)
     if grad_clip < 0:
         raise DeepSpeedConfigError("train.grad_clip", grad_clip, "must be >= 0", "use 1.0, or 0 to disable")
-    cfg: dict = {TRAIN_BATCH_SIZE: c.micro_batch_size * c.grad_accum_steps * c.world_size,
+    cfg: dict = {TRAIN_BATCH_SIZE: c.micro_batch_size * c.grad_accum_steps * batch_world(plan),
                  MICRO_BATCH: c.micro_batch_size, GRAD_ACCUM: c.grad_accum_steps,
                  GRADIENT_CLIPPING: AUTO if trainer else float(grad_clip)}
+    if plan.parallel.cp > 1:
+        cfg[SEQUENCE_PARALLEL_SIZE] = sequence_parallel_size(plan)
+    if plan.parallel.tp > 1:
+        cfg[TENSOR_PARALLEL] = {AUTOTP_SIZE: plan.parallel.tp}
     cfg.update(_precision_blocks(c.precision))
     cfg[ZERO] = _zero_block(plan, nvme_path)
     opt = _optimizer_block(plan, trainer, lr, weight_decay, betas, eps)
@@ -270,6 +325,20 @@ def zero_stage(ds: dict) -> int:
     return z.get(STAGE, 0) if isinstance(z, dict) else 0
 
 
+def mesh_sizes(ds: dict) -> dict[str, object]:
+    """{sequence_parallel_size, autotp_size: value or None} as written (None when absent)."""
+    tp = ds.get(TENSOR_PARALLEL)
+    return {SEQUENCE_PARALLEL_SIZE: ds.get(SEQUENCE_PARALLEL_SIZE),
+            AUTOTP_SIZE: tp.get(AUTOTP_SIZE) if isinstance(tp, dict) else None}
+
+
+def config_batch_world(ds: dict, world_size: int) -> float:
+    """The world DeepSpeed's batch assertion uses for this config on `world_size` processes (no mpu):
+    world / sequence_parallel_size (runtime/config.py DeepSpeedConfig.__init__), a float as there."""
+    sp = ds.get(SEQUENCE_PARALLEL_SIZE)
+    return world_size / sp if isinstance(sp, int) and not isinstance(sp, bool) and sp > 0 else world_size
+
+
 def batch_sizes(ds: dict) -> dict[str, object]:
     """{train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps: value or None}."""
     return {k: ds.get(k) for k in (TRAIN_BATCH_SIZE, MICRO_BATCH, GRAD_ACCUM)}
@@ -277,13 +346,20 @@ def batch_sizes(ds: dict) -> dict[str, object]:
 
 def verify(ds: dict, plan: Plan) -> list[str]:
     """Where a DeepSpeed config disagrees with the plan it is run with: batch sizes (DeepSpeed asserts
-    train_batch_size == micro × accumulation × world, and the loop samples the plan's batches) and the
-    ZeRO stage. One line per problem, naming the key, both values and the fix; [] when it agrees."""
+    train_batch_size == micro × accumulation × batch_world, and the loop samples the plan's batches), the
+    mesh keys (sequence_parallel_size, tensor_parallel.autotp_size) and the ZeRO stage. One line per
+    problem, naming the key, both values and the fix; [] when it agrees."""
     c = plan.chosen
     want = {MICRO_BATCH: c.micro_batch_size, GRAD_ACCUM: c.grad_accum_steps,
-            TRAIN_BATCH_SIZE: c.micro_batch_size * c.grad_accum_steps * c.world_size}
+            TRAIN_BATCH_SIZE: c.micro_batch_size * c.grad_accum_steps * batch_world(plan)}
     out = [f"ds_config.json: {k}={v} but the plan has {want[k]}; re-emit the config from plan.json"
            for k, v in batch_sizes(ds).items() if v is not None and int(v) != want[k]]
+    mesh_want = {SEQUENCE_PARALLEL_SIZE: plan.parallel.cp, AUTOTP_SIZE: plan.parallel.tp}
+    for k, v in mesh_sizes(ds).items():
+        have = 1 if v in (None, 0) else v
+        if have != mesh_want[k]:
+            out.append(f"ds_config.json: {k}={v} but the plan's mesh is {plan.parallel.label()} (wants "
+                       f"{mesh_want[k]}); re-emit the config from plan.json")
     if zero_stage(ds) != c.strategy.zero_stage:
         out.append(f"ds_config.json: {ZERO}.{STAGE}={zero_stage(ds)} but the plan is {c.strategy.value}; "
                    "re-emit the config from plan.json")

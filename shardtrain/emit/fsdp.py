@@ -5,7 +5,13 @@ DeviceMesh) are built from it in the runtime (shardtrain/runtime/fsdp_wrap.py).
 FSDP2 = `torch.distributed.fsdp.fully_shard` (per-parameter DTensor sharding):
 - FULL_SHARD: `reshard_after_forward=True` (params re-gathered for backward, ZeRO-3-like).
 - SHARD_GRAD_OP: `reshard_after_forward=False` (params stay gathered until backward, ZeRO-2-like).
-- HYBRID_SHARD: a 2-D DeviceMesh (replicate across nodes, shard inside a node) passed as `mesh`.
+- HYBRID_SHARD (HSDP): whenever the plan's mesh has dp_replicate > 1 — a 2-D DeviceMesh
+  (dp_replicate, dp_shard × cp) passed as `mesh`. The old strategy name fsdp_hybrid_shard is one case
+  of it (ParallelDims.for_strategy: dp_replicate = nodes, dp_shard = GPUs per node) and reshards like
+  FULL_SHARD; nothing here reads the strategy to decide HSDP.
+mesh_shape / mesh_dim_names are the data-parallel mesh `fully_shard` shards over (tp and cp ranks are not
+in it: the runtime builds the whole device mesh from plan.parallel and takes this sub-mesh of it;
+cp ranks shard the model state with dp_shard, as accelerate's/torchtitan's flattened dp_shard_cp does).
 The wrap unit is the model's decoder-layer class, resolved from the real transformers model class
 (`PreTrainedModel._no_split_modules`, the unit HF itself never splits), never from a hard-coded name
 list; at wrap time the runtime refuses a wrap class that matches no module (runtime/engines.py).
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import importlib.util
 from pathlib import Path
 
@@ -22,7 +29,8 @@ from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision, Strat
 
 _DTYPE = {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32"}
 SHARDING = {Strategy.FSDP_FULL_SHARD: "FULL_SHARD", Strategy.FSDP_SHARD_GRAD_OP: "SHARD_GRAD_OP",
-            Strategy.FSDP_HYBRID_SHARD: "HYBRID_SHARD"}
+            Strategy.FSDP_HYBRID_SHARD: "FULL_SHARD"}
+"""The name within one replica; HYBRID_SHARD whenever the mesh has a replicate dim (fsdp_mesh)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,25 +99,32 @@ def _no_split_modules(classes: dict[str, ast.ClassDef], name: str) -> list[str]:
     return []
 
 
+def fsdp_mesh(plan: Plan) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(shape, dim names) of the mesh fully_shard gets: (dp_replicate, dp_shard × cp) for HSDP
+    (dp_replicate > 1), else (dp_shard × cp,). "dp_shard" names the sharded dim as before the mesh
+    existed (with cp > 1 it is accelerate's dp_shard_cp); its product is the gradient-reduce group."""
+    p = plan.parallel
+    if p.dp_replicate > 1:
+        return (p.dp_replicate, p.fsdp_shard), ("dp_replicate", "dp_shard")
+    return (p.fsdp_shard,), ("dp_shard",)
+
+
 def fsdp_settings(plan: Plan) -> FsdpSettings:
     """FSDP2 settings for an FSDP plan (raises ValueError for other engines)."""
     c, s = plan.chosen, plan.chosen.strategy
     if s.engine is not Engine.FSDP:
         raise ValueError(f"strategy: {s.value!r} is not an FSDP strategy; use the DeepSpeed/DDP outputs or "
                          "force fsdp_full_shard / fsdp_shard_grad_op / fsdp_hybrid_shard")
-    hw = plan.hardware
-    if s is Strategy.FSDP_HYBRID_SHARD:
-        mesh, names = (hw.nodes, hw.gpus_per_node), ("dp_replicate", "dp_shard")
-    else:
-        mesh, names = (c.world_size,), ("dp_shard",)
+    mesh, names = fsdp_mesh(plan)
     resolved = transformers_layer_class(plan.model.model_type)
     wrap, source = resolved if resolved else (plan.model.decoder_layer_class, "model spec")
     ck = c.gradient_checkpointing
     every = {GradCkpt.FULL: 1, GradCkpt.SELECTIVE: plan.train.selective_every}.get(ck, 0)
     dtype = _DTYPE[c.precision]
     return FsdpSettings(
-        sharding=SHARDING[s], reshard_after_forward=s is not Strategy.FSDP_SHARD_GRAD_OP, mesh_shape=mesh,
+        sharding="HYBRID_SHARD" if len(mesh) == 2 else SHARDING[s],
+        reshard_after_forward=s is not Strategy.FSDP_SHARD_GRAD_OP, mesh_shape=mesh,
         mesh_dim_names=names, param_dtype=dtype, reduce_dtype="float32", wrap_class=wrap,
         wrap_class_source=source, activation_checkpointing=ck.value if every else "none",
-        checkpoint_every=every, defer_grad_sync=c.fsdp_defer_grad_sync, world_size=c.world_size,
+        checkpoint_every=every, defer_grad_sync=c.fsdp_defer_grad_sync, world_size=math.prod(mesh),
         quant_storage_dtype=dtype if c.method is Method.QLORA else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from shardtrain import rundir_format as rf
 from shardtrain.compiler.plan import Plan
 from shardtrain.compiler.planner import ordinal
-from shardtrain.compiler.specs import Engine, GradCkpt, Method, Strategy
+from shardtrain.compiler.specs import Engine, GradCkpt, Method
 from shardtrain.emit import trainer as T
 from shardtrain.emit.accelerate import memory_saver_notes
 
@@ -124,15 +124,34 @@ def _how_to_run(plan: Plan) -> list[str]:
         out.append("- ZeRO-3: create TrainingArguments (or the Accelerator) BEFORE from_pretrained, so the model is "
                    "built partitioned (zero.Init; zero3_init_flag in accelerate.yaml); otherwise every rank first "
                    "holds the whole model.")
-    if c.strategy is Strategy.FSDP_HYBRID_SHARD:
-        out.append(f"- HYBRID_SHARD: accelerate.yaml's parallelism_config replicates across {hw.nodes} nodes and "
-                   f"shards over {hw.gpus_per_node} GPUs; without accelerate launch pass TrainingArguments("
-                   f"parallelism_config=ParallelismConfig(dp_replicate_size={hw.nodes}, "
-                   f"dp_shard_size={hw.gpus_per_node})).")
+    out += _mesh_lines(plan)
     if hw.nodes > 1:
         out.append("- Several nodes: run the same command on every node with --machine_rank N (0 on the first).")
     out.append("- shardtrain's own worker: `bash launch.sh` (this directory is also a run directory).")
     out.append("- Check every file here with `shardtrain check *` (and a file again after you edit it).")
+    return out
+
+
+def _mesh_lines(plan: Plan) -> list[str]:
+    """How the user's script gets the plan's device mesh (nothing for a one-dim data-parallel mesh)."""
+    from shardtrain.emit.accelerate import _mesh_refusal
+    p, eng = plan.parallel, plan.chosen.strategy.engine
+    kw = T.parallelism_config(plan)
+    out = []
+    refusal = _mesh_refusal(plan)
+    if refusal:
+        out.append(f"- Mesh {p.label()}: no accelerate.yaml ({refusal}).")
+    if kw:
+        pc = "ParallelismConfig(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")"
+        where = ("accelerate.yaml's parallelism_config block sets it under `accelerate launch`; otherwise pass"
+                 if eng is Engine.FSDP and not refusal else "pass")
+        out.append(f"- Mesh {p.label()}: {where} `TrainingArguments(..., parallelism_config={pc})` (or "
+                   f"`Accelerator(parallelism_config={pc})`); trainer_args.json cannot hold it (an object, not a "
+                   "dict). Data: each of the " + str(p.dp) + " data-parallel ranks takes its own samples; tp/cp "
+                   "ranks share them.")
+    if eng is Engine.DEEPSPEED and p.tp > 1:
+        out.append(f"- AutoTP {p.tp}: tensor_parallel.autotp_size in the DeepSpeed JSON; tp peers must be fed the "
+                   "same batch (DeepSpeed checks it).")
     return out
 
 

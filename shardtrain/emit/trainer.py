@@ -7,6 +7,11 @@
 - training_arguments(plan, cfg, ...)   trainer_args.json: those plus the run config's hyper-parameters and the
                                        engine (deepspeed path, or fsdp + fsdp_config)
 - lora_config(plan) / bnb_config(plan) peft LoraConfig / transformers BitsAndBytesConfig keyword arguments
+- parallelism_config(plan)             accelerate ParallelismConfig keyword arguments for the plan's mesh (None
+                                       for a 1-D mesh): TrainingArguments(parallelism_config=...) takes the object,
+                                       not a dict (training_args.py), so trainer_args.json cannot carry it; the
+                                       README says how to build it, accelerate.yaml carries it as
+                                       parallelism_config_* keys (emit/accelerate.py)
 
 Key names are transformers 5's (training_args.py: activation_checkpointing* replaced the deprecated
 gradient_checkpointing* aliases; fsdp_config keys without the fsdp_ prefix, _process_fsdp_args).
@@ -17,7 +22,7 @@ accelerate's FullyShardedDataParallelPlugin, peft's LoraConfig and BitsAndBytesC
 from __future__ import annotations
 
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import Engine, GradCkpt, Method, Optimizer, Precision
+from shardtrain.compiler.specs import CpMode, Engine, GradCkpt, Method, Optimizer, Precision
 from shardtrain.emit import deepspeed as K
 from shardtrain.emit.fsdp import fsdp_settings
 
@@ -153,3 +158,32 @@ def lora_config(plan: Plan) -> dict | None:
     lo = plan.train.lora
     return {"r": lo.rank, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
             "target_modules": list(plan.lora_targets or lo.targets), "bias": "none", "task_type": "CAUSAL_LM"}
+
+
+def parallelism_config(plan: Plan) -> dict | None:
+    """accelerate ParallelismConfig(**this) for the plan's mesh (accelerate 1.15 parallelism_config.py), or
+    None when the mesh is data parallel over one dim (dp_shard only, or DDP's dp_replicate only), which
+    accelerate's plain FSDP / DDP configs already express.
+
+    FSDP2: dp_replicate_size × dp_shard_size × tp_size × cp_size as in the plan (accelerate shards over the
+    flattened dp_shard_cp, as we do). accelerate's cp is torch's context_parallel (ring attention, CUDA SDPA
+    only) whatever our cp_mode: a Ulysses plan holds the same seq/cp tokens per rank there, with ring
+    communication (cp_comm_strategy: torch's rotate method, alltoall for Ulysses plans, allgather for ring).
+    DeepSpeed: Ulysses is accelerate's sp (sp_backend deepspeed: ALST's UlyssesSPAttentionHF); tp is
+    AutoTP, which accelerate reads from the DeepSpeed JSON (tensor_parallel.autotp_size), so not here; ZeRO
+    partitions over every data-parallel rank, so no dp sizes either."""
+    p, eng = plan.parallel, plan.chosen.strategy.engine
+    if eng is Engine.DEEPSPEED:
+        return {"sp_size": p.cp, "sp_backend": "deepspeed"} if p.cp > 1 else None
+    if eng is not Engine.FSDP or (p.is_data_parallel_only and not p.is_hsdp):
+        return None
+    kw = {"dp_replicate_size": p.dp_replicate, "dp_shard_size": p.dp_shard, "tp_size": p.tp, "cp_size": p.cp}
+    if p.cp > 1:
+        kw["cp_backend"] = "torch"
+    return kw
+
+
+def cp_comm_strategy(plan: Plan) -> str:
+    """torch context_parallel's rotate method accelerate passes on (TorchContextParallelConfig.cp_comm_strategy):
+    allgather for a ring plan (torch's default), alltoall for a Ulysses plan (the closest torch has)."""
+    return "allgather" if plan.parallel.cp_mode is CpMode.RING else "alltoall"
