@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import Engine, Method, Optimizer, Precision
+from shardtrain.compiler.specs import CpMode, Engine, Method, Optimizer, Precision
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -53,6 +53,14 @@ def check_traceable(plan: Plan) -> None:
             getattr(getattr(c, "activation_offload", None), "value", "none") != "none":
         raise TraceError("--trace: the chunked loss and activation offload (runtime/loss.py) are not traced "
                          "yet; their analytic terms stand (trace with train.loss: full, activation_offload: none)")
+    par = plan.parallel
+    if not par.is_data_parallel_only and c.strategy.engine is not Engine.FSDP:
+        raise TraceError(f"--trace: the mesh {par.label()} is traced on the FSDP2 engine only (DTensor TP, "
+                         f"Ulysses CP); {c.strategy.value} with tp/cp keeps its analytic numbers")
+    if par.cp > 1 and par.cp_mode is CpMode.RING:
+        raise TraceError(f"--trace: ring context parallel (cp {par.cp}) runs torch's context_parallel, which has "
+                         "no CPU kernel (flash/efficient attention only), so it cannot be traced here; its "
+                         "analytic numbers stand (trace the same mesh with cp_mode ulysses)")
     if c.optimizer is Optimizer.ADAMW8BIT:
         raise TraceError("--trace: bitsandbytes 8-bit AdamW cannot run under FakeTensorMode; "
                          "trace with --optimizer adamw")
@@ -140,7 +148,9 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
     from torch._subclasses.fake_tensor import FakeTensorMode
     from shardtrain.runtime.engines import trainable
     from shardtrain.runtime.modeling import compute_dtype, decoder_layers
+    from shardtrain.runtime.context_parallel import shifted_ce_sum
     from shardtrain.runtime.loss import ce_sum
+    from shardtrain.trace.mesh import MeshTraceError, cp_inputs
     check_traceable(plan)
     c, t = plan.chosen, plan.train
     W = c.world_size
@@ -156,15 +166,21 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
         model = _build_meta(plan)
         if fsdp:
             from shardtrain.emit.fsdp import fsdp_settings
-            from shardtrain.runtime.fsdp_wrap import shard_model
+            from shardtrain.trace.mesh import shard_model_on_mesh
             st = fsdp_settings(plan)
-            shard_model(model, st, "cpu", decoder_layers(model, st.wrap_class))
+            # the plan's mesh (a 1-D plan's mesh is its strategy's: ParallelDims.for_strategy)
+            try:
+                shard_model_on_mesh(model, st, plan.parallel, decoder_layers(model, st.wrap_class))
+            except MeshTraceError as e:
+                raise TraceError(str(e)) from None
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             if hasattr(model, "tie_weights"):   # to_empty makes new Parameters (runtime.modeling re-ties too)
                 model.tie_weights()
             opt = _optimizer(plan, trainable(model))
             ids = torch.randint(0, plan.model.vocab_size, (c.micro_batch_size, t.seq_len))
+            fwd, shift_labels = cp_inputs(ids, plan.parallel)   # cp: this rank's s/cp tokens
+            ids = fwd["input_ids"]
             if fsdp:
                 from shardtrain.trace.trackers import GlobalPeakFSDPMemTracker
                 mt = GlobalPeakFSDPMemTracker(model, opt)
@@ -186,8 +202,8 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
                         mt.reset_mod_stats()   # FSDPMemTracker refuses a second forward otherwise
                         _reset_peak(mt)
                         with autocast:
-                            logits = model(input_ids=ids).logits
-                        loss = ce_sum(logits, ids)
+                            logits = model(**fwd).logits
+                        loss = ce_sum(logits, ids) if shift_labels is None else shifted_ce_sum(logits, shift_labels)
                         del logits
                         keep("forward", _read_peak(mt))
                         _reset_peak(mt)
@@ -196,7 +212,11 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
                         keep("backward", _read_peak(mt))
                     _reset_peak(mt)
                     params = trainable(model)
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    if plan.parallel.tp > 1:   # gradients on two meshes (trace/mesh.py)
+                        from shardtrain.trace.mesh import clip_grad_norm_on_mesh
+                        clip_grad_norm_on_mesh(params, 1.0)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(params, 1.0)
                     opt.step()
                     # runtime.engines: DDP keeps grads as bucket views (set_to_none=False)
                     opt.zero_grad(set_to_none=fsdp)
