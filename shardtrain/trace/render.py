@@ -8,7 +8,8 @@ from shardtrain.units import fmt_bytes
 def render_trace(plan, res) -> str:
     c = plan.chosen
     analytic = dict(c.per_phase)
-    out = [f"trace      {res.tool}, world size {res.world_size}, {res.seconds:.1f} s (FakeTensorMode on CPU; "
+    out = [f"trace      {res.tool}, world size {res.world_size} ({plan.parallel.label()}), {res.seconds:.1f} s "
+           "(FakeTensorMode on CPU; "
            f"untraced, from the analytic model: {', '.join(res.untraced) or 'nothing'})",
            "           phase       analytic      traced    analytic/traced"]
     for ph in PHASES:
