@@ -11,9 +11,9 @@ accelerate 1.15 (parallelism_config.py `_build_device_mesh`, the dims dp_replica
    exactly as transformers registers it (transformers/distributed/tensor_parallel.py
    ALL_PARALLEL_STYLES). Llama's plan has no sequence parallel: norms, residuals and the embedding
    stay replicated over tp, the attention/MLP inputs are the full hidden states on every tp rank;
-3. FSDP2 `fully_shard` per decoder layer + root over the flattened "dp_shard_cp" sub-mesh (cp ranks
-   shard the weights with dp_shard: accelerate `dp_shard_cp`), or over the 2-D
-   ("dp_replicate", "dp_shard_cp") mesh for HSDP (torch's fully_shard: a 2-D mesh = replicate × shard).
+3. FSDP2 `fully_shard` per decoder layer + root over dp_shard × cp (cp ranks shard the weights with
+   dp_shard: accelerate's flattened `dp_shard_cp`; just "dp_shard" when cp is 1), or over the 2-D
+   (dp_replicate, that) mesh for HSDP (torch's fully_shard: a 2-D mesh = replicate × shard).
    When the sharding group is one rank (e.g. tp 8 alone) fully_shard still runs on it: FSDP2 then
    holds the tp-local params unsharded, as the runtime does.
 
@@ -76,18 +76,19 @@ def check_tp_heads(config, tp: int) -> None:
 
 
 def build_mesh(parallel: ParallelDims, device_type: str = "cpu"):
-    """The full mesh in MESH_DIM_NAMES order, with the flattened "dp_shard_cp" dim for FSDP."""
+    """(the full mesh in MESH_DIM_NAMES order, the FSDP mesh). FSDP shards over dp_shard × cp: with
+    cp > 1 the two dims are flattened into "dp_shard_cp" (DeviceMesh._flatten, as accelerate and
+    torchtitan do; the flattened mesh is kept, not sliced from the root again: torch 2.13 deprecates
+    that). HSDP: the 2-D (dp_replicate, shard) mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device_type, parallel.shape, mesh_dim_names=MESH_DIM_NAMES)
-    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-    return mesh
-
-
-def fsdp_mesh(mesh, parallel: ParallelDims):
-    """HSDP: the 2-D (dp_replicate, dp_shard_cp) mesh; otherwise the 1-D dp_shard_cp mesh."""
-    if parallel.dp_replicate > 1:
-        return mesh["dp_replicate", "dp_shard_cp"]
-    return mesh["dp_shard_cp"]
+    if parallel.cp == 1:
+        shard = mesh["dp_replicate", "dp_shard"] if parallel.dp_replicate > 1 else mesh["dp_shard"]
+    else:
+        shard = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        if parallel.dp_replicate > 1:   # HSDP × cp: the one case that slices the flattened dim (torch warns)
+            shard = mesh["dp_replicate", "dp_shard_cp"]
+    return mesh, shard
 
 
 def apply_tp(model: nn.Module, mesh, parallel: ParallelDims) -> dict[str, str]:
@@ -107,11 +108,11 @@ def shard_model_on_mesh(model: nn.Module, settings, parallel: ParallelDims, unit
     with the plan's FsdpSettings for everything but the mesh. Returns the TP plan applied ({} for tp 1)."""
     from torch.distributed.fsdp import fully_shard
     from shardtrain.runtime.fsdp_wrap import mixed_precision_policy, offload_policy
-    mesh = build_mesh(parallel, device_type)
+    mesh, shard_mesh = build_mesh(parallel, device_type)
     plan = apply_tp(model, mesh, parallel)
     if parallel.cp > 1:
         install_cp(model, mesh, parallel)
-    kwargs = dict(mesh=fsdp_mesh(mesh, parallel), mp_policy=mixed_precision_policy(settings),
+    kwargs = dict(mesh=shard_mesh, mp_policy=mixed_precision_policy(settings),
                   reshard_after_forward=settings.reshard_after_forward)
     if settings.cpu_offload:
         kwargs["offload_policy"] = offload_policy(settings, device_type)
