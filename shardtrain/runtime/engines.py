@@ -185,7 +185,12 @@ class FSDP2Engine(BaseEngine):
 class DeepSpeedEngine(BaseEngine):
     """`deepspeed.initialize` from the emitted ds_config.json. DeepSpeed casts the module to 16-bit,
     keeps fp32 master partitions, clips, and accumulates itself (backward divides by the
-    accumulation steps; step() is called every micro-step and acts at the boundary)."""
+    accumulation steps; step() is called every micro-step and acts at the boundary).
+
+    Context parallel (issue 18): with `sequence_parallel_size` sp > 1 in the config, DeepSpeed's own
+    Ulysses (ALST) runs the attention and its mpu goes to `initialize` (runtime/ds_sequence_parallel.py);
+    the loop feeds each rank its `context_parallel.cp_slice`. ZeRO-1/2 sum gradients over the sp ranks
+    of a sequence, so their loss multiplier carries 1/sp (ZeRO-3's reduce-scatter averages: no factor)."""
     kind = Engine.DEEPSPEED
 
     def __init__(self, model, optimizer, *, ds_config: dict, grad_accum: int, zero_stage: int,
@@ -195,12 +200,17 @@ class DeepSpeedEngine(BaseEngine):
         import deepspeed
         super().__init__(model, optimizer, **kw)
         self.zero_stage, self.offload_optimizer, self.offload_params = zero_stage, offload_optimizer, offload_params
-        self.loss_multiplier = float(grad_accum)
+        from shardtrain.runtime import ds_sequence_parallel as dsp
+        self.sp = dsp.sp_size(ds_config)
+        self.loss_multiplier = float(grad_accum) * dsp.loss_scale_for_sp(self.sp, zero_stage, dsp.reduce_scatter(ds_config))
         args = dict(model=model, model_parameters=trainable(model), config=ds_config)
         if optimizer is not None:
             args["optimizer"] = optimizer
         from shardtrain.runtime.dist import init_deepspeed_comm
         init_deepspeed_comm()  # before initialize: one place sets up deepspeed.comm (and its shm cleanup)
+        mpu = dsp.setup_alst(model, ds_config)  # None without sequence parallel
+        if mpu is not None:
+            args["mpu"] = mpu
         self.ds, self.optimizer, _, _ = deepspeed.initialize(**args)
         self.module = self.ds
 
@@ -239,3 +249,6 @@ class DeepSpeedEngine(BaseEngine):
             self.ds.destroy()
         except Exception:  # noqa: BLE001 - best effort teardown between scenarios
             pass
+        if self.sp > 1:
+            from shardtrain.runtime.ds_sequence_parallel import teardown
+            teardown()
