@@ -59,6 +59,15 @@ def kind_of_text(path: Path, text: str) -> Kind | None:
     return None
 
 
+def _run_config_sections() -> set[str]:
+    """The run config's top-level sections, from the schema itself (a new section, e.g. `parallel:`, is
+    recognised without an edit here)."""
+    import dataclasses
+
+    from shardtrain.config.schema import RunConfig
+    return {f.name for f in dataclasses.fields(RunConfig)}
+
+
 def kind_of_mapping(data: dict) -> Kind:
     """A mapping's kind by its keys (DeepSpeed when nothing else matches: its checker names unknown keys)."""
     keys = set(data)
@@ -68,7 +77,7 @@ def kind_of_mapping(data: dict) -> Kind:
         return Kind.FSDP
     if {"strategy", "reasons"} <= keys or {"strategy", "spec"} <= keys:
         return Kind.PLAN
-    if "model" in keys and keys <= {"model", "hardware", "train", "lora", "data", "run"}:
+    if "model" in keys and keys <= _run_config_sections():
         return Kind.RUN_CONFIG
     if "target_modules" in keys or ("r" in keys and "lora_alpha" in keys) or data.get("peft_type") == "LORA":
         return Kind.LORA
