@@ -8,8 +8,9 @@ from shardtrain.units import fmt_bytes
 
 def _row(c: Candidate, best: float) -> str:
     mark = "fits" if c.fits else "OOM "
+    mesh = "" if c.mesh.is_data_parallel_only and not c.mesh.is_hsdp else f"  {c.mesh.label()}"
     return (f"  {c.strategy.value:<19} {mark}  {fmt_bytes(c.per_gpu.total):>10}  mb {c.micro_batch_size:>3} × acc "
-            f"{c.grad_accum_steps:>3}  ckpt {c.gradient_checkpointing.value:<9} {c.step_time_s / best:>6.2f}x")
+            f"{c.grad_accum_steps:>3}  ckpt {c.gradient_checkpointing.value:<9} {c.step_time_s / best:>6.2f}x{mesh}")
 
 
 def _gpu_label(hw) -> str:
@@ -48,9 +49,14 @@ def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
                f"{c.precision.value}, optimizer {c.optimizer.value}")
     status = "FITS" if c.fits else "DOES NOT FIT"
     out.append("")
+    mesh = plan.parallel
+    ranks = f"{c.world_size} ranks" if mesh.dp == c.world_size else f"{mesh.dp} data-parallel ranks"
     out.append(f"plan       {c.strategy.value}  [{status}]  micro batch {c.micro_batch_size} × accumulation "
-               f"{c.grad_accum_steps} × {c.world_size} ranks, gradient checkpointing "
+               f"{c.grad_accum_steps} × {ranks}, gradient checkpointing "
                f"{c.gradient_checkpointing.value}")
+    out.append(f"mesh       {mesh.label()}  (dp_replicate {mesh.dp_replicate} × dp_shard {mesh.dp_shard} × cp "
+               f"{mesh.cp} × tp {mesh.tp} = {mesh.world} ranks"
+               + ")")
     out.append("")
     out.append("per GPU    " + "term".ljust(18) + "bytes".rjust(16) + "      human")
     for k in MEMORY_TERMS:

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from shardtrain.compiler.plan import Plan
 from shardtrain.compiler.planner import NoFitError, PlanningError, plan
-from shardtrain.compiler.specs import GradCkpt, HardwareSpec, Method, Optimizer, Strategy, TrainSpec
+from shardtrain.compiler.specs import (GradCkpt, HardwareSpec, Method, Optimizer, ParallelRequest, Strategy,
+                                       TrainSpec)
 from shardtrain.config.presets import load_model_spec
 
 GiB = 2**30
@@ -46,22 +47,42 @@ def test_forcing_is_respected(strategy):
         p = plan(L8B, h, t)
     except NoFitError as e:
         p = e.plan
-    assert p.chosen.strategy is strategy
+    if strategy is Strategy.FSDP_HYBRID_SHARD:  # the old spelling of HSDP: fsdp_full_shard on a mesh
+        assert p.chosen.strategy is Strategy.FSDP_FULL_SHARD and p.train.strategy is strategy
+    else:
+        assert p.chosen.strategy is strategy
     assert p.alternatives == ()
+
+
+def test_hybrid_shard_is_hsdp_on_the_mesh():
+    """--strategy fsdp_hybrid_shard on 2 nodes: fsdp_full_shard, one replica per node (dp_replicate 2 ×
+    dp_shard 8), and `why` says how the old spelling maps."""
+    p = plan(L8B, hw(nodes=2), TrainSpec(seq_len=2048, global_batch_size=64, strategy=Strategy.FSDP_HYBRID_SHARD))
+    assert p.chosen.strategy is Strategy.FSDP_FULL_SHARD
+    assert (p.parallel.dp_replicate, p.parallel.dp_shard, p.parallel.tp, p.parallel.cp) == (2, 8, 1, 1)
+    assert any("fsdp_hybrid_shard is fsdp_full_shard on the mesh dp_replicate 2 × dp_shard 8" in r for r in p.reasons)
+    assert p.to_json()["parallel"]["dp_replicate"] == 2
 
 
 @pytest.mark.parametrize("gpus,nodes,gb", [(8, 1, 64), (8, 2, 128), (4, 1, 24), (2, 1, 6)])
 def test_global_batch_is_exact(gpus, nodes, gb):
     p = plan(load_model_spec("llama-3.2-1b"), hw(gpus, nodes), TrainSpec(seq_len=1024, global_batch_size=gb))
     c = p.chosen
-    assert c.micro_batch_size * c.grad_accum_steps * gpus * nodes == gb
+    # global = micro × accumulation × data-parallel ranks (tp and cp peers share samples)
+    assert c.micro_batch_size * c.grad_accum_steps * c.mesh.dp == gb and c.mesh.world == gpus * nodes
     for a in p.alternatives:
-        assert a.micro_batch_size * a.grad_accum_steps * a.world_size == gb
+        assert a.micro_batch_size * a.grad_accum_steps * a.mesh.dp == gb and a.mesh.world == a.world_size
 
 
 def test_global_batch_not_divisible_names_fix():
+    """With data parallel only (tp and cp forced to 1) 63 sequences cannot spread over 8 ranks; with the
+    mesh on auto, tp/cp ranks share sequences so that dp divides 63 and `why` says what the mesh bought."""
+    only_dp = ParallelRequest(tp=1, cp=1)
     with pytest.raises(PlanningError, match=r"train.global_batch: 63 .*use 56 or 64"):
-        plan(L8B, hw(), TrainSpec(global_batch_size=63))
+        plan(L8B, hw(), TrainSpec(global_batch_size=63, parallel=only_dp))
+    p = plan(L8B, hw(), TrainSpec(global_batch_size=63))
+    assert 63 % p.parallel.dp == 0 and p.parallel.tp * p.parallel.cp > 1
+    assert any("global batch of 63 cannot spread over 8 GPUs" in r for r in p.reasons), p.reasons
 
 
 def test_micro_batch_not_dividing_names_fix():
@@ -105,7 +126,8 @@ def test_checkpointing_chosen_only_when_needed():
     # the reason names the chosen policy and why (was `... and "needed" in r or "selective" in r`, true
     # for any reason that merely mentions "selective")
     policy = long.chosen.gradient_checkpointing.value
-    assert any(r.startswith(f"gradient checkpointing {policy}") and "needed" in r for r in long.reasons), long.reasons
+    why = {GradCkpt.FULL: "needed", GradCkpt.SELECTIVE: "cheapest recomputation that fits"}[long.chosen.gradient_checkpointing]
+    assert any(r.startswith(f"gradient checkpointing {policy}") and why in r for r in long.reasons), long.reasons
 
 
 def test_lora_and_qlora_shrink_memory():
@@ -172,8 +194,9 @@ def test_chosen_plan_always_fits(name, mem_gib, gpus, method, seq):
 def test_memory_grows_with_seq_len_and_micro_batch(strategy, ckpt, seq, mb):
     h = hw(gpus=4, mem=10**6 * GiB)
 
-    def total(s, b):  # accumulation 1 throughout, so only activations/logits change
-        t = TrainSpec(seq_len=s, global_batch_size=4 * b, micro_batch_size=b, strategy=strategy, grad_ckpt=ckpt)
+    def total(s, b):  # accumulation 1 throughout, so only activations/logits change; one mesh throughout
+        t = TrainSpec(seq_len=s, global_batch_size=4 * b, micro_batch_size=b, strategy=strategy, grad_ckpt=ckpt,
+                      parallel=ParallelRequest(tp=1, cp=1))
         return plan(L8B, h, t).chosen
     # no phase shrinks; the peak grows strictly whenever activations/logits are part of it (the
     # optimizer step and FSDP's end-of-backward instant do not depend on the tokens)

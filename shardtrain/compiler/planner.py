@@ -2,6 +2,7 @@
 fits, choose the fastest, and explain why. Pure: no I/O, no torch."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -11,15 +12,20 @@ from shardtrain.compiler.advice import no_fit_summary
 from shardtrain.compiler.cost import step_time
 from shardtrain.compiler.inventory import TensorGroup, resolve_lora_targets, tensor_inventory, trainable_params
 from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes, shard_group_size
+from shardtrain.compiler.mesh import mesh_illegal_reason, meshes
+from shardtrain.compiler.mesh_reasons import mesh_reasons
 from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.plan import Candidate, Plan
 from shardtrain.compiler.specs import (ActivationOffload, Engine, GradCkpt, HardwareSpec, LossMode, Method,
-                                       OffloadDevice, Optimizer, Precision, Strategy, TrainSpec)
+                                       OffloadDevice, Optimizer, ParallelDims, ParallelRequest, Precision, Strategy,
+                                       TrainSpec)
 from shardtrain.units import fmt_bytes
 
 MAX_AUTO_MICRO_BATCH = 64
 # Strategies in order of increasing communication/offload cost: the tie-break and the "cheaper ones".
+# fsdp_hybrid_shard is not searched as a strategy: it is fsdp_full_shard on a mesh with dp_replicate > 1
+# (HSDP, compiler/mesh.py replicate_options); kept in the order for plans and flags that spell it.
 STRATEGY_ORDER = (Strategy.DDP, Strategy.ZERO1, Strategy.ZERO2, Strategy.FSDP_SHARD_GRAD_OP,
                   Strategy.FSDP_HYBRID_SHARD, Strategy.FSDP_FULL_SHARD, Strategy.ZERO3,
                   Strategy.ZERO2_OFFLOAD, Strategy.ZERO3_OFFLOAD, Strategy.ZERO_INFINITY)
@@ -76,21 +82,24 @@ class _Ctx:
 
 def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[TensorGroup, ...],
                     strategy: Strategy, *, method: Method, optimizer: Optimizer, micro: int, ckpt: GradCkpt,
-                    defer: bool, loss: LossMode, act_offload: ActivationOffload, ms=None):
+                    defer: bool, loss: LossMode, act_offload: ActivationOffload, ms=None,
+                    parallel: ParallelDims | None = None):
     """(model-state bytes, {phase: MemoryBreakdown}, peak phase) of one candidate — the one place that
     assembles the phase model's inputs. ``ms``: the model-state bytes when the caller has them already
-    (they do not depend on micro batch, checkpointing, loss or activation offload)."""
+    (they do not depend on micro batch, checkpointing, loss or activation offload). ``parallel``: the
+    candidate's mesh (None: the strategy's 1-D mesh)."""
+    p = parallel or ParallelDims.for_strategy(strategy, hw.world_size, hw.gpus_per_node)
     if ms is None:
         ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
                                optimizer=optimizer, fsdp_defer_grad_sync=defer,
-                               grad_accum_steps=t.global_batch_size // (micro * hw.world_size))
+                               grad_accum_steps=t.global_batch_size // (micro * p.dp), parallel=parallel)
     phases, peak = candidate_phases(
-        m, groups, strategy, ms, shard_size=shard_group_size(strategy, hw), method=method,
+        m, groups, strategy, ms, shard_size=shard_group_size(strategy, hw, parallel=parallel), method=method,
         precision=t.precision, optimizer=optimizer, micro_batch=micro, seq_len=t.seq_len, attention=t.attention,
         grad_ckpt=ckpt, selective_every=t.selective_every,
-        grad_accum=t.global_batch_size // (micro * hw.world_size), defer_grad_sync=defer, loss=loss,
+        grad_accum=t.global_batch_size // (micro * p.dp), defer_grad_sync=defer, loss=loss,
         chunk_tokens=t.loss_chunk_tokens, activation_offload=act_offload is not ActivationOffload.NONE,
-        cuda_context=CUDA_CONTEXT_BYTES)
+        cuda_context=CUDA_CONTEXT_BYTES, parallel=parallel)
     return ms, phases, peak
 
 
@@ -100,27 +109,27 @@ _trainable = functools.lru_cache(maxsize=16)(trainable_params)
 
 def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
               method: Method, defer: bool, groups: tuple[TensorGroup, ...],
-              act_offload: ActivationOffload, ms) -> Candidate:
+              act_offload: ActivationOffload, ms, mesh: ParallelDims) -> Candidate:
     m, hw, t = ctx.model, ctx.hw, ctx.train
     akw = dict(micro_batch=micro, seq_len=t.seq_len, precision=t.precision, attention=t.attention,
                grad_ckpt=ckpt, selective_every=t.selective_every, offload=act_offload)
-    act_host = activation_host_bytes(m, **akw)
+    act_host = activation_host_bytes(m, **akw, parallel=mesh)
     loss = resolve_loss(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=t.loss,
-                        chunk_tokens=t.loss_chunk_tokens)
+                        chunk_tokens=t.loss_chunk_tokens, parallel=mesh)
     # per_gpu = the breakdown at the peak phase (compiler/phases.py), not the sum of each term's maximum
     ms, phases, peak = evaluate_phases(m, hw, t, groups, strategy, method=method, optimizer=optimizer,
                                        micro=micro, ckpt=ckpt, defer=defer, loss=loss, act_offload=act_offload,
-                                       ms=ms)
+                                       ms=ms, parallel=mesh)
     per_gpu = phases[peak]
-    cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes + act_host, t.precision)
+    cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes + act_host, t.precision, parallel=mesh)
     nvme = ms.nvme_bytes * hw.gpus_per_node
-    accum = t.global_batch_size // (micro * hw.world_size)
+    accum = t.global_batch_size // (micro * mesh.dp)
     T = _trainable(groups)
     step_s = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
                    grad_accum=accum, seq_len=t.seq_len,
                    ckpt_fraction=resolved_ckpt_fraction(ckpt, m.num_layers, t.selective_every),
                    trainable_params=T, fsdp_defer_grad_sync=defer, chunked_loss=loss is LossMode.CHUNKED,
-                   activation_offload_bytes=act_host)
+                   activation_offload_bytes=act_host, parallel=mesh)
     why = []
     if per_gpu.total > ctx.usable:
         why.append(f"needs {fmt_bytes(per_gpu.total)} per GPU > {fmt_bytes(ctx.usable)} usable")
@@ -133,18 +142,22 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                      precision=t.precision, world_size=hw.world_size, per_gpu=per_gpu,
                      cpu_memory_per_node_bytes=cpu, nvme_bytes=nvme, step_time_s=step_s,
                      trainable_params=T, fsdp_defer_grad_sync=defer, why_not=tuple(why), loss=loss,
-                     activation_offload=act_offload, per_phase=tuple(phases.items()), peak_phase=peak)
+                     activation_offload=act_offload, per_phase=tuple(phases.items()), peak_phase=peak,
+                     parallel=mesh)
 
 
-def micro_batch_options(train: TrainSpec, hw: HardwareSpec) -> list[int]:
-    """Micro batches that make global = micro × accumulation × data-parallel size exact."""
-    dp, g = hw.world_size, train.global_batch_size
+def micro_batch_options(train: TrainSpec, hw: HardwareSpec, dp: int | None = None) -> list[int]:
+    """Micro batches that make global = micro × accumulation × data-parallel size exact. ``dp``: the
+    mesh's data-parallel ranks (tp and cp peers share samples); default every rank."""
+    dp = hw.world_size if dp is None else dp
+    g = train.global_batch_size
     if g % dp:
         lo, hi = (g // dp) * dp, (g // dp + 1) * dp
         near = " or ".join(str(x) for x in (lo, hi) if x > 0)
         raise PlanningError(
             f"train.global_batch: {g} is not a multiple of the {dp} data-parallel ranks "
-            f"(global = micro × accumulation × {dp}); use {near}, or change nodes/gpus_per_node")
+            f"(global = micro × accumulation × {dp}); use {near}, or change nodes/gpus_per_node, or let tp/cp "
+            "ranks share samples (parallel.tp / parallel.cp)")
     per_rank = g // dp
     if train.micro_batch_size is not None:
         if per_rank % train.micro_batch_size:
@@ -158,18 +171,38 @@ def micro_batch_options(train: TrainSpec, hw: HardwareSpec) -> list[int]:
 
 
 def _rank(c: Candidate) -> tuple:
-    return (c.step_time_s, c.per_gpu.total, STRATEGY_ORDER.index(c.strategy))
+    # ties: fewer tp/cp ranks first (simpler mesh), then the cheaper strategy
+    return (c.step_time_s, c.per_gpu.total, c.mesh.tp * c.mesh.cp, STRATEGY_ORDER.index(c.strategy))
+
+
+def _normalise(train: TrainSpec, hw: HardwareSpec) -> TrainSpec:
+    """--strategy fsdp_hybrid_shard is the old spelling of HSDP: fsdp_full_shard with one replica per node
+    (dp_replicate = nodes) unless parallel.dp_replicate / dp_shard say otherwise."""
+    if train.strategy is not Strategy.FSDP_HYBRID_SHARD:
+        return train
+    req = train.parallel
+    if req.dp_replicate is None and req.dp_shard is None and hw.nodes > 1:
+        req = dataclasses.replace(req, dp_replicate=hw.nodes)
+    return dataclasses.replace(train, strategy=Strategy.FSDP_FULL_SHARD, parallel=req)
+
+
+def _levels(train: TrainSpec) -> int:
+    """How many tp × cp levels past the first that fits the search goes on (forced dims: all of them).
+    More model-splitting than needed only adds collectives (compiler/cost.py), so the search stops one
+    level after the first level with a fitting plan: it stays interactive on 1,024 GPUs."""
+    return 10**9 if not train.parallel.is_auto else 1
 
 
 def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
     """Choose the fastest configuration that fits; raise NoFitError if none does."""
     usable = int(hw.gpu_memory_bytes * (1 - train.headroom_fraction))
+    asked = train
+    train = _normalise(train, hw)
     ctx = _Ctx(model, hw, train, usable)
-    micros = micro_batch_options(train, hw)
     if train.strategy is not None:
         strategies = [train.strategy]
     else:
-        strategies = [s for s in STRATEGY_ORDER if not (s is Strategy.FSDP_HYBRID_SHARD and hw.nodes == 1)]
+        strategies = [s for s in STRATEGY_ORDER if s is not Strategy.FSDP_HYBRID_SHARD]
     ckpts = list(_CKPT_ORDER) if train.grad_ckpt is GradCkpt.AUTO else [train.grad_ckpt]
     optimizers = [train.optimizer]
     if train.allow_optimizer_change and Optimizer.ADAMW8BIT not in optimizers:
@@ -183,44 +216,100 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
     targets: tuple[str, ...] = ()
     candidates: list[Candidate] = []
     illegal: dict[Strategy, str] = {}
+    batch_error: list[str] = []
     states: dict[tuple, object] = {}
-    for method in methods:
-        if method is not Method.FULL:
-            try:
-                targets = resolve_lora_targets(model, train.lora.targets)
-            except ValueError as e:
-                raise PlanningError(str(e)) from None
-        groups = tensor_inventory(model, method, train.lora.rank, targets or train.lora.targets)
-        for opt in optimizers:
-            for s in strategies:
-                reason = illegal_reason(s, opt, method, train.precision, hw)
-                if reason:
-                    illegal.setdefault(s, reason)
-                    continue
-                for ck in ckpts:
-                    for mb in micros:
-                        accum = train.global_batch_size // (mb * hw.world_size)
-                        defers = [False, True] if (s.engine is Engine.FSDP and accum > 1) else [False]
-                        for d in defers:
-                            # model states depend only on (method, optimizer, strategy, defer): computed
-                            # once, not per micro batch × checkpointing × offload (3x faster re-planning)
-                            key = (method, opt, s, d, accum > 1)
-                            if key not in states:
-                                states[key] = model_state_bytes(model, groups, s, hw, method=method,
-                                                                precision=train.precision, optimizer=opt,
-                                                                fsdp_defer_grad_sync=d, grad_accum_steps=accum)
-                            for ao in offloads:
-                                candidates.append(_evaluate(ctx, s, ck, mb, opt, method, d, groups, ao,
-                                                            states[key]))
+    # (strategy, mesh) pairs grouped by tp × cp: the search walks the levels upwards (_levels)
+    by_level: dict[int, list[tuple[Strategy, ParallelDims]]] = {}
+    for s in strategies:
+        for mesh in meshes(model, hw, train, s):
+            by_level.setdefault(mesh.tp * mesh.cp, []).append((s, mesh))
+    extra = None
+    for level in sorted(by_level):
+        if extra is not None:
+            if extra <= 0:
+                break
+            extra -= 1
+        for method in methods:
+            if method is not Method.FULL:
+                try:
+                    targets = resolve_lora_targets(model, train.lora.targets)
+                except ValueError as e:
+                    raise PlanningError(str(e)) from None
+            groups = tensor_inventory(model, method, train.lora.rank, targets or train.lora.targets)
+            for opt in optimizers:
+                for s, mesh in by_level[level]:
+                    reason = illegal_reason(s, opt, method, train.precision, hw)
+                    if reason:
+                        illegal.setdefault(s, reason)
+                        continue
+                    reason = mesh_illegal_reason(s, mesh, model, hw, train, method)
+                    if reason:
+                        # an auto mesh that cannot run is just not a candidate; a forced one says why
+                        if not train.parallel.is_auto:
+                            illegal.setdefault(s, reason)
+                        continue
+                    try:
+                        micros = micro_batch_options(train, hw, mesh.dp)
+                    except PlanningError as e:
+                        batch_error.append(str(e))
+                        continue
+                    def ev(ck, mb, d_ok, ao, s=s, mesh=mesh, method=method, opt=opt, groups=groups):
+                        accum = train.global_batch_size // (mb * mesh.dp)
+                        key = (method, opt, s, mesh, d_ok, accum > 1)
+                        if key not in states:  # model states: once per (method, opt, strategy, mesh, defer)
+                            states[key] = model_state_bytes(model, groups, s, hw, method=method,
+                                                            precision=train.precision, optimizer=opt,
+                                                            fsdp_defer_grad_sync=d_ok, grad_accum_steps=accum,
+                                                            parallel=mesh)
+                        c = _evaluate(ctx, s, ck, mb, opt, method, d_ok, groups, ao, states[key], mesh)
+                        candidates.append(c)
+                        return c
+                    _search_lines(ev, s, mesh, ckpts, micros, offloads, train)
+        if extra is None and any(c.fits for c in candidates):
+            extra = _levels(train)
     if not candidates:
+        if batch_error:  # the user's batch numbers, at the largest data-parallel size tried
+            raise PlanningError(batch_error[0])
         forced = train.strategy.value if train.strategy else "every strategy"
-        raise PlanningError(f"{forced}: " + "; ".join(sorted(set(illegal.values()))))
+        msgs = sorted(set(illegal.values())) or batch_error[:1] or [f"no mesh of {hw.world_size} ranks matches "
+                                                                   f"parallel: {_req_text(train.parallel)}"]
+        raise PlanningError(f"{forced}: " + "; ".join(msgs))
     fitting = sorted((c for c in candidates if c.fits), key=_rank)
     if not fitting:
         least = min(candidates, key=lambda c: (c.per_gpu.total, _rank(c)))
-        p = _make_plan(ctx, least, candidates, illegal, targets)
+        p = _make_plan(ctx, least, candidates, illegal, targets, asked)
         raise NoFitError(no_fit_summary(least, ctx.usable), p)
-    return _make_plan(ctx, fitting[0], candidates, illegal, targets)
+    return _make_plan(ctx, fitting[0], candidates, illegal, targets, asked)
+
+
+def _search_lines(ev, s: Strategy, mesh: ParallelDims, ckpts: list[GradCkpt], micros: list[int],
+                  offloads: list[ActivationOffload], train: TrainSpec) -> None:
+    """Evaluate one (strategy, mesh) pair's candidates with pruning that cannot lose the fastest fit:
+    memory only grows with the micro batch and shrinks with more checkpointing, and the step time only
+    falls with the micro batch (fewer micro-steps, higher MFU: compiler/cost.py). So: the most-saving
+    checkpointing at the smallest micro batch first — if that does not fit, nothing on this pair does;
+    otherwise per line (checkpointing, defer, offload) the largest micro batch down to the first that fits.
+    ``ev(ckpt, micro, defer, offload)`` evaluates a candidate and records it."""
+    lo = micros[0]
+    for ao in offloads:
+        floor = ev(ckpts[-1], lo, False, ao)
+        if not floor.fits:
+            continue
+        for ck in ckpts:
+            for d_ok in (False, True):
+                for mb in reversed(micros):
+                    accum = train.global_batch_size // (mb * mesh.dp)
+                    if d_ok and not (s.engine is Engine.FSDP and accum > 1):
+                        continue
+                    if (ck, mb, d_ok) == (ckpts[-1], lo, False):
+                        break  # the floor candidate, already evaluated
+                    if ev(ck, mb, d_ok, ao).fits:
+                        break
+
+
+def _req_text(req: ParallelRequest) -> str:
+    return ", ".join(f"{k} {v.value if hasattr(v, 'value') else v}" for k, v in req.to_json().items()
+                     if v is not None) or "auto"
 
 
 def _best_per_strategy(candidates: list[Candidate]) -> dict[Strategy, Candidate]:
@@ -236,12 +325,13 @@ def _best_per_strategy(candidates: list[Candidate]) -> dict[Strategy, Candidate]
 
 
 def _make_plan(ctx: _Ctx, chosen: Candidate, candidates: list[Candidate], illegal: dict[Strategy, str],
-               targets: tuple[str, ...]) -> Plan:
+               targets: tuple[str, ...], asked: TrainSpec) -> Plan:
     best = _best_per_strategy(candidates)
     others = [c for s, c in best.items() if s is not chosen.strategy]
     others.sort(key=lambda c: (not c.fits, _rank(c)))
     reasons = _reasons(ctx, chosen, best, illegal)
-    return Plan(chosen=chosen, alternatives=tuple(others), model=ctx.model, hardware=ctx.hw, train=ctx.train,
+    reasons[1:1] = mesh_reasons(ctx.train, asked, ctx.hw, chosen, candidates)
+    return Plan(chosen=chosen, alternatives=tuple(others), model=ctx.model, hardware=ctx.hw, train=asked,
                 gpu_memory_bytes=ctx.hw.gpu_memory_bytes,
                 headroom_bytes=ctx.hw.gpu_memory_bytes - ctx.usable, reasons=tuple(reasons),
                 lora_targets=targets)
@@ -276,7 +366,7 @@ def _reasons(ctx: _Ctx, c: Candidate, best: dict[Strategy, Candidate], illegal: 
           GradCkpt.FULL: "full: needed to fit activations (~33% more compute)"}[c.gradient_checkpointing]
     r.append(f"gradient checkpointing {ck}")
     r.append(f"global batch {t.global_batch_size} = micro batch {c.micro_batch_size} × accumulation "
-             f"{c.grad_accum_steps} × {hw.world_size} data-parallel ranks")
+             f"{c.grad_accum_steps} × {c.mesh.dp} data-parallel ranks")
     if c.optimizer is not t.optimizer:
         r.append(f"optimizer switched to {c.optimizer.value} (allow_optimizer_change) to fit")
     if c.method is not t.method:
