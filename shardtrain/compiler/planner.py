@@ -6,7 +6,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-from shardtrain.compiler.activations import (activation_host_bytes, logits_bytes,
+from shardtrain.compiler.activations import (activation_host_bytes,
                                              resolve_loss, resolved_ckpt_fraction)
 from shardtrain.compiler.advice import no_fit_summary
 from shardtrain.compiler.cost import step_time
