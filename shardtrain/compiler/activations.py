@@ -39,31 +39,66 @@ from __future__ import annotations
 import math
 
 from shardtrain.compiler.model import ModelSpec
-from shardtrain.compiler.specs import ActivationOffload, Attention, GradCkpt, LossMode, ParallelDims, Precision
+from shardtrain.compiler.mesh_memory import TP_SEQUENCE_PARALLEL
+from shardtrain.compiler.specs import ActivationOffload, Attention, CpMode, GradCkpt, LossMode, ParallelDims, Precision
 
 
 CHUNK_FP32_TERMS = 12
 """Bytes per token per vocab entry of one loss chunk at its backward peak (3 fp32 tensors)."""
 
 
+def tokens_per_rank(micro_batch: int, seq_len: int, parallel: ParallelDims | None = None) -> int:
+    """Tokens one rank holds per micro-step: every cp rank holds seq_len / cp of each of its dp rank's
+    micro_batch sequences (tp peers hold the same tokens); ceil for a seq_len cp does not divide."""
+    cp = parallel.cp if parallel is not None else 1
+    return micro_batch * (-(-seq_len // cp))
+
+
+def hidden_per_rank(model: ModelSpec, parallel: ParallelDims | None = None) -> int:
+    """Width of the tensors outside attention/MLP (norms, residual stream, layer inputs) on one rank:
+    h, or h / tp with sequence parallel (Korthikanti et al. 2022 §4.2.2; not in the installed Llama
+    tp plan: mesh_memory.TP_SEQUENCE_PARALLEL)."""
+    tp = parallel.tp if parallel is not None else 1
+    return -(-model.hidden_size // tp) if TP_SEQUENCE_PARALLEL and tp > 1 else model.hidden_size
+
+
 def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Attention, seq_len: int, *,
-                          parallel: ParallelDims | None = None) -> float:
+                          parallel: ParallelDims | None = None) -> int:
     """Activation bytes saved for backward by one decoder layer, per token the rank holds
-    (micro_batch × seq_len / cp of them); `parallel` None = tp 1, cp 1."""
-    h, I = model.hidden_size, model.intermediate_size
-    kvd = model.num_kv_heads * model.head_dim
-    qd = model.num_heads * model.head_dim
+    (tokens_per_rank of them); `parallel` None = tp 1, cp 1.
+
+    On a mesh (Korthikanti et al. 2022 Table 2: tensor parallel sbh(10 + 24/t + 5as/(ht)), with sequence
+    parallel sbh/t(34 + 5as/h); Megatron-LM megatron/training/theoretical_memory_usage.py
+    compute_activation_memory: `(s·b·h)(18 + 4·ffn/h)/t` with SP): tp splits what lives between a
+    column- and a row-parallel linear — q, k, v, the attention output, the MLP intermediates and the
+    eager score matrices (heads / tp) — while the norms and the inputs of q/k/v and of the MLP stay
+    whole on every tp rank without sequence parallel (the GPT "10" of Table 2; here 2·(4h + ph) + 2·ph).
+    cp leaves the per-token bytes alone (each rank holds seq_len / cp tokens; tokens_per_rank): a ring
+    rank's queries still see all seq_len keys; a Ulysses rank, after its all-to-all, holds heads / cp
+    heads over the full sequence, the same elements per local token (heads/(tp·cp) · s² scores over
+    s / cp tokens = heads/tp · s per token). Ulysses repeats kv heads up to cp when a rank would get
+    fewer than one (DeepSpeed 0.19.8 runtime/sequence_parallel/ulysses_sp.py `kv_replication_factor`)."""
+    tp = parallel.tp if parallel is not None else 1
+    cp = parallel.cp if parallel is not None else 1
+    h, I = model.hidden_size, -(-model.intermediate_size // tp)
+    hd = model.head_dim
+    heads = -(-model.num_heads // tp)
+    kv_heads = -(-model.num_kv_heads // tp)   # tp > kv heads: a rank keeps one (replicated, as DeepSpeed does)
+    if cp > 1 and parallel.cp_mode is CpMode.ULYSSES:
+        kv_heads = max(kv_heads, cp)
+    kvd, qd = kv_heads * hd, heads * hd
+    h_in = hidden_per_rank(model, parallel)
     p = precision.param_bytes
-    norm = 4 * h + p * h if p == 2 else 8 * h  # fp32 input + 16-bit normalised copy
-    attn = p * (h + qd + 2 * kvd + qd + qd)    # norm out, q_rot, k, v, sdpa out, o_proj input
+    norm = 4 * h_in + p * h_in if p == 2 else 8 * h_in  # fp32 input + 16-bit normalised copy
+    attn = p * (h_in + qd + 2 * kvd + qd + qd)          # norm out, q_rot, k, v, sdpa out, o_proj input
     if attention is Attention.EAGER:
         # scores: fp32 softmax (4) + 16-bit cast (p) per head per key; repeat_kv expands k, v
-        attn += (4 + p) * model.num_heads * seq_len + p * 2 * (qd - kvd)
+        attn += (4 + p) * heads * seq_len + p * 2 * (qd - kvd)
     if model.is_moe:
         # router logits (E) and top-k routed copies of the MLP activations per token
-        mlp = p * (h + model.num_experts) + p * 4 * I * model.experts_per_token + p * h * model.experts_per_token
+        mlp = p * (h_in + model.num_experts) + p * 4 * I * model.experts_per_token + p * h_in * model.experts_per_token
     else:
-        mlp = p * (h + 4 * I)
+        mlp = p * (h_in + 4 * I)
     return 2 * norm + attn + mlp
 
 
@@ -90,10 +125,10 @@ def activation_host_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, p
     the saved tensors of every non-checkpointed layer and the inputs of the checkpointed ones."""
     if offload is ActivationOffload.NONE:
         return 0
-    tokens = micro_batch * seq_len
-    per_layer = layer_bytes_per_token(model, precision, attention, seq_len) * tokens
+    tokens = tokens_per_rank(micro_batch, seq_len, parallel)
+    per_layer = layer_bytes_per_token(model, precision, attention, seq_len, parallel=parallel) * tokens
     n_ckpt = checkpointed_layer_count(grad_ckpt, model.num_layers, selective_every)
-    kept = (model.num_layers - n_ckpt) * per_layer + n_ckpt * precision.param_bytes * model.hidden_size * tokens
+    kept = (model.num_layers - n_ckpt) * per_layer + n_ckpt * precision.param_bytes * hidden_per_rank(model, parallel) * tokens
     return int(kept)
 
 
@@ -101,10 +136,13 @@ def logits_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision:
                  loss: LossMode = LossMode.FULL, chunk_tokens: int = 512,
                  parallel: ParallelDims | None = None) -> int:
     """Peak bytes of the logits + fp32 loss path for one loss mode (see module docstring);
-    `auto` is the smaller of the two (resolve_loss says which)."""
+    `auto` is the smaller of the two (resolve_loss says which). On a mesh: the rank's tokens / cp, and
+    the FULL vocabulary on every tp rank — lm_head is "colwise_gather_output" (transformers 5.23
+    LlamaForCausalLM._tp_plan; DeepSpeed AutoTP training: LinearLayer(gather_output=True)), so the
+    logits are all-gathered before the loss (the tp-local slice at the gather: phases.py)."""
     p = precision.param_bytes
     fp32_terms = 12 if p == 2 else 8  # the upcast is a no-op in fp32
-    tokens = micro_batch * seq_len
+    tokens = tokens_per_rank(micro_batch, seq_len, parallel)
     full = tokens * model.vocab_size * (p + fp32_terms)
     if loss is LossMode.FULL:
         return full

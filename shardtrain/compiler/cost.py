@@ -19,6 +19,9 @@ from __future__ import annotations
 import math
 
 from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.activations import tokens_per_rank
+from shardtrain.compiler.mesh_cost import cp_comm_s, fsdp_shard_bw, tp_comm_s, world_bw
+from shardtrain.compiler.mesh_memory import mesh_of, mesh_shard_size, tp_num_params
 from shardtrain.compiler.specs import Engine, HardwareSpec, Method, OffloadDevice, ParallelDims, Precision, Strategy
 
 MFU_MAX = 0.45
@@ -53,14 +56,27 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
               ckpt_fraction: float, trainable_params: int, fsdp_defer_grad_sync: bool = False,
               chunked_loss: bool = False, activation_offload_bytes: int = 0,
               parallel: ParallelDims | None = None) -> float:
-    """Estimated seconds per optimizer step: compute + communication not hidden behind it + offload."""
-    tokens_micro = micro_batch * seq_len
+    """Estimated seconds per optimizer step: compute + communication not hidden behind it + offload.
+
+    `parallel`: the device mesh (None: the strategy's 1-D mesh; same numbers). `micro_batch` is per dp
+    rank, `trainable_params` the whole model's. On a mesh each rank computes 1/tp of every matmul
+    (Megatron column/row split; attention heads / tp) over its micro_batch × seq_len / cp tokens (each
+    query of a cp rank still attends to all seq_len keys: the per-token attention FLOPs stay), with MFU
+    taken at those tokens (narrower tp matmuls are not modelled). FSDP/ZeRO collectives carry the
+    tp-local parameters over the dp_shard × cp group, on the link its ranks span (mesh_cost.py); HSDP
+    adds the all-reduce of the sharded gradients over dp_replicate; tp and cp collectives are exposed
+    per micro-step (mesh_cost.tp_comm_s, cp_comm_s)."""
+    mesh = mesh_of(strategy, hw, parallel)
+    tp = mesh.tp
+    tokens_micro = tokens_per_rank(micro_batch, seq_len, parallel)
     N = model.active_params
     attn = 12 * model.num_layers * seq_len * model.num_heads * model.head_dim * 0.5
     fwd = 2 * N + attn / 3
     per_token = (3 * fwd if method is Method.FULL else 2 * fwd) + ckpt_fraction * fwd
     if chunked_loss:
         per_token += 2 * model.hidden_size * model.vocab_size  # lm_head forward recomputed per chunk
+    if tp > 1:
+        per_token /= tp     # every matmul (and the lm_head) split tp ways; embedding/norms negligible
     mfu = MFU_MAX * (1 - math.exp(-tokens_micro / MFU_TOKENS_HALF))
     flops_s = hw.bf16_tflops * 1e12 * mfu * (FP32_SPEED if precision is Precision.FP32 else 1.0)
     compute = per_token * tokens_micro * grad_accum / flops_s
@@ -72,10 +88,16 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
         per_layer = 2 if strategy is Strategy.FSDP_SHARD_GRAD_OP else 3  # gathers (+ re-gather) + RS
         compute += COLLECTIVE_LATENCY_S * per_layer * model.num_layers * grad_accum
 
-    W = hw.world_size
-    bw = hw.inter_node_bandwidth_bytes_per_s if hw.nodes > 1 else hw.intra_node_bandwidth_bytes_per_s
+    # data-parallel groups: DDP / DeepSpeed reduce over every rank of one tp index (dp × cp), across
+    # the world; one rank per tp index holds 1/tp of the model (mesh_memory.tp_num_params)
+    W = mesh.grad_reduce
+    bw = world_bw(hw)
     p = precision.param_bytes
     T, P = trainable_params, model.num_params
+    if tp > 1:
+        P_tp = tp_num_params(model, tp)
+        T = T * P_tp / P if method is Method.FULL else T   # LoRA adapters: kept whole (conservative)
+        P = P_tp
     K = grad_accum
     if strategy is Strategy.DDP:
         comm = 2 * _ring(4 * T, W, bw)  # fp32 grads all-reduce (reduce-scatter + all-gather) once per step
@@ -85,17 +107,17 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
         comm = K * _ring(p * T, W, bw) + _ring(p * T, W, bw)
     elif strategy.engine is Engine.DEEPSPEED:  # stage 3: gathers of all params (frozen too) + RS of grads
         comm = K * (2 * _ring(p * P, W, bw) + _ring(p * T, W, bw))
-    else:  # FSDP2
-        S = hw.gpus_per_node if strategy is Strategy.FSDP_HYBRID_SHARD else W
-        sbw = hw.intra_node_bandwidth_bytes_per_s if strategy is Strategy.FSDP_HYBRID_SHARD else bw
+    else:  # FSDP2 over dp_shard × cp; HSDP (dp_replicate > 1) all-reduces the shard across replicas
+        S = mesh.fsdp_shard
+        sbw = fsdp_shard_bw(mesh, hw)
         gathers = 1 if strategy is Strategy.FSDP_SHARD_GRAD_OP else 2
         rs_count = 1 if fsdp_defer_grad_sync else K
         comm = K * gathers * _ring(p * P, S, sbw) + rs_count * _ring(4 * T, S, sbw)
-        if strategy is Strategy.FSDP_HYBRID_SHARD and hw.nodes > 1:
-            comm += 2 * _ring(4 * T / S, hw.nodes, hw.inter_node_bandwidth_bytes_per_s)
+        if mesh.dp_replicate > 1:
+            comm += 2 * _ring(4 * T / S, mesh.dp_replicate, bw)
 
     offload = 0.0
-    Nsh = W
+    Nsh = mesh_shard_size(strategy, mesh)
     if strategy.offload_optimizer is not OffloadDevice.NONE:
         # grads out (fp32 partition) every micro-step for stage 2/3, updated 16-bit params back in
         pcie = (K * 4 * T / Nsh + p * T / Nsh) / hw.pcie_bandwidth_bytes_per_s
@@ -111,4 +133,10 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
         offload += K * 2 * activation_offload_bytes / hw.pcie_bandwidth_bytes_per_s
     hidden = min(comm, COMM_OVERLAP * compute)
     total = compute + comm - hidden + offload
+    if not mesh.is_data_parallel_only:
+        # tp / cp collectives: on the critical path of every micro-step (mesh_cost.py)
+        total += K * (tp_comm_s(model, precision, tokens_micro, mesh, hw, ckpt_fraction=ckpt_fraction,
+                                chunked_loss=chunked_loss)
+                      + cp_comm_s(model, precision, tokens_micro, seq_len, mesh, hw, ckpt_fraction=ckpt_fraction,
+                                  flops_s=flops_s))
     return total

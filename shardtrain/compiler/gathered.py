@@ -25,7 +25,7 @@ def zero3_gathered(x: PhaseInputs) -> tuple[int, int, int]:
     the lm_head, right after the forward). Persistent params (numel <= threshold) are in `params`."""
     m, L = x.model, x.model.num_layers
     buckets = ZeroBuckets.for_model(m)
-    window = zero3_window_bytes(m, x.groups, x.method, x.precision, buckets)
+    window = zero3_window_bytes(m, x.groups, x.method, x.precision, buckets, tp=x.tp)
     if x.shard_size == 1 and x.strategy.offload_params is OffloadDevice.NONE:
         # one rank: partition_parameters.py all_gather_coalesced -> _no_gather_coalesced sets
         # `param.data = param.ds_tensor.data.to(device)`, a no-op on the same device: the "gathered"

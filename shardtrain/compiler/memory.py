@@ -48,7 +48,8 @@ import math
 from dataclasses import dataclass, replace
 
 from shardtrain.compiler.inventory import TensorGroup, trainable_params
-from shardtrain.compiler.mesh_memory import mesh_of, mesh_shard_size
+from shardtrain.compiler.mesh_memory import (mesh_of, mesh_shard_size, tp_largest_unit_params, tp_local_groups,
+                                             tp_num_params)
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.optimizer_states import state_bytes
 from shardtrain.compiler.specs import (Engine, HardwareSpec, Method, OffloadDevice, Optimizer, ParallelDims, Precision,
@@ -178,8 +179,11 @@ def _zero3_partition(groups: tuple[TensorGroup, ...], n: int, trainable: bool) -
     return sum(g.count * math.ceil(g.numel / n) for g in groups if g.trainable is trainable)
 
 
-def largest_unit_params(model: ModelSpec) -> int:
-    """Largest FSDP unit / ZeRO-3 gathered module: one decoder layer, or the embedding/lm_head."""
+def largest_unit_params(model: ModelSpec, tp: int = 1) -> int:
+    """Largest FSDP unit / ZeRO-3 gathered module: one decoder layer, or the embedding/lm_head (on one
+    tp rank: mesh_memory.tp_largest_unit_params)."""
+    if tp > 1:
+        return tp_largest_unit_params(model, tp)
     return max(model.per_layer_params, model.embedding_params, model.lm_head_params)
 
 
@@ -197,11 +201,11 @@ def gathered_bytes_per_param(groups: tuple[TensorGroup, ...], method: Method,
 
 
 def zero3_window_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], method: Method,
-                       precision: Precision, buckets: ZeroBuckets) -> int:
+                       precision: Precision, buckets: ZeroBuckets, *, tp: int = 1) -> int:
     """ZeRO-3's gathered-parameter window: the largest module plus the prefetch bucket, capped at
     stage3_max_live_parameters (partitioned_param_coordinator.py fetch_sub_module / prefetch)."""
     bpp, _ = gathered_bytes_per_param(groups, method, precision)
-    return int(min(buckets.max_live_parameters, largest_unit_params(model) + buckets.prefetch_bucket_elements) * bpp)
+    return int(min(buckets.max_live_parameters, largest_unit_params(model, tp) + buckets.prefetch_bucket_elements) * bpp)
 
 
 def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy,
@@ -213,11 +217,17 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
     (zero2_offload_accum_grads). `parallel`: the device mesh (None: the strategy's 1-D mesh, numbers
     as before the mesh existed); the state is sharded over its dp_shard × cp ranks."""
     N = shard_group_size(strategy, hw, parallel=parallel)
+    tp = parallel.tp if parallel is not None else 1
+    # the emitted buckets are sized by the whole model's trainable count (plan.zero_buckets)
+    buckets = ZeroBuckets.for_model(model, trainable_params(groups), offload=strategy.offloads)
+    # tp: every term below is over the tensors one tp rank holds (mesh_memory.tp_local_groups: colwise
+    # linears split on out, rowwise on in, embedding and norms whole), then sharded over dp_shard × cp
+    groups = tp_local_groups(groups, tp)
+    unit = largest_unit_params(model, tp)
     T = trainable_params(groups)
     frozen = frozen_weight_bytes(groups, method, precision)
     p = precision.param_bytes
     engine = strategy.engine
-    buckets = ZeroBuckets.for_model(model, T, offload=strategy.offloads)
 
     if engine is Engine.DDP:
         # no bucket memory: the runtime sets gradient_as_bucket_view=True, so the grads ARE the 25 MiB
@@ -236,7 +246,6 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         T_shard = trainable_params(shards)
         sharded_params = 4 * T_shard + frozen_weight_bytes(shards, method, precision)
         grads = 4 * T_shard
-        unit = largest_unit_params(model)
         bpp, trainable_frac = gathered_bytes_per_param(groups, method, precision)
         # all-gather of the current + prefetched unit in param_dtype (QLoRA: the 4-bit storage), and
         # the unsharded 16-bit grads of the unit's trainable params plus their fp32 reduce-scatter
@@ -244,7 +253,7 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         buffers = int(2 * unit * bpp + unit * trainable_frac * (p + 4))
         if strategy is Strategy.FSDP_SHARD_GRAD_OP:
             # reshard_after_forward=False keeps every unit's unsharded params from forward to backward
-            buffers += int((model.num_params - unit) * bpp)
+            buffers += int((tp_num_params(model, tp) - unit) * bpp)
         if fsdp_defer_grad_sync:
             # set_requires_gradient_sync(False) accumulates unsharded fp32 grads across micro-steps
             grads += 4 * T
@@ -305,7 +314,7 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         persistent = zero3_persistent_bytes(groups, buckets, method, precision)
         params = p * P + frozen_part + persistent
         # stage3.py keeps ONE reduce bucket per dtype (ipg_buckets[dtype].buffer, contiguous_gradients)
-        buffers = zero3_window_bytes(model, groups, method, precision, buckets) + buckets.reduce_bucket_elements * p
+        buffers = zero3_window_bytes(model, groups, method, precision, buckets, tp=tp) + buckets.reduce_bucket_elements * p
         if off_opt is OffloadDevice.NONE:
             grads = p * P + max(4 * P, p * largest)
         else:
@@ -326,7 +335,7 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
             cpu += partitions
         else:
             nvme += partitions
-            cpu += INFINITY_SWAP_BUFFERS * largest_unit_params(model) * p
+            cpu += INFINITY_SWAP_BUFFERS * unit * p
         params = persistent
     return ModelStateBytes(params=params, grads=grads, master_params=master, optimizer_states=states,
                            buffers=buffers, cpu_bytes=cpu, nvme_bytes=nvme)
@@ -357,8 +366,12 @@ def host_bytes_per_node(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, 
     """Peak host RAM per node: process overhead, offloaded state, and model loading.
 
     Loading is done once per node (meta init + local-rank-0 load + broadcast; zero.Init partitions
-    at construction for ZeRO-3), so it costs one 16-bit copy per node, not gpus_per_node copies.
+    at construction for ZeRO-3), so it costs one 16-bit copy per node, not gpus_per_node copies —
+    on a mesh too (tp ranks take their slice of the same loaded copy); `per_rank_cpu` is already the
+    mesh's per-rank offload, so `parallel` is only checked against the hardware.
     """
+    if parallel is not None:
+        mesh_of(strategy, hw, parallel)
     load = 0 if strategy.zero_stage == 3 else model.num_params * precision.param_bytes
     steady = hw.gpus_per_node * (HOST_BYTES_PER_RANK + per_rank_cpu)
     return max(steady, hw.gpus_per_node * HOST_BYTES_PER_RANK + load)

@@ -11,10 +11,17 @@ SequenceParallel style, so norms and residuals hold every token on every tp rank
 (TP_SEQUENCE_PARALLEL = False). Biases follow their weight: a colwise bias is split, a rowwise one
 replicated (torch/distributed/tensor/parallel/style.py ColwiseParallel/RowwiseParallel:
 `bias` Shard(0) / Replicate()).
-LoRA on a tp-sharded Linear (peft/tuners/lora/layer.py Linear keeps lora_A (r, in) and lora_B (out, r)
-as plain nn.Linear children, which the plan's module patterns do not name): the adapters are
-replicated on every tp rank at their full size. This module models that (conservative if a runtime
-shards them as Megatron does: colwise base -> lora_B split on out, rowwise -> lora_A split on in).
+DeepSpeed 0.19.8 AutoTP in training mode (module_inject/auto_tp.py `_replace`) splits the same way:
+o_proj/down_proj `LinearAllreduce` (in_features), every other Linear `LinearLayer` (out_features), the
+lm_head `LinearLayer(..., gather_output=True)`; nn.Embedding is left whole (vocab_parallel_lm_head
+defaults to False).
+MoE (transformers 5.23 configuration_mixtral.py base_model_tp_plan): the fused experts
+gate_up_proj (E, 2I, h) "packed_colwise" and down_proj (E, h, I) "rowwise": split on their out / in
+dim (-2 / -1); the router is replicated.
+LoRA on a tp-sharded Linear (peft 0.21.2 tuners/lora/model.py `_create_and_replace`, TP branch): for a
+"colwise" base layer lora_B (out, r) is sharded on dim 0 and lora_A is replicated (broadcast from tp
+rank 0, lora/layer.py `update_layer`); for "rowwise" lora_A (r, in) is sharded on dim 1 and lora_B
+replicated. Adapters of lm_head ("colwise_gather_output" is not in peft's supported plans) stay whole.
 FSDP2 then shards each tp-local tensor on its dim 0 (torch _fully_shard/_fsdp_param.py: a DTensor
 parameter's local tensor is chunked on dim 0 over the dp mesh), which is what memory.py applies to the
 groups returned here; a rowwise weight is thus split dim 1 by tp and dim 0 by FSDP.
@@ -24,7 +31,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from shardtrain.compiler.inventory import TensorGroup
-from shardtrain.compiler.specs import HardwareSpec, ParallelDims, Strategy
+from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.specs import CpMode, Engine, HardwareSpec, ParallelDims, Precision, Strategy
 
 TP_SEQUENCE_PARALLEL = False
 """Whether tp ranks split the tokens outside attention/MLP (Korthikanti et al. 2022 sequence parallel).
@@ -51,22 +59,41 @@ def mesh_of(strategy: Strategy, hw: HardwareSpec, parallel: ParallelDims | None)
 
 
 def mesh_shard_size(strategy: Strategy, parallel: ParallelDims) -> int:
-    """Ranks sharing one copy of the (tp-local) sharded model state: dp_shard × cp; DDP shards nothing."""
-    return 1 if strategy is Strategy.DDP else parallel.fsdp_shard
+    """Ranks sharing one copy of the (tp-local) sharded model state: FSDP2 dp_shard × cp (HSDP
+    replicates it over dp_replicate); DDP shards nothing; DeepSpeed has no replicate dim: ZeRO
+    partitions over its whole data × sequence-parallel group (0.19.8 runtime/engine.py
+    `dp_process_group=self.seq_data_parallel_group`), dp × cp — the same as dp_shard × cp whenever
+    dp_replicate is 1, as every DeepSpeed mesh is meant to be."""
+    if strategy is Strategy.DDP:
+        return 1
+    return parallel.grad_reduce if strategy.engine is Engine.DEEPSPEED else parallel.fsdp_shard
+
+
+def _split(shape: tuple[int, ...], dim: int, tp: int) -> tuple[int, ...]:
+    # torch pads nothing; the legality check makes tp divide heads (and so out_features); ceil keeps
+    # an odd size conservative
+    s = list(shape)
+    s[dim] = -(-s[dim] // tp)
+    return tuple(s)
 
 
 def tp_local_group(g: TensorGroup, tp: int) -> TensorGroup:
     """One tensor group as one tp rank holds it (see the module docstring for the plan)."""
     if tp == 1:
         return g
-    base = g.name.removesuffix(".bias")
-    if base in COLWISE or base in VOCAB_COLWISE:
-        # weight (out, in) / bias (out,): Shard(0); torch pads nothing, the legality check makes
-        # tp divide heads (and so out_features); ceil keeps odd sizes conservative
-        return replace(g, shape=(-(-g.shape[0] // tp),) + g.shape[1:])
-    if base in ROWWISE and not g.name.endswith(".bias") and len(g.shape) == 2:
-        return replace(g, shape=(g.shape[0], -(-g.shape[1] // tp)))
-    return g   # norms, embedding, rowwise biases, LoRA adapters, router: replicated over tp
+    name = g.name.removeprefix("experts.")
+    for suffix, dim_col, dim_row in ((".lora_A", None, -1), (".lora_B", 0, None)):
+        if name.endswith(suffix):     # peft: colwise base -> lora_B on dim 0; rowwise -> lora_A on dim 1
+            base = name.removesuffix(suffix)
+            dim = dim_col if base in COLWISE else dim_row if base in ROWWISE else None
+            return g if dim is None else replace(g, shape=_split(g.shape, dim, tp))
+    if name.endswith(".bias"):        # ColwiseParallel: bias Shard(0); RowwiseParallel: bias Replicate()
+        return replace(g, shape=_split(g.shape, 0, tp)) if name.removesuffix(".bias") in COLWISE else g
+    if name in COLWISE or name in VOCAB_COLWISE:
+        return replace(g, shape=_split(g.shape, -2, tp))      # weight (..., out, in): out
+    if name in ROWWISE:
+        return replace(g, shape=_split(g.shape, -1, tp))      # weight (..., out, in): in
+    return g   # norms, embedding, router: replicated over tp
 
 
 def tp_local_groups(groups: tuple[TensorGroup, ...], tp: int) -> tuple[TensorGroup, ...]:
@@ -74,3 +101,70 @@ def tp_local_groups(groups: tuple[TensorGroup, ...], tp: int) -> tuple[TensorGro
     if tp == 1:
         return groups
     return tuple(tp_local_group(g, tp) for g in groups)
+
+
+def tp_layer_params(model: ModelSpec, tp: int) -> int:
+    """Parameters of one decoder layer on one tp rank (the base model; tp_local_group's rule)."""
+    if tp == 1:
+        return model.per_layer_params
+    saved = 0
+    for s in model.linear_shapes():
+        name = s.name.removeprefix("experts.")
+        if name in COLWISE:
+            saved += (s.out_features - -(-s.out_features // tp)) * (s.in_features + (1 if s.bias else 0)) * s.count_per_layer
+        elif name in ROWWISE:
+            saved += s.out_features * (s.in_features - -(-s.in_features // tp)) * s.count_per_layer
+    return model.per_layer_params - saved
+
+
+def tp_lm_head_params(model: ModelSpec, tp: int) -> int:
+    """lm_head elements on one tp rank (colwise_gather_output: vocab / tp; 0 when tied)."""
+    if not model.lm_head_params:
+        return 0
+    return -(-model.vocab_size // tp) * model.hidden_size
+
+
+def tp_largest_unit_params(model: ModelSpec, tp: int) -> int:
+    """Largest FSDP unit / ZeRO-3 gathered module on one tp rank (memory.largest_unit_params at tp 1)."""
+    return max(tp_layer_params(model, tp), model.embedding_params, tp_lm_head_params(model, tp))
+
+
+def tp_num_params(model: ModelSpec, tp: int) -> int:
+    """Parameters one tp rank holds (the whole base model at tp 1)."""
+    if tp == 1:
+        return model.num_params
+    return (model.num_params - model.num_layers * (model.per_layer_params - tp_layer_params(model, tp))
+            - (model.lm_head_params - tp_lm_head_params(model, tp)))
+
+
+def cp_transient_bytes(model: ModelSpec, precision: Precision, tokens: int,
+                       parallel: ParallelDims | None) -> tuple[int, int]:
+    """(forward, backward) bytes one layer's context-parallel attention holds for a moment beyond the
+    saved activations, on one rank holding `tokens` tokens (activations.tokens_per_rank).
+
+    Ulysses (DeepSpeed 0.19.8 runtime/sequence_parallel/ulysses_sp.py, all_to_all_single on a
+    contiguous copy): the send copies of q, k, v (kv heads repeated up to cp: `kv_replication_factor`)
+    in the forward; in the backward the same all-to-alls carry the gradients of the output and of
+    q, k, v. Ring (torch 2.13 distributed/tensor/experimental/_context_parallel/_attention.py): forward
+    `next_kv = torch.cat([key, value])` is exchanged while the received block is used (2 K/V blocks in
+    flight) and the merger keeps an fp32 output; backward exchanges K/V and `next_grad_kv` and keeps
+    fp32 grad_query/key/value accumulators plus one step's fp32 grads (`accum_dtype` float32)."""
+    if parallel is None or parallel.cp == 1:
+        return 0, 0
+    tp, cp, hd, p = parallel.tp, parallel.cp, model.head_dim, precision.param_bytes
+    qd = -(-model.num_heads // tp) * hd
+    kv_heads = -(-model.num_kv_heads // tp)
+    if parallel.cp_mode is CpMode.ULYSSES:
+        kvd = max(kv_heads, cp) * hd
+        return p * tokens * (qd + 2 * kvd), p * tokens * (2 * qd + 2 * kvd)
+    kv_block = tokens * 2 * kv_heads * hd          # one rank's K and V, elements
+    return 2 * p * kv_block + 4 * tokens * qd, 2 * p * kv_block + 4 * (2 * tokens * qd + 3 * kv_block)
+
+
+def tp_gather_transient_bytes(model: ModelSpec, precision: Precision, tokens: int,
+                              parallel: ParallelDims | None) -> int:
+    """lm_head "colwise_gather_output": the tp-local logits (vocab / tp) next to the all-gathered ones
+    (transformers 5.23 integrations/tensor_parallel.py; DeepSpeed AutoTP LinearLayer gather_output)."""
+    if parallel is None or parallel.tp == 1:
+        return 0
+    return precision.param_bytes * tokens * -(-model.vocab_size // parallel.tp)

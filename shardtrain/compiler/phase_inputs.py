@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from shardtrain.compiler.inventory import TensorGroup
 from shardtrain.compiler.model import ModelSpec
-from shardtrain.compiler.specs import Method, Optimizer, Precision, Strategy
+from shardtrain.compiler.specs import Method, Optimizer, ParallelDims, Precision, Strategy
 
 
 @dataclass(frozen=True)
@@ -31,3 +31,10 @@ class PhaseInputs:
     logits_backward_bytes: int
     activation_offload: bool = False
     """save_on_cpu: saved activations (and checkpointed layers' inputs) live in host RAM."""
+    parallel: ParallelDims | None = None
+    """The device mesh (None: tp 1, cp 1). `groups` are then the tensors one tp rank holds
+    (mesh_memory.tp_local_groups) and `shard_size` the dp_shard × cp ranks they are sharded over."""
+
+    @property
+    def tp(self) -> int:
+        return self.parallel.tp if self.parallel is not None else 1

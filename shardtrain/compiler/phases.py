@@ -41,10 +41,12 @@ and tests/test_trace.py.
 """
 from __future__ import annotations
 
-from shardtrain.compiler.activations import checkpointed_layer_count, layer_bytes_per_token, logits_bytes
+from shardtrain.compiler.activations import (checkpointed_layer_count, hidden_per_rank, layer_bytes_per_token,
+                                             logits_bytes, tokens_per_rank)
 from shardtrain.compiler.gathered import ROOT_GROUPS, gathered_bytes, per_layer_count, zero3_gathered
 from shardtrain.compiler.inventory import TensorGroup, trainable_params
 from shardtrain.compiler.memory import ModelStateBytes, fsdp_shard_groups
+from shardtrain.compiler.mesh_memory import cp_transient_bytes, tp_gather_transient_bytes, tp_local_groups
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.phase_inputs import PhaseInputs
 from shardtrain.compiler.plan import MemoryBreakdown
@@ -96,8 +98,12 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     m, s = x.model, x.strategy
     eng = s.engine
     p = x.precision.param_bytes
-    h, L = m.hidden_size, m.num_layers
-    tokens = x.micro_batch * x.seq_len
+    L = m.num_layers
+    # on a mesh: the rank's tokens (seq_len / cp each) and the width of what tp does not split
+    h = hidden_per_rank(m, x.parallel)
+    tokens = tokens_per_rank(x.micro_batch, x.seq_len, x.parallel)
+    cp_fwd, cp_bwd = cp_transient_bytes(m, x.precision, tokens, x.parallel)
+    tp_gather = tp_gather_transient_bytes(m, x.precision, tokens, x.parallel)
     T = trainable_params(x.groups)
     autocast = eng is Engine.DDP and x.precision is not Precision.FP32
     full_ft = x.method is Method.FULL
@@ -128,8 +134,8 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     # ---- model states, and the instants of each phase
     params, master, states = ms.params, ms.master_params, ms.optimizer_states
     top = per_layer if n_ck == 0 else resid   # what the first layer's backward frees
-    working = (per_layer if n_ck else 0) + BACKWARD_WORKING_BYTES_PER_H * h * tokens
-    bsv_p = p * x.micro_batch * x.seq_len * m.vocab_size   # 16-bit logits at the lm_head matmul
+    working = (per_layer if n_ck else 0) + BACKWARD_WORKING_BYTES_PER_H * h * tokens + cp_bwd
+    bsv_p = p * tokens * m.vocab_size + tp_gather   # 16-bit logits at the lm_head matmul (+ tp-local slice)
     if eng is Engine.FSDP:
         N = x.shard_size
         # every size below is what FSDP2 really moves: dim 0 padded to a multiple of N
@@ -162,7 +168,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
                 # a unit's all-gather near the end of the forward: its all-gather output + copied-out
                 # params, the next unit's prefetched all-gather output (implicit forward prefetch),
                 # the root gathered since the forward began
-                dict(grads=g_prev, activations=max(kept - top, 0) + head, logits=0,
+                dict(grads=g_prev, activations=max(kept - top, 0) + head + cp_fwd, logits=0,
                      buffers=max(root + (ag + 1) * unit, held + unit)),
                 # lm_head matmul: root gathered + the last unit's all-gather output, 16-bit logits
                 dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=max(root + unit, held)),
@@ -267,6 +273,9 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         instants = {
             "forward": [dict(grads=g["forward"], activations=kept + head + p * lm_w + cached + bsv_p, logits=0,
                              buffers=b_fb),
+                        # the top layer's cp attention (all-to-all send copies / ring K/V blocks in flight)
+                        dict(grads=g["forward"], activations=max(kept - top, 0) + head + p * lm_w + cached + cp_fwd,
+                             logits=0, buffers=b_fb),
                         dict(grads=g["forward"], activations=kept + head + p * lm_w, logits=x.logits_forward_bytes,
                              buffers=b_fb)],
             "backward": [dict(grads=g.get("loss_backward", g["backward"]), activations=kept + head + p * lm_w,
@@ -310,11 +319,14 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                      cuda_context: int = 0, parallel: ParallelDims | None = None
                      ) -> tuple[dict[str, MemoryBreakdown], str]:
     """({phase: MemoryBreakdown}, peak phase) for one candidate; `loss`/`chunk_tokens` are the
-    resolved loss mode of activations.logits_bytes (activations.resolve_loss: never auto here)."""
+    resolved loss mode of activations.logits_bytes (activations.resolve_loss: never auto here).
+    `parallel`: the device mesh (None: tp 1, cp 1); `groups` is the whole model's inventory (tp-split
+    here), `shard_size` memory.shard_group_size(..., parallel=parallel) and `ms` the mesh's
+    model_state_bytes. Each rank holds micro_batch × seq_len / cp tokens."""
     n_ck = checkpointed_layer_count(grad_ckpt, model.num_layers, selective_every)
     logits = logits_bytes(model, micro_batch=micro_batch, seq_len=seq_len, precision=precision, loss=loss,
-                          chunk_tokens=chunk_tokens)
-    bsv = micro_batch * seq_len * model.vocab_size
+                          chunk_tokens=chunk_tokens, parallel=parallel)
+    bsv = tokens_per_rank(micro_batch, seq_len, parallel) * model.vocab_size
     if loss is LossMode.FULL:
         # forward: 16-bit logits + fp32 upcast + fp32 log_softmax output (runtime ce_sum); backward:
         # saved log_softmax output + nll gradient + log_softmax gradient, all fp32
@@ -326,12 +338,14 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
         bwd_logits = min(12 * bsv, logits)
     else:
         fwd_logits = bwd_logits = logits
-    x = PhaseInputs(model=model, groups=groups, strategy=strategy, shard_size=shard_size,
+    x = PhaseInputs(model=model, groups=tp_local_groups(groups, parallel.tp if parallel else 1),
+                    strategy=strategy, shard_size=shard_size,
                     method=method, precision=precision, optimizer=optimizer, micro_batch=micro_batch,
                     seq_len=seq_len, grad_ckpt_layers=n_ck, grad_accum=grad_accum, defer_grad_sync=defer_grad_sync,
-                    layer_act_bytes_per_token=layer_bytes_per_token(model, precision, attention, seq_len),
+                    layer_act_bytes_per_token=layer_bytes_per_token(model, precision, attention, seq_len,
+                                                                    parallel=parallel),
                     logits_forward_bytes=fwd_logits, logits_backward_bytes=bwd_logits,
-                    activation_offload=activation_offload)
+                    activation_offload=activation_offload, parallel=parallel)
     terms = phase_terms(x, ms)
     phases = {ph: MemoryBreakdown(**t, cuda_context=cuda_context) for ph, t in terms.items()}
     peak = max(PHASES, key=lambda ph: (phases[ph].total, -PHASES.index(ph)))
