@@ -11,10 +11,11 @@ import yaml
 
 from shardtrain import rundir_format as rf
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import Engine, Method, OffloadDevice
+from shardtrain.compiler.specs import CpMode, Engine, Method, OffloadDevice
 from shardtrain.runtime import engines as E
 from shardtrain.runtime.data import StepSampler, TokenDataset, build_datasets, load_tokenizer
 from shardtrain.runtime.dist import DistInfo
+from shardtrain.runtime.mesh import MeshCoords, RankMesh, coords
 from shardtrain.runtime.modeling import BuildSpec, build_model, compute_dtype, model_source
 from shardtrain.runtime.optim import build_optimizer
 from shardtrain.runtime.settings import Settings
@@ -65,6 +66,8 @@ class Run:
     eval_data: TokenDataset | None
     sampler: StepSampler
     engine: E.BaseEngine
+    coords: MeshCoords | None = None
+    """This rank's place in plan.parallel's mesh (runtime/mesh.py): dp rank for the data, tp/cp rank."""
     extra: dict = field(default_factory=dict)
 
     def write_memory_report(self, meter, phase) -> dict:
@@ -118,7 +121,11 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
     if info.world_size != plan.chosen.world_size:
         plan = _plan_for_world(Path(run_dir), plan, info)
     c, rt = plan.chosen, plan.runtime
-    torch.manual_seed(cfg.train.seed + info.rank)
+    dims = plan.parallel
+    mc = coords(dims, info.rank, info.world_size)
+    # seeded per dp rank: tp and cp peers of one sample draw the same dropout masks (LoRA dropout on a
+    # TP-replicated input must agree); on a 1-D mesh dp rank = rank, as before
+    torch.manual_seed(cfg.train.seed + mc.dp_rank)
     src = model_source(rt.model)
     tok = load_tokenizer(cfg.model.tokenizer, src.model_dir)
     if len(tok) > src.config.vocab_size:
@@ -128,7 +135,7 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
                                packing=cfg.data.packing, seq_len=plan.train.seq_len,
                                chat_template=cfg.data.chat_template)
     sampler = StepSampler(len(train), cfg.train.seed, micro_batch=c.micro_batch_size, grad_accum=c.grad_accum_steps,
-                          world_size=info.world_size, rank=info.rank)
+                          world_size=dims.dp, rank=mc.dp_rank)  # tp/cp peers: the same samples
     s = c.strategy
     engine_kind = s.engine
     ds_config = rt.deepspeed
@@ -158,13 +165,23 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
         return build_optimizer(c.optimizer, params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                offload=offload)
     common = dict(precision=c.precision, grad_clip=cfg.train.grad_clip, device=info.device)
+    if dims.tp > 1 and c.method is Method.QLORA:
+        raise ValueError(f"plan.json: QLoRA with parallel.tp {dims.tp}: bitsandbytes' 4-bit Linear cannot be split "
+                         "by DTensor tensor parallel; set parallel.tp: 1 (shard with dp_shard instead) or use "
+                         "method lora")
+    if not dims.is_data_parallel_only and engine_kind is Engine.DDP:
+        raise ValueError(f"plan.json: the mesh {dims.label()} needs a sharding engine (DDP runs data parallel "
+                         "only); re-plan with strategy fsdp_full_shard (or parallel.tp/cp: 1)")
     if engine_kind is Engine.DDP:
         eng = E.DDPEngine(model, make_opt(E.trainable(model)), **common)
     elif engine_kind is Engine.FSDP:
         # QLoRA is built (broadcast, then quantised identically) on every rank: nothing to load
         full = model.state_dict() if info.rank == 0 and info.world_size > 1 and c.method is not Method.QLORA else None
-        eng = E.FSDP2Engine(model, make_opt, settings=rt.fsdp, full_state=full, **common)
+        mesh = RankMesh(dims, info.device.type) if (not dims.is_data_parallel_only or dims.is_hsdp) else None
+        eng = E.FSDP2Engine(model, make_opt, settings=rt.fsdp, full_state=full, mesh=mesh, **common)
         del full
+        if dims.cp > 1:
+            _install_cp(model, dims, mesh, info.device.type)
     else:
         client = rt.deepspeed_client_optimizer
         if info.device.type == "cpu" and rt.deepspeed_cpu_config is not None:
@@ -176,4 +193,15 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
                                 zero_stage=s.zero_stage, offload_optimizer=offload,
                                 offload_params=s.offload_params is not OffloadDevice.NONE, **common)
     return Run(run_dir=Path(run_dir), cfg=cfg, plan=plan, info=info, tokenizer=tok, train_data=train,
-               eval_data=ev, sampler=sampler, engine=eng)
+               eval_data=ev, sampler=sampler, engine=eng, coords=mc)
+
+
+def _install_cp(model, dims, mesh: RankMesh, device_type: str) -> None:
+    """Context parallel on the FSDP2 engine: Ulysses all-to-all attention over the cp group
+    (runtime/context_parallel.py); the loop slices each micro-batch per cp rank (worker.py). Ring
+    attention (torch's context_parallel) has no CPU kernel: refused (the preflight says so first)."""
+    if dims.cp_mode is CpMode.RING:
+        raise ValueError("parallel.cp_mode: ring is not run by shardtrain's FSDP2 engine yet (torch's "
+                         "context_parallel needs CUDA flash/efficient attention); set parallel.cp_mode: ulysses")
+    from shardtrain.runtime.context_parallel import install_ulysses
+    install_ulysses(model, mesh.group("cp"))

@@ -17,8 +17,10 @@ own ``step`` and skips a non-finite one itself (stage_1_and_2.py/stage3.py: ``is
 the loss before ``ds.step()`` and ``ds.was_step_applied()`` says what happened. ``eng.step_applied`` is
 False after a skipped step.
 
-Gradients are averaged over ranks by every engine, so the loop scales the summed token loss by
-W / (tokens in the global batch) (× K for DeepSpeed): the update equals one big batch exactly.
+Gradients are averaged over the gradient-reduce ranks by every engine (all ranks for a 1-D mesh; on a
+device mesh dp × cp = plan.parallel.grad_reduce: tp peers hold different slices, issue 18), so the loop
+scales the summed token loss by grad_reduce / (tokens in the global batch) (× K for DeepSpeed): the
+update equals one big batch exactly.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ class BaseEngine:
         params = trainable(self.model)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        norm = self.clip(params)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         self.step_applied = self.guard(norm) if self.guard is not None else True
@@ -97,6 +99,10 @@ class BaseEngine:
             self.scaler.update()  # after unscale_: an inf/NaN seen there lowers the scale, as on a skip
         self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
         return float(norm)
+
+    def clip(self, params: list) -> torch.Tensor:
+        """Clip the gradients to train.grad_clip (0: measure only); returns the global norm."""
+        return torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -146,26 +152,34 @@ class FSDP2Engine(BaseEngine):
     `set_requires_gradient_sync(False)` on non-final micro-steps when the plan defers the sync."""
     kind = Engine.FSDP
 
-    def __init__(self, model, optimizer_factory, *, settings, full_state: dict | None, **kw):
+    def __init__(self, model, optimizer_factory, *, settings, full_state: dict | None, mesh=None, **kw):
+        """`mesh`: runtime/mesh.py RankMesh (plan.parallel), None for fsdp.json's 1-D / hybrid mesh."""
         from shardtrain.runtime.fsdp_wrap import shard_model
         super().__init__(model, None, **kw)
+        self.mesh = mesh
         dev = self.device
         offloaded = settings.cpu_offload
         units = decoder_layers(model, settings.wrap_class)
         if not units:
             raise ValueError(f"fsdp.json wrap_class {settings.wrap_class!r} matches no module of the model")
-        shard_model(model, settings, dev.type, units)
+        buffers = {n: b for n, b in model.named_buffers()}
+        if mesh is not None and mesh.dims.tp > 1 and full_state is not None:
+            # TP's distribute_tensor scatters a real tensor from the tp group's first rank, and a meta one
+            # sends nothing: rank 0 would wait on its meta peers. Every rank splits meta tensors; rank 0's
+            # full state dict fills the shards below (as on the 1-D path)
+            model.to("meta")
+        shard_model(model, settings, dev.type, units, mesh=mesh)
         if any(t.is_meta for t in model.parameters()) or full_state is not None:
-            self._load_full(model, full_state, offloaded)
+            self._load_full(model, full_state, offloaded, buffers)
         self.defer_sync = settings.defer_grad_sync
         self.optimizer = optimizer_factory(trainable(model))
         if self.precision is Precision.FP16:
             self.scaler = torch.amp.GradScaler(dev.type)
 
-    def _load_full(self, model, full_state, offloaded):
-        """Meta ranks allocate their shards; rank 0's full state dict is broadcast into them."""
+    def _load_full(self, model, full_state, offloaded, buffers: dict):
+        """Meta ranks allocate their shards; rank 0's full state dict is broadcast into them. `buffers`:
+        the model's buffers before sharding (rank 0's are real)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        buffers = {n: b for n, b in model.named_buffers()}
         model.to_empty(device="cpu" if offloaded else self.device)
         set_model_state_dict(model, full_state or {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -180,6 +194,13 @@ class FSDP2Engine(BaseEngine):
     def micro_step(self, is_last):
         self.model.set_requires_gradient_sync(is_last or not self.defer_sync)
         return contextlib.nullcontext()
+
+    def clip(self, params):
+        if self.mesh is None or self.mesh.dims.tp == 1:
+            return super().clip(params)
+        # TP-split and replicated parameters are DTensors on different meshes (runtime/mesh.py)
+        from shardtrain.runtime.mesh import clip_grad_norm
+        return clip_grad_norm(params, self.grad_clip)
 
 
 class DeepSpeedEngine(BaseEngine):

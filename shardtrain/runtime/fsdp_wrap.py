@@ -35,10 +35,18 @@ def device_mesh(s: FsdpSettings, device_type: str):
     return init_device_mesh(device_type, s.mesh_shape, mesh_dim_names=s.mesh_dim_names)
 
 
-def shard_model(model: nn.Module, s: FsdpSettings, device_type: str, units: list[nn.Module]) -> None:
-    """`fully_shard` every unit (the decoder layers) and then the root, with the plan's settings."""
+def shard_model(model: nn.Module, s: FsdpSettings, device_type: str, units: list[nn.Module], mesh=None) -> None:
+    """`fully_shard` every unit (the decoder layers) and then the root, with the plan's settings.
+    `mesh` (runtime/mesh.py RankMesh, issue 18): tensor parallel first when its tp > 1 (DTensor
+    parallelize_module, runtime/tensor_parallel.py), then fully_shard over its dp_shard_cp mesh (HSDP:
+    (dp_replicate, dp_shard_cp)), as torchtitan's parallelize_llama orders them; without a mesh, the
+    fsdp.json mesh (1-D, or (nodes, gpus_per_node) for HYBRID_SHARD)."""
     from torch.distributed.fsdp import fully_shard
-    kwargs = dict(mesh=device_mesh(s, device_type), mp_policy=mixed_precision_policy(s),
+    if mesh is not None and mesh.dims.tp > 1:
+        from shardtrain.runtime.tensor_parallel import apply_tensor_parallel
+        apply_tensor_parallel(model, mesh["tp"], units)
+    fmesh = mesh.fsdp_mesh() if mesh is not None else device_mesh(s, device_type)
+    kwargs = dict(mesh=fmesh, mp_policy=mixed_precision_policy(s),
                   reshard_after_forward=s.reshard_after_forward)
     if s.cpu_offload:
         kwargs["offload_policy"] = offload_policy(s, device_type)

@@ -38,8 +38,13 @@ from shardtrain.compiler.specs import ActivationOffload, Engine, LossMode
 IGNORE_INDEX = -100
 
 
-def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled tokens (fp32, like HF's loss)."""
+def ce_sum(logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled tokens (fp32, like HF's loss). `shifted`: labels were
+    already shifted left over the FULL sequence before a context-parallel slice (context_parallel.cp_slice:
+    position t's label is token t+1, the last one -100), so every position is scored, none dropped."""
+    if shifted:
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum")
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -66,7 +71,8 @@ def _chunk_ce(lm_head: nn.Module, autocast, h: torch.Tensor, y: torch.Tensor) ->
 
 
 def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_tokens: int,
-                   autocast=contextlib.nullcontext, check_recompute: bool = True) -> torch.Tensor:
+                   autocast=contextlib.nullcontext, check_recompute: bool = True,
+                   shifted: bool = False) -> torch.Tensor:
     """ce_sum(lm_head(hidden), labels) without ever holding more than `chunk_tokens` rows of logits.
     Position t predicts labels[t + 1]; the last position gets the ignore index (HF shifts the same way).
     Every rank runs the same number of chunks (ZeRO-3 gathers are collectives).
@@ -76,7 +82,7 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modul
     during the recompute, so the metadata check sees shape [0] (deepspeedai/DeepSpeed#8148,
     huggingface/transformers#47254; 0.19.8 lacks the fix). The values are still right: ZeRO-3's
     pre-backward hook re-gathers the weight before lm_head's backward reads it."""
-    target = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    target = (labels if shifted else nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)).reshape(-1)
     h = hidden.reshape(-1, hidden.size(-1))
     fn = functools.partial(_chunk_ce, lm_head, autocast)
     total = None
@@ -100,9 +106,9 @@ class ChunkedHeadLoss(nn.Module):
         self._head = (lm_head,)
         self.chunk_tokens, self.autocast, self.check_recompute = chunk_tokens, autocast, check_recompute
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
         return chunked_ce_sum(hidden, labels, self._head[0], self.chunk_tokens, self.autocast,
-                              check_recompute=self.check_recompute)
+                              check_recompute=self.check_recompute, shifted=shifted)
 
 
 @contextlib.contextmanager
@@ -160,12 +166,13 @@ class TokenLoss:
             return offload_activations(self.engine.device, self.offload_stats)
         return contextlib.nullcontext()
 
-    def __call__(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: dict, labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+        """`shifted`: labels come pre-shifted from a context-parallel slice (see ce_sum)."""
         eng = self.engine
         if self.mode is LossMode.FULL:
             with self._offload_ctx():
                 logits = eng.forward(batch)
-            return ce_sum(logits, labels)
+            return ce_sum(logits, labels, shifted)
         box = {}
 
         def grab(_m, _a, out):
@@ -177,7 +184,7 @@ class TokenLoss:
                 eng.forward({**batch, "logits_to_keep": none})
         finally:
             handle.remove()
-        return self.head_loss(box.pop("h"), labels)
+        return self.head_loss(box.pop("h"), labels, shifted)
 
 
 def token_loss(r) -> TokenLoss:

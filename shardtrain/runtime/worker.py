@@ -71,21 +71,26 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
     else:
         n_input = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                       for b in batches)
-        n_label, n_input = all_reduce_sum([sum(count_label_tokens(b) for b in batches), n_input], r.info.device)
-    scale = r.info.world_size * eng.loss_multiplier / max(n_label, 1.0)
+        # one rank per sequence counts it (tp and cp peers hold the same samples, runtime/mesh.py)
+        w = 1.0 if _coords(r).counts_tokens else 0.0
+        n_label, n_input = all_reduce_sum([w * sum(count_label_tokens(b) for b in batches), w * n_input],
+                                          r.info.device)
+    # the engines average gradients over dp × cp (plan.parallel.grad_reduce = world on a 1-D mesh)
+    scale = r.plan.parallel.grad_reduce * eng.loss_multiplier / max(n_label, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=r.info.device)  # no host sync per micro-step
+    loss_counts = _coords(r).counts_loss  # tp peers compute the same loss: one of them adds it
     K = len(batches)
     for k, b in enumerate(batches):
         last = k == K - 1
         b = _to(b, r.info.device)
-        labels = b.pop("labels")
+        b, labels, shifted = cp_view(r, b, b.pop("labels"))
         with eng.micro_step(last):
-            loss = token_loss(r)(b, labels)  # full or chunked logits, activation offload (runtime/loss.py)
+            loss = token_loss(r)(b, labels, shifted)  # full or chunked logits, activation offload (runtime/loss.py)
             loss = poison_loss(loss, r.info.rank, step + 1)  # TEST-ONLY (runtime/faults.py): a NaN loss
             if phase and last:
                 phase.snap("after_forward")
             eng.backward(loss * scale, last)
-        loss_sum += loss.detach()
+        loss_sum += loss.detach() if loss_counts else loss.detach() * 0.0  # NaN stays NaN for the guard
         if meter:
             meter.after_micro_backward()
         if phase and last:
@@ -118,20 +123,45 @@ def evaluate(r: Run, step: int) -> dict | None:
         return None
     eng = r.engine
     m = r.plan.chosen.micro_batch_size
-    idx = eval_indices(len(r.eval_data), r.cfg.run.eval_batches, m, r.info.world_size, r.info.rank)
+    mc = _coords(r)
+    idx = eval_indices(len(r.eval_data), r.cfg.run.eval_batches, m, r.plan.parallel.dp, mc.dp_rank)
     eng.train(False)
     tot = n = 0.0
     try:
         for ix in idx:
             b = _to(r.eval_data.collate(ix), r.info.device)
-            labels = b.pop("labels")
-            tot += float(token_loss(r)(b, labels))
-            n += float((labels[:, 1:] != -100).sum())
+            b, labels, shifted = cp_view(r, b, b.pop("labels"))
+            tot += float(token_loss(r)(b, labels, shifted))
+            n += float((labels != -100).sum() if shifted else (labels[:, 1:] != -100).sum())
     finally:
         eng.train(True)
-    tot, n = all_reduce_sum([tot, n], r.info.device)
+    # tp peers score the same tokens (one adds them); cp peers score disjoint slices (each adds its own)
+    tot, n = all_reduce_sum([tot if mc.counts_loss else 0.0, n if mc.counts_loss else 0.0], r.info.device)
     loss = tot / max(n, 1.0)
     return {rf.KIND: rf.EVAL, rf.STEP: step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(n)}
+
+
+def _coords(r: Run):
+    """This rank's mesh coordinates (Run.coords; a Run built by hand in a test: the 1-D mesh)."""
+    if r.coords is None:
+        from shardtrain.runtime.mesh import coords
+        r.coords = coords(r.plan.parallel, r.info.rank, r.info.world_size)
+    return r.coords
+
+
+def cp_view(r: Run, batch: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor, bool]:
+    """(batch, labels, shifted) this rank feeds the model. cp > 1: its token slice with global
+    position ids and labels shifted over the FULL sequence before slicing (context_parallel.cp_slice);
+    the padding mask is dropped (right padding under a causal kernel changes no labelled token's
+    result; Ulysses attends over the full sequence without a local mask)."""
+    cp = r.plan.parallel.cp
+    if cp == 1:
+        return batch, labels, False
+    from shardtrain.runtime.context_parallel import cp_slice
+    d = cp_slice(batch["input_ids"], labels, _coords(r).cp_rank, cp, position_ids=batch.get("position_ids"))
+    shift = d.pop("shift_labels")
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "position_ids", "attention_mask")}
+    return {**rest, **d}, shift, True
 
 
 def trainer_state(r: Run, step: int) -> dict:

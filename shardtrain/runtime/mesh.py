@@ -1,0 +1,128 @@
+"""The device mesh one rank trains on (issue 18): plan.parallel (compiler/specs.py ParallelDims) -> this
+rank's coordinates, its torch DeviceMesh and the sub-meshes each consumer uses.
+
+Mesh order (dp_replicate, dp_shard, cp, tp), tp innermost (MESH_DIM_NAMES), row-major: rank
+r = ((rep * dp_shard + shard) * cp + c) * tp + t, as torch's init_device_mesh lays out ranks.
+Flattened sub-meshes (torch 2.13 DeviceMesh._flatten, as accelerate 1.15 parallelism_config.py
+`_build_device_mesh` and torchtitan's ParallelDims do):
+  "dp"          (dp_replicate, dp_shard)       ranks taking different samples: sampler, token metrics
+  "dp_shard_cp" (dp_shard, cp)                 what FSDP2 shards the (tp-local) model state over
+  "dp_cp"       (dp_replicate, dp_shard, cp)   ranks a gradient / the loss sum are reduced over
+FSDP2 gets the 1-D "dp_shard_cp" mesh, or the 2-D (dp_replicate, dp_shard_cp) mesh for HSDP
+(fully_shard replicates over dim 0 and shards over dim 1: torch/distributed/fsdp/_fully_shard/
+_fsdp_init.py `_get_post_forward_mesh_info`); tp 2 × dp_replicate 2 runs as HSDP with a shard dim of
+size 1 (measured: it runs and matches the 1-D run, tests/runtime/test_mesh_runs.py).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from shardtrain.compiler.specs import MESH_DIM_NAMES, ParallelDims
+
+DP, DP_SHARD_CP, DP_CP = "dp", "dp_shard_cp", "dp_cp"
+
+
+@dataclass(frozen=True)
+class MeshCoords:
+    """Where one rank sits in the mesh (pure arithmetic: no process group needed)."""
+    dims: ParallelDims
+    rank: int
+
+    def _coord(self, name: str) -> int:
+        r = self.rank
+        for k in reversed(MESH_DIM_NAMES):  # innermost first
+            size = getattr(self.dims, k)
+            if k == name:
+                return r % size
+            r //= size
+        raise KeyError(name)
+
+    @property
+    def tp_rank(self) -> int:
+        return self._coord("tp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self._coord("cp")
+
+    @property
+    def dp_rank(self) -> int:
+        """Index among the ranks that take different samples (the sampler's rank)."""
+        return self._coord("dp_replicate") * self.dims.dp_shard + self._coord("dp_shard")
+
+    @property
+    def counts_loss(self) -> bool:
+        """One rank of each tp group adds its loss sum to the step's total: tp peers compute the same
+        loss of the same tokens, so summing over the world would count it tp times."""
+        return self.tp_rank == 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """One rank per sequence (tp 0, cp 0) adds its label count: tp and cp peers share the sequence."""
+        return self.tp_rank == 0 and self.cp_rank == 0
+
+
+def coords(dims: ParallelDims, rank: int, world_size: int) -> MeshCoords:
+    if dims.world != world_size:
+        raise RuntimeError(f"plan.json's mesh {dims.label()} has {dims.world} ranks but {world_size} are running; "
+                           "re-plan for this world size (`shardtrain launch` recompiles the plan)")
+    return MeshCoords(dims, rank)
+
+
+class RankMesh:
+    """The torch DeviceMesh of a plan (built once per run, a collective) and its named sub-meshes."""
+
+    def __init__(self, dims: ParallelDims, device_type: str):
+        from torch.distributed.device_mesh import init_device_mesh
+        self.dims = dims
+        self.mesh = init_device_mesh(device_type, dims.shape, mesh_dim_names=MESH_DIM_NAMES)
+        self.mesh["dp_replicate", "dp_shard"]._flatten(DP)
+        self.mesh["dp_shard", "cp"]._flatten(DP_SHARD_CP)
+        self.mesh["dp_replicate", "dp_shard", "cp"]._flatten(DP_CP)
+
+    def __getitem__(self, name: str):
+        return self.mesh[name]
+
+    def fsdp_mesh(self):
+        """HSDP: 2-D (dp_replicate, dp_shard_cp); otherwise 1-D dp_shard_cp."""
+        if self.dims.dp_replicate > 1:
+            return self.mesh["dp_replicate", DP_SHARD_CP]
+        return self.mesh[DP_SHARD_CP]
+
+    def group(self, name: str):
+        return self.mesh[name].get_group()
+
+
+# ------------------------------------------------------------------------------ gradient clipping
+def _mesh_key(t: torch.Tensor):
+    m = getattr(t, "device_mesh", None)
+    return None if m is None else (tuple(m.mesh.flatten().tolist()), m.mesh_dim_names)
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for gradients that are DTensors on DIFFERENT meshes (FSDP2 + TP:
+    TP-sharded weights live on (dp_shard_cp, tp), the replicated norms/embeddings on dp_shard_cp only;
+    torch's version stacks their norms into one op and fails: "All operands in aten.stack.default must
+    have the same mesh"). Per mesh: the group's norm as a full tensor (DTensor all-reduces its
+    partial norms over that mesh), then the norm of the norms; clipped per group with the same total
+    (torchtitan's dist_utils.clip_grad_norm_ does the same for its pipeline groups). Returns the total."""
+    groups: dict = defaultdict(list)
+    for p in params:
+        if p.grad is not None:
+            groups[_mesh_key(p.grad)].append(p)
+    if not groups:
+        return torch.zeros(())
+    norms = []
+    for ps in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
+        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+    if max_norm > 0 and math.isfinite(max_norm):
+        for ps in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total)
+    return total
