@@ -166,7 +166,7 @@ def test_cli_exit_codes_and_fit(capsys):
     out = capsys.readouterr().out
     assert "error: zero_optimization.offload_param:" in out and "Fix:" in out
     assert main(["check", str(FIX / "qlora_zero3.json"), "--model", "llama-3.2-1b", "--gpus-per-node", "1"]) == 0
-    assert "fit: zero3, micro batch 2" in capsys.readouterr().out
+    assert "fit: zero3, mesh dp_shard 1, micro batch 2" in capsys.readouterr().out
     rc = main(["check", str(FIX / "qlora_zero3.json"), "--model", "llama-3.1-70b", "--gpus-per-node", "1",
                "--gpu-memory", "24GiB"])
     assert rc == 2 and "does NOT fit" in capsys.readouterr().out

@@ -219,7 +219,8 @@ def test_check_passes_mesh_goldens_with_the_model(capsys):
     for case in MESH_GOLDENS:
         for name in ("ds_config.json", "accelerate.yaml"):
             if (GOLDEN / case / name).exists():
-                out = _check(GOLDEN / case / name, "--model", LLAMA8B_HEADS, "--gpus-per-node", "8", capsys=capsys)
+                hw = ["--gpus-per-node", "8"] if name.endswith(".json") else []  # the YAML has its own
+                out = _check(GOLDEN / case / name, "--model", LLAMA8B_HEADS, "--seq-len", "4096", *hw, capsys=capsys)
                 assert not _errors(out), (case, name, out)
 
 
@@ -285,3 +286,18 @@ def test_trainer_deepspeed_json_keeps_the_mesh_keys():
     hf = trainer_deepspeed_config(plan)
     assert hf[K.TENSOR_PARALLEL] == {K.AUTOTP_SIZE: 2} and hf[K.TRAIN_BATCH_SIZE] == 1 * 8 * 8
     assert render_yaml(accelerate_config(plan, ds_config_path="x.json"), []).count("parallelism_config") == 0
+
+
+@pytest.mark.parametrize("case,mesh", [("mesh-zero2-sp2xdp_shard4-8xh100", "dp_shard 4 × cp 2 (ulysses)"),
+                                       ("mesh-zero1-autotp2xdp_shard4-8xh100", "dp_shard 4 × tp 2"),
+                                       ("mesh-fsdp-hsdp2x4-2x4xh100", "dp_replicate 2 × dp_shard 4"),
+                                       ("mesh-fsdp-tp2xdp_shard4-8xh100", "dp_shard 4 × tp 2")])
+def test_fit_verdict_plans_the_files_mesh(case, mesh, capsys):
+    """`check FILE --model M` re-plans the job the file describes, mesh included (and the global batch: DeepSpeed's
+    train_batch_size counts each AutoTP rank, so the samples per step are train_batch_size / tp)."""
+    name = "ds_config.json" if "zero" in case else "accelerate.yaml"
+    flags = ["--gpus-per-node", "8"] if "zero" in case else []
+    capsys.readouterr()
+    assert main(["check", str(GOLDEN / case / name), "--model", "llama-3.1-8b", "--seq-len", "4096", *flags]) == 0
+    out = capsys.readouterr().out
+    assert f", mesh {mesh}, micro batch " in out and "fits" in out, out  # (the YAML does not say the micro batch)

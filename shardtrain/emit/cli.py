@@ -118,10 +118,16 @@ def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
         dt = data.get("distributed_type")
         if dt == "FSDP":
             f = data.get("fsdp_config") or {}
-            rep = (data.get("parallelism_config") or {}).get("parallelism_config_dp_replicate_size", 1)
-            o["train.strategy"] = ("fsdp_hybrid_shard" if rep and rep > 1 else
-                                   "fsdp_shard_grad_op" if f.get("fsdp_reshard_after_forward") is False else
+            # the mesh as written: HSDP (the old fsdp_hybrid_shard) is dp_replicate > 1 on FSDP
+            o["train.strategy"] = ("fsdp_shard_grad_op" if f.get("fsdp_reshard_after_forward") is False else
                                    "fsdp_full_shard")
+            pc = data.get("parallelism_config") or {}
+            for dim in ("dp_replicate", "dp_shard", "tp", "cp"):
+                v = pc.get(f"parallelism_config_{dim}_size") if isinstance(pc, dict) else None
+                if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+                    o[f"parallel.{dim}"] = v
+            if isinstance(o.get("parallel.cp"), int) and o["parallel.cp"] > 1:
+                o["parallel.cp_mode"] = "ring"  # accelerate's cp is torch's context_parallel
         elif dt in ("MULTI_GPU", "NO"):
             o["train.strategy"] = "ddp"
         mp = data.get("mixed_precision")
@@ -139,9 +145,18 @@ def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
         o["train.strategy"] = "zero2_offload" if dev(K.OFFLOAD_OPTIMIZER) != "none" else f"zero{stage}"
     else:
         o["train.strategy"] = "ddp"
-    for key, dotted in ((K.MICRO_BATCH, "train.micro_batch"), (K.TRAIN_BATCH_SIZE, "train.global_batch")):
-        if isinstance(data.get(key), int):
-            o[dotted] = data[key]
+    sizes = K.mesh_sizes(data)
+    sp, tp = sizes[K.SEQUENCE_PARALLEL_SIZE], sizes[K.AUTOTP_SIZE]
+    sp = sp if isinstance(sp, int) and not isinstance(sp, bool) and sp >= 1 else 1
+    tp = tp if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1 else 1
+    o.update({"parallel.cp": sp, "parallel.tp": tp})
+    if sp > 1:
+        o["parallel.cp_mode"] = "ulysses"  # DeepSpeed's sequence parallel
+    if isinstance(data.get(K.MICRO_BATCH), int):
+        o["train.micro_batch"] = data[K.MICRO_BATCH]
+    if isinstance(data.get(K.TRAIN_BATCH_SIZE), int):
+        # DeepSpeed counts each AutoTP rank in train_batch_size (deepspeed.batch_world); samples = that / tp
+        o["train.global_batch"] = data[K.TRAIN_BATCH_SIZE] // tp
     if (data.get(K.BF16) or {}).get(K.ENABLED) is True:
         o["train.precision"] = "bf16"
     elif (data.get(K.FP16) or {}).get(K.ENABLED) is True:
@@ -261,7 +276,8 @@ def _fit(args, kind: str, data: dict) -> int | None:
     c = p.chosen
     usable = p.gpu_memory_bytes - p.headroom_bytes
     verdict = "fits" if c.fits else "does NOT fit"
-    print(f"fit: {c.strategy.value}, micro batch {c.micro_batch_size}, checkpointing {c.gradient_checkpointing.value}: "
+    print(f"fit: {c.strategy.value}, mesh {c.mesh.label()}, micro batch {c.micro_batch_size}, checkpointing "
+          f"{c.gradient_checkpointing.value}: "
           f"{verdict}: {fmt_bytes(c.per_gpu.total)} per GPU of {fmt_bytes(usable)} usable"
           + ("" if c.fits else "; " + "; ".join(c.why_not)))
     return EXIT_OK if c.fits else EXIT_NO_FIT
