@@ -16,9 +16,9 @@ code is patched: `install_ulysses` registers the function under its own name in
 no [s/cp, s/cp] mask is built for the local length; the kernel's `is_causal` masks the full sequence)
 and points the model config's `_attn_implementation` at it; the previous implementation is the inner
 kernel. Only the attention modules of a model that was given a cp group take this path
-(`_GROUPS`); a module without one (a second model in the process) runs the inner kernel as before, and
-so does every module in eval mode: evaluation feeds each rank its own whole sequences, unsliced
-(DeepSpeed's ALST `disable_in_eval=True` does the same).
+(`_GROUPS`); a module without one (a second model in the process) runs the inner kernel as before.
+Evaluation runs the same path: the loop slices eval batches per cp rank too (worker.py `cp_view`), since
+a sequence that needs cp to train does not fit one rank in eval either.
 
 Why right padding is fine and masks are dropped: the data collator pads on the right and labels pads
 -100 (runtime/data.py `collate`); under a causal kernel a real token never attends to a later pad, so
@@ -156,8 +156,7 @@ def ulysses_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     group, inner_name = _GROUPS.get(module, (None, "sdpa"))
     inner = ALL_ATTENTION_FUNCTIONS[inner_name]
-    # eval feeds each rank its own whole sequences (DeepSpeed's ALST `disable_in_eval` does the same)
-    if group is None or not module.training:
+    if group is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
     cp = dist.get_world_size(group)
     f = kv_replication(key.shape[1], cp)

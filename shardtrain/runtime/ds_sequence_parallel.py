@@ -25,7 +25,8 @@ What we use of it, and why:
   which samples form a step and the accumulation count. Our sampler gives each dp rank its samples and
   the sp peers the same ones; `context_parallel.cp_slice` then slices exactly as the adapter does (labels
   padded with -100 and shifted left over the full sequence, then every tensor cut into sp slices).
-- eval: `disable_in_eval=True`, so evaluation (each rank its own whole sequences) runs the plain kernel.
+- eval: `disable_in_eval=False`: the loop slices eval batches per cp rank as in training (worker.py
+  `cp_view`), so attention must stay sequence parallel in eval mode too.
 
 ALST runs on CPU gloo here (DeepSpeed 0.19.8, torch 2.13, transformers 5.23): its exchange is the
 `deepspeed::dim_zero_all_to_all` custom op over `dist.all_to_all_single` (deepspeed/sequence/layer.py),
@@ -81,7 +82,7 @@ def setup_alst(model: nn.Module, ds_config: dict):
                          "it needs a kernel that masks causally without a [s, s] mask; set train.attention: sdpa")
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=kernel, sequence_parallel_size=sp,
-        micro_batch_size=int(ds_config[MICRO_BATCH]), seq_length_is_variable=True, disable_in_eval=True)
+        micro_batch_size=int(ds_config[MICRO_BATCH]), seq_length_is_variable=True, disable_in_eval=False)
     rank = dist.get_rank()
     want = list(range(rank - rank % sp, rank - rank % sp + sp))
     got = dist.get_process_group_ranks(mpu.get_sequence_parallel_group())

@@ -114,3 +114,90 @@ def test_loss_scale_for_sp():
         loss_scale_for_sp(2, 3, False)
     assert "\n" not in str(e.value)
     assert sp_size({}) == 1 and sp_size({"sequence_parallel_size": 2}) == 2
+
+
+# ------------------------------------------------------------------ through the worker (run directories)
+#: plan-level: the worker (runtime/worker.py cp_view, mesh coordinates) on run dirs the planner wrote with
+#: parallel: {dp_shard: 2, cp: 2, cp_mode: ulysses}; DeepSpeed reads sequence_parallel_size from the emitted
+#: ds_config.json. Accumulation differs (1-D: micro 1 × 2 × dp 4; cp 2: micro 1 × 4 × dp 2), the global
+#: batch of 8 sequences is the same. Eval at the last step runs each rank's whole sequences (ALST's
+#: disable_in_eval): its loss must match too.
+WORKER_STEPS = 3
+
+
+def _worker_sc(name, strategy, cp):
+    over = {"hardware": {"gpus_per_node": WORLD}, "run": {"eval_every": WORKER_STEPS},
+            "train": {"strategy": strategy, "precision": "fp32", "steps": WORKER_STEPS, "micro_batch": 1,
+                      "global_batch": 8}}
+    if cp > 1:
+        over["parallel"] = {"dp_shard": WORLD // cp, "cp": cp, "cp_mode": "ulysses"}
+    return {"name": name, "over": over}
+
+
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory):
+    sys.path.insert(0, str(HERE))
+    from conftest import run_driver
+    sc = [_worker_sc("zero2_sp2", "zero2", 2), _worker_sc("zero3_sp2", "zero3", 2), _worker_sc("zero2_1d", "zero2", 1)]
+    return run_driver(tmp_path_factory.mktemp("ds_sp_worker"), sc, nproc=WORLD)
+
+
+def _eval_reference(run_dir) -> float:
+    """The eval loss of the run's final model on the held-out batches of all its dp ranks, one process,
+    full sequences, plain sdpa (what worker.evaluate must report after the last step)."""
+    from safetensors.torch import load_file
+    from shardtrain.runtime.build import read_run_dir
+    from shardtrain.runtime.data import build_datasets, eval_indices, load_tokenizer
+    from shardtrain.runtime.loss import ce_sum
+    from shardtrain.runtime.modeling import build_base, model_source
+    cfg, plan = read_run_dir(run_dir)
+    src = model_source(plan.runtime.model)
+    tok = load_tokenizer(cfg.model.tokenizer, src.model_dir)
+    _, ev = build_datasets(tok, train_path=plan.runtime.data_train, eval_path=plan.runtime.data_eval,
+                           eval_fraction=cfg.data.eval_fraction, fmt=cfg.data.format, packing=cfg.data.packing,
+                           seq_len=plan.train.seq_len)
+    model = build_base(src, torch.float32, seed=cfg.train.seed, attention="sdpa", meta=False)
+    model.load_state_dict(load_file(str(Path(run_dir) / "final" / "model.safetensors")), strict=False)
+    model.eval()
+    dp, m = plan.parallel.dp, plan.chosen.micro_batch_size
+    tot = n = 0.0
+    with torch.no_grad():
+        for rank in range(dp):
+            for ix in eval_indices(len(ev), cfg.run.eval_batches, m, dp, rank):
+                b = ev.collate(ix)
+                labels = b.pop("labels")
+                tot += float(ce_sum(model(**b).logits, labels))
+                n += float((labels[:, 1:] != -100).sum())
+    return tot / n
+
+
+def test_eval_reference_reads_the_1d_run(worker_runs):
+    """The in-process eval reference reproduces the 1-D run's own eval loss (so it is a fair yardstick)."""
+    ref = Path(worker_runs["zero2_1d"]["run_dir"])
+    (ev,) = _metrics(ref, "eval")
+    assert ev["eval_loss"] == pytest.approx(_eval_reference(ref), rel=LOSS_RTOL)
+
+
+def _metrics(run_dir, kind):
+    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("name", ["zero2_sp2", "zero3_sp2"])
+def test_worker_deepspeed_sp2_equals_1d(worker_runs, name):
+    from safetensors.torch import load_file
+    run, ref = Path(worker_runs[name]["run_dir"]), Path(worker_runs["zero2_1d"]["run_dir"])
+    plan = json.loads((run / "plan.json").read_text())
+    assert (plan["parallel"]["dp_shard"], plan["parallel"]["cp"]) == (2, 2)
+    assert json.loads((run / "ds_config.json").read_text())["sequence_parallel_size"] == 2
+    got, want = _metrics(run, "train"), _metrics(ref, "train")
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=LOSS_RTOL)
+    # eval is sliced per cp rank as in training; its held-out batches depend on dp (eval_indices), so it is
+    # checked against the final model evaluated in this process on the same batches
+    (ev,) = _metrics(run, "eval")
+    assert ev["eval_loss"] == pytest.approx(_eval_reference(run), rel=LOSS_RTOL)
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want], "tokens counted once per sequence"
+    sd, ref_sd = load_file(str(run / "final" / "model.safetensors")), load_file(str(ref / "final" / "model.safetensors"))
+    worst = max((sd[k].float() - ref_sd[k].float()).abs().max().item() for k in ref_sd)
+    print(f"\nworker {name} vs zero2 1-D: max |param diff| {worst:.3g}")
+    assert worst < PARAM_ATOL
