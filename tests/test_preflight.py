@@ -106,3 +106,42 @@ def test_cached_hub_dataset_id_passes(tmp_path, monkeypatch):
     assert _check(TINY, tmp_path, **{"data.train": "acme/notes"}).problems == []
     r = _check(TINY, tmp_path, **{"data.train": "acme/absent"})
     assert len(r.problems) == 1 and "hf download --repo-type dataset acme/absent" in r.problems[0]
+
+
+def _with_mesh(plan, **dims):
+    """The tiny plan on a forced mesh (issue 18), as the planner would write it."""
+    import dataclasses
+    from shardtrain.compiler.specs import ParallelDims
+    return dataclasses.replace(plan, chosen=dataclasses.replace(plan.chosen, parallel=ParallelDims(**dims)))
+
+
+def test_more_ranks_than_cores_needs_oversubscribe(tmp_path):
+    """Issue 18: the 4-rank mesh runs on a 2-core machine only when the config says so; the refusal
+    names the key."""
+    r = _check(TINY, tmp_path, nproc=4)
+    bad = [p for p in r.problems if "4 CPU processes" in p]
+    assert len(bad) == 1 and "run.oversubscribe: true" in bad[0] and "--oversubscribe" in bad[0]
+    r = _check(TINY, tmp_path, nproc=4, **{"run.oversubscribe": "true"})
+    assert not any("CPU processes" in p for p in r.problems)
+    assert any("run.oversubscribe" in n and "4 CPU processes share 2 core" in n for n in r.notes)
+
+
+def test_ring_cp_on_cpu_is_refused_in_one_line(tmp_path):
+    cfg, plan = compile_config(TINY, {})
+    r = preflight.check(cfg, _with_mesh(plan, dp_shard=1, cp=2, cp_mode="ring"), machine=CPU_BOX, device="cpu",
+                        nproc=2, run_dir=tmp_path / "run")
+    ring = [p for p in r.problems if "ring" in p]
+    assert len(ring) == 1 and "no CPU kernel" in ring[0] and "parallel.cp_mode: ulysses" in ring[0]
+    assert "\n" not in ring[0]
+    ok = preflight.check(cfg, _with_mesh(plan, dp_shard=1, cp=2), machine=CPU_BOX, device="cpu", nproc=2,
+                         run_dir=tmp_path / "run")
+    assert not any("cp_mode" in p for p in ok.problems)
+
+
+def test_qlora_with_tp_is_refused(tmp_path):
+    cfg, plan = compile_config(TINY, {"train.method": "qlora", "train.precision": "bf16"})
+    r = preflight.check(cfg, _with_mesh(plan, tp=2), machine=CPU_BOX, device="cpu", nproc=2, run_dir=tmp_path / "run")
+    assert any("QLoRA with parallel.tp 2" in p and "parallel.tp: 1" in p for p in r.problems)
+    cfg, plan = compile_config(TINY, {"train.method": "lora"})  # LoRA with tp runs (tests/runtime/test_mesh_runs.py)
+    r = preflight.check(cfg, _with_mesh(plan, tp=2), machine=CPU_BOX, device="cpu", nproc=2, run_dir=tmp_path / "run")
+    assert not any("parallel.tp" in p for p in r.problems)

@@ -151,8 +151,14 @@ def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_
               "offload that does not fit)")
     # --- processes ----------------------------------------------------------------------------------
     if device == Device.CPU and nproc > machine.cpus:
-        r.add(f"{nproc} CPU processes requested but this machine has {machine.cpus} CPU core(s)",
-              f"pass --nproc-per-node {machine.cpus} (or fewer)")
+        if getattr(cfg.run, "oversubscribe", False):
+            r.notes.append(f"run.oversubscribe: {nproc} CPU processes share {machine.cpus} core(s): steps are several "
+                           "times slower than with a core per rank")
+        else:
+            r.add(f"{nproc} CPU processes requested but this machine has {machine.cpus} CPU core(s)",
+                  f"pass --nproc-per-node {machine.cpus} (or fewer), or set run.oversubscribe: true "
+                  "(`launch --oversubscribe`) to run them anyway, e.g. a 4-rank mesh test on 2 cores")
+    _mesh(plan, device, r)
     # --- model, tokenizer, data ------------------------------------------------------------------
     for key, p in (("model.name", cfg.model.name), ("model.tokenizer", cfg.model.tokenizer)):
         if p and (os.sep in p or p.startswith(".")):
@@ -199,6 +205,23 @@ def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_
                     r.add(f"rendezvous port {master_port} is in use on this machine",
                           "pass another --master-port (or omit it: a free one is chosen on one node)")
     return r
+
+
+def _mesh(plan, device, r: Report) -> None:
+    """What the runtime cannot run on this machine's device mesh (issue 18), before any rank starts."""
+    from shardtrain.compiler.specs import CpMode, Method
+    dims, c = plan.parallel, plan.chosen
+    if dims.cp > 1 and dims.cp_mode is CpMode.RING:
+        if device == Device.CPU:
+            r.add(f"parallel.cp_mode: ring (cp {dims.cp}) cannot run on CPU: torch's context_parallel has no CPU "
+                  "kernel (its sharding rules cover CUDA flash / memory-efficient attention only)",
+                  "set parallel.cp_mode: ulysses (--cp-mode ulysses), which runs on CPU and GPU")
+        else:
+            r.add(f"parallel.cp_mode: ring (cp {dims.cp}) is planned but shardtrain's engines do not run ring "
+                  "attention yet", "set parallel.cp_mode: ulysses (--cp-mode ulysses)")
+    if dims.tp > 1 and c.method is Method.QLORA:
+        r.add(f"QLoRA with parallel.tp {dims.tp}: bitsandbytes' 4-bit Linear cannot be split by DTensor tensor "
+              "parallel", "set parallel.tp: 1 (--tp 1; shard with dp_shard instead) or train.method: lora")
 
 
 def _user_command(entry, r: Report) -> None:
