@@ -205,6 +205,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
     targets: tuple[str, ...] = ()
     candidates: list[Candidate] = []
     illegal: dict[Strategy, str] = {}
+    mesh_illegal: dict[Strategy, str] = {}  # why a forced mesh cannot run, per strategy
     batch_error: list[str] = []
     states: dict[tuple, object] = {}
     # (strategy, mesh) pairs grouped by tp × cp: the search walks the levels upwards (_levels)
@@ -236,6 +237,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
                         # an auto mesh that cannot run is just not a candidate; a forced one says why
                         if not train.parallel.is_auto:
                             illegal.setdefault(s, reason)
+                            mesh_illegal.setdefault(s, reason)
                         continue
                     try:
                         micros = micro_batch_options(train, hw, mesh.dp)
@@ -260,8 +262,10 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
         if batch_error:  # the user's batch numbers, at the largest data-parallel size tried
             raise PlanningError(batch_error[0])
         forced = train.strategy.value if train.strategy else "every strategy"
-        msgs = sorted(set(illegal.values())) or batch_error[:1] or [f"no mesh of {hw.world_size} ranks matches "
-                                                                   f"parallel: {_req_text(train.parallel)}"]
+        # a forced mesh that no engine runs: its own reasons (the DDP one only when it is the only engine)
+        mesh_msgs = {r for st, r in mesh_illegal.items() if st is not Strategy.DDP or len(mesh_illegal) == 1}
+        msgs = (sorted(mesh_msgs) or sorted(set(illegal.values())) or batch_error[:1]
+                or [_no_mesh_text(train.parallel, hw)])
         raise PlanningError(f"{forced}: " + "; ".join(msgs))
     fitting = sorted((c for c in candidates if c.fits), key=_rank)
     if not fitting:
@@ -294,6 +298,19 @@ def _search_lines(ev, s: Strategy, mesh: ParallelDims, ckpts: list[GradCkpt], mi
                         break  # the floor candidate, already evaluated
                     if ev(ck, mb, d_ok, ao).fits:
                         break
+
+
+def _no_mesh_text(req: ParallelRequest, hw: HardwareSpec) -> str:
+    forced = {k: v for k, v in req.to_json().items() if isinstance(v, int)}
+    prod = 1
+    for v in forced.values():
+        prod *= v
+    if hw.world_size % prod:
+        dims = " × ".join(f"{k} {v}" for k, v in forced.items())
+        return (f"parallel: {dims} does not divide the {hw.world_size} GPUs (nodes × gpus_per_node): "
+                "choose dims whose product divides it, or leave them auto")
+    return (f"no mesh of {hw.world_size} ranks matches parallel: {_req_text(req)} (cp must divide train.seq_len "
+            "and, with auto dims, tp ≤ 8 dividing the heads, cp ≤ 32): leave a dim auto or change it")
 
 
 def _req_text(req: ParallelRequest) -> str:

@@ -85,7 +85,8 @@ def calibrated(cfg, plan, records: list[dict]) -> Replan | None:
         return None
     try:
         new_cfg, new = pipeline.compile(cfg, {"train.strategy": plan.strategy, "train.micro_batch": "auto",
-                                              "train.headroom": round(headroom, 4)}, advise=False)
+                                              "train.headroom": round(headroom, 4), **mesh_pins(plan)},
+                                        advise=False)
     except (ConfigError, PlanningError, ValueError):
         return None
     c, n = plan.chosen, new.chosen
@@ -98,6 +99,15 @@ def calibrated(cfg, plan, records: list[dict]) -> Replan | None:
            + (f", checkpointing {c.gradient_checkpointing.value} → {n.gradient_checkpointing.value}"
               if n.gradient_checkpointing != c.gradient_checkpointing else ""))
     return Replan(new_cfg, new, msg)
+
+
+def mesh_pins(plan) -> dict[str, object]:
+    """The running plan's tp and cp as `parallel.*` overrides: a re-plan after an OOM changes one thing at
+    a time (batch split, checkpointing, loss path, then the strategy), not how a layer or a sequence is
+    split. dp_replicate × dp_shard stays free: a strategy switch may need another split of the same dp
+    ranks (DDP replicates, ZeRO shards), and portable checkpoints reshard on load."""
+    m = plan.parallel
+    return {"parallel.tp": m.tp, "parallel.cp": m.cp, "parallel.cp_mode": m.cp_mode.value}
 
 
 def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
@@ -116,7 +126,7 @@ def next_plan(cfg, plan, records: list[dict]) -> Replan | None:
              + (f" (measured peak {fmt_bytes(rec['measured_peak_bytes'])})" if rec.get("measured_peak_bytes") else ""))
     # The settings already chosen pinned, so each rung changes exactly one thing (the strategy last).
     over: dict[str, object] = {"train.strategy": plan.strategy, "train.micro_batch": c.micro_batch_size,
-                               "train.grad_ckpt": c.gradient_checkpointing}
+                               "train.grad_ckpt": c.gradient_checkpointing, **mesh_pins(plan)}
     loss = getattr(c, "loss", None)
     offload = getattr(c, "activation_offload", None)
     if c.micro_batch_size > 1:

@@ -41,7 +41,7 @@ PLAN_DEPENDS = ("method", "optimizer", "global_batch_size", "seq_len")
 PLAN_REPLANNED = (("world_size", "ranks"), ("strategy", "strategy"), ("micro_batch_size", "micro batch"),
                   ("grad_accum_steps", "accumulation"), ("precision", "precision"),
                   ("gradient_checkpointing", "checkpointing"), ("offload_optimizer", "optimizer offload"),
-                  ("offload_params", "parameter offload"))
+                  ("offload_params", "parameter offload"), ("parallel", "mesh"))
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,9 @@ def _matches(key: str, patterns) -> bool:
 
 
 def _v(x) -> str:
+    if isinstance(x, Mapping) and "tp" in x:  # a plan's "parallel" (ParallelDims.to_json)
+        from shardtrain.compiler.specs import ParallelDims
+        return ParallelDims.from_json(x).label()
     return getattr(x, "value", x) if not isinstance(x, str) else x
 
 
