@@ -1,6 +1,7 @@
-"""Planning speed: in-process plan of a 70B model on 64 nodes × 8 GPUs over all candidates (goal
-< 0.2 s) and a cold `shardtrain plan` CLI call with a preset (goal < 2 s wall). Prints measured
-figures; asserts nothing.
+"""Planning speed: in-process plans over all candidates, the device mesh searched (issue 18): 70B on 64
+nodes × 8 GPUs (goal < 0.2 s), 405B on 1,024 GPUs with a global batch of 256 (goal < 50 ms; the batch
+forces tp/cp), 8B at seq 262,144 on one node; and a cold `shardtrain plan` CLI call with a preset (goal
+< 2 s wall). Prints measured figures; asserts nothing.
 
     python benchmarks/plan_speed.py [--repeats 7]
 """
@@ -33,7 +34,22 @@ def main() -> None:
     n_alt = len(p.alternatives)
     print(f"in-process plan, 70B on 64x8 GPUs: median {statistics.median(times) * 1e3:.1f} ms "
           f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}; goal < 200 ms) -> {p.chosen.strategy.value}, "
-          f"{n_alt} alternatives; ratio to goal {statistics.median(times) / 0.2:.3f}")
+          f"mesh {p.parallel.label()}, {n_alt} alternatives; ratio to goal {statistics.median(times) / 0.2:.3f}")
+    for name, hw_, train_, goal in (
+            ("405B, global batch 256 on 128x8 GPUs", HardwareSpec(nodes=128, gpus_per_node=8),
+             TrainSpec(seq_len=8192, global_batch_size=256), 0.05),
+            ("8B at seq 262,144, global batch 1 on 1x8 GPUs", HardwareSpec(nodes=1, gpus_per_node=8),
+             TrainSpec(seq_len=262_144, global_batch_size=1), 0.05)):
+        m = load_model_spec("llama-3.1-405b" if name.startswith("405B") else "llama-3.1-8b")
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            p = plan(m, hw_, train_)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        print(f"in-process plan, {name}: median {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}; goal "
+              f"< {goal * 1e3:.0f} ms) -> {p.chosen.strategy.value}, mesh {p.parallel.label()}; ratio to goal "
+              f"{med / goal:.3f}")
 
     cmd = [sys.executable, "-m", "shardtrain", "plan", "--model", "llama-3.1-8b", "--gpus-per-node", "8", "--json"]
     walls = []
