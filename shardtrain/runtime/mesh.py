@@ -97,6 +97,20 @@ class RankMesh:
         return self.mesh[name].get_group()
 
 
+def cp_view(dims: ParallelDims, mc: MeshCoords, batch: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor, bool]:
+    """(batch, labels, shifted) this rank feeds the model. cp > 1: its token slice with global
+    position ids and labels shifted over the FULL sequence before slicing (context_parallel.cp_slice);
+    the padding mask is dropped (right padding under a causal kernel changes no labelled token's
+    result; Ulysses attends over the full sequence without a local mask). cp 1: unchanged."""
+    if dims.cp == 1:
+        return batch, labels, False
+    from shardtrain.runtime.context_parallel import cp_slice
+    d = cp_slice(batch["input_ids"], labels, mc.cp_rank, dims.cp, position_ids=batch.get("position_ids"))
+    shift = d.pop("shift_labels")
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "position_ids", "attention_mask")}
+    return {**rest, **d}, shift, True
+
+
 # ------------------------------------------------------------------------------ gradient clipping
 def _mesh_key(t: torch.Tensor):
     m = getattr(t, "device_mesh", None)

@@ -1,10 +1,11 @@
 """Per-step scalars of the training loop without extra collectives or host syncs (issue 11).
 
-- Token counts: the sampler is a pure function of (step, micro, rank) and every rank holds the whole
+- Token counts: the sampler is a pure function of (step, micro, dp rank) and every rank holds the whole
   tokenized dataset, so each rank counts the GLOBAL label and input tokens of a step from the sample
   indices of all ranks (per-sample counts cached), with no all-reduce before the backward. The
   count is the same integer the old all-reduce produced, so the loss scale — and the gradient — are
-  bit-identical (tests/runtime/test_equivalence.py).
+  bit-identical (tests/runtime/test_equivalence.py). On a device mesh the sampler's ranks are the dp
+  ranks (tp and cp peers share a sequence), so each sequence is counted once, not tp × cp times.
 - The loss is accumulated as a device tensor (no `float(loss)` sync per micro-step) and summed over
   ranks in the step's single collective (`dist.reduce_sum`), read back once.
 - Throughput: tokens/s per device, achieved TFLOP/s and MFU/HFU from the plan's runtime facts (FLOPs per

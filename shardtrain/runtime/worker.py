@@ -47,6 +47,7 @@ from shardtrain.runtime.faults import maybe_damage, maybe_kill, maybe_oom, poiso
 from shardtrain.runtime.guard import NonFiniteSteps, finite_guard
 from shardtrain.runtime.process import early_run_keys, leave_stop_code, setup_logging, stop_marker
 from shardtrain.runtime.loss import token_loss
+from shardtrain.runtime.mesh import cp_view
 from shardtrain.runtime.optim import lr_at
 from shardtrain.runtime.telemetry import LeakDetector, MetricsWriter, PhaseMemory, progress_bar
 from shardtrain.runtime.trackers import with_trackers
@@ -83,7 +84,7 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
     for k, b in enumerate(batches):
         last = k == K - 1
         b = _to(b, r.info.device)
-        b, labels, shifted = cp_view(r, b, b.pop("labels"))
+        b, labels, shifted = cp_view(r.plan.parallel, _coords(r), b, b.pop("labels"))  # cp > 1: this rank's slice
         with eng.micro_step(last):
             loss = token_loss(r)(b, labels, shifted)  # full or chunked logits, activation offload (runtime/loss.py)
             loss = poison_loss(loss, r.info.rank, step + 1)  # TEST-ONLY (runtime/faults.py): a NaN loss
@@ -130,7 +131,7 @@ def evaluate(r: Run, step: int) -> dict | None:
     try:
         for ix in idx:
             b = _to(r.eval_data.collate(ix), r.info.device)
-            b, labels, shifted = cp_view(r, b, b.pop("labels"))
+            b, labels, shifted = cp_view(r.plan.parallel, mc, b, b.pop("labels"))
             tot += float(token_loss(r)(b, labels, shifted))
             n += float((labels != -100).sum() if shifted else (labels[:, 1:] != -100).sum())
     finally:
@@ -147,21 +148,6 @@ def _coords(r: Run):
         from shardtrain.runtime.mesh import coords
         r.coords = coords(r.plan.parallel, r.info.rank, r.info.world_size)
     return r.coords
-
-
-def cp_view(r: Run, batch: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor, bool]:
-    """(batch, labels, shifted) this rank feeds the model. cp > 1: its token slice with global
-    position ids and labels shifted over the FULL sequence before slicing (context_parallel.cp_slice);
-    the padding mask is dropped (right padding under a causal kernel changes no labelled token's
-    result; Ulysses attends over the full sequence without a local mask)."""
-    cp = r.plan.parallel.cp
-    if cp == 1:
-        return batch, labels, False
-    from shardtrain.runtime.context_parallel import cp_slice
-    d = cp_slice(batch["input_ids"], labels, _coords(r).cp_rank, cp, position_ids=batch.get("position_ids"))
-    shift = d.pop("shift_labels")
-    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "position_ids", "attention_mask")}
-    return {**rest, **d}, shift, True
 
 
 def trainer_state(r: Run, step: int) -> dict:
