@@ -6,10 +6,11 @@ the worker's loss normalisation, on a tiny Llama and fixed token data:
 
 SPEC: {"out": DIR, "steps": N, "seq": S, "global_batch": G, "scenarios": [{"name", "engine": "deepspeed" |
 "fsdp2", "cp": 1|2, "zero": 2|3,
-"optimizer": "adamw" | "sgd", "clip": float (0: none)}]}. Ranks are (dp, cp) with cp innermost (the mesh order); each dp rank
+"optimizer": "adamw" | "sgd", "lr": float, "clip": float (0: none)}]}. Ranks are (dp, cp) with cp innermost (the mesh order); each dp rank
 takes G/dp sequences per step, each cp rank its cp_slice of them. The loop is worker.train_step's: the
 summed token loss scaled by (dp × cp) × engine.loss_multiplier / (labelled tokens of the global batch).
-Rank 0 writes DIR/NAME.pt (torch.save): per-step mean token loss, grad norms, every final fp32 parameter.
+Rank 0 writes DIR/NAME.pt (torch.save): per-step mean token loss, grad norms, every final fp32 parameter
+and the largest parameter change.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def make_engine(sc: dict, model, world: int, local_batch: int):
 
     def optimizer():
         if sc.get("optimizer") == "sgd":  # scale-sensitive: a gradient off by a factor shows in the params
-            return torch.optim.SGD(E.trainable(model), lr=LR)
-        return torch.optim.AdamW(E.trainable(model), lr=LR, weight_decay=0.0)
+            return torch.optim.SGD(E.trainable(model), lr=sc.get("lr", LR))
+        return torch.optim.AdamW(E.trainable(model), lr=sc.get("lr", LR), weight_decay=0.0)
     if sc["engine"] == "deepspeed":
         ds_config = {"train_micro_batch_size_per_gpu": local_batch, "gradient_accumulation_steps": 1,
                      "train_batch_size": local_batch * world // cp, "gradient_clipping": clip,
@@ -103,6 +104,7 @@ def run_scenario(sc: dict, spec: dict) -> dict:
     local = G // dp
     model = build_model()
     model.train()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     eng = make_engine(sc, model, world, local)
     losses, norms = [], []
     try:
@@ -116,7 +118,7 @@ def run_scenario(sc: dict, spec: dict) -> dict:
                 logits = eng.module(input_ids=sl["input_ids"], position_ids=sl["position_ids"]).logits
                 loss = shifted_ce_sum(logits, sl["shift_labels"])
                 eng.backward(loss * scale, True)
-            norms.append(eng.step(LR))
+            norms.append(eng.step(sc.get("lr", LR)))
             total = loss.detach().reshape(1).clone()
             dist.all_reduce(total)
             losses.append(total.item() / n_label)
@@ -125,7 +127,8 @@ def run_scenario(sc: dict, spec: dict) -> dict:
         eng.close()
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return {"losses": losses, "grad_norms": norms, "params": params,
+    moved = max((params[n] - initial[n]).abs().max().item() for n in initial)
+    return {"losses": losses, "grad_norms": norms, "params": params, "moved": moved,
             # the engine's close() left the process as it found it (a later scenario runs plain sdpa)
             "sdpa_restored": ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward}
 

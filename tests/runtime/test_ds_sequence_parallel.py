@@ -1,21 +1,20 @@
-"""Issue 18 acceptance (engine level): Ulysses context parallel on 4 gloo ranks, dp 2 × cp 2, against the
-1-D run (dp 4) of the same global batch, model init and seed — on DeepSpeed ZeRO-2 and ZeRO-3 with
-DeepSpeed's own ALST (runtime/ds_sequence_parallel.py, through runtime/engines.py DeepSpeedEngine) and on
-FSDP2 (fully_shard over all 4 ranks) with our install_ulysses (runtime/context_parallel.py).
+"""Issue 18 acceptance: Ulysses context parallel on 4 gloo ranks, dp 2 × cp 2, against the 1-D run (dp 4)
+of the same global batch, model init and seed.
 
-One torchrun launch (tests/runtime/cp_driver.py) runs every scenario; the loop is worker.train_step's
-loss normalisation (token-loss sum × grad_reduce × engine.loss_multiplier / global labelled tokens).
-Two optimizers:
-- SGD without clipping: an update proportional to the gradient, so any factor in the gradient
-  reduction shows (AdamW and clipping hide one: this is how ZeRO-3's different sp averaging was
-  found, see ds_sequence_parallel.py). Tolerance SGD_ATOL.
-- AdamW with clipping at 1.0 (what training runs): Adam divides by sqrt(v), which amplifies fp32
-  reduction-order noise in near-zero gradients; tolerance PARAM_ATOL, the repo's engine-equivalence
-  bound (tests/runtime/test_equivalence.py).
+1. Engine level (tests/runtime/cp_driver.py, one torchrun launch): DeepSpeed ZeRO-2 and ZeRO-3 with
+   DeepSpeed's own ALST (runtime/ds_sequence_parallel.py, through runtime/engines.py DeepSpeedEngine) and
+   FSDP2 (fully_shard over all 4 ranks) with our install_ulysses (runtime/context_parallel.py); the loop is
+   worker.train_step's loss normalisation (token-loss sum × grad_reduce × engine.loss_multiplier / global
+   labelled tokens). Plain SGD without clipping: the update is proportional to the gradient, so any factor
+   in the gradient reduction shows (AdamW and clipping hide one: this is how ZeRO-3's different sp
+   averaging was found, see ds_sequence_parallel.py). Tolerance SGD_ATOL.
+2. Worker level (run directories from the planner with parallel: {dp_shard: 2, cp: 2, cp_mode: ulysses};
+   DeepSpeed reads sequence_parallel_size from the emitted ds_config.json): AdamW with clipping, ZeRO-2 and
+   ZeRO-3 (the latter with full activation checkpointing and the chunked loss), losses, eval loss and
+   final parameters. Adam divides by sqrt(v), which amplifies fp32 reduction-order noise in near-zero
+   gradients: tolerance PARAM_ATOL, the repo's engine-equivalence bound (tests/runtime/test_equivalence.py).
+   FSDP2 cp 2 × dp_shard 2 at worker level is in tests/runtime/test_mesh_runs.py.
 The measured maxima are printed (pytest -s) and recorded in the report.
-
-Not here: the worker (run dirs, plan.parallel, the sampler by dp rank) — that plumbing is the mesh
-runtime's; this drives the engines directly with the same arithmetic.
 """
 from __future__ import annotations
 
@@ -34,9 +33,10 @@ pytestmark = pytest.mark.multiproc
 HERE = Path(__file__).resolve().parent
 WORLD, STEPS = 4, 3
 LOSS_RTOL = 1e-6
-SGD_ATOL = 1e-6
+SGD_LR = 0.5      # large enough that the weights move ~1e-2 (a wrong gradient factor moves them by as much)
+SGD_ATOL = 1e-5
 PARAM_ATOL = 2e-5
-#: (engine, ZeRO stage) pairs, each run 1-D and with cp 2, with both optimizers
+#: (engine, ZeRO stage) pairs, each run 1-D and with cp 2
 ENGINES = (("deepspeed", 2), ("deepspeed", 3), ("fsdp2", 0))
 
 
@@ -48,12 +48,11 @@ def _name(engine, zero, cp, opt):
 def cp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp_runs")
     scenarios = []
-    for opt, clip in (("sgd", 0.0), ("adamw", 1.0)):
-        for engine, zero in ENGINES:
-            # the cp run first: the 1-D run after it checks that close() undid ALST's process-wide state
-            for cp in (2, 1):
-                scenarios.append({"name": _name(engine, zero, cp, opt), "engine": engine, "zero": zero, "cp": cp,
-                                  "optimizer": opt, "clip": clip})
+    for engine, zero in ENGINES:
+        # the cp run first: the 1-D run after it checks that close() undid ALST's process-wide state
+        for cp in (2, 1):
+            scenarios.append({"name": _name(engine, zero, cp, "sgd"), "engine": engine, "zero": zero, "cp": cp,
+                              "optimizer": "sgd", "lr": SGD_LR, "clip": 0.0})
     spec = out / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "steps": STEPS, "seq": 32, "global_batch": 4,
                                 "scenarios": scenarios}))
@@ -86,23 +85,8 @@ def test_cp2_sgd_equals_1d(cp_runs, engine, zero):
     worst, loss_rel, norm_rel = _compare(cp_runs, engine, zero, "sgd")
     assert loss_rel < LOSS_RTOL and norm_rel < LOSS_RTOL
     assert worst < SGD_ATOL, f"max |param(cp2) - param(1-D)| = {worst:.3g}"
-
-
-@pytest.mark.parametrize("engine,zero", ENGINES)
-def test_cp2_adamw_equals_1d(cp_runs, engine, zero):
-    worst, loss_rel, norm_rel = _compare(cp_runs, engine, zero, "adamw")
-    assert loss_rel < LOSS_RTOL and norm_rel < LOSS_RTOL
-    assert worst < PARAM_ATOL, f"max |param(cp2) - param(1-D)| = {worst:.3g}"
-    losses = cp_runs[_name(engine, zero, 2, "adamw")]["losses"]
-    assert all(torch.isfinite(torch.tensor(losses)))
-
-
-def test_training_moves_parameters(cp_runs):
-    """The comparison is not vacuous: AdamW (lr 1e-3 per step on every weight) and SGD (a small move) end
-    far apart from the same init, by much more than the tolerance."""
-    a = cp_runs[_name("deepspeed", 2, 1, "adamw")]["params"]
-    b = cp_runs[_name("deepspeed", 2, 1, "sgd")]["params"]
-    assert max((a[k] - b[k]).abs().max().item() for k in a) > 100 * PARAM_ATOL
+    moved = cp_runs[_name(engine, zero, 1, "sgd")]["moved"]
+    assert moved > 100 * SGD_ATOL, f"the runs hardly trained (largest change {moved:.3g}): the comparison is vacuous"
 
 
 def test_loss_scale_for_sp():
@@ -125,10 +109,10 @@ def test_loss_scale_for_sp():
 WORKER_STEPS = 3
 
 
-def _worker_sc(name, strategy, cp):
+def _worker_sc(name, strategy, cp, **train):
     over = {"hardware": {"gpus_per_node": WORLD}, "run": {"eval_every": WORKER_STEPS},
             "train": {"strategy": strategy, "precision": "fp32", "steps": WORKER_STEPS, "micro_batch": 1,
-                      "global_batch": 8}}
+                      "global_batch": 8, **train}}
     if cp > 1:
         over["parallel"] = {"dp_shard": WORLD // cp, "cp": cp, "cp_mode": "ulysses"}
     return {"name": name, "over": over}
@@ -138,7 +122,7 @@ def _worker_sc(name, strategy, cp):
 def worker_runs(tmp_path_factory):
     sys.path.insert(0, str(HERE))
     from conftest import run_driver
-    sc = [_worker_sc("zero2_sp2", "zero2", 2), _worker_sc("zero3_sp2", "zero3", 2), _worker_sc("zero2_1d", "zero2", 1)]
+    sc = [_worker_sc("zero2_sp2", "zero2", 2), _worker_sc("zero3_sp2", "zero3", 2, grad_ckpt="full", loss="chunked"), _worker_sc("zero2_1d", "zero2", 1)]
     return run_driver(tmp_path_factory.mktemp("ds_sp_worker"), sc, nproc=WORLD)
 
 
