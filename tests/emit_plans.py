@@ -19,13 +19,15 @@ def make_plan(strategy: Strategy | str = "auto", *, optimizer: str = "adamw", pr
               method: str = "full", model: str = "tiny-llama", nodes: int = 1, gpus_per_node: int = 1,
               global_batch: int | None = None, micro_batch: int | str = 1, seq_len: int = 128,
               nvme_path: str | None = "/tmp/shardtrain-nvme", grad_ckpt: str = "auto", gpu: str | None = None,
-              mesh: dict | None = None):
-    """``mesh``: ParallelDims keyword arguments put on the chosen candidate (dataclasses.replace, until the
-    planner's mesh search and --tp/--cp flags exist), with the accumulation re-derived so that global batch
+              mesh: dict | None = None, parallel: dict | None = None):
+    """``parallel``: the run config's `parallel:` section; by default tp 1 and cp 1, so these plans keep the
+    strategy's 1-D mesh whatever the planner's mesh search prefers. ``mesh``: ParallelDims keyword arguments
+    put on the chosen candidate (dataclasses.replace), with the accumulation re-derived so that global batch
     = micro × accumulation × dp still holds."""
     p = _plan(strategy, optimizer=optimizer, precision=precision, method=method, model=model, nodes=nodes,
               gpus_per_node=gpus_per_node, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len,
-              nvme_path=nvme_path, grad_ckpt=grad_ckpt, gpu=gpu)
+              nvme_path=nvme_path, grad_ckpt=grad_ckpt, gpu=gpu,
+              parallel={"tp": 1, "cp": 1} if parallel is None else parallel)
     return p if mesh is None else with_mesh(p, ParallelDims(**mesh))
 
 
@@ -38,7 +40,7 @@ def with_mesh(p, mesh: ParallelDims):
 
 
 def _plan(strategy, *, optimizer, precision, method, model, nodes, gpus_per_node, global_batch, micro_batch, seq_len,
-          nvme_path, grad_ckpt, gpu):
+          nvme_path, grad_ckpt, gpu, parallel):
     world = nodes * gpus_per_node
     hw = {"nodes": nodes, "gpus_per_node": gpus_per_node, "gpu_memory": "80GiB"}
     if gpu:
@@ -48,7 +50,7 @@ def _plan(strategy, *, optimizer, precision, method, model, nodes, gpus_per_node
     raw = {"model": {"name": model}, "hardware": hw,
            "train": {"strategy": str(strategy), "optimizer": optimizer, "precision": precision, "method": method,
                      "global_batch": global_batch or 2 * world, "micro_batch": micro_batch, "seq_len": seq_len,
-                     "grad_ckpt": grad_ckpt}}
+                     "grad_ckpt": grad_ckpt}, "parallel": parallel}
     m, h, t = resolve_specs(parse_run_config(raw))
     try:
         return plan(m, h, t)

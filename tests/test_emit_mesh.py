@@ -301,3 +301,15 @@ def test_fit_verdict_plans_the_files_mesh(case, mesh, capsys):
     assert main(["check", str(GOLDEN / case / name), "--model", "llama-3.1-8b", "--seq-len", "4096", *flags]) == 0
     out = capsys.readouterr().out
     assert f", mesh {mesh}, micro batch " in out and "fits" in out, out  # (the YAML does not say the micro batch)
+
+
+def test_plan_json_with_a_mesh_that_does_not_multiply_out_fails(tmp_path, capsys):
+    plan = make_plan("fsdp_full_shard", gpus_per_node=8, global_batch=32, mesh=dict(dp_shard=4, tp=2), **M8)
+    files = bundle(plan, Site(run_dir=str(tmp_path)))
+    good = tmp_path / "plan.json"
+    good.write_text(files["plan.json"])
+    assert not _errors(_check(good, capsys=capsys))
+    _edit(good, lambda d: d["parallel"].update({"tp": 4}))
+    errs = _errors(_check(good, capsys=capsys))
+    assert "the mesh dp_shard 4 × tp 4 multiplies to 16 ranks, but the plan's world size is 8" in \
+        errs["parallel"], errs

@@ -130,6 +130,11 @@ def check_plan(d: dict) -> list[Finding]:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         return [Finding(ERROR, "<top level>", f"not a full plan ({type(e).__name__}: {e})",
                         "write one with `shardtrain plan ... --json --full-json` or `shardtrain emit --out`")]
+    mesh = p.parallel
+    if mesh.world != p.chosen.world_size:
+        return [Finding(ERROR, "parallel", f"the mesh {mesh.label()} multiplies to {mesh.world} ranks, but the "
+                        f"plan's world size is {p.chosen.world_size}", "re-plan (`shardtrain emit --out`); do not edit "
+                        "the mesh of a plan by hand")]
     if not p.chosen.fits:
         return [Finding(WARNING, "chosen", f"the {p.strategy.value} plan does not fit: {'; '.join(p.chosen.why_not)}",
                         "re-plan with another strategy or a smaller job")]
