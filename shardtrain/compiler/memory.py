@@ -38,12 +38,17 @@ ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N. The engines differ in t
     stay on the device.
   The fp32 gradient partition exists only inside optimizer.step(), when activations are freed, so a
   peak that adds grads to activations is conservative by up to 4P.
+On a device mesh (compiler/mesh_memory.py): every term is over the tensors one tp rank holds
+(transformers 5.23 Llama tp plan: colwise q/k/v/gate/up, rowwise o/down, lm_head on the vocab, embedding
+and norms whole), sharded over dp_shard × cp (FSDP2; HSDP replicates over dp_replicate) or over every
+data × sequence rank (DeepSpeed). `parallel=None` is the strategy's 1-D mesh.
 QLoRA (Dettmers et al. 2023): NF4 4 bits + fp32 absmax per 64 (0.5 bit) or double-quantised 8-bit
 absmax per 64 + fp32 per 256 blocks (0.127 bit) -> 4.127 bits = 0.516 B/param, plus a small
 per-tensor QuantState (QLORA_QUANT_STATE_BYTES_PER_TENSOR).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -149,8 +154,10 @@ def shard_group_size(strategy: Strategy, hw: HardwareSpec, *, parallel: Parallel
     return hw.world_size
 
 
+@functools.lru_cache(maxsize=256)
 def fsdp_shard_groups(groups: tuple[TensorGroup, ...], n: int) -> tuple[TensorGroup, ...]:
-    """The tensor groups as one FSDP2 rank stores them: dim 0 padded to a multiple of n, then split."""
+    """The tensor groups as one FSDP2 rank stores them: dim 0 padded to a multiple of n, then split
+    (cached: the phase model asks for it once per candidate)."""
     if n == 1:
         return groups
     return tuple(replace(g, shape=(math.ceil(g.shape[0] / n),) + g.shape[1:]) for g in groups)

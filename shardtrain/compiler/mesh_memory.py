@@ -28,6 +28,7 @@ groups returned here; a rowwise weight is thus split dim 1 by tp and dim 0 by FS
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 from shardtrain.compiler.inventory import TensorGroup
@@ -100,6 +101,12 @@ def tp_local_groups(groups: tuple[TensorGroup, ...], tp: int) -> tuple[TensorGro
     """Every tensor group as one tp rank holds it (identity for tp 1)."""
     if tp == 1:
         return groups
+    return _tp_local_groups(groups, tp)
+
+
+@functools.lru_cache(maxsize=64)
+def _tp_local_groups(groups: tuple[TensorGroup, ...], tp: int) -> tuple[TensorGroup, ...]:
+    # cached: the planner asks for the same inventory at the same tp for every candidate of a mesh
     return tuple(tp_local_group(g, tp) for g in groups)
 
 

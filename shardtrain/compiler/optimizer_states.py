@@ -17,6 +17,9 @@ Sources:
 Under DeepSpeed ZeRO the optimizer sees flat 1-D partitions (stage_1_and_2.py / stage3.py flatten
 each param group), so Adafactor cannot factor (4 B/param) and the 8-bit size threshold applies to
 the whole partition.
+On a tensor-parallel mesh the callers pass the tp-local shapes (compiler/mesh_memory.tp_local_groups):
+a rowwise weight arrives as (out, in / tp), a colwise one as (out / tp, in), and `shard` then splits
+dim 0 of that local tensor — what FSDP2 does to a DTensor's local shard on the dp_shard × cp mesh.
 """
 from __future__ import annotations
 
