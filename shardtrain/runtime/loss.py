@@ -148,6 +148,9 @@ class TokenLoss:
         if mode is LossMode.CHUNKED:
             lm = causal_lm(engine.model)
             self.decoder = getattr(lm, lm.base_model_prefix)
+            # logits for no position; a tp-split lm_head (runtime/tensor_parallel.py) gets one: DTensor's
+            # view rule cannot shard an empty slice ("integer modulo by zero"); the logits are unused
+            self.keep = 1 if getattr(lm.get_output_embeddings(), "_shardtrain_tp_split", False) else 0
             self.head_loss = ChunkedHeadLoss(lm.get_output_embeddings(), self.chunk_tokens,
                                              getattr(engine, "autocast", contextlib.nullcontext),
                                              check_recompute=getattr(engine, "zero_stage", 0) != 3)
@@ -179,9 +182,9 @@ class TokenLoss:
             box["h"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         handle = self.decoder.register_forward_hook(grab)
         try:
-            none = torch.zeros(0, dtype=torch.long, device=labels.device)  # logits for no position
+            keep = self.keep or torch.zeros(0, dtype=torch.long, device=labels.device)  # logits for no position
             with self._offload_ctx():
-                eng.forward({**batch, "logits_to_keep": none})
+                eng.forward({**batch, "logits_to_keep": keep})
         finally:
             handle.remove()
         return self.head_loss(box.pop("h"), labels, shifted)

@@ -6,10 +6,12 @@ ColwiseParallel / RowwiseParallel: Megatron-LM's column/row split, Shoeybi et al
 Without sequence parallel: a colwise layer takes the replicated hidden states and returns its
 slice of the output features (local heads: Llama's attention reshapes with `view(*shape, -1, head_dim)`,
 so each rank runs num_heads / tp heads and num_kv_heads / tp kv heads with the same grouping ratio);
-a rowwise layer takes that slice and all-reduces its output. Embeddings, norms and lm_head stay
-replicated over tp (the base plan does not name them; lm_head's "colwise_gather_output" in
-`_tp_plan` is left out: the loss reads full logits), FSDP2 then shards every parameter over the dp
-mesh, TP-sharded ones as 2-D DTensors.
+a rowwise layer takes that slice and all-reduces its output. lm_head follows the causal LM's own
+`_tp_plan` ({"lm_head": "colwise_gather_output"}: its weight split over the vocabulary, the logits
+all-gathered, so the loss reads full logits as before; as compiler/mesh_memory.py counts it), unless
+it is tied to the embedding or LoRA-wrapped (then whole). Embeddings and norms stay replicated over tp
+(the plans do not name them). FSDP2 then shards every parameter over the dp mesh, TP-sharded ones as
+2-D DTensors.
 
 LoRA (peft) on a TP-split linear: the frozen base layer gets the layer's style; for colwise the
 adapter's B is colwise too (A, r × in, sees the replicated input), for rowwise A is rowwise (its
@@ -21,6 +23,8 @@ from __future__ import annotations
 from torch import nn
 
 COLWISE, ROWWISE = "colwise", "rowwise"
+#: set on an lm_head split over tp (runtime/loss.py: the chunked loss then keeps one position, not none)
+TP_SPLIT_HEAD = "_shardtrain_tp_split"
 _LAYER_PREFIX = "layers.*."
 
 
@@ -92,4 +96,22 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, layers: list[nn.Module]) ->
             entries.update(_styles(sub, name, style))
         parallelize_module(layer, tp_mesh, entries)
         n += len(plan)
-    return n
+    return n + _split_lm_head(model, tp_mesh)
+
+
+def _split_lm_head(model: nn.Module, tp_mesh) -> int:
+    """lm_head per `<CausalLM>._tp_plan` "colwise_gather_output" (transformers' name for a colwise split
+    whose output is gathered: torch ColwiseParallel(output_layouts=Replicate())); 1 if split."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from shardtrain.runtime.loss import causal_lm
+    lm = causal_lm(model)
+    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if (getattr(lm, "_tp_plan", None) or {}).get("lm_head") != "colwise_gather_output" or head is None:
+        return 0
+    if hasattr(head, "base_layer") or (emb is not None and head.weight is emb.weight):
+        return 0  # a LoRA-wrapped or tied head stays whole (replicated over tp)
+    name = next(n for n, m in lm.named_children() if m is head)
+    parallelize_module(lm, tp_mesh, {name: ColwiseParallel(output_layouts=Replicate())})
+    setattr(head, TP_SPLIT_HEAD, True)
+    return 1
