@@ -80,18 +80,21 @@ class RankMesh:
         from torch.distributed.device_mesh import init_device_mesh
         self.dims = dims
         self.mesh = init_device_mesh(device_type, dims.shape, mesh_dim_names=MESH_DIM_NAMES)
-        self.mesh["dp_replicate", "dp_shard"]._flatten(DP)
-        self.mesh["dp_shard", "cp"]._flatten(DP_SHARD_CP)
-        self.mesh["dp_replicate", "dp_shard", "cp"]._flatten(DP_CP)
+        # kept as returned: torch 2.13 warns that slicing a flattened dim from the root is deprecated
+        self.flat = {DP: self.mesh["dp_replicate", "dp_shard"]._flatten(DP),
+                     DP_SHARD_CP: self.mesh["dp_shard", "cp"]._flatten(DP_SHARD_CP),
+                     DP_CP: self.mesh["dp_replicate", "dp_shard", "cp"]._flatten(DP_CP)}
 
     def __getitem__(self, name: str):
-        return self.mesh[name]
+        return self.flat[name] if name in self.flat else self.mesh[name]
 
     def fsdp_mesh(self):
-        """HSDP: 2-D (dp_replicate, dp_shard_cp); otherwise 1-D dp_shard_cp."""
+        """HSDP: 2-D (dp_replicate, dp_shard_cp) (DeviceMesh._concatenate of the two, as torch 2.13's
+        deprecation of slicing flattened dims asks); otherwise 1-D dp_shard_cp."""
         if self.dims.dp_replicate > 1:
-            return self.mesh["dp_replicate", DP_SHARD_CP]
-        return self.mesh[DP_SHARD_CP]
+            from torch.distributed.device_mesh import DeviceMesh
+            return DeviceMesh._concatenate([self.mesh["dp_replicate"], self.flat[DP_SHARD_CP]])
+        return self.flat[DP_SHARD_CP]
 
     def group(self, name: str):
         return self.mesh[name].get_group()
