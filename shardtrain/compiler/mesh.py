@@ -138,9 +138,12 @@ def _tp_reason(strategy: Strategy, p: ParallelDims, model: ModelSpec, hw: Hardwa
     if method is Method.QLORA:
         return ("QLoRA's 4-bit weights (bitsandbytes Params4bit) cannot be split by tensor parallel: set "
                 "parallel.tp 1 and shard with dp_shard / cp")
-    if method is Method.LORA:
-        return ("LoRA with tp > 1: peft adapters are not DTensor-parallel in this runtime; set parallel.tp 1 "
-                "(LoRA runs on dp_replicate × dp_shard × cp meshes)")
+    if method is Method.LORA and strategy.engine is Engine.DEEPSPEED:
+        # our FSDP2 runtime splits peft's lora_A / lora_B with their base layer (runtime/tensor_parallel.py,
+        # tests/runtime/test_mesh_runs.py lora_tp2_dps2); DeepSpeed's AutoTP replaces the Linear modules
+        # peft wrapped, untested here
+        return ("LoRA with DeepSpeed AutoTP is not supported here: use fsdp_full_shard with tp (FSDP2 + DTensor "
+                "splits the adapters with their layers) or parallel.tp 1")
     return None
 
 
