@@ -90,6 +90,13 @@ def make_probe(name: str | None, box: dict):
             from shardtrain.runtime.compiling import is_compiled
             box["compiled"] = sorted({type(m).__name__ for m in eng.model.modules() if is_compiled(m)})
             box["compiled_count"] = sum(1 for m in eng.model.modules() if is_compiled(m))
+        elif name == "mesh":  # issue 18: which mesh dims each parameter is split over (DTensor placements)
+            from collections import Counter
+            box["param_meshes"] = dict(Counter(",".join(getattr(p, "device_mesh", None) and p.device_mesh.mesh_dim_names
+                                                        or ("none",)) for p in eng.model.parameters()))
+            q = next(p for n, p in eng.model.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight")
+                     or n.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
+            box["q_proj_local_shape"] = list(q.to_local().shape) if hasattr(q, "to_local") else list(q.shape)
         box["trainable"] = sum(p.numel() for p in eng.model.parameters() if p.requires_grad)
     return probe
 

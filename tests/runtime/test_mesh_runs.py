@@ -72,7 +72,7 @@ def mesh_results(tmp_path_factory):
     base = tmp_path_factory.mktemp("rt_mesh")
     # eval after step 3 on the same 8 held-out sequences: run.eval_batches counts micro-batches per dp rank
     sc = [{"name": "ref_1d", "over": _over(eval_every=STEPS, eval_batches=1), "plan_edit": _mesh(dp_shard=4)}]
-    sc += [{"name": n, "over": _over(), "plan_edit": _mesh(**m)} for n, m in MESHES.items()]
+    sc += [{"name": n, "over": _over(), "plan_edit": _mesh(**m), "probe": "mesh"} for n, m in MESHES.items()]
     # tp × cp together, with full activation checkpointing, the chunked loss (pre-shifted labels) and eval
     both = _over(eval_every=STEPS, eval_batches=4)
     both["train"].update(grad_ckpt="full", loss="chunked", loss_chunk_tokens=48)
@@ -113,6 +113,25 @@ def test_mesh_matches_1d(mesh_results, name):
     assert len(got["losses"]) == STEPS
     assert dl < LOSS_TOL and dp < PARAM_TOL, (name, dl, dp)
     assert got["losses"][-1] < got["losses"][0]  # it trains
+
+
+#: per mesh: parameters split over tp (7 linears × 2 layers + lm_head) and q_proj's local shape on a rank
+#: (tiny Llama q_proj is 128 × 128: tp splits its rows, then FSDP2 shards dim 0 over dp_shard × cp)
+LAYOUT = {"tp2_dps2": (15, [32, 128]), "dpr2_dps2": (0, [64, 128]), "tp2_dpr2": (15, [64, 128]),
+          "cp2_dps2": (0, [32, 128])}
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_parameters_are_split_as_the_mesh_says(mesh_results, name):
+    """Not a 1-D run in disguise: TP-split linears are DTensors over a mesh with a tp dim, the rest over
+    the FSDP mesh only (HSDP: with dp_replicate), and q_proj holds its share of the heads."""
+    probe = mesh_results[name]["probe"]
+    meshes = probe["param_meshes"]
+    n_tp, q_shape = LAYOUT[name]
+    assert sum(n for k, n in meshes.items() if "tp" in k.split(",")) == n_tp, meshes
+    assert all("dp_shard_cp" in k.split(",") for k in meshes), meshes
+    assert all(("dp_replicate" in k.split(",")) == (MESHES[name].get("dp_replicate", 1) > 1) for k in meshes), meshes
+    assert probe["q_proj_local_shape"] == q_shape
 
 
 def test_metrics_count_each_sequence_once(mesh_results):
