@@ -122,8 +122,17 @@ def _worker_sc(name, strategy, cp, **train):
 def worker_runs(tmp_path_factory):
     sys.path.insert(0, str(HERE))
     from conftest import run_driver
-    sc = [_worker_sc("zero2_sp2", "zero2", 2), _worker_sc("zero3_sp2", "zero3", 2, grad_ckpt="full", loss="chunked"), _worker_sc("zero2_1d", "zero2", 1)]
-    return run_driver(tmp_path_factory.mktemp("ds_sp_worker"), sc, nproc=WORLD)
+    base = tmp_path_factory.mktemp("ds_sp_worker")
+    sc = [_worker_sc("zero2_sp2", "zero2", 2), _worker_sc("zero3_sp2", "zero3", 2, grad_ckpt="full", loss="chunked"),
+          _worker_sc("zero2_1d", "zero2", 1)]
+    # a stop after step 2 (simulated SIGUSR2, as test_checkpoint_resume.py), the same run dir again, and the
+    # uninterrupted run: resume on the sp mesh
+    resume = _worker_sc("resume", "zero2", 2)["over"]
+    sc += [{"name": "pre_resume", "run_dir": str(base / "resume_sp2"), "over": resume,
+            "env": {"SHARDTRAIN_TEST_SIGNAL_AT_STEP": "2:USR2"}},
+           {"name": "post_resume", "run_dir": str(base / "resume_sp2")},
+           {"name": "ref_resume", "over": resume}]
+    return run_driver(base, sc, nproc=WORLD)
 
 
 def _eval_reference(run_dir) -> float:
@@ -185,3 +194,15 @@ def test_worker_deepspeed_sp2_equals_1d(worker_runs, name):
     worst = max((sd[k].float() - ref_sd[k].float()).abs().max().item() for k in ref_sd)
     print(f"\nworker {name} vs zero2 1-D: max |param diff| {worst:.3g}")
     assert worst < PARAM_ATOL
+
+
+def test_worker_deepspeed_sp2_resume_is_bitwise(worker_runs):
+    """Stopped after step 2 and resumed on the same sp mesh: the losses and final parameters are the
+    uninterrupted run's, bit for bit."""
+    from safetensors.torch import load_file
+    pre, post, ref = (worker_runs[k] for k in ("pre_resume", "post_resume", "ref_resume"))
+    assert pre["preempted"] and len(pre["losses"]) == 2 and post["start_step"] == 2
+    assert pre["losses"] + post["losses"] == ref["losses"]
+    a = load_file(str(Path(post["run_dir"]) / "final" / "model.safetensors"))
+    b = load_file(str(Path(ref["run_dir"]) / "final" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
