@@ -59,7 +59,9 @@ from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.optimizer_states import state_bytes
 from shardtrain.compiler.specs import (Engine, HardwareSpec, Method, OffloadDevice, Optimizer, ParallelDims, Precision,
                                        Strategy)
-from shardtrain.compiler.zero_layout import Zero12Partition, flat_order_numels, zero12_partitions
+from shardtrain.compiler.zero_buckets import MIN_BUCKET_ELEMENTS, ZeroBuckets  # noqa: F401 (re-exported)
+from shardtrain.compiler.zero_layout import (Zero12Partition, flat_order_numels,  # noqa: F401 (re-exported)
+                                             zero2_offload_accum_grads, zero12_partitions)
 from shardtrain.units import GiB, MiB
 
 CUDA_CONTEXT_BYTES = 768 * MiB
@@ -76,45 +78,6 @@ state2 whose `code` is a 256-entry fp32 map (quantize_blockwise) — 1092 B per 
 against a real 4-bit load in tests/test_memory_model.py (negligible beyond toy models)."""
 INFINITY_SWAP_BUFFERS = 5
 """DeepSpeed offload_{param,optimizer}.buffer_count default for NVMe swapping."""
-
-
-MIN_BUCKET_ELEMENTS = 25 * 2**20 // 4
-"""The smallest DeepSpeed reduce/all-gather bucket we emit: DDP's default bucket_cap_mb=25
-(torch/nn/parallel/distributed.py) in fp32 elements. Below it each collective's fixed cost
-dominates: HF's h² rule gives a 512-hidden model 100 reduce buckets per step. Measured on 2 CPU
-ranks (gloo; benchmarks/worker_ab.py --variants default,h2-buckets, results/worker_ab.md): with h²
-the ZeRO-2 step took 1.51x as long for the 0.43M tiny Llama (77.1 vs 50.9 ms) and 1.07x for the 26M
-model (2.39 vs 2.22 s)."""
-
-
-@dataclass(frozen=True)
-class ZeroBuckets:
-    """DeepSpeed bucket sizes in elements. HF's DeepSpeed integration uses reduce = h²,
-    prefetch = 0.9·h², persistence = 10·h; reduce and all-gather buckets are raised to at least
-    MIN_BUCKET_ELEMENTS, but never beyond the model's parameter count: DeepSpeed allocates the
-    whole reduce_bucket_size per ipg buffer (stage_1_and_2.py setup_buckets, x2 with overlap_comm)
-    even when the model is smaller, so a bigger one is memory spent on nothing. (LoRA: the buffers
-    appear with the first adapter gradient, after the frozen head's backward, so they may miss the
-    backward peak; capped at the adapters' count they are small enough not to matter, measured in
-    tests/runtime/test_peak_truth.py.)"""
-    reduce_bucket_elements: int
-    allgather_bucket_elements: int
-    prefetch_bucket_elements: int
-    param_persistence_threshold: int
-    max_live_parameters: int = 10**9
-    max_reuse_distance: int = 10**9
-
-    @staticmethod
-    def for_model(model: ModelSpec, trainable_params: int | None = None, *, offload: bool = False) -> "ZeroBuckets":
-        """`trainable_params` (LoRA: the adapters; default: every parameter) caps the raised buckets.
-        `offload` (ZeRO-Offload / Infinity) keeps h²: there the host optimizer dominates the step, and
-        the device's in-flight gradient term (model_state_bytes) was measured with gradients larger
-        than the bucket (tests/test_truth_engines.py)."""
-        h = model.hidden_size
-        cap = model.num_params if trainable_params is None else trainable_params
-        comm = h * h if offload else max(h * h, min(MIN_BUCKET_ELEMENTS, cap))
-        return ZeroBuckets(reduce_bucket_elements=comm, allgather_bucket_elements=comm,
-                           prefetch_bucket_elements=int(0.9 * h * h), param_persistence_threshold=10 * h)
 
 
 @dataclass(frozen=True)
@@ -346,26 +309,6 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         params = persistent
     return ModelStateBytes(params=params, grads=grads, master_params=master, optimizer_states=states,
                            buffers=buffers, cpu_bytes=cpu, nvme_bytes=nvme)
-
-
-def zero2_offload_accum_grads(parts: list[Zero12Partition], p: int) -> tuple[int, int]:
-    """(device, host) gradient bytes of ZeRO-2 + optimizer offload with gradient_accumulation_steps > 1,
-    worst rank (DeepSpeed 0.19.8 stage_1_and_2.py, grad_accum_dtype = the model dtype, our emitted
-    default). Off the accumulation boundary, reduce_ipg_grads -> copy_grads_in_partition takes the
-    `micro_step_id > 0 or not is_gradient_accumulation_boundary()` branch:
-    async_accumulate_grad_in_cpu_via_gpu adds the host copy into `param.grad` through
-    temp_grad_buffer_for_gpu_offload (already a buffer) and copies it back to
-    `accumulated_grads_in_cpu[param_id]` — one host tensor per in-partition parameter of the *whole*
-    param.numel() in param.dtype (buffer_to_accumulate_to_in_cpu), i.e. p x the rank's
-    grads_in_partition extent, kept for the whole run. The branch never calls clear_grad_attribute
-    (only the boundary's async_inplace_copy_grad_to_fp32_buffer_from_gpu does), so every in-partition
-    gradient larger than reduce_bucket_size (`extra_large_param_to_reduce`, own storage) stays on the
-    device until the epilogue's `_clear_param_grad_only` (Zero12Partition.held_offload_accum).
-    Measured (tests/runtime/test_state_bytes_vs_plan.py, tiny Llama, 2 gloo ranks, accumulation 2,
-    h^2 = 16384-element bucket): device grads 3.5x the p x largest modelled before."""
-    device = p * max((r.held_offload_accum for r in parts), default=0)
-    host = p * max((r.grad_buffer for r in parts), default=0)
-    return device, host
 
 
 def host_bytes_per_node(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, per_rank_cpu: int,

@@ -181,3 +181,23 @@ def _zero12_partitions(numels: tuple[int, ...], n: int, bucket: int) -> tuple[Ze
                                    _offload_accum_held(numels, large_prefix, prefix_max, i_lo, i_hi, bucket),
                                    _zero1_accum_held(total, largest, bucket, own[i_hi - 1], buf)))
     return tuple(out)
+
+
+def zero2_offload_accum_grads(parts: list[Zero12Partition], p: int) -> tuple[int, int]:
+    """(device, host) gradient bytes of ZeRO-2 + optimizer offload with gradient_accumulation_steps > 1,
+    worst rank (DeepSpeed 0.19.8 stage_1_and_2.py, grad_accum_dtype = the model dtype, our emitted
+    default). Off the accumulation boundary, reduce_ipg_grads -> copy_grads_in_partition takes the
+    `micro_step_id > 0 or not is_gradient_accumulation_boundary()` branch:
+    async_accumulate_grad_in_cpu_via_gpu adds the host copy into `param.grad` through
+    temp_grad_buffer_for_gpu_offload (already a buffer) and copies it back to
+    `accumulated_grads_in_cpu[param_id]` — one host tensor per in-partition parameter of the *whole*
+    param.numel() in param.dtype (buffer_to_accumulate_to_in_cpu), i.e. p x the rank's
+    grads_in_partition extent, kept for the whole run. The branch never calls clear_grad_attribute
+    (only the boundary's async_inplace_copy_grad_to_fp32_buffer_from_gpu does), so every in-partition
+    gradient larger than reduce_bucket_size (`extra_large_param_to_reduce`, own storage) stays on the
+    device until the epilogue's `_clear_param_grad_only` (Zero12Partition.held_offload_accum).
+    Measured (tests/runtime/test_state_bytes_vs_plan.py, tiny Llama, 2 gloo ranks, accumulation 2,
+    h^2 = 16384-element bucket): device grads 3.5x the p x largest modelled before."""
+    device = p * max((r.held_offload_accum for r in parts), default=0)
+    host = p * max((r.grad_buffer for r in parts), default=0)
+    return device, host
