@@ -196,26 +196,36 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
             if all(hasattr(m, a) for a in ("layer_idx", "is_causal", "head_dim", "config", "num_key_value_groups"))]
 
 
-def install_ulysses(model: nn.Module, cp_group) -> None:
-    """Route `model`'s attention through Ulysses over `cp_group` (module doc). Refuses, in one line, a
-    model whose heads do not split over cp or whose kernel needs an explicit mask."""
-    cp = dist.get_world_size(cp_group)
-    mods = attention_modules(model)
+def check_ulysses(mods: list[nn.Module], cp: int, model_name: str = "model") -> list[str]:
+    """The inner kernel of each attention module; one-line ValueError when Ulysses cannot run them."""
     if not mods:
-        raise ValueError(f"{type(model).__name__}: no attention module with layer_idx/is_causal/head_dim found; "
-                         "context parallel (Ulysses) supports HF decoder models that use transformers' AttentionInterface")
-    cfg = mods[0].config
-    heads = cfg.num_attention_heads  # any kv head count works (kv_replication)
+        raise ValueError(f"{model_name}: no attention module with layer_idx/is_causal/head_dim found; context "
+                         "parallel (Ulysses) supports HF decoder models that use transformers' AttentionInterface")
+    heads = mods[0].config.num_attention_heads  # any kv head count works (kv_replication)
     if heads % cp:
         raise ValueError(f"num_attention_heads {heads} is not divisible by cp {cp}: Ulysses splits heads over the "
                          f"cp ranks; set parallel.cp to a divisor of {heads}")
+    inners = []
     for m in mods:
+        if getattr(m, "sliding_window", None):
+            raise ValueError(f"layer {m.layer_idx} uses sliding-window attention ({m.sliding_window} tokens): Ulysses "
+                             "here masks only causally; train this model without context parallel (parallel.cp: 1)")
         inner = m.config._attn_implementation
         if inner == ULYSSES_ATTENTION:
             inner = _GROUPS.get(m, (None, "sdpa"))[1]
         if inner not in INNER_KERNELS:
             raise ValueError(f"attention implementation {inner!r} cannot run under Ulysses (it needs a [s, s] mask); "
                              f"load the model with attn_implementation one of {', '.join(INNER_KERNELS)}")
+        inners.append(inner)
+    return inners
+
+
+def install_ulysses(model: nn.Module, cp_group) -> None:
+    """Route `model`'s attention through Ulysses over `cp_group` (module doc). Refuses, in one line, a
+    model whose heads do not split over cp or whose kernel needs an explicit mask (check_ulysses)."""
+    mods = attention_modules(model)
+    inners = check_ulysses(mods, dist.get_world_size(cp_group), type(model).__name__)
+    for m, inner in zip(mods, inners):
         _GROUPS[m] = (cp_group, inner)
     register_ulysses()
     for c in {id(m.config): m.config for m in mods}.values():

@@ -80,6 +80,11 @@ def setup_alst(model: nn.Module, ds_config: dict):
     if kernel != "sdpa" and not str(kernel).startswith("flash_attention"):
         raise ValueError(f"train.attention {kernel!r} cannot run DeepSpeed Ulysses (sequence_parallel_size {sp}): "
                          "it needs a kernel that masks causally without a [s, s] mask; set train.attention: sdpa")
+    from shardtrain.runtime.context_parallel import attention_modules
+    windowed = [m.layer_idx for m in attention_modules(model) if getattr(m, "sliding_window", None)]
+    if windowed and kernel == "sdpa":  # ALST drops the mask, where sdpa's sliding window lives
+        raise ValueError(f"layers {windowed} use sliding-window attention, which DeepSpeed Ulysses with sdpa drops "
+                         "(it discards the mask); use train.attention: flash or parallel.cp: 1")
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=kernel, sequence_parallel_size=sp,
         micro_batch_size=int(ds_config[MICRO_BATCH]), seq_length_is_variable=True, disable_in_eval=False)

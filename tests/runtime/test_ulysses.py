@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shardtrain.runtime.context_parallel import (IGNORE_INDEX, cp_slice, cp_token_count, install_ulysses,
-                                                 kv_replication, shifted_ce_sum, ulysses_attention,
-                                                 uninstall_ulysses)
+from shardtrain.runtime.context_parallel import (IGNORE_INDEX, attention_modules, check_ulysses, cp_slice,
+                                                 cp_token_count, install_ulysses, kv_replication, shifted_ce_sum,
+                                                 ulysses_attention, uninstall_ulysses)
 
 pytestmark = pytest.mark.multiproc
 TINY = Path(__file__).resolve().parents[2] / "configs" / "models" / "tiny-llama.json"
@@ -173,3 +173,23 @@ def test_cp_slice_refuses_indivisible_length():
     with pytest.raises(ValueError, match="not divisible by cp 4") as e:
         cp_slice(torch.zeros(1, 10, dtype=torch.long), torch.zeros(1, 10, dtype=torch.long), 0, 4)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("attn,cp,sliding,match", [
+    ("eager", 2, None, "cannot run under Ulysses"),
+    ("sdpa", 8, None, "num_attention_heads 4 is not divisible by cp 8"),
+    ("sdpa", 2, 64, "sliding-window attention"),
+])
+def test_install_refusals_are_one_line(attn, cp, sliding, match):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(TINY)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+    mods = attention_modules(model)
+    assert len(mods) == cfg.num_hidden_layers
+    if sliding:
+        mods[1].sliding_window = sliding
+    with pytest.raises(ValueError, match=match) as e:
+        check_ulysses(mods, cp)
+    assert "\n" not in str(e.value)
+    assert check_ulysses(attention_modules(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")), 2) == \
+        ["sdpa"] * cfg.num_hidden_layers
