@@ -61,7 +61,7 @@ def state_bytes(plan: Plan) -> StateBytes:
     groups = tensor_inventory(plan.model, c.method, t.lora.rank, plan.lora_targets or t.lora.targets)
     ms = model_state_bytes(plan.model, groups, c.strategy, plan.hardware, method=c.method, precision=c.precision,
                            optimizer=c.optimizer, fsdp_defer_grad_sync=c.fsdp_defer_grad_sync,
-                           grad_accum_steps=c.grad_accum_steps)
+                           grad_accum_steps=c.grad_accum_steps, parallel=plan.parallel)
     return StateBytes(params=int(ms.params), grads=int(ms.grads), master_params=int(ms.master_params),
                       optimizer_states=int(ms.optimizer_states), buffers=int(ms.buffers), host_bytes=int(ms.cpu_bytes))
 
