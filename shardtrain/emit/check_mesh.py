@@ -12,6 +12,7 @@ tp divides heads and kv heads, Ulysses sp divides heads, the mesh multiplies out
 from __future__ import annotations
 
 from shardtrain.emit import deepspeed as K
+from shardtrain.emit import engine_schema as S
 from shardtrain.emit.accelerate import PARALLELISM_KEY_PREFIX
 from shardtrain.emit.check import ERROR, WARNING, Finding
 
@@ -91,13 +92,6 @@ def accelerate_mesh(cfg: dict, heads: tuple[int, int] | None = None) -> list[Fin
                         "in the DeepSpeed JSON; delete the block")]
     kw = {k.removeprefix(PARALLELISM_KEY_PREFIX): v for k, v in block.items()}
     sizes = {k: kw[k] for k in _SIZE_KEYS if k in kw}
-    try:
-        from accelerate.parallelism_config import ParallelismConfig
-    except ImportError:
-        return [Finding(WARNING, PARALLELISM_BLOCK, "accelerate is not installed here, so the mesh was not checked",
-                        "run `shardtrain check` where accelerate is installed")]
-    import os
-    from unittest import mock
     args = {**{k: 1 for k in _SIZE_KEYS}, **sizes}
     bad = {k: v for k, v in args.items() if _int(v) is None}
     if bad:
@@ -107,10 +101,11 @@ def accelerate_mesh(cfg: dict, heads: tuple[int, int] | None = None) -> list[Fin
     for k in ("cp_backend", "sp_backend"):
         if k in kw:
             args[k] = kw[k]
-    try:  # its own validation, blind to any PARALLELISM_CONFIG_* variables of this shell
-        with mock.patch.dict(os.environ, {e: v for e, v in os.environ.items()
-                                          if not e.startswith("PARALLELISM_CONFIG_")}, clear=True):
-            pc = ParallelismConfig(**args)
+    try:
+        pc = S.accelerate_parallelism_config(args)
+    except ImportError:
+        return [Finding(WARNING, PARALLELISM_BLOCK, "accelerate is not installed here, so the mesh was not checked",
+                        "run `shardtrain check` where accelerate is installed")]
     except (ValueError, TypeError) as e:
         return [Finding(ERROR, PARALLELISM_BLOCK, f"accelerate's ParallelismConfig refuses it: "
                         f"{' '.join(str(e).split())}", "fix the sizes it names (shardtrain emit writes a legal mesh)")]

@@ -301,6 +301,18 @@ def accelerate_block_keys(block: str) -> tuple[str, set]:
     return _PREFIX.get(block, ""), dests
 
 
+def accelerate_parallelism_config(kwargs: dict):
+    """accelerate's own ParallelismConfig(**kwargs) (accelerate/parallelism_config.py: its __post_init__
+    validates the sizes and backends), blind to any PARALLELISM_CONFIG_* variables of this shell (it reads
+    them for unset fields). Raises what accelerate raises (ValueError), ImportError without accelerate."""
+    from unittest import mock
+
+    from accelerate.parallelism_config import ParallelismConfig
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLELISM_CONFIG_")}
+    with mock.patch.dict(os.environ, env, clear=True):
+        return ParallelismConfig(**kwargs)
+
+
 # ------------------------------------------------------------------------------------------- HF Trainer
 def trainer_fills() -> dict[str, str]:
     """{dotted DeepSpeed key: TrainingArguments source} for every key the installed transformers'
