@@ -150,7 +150,7 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
     from shardtrain.runtime.modeling import compute_dtype, decoder_layers
     from shardtrain.runtime.context_parallel import shifted_ce_sum
     from shardtrain.runtime.loss import ce_sum
-    from shardtrain.trace.mesh import MeshTraceError, cp_inputs
+    from shardtrain.trace.mesh import MeshTraceError, clip, cp_inputs
     check_traceable(plan)
     c, t = plan.chosen, plan.train
     W = c.world_size
@@ -166,11 +166,10 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
         model = _build_meta(plan)
         if fsdp:
             from shardtrain.emit.fsdp import fsdp_settings
-            from shardtrain.trace.mesh import shard_model_on_mesh
+            from shardtrain.trace.mesh import shard_like_runtime
             st = fsdp_settings(plan)
-            # the plan's mesh (a 1-D plan's mesh is its strategy's: ParallelDims.for_strategy)
-            try:
-                shard_model_on_mesh(model, st, plan.parallel, decoder_layers(model, st.wrap_class))
+            try:   # the runtime's TP / FSDP2 / Ulysses on plan.parallel (trace/mesh.py)
+                shard_like_runtime(model, st, plan.parallel, decoder_layers(model, st.wrap_class))
             except MeshTraceError as e:
                 raise TraceError(str(e)) from None
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -212,11 +211,7 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
                         keep("backward", _read_peak(mt))
                     _reset_peak(mt)
                     params = trainable(model)
-                    if plan.parallel.tp > 1:   # gradients on two meshes (trace/mesh.py)
-                        from shardtrain.trace.mesh import clip_grad_norm_on_mesh
-                        clip_grad_norm_on_mesh(params, 1.0)
-                    else:
-                        torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    clip(params, plan.parallel)   # the engine's clip (across meshes when tp > 1)
                     opt.step()
                     # runtime.engines: DDP keeps grads as bucket views (set_to_none=False)
                     opt.zero_grad(set_to_none=fsdp)
