@@ -10,6 +10,12 @@ cross-entropy), backward, clip_grad_norm_, optimizer.step and zero_grad with the
 The process group is torch's "fake" backend (torch/testing/_internal/distributed/fake_pg.py) of the
 plan's world size, so collectives return immediately with correctly-shaped outputs.
 
+On a device mesh (plan.parallel beyond data parallel, issue 18) the FSDP2 model is built as the
+runtime builds it (trace/mesh.py): DTensor tensor parallel from the model's own TP plan, fully_shard
+over dp_shard × cp (HSDP over dp_replicate), Ulysses cp with rank 0's s/cp token slice and shifted
+labels (runtime.context_parallel.shifted_ce_sum); the trace is rank 0's. Ring cp is refused (no CPU
+kernel), DDP / DeepSpeed with tp or cp likewise (their analytic numbers stand).
+
 Trackers (torch/distributed/_tools): FSDPMemTracker for FSDP2 (categorises sharded/unsharded params
 and grads, all-gather and reduce-scatter buffers), MemTracker for DDP/single device. Peaks per phase
 are read by resetting the tracker's peak between phases (MemTracker keeps `_peak_mem`/`_peak_mem_snap`
