@@ -70,7 +70,23 @@ def test_deepspeed_parser_accepts_mesh_goldens(case):
     hf = json.loads((GOLDEN / case / "hf_ds_config.json").read_text())
     hf = {**hf, K.GRADIENT_CLIPPING: 1.0, K.OPTIMIZER: {**hf[K.OPTIMIZER], K.PARAMS: {
         k: (1e-5 if v == "auto" else v) for k, v in hf[K.OPTIMIZER][K.PARAMS].items()}}}
-    deepspeed_parses(hf, world)
+    assert deepspeed_parses(hf, world).train_batch_size == conf.train_batch_size  # derived by DeepSpeed under sp
+
+
+@pytest.mark.parametrize("case", [c for c in MESH_GOLDENS if "zero" in c])
+def test_trainer_accepts_the_mesh_deepspeed_json_on_the_jobs_world(case, capsys, tmp_path):
+    """transformers' HfTrainerDeepSpeedConfig (check_hf runs it with world size 8) finds no mismatch: under
+    Ulysses hf_ds_config.json has no train_batch_size (the Trainer would want world × micro × accumulation,
+    DeepSpeed world / sp × micro × accumulation); under AutoTP both count every rank."""
+    hf = json.loads((GOLDEN / case / "hf_ds_config.json").read_text())
+    assert (K.TRAIN_BATCH_SIZE in hf) == (K.SEQUENCE_PARALLEL_SIZE not in hf)
+    out = _check(GOLDEN / case / "trainer_args.json", "--gpus-per-node", "8", capsys=capsys)
+    assert not _errors(out), out
+    if K.SEQUENCE_PARALLEL_SIZE in hf:  # the DeepSpeed-correct number is what the Trainer refuses
+        d = _copy(tmp_path, case)
+        _edit(d / "hf_ds_config.json", lambda c: c.update({K.TRAIN_BATCH_SIZE: 32}))
+        errs = _errors(_check(d / "trainer_args.json", "--gpus-per-node", "8", capsys=capsys))
+        assert "train_batch_size=32 vs hf train_batch_size (calculated)=64" in errs["deepspeed"], errs
 
 
 def test_deepspeed_parser_refuses_the_world_based_batch_under_ulysses():

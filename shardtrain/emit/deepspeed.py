@@ -215,6 +215,12 @@ def deepspeed_config(plan: Plan, *, trainer: bool = False, grad_clip: float = 1.
                  GRADIENT_CLIPPING: AUTO if trainer else float(grad_clip)}
     if plan.parallel.cp > 1:
         cfg[SEQUENCE_PARALLEL_SIZE] = sequence_parallel_size(plan)
+        if trainer:
+            # transformers 5.23 HfTrainerDeepSpeedConfig.trainer_config_process checks train_batch_size against
+            # world × micro × accumulation (no division by sp), DeepSpeed asserts micro × accumulation ×
+            # world / sp: no number passes both. Absent, the Trainer checks nothing (fill_match skips a missing
+            # key) and DeepSpeed derives it from the two explicit keys (_set_batch_related_parameters).
+            del cfg[TRAIN_BATCH_SIZE]
     if plan.parallel.tp > 1:
         cfg[TENSOR_PARALLEL] = {AUTOTP_SIZE: plan.parallel.tp}
     cfg.update(_precision_blocks(c.precision))
