@@ -49,8 +49,12 @@ def readme(plan: Plan, names: list[str], cfg=None) -> str:
            "does everything below.", "", FILES_HEADING, ""]
     out += [f"- `{n}`: {desc.get(n, '')}" for n in names]
     out += ["", "## What your script must do", ""]
+    p = plan.parallel
+    procs = (f"{c.world_size} processes" if p.is_data_parallel_only else
+             f"{c.world_size} processes of which {p.dp} data-parallel ranks take their own samples ({p.label()}: "
+             "tp/cp ranks share them)")
     out += [f"1. Batch: per-device micro batch {c.micro_batch_size}, gradient accumulation {c.grad_accum_steps}, "
-            f"{c.world_size} processes: {plan.train.global_batch_size} samples of {plan.train.seq_len} tokens per "
+            f"{procs}: {plan.train.global_batch_size} samples of {plan.train.seq_len} tokens per "
             f"optimizer step (pack or pad samples to {plan.train.seq_len}; longer ones do not fit).",
             f"2. Precision: {c.precision.value} (bf16/fp16 in trainer_args.json; " + (
                 "hf_ds_config.json for DeepSpeed: accelerate.yaml leaves it to that file)." if eng is Engine.DEEPSPEED
