@@ -13,6 +13,9 @@ limit; rerun to resume); 65 (EXIT_NONFINITE) after train.max_nonfinite_steps ste
 non-finite loss or gradient norm (each skipped; runtime/guard.py); under `launch --max-restarts` these two
 exit 0 and leave their code in a marker file (exitcodes.STOP_MARKER_ENV); 128+N on a second signal N
 (stops at once); 1 on errors.
+Device mesh (plan.parallel, issue 18; runtime/mesh.py): the sampler gives each dp rank its samples (tp
+and cp peers the same ones; cp ranks feed their token slice, mesh.cp_view), the loss is scaled by
+dp × cp (the ranks gradients are averaged over), and the loss sum and token counts take each sequence once.
 Resume: with run.resume=auto the latest complete checkpoints/step_N is loaded; the step counter, the
 data position (a pure function of the step) and the RNG continue, and metrics.jsonl is cut back to
 step N so every step appears once. Environment: SHARDTRAIN_DEVICE (overrides run.device); the
