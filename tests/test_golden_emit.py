@@ -40,17 +40,17 @@ CASES = {
     "fsdp_hybrid_shard-2x8xh100-qlora": dict(strategy="fsdp_hybrid_shard", nodes=2, gpus_per_node=8,
                                              global_batch=128, method="qlora", grad_ckpt="full", **M8),
     "ddp-1xh100-lora": dict(strategy="ddp", gpus_per_node=1, global_batch=8, method="lora", grad_ckpt="full", **M8),
-    # issue 18: meshes (put on the chosen candidate by emit_plans.with_mesh)
+    # issue 18: meshes, forced through the run config's parallel: section (the planner's own candidate)
     "mesh-fsdp-tp2xdp_shard4-8xh100": dict(strategy="fsdp_full_shard", gpus_per_node=8, global_batch=64,
-                                           mesh=dict(dp_shard=4, tp=2), **M8),
+                                           parallel=dict(dp_replicate=1, dp_shard=4, tp=2, cp=1), **M8),
     "mesh-fsdp-hsdp2x4-2x4xh100": dict(strategy="fsdp_full_shard", nodes=2, gpus_per_node=4, global_batch=64,
-                                       mesh=dict(dp_replicate=2, dp_shard=4), **M8),
+                                       parallel=dict(dp_replicate=2, dp_shard=4, tp=1, cp=1), **M8),
     "mesh-fsdp-ulysses_cp2xdp_shard4-8xh100": dict(strategy="fsdp_full_shard", gpus_per_node=8, global_batch=32,
-                                                   mesh=dict(dp_shard=4, cp=2, cp_mode="ulysses"), **M8),
+                                                   parallel=dict(dp_replicate=1, dp_shard=4, cp=2, tp=1, cp_mode="ulysses"), **M8),
     "mesh-zero2-sp2xdp_shard4-8xh100": dict(strategy="zero2", gpus_per_node=8, global_batch=32,
-                                            mesh=dict(dp_shard=4, cp=2), **M8),
+                                            parallel=dict(dp_replicate=1, dp_shard=4, cp=2, tp=1, cp_mode="ulysses"), **M8),
     "mesh-zero1-autotp2xdp_shard4-8xh100": dict(strategy="zero1", gpus_per_node=8, global_batch=32,
-                                                mesh=dict(dp_shard=4, tp=2), **M8),
+                                                parallel=dict(dp_replicate=1, dp_shard=4, tp=2, cp=1), **M8),
 }
 
 
