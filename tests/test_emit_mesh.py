@@ -329,3 +329,21 @@ def test_plan_json_with_a_mesh_that_does_not_multiply_out_fails(tmp_path, capsys
     errs = _errors(_check(good, capsys=capsys))
     assert "the mesh dp_shard 4 × tp 4 multiplies to 16 ranks, but the plan's world size is 8" in \
         errs["parallel"], errs
+
+
+@pytest.mark.parametrize("case", MESH_GOLDENS)
+def test_a_broken_copy_of_every_mesh_golden_fails(case, tmp_path, capsys):
+    """Each mesh golden's mesh file with one size changed so it no longer multiplies out to the world size."""
+    d = _copy(tmp_path, case)
+    if (d / "ds_config.json").exists():
+        ds = d / "ds_config.json"
+        key = K.SEQUENCE_PARALLEL_SIZE if K.SEQUENCE_PARALLEL_SIZE in json.loads(ds.read_text()) else K.AUTOTP_SIZE
+        _edit(ds, lambda c: c.update({key: 3}) if key in c else c[K.TENSOR_PARALLEL].update({key: 3}))
+        errs = _errors(_check(ds, "--gpus-per-node", "8", capsys=capsys))
+        where = key if key in errs else f"{K.TENSOR_PARALLEL}.{key}"
+        assert "the mesh does not multiply out: world size 8" in errs[where], errs
+    else:
+        y = d / "accelerate.yaml"
+        _edit(y, lambda c: c.update(num_processes=2 * c["num_processes"]))
+        errs = _errors(_check(y, capsys=capsys))
+        assert "the mesh does not multiply out" in errs["parallelism_config"], errs
