@@ -176,7 +176,8 @@ def test_accelerate_refused_mesh_is_left_out_of_the_bundle_with_the_reason():
         accelerate_config(plan)
     files = bundle(plan, Site(run_dir="/runs/x"))
     assert "accelerate.yaml" not in files and "fsdp.json" in files
-    assert "no accelerate.yaml (parallel: dp_replicate 2 × tp 2" in files["README.md"]
+    assert "no accelerate.yaml and no ParallelismConfig for the Trainer (parallel: dp_replicate 2 × tp 2" in files["README.md"]
+    assert "parallelism_config=ParallelismConfig" not in files["README.md"]
     # accelerate itself agrees
     from accelerate.parallelism_config import ParallelismConfig
     with pytest.raises(ValueError, match="pure data parallelism"):

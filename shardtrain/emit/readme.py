@@ -143,9 +143,9 @@ def _mesh_lines(plan: Plan) -> list[str]:
     kw = T.parallelism_config(plan)
     out = []
     refusal = _mesh_refusal(plan)
-    if refusal:
-        out.append(f"- Mesh {p.label()}: no accelerate.yaml ({refusal}).")
-    if kw:
+    if refusal:  # no ParallelismConfig either: accelerate (and the Trainer through it) refuses the same mesh
+        out.append(f"- Mesh {p.label()}: no accelerate.yaml and no ParallelismConfig for the Trainer ({refusal}).")
+    elif kw:
         pc = "ParallelismConfig(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")"
         where = ("accelerate.yaml's parallelism_config block sets it under `accelerate launch`; otherwise pass"
                  if eng is Engine.FSDP and not refusal else "pass")
