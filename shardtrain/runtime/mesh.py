@@ -120,25 +120,49 @@ def _mesh_key(t: torch.Tensor):
     return None if m is None else (tuple(m.mesh.flatten().tolist()), m.mesh_dim_names)
 
 
+def _replicas(t: torch.Tensor, world: int) -> int:
+    """How many ranks hold this (local) gradient: the ranks outside its DTensor mesh, times its mesh's
+    Replicate dims (an FSDP-only gradient is replicated over tp; a plain tensor on every rank)."""
+    mesh = getattr(t, "device_mesh", None)
+    if mesh is None:
+        return world
+    n = world // mesh.size()
+    for i, pl in enumerate(t.placements):
+        if pl.is_replicate():
+            n *= mesh.size(i)
+    return n
+
+
 @torch.no_grad()
 def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for gradients that are DTensors on DIFFERENT meshes (FSDP2 + TP:
-    TP-sharded weights live on (dp_shard_cp, tp), the replicated norms/embeddings on dp_shard_cp only;
+    TP-sharded weights live on (dp_shard_cp, tp), the replicated norms/embedding on dp_shard_cp only;
     torch's version stacks their norms into one op and fails: "All operands in aten.stack.default must
-    have the same mesh"). Per mesh: the group's norm as a full tensor (DTensor all-reduces its
-    partial norms over that mesh), then the norm of the norms; clipped per group with the same total
-    (torchtitan's dist_utils.clip_grad_norm_ does the same for its pipeline groups). Returns the total."""
+    have the same mesh"). The squared norm is ONE all-reduce over the world of each rank's local
+    squared sums, each divided by the number of ranks holding the same values (a power of two for
+    power-of-two meshes: exact), so every rank gets the same total bit for bit (DTensor's own
+    full_tensor() of a norm partial over two dims does two all-reduces in turn, which torch warns "may
+    give inconsistent results between ranks"; replicas clipped by different factors would drift).
+    Clipped per mesh group with that total (clip_grads_with_norm_ multiplies each group in one op).
+    Returns the total norm."""
+    import torch.distributed as dist
     groups: dict = defaultdict(list)
     for p in params:
         if p.grad is not None:
             groups[_mesh_key(p.grad)].append(p)
-    if not groups:
-        return torch.zeros(())
-    norms = []
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sq = []
     for ps in groups.values():
-        n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
-        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+        for p in ps:
+            g = p.grad
+            local = g.to_local() if hasattr(g, "to_local") else g
+            sq.append(local.double().pow(2).sum() / _replicas(g, world))
+    if not sq:
+        return torch.zeros(())
+    total_sq = torch.stack(sq).sum()
+    if world > 1:
+        dist.all_reduce(total_sq)
+    total = total_sq.sqrt().float()
     if max_norm > 0 and math.isfinite(max_norm):
         for ps in groups.values():
             torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total)
