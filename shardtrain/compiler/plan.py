@@ -198,7 +198,7 @@ class Plan:
             # the logits path's own peak for this loss mode (per_gpu shows it only when it is the peak)
             "logits_path_bytes": logits_bytes(self.model, micro_batch=c.micro_batch_size, seq_len=self.train.seq_len,
                                               precision=c.precision, loss=c.loss,
-                                              chunk_tokens=self.train.loss_chunk_tokens),
+                                              chunk_tokens=self.train.loss_chunk_tokens, parallel=c.parallel),
             "activation_offload": c.activation_offload.value,
             "parallel": (c.parallel or ParallelDims.for_strategy(c.strategy, c.world_size,
                                                                  self.hardware.gpus_per_node)).to_json(),

@@ -68,7 +68,7 @@ def _memory_saver_reasons(model: ModelSpec, t: TrainSpec, c: Candidate) -> list[
     """Why the loss path and activation offload are what they are."""
     r = []
     kw = dict(micro_batch=c.micro_batch_size, seq_len=t.seq_len, precision=t.precision,
-              chunk_tokens=t.loss_chunk_tokens)
+              chunk_tokens=t.loss_chunk_tokens, parallel=c.mesh)
     full = logits_bytes(model, loss=LossMode.FULL, **kw)
     chunked = logits_bytes(model, loss=LossMode.CHUNKED, **kw)
     if c.loss is LossMode.CHUNKED:
