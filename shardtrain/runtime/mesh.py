@@ -5,13 +5,16 @@ Mesh order (dp_replicate, dp_shard, cp, tp), tp innermost (MESH_DIM_NAMES), row-
 r = ((rep * dp_shard + shard) * cp + c) * tp + t, as torch's init_device_mesh lays out ranks.
 Flattened sub-meshes (torch 2.13 DeviceMesh._flatten, as accelerate 1.15 parallelism_config.py
 `_build_device_mesh` and torchtitan's ParallelDims do):
-  "dp"          (dp_replicate, dp_shard)       ranks taking different samples: sampler, token metrics
+  "dp"          (dp_replicate, dp_shard)       ranks taking different samples
   "dp_shard_cp" (dp_shard, cp)                 what FSDP2 shards the (tp-local) model state over
-  "dp_cp"       (dp_replicate, dp_shard, cp)   ranks a gradient / the loss sum are reduced over
+  "dp_cp"       (dp_replicate, dp_shard, cp)   ranks a gradient is averaged over
 FSDP2 gets the 1-D "dp_shard_cp" mesh, or the 2-D (dp_replicate, dp_shard_cp) mesh for HSDP
 (fully_shard replicates over dim 0 and shards over dim 1: torch/distributed/fsdp/_fully_shard/
-_fsdp_init.py `_get_post_forward_mesh_info`); tp 2 × dp_replicate 2 runs as HSDP with a shard dim of
-size 1 (measured: it runs and matches the 1-D run, tests/runtime/test_mesh_runs.py).
+_fsdp_init.py, HSDPMeshInfo(mesh, shard_mesh_dim=1, replicate_mesh_dim=0)); tp 2 × dp_replicate 2
+runs as HSDP with a shard dim of size 1 (measured: it runs and matches the 1-D run,
+tests/runtime/test_mesh_runs.py). The sampler and the loop need no group: the sampler takes the dp rank
+from MeshCoords, and the step's loss sum / token counts stay ONE all-reduce over the world in which one
+rank per sequence adds its share (MeshCoords.counts_loss / counts_tokens), as on the 1-D mesh.
 """
 from __future__ import annotations
 
