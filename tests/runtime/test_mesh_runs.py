@@ -31,8 +31,9 @@ LOSS_TOL = 1e-5
 #: tp2 × cp2: lm_head split over the vocabulary too), 6.2e-7 (dp_replicate2 × dp_shard2), 8.6e-6 (Ulysses
 #: cp2 × dp_shard2).
 PARAM_TOL = 1e-4
-#: LoRA adapters at lr 1e-2: measured 2.7e-4 on tp2 × dp_shard2, 8.2e-6 on HSDP (a lora_A entry whose first non-zero AdamW step divides a
-#: gradient near eps by its own root mean square: rounding in the gradient shows up ~1000×).
+#: LoRA adapters at lr 1e-2: measured 2.7e-4 on tp2 × dp_shard2, 8.2e-6 on HSDP (a lora_A entry whose
+#: first non-zero AdamW step divides a gradient near eps by its own root mean square: rounding in the
+#: gradient shows up ~1000×).
 LORA_PARAM_TOL = 2e-3
 
 
