@@ -119,8 +119,9 @@ def cp_view(dims: ParallelDims, mc: MeshCoords, batch: dict, labels: torch.Tenso
 
 # ------------------------------------------------------------------------------ gradient clipping
 def _mesh_key(t: torch.Tensor):
-    m = getattr(t, "device_mesh", None)
-    return None if m is None else (tuple(m.mesh.flatten().tolist()), m.mesh_dim_names)
+    """The DTensor's DeviceMesh (hashable by its layout and names: no tensor op, so FakeTensorMode-safe),
+    None for a plain tensor."""
+    return getattr(t, "device_mesh", None)
 
 
 def _replicas(t: torch.Tensor, world: int) -> int:
