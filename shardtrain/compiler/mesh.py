@@ -56,9 +56,13 @@ def cp_options(hw: HardwareSpec, train: TrainSpec, tp: int) -> list[int]:
 
 
 def cp_modes(req: ParallelRequest, cp: int) -> list[CpMode]:
+    """cp_mode auto = Ulysses: shardtrain's runtime runs it on every engine and device
+    (runtime/context_parallel.py, ALST on DeepSpeed). Ring is planned, emitted and checked only when
+    asked for (parallel.cp_mode: ring): accelerate's parallelism_config runs it in the user's own script
+    on CUDA (torch context_parallel); `shardtrain launch` refuses it in one line (launcher/preflight.py)."""
     if cp == 1:
         return [CpMode.ULYSSES]
-    return [req.cp_mode] if req.cp_mode is not None else [CpMode.ULYSSES, CpMode.RING]
+    return [req.cp_mode] if req.cp_mode is not None else [CpMode.ULYSSES]
 
 
 def replicate_options(strategy: Strategy, hw: HardwareSpec, req: ParallelRequest, rest: int) -> list[int]:

@@ -158,7 +158,7 @@ def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_
             r.add(f"{nproc} CPU processes requested but this machine has {machine.cpus} CPU core(s)",
                   f"pass --nproc-per-node {machine.cpus} (or fewer), or set run.oversubscribe: true "
                   "(`launch --oversubscribe`) to run them anyway, e.g. a 4-rank mesh test on 2 cores")
-    _mesh(plan, device, r)
+    _mesh(plan, device, r, own_script=entry is not None)
     # --- model, tokenizer, data ------------------------------------------------------------------
     for key, p in (("model.name", cfg.model.name), ("model.tokenizer", cfg.model.tokenizer)):
         if p and (os.sep in p or p.startswith(".")):
@@ -207,11 +207,13 @@ def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_
     return r
 
 
-def _mesh(plan, device, r: Report) -> None:
-    """What the runtime cannot run on this machine's device mesh (issue 18), before any rank starts."""
+def _mesh(plan, device, r: Report, own_script: bool = False) -> None:
+    """What the runtime cannot run on this machine's device mesh (issue 18), before any rank starts.
+    ``own_script``: the user's command runs the mesh itself (accelerate's parallelism_config runs ring
+    cp through torch's context_parallel on CUDA), so only the CPU limit applies to ring there."""
     from shardtrain.compiler.specs import CpMode, Method
     dims, c = plan.parallel, plan.chosen
-    if dims.cp > 1 and dims.cp_mode is CpMode.RING:
+    if dims.cp > 1 and dims.cp_mode is CpMode.RING and not (own_script and device != Device.CPU):
         if device == Device.CPU:
             r.add(f"parallel.cp_mode: ring (cp {dims.cp}) cannot run on CPU: torch's context_parallel has no CPU "
                   "kernel (its sharding rules cover CUDA flash / memory-efficient attention only)",
