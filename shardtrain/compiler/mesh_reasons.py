@@ -49,7 +49,11 @@ def mesh_reasons(train: TrainSpec, asked: TrainSpec, hw: HardwareSpec, c: Candid
         return r
     flat = [x for x in candidates if x.mesh.is_data_parallel_only]
     fit_flat = [x for x in flat if x.fits]
-    if not flat:
+    req = train.parallel
+    if not flat and ((req.tp or 1) > 1 or (req.cp or 1) > 1):
+        r.append("tp/cp set in parallel: (no data-parallel-only mesh compared; leave them auto to let the planner "
+                 "choose)")
+    elif not flat:
         if train.global_batch_size < hw.world_size or train.global_batch_size % hw.world_size:
             r.append(f"without tp/cp the global batch of {train.global_batch_size:,} cannot spread over "
                      f"{hw.world_size:,} GPUs: every data-parallel rank needs whole sequences; tp × cp = "
