@@ -211,7 +211,11 @@ class DeepSpeedEngine(BaseEngine):
     Context parallel (issue 18): with `sequence_parallel_size` sp > 1 in the config, DeepSpeed's own
     Ulysses (ALST) runs the attention and its mpu goes to `initialize` (runtime/ds_sequence_parallel.py);
     the loop feeds each rank its `context_parallel.cp_slice`. ZeRO-1/2 sum gradients over the sp ranks
-    of a sequence, so their loss multiplier carries 1/sp (ZeRO-3's reduce-scatter averages: no factor)."""
+    of a sequence, so their loss multiplier carries 1/sp (ZeRO-3's reduce-scatter averages: no factor).
+
+    Tensor parallel (issue 18): with `tensor_parallel.autotp_size` tp > 1 (ZeRO-1/2), `initialize` shards the
+    model with DeepSpeed's AutoTP over tp groups of consecutive ranks (the mesh's, checked) and reduces
+    gradients over the dp ranks only (a mean over dp = grad_reduce: no factor); runtime/ds_autotp.py."""
     kind = Engine.DEEPSPEED
 
     def __init__(self, model, optimizer, *, ds_config: dict, grad_accum: int, zero_stage: int,
@@ -222,7 +226,11 @@ class DeepSpeedEngine(BaseEngine):
         super().__init__(model, optimizer, **kw)
         self.zero_stage, self.offload_optimizer, self.offload_params = zero_stage, offload_optimizer, offload_params
         from shardtrain.runtime import ds_sequence_parallel as dsp
+        from shardtrain.runtime import ds_autotp
         self.sp = dsp.sp_size(ds_config)
+        self.tp = ds_autotp.check_config(ds_config, zero_stage, self.sp)
+        #: every parameter's shape before AutoTP splits it (ds_autotp.full_fp32_params gathers to it)
+        self.full_shapes = {n: p.shape for n, p in model.named_parameters()}
         self.loss_multiplier = float(grad_accum) * dsp.loss_scale_for_sp(self.sp, zero_stage, dsp.reduce_scatter(ds_config))
         args = dict(model=model, model_parameters=trainable(model), config=ds_config)
         if optimizer is not None:
@@ -234,6 +242,8 @@ class DeepSpeedEngine(BaseEngine):
             args["mpu"] = mpu
         self.ds, self.optimizer, _, _ = deepspeed.initialize(**args)
         self.module = self.ds
+        if self.tp > 1:
+            ds_autotp.check_groups(self.tp)
 
     def forward(self, batch):
         return self.ds(**batch).logits
@@ -273,3 +283,6 @@ class DeepSpeedEngine(BaseEngine):
         if self.sp > 1:
             from shardtrain.runtime.ds_sequence_parallel import teardown
             teardown()
+        if self.tp > 1:
+            from shardtrain.runtime import ds_autotp
+            ds_autotp.teardown()

@@ -1,0 +1,115 @@
+"""DeepSpeed AutoTP training (issue 18, DeepSpeed 0.19.8) for the DeepSpeed engine when the emitted
+ds_config.json has `tensor_parallel.autotp_size` tp > 1 (emit/deepspeed.py writes the plan's tp there).
+
+How DeepSpeed runs it, and what shardtrain adds:
+- `deepspeed.initialize` shards the model itself when the config has autotp_size > 1
+  (runtime/engine.py `_configure_tensor_parallel`): `groups._init_tp_mesh_device(tp)` builds a
+  (data_parallel = world / tp, tensor_parallel = tp) DeviceMesh, tp innermost, i.e. tp groups of
+  consecutive ranks: the tp groups of our mesh (dp_replicate, dp_shard, cp, tp) when cp is 1 (emit refuses
+  AutoTP with sequence_parallel_size; ZeRO-3 + tp is not planned). `check_groups` verifies it after
+  initialize. The model's own `base_model_tp_plan` (HF) picks the split (engine.py
+  `_apply_autotp_partitioning`: custom config > HF tp_plan > AutoTP's heuristics); replicated parameters
+  that see split activations get a tp all-reduce hook (auto_tp.py `register_replicated_grad_hooks`).
+- ZeRO-1/2 then partition and reduce over DeepSpeed's data-parallel group (dp ranks, `div_(dp)`): a mean
+  over dp, which is what the loop's loss scale (grad_reduce = dp × cp = dp) expects: no extra factor.
+- data: tp peers must be fed the SAME samples (DeepSpeed checks it on the first forward:
+  engine.py `check_dataloader_inputs_same_across_ranks`); build.py's sampler runs per dp rank
+  (MeshCoords.dp_rank), and the step's loss / token counts add one rank per tp group (MeshCoords).
+- the parameters of a replaced layer are tp-local slices; `safe_get_full_fp32_param` returns the slice's
+  fp32 master. `full_fp32_params` gathers them over tp (for tests and checks; checkpoints stay per tp
+  rank, see `portable_note`).
+
+Process-wide state it leaves: deepspeed.utils.groups' tp/dp groups (`_TENSOR_MODEL_PARALLEL_GROUP`,
+`_DATA_PARALLEL_GROUP`, `mpu`), the tp-layer runtime config; `teardown` resets the groups so that a later
+engine in the same process (a test's next scenario) builds its own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+TENSOR_PARALLEL, AUTOTP_SIZE = "tensor_parallel", "autotp_size"   # the ds_config keys (emit/deepspeed.py)
+
+
+def autotp_size(ds_config: dict) -> int:
+    """The config's tensor_parallel.autotp_size (1 when absent or 0: AutoTP off)."""
+    return int((ds_config.get(TENSOR_PARALLEL) or {}).get(AUTOTP_SIZE, 0) or 1)
+
+
+def check_config(ds_config: dict, zero_stage: int, sp: int) -> int:
+    """tp of the config, refusing what shardtrain does not run with AutoTP (one line each)."""
+    tp = autotp_size(ds_config)
+    if tp > 1 and sp > 1:
+        raise ValueError(f"ds_config.json: tensor_parallel.autotp_size {tp} with sequence_parallel_size {sp}: "
+                         "DeepSpeed 0.19.8 does not combine AutoTP with Ulysses; set parallel.tp: 1 or parallel.cp: 1")
+    if tp > 1 and zero_stage not in (1, 2):
+        raise ValueError(f"ds_config.json: tensor_parallel.autotp_size {tp} with ZeRO stage {zero_stage}: shardtrain "
+                         "runs AutoTP on ZeRO-1/2 only; use strategy zero1/zero2, or fsdp_full_shard with parallel.tp")
+    return tp
+
+
+def tp_group_ranks(rank: int, tp: int) -> list[int]:
+    """The mesh's tp group of `rank` (tp innermost: consecutive ranks)."""
+    first = rank - rank % tp
+    return list(range(first, first + tp))
+
+
+def check_groups(tp: int) -> None:
+    """After deepspeed.initialize: DeepSpeed's tp group is the mesh's (never expected to differ)."""
+    from deepspeed.utils import groups
+    rank = dist.get_rank()
+    got = dist.get_process_group_ranks(groups.get_tensor_model_parallel_group())
+    if got != tp_group_ranks(rank, tp):
+        raise RuntimeError(f"DeepSpeed's AutoTP group of rank {rank} is {got}, not the mesh's tp group "
+                           f"{tp_group_ranks(rank, tp)}")
+
+
+def is_tp_split(p: torch.Tensor) -> bool:
+    """Whether AutoTP replaced this parameter's layer with a tp-sharded one (layers.py config_tp_params)."""
+    from deepspeed.module_inject.layers import DS_TENSOR_MODEL_PARALLEL
+    return bool(getattr(p, DS_TENSOR_MODEL_PARALLEL, False))
+
+
+def split_probe(model: nn.Module) -> dict:
+    """{"split": names of tp-split parameters, "shapes": {name: local shape}} on this rank."""
+    return {"split": sorted(n for n, p in model.named_parameters() if is_tp_split(p)),
+            "shapes": {n: list(p.shape) for n, p in model.named_parameters()}}
+
+
+def _gather_tp(local: torch.Tensor, full_shape: torch.Size, group) -> torch.Tensor:
+    """The full tensor of a tp-split parameter: the slices all-gathered over `group` and concatenated along
+    the one dim where the slice is smaller (even splits: the tiny models this is used on)."""
+    if tuple(local.shape) == tuple(full_shape):
+        return local
+    dim = next(i for i, (a, b) in enumerate(zip(local.shape, full_shape)) if a != b)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    out = torch.cat(parts, dim=dim)
+    if tuple(out.shape) != tuple(full_shape):
+        raise RuntimeError(f"AutoTP slice {tuple(local.shape)} does not tile {tuple(full_shape)} evenly")
+    return out
+
+
+def full_fp32_params(eng, full_shapes: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 master (ZeRO-gathered, then tp-gathered). A collective over all ranks.
+    `full_shapes`: {name: shape} before AutoTP (default: the engine's record, DeepSpeedEngine.full_shapes)."""
+    from deepspeed.utils import groups, safe_get_full_fp32_param
+    shapes = full_shapes if full_shapes is not None else eng.full_shapes
+    tp = getattr(eng, "tp", 1)
+    out = {}
+    for n, p in eng.model.named_parameters():
+        t = safe_get_full_fp32_param(p).detach().clone()
+        if tp > 1 and is_tp_split(p):
+            t = _gather_tp(t, shapes[n], groups.get_tensor_model_parallel_group())
+        out[n] = t
+    return out
+
+
+def teardown() -> None:
+    """Reset deepspeed.utils.groups' tp/dp groups (module doc); safe when AutoTP never ran."""
+    from deepspeed.utils import groups
+    groups._TENSOR_MODEL_PARALLEL_GROUP = None
+    groups._DATA_PARALLEL_GROUP = None
+    groups._MODEL_PARALLEL_GROUP = None
+    groups.mpu = None
