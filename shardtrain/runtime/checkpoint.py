@@ -228,6 +228,9 @@ def full_state_dict(eng) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(eng.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if dist.get_rank() == 0 else None
+    if eng.kind is Engine.DEEPSPEED and getattr(eng, "tp", 1) > 1:  # AutoTP: gathered over tp (runtime/ds_autotp.py)
+        from shardtrain.runtime.ds_autotp import full_state_dict as autotp_full_state_dict
+        return autotp_full_state_dict(eng)
     if eng.kind is Engine.DEEPSPEED and eng.zero_stage == 3:
         sd = eng.ds._zero3_consolidated_16bit_state_dict()
         return {k: v.cpu() for k, v in sd.items()} if dist.get_rank() == 0 else None

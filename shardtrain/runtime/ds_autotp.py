@@ -77,33 +77,74 @@ def split_probe(model: nn.Module) -> dict:
             "shapes": {n: list(p.shape) for n, p in model.named_parameters()}}
 
 
-def _gather_tp(local: torch.Tensor, full_shape: torch.Size, group) -> torch.Tensor:
-    """The full tensor of a tp-split parameter: the slices all-gathered over `group` and concatenated along
-    the one dim where the slice is smaller (even splits: the tiny models this is used on)."""
-    if tuple(local.shape) == tuple(full_shape):
+def split_dim(name: str, local_shape, full_shape, tp: int) -> int | None:
+    """The dim along which AutoTP cut this parameter into tp equal contiguous slices (None: not cut).
+    The HF tp plans AutoTP follows for the models shardtrain plans (Llama-like: separate q/k/v, gate/up
+    colwise = dim 0, o/down rowwise = dim 1, lm_head over the vocabulary) cut one dim evenly; anything
+    else (fused qkv, uneven head splits) is refused here rather than written in a wrong layout."""
+    local_shape, full_shape = tuple(local_shape), tuple(full_shape)
+    if local_shape == full_shape:
+        return None
+    diff = [i for i, (a, b) in enumerate(zip(local_shape, full_shape)) if a != b]
+    if len(local_shape) != len(full_shape) or len(diff) != 1 or local_shape[diff[0]] * tp != full_shape[diff[0]]:
+        raise RuntimeError(f"AutoTP split {name} {list(full_shape)} into {list(local_shape)} per rank, not {tp} "
+                           "equal slices of one dim; shardtrain cannot gather it: use fsdp_full_shard with "
+                           "parallel.tp (FSDP2 + DTensor), or parallel.tp: 1")
+    return diff[0]
+
+
+def _tp_group():
+    from deepspeed.utils import groups
+    return groups.get_tensor_model_parallel_group()
+
+
+def to_full(name: str, local: torch.Tensor, full_shape, tp: int) -> torch.Tensor:
+    """COLLECTIVE over the tp group: the full tensor of a tp-split parameter (or of its optimizer state):
+    the slices all-gathered and concatenated along `split_dim`; unchanged when not split."""
+    dim = split_dim(name, local.shape, full_shape, tp)
+    if dim is None:
         return local
-    dim = next(i for i, (a, b) in enumerate(zip(local.shape, full_shape)) if a != b)
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    out = torch.cat(parts, dim=dim)
-    if tuple(out.shape) != tuple(full_shape):
-        raise RuntimeError(f"AutoTP slice {tuple(local.shape)} does not tile {tuple(full_shape)} evenly")
-    return out
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=_tp_group())
+    return torch.cat(parts, dim=dim)
+
+
+def to_local(name: str, full: torch.Tensor, local_shape, tp: int) -> torch.Tensor:
+    """This rank's AutoTP slice of a full tensor (the inverse of `to_full`; no communication)."""
+    dim = split_dim(name, local_shape, full.shape, tp)
+    if dim is None:
+        return full
+    r = dist.get_rank(_tp_group())
+    return full.narrow(dim, r * local_shape[dim], local_shape[dim]).contiguous()
 
 
 def full_fp32_params(eng, full_shapes: dict | None = None) -> dict[str, torch.Tensor]:
     """Every parameter's full fp32 master (ZeRO-gathered, then tp-gathered). A collective over all ranks.
     `full_shapes`: {name: shape} before AutoTP (default: the engine's record, DeepSpeedEngine.full_shapes)."""
-    from deepspeed.utils import groups, safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param
     shapes = full_shapes if full_shapes is not None else eng.full_shapes
     tp = getattr(eng, "tp", 1)
     out = {}
     for n, p in eng.model.named_parameters():
         t = safe_get_full_fp32_param(p).detach().clone()
-        if tp > 1 and is_tp_split(p):
-            t = _gather_tp(t, shapes[n], groups.get_tensor_model_parallel_group())
-        out[n] = t
+        out[n] = to_full(n, t, shapes[n], tp) if tp > 1 else t
     return out
+
+
+def full_state_dict(eng) -> dict | None:
+    """COLLECTIVE: the full 16-bit/working model state dict on rank 0 (None elsewhere), on the host:
+    DeepSpeed's own AutoTP consolidation (engine.py `_replace_module_consolidated_state_dict`: each replaced
+    layer gathered over tp in turn, GatherReplacedLayerParams), plus the persistent buffers it leaves out."""
+    sd = eng.ds._replace_module_consolidated_state_dict()
+    if dist.get_rank() != 0:
+        return None
+    for n, t in eng.model.state_dict().items():
+        sd.setdefault(n, t.detach().cpu())   # buffers (parameters are all in sd already)
+    want = eng.full_shapes
+    bad = {n: list(t.shape) for n, t in sd.items() if n in want and tuple(t.shape) != tuple(want[n])}
+    if bad:  # never expected: a layer DeepSpeed did not gather
+        raise RuntimeError(f"AutoTP's consolidated state dict has tp-local shapes for {sorted(bad)[:3]}")
+    return sd
 
 
 def teardown() -> None:

@@ -21,6 +21,8 @@ How each engine gets there (the values are carried exactly, bit for bit):
   is written by rank i mod W, so no rank holds the whole model. Loading reads full tensors in chunks of
   :data:`LOAD_CHUNK_BYTES` and hands them to ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``
   (each rank keeps its partition), then refreshes the 16-bit / working copies from the fp32 masters.
+  AutoTP (tensor_parallel.autotp_size, runtime/ds_autotp.py): those give a rank its tp slice; it is
+  gathered over tp to the global shape on save (`to_full`) and cut back on load (`to_local`).
 Optimizer hyper-parameters (lr, betas, weight decay) are NOT stored: they come from the run config, and the
 LR from the schedule at each step (runtime/optim.py).
 """
@@ -129,6 +131,11 @@ def _shape(p) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
+def _tp_full_shape(eng, n: str, p) -> torch.Size:
+    """The global shape of parameter `n`: AutoTP (runtime/ds_autotp.py) keeps a tp slice on each rank."""
+    return eng.full_shapes[n] if getattr(eng, "tp", 1) > 1 else _shape(p)
+
+
 def _named_trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -141,19 +148,20 @@ def _persistent_buffers(model) -> dict[str, torch.Tensor]:
 
 def _ds_save_state(eng) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    world, rank = dist.get_world_size(), dist.get_rank()
+    from shardtrain.runtime.ds_autotp import to_full
+    world, rank, tp = dist.get_world_size(), dist.get_rank(), getattr(eng, "tp", 1)
     keys, step = _ds_state_keys(eng), _ds_step(eng)
     out = {}
     for i, (n, p) in enumerate(_named_trainable(eng.model)):
         mine = i % world == rank  # every rank joins each gather; one rank keeps the result
-        shape = _shape(p)
-        v = safe_get_full_fp32_param(p)
+        shape, full = _shape(p), _tp_full_shape(eng, n, p)
+        v = to_full(n, safe_get_full_fp32_param(p).reshape(shape), full, tp)  # AutoTP: gathered over tp
         if mine:
-            out[MODEL + n] = v.detach().float().reshape(shape).cpu().clone()
+            out[MODEL + n] = v.detach().float().reshape(full).cpu().clone()
         for k in keys:
-            v = safe_get_full_optimizer_state(p, k)
+            v = to_full(n, safe_get_full_optimizer_state(p, k).reshape(shape), full, tp)
             if mine:
-                out[f"{OPTIM}state.{n}.{k}"] = v.detach().float().reshape(shape).cpu().clone()
+                out[f"{OPTIM}state.{n}.{k}"] = v.detach().float().reshape(full).cpu().clone()
         if mine and step is not None:
             out[f"{OPTIM}state.{n}.{STEP}"] = torch.tensor(step, dtype=torch.float32)
     if not _partial(eng.model) and rank == 0:
@@ -207,6 +215,7 @@ def _pad_for_zero3(p, v: torch.Tensor) -> torch.Tensor:
 def _ds_load(eng, path: Path, have: set[str]) -> None:
     import torch.distributed.checkpoint as dcp
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from shardtrain.runtime.ds_autotp import to_local
     named = _named_trainable(eng.model)
     if not named:
         return
@@ -225,15 +234,19 @@ def _ds_load(eng, path: Path, have: set[str]) -> None:
     for chunk in _chunks(named, len(keys)):
         want = {}
         for n, p in chunk:
-            want[MODEL + n] = torch.empty(_shape(p), dtype=torch.float32)
-            want.update({f"{OPTIM}state.{n}.{k}": torch.empty(_shape(p), dtype=torch.float32) for k in keys})
+            full = _tp_full_shape(eng, n, p)
+            want[MODEL + n] = torch.empty(full, dtype=torch.float32)
+            want.update({f"{OPTIM}state.{n}.{k}": torch.empty(full, dtype=torch.float32) for k in keys})
         _require(path, have, want)
         dcp.load(want, checkpoint_id=str(path))
         for n, p in chunk:
             dev = eng.device
-            safe_set_full_fp32_param(p, _pad_for_zero3(p, want[MODEL + n].to(dev)))
+
+            def mine(key):  # AutoTP: this rank's tp slice of the global tensor
+                return _pad_for_zero3(p, to_local(n, want[key], _shape(p), getattr(eng, "tp", 1)).to(dev))
+            safe_set_full_fp32_param(p, mine(MODEL + n))
             for k in keys:
-                safe_set_full_optimizer_state(p, _pad_for_zero3(p, want[f"{OPTIM}state.{n}.{k}"].to(dev)), k)
+                safe_set_full_optimizer_state(p, mine(f"{OPTIM}state.{n}.{k}"), k)
         del want
     if not _partial(eng.model):
         bufs = _persistent_buffers(eng.model)
