@@ -129,8 +129,12 @@ def worker_runs(tmp_path_factory):
     d = base / "resume_tp2"
     sc += [{**_sc("pre_tp2", "zero2", 2, steps=4), "run_dir": str(d), "env": {"SHARDTRAIN_TEST_SIGNAL_AT_STEP": "2:USR2"}},
            {"name": "post_tp2", "run_dir": str(d)}]
-    # the tp mesh's checkpoint of step 2 resumed by the 1-D run (its checkpoints/ linked in)
-    sc.append({**_sc("post_1d_from_tp2", "zero2", 1, steps=4), "plan_edit": _link_checkpoints(d)})
+    # the tp mesh's checkpoint of step 2 resumed by the 1-D run (its checkpoints/ linked in; a source run of
+    # its own: post_tp2 above leaves a step-4 checkpoint at the end)
+    src = base / "resume_src_tp2"
+    sc += [{**_sc("pre_src_tp2", "zero2", 2, steps=4), "run_dir": str(src),
+            "env": {"SHARDTRAIN_TEST_SIGNAL_AT_STEP": "2:USR2"}},
+           {**_sc("post_1d_from_tp2", "zero2", 1, steps=4), "plan_edit": _link_checkpoints(src)}]
     return run_driver(base, sc, nproc=WORLD)
 
 
@@ -201,7 +205,7 @@ def test_tp_checkpoint_resumes_on_the_1d_mesh(worker_runs):
     tp run does (steps 3-4 on the 1-D mesh). Measured: loss 2.4e-7, params 6e-8."""
     post, full = worker_runs["post_1d_from_tp2"], worker_runs["zero2_tp2"]
     assert "error" not in post, post.get("traceback")
-    assert post["start_step"] == 2
+    assert worker_runs["pre_src_tp2"]["preempted"] and post["start_step"] == 2
     dl = max(abs(a - b) for a, b in zip(post["losses"], full["losses"][2:]))
     dp = _max_diff(_final(post), _final(full))
     print(f"\n1-D resumed from the tp2 checkpoint: max |loss diff| {dl:.3g}, max |param diff| {dp:.3g}")
