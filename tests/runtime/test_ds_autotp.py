@@ -107,9 +107,12 @@ def test_autotp_config_refusals():
 
 
 # ------------------------------------------------------------------ through the worker (run directories)
-def _sc(name, strategy, tp, steps=STEPS, **run):
-    over = {"hardware": {"gpus_per_node": WORLD},
-            "train": {"strategy": strategy, "precision": "fp32", "steps": steps, "micro_batch": 2, "global_batch": 8},
+def _sc(name, strategy, tp, steps=STEPS, grad_ckpt="none", loss="full", loss_chunk_tokens=None, **run):
+    train = {"strategy": strategy, "precision": "fp32", "steps": steps, "micro_batch": 2, "global_batch": 8,
+             "grad_ckpt": grad_ckpt, "loss": loss}
+    if loss_chunk_tokens:
+        train["loss_chunk_tokens"] = loss_chunk_tokens
+    over = {"hardware": {"gpus_per_node": WORLD}, "train": train,
             "run": {"checkpoint_every": 0, "eval_every": 0, **run}}
     if tp > 1:
         over["parallel"] = {"dp_shard": WORLD // tp, "tp": tp}
@@ -123,7 +126,9 @@ def worker_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("autotp_worker")
     ev = {"eval_every": 4, "eval_batches": 1}   # the 1-D and the tp run evaluate the same 8 sequences
     sc = [_sc("zero2_1d", "zero2", 1, steps=4, **ev),
-          {**_sc("zero1_tp2", "zero1", 2), "probe": "mesh"},
+          # with full activation checkpointing and the chunked loss (lm_head, split over the vocabulary, called
+          # per chunk of tokens: runtime/loss.py)
+          {**_sc("zero1_tp2", "zero1", 2, grad_ckpt="full", loss="chunked", loss_chunk_tokens=48), "probe": "mesh"},
           {**_sc("zero2_tp2", "zero2", 2, steps=4, eval_every=4, eval_batches=2), "probe": "mesh"}]
     # stopped after step 2 (simulated SIGUSR2, as test_checkpoint_resume.py) and resumed on the tp mesh
     d = base / "resume_tp2"
@@ -210,3 +215,4 @@ def test_tp_checkpoint_resumes_on_the_1d_mesh(worker_runs):
     dp = _max_diff(_final(post), _final(full))
     print(f"\n1-D resumed from the tp2 checkpoint: max |loss diff| {dl:.3g}, max |param diff| {dp:.3g}")
     assert dl < LOSS_TOL and dp < PARAM_TOL
+
