@@ -169,6 +169,9 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
         raise ValueError(f"plan.json: QLoRA with parallel.tp {dims.tp}: bitsandbytes' 4-bit Linear cannot be split "
                          "by DTensor tensor parallel; set parallel.tp: 1 (shard with dp_shard instead) or use "
                          "method lora")
+    if engine_kind is Engine.DEEPSPEED:  # AutoTP (runtime/ds_autotp.py): what shardtrain runs, one line otherwise
+        from shardtrain.runtime.ds_autotp import check_plan
+        check_plan(dims.tp, c.method is Method.FULL, ds_config, s.zero_stage)
     if not dims.is_data_parallel_only and engine_kind is Engine.DDP:
         raise ValueError(f"plan.json: the mesh {dims.label()} needs a sharding engine (DDP runs data parallel "
                          "only); re-plan with strategy fsdp_full_shard (or parallel.tp/cp: 1)")

@@ -49,6 +49,24 @@ def check_config(ds_config: dict, zero_stage: int, sp: int) -> int:
     return tp
 
 
+def check_plan(tp: int, full_training: bool, ds_config: dict | None, zero_stage: int) -> None:
+    """build.py, before the model is built: a DeepSpeed plan with parallel.tp > 1 that shardtrain's AutoTP
+    path runs (one line naming the fix otherwise). The planner only makes ZeRO-1/2 full-training ones
+    (compiler/mesh.py); this catches an edited plan.json / ds_config.json."""
+    if tp == 1:
+        return
+    if not full_training:
+        raise ValueError(f"plan.json: LoRA/QLoRA with DeepSpeed AutoTP (parallel.tp {tp}) is not run by shardtrain "
+                         "(AutoTP replaces the base Linear that peft wraps); use fsdp_full_shard with parallel.tp "
+                         "(FSDP2 + DTensor), or parallel.tp: 1")
+    got = autotp_size(ds_config or {})
+    if got != tp:
+        raise ValueError(f"ds_config.json: tensor_parallel.autotp_size {got} but plan.json's parallel.tp is {tp}; "
+                         "re-emit the run directory from the plan (shardtrain launch writes both)")
+    from shardtrain.runtime.ds_sequence_parallel import sp_size
+    check_config(ds_config, zero_stage, sp_size(ds_config))
+
+
 def tp_group_ranks(rank: int, tp: int) -> list[int]:
     """The mesh's tp group of `rank` (tp innermost: consecutive ranks)."""
     first = rank - rank % tp

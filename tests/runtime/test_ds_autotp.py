@@ -100,6 +100,16 @@ def test_autotp_config_refusals():
         with pytest.raises(ValueError, match=key) as e:
             check_config({"tensor_parallel": {"autotp_size": 2}}, stage, sp)
         assert "\n" not in str(e.value)
+    # build.py's check of the plan against its ds_config (an edited plan.json / ds_config.json)
+    from shardtrain.runtime.ds_autotp import check_plan
+    check_plan(1, False, {}, 3)
+    check_plan(2, True, {"tensor_parallel": {"autotp_size": 2}}, 1)
+    for args, key in (((2, False, {"tensor_parallel": {"autotp_size": 2}}, 2), "LoRA/QLoRA"),
+                      ((2, True, {}, 2), "autotp_size 1 but"), ((2, True, {"tensor_parallel": {"autotp_size": 2}}, 3),
+                                                                "ZeRO stage 3")):
+        with pytest.raises(ValueError, match=key) as e:
+            check_plan(*args)
+        assert "\n" not in str(e.value) and ("fsdp_full_shard" in str(e.value) or "re-emit" in str(e.value))
     assert split_dim("w", (64, 128), (128, 128), 2) == 0 and split_dim("w", (128, 64), (128, 128), 2) == 1
     assert split_dim("n", (128,), (128,), 2) is None
     with pytest.raises(RuntimeError, match="fsdp_full_shard"):
