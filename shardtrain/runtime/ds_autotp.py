@@ -83,6 +83,13 @@ def check_groups(tp: int) -> None:
                            f"{tp_group_ranks(rank, tp)}")
 
 
+def check_splits(model: nn.Module, full_shapes: dict, tp: int) -> None:
+    """After initialize: every split parameter is tp equal slices of one dim (`split_dim` raises otherwise),
+    so checkpoints and final/ can be assembled; checked before the first step, not at the first save."""
+    for n, p in model.named_parameters():
+        split_dim(n, p.shape, full_shapes[n], tp)
+
+
 def is_tp_split(p: torch.Tensor) -> bool:
     """Whether AutoTP replaced this parameter's layer with a tp-sharded one (layers.py config_tp_params)."""
     from deepspeed.module_inject.layers import DS_TENSOR_MODEL_PARALLEL

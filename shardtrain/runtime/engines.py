@@ -244,6 +244,7 @@ class DeepSpeedEngine(BaseEngine):
         self.module = self.ds
         if self.tp > 1:
             ds_autotp.check_groups(self.tp)
+            ds_autotp.check_splits(model, self.full_shapes, self.tp)
 
     def forward(self, batch):
         return self.ds(**batch).logits
