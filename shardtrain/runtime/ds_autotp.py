@@ -16,8 +16,10 @@ How DeepSpeed runs it, and what shardtrain adds:
   engine.py `check_dataloader_inputs_same_across_ranks`); build.py's sampler runs per dp rank
   (MeshCoords.dp_rank), and the step's loss / token counts add one rank per tp group (MeshCoords).
 - the parameters of a replaced layer are tp-local slices; `safe_get_full_fp32_param` returns the slice's
-  fp32 master. `full_fp32_params` gathers them over tp (for tests and checks; checkpoints stay per tp
-  rank, see `portable_note`).
+  fp32 master (and optimizer states). `to_full` / `to_local` convert between that slice and the global
+  tensor: runtime/portable.py writes global shapes (so a tp checkpoint resumes on any mesh or engine, and
+  any checkpoint on the tp mesh: tests/runtime/test_ds_autotp.py), `full_fp32_params` for checks.
+  final/ comes from DeepSpeed's own consolidation (`full_state_dict`, used by checkpoint.full_state_dict).
 
 Process-wide state it leaves: deepspeed.utils.groups' tp/dp groups (`_TENSOR_MODEL_PARALLEL_GROUP`,
 `_DATA_PARALLEL_GROUP`, `mpu`), the tp-layer runtime config; `teardown` resets the groups so that a later
