@@ -18,6 +18,9 @@ from shardtrain.exitcodes import EXIT_ERROR, EXIT_NO_FIT, EXIT_OK  # noqa: E402
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if getattr(args, "max", None):  # issue 20: the largest value that fits (shardtrain/plan_max.py)
+        from shardtrain.plan_max import run_plan_max
+        return run_plan_max(args)
     from shardtrain.compiler.planner import NoFitError
     from shardtrain.config.pipeline import compile_args
     from shardtrain.report import render_plan
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-json", action="store_true", help="with --json: include the spec block (as plan.json)")
     p.add_argument("--trace", action="store_true", help="also trace the plan's training step on the CPU under "
                    "FakeTensorMode (torch's MemTracker/FSDPMemTracker) and show it beside the analytic peak")
+    from shardtrain.plan_max import add_max_flag
+    add_max_flag(p)
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("presets", help="list bundled model and GPU presets")
     p.set_defaults(func=cmd_presets)

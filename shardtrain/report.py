@@ -85,3 +85,15 @@ def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
         if any(k == "hardware.nvme_path" for x in plan.suggestions for k, _ in x.set):
             out.append("  (--nvme-path: any local NVMe directory; plan does not read it)")
     return "\n".join(out)
+
+
+def render_max(result) -> str:
+    """`plan --max`: the answer line (compiler/maxfit.py MaxResult.sentence) above the plan at that value."""
+    from shardtrain.compiler.maxfit import Limit
+    r = result
+    lines = [f"max        {r.sentence()}"]
+    if r.limit in (Limit.HOST_RAM, Limit.NVME):
+        lines.append(f"           (planned {r.plans_made} values; at {r.next_value:,}: {r.detail})")
+    else:
+        lines.append(f"           (planned {r.plans_made} values in steps of {r.step:,})")
+    return "\n".join(lines) + "\n\n" + render_plan(r.plan)
