@@ -52,7 +52,7 @@ def run_plan_max(args: argparse.Namespace) -> int:
         try:  # the same verdict through the pipeline, which adds the verified suggestions
             plan_for(load(cfg, overrides_at(key, e.value, hw, train)))
         except NoFitError as full:
-            msg = f"--max {key.value}: nothing fits even at {key.noun} {e.value:,}: {full}"
+            msg = f"--max {key.value}: at {key.noun} {e.value:,}, the smallest value, {full}"
         print("shardtrain: " + one_line(msg), file=sys.stderr)
         return EXIT_NO_FIT
     import dataclasses

@@ -179,7 +179,7 @@ def find_max(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, key: MaxKey, 
 
     if not attempt(1):
         err = tried[1][1]
-        raise NothingFitsError(f"--max {key.value}: nothing fits even at {key.noun} {step:,}: {err}", key, step,
+        raise NothingFitsError(f"--max {key.value}: at {key.noun} {step:,}, the smallest value, nothing fits: {err}", key, step,
                                err)
     lo, hi = 1, None
     k = 1
