@@ -1,6 +1,7 @@
 """Planning speed: in-process plans over all candidates, the device mesh searched (issue 18): 70B on 64
 nodes × 8 GPUs (goal < 0.2 s), 405B on 1,024 GPUs with a global batch of 256 (goal < 50 ms; the batch
-forces tp/cp), 8B at seq 262,144 on one node; and a cold `shardtrain plan` CLI call with a preset (goal
+forces tp/cp), 8B at seq 262,144 on one node; `plan --max seq-len` for 8B on one node (goal < 1 s) and 405B on
+128 x 8 (goal < 5 s); and a cold `shardtrain plan` CLI call with a preset (goal
 < 2 s wall). Prints measured figures; asserts nothing.
 
     python benchmarks/plan_speed.py [--repeats 7]
@@ -63,6 +64,25 @@ def main() -> None:
                             "llama-3.1-8b", "--json"], capture_output=True, text=True).stderr
     bad = [m for m in ("torch", "deepspeed", "transformers") if f"| {m}\n" in heavy or f"| {m}." in heavy]
     print(f"heavy modules imported on the plan path: {bad or 'none'}")
+    _max_speed(args.repeats)
+
+
+def _max_speed(repeats: int) -> None:
+    """issue 20: `plan --max seq-len` in-process (goals: 8B on one node < 1 s, 405B on 128 x 8 < 5 s)."""
+    from shardtrain.compiler.maxfit import MaxKey, find_max
+    from shardtrain.compiler.specs import HardwareSpec, TrainSpec
+    from shardtrain.config.presets import load_model_spec
+    for name, hw, goal in (("llama-3.1-8b", HardwareSpec(nodes=1, gpus_per_node=8), 1.0),
+                           ("llama-3.1-405b", HardwareSpec(nodes=128, gpus_per_node=8), 5.0)):
+        m, times = load_model_spec(name), []
+        for _ in range(max(1, repeats // 2)):
+            t0 = time.perf_counter()
+            r = find_max(m, hw, TrainSpec(), MaxKey.SEQ_LEN)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        print(f"in-process plan --max seq-len, {name} on {hw.nodes}x{hw.gpus_per_node}: median {med:.3f} s "
+              f"(min {min(times):.3f}; goal < {goal:.0f} s; {r.plans_made} plans) -> seq {r.value:,}, mesh "
+              f"{r.plan.parallel.label()}, limited by {r.limited_by}; ratio to goal {med / goal:.3f}")
 
 
 if __name__ == "__main__":
