@@ -22,8 +22,8 @@ _REPLACED_FLAGS = {"seq-len": ("seq_len",), "micro-batch": ("micro_batch", "glob
 def add_max_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max", choices=("seq-len", "micro-batch", "global-batch"), default=None,
                    help="search the largest value of this key that fits (everything else as given or auto); "
-                        "micro-batch/global-batch: without gradient accumulation (global = micro × data-parallel "
-                        "ranks)")
+                        "micro-batch/global-batch: global = micro × (GPUs / forced tp × cp), accumulation 1 "
+                        "unless the chosen mesh adds tp/cp (see compiler/maxfit.py)")
 
 
 def run_plan_max(args: argparse.Namespace) -> int:

@@ -16,9 +16,11 @@ What each key keeps fixed (decided here, documented in the report):
 - ``micro_batch``: gradient accumulation 1 on a pure data-parallel mesh: micro batch m is planned with
   ``micro_batch = m`` and ``global_batch = m × W``, W = world / (forced tp × forced cp). Every mesh is then
   legal; a mesh the planner picks with more tp × cp than forced accumulates (tp × cp) micro-steps. Step 1.
-- ``global_batch``: the largest global batch one optimizer step takes WITHOUT gradient accumulation (with
-  accumulation the global batch is unbounded by memory): global batch G = m × W planned with micro batch
-  m, over multiples of W (the data-parallel size). A forced micro batch makes the question moot: refused.
+- ``global_batch``: with gradient accumulation the global batch is unbounded by memory, so this is the
+  largest G = m × W planned with micro batch m (over multiples of W): one micro-step per rank on a pure
+  data-parallel mesh (force ``--tp 1 --cp 1`` to keep it so); a mesh the planner picks with tp × cp > 1
+  accumulates tp × cp micro-steps, as for ``micro_batch``. A forced micro batch makes the question moot:
+  refused.
 
 Pure: no I/O, no torch.
 """
