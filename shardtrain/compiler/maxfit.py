@@ -114,9 +114,10 @@ class MaxResult:
             return head + f" (search stopped at its cap of {MAX_STEPS:,} steps; larger values were not tried)"
         at = f"; at {self.next_value:,}"
         if self.limit is Limit.GPU_TERM:
-            return (head + f"{at} the {TERM_WORDS.get(self.term, self.term)} ({fmt_bytes(self.term_bytes)}, its "
-                    f"largest term) take the smallest plan to {fmt_bytes(self.next_needs_bytes)} per GPU > "
-                    f"{fmt_bytes(self.usable_bytes)} usable")
+            return (head + f"{at} the smallest plan needs {self.next_needs_bytes:,} bytes "
+                    f"({fmt_bytes(self.next_needs_bytes)}) per GPU > {self.usable_bytes:,} "
+                    f"({fmt_bytes(self.usable_bytes)}) usable; its largest term: "
+                    f"{TERM_WORDS.get(self.term, self.term)} {fmt_bytes(self.term_bytes)}")
         if self.limit is Limit.HOST_RAM:
             return head + f"{at} host RAM runs out: {self.detail}"
         if self.limit is Limit.NVME:
