@@ -210,17 +210,14 @@ def check(cfg, plan, *, machine: Machine, device: Device | str, nproc: int, run_
 def _mesh(plan, device, r: Report, own_script: bool = False) -> None:
     """What the runtime cannot run on this machine's device mesh (issue 18), before any rank starts.
     ``own_script``: the user's command runs the mesh itself (accelerate's parallelism_config runs ring
-    cp through torch's context_parallel on CUDA), so only the CPU limit applies to ring there."""
+    cp through torch's context_parallel on CUDA). Ring cp runs on CUDA either way (shardtrain's FSDP2
+    engine: runtime/ring_attention.py; the planner keeps it off DeepSpeed); only CPU is refused."""
     from shardtrain.compiler.specs import CpMode, Method
     dims, c = plan.parallel, plan.chosen
-    if dims.cp > 1 and dims.cp_mode is CpMode.RING and not (own_script and device != Device.CPU):
-        if device == Device.CPU:
-            r.add(f"parallel.cp_mode: ring (cp {dims.cp}) cannot run on CPU: torch's context_parallel has no CPU "
-                  "kernel (its sharding rules cover CUDA flash / memory-efficient attention only)",
-                  "set parallel.cp_mode: ulysses (--cp-mode ulysses), which runs on CPU and GPU")
-        else:
-            r.add(f"parallel.cp_mode: ring (cp {dims.cp}) is planned but shardtrain's engines do not run ring "
-                  "attention yet", "set parallel.cp_mode: ulysses (--cp-mode ulysses)")
+    if dims.cp > 1 and dims.cp_mode is CpMode.RING and device == Device.CPU:
+        r.add(f"parallel.cp_mode: ring (cp {dims.cp}) cannot run on CPU: torch's context_parallel has no CPU "
+              "kernel (its sharding rules cover CUDA flash / memory-efficient attention only)",
+              "set parallel.cp_mode: ulysses (--cp-mode ulysses), which runs on CPU and GPU")
     if dims.tp > 1 and c.method is Method.QLORA:
         r.add(f"QLoRA with parallel.tp {dims.tp}: bitsandbytes' 4-bit Linear cannot be split by DTensor tensor "
               "parallel", "set parallel.tp: 1 (--tp 1; shard with dp_shard instead) or train.method: lora")

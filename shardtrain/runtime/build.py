@@ -175,6 +175,7 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
     if not dims.is_data_parallel_only and engine_kind is Engine.DDP:
         raise ValueError(f"plan.json: the mesh {dims.label()} needs a sharding engine (DDP runs data parallel "
                          "only); re-plan with strategy fsdp_full_shard (or parallel.tp/cp: 1)")
+    ring = None  # the ring-cp helper (FSDP2 with cp_mode ring only)
     if engine_kind is Engine.DDP:
         eng = E.DDPEngine(model, make_opt(E.trainable(model)), **common)
     elif engine_kind is Engine.FSDP:
@@ -184,7 +185,7 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
         eng = E.FSDP2Engine(model, make_opt, settings=rt.fsdp, full_state=full, mesh=mesh, **common)
         del full
         if dims.cp > 1:
-            _install_cp(model, dims, mesh, info.device.type)
+            ring = _install_cp(model, dims, mesh, info.device.type)
     else:
         client = rt.deepspeed_client_optimizer
         if info.device.type == "cpu" and rt.deepspeed_cpu_config is not None:
@@ -195,16 +196,24 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
         eng = E.DeepSpeedEngine(model, opt, ds_config=ds_config, grad_accum=c.grad_accum_steps,
                                 zero_stage=s.zero_stage, offload_optimizer=offload,
                                 offload_params=s.offload_params is not OffloadDevice.NONE, **common)
-    return Run(run_dir=Path(run_dir), cfg=cfg, plan=plan, info=info, tokenizer=tok, train_data=train,
-               eval_data=ev, sampler=sampler, engine=eng, coords=mc)
+    run = Run(run_dir=Path(run_dir), cfg=cfg, plan=plan, info=info, tokenizer=tok, train_data=train,
+              eval_data=ev, sampler=sampler, engine=eng, coords=mc)
+    if ring is not None:  # cp_mode ring: the worker shards each micro-step through it (runtime/ring_attention.py)
+        run.extra["ring"] = ring
+    return run
 
 
-def _install_cp(model, dims, mesh: RankMesh, device_type: str) -> None:
+def _install_cp(model, dims, mesh: RankMesh, device_type: str):
     """Context parallel on the FSDP2 engine: Ulysses all-to-all attention over the cp group
     (runtime/context_parallel.py); the loop slices each micro-batch per cp rank (worker.py). Ring
-    attention (torch's context_parallel) has no CPU kernel: refused (the preflight says so first)."""
+    (cp_mode ring, CUDA only; on CPU refused in one line, the preflight says so first): the model's
+    attention becomes causal SDPA and the returned RingCP wraps each micro-step in torch's
+    context_parallel (runtime/ring_attention.py). Returns the RingCP, None for Ulysses."""
     if dims.cp_mode is CpMode.RING:
-        raise ValueError("parallel.cp_mode: ring is not run by shardtrain's FSDP2 engine yet (torch's "
-                         "context_parallel needs CUDA flash/efficient attention); set parallel.cp_mode: ulysses")
+        from shardtrain.runtime.ring_attention import RingCP, install_ring, refuse_ring_on
+        refuse_ring_on(device_type)
+        install_ring(model)
+        return RingCP(mesh["cp"])
     from shardtrain.runtime.context_parallel import install_ulysses
     install_ulysses(model, mesh.group("cp"))
+    return None

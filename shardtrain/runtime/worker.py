@@ -84,11 +84,15 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
     loss_sum = torch.zeros((), dtype=torch.float64, device=r.info.device)  # no host sync per micro-step
     loss_counts = _coords(r).counts_loss  # tp peers compute the same loss: one of them adds it
     K = len(batches)
+    ring = r.extra.get("ring")  # cp_mode ring: torch's context_parallel shards each micro-step (runtime/ring_attention.py)
     for k, b in enumerate(batches):
         last = k == K - 1
         b = _to(b, r.info.device)
-        b, labels, shifted = cp_view(r.plan.parallel, _coords(r), b, b.pop("labels"))  # cp > 1: this rank's slice
-        with eng.micro_step(last):
+        if ring is not None:  # the full sequences (labels shifted, positions global), sharded inside ring.shard
+            b, labels, shifted = ring.view(b, b.pop("labels"))
+        else:
+            b, labels, shifted = cp_view(r.plan.parallel, _coords(r), b, b.pop("labels"))  # cp > 1: this rank's slice
+        with eng.micro_step(last), (ring.shard(b, labels) if ring is not None else contextlib.nullcontext()):
             loss = token_loss(r)(b, labels, shifted)  # full or chunked logits, activation offload (runtime/loss.py)
             loss = poison_loss(loss, r.info.rank, step + 1)  # TEST-ONLY (runtime/faults.py): a NaN loss
             if phase and last:
@@ -131,11 +135,17 @@ def evaluate(r: Run, step: int) -> dict | None:
     idx = eval_indices(len(r.eval_data), r.cfg.run.eval_batches, m, r.plan.parallel.dp, mc.dp_rank)
     eng.train(False)
     tot = n = 0.0
+    ring = r.extra.get("ring")
     try:
         for ix in idx:
             b = _to(r.eval_data.collate(ix), r.info.device)
-            b, labels, shifted = cp_view(r.plan.parallel, mc, b, b.pop("labels"))
-            tot += float(token_loss(r)(b, labels, shifted))
+            if ring is not None:  # ring: labels are this rank's shard after the context (not restored)
+                b, labels, shifted = ring.view(b, b.pop("labels"))
+                with ring.shard(b, labels):
+                    tot += float(token_loss(r)(b, labels, shifted))
+            else:
+                b, labels, shifted = cp_view(r.plan.parallel, mc, b, b.pop("labels"))
+                tot += float(token_loss(r)(b, labels, shifted))
             n += float((labels != -100).sum() if shifted else (labels[:, 1:] != -100).sum())
     finally:
         eng.train(True)
