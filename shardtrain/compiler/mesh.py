@@ -57,9 +57,10 @@ def cp_options(hw: HardwareSpec, train: TrainSpec, tp: int) -> list[int]:
 
 def cp_modes(req: ParallelRequest, cp: int) -> list[CpMode]:
     """cp_mode auto = Ulysses: shardtrain's runtime runs it on every engine and device
-    (runtime/context_parallel.py, ALST on DeepSpeed). Ring is planned, emitted and checked only when
-    asked for (parallel.cp_mode: ring): accelerate's parallelism_config runs it in the user's own script
-    on CUDA (torch context_parallel); `shardtrain launch` refuses it in one line (launcher/preflight.py)."""
+    (runtime/context_parallel.py, ALST on DeepSpeed), tested against the 1-D run on CPU. Ring is planned
+    only when asked for (parallel.cp_mode: ring): it runs on CUDA only (runtime/ring_attention.py on
+    FSDP2; accelerate's parallelism_config in the user's own script) and has not been run on a GPU by
+    this project yet; CPU launches refuse it in one line (launcher/preflight.py)."""
     if cp == 1:
         return [CpMode.ULYSSES]
     return [req.cp_mode] if req.cp_mode is not None else [CpMode.ULYSSES]
