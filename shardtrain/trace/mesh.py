@@ -17,7 +17,7 @@ process group of plan.parallel.world ranks; the trace is rank 0's view:
    attention and memory efficient attention"): refused before anything is built (step.check_traceable);
 4. the optimizer step's gradient clipping as runtime/mesh.py `clip_grad_norm` computes it when tp > 1
    (TP-split and replicated gradients are DTensors on different meshes, which torch's clip_grad_norm_
-   cannot stack); see `clip` for why it is restated here.
+   cannot stack): `clip` calls it.
 """
 from __future__ import annotations
 
@@ -62,24 +62,11 @@ def cp_inputs(ids, parallel: ParallelDims):
 
 
 def clip(params, parallel: ParallelDims) -> None:
-    """The FSDP2 engine's clip (engines.FSDP2Engine.clip). tp > 1: runtime/mesh.py clip_grad_norm's
-    algorithm (norm per mesh as a full tensor, norm of the norms, clip per mesh group), with the groups
-    keyed by the DeviceMesh object: the runtime keys them by `mesh.mesh.tolist()`, which builds a
-    tensor and runs `nonzero` — under FakeTensorMode that is a data-dependent shape and raises."""
+    """The FSDP2 engine's clip (engines.FSDP2Engine.clip): torch's clip_grad_norm_ on a 1-D mesh,
+    runtime/mesh.py clip_grad_norm when tp > 1 (gradients on several DTensor meshes)."""
     import torch
     if parallel.tp == 1:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         return
-    from torch.distributed.tensor.experimental import implicit_replication
-    groups: dict = {}
-    for p in params:
-        if p.grad is not None:
-            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
-    norms = []
-    for ps in groups.values():
-        n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
-        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    with implicit_replication():
-        for ps in groups.values():   # foreach ops refuse operands on different meshes: one call per mesh
-            torch.nn.utils.clip_grads_with_norm_(ps, 1.0, total)
+    from shardtrain.runtime.mesh import clip_grad_norm
+    clip_grad_norm(list(params), 1.0)
