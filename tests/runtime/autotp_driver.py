@@ -14,10 +14,7 @@ over tp: runtime/ds_autotp.full_fp32_params) and a probe of how the parameters a
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cp_driver import LR, build_model, sequences  # noqa: E402  (same data and model as the cp scenarios)
+from cp_driver import main as cp_main  # noqa: E402  (the scenario loop)
 
 
 def make_engine(sc: dict, model, dp: int, local_batch: int):
@@ -81,27 +79,5 @@ def run_scenario(sc: dict, spec: dict) -> dict:
     return {"losses": losses, "grad_norms": norms, "params": params, "moved": moved, "probe": probe}
 
 
-def main() -> int:
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rc = 0
-    for sc in spec["scenarios"]:
-        try:
-            res = run_scenario(sc, spec)
-        except Exception as e:  # noqa: BLE001 - recorded, then the launch stops (the next collective would hang)
-            res, rc = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, 1
-        print(f"[autotp_driver rank{dist.get_rank()}] {sc['name']}: {res.get('error', 'ok')}", file=sys.stderr,
-              flush=True)
-        if dist.get_rank() == 0:
-            torch.save(res, Path(spec["out"]) / f"{sc['name']}.pt")
-        if rc:
-            print(res["traceback"], file=sys.stderr, flush=True)
-            break
-    dist.destroy_process_group()
-    return rc
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cp_main(run_scenario, "autotp_driver"))

@@ -133,7 +133,10 @@ def run_scenario(sc: dict, spec: dict) -> dict:
             "sdpa_restored": ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward}
 
 
-def main() -> int:
+def main(run=None, name: str = "cp_driver") -> int:
+    """Run every scenario of the spec file (argv[1]) in this process group with ``run(sc, spec)``
+    (default: this module's run_scenario); rank 0 saves each result; the first error stops the launch."""
+    run = run or run_scenario
     spec = json.loads(Path(sys.argv[1]).read_text())
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -141,10 +144,10 @@ def main() -> int:
     rc = 0
     for sc in spec["scenarios"]:
         try:
-            res = run_scenario(sc, spec)
+            res = run(sc, spec)
         except Exception as e:  # noqa: BLE001 - recorded, then the launch stops (the next collective would hang)
             res, rc = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, 1
-        print(f"[cp_driver rank{dist.get_rank()}] {sc['name']}: {res.get('error', 'ok')}", file=sys.stderr, flush=True)
+        print(f"[{name} rank{dist.get_rank()}] {sc['name']}: {res.get('error', 'ok')}", file=sys.stderr, flush=True)
         if dist.get_rank() == 0:
             torch.save(res, Path(spec["out"]) / f"{sc['name']}.pt")
         if rc:
