@@ -18,6 +18,7 @@ rank per sequence adds its share (MeshCoords.counts_loss / counts_tokens), as on
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -115,6 +116,21 @@ def cp_view(dims: ParallelDims, mc: MeshCoords, batch: dict, labels: torch.Tenso
     shift = d.pop("shift_labels")
     rest = {k: v for k, v in batch.items() if k not in ("input_ids", "position_ids", "attention_mask")}
     return {**rest, **d}, shift, True
+
+
+class SliceCP:
+    """The worker's sequence split without ring attention: cp_view (Ulysses cp: this rank's token slice;
+    cp 1: the batch unchanged) and no context around the micro-step. ring_attention.RingCP is the ring
+    counterpart (view = the full shifted sequences, shard = torch's context_parallel)."""
+
+    def __init__(self, dims: ParallelDims, mc: MeshCoords):
+        self.dims, self.mc = dims, mc
+
+    def view(self, batch: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor, bool]:
+        return cp_view(self.dims, self.mc, batch, labels)
+
+    def shard(self, batch: dict, labels: torch.Tensor):
+        return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------ gradient clipping

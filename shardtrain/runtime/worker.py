@@ -50,7 +50,7 @@ from shardtrain.runtime.faults import maybe_damage, maybe_kill, maybe_oom, poiso
 from shardtrain.runtime.guard import NonFiniteSteps, finite_guard
 from shardtrain.runtime.process import early_run_keys, leave_stop_code, setup_logging, stop_marker
 from shardtrain.runtime.loss import token_loss
-from shardtrain.runtime.mesh import cp_view
+from shardtrain.runtime.mesh import SliceCP
 from shardtrain.runtime.optim import lr_at
 from shardtrain.runtime.telemetry import LeakDetector, MetricsWriter, PhaseMemory, progress_bar
 from shardtrain.runtime.trackers import with_trackers
@@ -84,15 +84,12 @@ def train_step(r: Run, step: int, phase: PhaseMemory | None = None, meter: State
     loss_sum = torch.zeros((), dtype=torch.float64, device=r.info.device)  # no host sync per micro-step
     loss_counts = _coords(r).counts_loss  # tp peers compute the same loss: one of them adds it
     K = len(batches)
-    ring = r.extra.get("ring")  # cp_mode ring: torch's context_parallel shards each micro-step (runtime/ring_attention.py)
+    split = _split(r)
     for k, b in enumerate(batches):
         last = k == K - 1
         b = _to(b, r.info.device)
-        if ring is not None:  # the full sequences (labels shifted, positions global), sharded inside ring.shard
-            b, labels, shifted = ring.view(b, b.pop("labels"))
-        else:
-            b, labels, shifted = cp_view(r.plan.parallel, _coords(r), b, b.pop("labels"))  # cp > 1: this rank's slice
-        with eng.micro_step(last), (ring.shard(b, labels) if ring is not None else contextlib.nullcontext()):
+        b, labels, shifted = split.view(b, b.pop("labels"))
+        with eng.micro_step(last), split.shard(b, labels):
             loss = token_loss(r)(b, labels, shifted)  # full or chunked logits, activation offload (runtime/loss.py)
             loss = poison_loss(loss, r.info.rank, step + 1)  # TEST-ONLY (runtime/faults.py): a NaN loss
             if phase and last:
@@ -135,16 +132,12 @@ def evaluate(r: Run, step: int) -> dict | None:
     idx = eval_indices(len(r.eval_data), r.cfg.run.eval_batches, m, r.plan.parallel.dp, mc.dp_rank)
     eng.train(False)
     tot = n = 0.0
-    ring = r.extra.get("ring")
+    split = _split(r)
     try:
         for ix in idx:
             b = _to(r.eval_data.collate(ix), r.info.device)
-            if ring is not None:  # ring: labels are this rank's shard after the context (not restored)
-                b, labels, shifted = ring.view(b, b.pop("labels"))
-                with ring.shard(b, labels):
-                    tot += float(token_loss(r)(b, labels, shifted))
-            else:
-                b, labels, shifted = cp_view(r.plan.parallel, mc, b, b.pop("labels"))
+            b, labels, shifted = split.view(b, b.pop("labels"))
+            with split.shard(b, labels):  # ring: labels are this rank's shard after the context (not restored)
                 tot += float(token_loss(r)(b, labels, shifted))
             n += float((labels != -100).sum() if shifted else (labels[:, 1:] != -100).sum())
     finally:
@@ -153,6 +146,13 @@ def evaluate(r: Run, step: int) -> dict | None:
     tot, n = all_reduce_sum([tot if mc.counts_loss else 0.0, n if mc.counts_loss else 0.0], r.info.device)
     loss = tot / max(n, 1.0)
     return {rf.KIND: rf.EVAL, rf.STEP: step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(n)}
+
+
+def _split(r: Run):
+    """How this rank cuts each micro-batch's sequences: ring_attention.RingCP (cp_mode ring: the full
+    shifted sequences, sharded by torch's context_parallel around the micro-step) or mesh.SliceCP
+    (Ulysses cp: this rank's token slice; cp 1: unchanged)."""
+    return r.extra.get("ring") or SliceCP(r.plan.parallel, _coords(r))
 
 
 def _coords(r: Run):
