@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from shardtrain.compiler.model import ModelSpec  # noqa: E402
 from shardtrain.compiler.planner import NoFitError, plan  # noqa: E402
-from shardtrain.compiler.specs import (GradCkpt, HardwareSpec, Method, Precision, Strategy,  # noqa: E402
-                                       TrainSpec)
+from shardtrain.compiler.specs import (GradCkpt, HardwareSpec, Method, ParallelRequest, Precision,  # noqa: E402
+                                       Strategy, TrainSpec)
 from shardtrain.config.presets import load_model_spec  # noqa: E402
 
 GiB = 2**30
@@ -64,15 +64,31 @@ GRID = [
     ("llama-3.1-8b", "ddp", 1, 1, 512, 1, "full", "lora", "bf16"),
     ("mixtral-8x7b", "fsdp_full_shard", 1, 8, 2048, 1, "full", "full", "bf16"),
     ("mixtral-8x7b", "fsdp_full_shard", 8, 8, 4096, 1, "none", "full", "bf16"),
+    # device-mesh points (issue 18): traced with DTensor TP / HSDP / Ulysses on the fake process group
+    ("llama-3.1-8b", "fsdp_full_shard", 1, 8, 4096, 2, "none", "full", "bf16", dict(tp=2, dp_shard=4)),
+    ("llama-3.1-8b", "fsdp_full_shard", 1, 8, 4096, 1, "none", "full", "bf16", dict(dp_replicate=2, dp_shard=4)),
+    ("llama-3.1-8b", "fsdp_full_shard", 1, 8, 4096, 2, "none", "full", "bf16", dict(cp=2, dp_shard=4)),
+    ("llama-3.2-1b", "fsdp_full_shard", 1, 4, 2048, 2, "full", "lora", "bf16", dict(tp=2, dp_shard=2)),
 ]
 QUICK = [GRID[i] for i in (0, 1, 2, 6, 9, 13)]
 
 
+def _mesh(row) -> ParallelRequest:
+    """The row's forced mesh; rows without one are 1-D (tp 1, cp 1, no HSDP unless the strategy spells it),
+    as the grid measured before the planner searched meshes."""
+    if len(row) > 9:
+        return ParallelRequest(**{"tp": 1, "cp": 1, "dp_replicate": 1, **row[9]})
+    return ParallelRequest(tp=1, cp=1, dp_replicate=1 if row[1].startswith("fsdp_full") or
+                           row[1].startswith("fsdp_shard") else None)
+
+
 def make_plan(row):
-    name, strategy, nodes, gpus, seq, mb, ckpt, method, precision = row
+    name, strategy, nodes, gpus, seq, mb, ckpt, method, precision = row[:9]
+    p = _mesh(row)
     world = nodes * gpus
-    t = TrainSpec(seq_len=seq, micro_batch_size=mb, global_batch_size=mb * world, strategy=Strategy(strategy),
-                  grad_ckpt=GradCkpt(ckpt), method=Method(method), precision=Precision(precision))
+    dp = world // ((p.tp or 1) * (p.cp or 1))
+    t = TrainSpec(seq_len=seq, micro_batch_size=mb, global_batch_size=mb * dp, strategy=Strategy(strategy),
+                  grad_ckpt=GradCkpt(ckpt), method=Method(method), precision=Precision(precision), parallel=p)
     hw = HardwareSpec(nodes=nodes, gpus_per_node=gpus, gpu_memory_bytes=10**4 * GiB)
     try:
         return plan(model(name), hw, t)
@@ -97,7 +113,9 @@ def measure(row, terms: bool) -> dict:
 
 
 def fmt_row(r) -> str:
-    name, strategy, nodes, gpus, seq, mb, ckpt, method, precision = r["row"]
+    name, strategy, nodes, gpus, seq, mb, ckpt, method, precision = r["row"][:9]
+    if len(r["row"]) > 9:
+        strategy += " " + " × ".join(f"{k} {v}" for k, v in r["row"][9].items())
     ratios = " ".join(f"{ph[:3]} {r['analytic'][ph] / r['traced'][ph]:.3f}" for ph in ("forward", "backward", "optimizer"))
     return (f"| {name} | {strategy} | {nodes}x{gpus} | {seq} | {mb} | {ckpt} | {method} | {precision} | "
             f"{r['a_peak'] / GiB:.3f} ({r['a_phase'][:3]}) | {r['t_peak'] / GiB:.3f} ({r['t_phase'][:3]}) | "
