@@ -25,6 +25,12 @@ class Strategy(_StrEnum):
     ZERO2_OFFLOAD = "zero2_offload"
     ZERO3_OFFLOAD = "zero3_offload"
     ZERO_INFINITY = "zero_infinity"
+    FSDP_OFFLOAD = "fsdp_offload"
+    """FSDP2 full shard + CPUOffloadPolicy: the sharded params, the sharded grads and the optimizer step
+    live on the host; the GPU holds only the units being gathered (Answer.AI's 70B QLoRA on 2 × 24 GB)."""
+    ZERO3_OPT_OFFLOAD = "zero3_opt_offload"
+    """ZeRO-3 with offload_optimizer cpu and no offload_param: 16-bit param partitions stay on the GPU,
+    fp32 master + optimizer states + the step on the host (the HF Ulysses / ALST benchmark setup)."""
 
     @property
     def engine(self) -> "Engine":
@@ -38,11 +44,12 @@ class Strategy(_StrEnum):
     def zero_stage(self) -> int:
         """DeepSpeed ZeRO stage (0 for non-DeepSpeed strategies)."""
         return {Strategy.ZERO1: 1, Strategy.ZERO2: 2, Strategy.ZERO3: 3, Strategy.ZERO2_OFFLOAD: 2,
-                Strategy.ZERO3_OFFLOAD: 3, Strategy.ZERO_INFINITY: 3}.get(self, 0)
+                Strategy.ZERO3_OFFLOAD: 3, Strategy.ZERO_INFINITY: 3, Strategy.ZERO3_OPT_OFFLOAD: 3}.get(self, 0)
 
     @property
     def offload_optimizer(self) -> "OffloadDevice":
-        if self in (Strategy.ZERO2_OFFLOAD, Strategy.ZERO3_OFFLOAD):
+        """Where the optimizer states and step live (FSDP_OFFLOAD: torch's optimizer on the host shards)."""
+        if self in (Strategy.ZERO2_OFFLOAD, Strategy.ZERO3_OFFLOAD, Strategy.ZERO3_OPT_OFFLOAD, Strategy.FSDP_OFFLOAD):
             return OffloadDevice.CPU
         if self is Strategy.ZERO_INFINITY:
             return OffloadDevice.NVME
@@ -50,7 +57,8 @@ class Strategy(_StrEnum):
 
     @property
     def offload_params(self) -> "OffloadDevice":
-        if self is Strategy.ZERO3_OFFLOAD:
+        """Where the sharded parameters live between gathers (FSDP_OFFLOAD: CPUOffloadPolicy)."""
+        if self in (Strategy.ZERO3_OFFLOAD, Strategy.FSDP_OFFLOAD):
             return OffloadDevice.CPU
         if self is Strategy.ZERO_INFINITY:
             return OffloadDevice.NVME
@@ -64,7 +72,14 @@ class Strategy(_StrEnum):
     @property
     def shards_params(self) -> bool:
         return self in (Strategy.ZERO3, Strategy.ZERO3_OFFLOAD, Strategy.ZERO_INFINITY,
-                        Strategy.FSDP_FULL_SHARD, Strategy.FSDP_HYBRID_SHARD)
+                        Strategy.FSDP_FULL_SHARD, Strategy.FSDP_HYBRID_SHARD, Strategy.FSDP_OFFLOAD,
+                        Strategy.ZERO3_OPT_OFFLOAD)
+
+    @property
+    def deepspeed_offload(self) -> bool:
+        """DeepSpeed ZeRO-Offload / Infinity (DeepSpeedCPUAdam, offload_* config blocks) — not FSDP2's
+        CPUOffloadPolicy, which steps torch's own optimizer on the host shards."""
+        return self.engine is Engine.DEEPSPEED and self.offloads
 
 
 class Engine(_StrEnum):
