@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardtrain.compiler.lora_presets import PRESET_NAMES, as_preset, preset_targets
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import Method
 
@@ -39,20 +40,24 @@ class LoraTargetError(ValueError):
 
 
 def resolve_lora_targets(model: ModelSpec, targets: tuple[str, ...] | str) -> tuple[str, ...]:
-    """Expand "all-linear" (peft's meaning: every nn.Linear in the decoder layers, not lm_head) and
-    check that named targets exist in this architecture (Phi-3 fuses qkv_proj/gate_up_proj).
+    """Expand a preset (compiler/lora_presets.py: peft, torchtune, axolotl, llama-factory, all-linear —
+    peft's meaning: every nn.Linear in the decoder layers, not lm_head) and check that named targets
+    exist in this architecture (Phi-3 fuses qkv_proj/gate_up_proj).
     `lm_head` (an untied output projection) may be named too: peft adapts it like any Linear."""
-    linear = [s.name for s in model.linear_shapes() if not s.fused_parameter]
     if isinstance(targets, str):
         targets = (targets,)
-    if targets == ("all-linear",):
-        return tuple(linear)
+    preset = as_preset(targets)
+    if preset is not None:
+        try:
+            return preset_targets(model, preset)
+        except ValueError as e:
+            raise LoraTargetError(str(e)) from None
     valid = {s.name for s in model.linear_shapes()} | ({"lm_head"} if not model.tie_word_embeddings else set())
     bad = [t for t in targets if t not in valid]
     if bad:
         raise LoraTargetError(
             f"lora.targets: {bad} are not modules of {model.model_type} (decoder layers have "
-            f"{sorted(valid)}); use one of those or all-linear")
+            f"{sorted(valid)}); use one of those or a preset: {' | '.join(PRESET_NAMES)}")
     return tuple(targets)
 
 
