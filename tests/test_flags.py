@@ -14,7 +14,7 @@ SAMPLES = {
     "--nvme-path": "/nvme", "--nvme-capacity": "1TB", "--seq-len": "2048", "--micro-batch": "2",
     "--global-batch": "16", "--precision": "fp16", "--method": "lora", "--lora-rank": "8", "--optimizer": "lion",
     "--grad-ckpt": "full", "--attention": "eager", "--loss": "chunked", "--activation-offload": "cpu",
-    "--strategy": "zero3", "--steps": "7",
+    "--strategy": "zero3", "--steps": "7", "--tiled-mlp": "4", "--ckpt-offload": "cpu",
     "--dp-replicate": "2", "--dp-shard": "4", "--tp": "2", "--cp": "1", "--cp-mode": "ulysses",
 }
 COMMANDS = ("plan", "emit", "check", "launch", "sbatch")

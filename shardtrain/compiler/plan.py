@@ -15,7 +15,7 @@ from shardtrain.compiler.facts import (FsdpSettings, ModelRef, RuntimeFacts, Sta
                                       utilisation)
 from shardtrain.compiler.memory import ZeroBuckets
 from shardtrain.compiler.model import ModelSpec
-from shardtrain.compiler.specs import (ActivationOffload, Attention, GradCkpt, HardwareSpec, LoraSpec, LossMode,
+from shardtrain.compiler.specs import (ActivationOffload, Attention, CkptOffload, GradCkpt, HardwareSpec, LoraSpec, LossMode,
                                        Method, Optimizer, ParallelDims, ParallelRequest, Precision, Strategy,
                                        TrainSpec)
 
@@ -86,6 +86,11 @@ class Candidate:
     parallel: ParallelDims | None = None
     """The device mesh (dp_replicate × dp_shard × cp × tp = world_size). None only in plans written
     before the mesh existed: read them through ``mesh``."""
+    tiled_mlp_tiles: int = 1
+    """Sequence tiles of each checkpointed layer's MLP (1 = untiled; the resolved train.tiled_mlp)."""
+    ckpt_offload: bool = False
+    """The checkpointed layer inputs live in host memory between forward and backward (the resolved
+    train.ckpt_offload; False under activation_offload cpu, which already moves them)."""
 
     @property
     def mesh(self) -> ParallelDims:
@@ -200,6 +205,7 @@ class Plan:
                                               precision=c.precision, loss=c.loss,
                                               chunk_tokens=self.train.loss_chunk_tokens, parallel=c.parallel),
             "activation_offload": c.activation_offload.value,
+            "tiled_mlp_tiles": c.tiled_mlp_tiles, "ckpt_offload": c.ckpt_offload,
             "parallel": (c.parallel or ParallelDims.for_strategy(c.strategy, c.world_size,
                                                                  self.hardware.gpus_per_node)).to_json(),
             "why_not": list(c.why_not),
@@ -248,6 +254,7 @@ class Plan:
                 activation_offload=ActivationOffload(c.get("activation_offload", "none")),
                 per_phase=tuple((ph, MemoryBreakdown.from_json(b)) for ph, b in (c.get("per_phase") or {}).items()),
                 peak_phase=c.get("peak_phase", ""),
+                tiled_mlp_tiles=int(c.get("tiled_mlp_tiles", 1)), ckpt_offload=bool(c.get("ckpt_offload", False)),
                 parallel=(ParallelDims.from_json(c["parallel"]) if c.get("parallel")
                           else ParallelDims.for_strategy(Strategy(c["strategy"]), c["world_size"],
                                                          hw.gpus_per_node)))
@@ -281,6 +288,7 @@ def _train_from_json(d: dict) -> TrainSpec:
            "attention": Attention(d["attention"]),
            "loss": LossMode(d.get("loss", "full")),
            "activation_offload": ActivationOffload(d.get("activation_offload", "none")),
+           "ckpt_offload": CkptOffload(d.get("ckpt_offload", "auto")),
            "strategy": Strategy(d["strategy"]) if d.get("strategy") else None,
            "parallel": ParallelRequest.from_json(d.get("parallel"))},
         lora=LoraSpec(**{**lora, "targets": tuple(lora["targets"])}))

@@ -149,6 +149,18 @@ class ActivationOffload(_StrEnum):
     CPU = "cpu"
 
 
+class CkptOffload(_StrEnum):
+    """Where the checkpointed layer inputs (the one tensor each checkpointed decoder layer keeps between
+    forward and backward: p · h · tokens bytes) live (ALST, arXiv:2506.13996 §3 "activation checkpoint
+    offload to CPU"). cpu: host memory (pinned on CUDA), brought back for the layer's recompute; off:
+    device memory; auto: the planner offloads only when no plan fits with them on the device.
+    With activation_offload cpu it is redundant: save_on_cpu already moves every saved tensor of the
+    forward, the checkpointed inputs included (compiler/activations.py)."""
+    AUTO = "auto"
+    OFF = "off"
+    CPU = "cpu"
+
+
 class CompileMode(_StrEnum):
     """torch.compile in the runtime (issue 11). blocks: each decoder layer compiled in place before
     the engine wraps the model (torchtitan's per-block compile, repeated layers reuse one graph);
@@ -381,6 +393,14 @@ class TrainSpec:
     """Saved activations to host RAM (cpu) — the planner only picks it when nothing faster fits."""
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
     """Forced device-mesh dims (tp, cp, dp_replicate, dp_shard, cp_mode); unforced ones are searched."""
+    tiled_mlp: int | None = None
+    """Tiled MLP (ALST, arXiv:2506.13996 §3; DeepSpeed TiledMLP): every decoder layer's MLP computed in this
+    many sequence tiles; it saves only its input for backward and recomputes each tile there, so the MLP
+    intermediates exist for seq / N tokens at a time (its own recompute: it works with or without
+    checkpointing, one more MLP forward per step either way). None = auto (the planner tiles only when
+    that lets a faster plan fit or nothing fits untiled), 1 = off, N >= 2 = N tiles."""
+    ckpt_offload: CkptOffload = CkptOffload.AUTO
+    """Checkpointed layer inputs in host memory between forward and backward (see CkptOffload)."""
 
 
 class Launcher(_StrEnum):

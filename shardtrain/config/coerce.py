@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 Bytes = typing.NewType("Bytes", int)      # "80GiB" | 8.6e10
 Count = typing.NewType("Count", int)      # 7.5e9 | "7.5B"
 AutoInt = typing.NewType("AutoInt", int)  # "auto" (-> None) | positive int
+AutoOffInt = typing.NewType("AutoOffInt", int)  # "auto" (-> None) | "off" (-> 1) | positive int (train.tiled_mlp)
 
 
 class Auto(str, enum.Enum):
@@ -84,7 +85,7 @@ def coerce(key: str, tp, value):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             if type(None) in typing.get_args(tp):
                 return None
-        if AutoInt in args and isinstance(value, str) and value.lower() == "auto":
+        if (AutoInt in args or AutoOffInt in args) and isinstance(value, str) and value.lower() == "auto":
             return None
         if all(_is_enum(a) for a in args):  # e.g. auto | a strategy: one message listing all choices
             return _enum(key, args, value)
@@ -116,7 +117,11 @@ def coerce(key: str, tp, value):
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key}: {value!r} is not a boolean; write true or false")
-    if tp in (int, AutoInt):
+    if tp is AutoOffInt and isinstance(value, str) and value.strip().lower() == "off":
+        return 1
+    if tp is AutoOffInt and isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+        raise ConfigError(f"{key}: {value!r} is not valid (valid: auto, off, or a whole number of tiles >= 2, e.g. 8)")
+    if tp in (int, AutoInt, AutoOffInt):
         f = _number(key, value, "an integer", f"{key.split('.')[-1]}: 4")
         if f != int(f):
             raise ConfigError(f"{key}: {value!r} is not a whole number")

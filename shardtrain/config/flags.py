@@ -59,6 +59,8 @@ PLAN_FLAG_GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("--attention", "train.attention", "sdpa|flash|eager"),
         Flag("--loss", "train.loss", "full|chunked|auto (chunked: never the whole fp32 logits)"),
         Flag("--activation-offload", "train.activation_offload", "none|cpu (allow saved activations in host RAM)"),
+        Flag("--tiled-mlp", "train.tiled_mlp", "auto|off|N (each MLP in N sequence tiles, ALST tiled MLP)"),
+        Flag("--ckpt-offload", "train.ckpt_offload", "auto|off|cpu (checkpointed layer inputs in host RAM)"),
         Flag("--strategy", "train.strategy", "auto|ddp|zero1|zero2|zero3|fsdp_full_shard|fsdp_shard_grad_op|"
                                              "fsdp_hybrid_shard|zero2_offload|zero3_offload|zero_infinity"),
         Flag("--steps", "train.steps", type=int))),

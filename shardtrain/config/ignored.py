@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from shardtrain.compiler.specs import Export, GradCkpt, LossMode, Method, OffloadDevice, Strategy
+from shardtrain.compiler.specs import (ActivationOffload, CkptOffload, Export, GradCkpt, LossMode, Method,
+                                       OffloadDevice, Strategy)
 
 #: Warnings already printed by this process (the config is re-validated after every override and by
 #: the OOM re-plan: one line per setting, not one per validation).
@@ -55,6 +56,16 @@ def ignored_settings(cfg) -> list[str]:
     if t.loss is LossMode.FULL and "loss_chunk_tokens" in _changed(t):
         out.append(f"train.loss_chunk_tokens: {t.loss_chunk_tokens}: ignored, train.loss is full (set train.loss: "
                    "chunked or auto)")
+    if t.ckpt_offload is CkptOffload.CPU and t.grad_ckpt is GradCkpt.NONE:
+        out.append("train.ckpt_offload: cpu: ignored, train.grad_ckpt is none (no layer is checkpointed, so there "
+                   "are no checkpointed inputs to move; set train.grad_ckpt: full, selective or auto)")
+    elif t.ckpt_offload is CkptOffload.CPU and t.activation_offload is ActivationOffload.CPU:
+        # save_on_cpu packs the checkpointed layers' inputs too (torch/utils/checkpoint.py
+        # _CheckpointFrame.save_inputs runs the active saved-tensor hooks): the planner plans activation
+        # offload alone, so the same bytes are not moved twice
+        out.append("train.ckpt_offload: cpu: ignored, train.activation_offload is cpu, which already keeps the "
+                   "checkpointed layer inputs in host RAM (planned as activation offload alone; set "
+                   "train.activation_offload: none to offload only the checkpointed inputs)")
     if hw.nvme_capacity is not None and not hw.nvme_path:
         out.append("hardware.nvme_capacity: ignored without hardware.nvme_path (no NVMe plan is made)")
     if (hw.nvme_path and isinstance(t.strategy, Strategy)

@@ -12,10 +12,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardtrain.compiler.specs import (ActivationOffload, Attention, CompileMode, CpMode, DataFormat, Device,
+from shardtrain.compiler.specs import (ActivationOffload, Attention, CkptOffload, CompileMode, CpMode, DataFormat, Device,
                                        Export, GradCkpt, Launcher, LoraSpec, LossMode, Method, ModelInit, Optimizer,
                                        Precision, Resume, Strategy, TrainSpec)
-from shardtrain.config.coerce import Auto, AutoInt, Bytes, ConfigError, Count, coerce, nearest
+from shardtrain.config.coerce import Auto, AutoInt, AutoOffInt, Bytes, ConfigError, Count, coerce, nearest
 
 # The job's defaults are the compiler's (TrainSpec, LoraSpec): one place to change them.
 _TRAIN, _LORA = TrainSpec(), LoraSpec()
@@ -107,6 +107,15 @@ class TrainConfig:
     """Tokens per chunk of the chunked loss."""
     activation_offload: ActivationOffload = _TRAIN.activation_offload
     """none | cpu (allow saved activations in host RAM; used only when no faster plan fits)."""
+    tiled_mlp: AutoOffInt | None = _TRAIN.tiled_mlp
+    """auto | off | N: every decoder layer's MLP in N sequence tiles (ALST tiled MLP; its intermediates
+    exist for seq_len / N tokens at a time, at the cost of one more MLP forward per step; works with or
+    without checkpointing). auto: tiled only when that lets a faster plan fit or nothing fits untiled, with
+    ceil(tokens per rank's sequence / hidden) tiles (at least 2) as DeepSpeed's TiledMLP example picks; 1 is off."""
+    ckpt_offload: CkptOffload = _TRAIN.ckpt_offload
+    """auto | off | cpu: the checkpointed layer inputs in host memory (pinned on CUDA) between forward and
+    backward (ALST checkpoint offload). auto: only when nothing fits with them on the GPU. Redundant with
+    activation_offload cpu, which moves them already."""
     compile: CompileMode = CompileMode.NONE
     """none | blocks (torch.compile each decoder layer, torchtitan-style) | model (the whole model)."""
     strategy: Auto | Strategy = Auto.AUTO
@@ -267,6 +276,8 @@ _CHECKS = {
     "train.global_batch": (lambda v: v >= 1, "must be >= 1"),
     "train.selective_every": (lambda v: v >= 1, "must be >= 1"),
     "train.loss_chunk_tokens": (lambda v: v >= 1, "must be >= 1, e.g. 512"),
+    "train.tiled_mlp": (lambda v: v is None or v >= 1, "must be auto, off or a number of tiles >= 2, e.g. 8 "
+                                                       "(1 is off)"),
     "train.headroom": (lambda v: 0 <= v < 0.9, "must be a fraction in [0, 0.9), e.g. 0.05"),
     "train.lr": (lambda v: v is Auto.AUTO or v > 0, "must be auto or > 0, e.g. 2e-4"),
     "train.steps": (lambda v: v >= 1, "must be >= 1"),
