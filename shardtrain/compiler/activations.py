@@ -103,8 +103,8 @@ def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Att
 
 
 def resolved_ckpt_fraction(grad_ckpt: GradCkpt, num_layers: int, selective_every: int) -> float:
-    """Fraction of layers whose activations are recomputed."""
-    if grad_ckpt is GradCkpt.FULL:
+    """Fraction of layers whose activations are (wholly or, with op, partly) recomputed."""
+    if grad_ckpt in (GradCkpt.FULL, GradCkpt.OP):
         return 1.0
     if grad_ckpt is GradCkpt.SELECTIVE:
         return math.ceil(num_layers / selective_every) / num_layers
@@ -113,7 +113,8 @@ def resolved_ckpt_fraction(grad_ckpt: GradCkpt, num_layers: int, selective_every
 
 def checkpointed_layer_count(grad_ckpt: GradCkpt, num_layers: int, selective_every: int) -> int:
     """Decoder layers whose activations are recomputed (selective: layers 0, k, 2k, ..., as
-    runtime/modeling.py checkpoints them)."""
+    runtime/modeling.py checkpoints them; op: every layer, each keeping its saved ops' outputs too:
+    compiler/op_ckpt.py)."""
     return round(resolved_ckpt_fraction(grad_ckpt, num_layers, selective_every) * num_layers)
 
 

@@ -120,10 +120,15 @@ class Optimizer(_StrEnum):
 
 
 class GradCkpt(_StrEnum):
+    """Activation checkpointing. full: every decoder layer keeps only its input; selective: every k-th
+    layer (train.selective_every) is fully checkpointed; op: every layer under torchtitan's op-level
+    selective policy — the outputs of every other matmul and of attention are kept, the rest recomputed
+    (compiler/op_ckpt.py); auto: the planner picks the fastest that fits."""
     AUTO = "auto"
     NONE = "none"
     FULL = "full"
     SELECTIVE = "selective"
+    OP = "op"
 
 
 class Attention(_StrEnum):

@@ -55,7 +55,7 @@ PLAN_FLAG_GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("--method", "train.method", "full|lora|qlora"),
         Flag("--lora-rank", "lora.rank", type=int),
         Flag("--optimizer", "train.optimizer", "adamw|adamw8bit|adafactor|lion|sgd"),
-        Flag("--grad-ckpt", "train.grad_ckpt", "auto|none|full|selective"),
+        Flag("--grad-ckpt", "train.grad_ckpt", "auto|none|full|selective|op (op: torchtitan's op-level SAC)"),
         Flag("--attention", "train.attention", "sdpa|flash|eager"),
         Flag("--loss", "train.loss", "full|chunked|auto (chunked: never the whole fp32 logits)"),
         Flag("--activation-offload", "train.activation_offload", "none|cpu (allow saved activations in host RAM)"),

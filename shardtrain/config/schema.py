@@ -78,7 +78,9 @@ class LoraConfig:
     dropout: float = _LORA.dropout
     """Adapter dropout."""
     targets: tuple[str, ...] | str = "all-linear"
-    """Module leaf names to adapt, or all-linear."""
+    """Module leaf names to adapt, or a preset: peft (peft's default for the model type: q_proj, v_proj on
+    Llama) | torchtune (q, v, o + MLP) | axolotl | llama-factory | all-linear (every decoder Linear);
+    compiler/lora_presets.py cites each."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ class TrainConfig:
     optimizer: Optimizer = _TRAIN.optimizer
     """adamw | adamw8bit | adafactor | lion | sgd."""
     grad_ckpt: GradCkpt = _TRAIN.grad_ckpt
-    """auto | none | full | selective."""
+    """auto | none | full | selective | op (every layer, torchtitan's op-level selective checkpointing:
+    every other matmul's output and attention's are kept, the rest recomputed)."""
     selective_every: int = _TRAIN.selective_every
     """With grad_ckpt selective: checkpoint every k-th decoder layer."""
     attention: Attention = _TRAIN.attention
