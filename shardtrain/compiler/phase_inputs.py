@@ -34,6 +34,8 @@ class PhaseInputs:
     parallel: ParallelDims | None = None
     """The device mesh (None: tp 1, cp 1). `groups` are then the tensors one tp rank holds
     (mesh_memory.tp_local_groups) and `shard_size` the dp_shard × cp ranks they are sharded over."""
+    op_saved_bytes_per_token: float = 0
+    """grad_ckpt op: what each checkpointed layer keeps per token beyond its input (op_ckpt.py)."""
 
     @property
     def tp(self) -> int:

@@ -48,6 +48,7 @@ from shardtrain.compiler.inventory import TensorGroup, trainable_params
 from shardtrain.compiler.memory import ModelStateBytes, fsdp_shard_groups
 from shardtrain.compiler.mesh_memory import cp_transient_bytes, tp_gather_transient_bytes, tp_local_groups
 from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.op_ckpt import lora_adapted, saved_bytes_per_token
 from shardtrain.compiler.phase_inputs import PhaseInputs
 from shardtrain.compiler.plan import MemoryBreakdown
 from shardtrain.compiler.specs import (Attention, Engine, GradCkpt, LossMode, Method, OffloadDevice, Optimizer,
@@ -126,14 +127,18 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         per_layer += p * _layer_trainable(x.groups, m)
     resid = (4 if autocast and full_ft else p) * h * tokens   # checkpointed layer keeps its input
     n_ck = x.grad_ckpt_layers
+    # grad_ckpt op (compiler/op_ckpt.py): every layer also keeps its saved ops' outputs, in the SAC cache
+    # (not through saved-tensor hooks, so they stay on the device under activation / checkpoint offload)
+    op_kept = int(x.op_saved_bytes_per_token * tokens) * n_ck
     kept = (L - n_ck) * per_layer + n_ck * resid
     if x.activation_offload:
         kept = 0     # in host RAM (activations.activation_host_bytes)
+    kept += op_kept
     head = 2 * resid                                        # embedding output + final norm output
 
     # ---- model states, and the instants of each phase
     params, master, states = ms.params, ms.master_params, ms.optimizer_states
-    top = per_layer if n_ck == 0 else resid   # what the first layer's backward frees
+    top = per_layer if n_ck == 0 else resid + op_kept // n_ck   # what the first layer's backward frees
     working = (per_layer if n_ck else 0) + BACKWARD_WORKING_BYTES_PER_H * h * tokens + cp_bwd
     bsv_p = p * tokens * m.vocab_size + tp_gather   # 16-bit logits at the lm_head matmul (+ tp-local slice)
     if eng is Engine.FSDP:
@@ -338,6 +343,8 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
         bwd_logits = min(12 * bsv, logits)
     else:
         fwd_logits = bwd_logits = logits
+    op_saved = (saved_bytes_per_token(model, precision, lora=lora_adapted(groups), parallel=parallel)
+                if grad_ckpt is GradCkpt.OP else 0)
     x = PhaseInputs(model=model, groups=tp_local_groups(groups, parallel.tp if parallel else 1),
                     strategy=strategy, shard_size=shard_size,
                     method=method, precision=precision, optimizer=optimizer, micro_batch=micro_batch,
@@ -345,7 +352,7 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                     layer_act_bytes_per_token=layer_bytes_per_token(model, precision, attention, seq_len,
                                                                     parallel=parallel),
                     logits_forward_bytes=fwd_logits, logits_backward_bytes=bwd_logits,
-                    activation_offload=activation_offload, parallel=parallel)
+                    activation_offload=activation_offload, op_saved_bytes_per_token=op_saved, parallel=parallel)
     terms = phase_terms(x, ms)
     phases = {ph: MemoryBreakdown(**t, cuda_context=cuda_context) for ph, t in terms.items()}
     peak = max(PHASES, key=lambda ph: (phases[ph].total, -PHASES.index(ph)))

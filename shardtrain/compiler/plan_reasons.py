@@ -49,6 +49,8 @@ def plan_reasons(model: ModelSpec, t: TrainSpec, hw: HardwareSpec, usable: int, 
     ck = {GradCkpt.NONE: "off: activations fit without recomputation",
           GradCkpt.SELECTIVE: f"selective (every {ordinal(t.selective_every)} layer): the cheapest recomputation "
                              "that fits",
+          GradCkpt.OP: "op (every layer keeps every other matmul's and attention's outputs, torchtitan's op "
+                       "policy): needed to fit, less recomputation than full",
           GradCkpt.FULL: "full: needed to fit activations (~33% more compute)"}[c.gradient_checkpointing]
     r.append(f"gradient checkpointing {ck}")
     r.append(f"global batch {t.global_batch_size} = micro batch {c.micro_batch_size} × accumulation "

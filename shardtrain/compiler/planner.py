@@ -14,6 +14,8 @@ from shardtrain.compiler.inventory import TensorGroup, resolve_lora_targets, ten
 from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes, shard_group_size
 from shardtrain.compiler.mesh import mesh_illegal_reason, meshes
 from shardtrain.compiler.mesh_reasons import mesh_reasons
+from shardtrain.compiler.loss_choice import loss_auto_reason
+from shardtrain.compiler.op_ckpt import recompute_fraction
 from shardtrain.compiler.plan_reasons import STRATEGY_ORDER, ordinal, plan_reasons  # noqa: F401  (re-exported)
 from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.model import ModelSpec
@@ -24,7 +26,7 @@ from shardtrain.compiler.specs import (ActivationOffload, Engine, GradCkpt, Hard
 from shardtrain.units import fmt_bytes
 
 MAX_AUTO_MICRO_BATCH = 64
-_CKPT_ORDER = (GradCkpt.NONE, GradCkpt.SELECTIVE, GradCkpt.FULL)
+_CKPT_ORDER = (GradCkpt.NONE, GradCkpt.SELECTIVE, GradCkpt.OP, GradCkpt.FULL)   # least to most saving
 
 
 class PlanningError(ValueError):
@@ -116,7 +118,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
     T = _trainable(groups)
     step_s = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
                    grad_accum=accum, seq_len=t.seq_len,
-                   ckpt_fraction=resolved_ckpt_fraction(ckpt, m.num_layers, t.selective_every),
+                   ckpt_fraction=recompute_fraction(m, ckpt, t.selective_every, t.seq_len, groups),
                    trainable_params=T, fsdp_defer_grad_sync=defer, chunked_loss=loss is LossMode.CHUNKED,
                    activation_offload_bytes=act_host, parallel=mesh)
     why = []

@@ -206,6 +206,11 @@ class HardwareSpec:
     """Aggregate NVMe read/write bandwidth per node."""
     supports_bf16: bool = True
     """False for pre-Ampere GPUs (V100)."""
+    expandable_segments: bool = True
+    """The ranks run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (what shardtrain's Slurm jobs
+    export: launcher/rankstart.py CLUSTER_ENV): the CUDA caching allocator grows one segment per stream
+    instead of caching fixed segments, so reserved stays close to allocated (compiler/allocator.py).
+    False: PyTorch's default allocator (more fragmentation, planned with a larger reserved peak)."""
 
     @property
     def world_size(self) -> int:
