@@ -99,3 +99,18 @@ def recompute_flops_per_token(model: ModelSpec, lora: dict[str, int] | None = No
     on a tp mesh: the tp-local shapes)."""
     return model.num_layers * sum(2 * m.in_features * m.out_features
                                   for m in layer_mms(model, lora, parallel) if not m.saved)
+
+
+def recompute_fraction(model: ModelSpec, grad_ckpt, selective_every: int, seq_len: int,
+                       groups: tuple[TensorGroup, ...] = ()) -> float:
+    """The ``ckpt_fraction`` compiler/cost.py step_time takes: recomputed forward FLOPs as a fraction of
+    one forward (its ``fwd = 2·N + attn / 3`` per token, attn = 12·L·s·heads·hd·0.5). Per-layer modes:
+    the checkpointed layers' share; op: recompute_flops_per_token / fwd (whole-model shapes: step_time
+    divides by tp itself)."""
+    from shardtrain.compiler.activations import resolved_ckpt_fraction
+    from shardtrain.compiler.specs import GradCkpt
+    if grad_ckpt is not GradCkpt.OP:
+        return resolved_ckpt_fraction(grad_ckpt, model.num_layers, selective_every)
+    attn = 12 * model.num_layers * seq_len * model.num_heads * model.head_dim * 0.5
+    fwd = 2 * model.active_params + attn / 3
+    return recompute_flops_per_token(model, lora_adapted(groups)) / fwd
