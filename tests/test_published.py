@@ -1,0 +1,141 @@
+"""Plan vs published GPU measurements (issue 19 points 1 and 3): benchmarks/published/*.yaml, planned in-process
+by benchmarks/published.py (plan only, no GPU; ~2 s).
+
+The issue's bar (every row's memory within 10%, median <= 5%; step time within 25%, median <= 15%) is not met
+yet: it is asserted as a strict xfail with today's numbers in the reason, so the day it holds the xfail turns
+into a failure and must be promoted. What holds today is a regression floor: no row's error grows by more
+than FLOOR_MARGIN, and no row that is not under-estimated today becomes one (an under-estimate is an OOM on a
+GPU). When a modelling change moves a row, update FLOOR with the new figures and say why in the commit.
+"""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("published", ROOT / "benchmarks" / "published.py")
+published = importlib.util.module_from_spec(_spec)
+sys.modules["published"] = published
+_spec.loader.exec_module(published)
+
+FLOOR_MARGIN = 0.02
+#: row id -> (memory error, time error or None) on 2026-12-05 (commit of this file); error = plan / published - 1
+FLOOR = {
+    "answerai-llama2-70b-qlora-fsdp-offload-2x3090": (-0.314, None),
+    "answerai-llama2-7b-lora-fsdp-bs4-2x3090": (-0.160, None),
+    "answerai-llama2-7b-lora-fsdp-bs6-2x3090": (-0.261, None),
+    "answerai-llama2-7b-lora-fsdp-ctx2048-2x3090-allocated": (+0.034, None),
+    "answerai-llama2-7b-lora-fsdp-ctx512-2x3090-allocated": (+0.069, None),
+    "answerai-llama2-7b-lora-noshard-bs4-2x3090": (-0.070, None),
+    "answerai-llama2-7b-qlora-fsdp-bs10-2x3090": (-0.238, None),
+    "answerai-llama2-7b-qlora-fsdp-bs4-2x3090": (-0.240, None),
+    "answerai-llama2-7b-qlora-fsdp-ctx2048-2x3090": (-0.004, None),
+    "answerai-llama2-7b-qlora-fsdp-ctx512-2x3090": (-0.098, None),
+    "answerai-llama2-7b-qlora-noshard-bs8-2x3090": (-0.208, None),
+    "peft-llama2-70b-lora-fsdp-8xh100": (-0.279, None),
+    "peft-llama2-70b-lora-zero3-8xh100": (-0.192, None),
+    "peft-llama2-70b-qlora-fsdp-nooffload": (-0.215, None),
+    "peft-llama2-70b-qlora-fsdp-offload-2x24gb": (-0.478, None),
+    "peft-llama2-70b-qlora-zero3-2x40gb": (-0.243, None),
+    "philschmid-llama3-70b-qlora-fsdp-offload-4xa10g": (-0.402, None),
+    "torchtitan-llama3.1-8b-fsdp-128xh100": (-0.161, -0.059),
+    "torchtitan-llama3.1-8b-fsdp-8xh100": (-0.190, -0.186),
+    "torchtitan-llama3.1-8b-fsdp-compile-128xh100": (-0.093, +0.093),
+    "torchtitan-llama3.1-8b-fsdp-compile-8xh100": (-0.133, -0.059),
+    "torchtune-llama3.1-405b-qlora-8xa100": (+0.308, None),
+    "torchtune-llama3.1-70b-full-8xa100-cpuoffload": (+0.058, None),
+    "torchtune-llama3.1-70b-lora-8xa100": (+0.116, None),
+    "torchtune-llama3.1-8b-full-1x4090": (+3.771, +0.595),
+    "torchtune-llama3.1-8b-lora-1x4090": (+0.058, +1.149),
+    "torchtune-llama3.1-8b-qlora-1x4090": (+0.118, +1.103),
+    "torchtune-llama3.2-3b-full-1xa100-ac": (+1.355, +0.507),
+    "torchtune-llama3.2-3b-full-1xa100-act-offload": (+1.689, +0.526),
+    "torchtune-llama3.2-3b-full-1xa100-adamw8bit": (+1.316, +0.455),
+    "torchtune-llama3.2-3b-full-1xa100-chunked-ce": (+0.846, +0.728),
+    "torchtune-llama3.2-3b-full-1xa100-compile": (+0.745, +0.645),
+    "torchtune-llama3.2-3b-full-1xa100-opt-in-bwd": (+1.538, +0.528),
+    "torchtune-llama3.2-3b-full-1xa100-packed": (+0.483, +0.293),
+    "torchtune-llama3.2-3b-lora-1xa100": (+0.267, +0.299),
+    "torchtune-llama3.2-3b-qlora-1xa100": (+0.495, +0.589),
+}
+
+#: what the issue asks every row's setup to state (a value, or `unknown` where the source does not say)
+SETUP_KEYS = ("model", "method", "lora_targets", "lora_rank", "precision", "seq_len", "micro_batch", "world_size",
+              "strategy", "grad_ckpt", "loss", "compile", "offload")
+
+
+@pytest.fixture(scope="module")
+def results():
+    return [published.evaluate(r) for r in published.load_table()]
+
+
+def test_table_has_25_rows_from_5_sources_each_with_its_quote_and_setup(results):
+    s = published.summarize(results)
+    assert s["rows"] >= 25 and s["sources"] >= 5, s
+    for r in results:
+        assert r.row.url.startswith("https://") and len(r.row.quote) > 10, r.row.id
+        assert all(k in r.row.setup for k in SETUP_KEYS), (r.row.id, set(SETUP_KEYS) - set(r.row.setup))
+        assert r.row.metric in published.METRICS
+        assert 0 < r.row.peak_lo <= r.row.peak_hi, r.row.id
+
+
+def test_every_row_is_in_the_floor(results):
+    # a new row needs its figures in FLOOR (so the floor covers the whole table, not a chosen part of it)
+    assert {r.row.id for r in results} == set(FLOOR)
+
+
+def test_regression_floor_no_row_worse_and_no_new_under_estimate(results):
+    worse = []
+    for r in results:
+        mem0, time0 = FLOOR[r.row.id]
+        if abs(r.mem_err) > abs(mem0) + FLOOR_MARGIN:
+            worse.append(f"{r.row.id}: memory {r.mem_err:+.1%} (floor {mem0:+.1%})")
+        if r.mem_err < min(mem0, 0.0) - FLOOR_MARGIN or (mem0 >= 0 and r.mem_err < 0):
+            worse.append(f"{r.row.id}: memory under-estimated {r.mem_err:+.1%} (floor {mem0:+.1%})")
+        if time0 is not None and r.time_err is not None and abs(r.time_err) > abs(time0) + FLOOR_MARGIN:
+            worse.append(f"{r.row.id}: time {r.time_err:+.1%} (floor {time0:+.1%})")
+    assert not worse, "\n".join(worse)
+
+
+def _bar_failures(results) -> list[str]:
+    mem = [abs(r.mem_err) for r in results]
+    times = [abs(r.time_err) for r in results if r.time_err is not None]
+    out = [f"{r.row.id}: memory {r.mem_err:+.1%}" for r in results if abs(r.mem_err) > 0.10]
+    out += [f"{r.row.id}: time {r.time_err:+.1%}" for r in results if r.time_err is not None and abs(r.time_err) > 0.25]
+    if statistics.median(mem) > 0.05:
+        out.append(f"memory median |err| {statistics.median(mem):.1%} > 5%")
+    if times and statistics.median(times) > 0.15:
+        out.append(f"time median |err| {statistics.median(times):.1%} > 15%")
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="issue 19 bar not met (2026-12-05): memory median |err| 23.9%, 8/36 rows "
+                   "within 10%, 19 under-estimates (reserved/nvidia-smi rows vs peak + cuda_context, no allocator "
+                   "model; FSDP-QLoRA offload rows -31..-48%); time median 51.7%, 4/16 within 25%; torchtune rows "
+                   "need pure-bf16 training and optimizer_in_bwd (+48..+377%). See benchmarks/published.py output.")
+def test_issue_bar_every_row_within_10pct_median_5pct_time_25_15(results):
+    failures = _bar_failures(results)
+    assert not failures, "\n".join(failures)
+
+
+def test_bad_row_file_is_one_line_naming_file_and_key(tmp_path):
+    src = ROOT / "benchmarks" / "published" / "torchtune-llama3.1-8b-qlora-1x4090.yaml"
+    bad = tmp_path / "torchtune-llama3.1-8b-qlora-1x4090.yaml"
+    bad.write_text(src.read_text().replace("peak_memory: 7.4 GiB", "peak_memory: '7.4'"))
+    with pytest.raises(published.TableError) as e:
+        published.load_row(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and bad.name in msg and "peak_memory" in msg and "GiB" in msg
+    assert published.main(["--dir", str(tmp_path)]) == 2
+
+
+def test_range_error_is_zero_inside_and_measured_from_the_near_end():
+    lo, hi = published.parse_bytes("72-80 GiB", "t")
+    assert published.mem_error(76 * 2**30, lo, hi) == 0.0
+    assert published.mem_error(88 * 2**30, lo, hi) == pytest.approx(0.10)
+    assert published.mem_error(36 * 2**30, lo, hi) == pytest.approx(-0.5)
+    assert published.parse_bytes("1 GB", "t") == (10**9, 10**9)
