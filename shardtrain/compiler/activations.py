@@ -121,13 +121,16 @@ def checkpointed_layer_count(grad_ckpt: GradCkpt, num_layers: int, selective_eve
 def activation_host_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
                           attention: Attention, grad_ckpt: GradCkpt, selective_every: int = 2,
                           offload: ActivationOffload = ActivationOffload.NONE,
-                          parallel: ParallelDims | None = None) -> int:
+                          parallel: ParallelDims | None = None, tiled_mlp_saved_reduction: int = 0) -> int:
     """Host bytes per rank that activation offload holds (and moves over PCIe twice per micro-step):
-    the saved tensors of every non-checkpointed layer and the inputs of the checkpointed ones."""
+    the saved tensors of every non-checkpointed layer and the inputs of the checkpointed ones.
+    ``tiled_mlp_saved_reduction``: bytes per token per layer a tiled MLP does not save
+    (savers.tiled_saved_reduction_per_token; 0 untiled)."""
     if offload is ActivationOffload.NONE:
         return 0
     tokens = tokens_per_rank(micro_batch, seq_len, parallel)
-    per_layer = layer_bytes_per_token(model, precision, attention, seq_len, parallel=parallel) * tokens
+    per_layer = (layer_bytes_per_token(model, precision, attention, seq_len, parallel=parallel)
+                 - tiled_mlp_saved_reduction) * tokens
     n_ckpt = checkpointed_layer_count(grad_ckpt, model.num_layers, selective_every)
     kept = (model.num_layers - n_ckpt) * per_layer + n_ckpt * precision.param_bytes * hidden_per_rank(model, parallel) * tokens
     return int(kept)

@@ -36,6 +36,11 @@ class PhaseInputs:
     (mesh_memory.tp_local_groups) and `shard_size` the dp_shard × cp ranks they are sharded over."""
     op_saved_bytes_per_token: float = 0
     """grad_ckpt op: what each checkpointed layer keeps per token beyond its input (op_ckpt.py)."""
+    tiled_mlp_tiles: int = 1
+    """Tiled MLP (compiler/savers.py): layer_act_bytes_per_token already excludes the MLP intermediates;
+    the backward adds one tile's working set."""
+    ckpt_offload: bool = False
+    """Checkpointed layers' inputs in host RAM (compiler/savers.py); the device keeps one and a prefetched one."""
 
     @property
     def tp(self) -> int:
