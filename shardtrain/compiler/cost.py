@@ -38,6 +38,7 @@ ENGINE_OVERHEAD = {
     Strategy.DDP: 1.00, Strategy.ZERO1: 1.01, Strategy.ZERO2: 1.02, Strategy.FSDP_SHARD_GRAD_OP: 1.03,
     Strategy.FSDP_HYBRID_SHARD: 1.05, Strategy.FSDP_FULL_SHARD: 1.05, Strategy.ZERO3: 1.10,
     Strategy.ZERO2_OFFLOAD: 1.05, Strategy.ZERO3_OFFLOAD: 1.12, Strategy.ZERO_INFINITY: 1.15,
+    Strategy.ZERO3_OPT_OFFLOAD: 1.11, Strategy.FSDP_OFFLOAD: 1.06,
 }
 """Compute-time multiplier for per-parameter hooks, flattening and Python bookkeeping of each engine
 (ZeRO-3's gather/release hooks cost most). Calibratable; ordering matters more than values."""
@@ -45,6 +46,9 @@ MICRO_STEP_OVERHEAD_S = 0.002
 """Fixed launch/Python overhead per micro-step."""
 QLORA_DEQUANT_FACTOR = 1.25
 """QLoRA dequantises NF4 weights per matmul: ~25% slower than 16-bit LoRA (QLoRA paper, §4)."""
+TORCH_CPU_ADAM_SLOWDOWN = 5.0
+"""FSDP_OFFLOAD steps torch's own AdamW (foreach, per-tensor) on the host shards, not DeepSpeedCPUAdam:
+ZeRO-Offload (Ren et al. 2021, §4.1) measured its CPU-Adam 5.1-6.5x faster than PyTorch's CPU Adam."""
 
 
 def _ring(bytes_: float, n: int, bw: float) -> float:
@@ -118,14 +122,16 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
 
     offload = 0.0
     Nsh = mesh_shard_size(strategy, mesh)
-    if strategy.offload_optimizer is not OffloadDevice.NONE:
+    if strategy is Strategy.FSDP_OFFLOAD:
+        offload = _fsdp_offload_s(model, hw, method=method, precision=precision, T=T, P=P, n=Nsh, K=K)
+    elif strategy.offload_optimizer is not OffloadDevice.NONE:
         # grads out (fp32 partition) every micro-step for stage 2/3, updated 16-bit params back in
         pcie = (K * 4 * T / Nsh + p * T / Nsh) / hw.pcie_bandwidth_bytes_per_s
         cpu_adam = T / Nsh * hw.gpus_per_node / hw.cpu_adam_params_per_s
         offload += pcie + cpu_adam
         if strategy.offload_optimizer is OffloadDevice.NVME:
             offload += 2 * 12 * T / Nsh * hw.gpus_per_node / hw.nvme_bandwidth_bytes_per_s
-    if strategy.offload_params is not OffloadDevice.NONE:
+    if strategy.offload_params is not OffloadDevice.NONE and strategy.engine is Engine.DEEPSPEED:
         offload += K * 2 * p * P / Nsh / hw.pcie_bandwidth_bytes_per_s
         if strategy.offload_params is OffloadDevice.NVME:
             offload += K * 2 * p * P / Nsh * hw.gpus_per_node / hw.nvme_bandwidth_bytes_per_s
@@ -140,3 +146,19 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
                       + cp_comm_s(model, precision, tokens_micro, seq_len, mesh, hw, ckpt_fraction=ckpt_fraction,
                                   flops_s=flops_s))
     return total
+
+
+def _fsdp_offload_s(model: ModelSpec, hw: HardwareSpec, *, method: Method, precision: Precision, T: float,
+                    P: float, n: int, K: int) -> float:
+    """Host traffic and the host step of FSDP2 + CPUOffloadPolicy per optimizer step (exposed, as the
+    ZeRO-Offload terms above): each micro-step copies every host shard in for the forward gather and
+    again for the backward re-gather (_fsdp_param.py all_gather_inputs: `.to(device)` of the stored
+    shard: fp32 trainable, frozen in its storage dtype, NF4 for QLoRA) and the fp32 sharded grads out
+    (_fsdp_collectives.py foreach_reduce); the optimizer is torch's, on the host, over every GPU's shard
+    of the node at once (TORCH_CPU_ADAM_SLOWDOWN)."""
+    from shardtrain.compiler.memory import QLORA_BYTES_PER_PARAM
+    frozen_bpp = QLORA_BYTES_PER_PARAM if method is Method.QLORA else precision.param_bytes
+    stored = 4 * T + frozen_bpp * max(P - T, 0)
+    pcie = K * (2 * stored + 4 * T) / n / hw.pcie_bandwidth_bytes_per_s
+    host_step = T / n * hw.gpus_per_node * TORCH_CPU_ADAM_SLOWDOWN / hw.cpu_adam_params_per_s
+    return pcie + host_step

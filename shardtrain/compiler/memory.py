@@ -224,6 +224,9 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         if strategy is Strategy.FSDP_SHARD_GRAD_OP:
             # reshard_after_forward=False keeps every unit's unsharded params from forward to backward
             buffers += int((tp_num_params(model, tp) - unit) * bpp)
+        if strategy is Strategy.FSDP_OFFLOAD:
+            return _fsdp_offload_bytes(sharded_params, grads, states, buffers, unit, bpp, trainable_frac, N, p,
+                                       4 * T if fsdp_defer_grad_sync else 0)
         if fsdp_defer_grad_sync:
             # set_requires_gradient_sync(False) accumulates unsharded fp32 grads across micro-steps
             grads += 4 * T
@@ -309,6 +312,22 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         params = persistent
     return ModelStateBytes(params=params, grads=grads, master_params=master, optimizer_states=states,
                            buffers=buffers, cpu_bytes=cpu, nvme_bytes=nvme)
+
+
+def _fsdp_offload_bytes(sharded_params: int, sharded_grads: int, states: int, buffers: int, unit: int,
+                        bpp: float, trainable_frac: float, n: int, p: int, deferred_grads: int) -> ModelStateBytes:
+    """FSDP2 with CPUOffloadPolicy (torch 2.13 _fully_shard): the sharded params are created on the host
+    (_fsdp_param.py _init_sharded_param: `padded_sharded_param.cpu()`, pinned on CUDA), the sharded
+    grads are copied to the host right after the reduce-scatter and accumulated there
+    (_fsdp_collectives.py foreach_reduce: `new_sharded_grad.to(cpu)`, `grad._local_tensor +=`), and the
+    optimizer steps those host tensors. The device keeps the gathered units (`buffers`, as FULL_SHARD)
+    plus, per unit being gathered, the host shard copied in (`all_gather_inputs`: `.to(device)` in its
+    stored dtype, fp32 for trainable params, then `_to_dtype_if_needed` to param_dtype) — conservatively
+    the current and the prefetched unit. A deferred gradient sync keeps unsharded fp32 grads on the device."""
+    stored_bpp = bpp + (4 - p) * trainable_frac   # trainable params stored fp32, gathered in param_dtype
+    h2d = int(2 * unit / n * (stored_bpp + (p * trainable_frac if p == 2 else 0)))
+    return ModelStateBytes(params=0, grads=deferred_grads, master_params=0, optimizer_states=0,
+                           buffers=buffers + h2d, cpu_bytes=sharded_params + sharded_grads + states)
 
 
 def host_bytes_per_node(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, per_rank_cpu: int,

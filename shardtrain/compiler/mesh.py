@@ -113,6 +113,10 @@ def mesh_illegal_reason(strategy: Strategy, p: ParallelDims, model: ModelSpec, h
         return "ddp replicates the whole model: tp and cp need an fsdp or zero strategy"
     if eng is Engine.DDP and p.dp_shard > 1:
         return "ddp has no sharded dim: set parallel.dp_shard 1 or use fsdp_full_shard (HSDP)"
+    if strategy is Strategy.FSDP_OFFLOAD and (p.tp > 1 or p.cp > 1 or p.dp_replicate > 1):
+        # CPUOffloadPolicy is run and tested here on the 1-D dp_shard mesh only (runtime/fsdp_wrap.py)
+        return (f"fsdp_offload runs on a 1-D mesh here, not {p.label()}: set parallel.tp/cp/dp_replicate 1, or "
+                "use fsdp_full_shard for tp / cp / HSDP")
     if eng is Engine.DEEPSPEED and p.dp_replicate > 1:
         return (f"{strategy.value}: ZeRO shards over every data-parallel rank (no replicate dim); use "
                 "fsdp_full_shard for HSDP or set parallel.dp_replicate 1")

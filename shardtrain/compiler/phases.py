@@ -154,8 +154,11 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         lm_tr = sum(g.total for g in x.groups if g.trainable and g.name == "lm_head") + \
             (emb_tr if m.tie_word_embeddings else 0)
         g_prev = 0   # previous micro-steps' grads (sharded, or unsharded fp32 when the sync is deferred)
+        # FSDP_OFFLOAD (CPUOffloadPolicy): the sharded grads go to the host after each reduce-scatter and
+        # accumulate there (memory._fsdp_offload_bytes); only a deferred sync keeps grads on the device
+        on_host = s is Strategy.FSDP_OFFLOAD
         if x.grad_accum > 1:
-            g_prev = 4 * T if x.defer_grad_sync else 4 * T_shard
+            g_prev = 4 * T if x.defer_grad_sync else (0 if on_host else 4 * T_shard)
         # SHARD_GRAD_OP (reshard_after_forward=False, root included) keeps every unit and the root
         # gathered from its forward until its own backward (reshard after backward)
         sgo = s is Strategy.FSDP_SHARD_GRAD_OP
@@ -197,7 +200,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         # with its unsharded 16-bit grads (tied embeddings: lm_head grad + embedding grad + their sum,
         # AccumulateGrad), the last unit's fp32 reduce-scatter input; activations all freed
         tied_extra = 2 * p * emb_tr if m.tie_word_embeddings else 0
-        layers_sharded = 4 * (T_shard - -(-root_tr // N))
+        layers_sharded = 0 if on_host else 4 * (T_shard - -(-root_tr // N))
         # a late layer's backward (activations nearly freed, sharded grads nearly complete): its
         # unsharded 16-bit grads, the previous unit's fp32 reduce-scatter input, current + prefetched unit
         instants["backward"].append(dict(grads=g_prev + layers_sharded + p * lm_tr + p * layer_tr, activations=0,
@@ -218,7 +221,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
                                          logits=0, buffers=4 * root_tr + 4 * -(-root_tr // N)))
         instants.update({
             # the last micro-step syncs: deferred unsharded grads are reduce-scattered and freed
-            "optimizer": [dict(grads=4 * T_shard, activations=0, logits=0, buffers=0)],
+            "optimizer": [dict(grads=0 if on_host else 4 * T_shard, activations=0, logits=0, buffers=0)],
         })
         local_T = T_shard
     else:
@@ -303,7 +306,8 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     # bitsandbytes 8-bit updates in place; DeepSpeed's CPU optimizers and FusedLion need nothing on the
     # device (its step-time fp32 partition is in the grads term).
     opt_tmp = 0
-    if eng is not Engine.DEEPSPEED and x.optimizer not in (Optimizer.ADAMW, Optimizer.ADAMW8BIT):
+    if eng is not Engine.DEEPSPEED and x.optimizer not in (Optimizer.ADAMW, Optimizer.ADAMW8BIT) and \
+            s is not Strategy.FSDP_OFFLOAD:   # FSDP_OFFLOAD steps on the host
         # per-tensor loops (runtime.optim Lion / Adafactor, torch SGD momentum): two fp32 temporaries
         # of the largest local tensor
         opt_tmp = 2 * 4 * _largest_trainable(x.groups, x.shard_size if eng is Engine.FSDP else 1)

@@ -13,7 +13,8 @@ from shardtrain.units import fmt_bytes
 # (HSDP, compiler/mesh.py replicate_options); kept in the order for plans and flags that spell it.
 STRATEGY_ORDER = (Strategy.DDP, Strategy.ZERO1, Strategy.ZERO2, Strategy.FSDP_SHARD_GRAD_OP,
                   Strategy.FSDP_HYBRID_SHARD, Strategy.FSDP_FULL_SHARD, Strategy.ZERO3,
-                  Strategy.ZERO2_OFFLOAD, Strategy.ZERO3_OFFLOAD, Strategy.ZERO_INFINITY)
+                  Strategy.ZERO2_OFFLOAD, Strategy.ZERO3_OPT_OFFLOAD, Strategy.FSDP_OFFLOAD, Strategy.ZERO3_OFFLOAD,
+                  Strategy.ZERO_INFINITY)
 
 
 def ordinal(n: int) -> str:

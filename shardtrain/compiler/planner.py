@@ -44,7 +44,7 @@ class NoFitError(PlanningError):
 def illegal_reason(strategy: Strategy, optimizer: Optimizer, method: Method, precision: Precision,
                    hw: HardwareSpec) -> str | None:
     """Why this combination cannot run (with the fix), or None. Mirrors engine constraints."""
-    off = strategy.offload_optimizer
+    off = strategy.offload_optimizer if strategy.engine is Engine.DEEPSPEED else OffloadDevice.NONE
     if off is not OffloadDevice.NONE and optimizer not in (Optimizer.ADAMW, Optimizer.LION):
         name = {Optimizer.ADAMW8BIT: "8-bit AdamW"}.get(optimizer, optimizer.value)
         return (f"{name} cannot run with ZeRO-Offload ({strategy.value}): DeepSpeed offloads only to its "
@@ -56,7 +56,7 @@ def illegal_reason(strategy: Strategy, optimizer: Optimizer, method: Method, pre
     if strategy.engine is Engine.FSDP and optimizer is Optimizer.ADAMW8BIT:
         return ("bitsandbytes 8-bit optimizers do not handle FSDP2 DTensor shards: use a ZeRO "
                 "strategy or DDP with adamw8bit, or optimizer: adamw with FSDP")
-    if method is Method.QLORA and strategy.offload_params is not OffloadDevice.NONE:
+    if method is Method.QLORA and strategy.offload_params is not OffloadDevice.NONE and strategy.engine is Engine.DEEPSPEED:
         return "QLoRA's 4-bit weights cannot be offloaded by ZeRO-3 param offload: use zero3 or zero2_offload"
     if precision is Precision.BF16 and not hw.supports_bf16:
         return f"{hw.gpu_name} has no bf16: set precision: fp16"
@@ -294,7 +294,9 @@ def _search_lines(ev, s: Strategy, mesh: ParallelDims, ckpts: list[GradCkpt], mi
             for d_ok in (False, True):
                 for mb in reversed(micros):
                     accum = train.global_batch_size // (mb * mesh.dp)
-                    if d_ok and not (s.engine is Engine.FSDP and accum > 1):
+                    # FSDP_OFFLOAD: a deferred sync would keep unsharded fp32 grads on the GPU, the very
+                    # memory the offload frees (memory._fsdp_offload_bytes); it accumulates on the host
+                    if d_ok and not (s.engine is Engine.FSDP and accum > 1 and s is not Strategy.FSDP_OFFLOAD):
                         continue
                     if (ck, mb, d_ok) == (ckpts[-1], lo, False):
                         break  # the floor candidate, already evaluated

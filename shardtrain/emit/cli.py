@@ -120,7 +120,7 @@ def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
             f = data.get("fsdp_config") or {}
             # the mesh as written: HSDP (the old fsdp_hybrid_shard) is dp_replicate > 1 on FSDP
             o["train.strategy"] = ("fsdp_shard_grad_op" if f.get("fsdp_reshard_after_forward") is False else
-                                   "fsdp_full_shard")
+                                   "fsdp_offload" if f.get("fsdp_offload_params") is True else "fsdp_full_shard")
             pc = data.get("parallelism_config") or {}
             for dim in ("dp_replicate", "dp_shard", "tp", "cp"):
                 v = pc.get(f"parallelism_config_{dim}_size") if isinstance(pc, dict) else None
@@ -139,8 +139,8 @@ def _derived_overrides(kind: str, data: dict) -> dict[str, object]:
     dev = lambda b: (z.get(b) or {}).get(K.DEVICE, "none") if isinstance(z.get(b), dict) else "none"  # noqa: E731
     if stage == 3:
         o["train.strategy"] = ("zero_infinity" if "nvme" in (dev(K.OFFLOAD_PARAM), dev(K.OFFLOAD_OPTIMIZER)) else
-                               "zero3_offload" if dev(K.OFFLOAD_PARAM) == "cpu" or dev(K.OFFLOAD_OPTIMIZER) == "cpu"
-                               else "zero3")
+                               "zero3_offload" if dev(K.OFFLOAD_PARAM) == "cpu"
+                               else "zero3_opt_offload" if dev(K.OFFLOAD_OPTIMIZER) == "cpu" else "zero3")
     elif stage in (1, 2):
         o["train.strategy"] = "zero2_offload" if dev(K.OFFLOAD_OPTIMIZER) != "none" else f"zero{stage}"
     else:

@@ -5,6 +5,8 @@ DeviceMesh) are built from it in the runtime (shardtrain/runtime/fsdp_wrap.py).
 FSDP2 = `torch.distributed.fsdp.fully_shard` (per-parameter DTensor sharding):
 - FULL_SHARD: `reshard_after_forward=True` (params re-gathered for backward, ZeRO-3-like).
 - SHARD_GRAD_OP: `reshard_after_forward=False` (params stay gathered until backward, ZeRO-2-like).
+- fsdp_offload: FULL_SHARD + `CPUOffloadPolicy` (cpu_offload: sharded params, grads and the optimizer
+  step on the host; accelerate `fsdp_offload_params: true`, Trainer fsdp_config `cpu_offload`).
 - HYBRID_SHARD (HSDP): whenever the plan's mesh has dp_replicate > 1 — a 2-D DeviceMesh
   (dp_replicate, dp_shard × cp) passed as `mesh`. The old strategy name fsdp_hybrid_shard is one case
   of it (ParallelDims.for_strategy: dp_replicate = nodes, dp_shard = GPUs per node) and reshards like
@@ -29,7 +31,7 @@ from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision, Strat
 
 _DTYPE = {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32"}
 SHARDING = {Strategy.FSDP_FULL_SHARD: "FULL_SHARD", Strategy.FSDP_SHARD_GRAD_OP: "SHARD_GRAD_OP",
-            Strategy.FSDP_HYBRID_SHARD: "FULL_SHARD"}
+            Strategy.FSDP_HYBRID_SHARD: "FULL_SHARD", Strategy.FSDP_OFFLOAD: "FULL_SHARD"}
 """The name within one replica; HYBRID_SHARD whenever the mesh has a replicate dim (fsdp_mesh)."""
 
 
@@ -127,4 +129,6 @@ def fsdp_settings(plan: Plan) -> FsdpSettings:
         mesh_dim_names=names, param_dtype=dtype, reduce_dtype="float32", wrap_class=wrap,
         wrap_class_source=source, activation_checkpointing=ck.value if every else "none",
         checkpoint_every=every, defer_grad_sync=c.fsdp_defer_grad_sync, world_size=math.prod(mesh),
-        quant_storage_dtype=dtype if c.method is Method.QLORA else None)
+        quant_storage_dtype=dtype if c.method is Method.QLORA else None,
+        # fsdp_offload: CPUOffloadPolicy(pin_memory=True) (the runtime pins on CUDA only: fsdp_wrap.py)
+        cpu_offload=s is Strategy.FSDP_OFFLOAD)

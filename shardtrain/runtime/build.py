@@ -159,7 +159,9 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
     if cfg.train.compile.value != "none":  # before the engine wraps it (runtime/compiling.py)
         from shardtrain.runtime.compiling import apply_compile
         apply_compile(model, cfg.train.compile, plan.model.decoder_layer_class)
-    offload = s.offload_optimizer is not OffloadDevice.NONE
+    # DeepSpeedCPUAdam for ZeRO-Offload only: FSDP2's CPUOffloadPolicy (fsdp_offload) steps torch's own
+    # optimizer on the host shards (DTensors)
+    offload = s.deepspeed_offload
 
     def make_opt(params):
         return build_optimizer(c.optimizer, params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,

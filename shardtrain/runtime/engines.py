@@ -159,6 +159,7 @@ class FSDP2Engine(BaseEngine):
         self.mesh = mesh
         dev = self.device
         offloaded = settings.cpu_offload
+        self.cpu_offload = offloaded   # fsdp_offload: sharded params, grads and optimizer states on the host
         units = decoder_layers(model, settings.wrap_class)
         if not units:
             raise ValueError(f"fsdp.json wrap_class {settings.wrap_class!r} matches no module of the model")

@@ -123,6 +123,9 @@ class StateMeter:
         ds = eng.kind is Engine.DEEPSPEED
         self.offload_opt = ds and eng.offload_optimizer
         self.offload_param = ds and eng.offload_params
+        # FSDP2 CPUOffloadPolicy (fsdp_offload): every sharded param, its grad and the optimizer state are
+        # host tensors (on a CPU run device and host are one memory, so attribute by definition)
+        self.fsdp_host = eng.kind is Engine.FSDP and getattr(eng, "cpu_offload", False)
         self.zopt = eng.optimizer if ds else None
         self.inner = eng.optimizer.optimizer if ds else eng.optimizer
         self.device = {t: 0 for t in TERMS}
@@ -205,7 +208,8 @@ class StateMeter:
                 continue
             term = "buffers" if st in ipg else _term(path)
             host = bool((self.offload_opt and _HOST_OPT.search(path) and not path.startswith("module."))
-                        or (self.offload_param and _HOST_PARAM.search(path)))
+                        or (self.offload_param and _HOST_PARAM.search(path))
+                        or (self.fsdp_host and term != "buffers"))
             cand = (prio[term], st[1], term, host, path)
             cur = best.get(st[0])
             if cur is None or cand[0] < cur[0] or (cand[0] == cur[0] and cand[1] > cur[1]):
