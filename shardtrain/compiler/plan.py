@@ -15,6 +15,7 @@ from shardtrain.compiler.facts import (FsdpSettings, ModelRef, RuntimeFacts, Sta
                                       utilisation)
 from shardtrain.compiler.memory import ZeroBuckets
 from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.specs import Runner
 from shardtrain.compiler.specs import (ActivationOffload, Attention, CkptOffload, GradCkpt, HardwareSpec, LoraSpec, LossMode,
                                        Method, Optimizer, ParallelDims, ParallelRequest, Precision, Strategy,
                                        TrainSpec)
@@ -290,5 +291,6 @@ def _train_from_json(d: dict) -> TrainSpec:
            "activation_offload": ActivationOffload(d.get("activation_offload", "none")),
            "ckpt_offload": CkptOffload(d.get("ckpt_offload", "auto")),
            "strategy": Strategy(d["strategy"]) if d.get("strategy") else None,
-           "parallel": ParallelRequest.from_json(d.get("parallel"))},
+           "parallel": ParallelRequest.from_json(d.get("parallel")),
+           "runner": Runner(d.get("runner", "shardtrain"))},
         lora=LoraSpec(**{**lora, "targets": tuple(lora["targets"])}))

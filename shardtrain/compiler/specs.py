@@ -166,6 +166,18 @@ class CkptOffload(_StrEnum):
     CPU = "cpu"
 
 
+class Runner(_StrEnum):
+    """The program that runs the plan (compiler/runner.py models the difference). shardtrain: our runtime
+    (`shardtrain launch`); hf_trainer: transformers' Trainer on the emitted TrainingArguments (`emit
+    --format trainer`); accelerate: `accelerate launch` of the user's script on the emitted accelerate
+    config (`emit --format accelerate`: FSDP2 per decoder layer + root). The HF runners compute the loss
+    inside the model's forward (`model(input_ids, labels=...)`), have no chunked loss and no op-level
+    checkpointing."""
+    SHARDTRAIN = "shardtrain"
+    HF_TRAINER = "hf_trainer"
+    ACCELERATE = "accelerate"
+
+
 class CompileMode(_StrEnum):
     """torch.compile in the runtime (issue 11). blocks: each decoder layer compiled in place before
     the engine wraps the model (torchtitan's per-block compile, repeated layers reuse one graph);
@@ -403,6 +415,11 @@ class TrainSpec:
     """Saved activations to host RAM (cpu) — the planner only picks it when nothing faster fits."""
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
     """Forced device-mesh dims (tp, cp, dp_replicate, dp_shard, cp_mode); unforced ones are searched."""
+    runner: Runner = Runner.SHARDTRAIN
+    """What runs the plan: our runtime, the HF Trainer or accelerate (their loss path: compiler/runner.py)."""
+    runner_transformers: str | None = None
+    """The transformers version the HF runners use (older ones keep more fp32 logits copies:
+    compiler/runner.py); None = the current line (>= 4.49)."""
     tiled_mlp: int | None = None
     """Tiled MLP (ALST, arXiv:2506.13996 §3; DeepSpeed TiledMLP): every decoder layer's MLP computed in this
     many sequence tiles; it saves only its input for backward and recomputes each tile there, so the MLP

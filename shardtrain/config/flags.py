@@ -57,6 +57,7 @@ PLAN_FLAG_GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("--optimizer", "train.optimizer", "adamw|adamw8bit|adafactor|lion|sgd"),
         Flag("--grad-ckpt", "train.grad_ckpt", "auto|none|full|selective|op (op: torchtitan's op-level SAC)"),
         Flag("--attention", "train.attention", "sdpa|flash|eager"),
+        Flag("--runner", "train.runner", "shardtrain|hf_trainer|accelerate (what runs the plan: its loss path)"),
         Flag("--loss", "train.loss", "full|chunked|auto (chunked: never the whole fp32 logits)"),
         Flag("--activation-offload", "train.activation_offload", "none|cpu (allow saved activations in host RAM)"),
         Flag("--tiled-mlp", "train.tiled_mlp", "auto|off|N (each MLP in N sequence tiles, ALST tiled MLP)"),

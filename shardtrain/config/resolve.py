@@ -61,7 +61,8 @@ def resolve_train(cfg: RunConfig) -> TrainSpec:
         allow_optimizer_change=t.allow_optimizer_change, allow_method_change=t.allow_method_change,
         headroom_fraction=t.headroom, loss=t.loss, loss_chunk_tokens=t.loss_chunk_tokens,
         activation_offload=t.activation_offload, parallel=resolve_parallel(cfg),
-        tiled_mlp=t.tiled_mlp, ckpt_offload=t.ckpt_offload)
+        tiled_mlp=t.tiled_mlp, ckpt_offload=t.ckpt_offload, runner=t.runner,
+        runner_transformers=t.runner_transformers)
 
 
 def resolve_parallel(cfg: RunConfig) -> ParallelRequest:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from shardtrain.compiler.specs import (ActivationOffload, Attention, CkptOffload, CompileMode, CpMode, DataFormat, Device,
                                        Export, GradCkpt, Launcher, LoraSpec, LossMode, Method, ModelInit, Optimizer,
-                                       Precision, Resume, Strategy, TrainSpec)
+                                       Precision, Resume, Runner, Strategy, TrainSpec)
 from shardtrain.config.coerce import Auto, AutoInt, AutoOffInt, Bytes, ConfigError, Count, coerce, nearest
 
 # The job's defaults are the compiler's (TrainSpec, LoraSpec): one place to change them.
@@ -121,6 +121,13 @@ class TrainConfig:
     activation_offload cpu, which moves them already."""
     compile: CompileMode = CompileMode.NONE
     """none | blocks (torch.compile each decoder layer, torchtitan-style) | model (the whole model)."""
+    runner: Runner = _TRAIN.runner
+    """shardtrain | hf_trainer | accelerate: what runs the plan. The HF runners compute the loss inside the
+    model (full fp32 logits, the root FSDP unit gathered meanwhile), have no chunked loss and no op-level
+    checkpointing; `emit --format trainer | accelerate` plans for them (compiler/runner.py)."""
+    runner_transformers: str | None = _TRAIN.runner_transformers
+    """The transformers version the HF runners use, e.g. 4.44.2 (before 4.49 the loss kept more fp32
+    copies of the logits); unset: the current line."""
     strategy: Auto | Strategy = Auto.AUTO
     """auto or one of the strategies (forces it)."""
     allow_optimizer_change: bool = _TRAIN.allow_optimizer_change
