@@ -26,6 +26,15 @@ def _gpu_label(hw) -> str:
     return f"custom GPU (--gpu-memory; {hw.gpu_name} speeds assumed)"
 
 
+def _reported_lines(c: Candidate, expandable: bool) -> list[str]:
+    """The peak as each tool reports it (compiler/allocator.py): published figures use one of these."""
+    alloc = "expandable segments" if expandable else "default allocator, no expandable segments"
+    rows = (("allocated", c.allocated_bytes, "torch.cuda.max_memory_allocated: total − cuda_context"),
+            ("reserved (predicted)", c.reserved_bytes, f"max_memory_reserved; {alloc}"),
+            ("nvidia-smi (predicted)", c.gpu_need_bytes, "reserved + cuda_context: the figure that must fit"))
+    return [f"{'reported' if i == 0 else '':<11}{k:<23}{fmt_bytes(v):>10}  ({why})" for i, (k, v, why) in enumerate(rows)]
+
+
 def suggestion_args(sug: Suggestion) -> str:
     """A suggestion as arguments to append to the command that planned: each key's flag where it has one
     (config/flags.py), else ``--set KEY=VALUE``. Flags beat --set, so ``--set train.method=lora`` appended
@@ -63,6 +72,7 @@ def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
         v = getattr(c.per_gpu, k)
         out.append(f"           {k:<18}{v:>16,}  {fmt_bytes(v):>10}")
     out.append(f"           {'total':<18}{c.per_gpu.total:>16,}  {fmt_bytes(c.per_gpu.total):>10}")
+    out += _reported_lines(c, plan.hardware.expandable_segments)
     if c.per_phase:
         out.append("phases     " + "  ".join(f"{ph} {fmt_bytes(b.total)}" for ph, b in c.per_phase)
                    + f"  (peak: {c.peak_phase}; terms above are at the peak)")

@@ -68,7 +68,7 @@ def usable_bytes(p: Plan) -> int:
 def _over(p: Plan, c: Candidate) -> float:
     """The candidate's need / limit for its tightest resource (<= 1: it fits)."""
     hw = p.hardware
-    r = [c.per_gpu.total / max(1, usable_bytes(p)), c.cpu_memory_per_node_bytes / max(1, hw.cpu_memory_bytes)]
+    r = [c.gpu_need_bytes / max(1, usable_bytes(p)), c.cpu_memory_per_node_bytes / max(1, hw.cpu_memory_bytes)]
     if c.nvme_bytes:
         r.append(c.nvme_bytes / hw.nvme_capacity_bytes if hw.nvme_capacity_bytes else math.inf)
     return max(r)
@@ -127,12 +127,12 @@ def hardware_trials(p: Plan) -> list[list[Overrides]]:
     global batch (it must divide by the world size)."""
     hw, h = p.hardware, p.train.headroom_fraction
     cands = (p.chosen, *p.alternatives)
-    gpu_ok = [c for c in cands if c.per_gpu.total <= usable_bytes(p)]
+    gpu_ok = [c for c in cands if c.gpu_need_bytes <= usable_bytes(p)]
     cpu_ok = lambda c: c.cpu_memory_per_node_bytes <= hw.cpu_memory_bytes   # noqa: E731
     nvme_ok = lambda c: c.nvme_bytes <= hw.nvme_capacity_bytes               # noqa: E731
     out: list[list[Overrides]] = []
     mem = _sizes((v for c in cands if cpu_ok(c) and nvme_ok(c)
-                  if (v := _gib_up(c.per_gpu.total / (1 - h)) * GiB) <= MAX_GPU_MEMORY_BYTES), hw.gpu_memory_bytes)
+                  if (v := _gib_up(c.gpu_need_bytes / (1 - h)) * GiB) <= MAX_GPU_MEMORY_BYTES), hw.gpu_memory_bytes)
     out.append([(("hardware.gpu_memory", f"{v // GiB}GiB"),) for v in mem])
     cpu = _sizes((v for c in gpu_ok if nvme_ok(c)
                   if (v := _gib_up(c.cpu_memory_per_node_bytes) * GiB) <= MAX_CPU_MEMORY_BYTES), hw.cpu_memory_bytes)
@@ -284,8 +284,8 @@ def describe(sug: Suggestion, spell: Spell = set_args) -> str:
 
 def no_fit_summary(least: Candidate, usable: int) -> str:
     """What the least-memory plan needs, each shortfall once (its why_not)."""
-    gpu = "" if least.per_gpu.total > usable else \
-        f" (its {fmt_bytes(least.per_gpu.total)} per GPU fit in {fmt_bytes(usable)} usable)"
+    gpu = "" if least.gpu_need_bytes > usable else \
+        f" (its {fmt_bytes(least.gpu_need_bytes)} per GPU fit in {fmt_bytes(usable)} usable)"
     return (f"nothing fits: the smallest plan ({least.strategy.value}, micro batch {least.micro_batch_size}, "
             f"checkpointing {least.gradient_checkpointing.value}) " + "; ".join(least.why_not) + gpu + ".")
 

@@ -226,10 +226,10 @@ def limiting_term(least: Plan) -> dict:
     c, hw = least.chosen, least.hardware
     usable = least.gpu_memory_bytes - least.headroom_bytes
     detail = "; ".join(c.why_not)
-    if c.per_gpu.total > usable:
+    if c.gpu_need_bytes > usable:
         term = max(MEMORY_TERMS, key=lambda t: getattr(c.per_gpu, t))
         return dict(limit=Limit.GPU_TERM, term=term, term_bytes=getattr(c.per_gpu, term),
-                    next_needs_bytes=c.per_gpu.total, detail=detail)
+                    next_needs_bytes=c.gpu_need_bytes, detail=detail)
     if c.cpu_memory_per_node_bytes > hw.cpu_memory_bytes:
         return dict(limit=Limit.HOST_RAM, term=Limit.HOST_RAM.value, term_bytes=c.cpu_memory_per_node_bytes,
                     next_needs_bytes=c.per_gpu.total, detail=detail)

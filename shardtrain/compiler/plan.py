@@ -92,6 +92,25 @@ class Candidate:
     ckpt_offload: bool = False
     """The checkpointed layer inputs live in host memory between forward and backward (the resolved
     train.ckpt_offload; False under activation_offload cpu, which already moves them)."""
+    peak_reserved_bytes: int = 0
+    """Predicted torch.cuda.max_memory_reserved per GPU (compiler/allocator.py); 0 in plans written before
+    the allocator model: read it through ``reserved_bytes``."""
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Predicted torch.cuda.max_memory_allocated: the peak breakdown without the CUDA context."""
+        return self.per_gpu.total - self.per_gpu.cuda_context
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Predicted max_memory_reserved (old plans without it: the allocated peak)."""
+        return self.peak_reserved_bytes or self.allocated_bytes
+
+    @property
+    def gpu_need_bytes(self) -> int:
+        """The figure the fit rule compares with the GPU memory (and nvidia-smi's, predicted): reserved +
+        everything outside the caching allocator (CUDA context, library workspaces, NCCL buffers)."""
+        return self.reserved_bytes + self.per_gpu.cuda_context
 
     @property
     def mesh(self) -> ParallelDims:
@@ -193,6 +212,10 @@ class Plan:
             "model": {"num_params": self.model.num_params, "trainable_params": c.trainable_params,
                       "num_layers": self.model.num_layers},
             "per_gpu": c.per_gpu.to_json(),
+            # what each reporting tool would show (compiler/allocator.py): max_memory_allocated,
+            # max_memory_reserved, nvidia-smi (= the fit figure)
+            "peak_allocated_bytes": c.allocated_bytes, "peak_reserved_bytes": c.reserved_bytes,
+            "nvidia_smi_bytes": c.gpu_need_bytes,
             "cpu_memory_per_node_bytes": int(c.cpu_memory_per_node_bytes), "nvme_bytes": int(c.nvme_bytes),
             "relative_step_time": round(c.step_time_s / best_time, 4) if best_time > 0 else 1.0,
             "estimated_step_time_s": round(c.step_time_s, 6),
@@ -256,6 +279,7 @@ class Plan:
                 per_phase=tuple((ph, MemoryBreakdown.from_json(b)) for ph, b in (c.get("per_phase") or {}).items()),
                 peak_phase=c.get("peak_phase", ""),
                 tiled_mlp_tiles=int(c.get("tiled_mlp_tiles", 1)), ckpt_offload=bool(c.get("ckpt_offload", False)),
+                peak_reserved_bytes=int(c.get("peak_reserved_bytes", 0)),
                 parallel=(ParallelDims.from_json(c["parallel"]) if c.get("parallel")
                           else ParallelDims.for_strategy(Strategy(c["strategy"]), c["world_size"],
                                                          hw.gpus_per_node)))

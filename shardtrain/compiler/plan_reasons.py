@@ -34,7 +34,7 @@ def plan_reasons(model: ModelSpec, t: TrainSpec, hw: HardwareSpec, usable: int, 
         r.append(f"nothing fits; {c.strategy.value} is the plan that needs the least GPU memory: "
                  + "; ".join(c.why_not))
     else:
-        r.append(f"{c.strategy.value} is the fastest plan that fits: {fmt_bytes(c.per_gpu.total)} of "
+        r.append(f"{c.strategy.value} is the fastest plan that fits: {fmt_bytes(c.gpu_need_bytes)} of "
                  f"{fmt_bytes(usable)} usable per GPU, ~{c.step_time_s:.3g} s per optimizer step")
     for s in STRATEGY_ORDER[:STRATEGY_ORDER.index(c.strategy)]:
         o = best.get(s)

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+from shardtrain.compiler.allocator import predict as predict_allocator
 from shardtrain.compiler.activations import (activation_host_bytes,
                                              resolve_loss, resolved_ckpt_fraction)
 from shardtrain.compiler.advice import no_fit_summary
@@ -122,8 +123,12 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                    trainable_params=T, fsdp_defer_grad_sync=defer, chunked_loss=loss is LossMode.CHUNKED,
                    activation_offload_bytes=act_host, parallel=mesh)
     why = []
-    if per_gpu.total > ctx.usable:
-        why.append(f"needs {fmt_bytes(per_gpu.total)} per GPU > {fmt_bytes(ctx.usable)} usable")
+    # the fit rule: the caching allocator's reserved peak + what lies outside it (CUDA context, NCCL), i.e.
+    # what nvidia-smi would show, against the GPU memory less the user's headroom (compiler/allocator.py)
+    alloc = predict_allocator(phases, groups, strategy.engine, expandable=hw.expandable_segments)
+    if alloc.nvidia_smi_bytes > ctx.usable:
+        why.append(f"needs {fmt_bytes(alloc.nvidia_smi_bytes)} per GPU (reserved + CUDA context) > "
+                   f"{fmt_bytes(ctx.usable)} usable")
     if cpu > hw.cpu_memory_bytes:
         why.append(f"needs {fmt_bytes(cpu)} host RAM per node > {fmt_bytes(hw.cpu_memory_bytes)}")
     if nvme > hw.nvme_capacity_bytes:
@@ -134,6 +139,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                      cpu_memory_per_node_bytes=cpu, nvme_bytes=nvme, step_time_s=step_s,
                      trainable_params=T, fsdp_defer_grad_sync=defer, why_not=tuple(why), loss=loss,
                      activation_offload=act_offload, per_phase=tuple(phases.items()), peak_phase=peak,
+                     peak_reserved_bytes=alloc.peak_reserved_bytes,
                      parallel=mesh)
 
 
@@ -271,7 +277,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
         raise PlanningError(f"{forced}: " + "; ".join(msgs))
     fitting = sorted((c for c in candidates if c.fits), key=_rank)
     if not fitting:
-        least = min(candidates, key=lambda c: (c.per_gpu.total, _rank(c)))
+        least = min(candidates, key=lambda c: (c.gpu_need_bytes, _rank(c)))
         p = _make_plan(ctx, least, candidates, illegal, targets, asked)
         raise NoFitError(no_fit_summary(least, ctx.usable), p)
     return _make_plan(ctx, fitting[0], candidates, illegal, targets, asked)

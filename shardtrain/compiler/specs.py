@@ -404,8 +404,10 @@ class TrainSpec:
     """Let the planner try other optimizers (e.g. 8-bit AdamW) when the requested one does not fit."""
     allow_method_change: bool = False
     """Let the planner try LoRA/QLoRA when full fine-tuning does not fit."""
-    headroom_fraction: float = 0.05
-    """Fraction of GPU memory kept free for allocator fragmentation (calibratable)."""
+    headroom_fraction: float = 0.0
+    """Extra fraction of GPU memory kept free, on top of the modelled reserved peak + CUDA context
+    (compiler/allocator.py). Until issue 19 it was a flat 0.05 standing for allocator fragmentation,
+    which the allocator model now predicts; a user margin now, 0 by default."""
     loss: LossMode = LossMode.FULL
     """Logits path: full, chunked, or auto (chunked when the full path costs more than a chunk)."""
     loss_chunk_tokens: int = 512

@@ -46,7 +46,9 @@ PLAN_FLAG_GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
                                                    "is refused, not guessed)"),
         Flag("--cpu-memory", "hardware.cpu_memory", "host RAM per node WITH its unit, e.g. 1TiB"),
         Flag("--nvme-path", "hardware.nvme_path"),
-        Flag("--nvme-capacity", "hardware.nvme_capacity", "free NVMe per node WITH its unit, e.g. 2TB"))),
+        Flag("--nvme-capacity", "hardware.nvme_capacity", "free NVMe per node WITH its unit, e.g. 2TB"),
+        Flag("--expandable-segments", "hardware.expandable_segments",
+             "true|false: the ranks run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (default true)"))),
     ("job", (
         Flag("--seq-len", "train.seq_len", type=int),
         Flag("--micro-batch", "train.micro_batch", "auto or N"),

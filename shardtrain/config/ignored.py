@@ -79,6 +79,12 @@ def ignored_settings(cfg) -> list[str]:
                    "data.eval, nothing is split off data.train)")
     if run.eval_every == 0 and "eval_batches" in _changed(run):
         out.append(f"run.eval_batches: {run.eval_batches}: ignored, run.eval_every is 0 (evaluation is off)")
+    if "headroom" in _changed(t):
+        # not ignored, but its meaning changed (issue 19): one line, so an old config's 0.05 is not doubled
+        # silently with the fragmentation the allocator model now adds
+        out.append(f"train.headroom: {t.headroom} is kept free ON TOP of the modelled reserved peak + CUDA "
+                   "context (compiler/allocator.py); it no longer stands for allocator fragmentation (the old "
+                   "0.05 default), which is modelled now: set 0 unless you want that extra margin")
     return out
 
 

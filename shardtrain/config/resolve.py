@@ -46,7 +46,7 @@ def resolve_hardware(cfg: RunConfig) -> HardwareSpec:
         cpu_memory_bytes=h.cpu_memory or DEFAULT_CPU_MEMORY_BYTES,
         nvme_path=h.nvme_path,
         nvme_capacity_bytes=(h.nvme_capacity or DEFAULT_NVME_CAPACITY_BYTES) if h.nvme_path else 0,
-        supports_bf16=g.supports_bf16)
+        supports_bf16=g.supports_bf16, expandable_segments=h.expandable_segments)
 
 
 def resolve_train(cfg: RunConfig) -> TrainSpec:

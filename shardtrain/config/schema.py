@@ -65,6 +65,10 @@ class HardwareConfig:
     """Local NVMe directory for ZeRO-Infinity; unset disables NVMe plans."""
     nvme_capacity: Bytes | None = None
     """Free NVMe per node, with its unit, e.g. 2TB (default 3.5 TB when nvme_path is set)."""
+    expandable_segments: bool = True
+    """true when the ranks run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (shardtrain's Slurm
+    jobs export it); false for PyTorch's default allocator, which fragments more: the plan's reserved peak
+    (what must fit) is larger (compiler/allocator.py)."""
     inter_node_bandwidth: Bytes | None = None
     """Network bytes/s per GPU between nodes, with its unit, e.g. 25GB (default: preset)."""
 
@@ -135,7 +139,8 @@ class TrainConfig:
     allow_method_change: bool = _TRAIN.allow_method_change
     """Let the planner switch to LoRA/QLoRA when full fine-tuning does not fit."""
     headroom: float = _TRAIN.headroom_fraction
-    """Fraction of GPU memory kept free for fragmentation."""
+    """Extra fraction of GPU memory kept free on top of the modelled reserved peak + CUDA context (0 by
+    default; allocator fragmentation is modelled: compiler/allocator.py, hardware.expandable_segments)."""
     lr: float | Auto = Auto.AUTO
     """Peak learning rate; auto: the method's default (DEFAULT_LR: full 1e-5, lora/qlora 2e-4), resolved
     when the config is parsed, so run.yaml, the DeepSpeed JSON and the Trainer args carry the number."""

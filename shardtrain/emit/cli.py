@@ -278,6 +278,6 @@ def _fit(args, kind: str, data: dict) -> int | None:
     verdict = "fits" if c.fits else "does NOT fit"
     print(f"fit: {c.strategy.value}, mesh {c.mesh.label()}, micro batch {c.micro_batch_size}, checkpointing "
           f"{c.gradient_checkpointing.value}: "
-          f"{verdict}: {fmt_bytes(c.per_gpu.total)} per GPU of {fmt_bytes(usable)} usable"
+          f"{verdict}: {fmt_bytes(c.gpu_need_bytes)} per GPU of {fmt_bytes(usable)} usable"
           + ("" if c.fits else "; " + "; ".join(c.why_not)))
     return EXIT_OK if c.fits else EXIT_NO_FIT
