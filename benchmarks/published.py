@@ -226,11 +226,13 @@ def _gib(b: float) -> str:
     return f"{b / GiB:6.1f}"
 
 
-def render(results: list[Result]) -> str:
+def render(results: list[Result], only: tuple[str, ...] = ()) -> str:
+    """The table (rows named in `only`, or all), the summary over ALL rows, and what each shown row misses."""
     head = (f"{'row':52} {'metric':10} {'pub GiB':>11} {'plan GiB':>8} {'vs':12} {'mem err':>8} "
             f"{'pub tok/s':>9} {'plan tok/s':>10} {'time err':>8}  missing")
     lines = [head, "-" * len(head)]
-    for r in results:
+    shown = [r for r in results if not only or r.row.id in only]
+    for r in shown:
         pub = _gib(r.row.peak_lo) if r.row.peak_lo == r.row.peak_hi else \
             f"{r.row.peak_lo / GiB:.1f}-{r.row.peak_hi / GiB:.1f}"
         tps = f"{r.row.tokens_per_s_per_gpu:9.0f}" if r.row.tokens_per_s_per_gpu else f"{'-':>9}"
@@ -238,7 +240,8 @@ def render(results: list[Result]) -> str:
         lines.append(f"{r.row.id:52} {r.row.metric:10} {pub:>11} {_gib(r.plan_bytes):>8} {r.basis:12} "
                      f"{r.mem_err:+8.1%} {tps} {r.plan_tokens_per_s_per_gpu:10.0f} {terr}  {len(r.missing)}")
     s = summarize(results)
-    lines += ["", f"{s['rows']} rows from {s['sources']} sources; {s['expressible_rows']} fully expressible",
+    lines += ["", (f"({len(shown)} of {s['rows']} rows shown; the summary is over all of them)\n" if only else "")
+              + f"{s['rows']} rows from {s['sources']} sources; {s['expressible_rows']} fully expressible",
               f"memory: median |err| {s['mem_median_abs_err']:.1%}, worst {s['mem_worst_abs_err']:.1%}, "
               f"{s['mem_within_10pct']}/{s['rows']} within 10%, {s['mem_under_estimates']} under-estimates "
               "(bar: all within 10%, median <= 5%)"]
@@ -246,7 +249,7 @@ def render(results: list[Result]) -> str:
         lines.append(f"time:   median |err| {s['time_median_abs_err']:.1%}, worst {s['time_worst_abs_err']:.1%}, "
                      f"{s['time_within_25pct']}/{s['time_rows']} within 25% (bar: all within 25%, median <= 15%)")
     lines += ["", "what each row cannot express yet (planned as near as the config allows):"]
-    for r in results:
+    for r in shown:
         for m in r.missing:
             lines.append(f"  {r.row.id}: {m}")
     return "\n".join(lines)
@@ -265,6 +268,7 @@ def to_json(results: list[Result]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--only", default="", help="comma-separated row ids to show (the summary stays over all rows)")
     ap.add_argument("--dir", type=Path, default=TABLE_DIR, help="directory of row files (default: %(default)s)")
     args = ap.parse_args(argv)
     try:
@@ -272,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     except TableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(to_json(results), indent=1) if args.json else render(results))
+    only = tuple(i for i in args.only.split(",") if i)
+    unknown = sorted(set(only) - {r.row.id for r in results})
+    if unknown:
+        print(f"error: --only: no row {', '.join(unknown)} in {args.dir}; the ids are the file names without .yaml",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(to_json(results), indent=1) if args.json else render(results, only))
     return 0
 
 
