@@ -10,7 +10,7 @@ recomputation, a cheaper strategy) or when no full-path plan fits at all.
 from __future__ import annotations
 
 from shardtrain.compiler.plan import Candidate
-from shardtrain.compiler.specs import LossMode
+from shardtrain.compiler.specs import LossMode, Runner
 from shardtrain.units import fmt_bytes
 
 
@@ -19,8 +19,12 @@ def _settings(c: Candidate) -> str:
             f"{c.gradient_checkpointing.value}")
 
 
-def loss_auto_reason(chosen: Candidate, candidates: list[Candidate]) -> str:
-    """The reason for ``chosen.loss`` under loss auto, against the best candidate of the other path."""
+def loss_auto_reason(chosen: Candidate, candidates: list[Candidate], runner: Runner = Runner.SHARDTRAIN) -> str:
+    """The reason for ``chosen.loss`` under loss auto, against the best candidate of the other path
+    (``candidates``: every evaluated candidate of both paths)."""
+    if runner is not Runner.SHARDTRAIN:
+        return (f"the {runner.value} runner computes the loss inside the model (HF ForCausalLMLoss over the "
+                "whole logits; the chunked path is our runtime's: compiler/runner.py)")
     other = LossMode.FULL if chosen.loss is LossMode.CHUNKED else LossMode.CHUNKED
     rivals = [c for c in candidates if c.loss is other]
     fitting = [c for c in rivals if c.fits]

@@ -36,6 +36,8 @@ class PhaseInputs:
     (mesh_memory.tp_local_groups) and `shard_size` the dp_shard × cp ranks they are sharded over."""
     op_saved_bytes_per_token: float = 0
     """grad_ckpt op: what each checkpointed layer keeps per token beyond its input (op_ckpt.py)."""
+    loss_in_root: bool = False
+    """The HF runners (compiler/runner.py): the loss runs inside the root FSDP unit's forward."""
     tiled_mlp_tiles: int = 1
     """Tiled MLP (compiler/savers.py): layer_act_bytes_per_token already excludes the MLP intermediates;
     the backward adds one tile's working set."""

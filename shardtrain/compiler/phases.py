@@ -49,6 +49,7 @@ from shardtrain.compiler.memory import ModelStateBytes, fsdp_shard_groups
 from shardtrain.compiler.mesh_memory import cp_transient_bytes, tp_gather_transient_bytes, tp_local_groups
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.op_ckpt import lora_adapted, saved_bytes_per_token
+from shardtrain.compiler.runner import RunnerPath
 from shardtrain.compiler.phase_inputs import PhaseInputs
 from shardtrain.compiler.plan import MemoryBreakdown
 from shardtrain.compiler.specs import (Attention, Engine, GradCkpt, LossMode, Method, OffloadDevice, Optimizer,
@@ -181,12 +182,17 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
                 # lm_head matmul: root gathered + the last unit's all-gather output, 16-bit logits
                 dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=max(root + unit, held)),
                 # loss: the root resharded after its forward (FULL/HYBRID), fp32 loss path
-                dict(grads=g_prev, activations=kept + head, logits=x.logits_forward_bytes, buffers=held)],
+                dict(grads=g_prev, activations=kept + head, logits=x.logits_forward_bytes,
+                     # HF runners: the loss is part of the root's forward, so the root is still gathered
+                     buffers=max(held, root) if x.loss_in_root else held)],
             "backward": [
                 # loss backward: the root is re-gathered only when the logits' gradient exists (its
                 # pre-backward hook sits on the forward outputs: _fsdp_state.py
                 # _register_pre_backward_hook), after the fp32 loss-path tensors are gone
-                dict(grads=g_prev, activations=kept + head, logits=x.logits_backward_bytes, buffers=held),
+                dict(grads=g_prev, activations=kept + head, logits=x.logits_backward_bytes,
+                     # HF runners: the root's pre-backward hook sits on the loss: it is re-gathered (all-gather
+                     # output + copied-out params) before the fp32 loss backward (compiler/runner.py)
+                     buffers=max(held, ag * root) if x.loss_in_root else held),
                 # ... then the root's re-gather next to the logits' gradient
                 dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=held or ag * root),
                 # second layer from the top: root + current + prefetched unit, the previous unit's
@@ -325,6 +331,7 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                      optimizer: Optimizer, micro_batch: int, seq_len: int, attention: Attention,
                      grad_ckpt: GradCkpt, selective_every: int, grad_accum: int, defer_grad_sync: bool,
                      loss: LossMode = LossMode.FULL, chunk_tokens: int = 512, activation_offload: bool = False,
+                     runner: RunnerPath | None = None,
                      cuda_context: int = 0, parallel: ParallelDims | None = None
                      ) -> tuple[dict[str, MemoryBreakdown], str]:
     """({phase: MemoryBreakdown}, peak phase) for one candidate; `loss`/`chunk_tokens` are the
@@ -347,6 +354,9 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
         bwd_logits = min(12 * bsv, logits)
     else:
         fwd_logits = bwd_logits = logits
+    if runner is not None:   # the HF runners' fp32 logits copies by transformers version (compiler/runner.py)
+        fwd_logits += runner.extra_fwd_logits_bytes * bsv
+        bwd_logits += runner.extra_bwd_logits_bytes * bsv
     op_saved = (saved_bytes_per_token(model, precision, lora=lora_adapted(groups), parallel=parallel)
                 if grad_ckpt is GradCkpt.OP else 0)
     x = PhaseInputs(model=model, groups=tp_local_groups(groups, parallel.tp if parallel else 1),
@@ -356,7 +366,8 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                     layer_act_bytes_per_token=layer_bytes_per_token(model, precision, attention, seq_len,
                                                                     parallel=parallel),
                     logits_forward_bytes=fwd_logits, logits_backward_bytes=bwd_logits,
-                    activation_offload=activation_offload, op_saved_bytes_per_token=op_saved, parallel=parallel)
+                    activation_offload=activation_offload, op_saved_bytes_per_token=op_saved,
+                    loss_in_root=bool(runner and runner.loss_in_root), parallel=parallel)
     terms = phase_terms(x, ms)
     phases = {ph: MemoryBreakdown(**t, cuda_context=cuda_context) for ph, t in terms.items()}
     peak = max(PHASES, key=lambda ph: (phases[ph].total, -PHASES.index(ph)))

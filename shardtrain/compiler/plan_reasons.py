@@ -24,7 +24,7 @@ def ordinal(n: int) -> str:
 
 
 def plan_reasons(model: ModelSpec, t: TrainSpec, hw: HardwareSpec, usable: int, c: Candidate,
-                 best: dict[Strategy, Candidate], illegal: dict[Strategy, str]) -> list[str]:
+                 best: dict[Strategy, Candidate], illegal: dict[Strategy, str], *, loss_why: str = "") -> list[str]:
     """The `why` lines of a plan: the strategy against the cheaper ones, checkpointing, the batch, the savers."""
     r = []
     if t.strategy is not None:
@@ -60,14 +60,14 @@ def plan_reasons(model: ModelSpec, t: TrainSpec, hw: HardwareSpec, usable: int, 
         r.append(f"optimizer switched to {c.optimizer.value} (allow_optimizer_change) to fit")
     if c.method is not t.method:
         r.append(f"method switched to {c.method.value} (allow_method_change) to fit")
-    r += _memory_saver_reasons(model, t, c)
+    r += _memory_saver_reasons(model, t, c, loss_why)
     if c.fsdp_defer_grad_sync:
         r.append("FSDP gradient sync deferred to the last micro-step (set_requires_gradient_sync): "
                  "fewer reduce-scatters, unsharded fp32 grads held meanwhile")
     return r
 
 
-def _memory_saver_reasons(model: ModelSpec, t: TrainSpec, c: Candidate) -> list[str]:
+def _memory_saver_reasons(model: ModelSpec, t: TrainSpec, c: Candidate, loss_why: str = "") -> list[str]:
     """Why the loss path and activation offload are what they are."""
     r = []
     kw = dict(micro_batch=c.micro_batch_size, seq_len=t.seq_len, precision=t.precision,
@@ -75,12 +75,12 @@ def _memory_saver_reasons(model: ModelSpec, t: TrainSpec, c: Candidate) -> list[
     full = logits_bytes(model, loss=LossMode.FULL, **kw)
     chunked = logits_bytes(model, loss=LossMode.CHUNKED, **kw)
     if c.loss is LossMode.CHUNKED:
-        how = "loss auto → chunked" if t.loss is LossMode.AUTO else "loss chunked"
+        how = f"loss auto → chunked ({loss_why})" if t.loss is LossMode.AUTO else "loss chunked"
         r.append(f"{how}: lm_head + fp32 cross-entropy in chunks of {t.loss_chunk_tokens} tokens, logits term "
                  f"{fmt_bytes(chunked)} instead of {fmt_bytes(full)} for the full fp32 logits "
                  "(the runtime recomputes one chunk's projection in backward)")
     elif t.loss is LossMode.AUTO:
-        r.append(f"loss auto → full: the whole logits path ({fmt_bytes(full)}) is no larger than a chunked one")
+        r.append(f"loss auto → full ({fmt_bytes(full)} logits path): {loss_why}")
     elif full > chunked and not c.fits:
         r.append(f"loss full: the full fp32 logits path needs {fmt_bytes(full)}; loss: chunked would need "
                  f"{fmt_bytes(chunked)}")

@@ -17,6 +17,7 @@ from shardtrain.compiler.mesh import mesh_illegal_reason, meshes
 from shardtrain.compiler.mesh_reasons import mesh_reasons
 from shardtrain.compiler.loss_choice import loss_auto_reason
 from shardtrain.compiler.op_ckpt import recompute_fraction
+from shardtrain.compiler.runner import runner_path
 from shardtrain.compiler.plan_reasons import STRATEGY_ORDER, ordinal, plan_reasons  # noqa: F401  (re-exported)
 from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.model import ModelSpec
@@ -70,6 +71,8 @@ class _Ctx:
     hw: HardwareSpec
     train: TrainSpec
     usable: int
+    rivals: list = dataclasses.field(default_factory=list)
+    """loss auto: the other loss path's candidate at each evaluated point (for the `why` line)."""
 
 
 def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[TensorGroup, ...],
@@ -90,6 +93,7 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[
         precision=t.precision, optimizer=optimizer, micro_batch=micro, seq_len=t.seq_len, attention=t.attention,
         grad_ckpt=ckpt, selective_every=t.selective_every,
         grad_accum=t.global_batch_size // (micro * p.dp), defer_grad_sync=defer, loss=loss,
+        runner=runner_path(t.runner, t.runner_transformers),
         chunk_tokens=t.loss_chunk_tokens, activation_offload=act_offload is not ActivationOffload.NONE,
         cuda_context=CUDA_CONTEXT_BYTES, parallel=parallel)
     return ms, phases, peak
@@ -141,6 +145,43 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                      activation_offload=act_offload, per_phase=tuple(phases.items()), peak_phase=peak,
                      peak_reserved_bytes=alloc.peak_reserved_bytes,
                      parallel=mesh)
+
+
+def _loss_paths(evaluate):
+    """loss auto (the default): each candidate point is evaluated with the full and the chunked loss path
+    (the chunked one only where the runner has it: compiler/runner.py). The one that fits, then the faster
+    (else the smaller), is the candidate; so chunked is chosen exactly when it lets a faster plan fit or
+    the full path does not fit (compiler/loss_choice.py says which). The other goes to ctx.rivals."""
+    @functools.wraps(evaluate)
+    def both(ctx: _Ctx, *args, **kw) -> Candidate:
+        t = ctx.train
+        if t.loss is not LossMode.AUTO:
+            return evaluate(ctx, *args, **kw)
+        full = evaluate(dataclasses.replace(ctx, train=dataclasses.replace(t, loss=LossMode.FULL)), *args, **kw)
+        # at the same point the chunked path only adds work (compiler/cost.py): it can win only where the
+        # full path does not fit, so it is evaluated only there (half the evaluations of trying both)
+        if full.fits or not runner_path(t.runner, t.runner_transformers).chunked_loss:
+            return full
+        chunked = evaluate(dataclasses.replace(ctx, train=dataclasses.replace(t, loss=LossMode.CHUNKED)), *args, **kw)
+        best = min((full, chunked), key=lambda c: (0, c.step_time_s) if c.fits else (1, c.per_gpu.total))
+        ctx.rivals.append(full if best is chunked else chunked)
+        return best
+    return both
+
+
+_evaluate = _loss_paths(_evaluate)
+
+
+def _runner_refusal(train: TrainSpec) -> str | None:
+    """A forced setting the runner cannot run (compiler/runner.py), with the fix."""
+    rp = runner_path(train.runner, train.runner_transformers)
+    if train.loss is LossMode.CHUNKED and not rp.chunked_loss:
+        return (f"train.loss: chunked cannot run under runner {train.runner.value}: it computes the loss inside the "
+                "model (HF ForCausalLMLoss); use loss: auto or full, or runner: shardtrain")
+    if train.grad_ckpt is GradCkpt.OP and not rp.op_ckpt:
+        return (f"train.grad_ckpt: op cannot run under runner {train.runner.value} (it checkpoints whole layers); "
+                "use grad_ckpt: auto, full or selective, or runner: shardtrain")
+    return None
 
 
 def micro_batch_options(train: TrainSpec, hw: HardwareSpec, dp: int | None = None) -> list[int]:
@@ -200,7 +241,15 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
         strategies = [train.strategy]
     else:
         strategies = [s for s in STRATEGY_ORDER if s is not Strategy.FSDP_HYBRID_SHARD]
-    ckpts = list(_CKPT_ORDER) if train.grad_ckpt is GradCkpt.AUTO else [train.grad_ckpt]
+    try:
+        refusal = _runner_refusal(train)
+    except ValueError as e:   # a runner_transformers that is no version
+        refusal = str(e)
+    if refusal:
+        raise PlanningError(refusal)
+    op_ok = runner_path(train.runner, train.runner_transformers).op_ckpt
+    ckpts = ([c for c in _CKPT_ORDER if op_ok or c is not GradCkpt.OP] if train.grad_ckpt is GradCkpt.AUTO
+             else [train.grad_ckpt])
     optimizers = [train.optimizer]
     if train.allow_optimizer_change and Optimizer.ADAMW8BIT not in optimizers:
         optimizers.append(Optimizer.ADAMW8BIT)
@@ -345,7 +394,9 @@ def _make_plan(ctx: _Ctx, chosen: Candidate, candidates: list[Candidate], illega
     best = _best_per_strategy(candidates)
     others = [c for s, c in best.items() if s is not chosen.strategy]
     others.sort(key=lambda c: (not c.fits, _rank(c)))
-    reasons = plan_reasons(ctx.model, ctx.train, ctx.hw, ctx.usable, chosen, best, illegal)
+    loss_why = (loss_auto_reason(chosen, candidates + ctx.rivals, ctx.train.runner)
+                if ctx.train.loss is LossMode.AUTO else "")
+    reasons = plan_reasons(ctx.model, ctx.train, ctx.hw, ctx.usable, chosen, best, illegal, loss_why=loss_why)
     reasons[1:1] = mesh_reasons(ctx.train, asked, ctx.hw, chosen, candidates)
     return Plan(chosen=chosen, alternatives=tuple(others), model=ctx.model, hardware=ctx.hw, train=asked,
                 gpu_memory_bytes=ctx.hw.gpu_memory_bytes,

@@ -141,7 +141,8 @@ class Attention(_StrEnum):
 class LossMode(_StrEnum):
     """How the output projection + cross-entropy run. full: the whole fp32 logits tensor exists
     (HF ForCausalLMLoss); chunked: projection + fp32 CE chunk by chunk under checkpointing
-    (shardtrain/runtime/loss.py); auto: the planner picks chunked when the full path costs more."""
+    (shardtrain/runtime/loss.py); auto: the planner evaluates both and picks chunked exactly when it lets a faster
+    plan fit or the full path does not fit (the HF runners have only full: compiler/runner.py)."""
     AUTO = "auto"
     FULL = "full"
     CHUNKED = "chunked"
@@ -408,8 +409,9 @@ class TrainSpec:
     """Extra fraction of GPU memory kept free, on top of the modelled reserved peak + CUDA context
     (compiler/allocator.py). Until issue 19 it was a flat 0.05 standing for allocator fragmentation,
     which the allocator model now predicts; a user margin now, 0 by default."""
-    loss: LossMode = LossMode.FULL
-    """Logits path: full, chunked, or auto (chunked when the full path costs more than a chunk)."""
+    loss: LossMode = LossMode.AUTO
+    """Logits path: full, chunked, or auto (the default: chunked exactly when it lets a faster plan fit or
+    the full path does not fit; compiler/loss_choice.py)."""
     loss_chunk_tokens: int = 512
     """Tokens per chunk of the chunked loss (torchtune CEWithChunkedOutputLoss: 8 chunks of the
     sequence = 512 tokens at b=2, s=2048)."""

@@ -109,7 +109,8 @@ class TrainConfig:
     attention: Attention = _TRAIN.attention
     """sdpa | flash | eager."""
     loss: LossMode = _TRAIN.loss
-    """full | chunked (lm_head + fp32 CE in chunks, never the whole logits) | auto (chunked when smaller)."""
+    """full | chunked (lm_head + fp32 CE in chunks, never the whole logits) | auto (default: chunked exactly when it lets a faster plan fit or the full path does not fit; the
+    plan's `why` says which)."""
     loss_chunk_tokens: int = _TRAIN.loss_chunk_tokens
     """Tokens per chunk of the chunked loss."""
     activation_offload: ActivationOffload = _TRAIN.activation_offload
