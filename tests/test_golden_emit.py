@@ -39,6 +39,13 @@ CASES = {
                                            precision="fp32", grad_ckpt="none", **M8),
     "fsdp_hybrid_shard-2x8xh100-qlora": dict(strategy="fsdp_hybrid_shard", nodes=2, gpus_per_node=8,
                                              global_batch=128, method="qlora", grad_ckpt="full", **M8),
+    # issue 19: FSDP2 + CPUOffloadPolicy (Answer.AI's 70B QLoRA on 2 x 24 GB) and ZeRO-3 with the optimizer
+    # offloaded but the parameters on the GPU (the HF Ulysses / ALST benchmarks)
+    "fsdp_offload-2xrtx3090-70b-qlora": dict(strategy="fsdp_offload", gpus_per_node=2, gpu="rtx3090",
+                                             model="llama-3.1-70b", seq_len=2048, micro_batch=1, global_batch=8,
+                                             method="qlora", grad_ckpt="full"),
+    "zero3_opt_offload-8xh100-bf16-adamw": dict(strategy="zero3_opt_offload", gpus_per_node=8, global_batch=64,
+                                                grad_ckpt="full", **M8),
     "ddp-1xh100-lora": dict(strategy="ddp", gpus_per_node=1, global_batch=8, method="lora", grad_ckpt="full", **M8),
     # issue 18: meshes, forced through the run config's parallel: section (the planner's own candidate)
     "mesh-fsdp-tp2xdp_shard4-8xh100": dict(strategy="fsdp_full_shard", gpus_per_node=8, global_batch=64,
