@@ -13,12 +13,13 @@ e.g. a checkpointing policy it cannot yet spell) and `missing` (what of the setu
 such rows are planned as near as the config allows and stay in the denominator).
 
 The plan comes from the same pipeline as `shardtrain plan` (config/pipeline.py load + plan_for, in-process;
-a forced strategy that does not fit still gives its numbers). Like is compared with like:
-  allocated / active / unknown  -> the plan's peak minus cuda_context (what max_memory_allocated sees)
-  reserved                      -> the allocator model's reserved figure when the plan has one, else the
-                                   plan's per-GPU total (peak + cuda_context), as the issue asks
-  nvidia-smi                    -> reserved (as above) + cuda_context, else the per-GPU total
-The column `vs` says which. Memory error = plan / published - 1 (0 inside a published range; an
+a forced strategy that does not fit still gives its numbers). Like is compared with like, by the plan's
+allocator model (compiler/allocator.py):
+  allocated / active / unknown  -> peak_allocated_bytes (what max_memory_allocated counts; `unknown` rows
+                                   are set beside the smallest figure, so an under-estimate shows)
+  reserved                      -> peak_reserved_bytes (max_memory_reserved)
+  nvidia-smi                    -> nvidia_smi_bytes (reserved + CUDA context and library buffers)
+The column `vs` says which (`total` = peak + cuda_context, for plans without the allocator figures). Memory error = plan / published - 1 (0 inside a published range; an
 under-estimate is negative). Time error = plan step time / measured step time - 1, from tokens/s per GPU:
 plan tokens/s per GPU = global batch x seq len / (estimated_step_time_s x GPUs).
 """
@@ -170,26 +171,20 @@ def plan_row(row: Row) -> tuple[dict, tuple[str, ...]]:
         return plan_json(_merge(row.config, row.fallback)), (f"refused by this checkout: {e}",)
 
 
-def _reserved_figure(d: dict) -> int | None:
-    """The allocator model's reserved bytes per GPU, when the plan has one (helper F's allocator model)."""
-    per = d.get("per_gpu", {})
-    for holder, key in ((d, "reserved_bytes"), (per, "reserved"), (d.get("allocator") or {}, "reserved_bytes")):
-        if isinstance(holder.get(key), (int, float)):
-            return int(holder[key])
-    return None
-
-
 def compared_figure(d: dict, metric: str) -> tuple[int, str]:
-    """(plan bytes, basis) to set beside a published figure of this metric."""
+    """(plan bytes, basis) to set beside a published figure of this metric: the allocator model's figures
+    (compiler/allocator.py: plan JSON peak_allocated_bytes / peak_reserved_bytes / nvidia_smi_bytes); a plan
+    without them (older checkouts) falls back to the per-GPU terms."""
     per = d["per_gpu"]
     ctx = int(per.get("cuda_context", 0))
-    allocated = int(per["total"]) - ctx
     if metric in ("allocated", "active", "unknown"):
-        return allocated, "allocated"
-    reserved = _reserved_figure(d)
-    if reserved is None:
-        return int(per["total"]), "total"  # no allocator model yet: peak + cuda_context
-    return (reserved, "reserved") if metric == "reserved" else (reserved + ctx, "reserved+ctx")
+        if "peak_allocated_bytes" in d:
+            return int(d["peak_allocated_bytes"]), "allocated"
+        return int(per["total"]) - ctx, "allocated"
+    key, basis = ("peak_reserved_bytes", "reserved") if metric == "reserved" else ("nvidia_smi_bytes", "nvidia-smi")
+    if key in d:
+        return int(d[key]), basis
+    return int(per["total"]), "total"  # no allocator model: peak + cuda_context
 
 
 def mem_error(plan: int, lo: int, hi: int) -> float:
