@@ -2,6 +2,7 @@
 fits, choose the fastest, and explain why. Pure: no I/O, no torch."""
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -71,8 +72,6 @@ class _Ctx:
     hw: HardwareSpec
     train: TrainSpec
     usable: int
-    rivals: list = dataclasses.field(default_factory=list)
-    """loss auto: the other loss path's candidate at each evaluated point (for the `why` line)."""
 
 
 def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[TensorGroup, ...],
@@ -147,29 +146,21 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                      parallel=mesh)
 
 
-def _loss_paths(evaluate):
-    """loss auto (the default): each candidate point is evaluated with the full and the chunked loss path
-    (the chunked one only where the runner has it: compiler/runner.py). The one that fits, then the faster
-    (else the smaller), is the candidate; so chunked is chosen exactly when it lets a faster plan fit or
-    the full path does not fit (compiler/loss_choice.py says which). The other goes to ctx.rivals."""
+_LOSS_PATH: contextvars.ContextVar[LossMode] = contextvars.ContextVar("loss_path", default=LossMode.FULL)
+"""loss auto: the loss path the current search pass plans with (_per_loss_path)."""
+
+
+def _loss_path(evaluate):
+    """loss auto: a candidate is planned with the current pass's loss path (_LOSS_PATH)."""
     @functools.wraps(evaluate)
-    def both(ctx: _Ctx, *args, **kw) -> Candidate:
-        t = ctx.train
-        if t.loss is not LossMode.AUTO:
-            return evaluate(ctx, *args, **kw)
-        full = evaluate(dataclasses.replace(ctx, train=dataclasses.replace(t, loss=LossMode.FULL)), *args, **kw)
-        # at the same point the chunked path only adds work (compiler/cost.py): it can win only where the
-        # full path does not fit, so it is evaluated only there (half the evaluations of trying both)
-        if full.fits or not runner_path(t.runner, t.runner_transformers).chunked_loss:
-            return full
-        chunked = evaluate(dataclasses.replace(ctx, train=dataclasses.replace(t, loss=LossMode.CHUNKED)), *args, **kw)
-        best = min((full, chunked), key=lambda c: (0, c.step_time_s) if c.fits else (1, c.per_gpu.total))
-        ctx.rivals.append(full if best is chunked else chunked)
-        return best
-    return both
+    def on_path(ctx: _Ctx, *args, **kw) -> Candidate:
+        if ctx.train.loss is LossMode.AUTO:
+            ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, loss=_LOSS_PATH.get()))
+        return evaluate(ctx, *args, **kw)
+    return on_path
 
 
-_evaluate = _loss_paths(_evaluate)
+_evaluate = _loss_path(_evaluate)
 
 
 def _runner_refusal(train: TrainSpec) -> str | None:
@@ -359,6 +350,32 @@ def _search_lines(ev, s: Strategy, mesh: ParallelDims, ckpts: list[GradCkpt], mi
                         break
 
 
+def _per_loss_path(search):
+    """loss auto (the default): each (strategy, mesh) pair is searched with the full loss path, then, when
+    the runner has it (compiler/runner.py) and the full path does not fit at the pair's fastest point, with
+    the chunked one (at the same point chunked only adds work: compiler/cost.py). Every candidate of both
+    passes competes, so chunked is chosen exactly when it lets a faster plan fit or the full path does not
+    fit (compiler/loss_choice.py says which)."""
+    @functools.wraps(search)
+    def both(ev, s, mesh, ckpts, micros, savers, train):
+        if train.loss is not LossMode.AUTO:
+            return search(ev, s, mesh, ckpts, micros, savers, train)
+        token = _LOSS_PATH.set(LossMode.FULL)
+        try:
+            search(ev, s, mesh, ckpts, micros, savers, train)
+            if not runner_path(train.runner, train.runner_transformers).chunked_loss or \
+                    ev(ckpts[0], micros[-1], False, savers[0]).fits:
+                return None
+            _LOSS_PATH.set(LossMode.CHUNKED)
+            return search(ev, s, mesh, ckpts, micros, savers, train)
+        finally:
+            _LOSS_PATH.reset(token)
+    return both
+
+
+_search_lines = _per_loss_path(_search_lines)
+
+
 def _no_mesh_text(req: ParallelRequest, hw: HardwareSpec) -> str:
     forced = {k: v for k, v in req.to_json().items() if isinstance(v, int)}
     prod = 1
@@ -394,7 +411,7 @@ def _make_plan(ctx: _Ctx, chosen: Candidate, candidates: list[Candidate], illega
     best = _best_per_strategy(candidates)
     others = [c for s, c in best.items() if s is not chosen.strategy]
     others.sort(key=lambda c: (not c.fits, _rank(c)))
-    loss_why = (loss_auto_reason(chosen, candidates + ctx.rivals, ctx.train.runner)
+    loss_why = (loss_auto_reason(chosen, candidates, ctx.train.runner)
                 if ctx.train.loss is LossMode.AUTO else "")
     reasons = plan_reasons(ctx.model, ctx.train, ctx.hw, ctx.usable, chosen, best, illegal, loss_why=loss_why)
     reasons[1:1] = mesh_reasons(ctx.train, asked, ctx.hw, chosen, candidates)
