@@ -1,4 +1,5 @@
-"""Build the model on each rank: source → dtype → (NF4) → checkpointing → LoRA, without N copies.
+"""Build the model on each rank: source → dtype → (NF4) → checkpointing (+ offload) → LoRA → tiled MLP,
+without N copies.
 
 Loading (memory-efficient): rank 0 materialises the full model on the host (random init from the
 config with the run seed, or `from_pretrained` of a local checkpoint); the other ranks build it on the
@@ -15,6 +16,7 @@ QLoRA stores decoder-layer Linear weights in NF4 (double quantisation) and the r
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from torch import nn
 
 from shardtrain.compiler.plan import ModelRef
 from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision
+
+log = logging.getLogger("shardtrain.worker")
 
 ZERO_INIT_MIN_PARAMS = 10**9
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -116,13 +120,22 @@ def broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def enable_checkpointing(model: nn.Module, mode: GradCkpt, every: int) -> None:
-    """Full: every decoder layer; selective: every k-th (layers 0, k, 2k, …), non-reentrant."""
+def enable_checkpointing(model: nn.Module, mode: GradCkpt, every: int, *, ckpt_offload: bool = False,
+                         device_type: str = "cpu"):
+    """Full: every decoder layer; selective: every k-th (layers 0, k, 2k, …); op: every layer with
+    torchtitan's op-level policy as the checkpoint's context_fn (runtime/sac.py); all non-reentrant.
+    `ckpt_offload`: the checkpointed layers' inputs in host memory (runtime/ckpt_offload.py); returns
+    its stash (None without it)."""
     if mode in (GradCkpt.NONE, GradCkpt.AUTO):
-        return
+        return None
+    from shardtrain.runtime.sac import checkpoint_kwargs
     k = every if mode is GradCkpt.SELECTIVE else 1
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(mode is GradCkpt.OP),
                                           every_n_layers=k)
+    if not ckpt_offload:
+        return None
+    from shardtrain.runtime.ckpt_offload import install_ckpt_offload
+    return install_ckpt_offload(model, device_type)
 
 
 def checkpointed_layers(model: nn.Module) -> list[int]:
@@ -187,6 +200,13 @@ class BuildSpec:
     zero_stage: int = 0
     num_params: int = 0
     qlora_storage: torch.dtype = torch.uint8
+    tiled_mlp_tiles: int = 1
+    """plan.chosen.tiled_mlp_tiles: each decoder layer's MLP in this many sequence tiles (1: untiled)"""
+    ckpt_offload: bool = False
+    """plan.chosen.ckpt_offload: checkpointed layer inputs in host memory"""
+    device_type: str = "cpu"
+    tp: int = 1
+    """plan.parallel.tp (the tiled MLP does not run on a tensor-parallel split MLP)"""
 
 
 def build_model(src: ModelSource, spec: BuildSpec, *, rank: int, world_size: int, device: torch.device,
@@ -209,7 +229,11 @@ def build_model(src: ModelSource, spec: BuildSpec, *, rank: int, world_size: int
         quantize_4bit(model, compute=compute_dtype(spec.precision), storage=spec.qlora_storage,
                       device=device, layer_class=spec.layer_class)
         model.to(device)
-    enable_checkpointing(model, spec.grad_ckpt, spec.selective_every)
+    if spec.tiled_mlp_tiles > 1 and spec.tp > 1:
+        raise ValueError(f"plan.json: tiled_mlp_tiles {spec.tiled_mlp_tiles} with parallel.tp {spec.tp}: the tiled MLP "
+                         "runs on a whole (not tensor-parallel) MLP; set train.tiled_mlp: off or parallel.tp: 1")
+    stash = enable_checkpointing(model, spec.grad_ckpt, spec.selective_every, ckpt_offload=spec.ckpt_offload,
+                                 device_type=spec.device_type)
     if spec.method is not Method.FULL:
         model = apply_lora(model, seed=spec.seed, **spec.lora)
         if spec.method is Method.QLORA and world_size > 1:
@@ -217,7 +241,28 @@ def build_model(src: ModelSource, spec: BuildSpec, *, rank: int, world_size: int
                 for p in model.parameters():
                     if p.requires_grad:
                         dist.broadcast(p.data, src=0)
+    tiled = 0
+    if spec.tiled_mlp_tiles > 1:  # every layer (runtime/tiled_mlp.py); after LoRA: peft's MLP projections
+        from shardtrain.runtime.tiled_mlp import install_tiled_mlp
+        tiled = install_tiled_mlp(decoder_layers(model, spec.layer_class), spec.tiled_mlp_tiles,
+                                  ds_flags=spec.engine is Engine.DEEPSPEED)
+    if rank == 0:
+        log.info("memory savers: %s", savers_line(spec, len(checkpointed_layers(model)), tiled, stash))
     return model
+
+
+def savers_line(spec: BuildSpec, checkpointed: int, tiled: int, stash) -> str:
+    """The worker's one line on which savers run (plan.chosen: gradient_checkpointing, tiled_mlp_tiles,
+    ckpt_offload); activation offload and the chunked loss are runtime/loss.py's."""
+    ck = {GradCkpt.OP: "op-level selective (torchtitan's op policy)", GradCkpt.FULL: "full",
+          GradCkpt.SELECTIVE: f"selective, every {spec.selective_every} layers"}.get(spec.grad_ckpt, "off")
+    parts = [f"activation checkpointing {ck}" + (f" ({checkpointed} layers)" if checkpointed else "")]
+    parts.append(f"tiled MLP {spec.tiled_mlp_tiles} tiles ({tiled} layers)" if tiled else "tiled MLP off")
+    if stash is not None:
+        parts.append("checkpointed layer inputs in host memory" + (" (pinned)" if stash.pin_memory else ""))
+    else:
+        parts.append("checkpoint offload off")
+    return ", ".join(parts)
 
 
 def find_embeddings(model: nn.Module, which: str) -> nn.Module | None:
