@@ -153,7 +153,9 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
                      selective_every=plan.train.selective_every, attention=plan.train.attention.value,
                      seed=cfg.train.seed, lora=lora, layer_class=plan.model.decoder_layer_class,
                      zero_stage=s.zero_stage, num_params=plan.model.num_params,
-                     qlora_storage=compute_dtype(c.precision) if sharded else torch.uint8)
+                     qlora_storage=compute_dtype(c.precision) if sharded else torch.uint8,
+                     tiled_mlp_tiles=c.tiled_mlp_tiles, ckpt_offload=c.ckpt_offload,  # savers (runtime/modeling.py)
+                     device_type=info.device.type, tp=dims.tp)
     model = build_model(src, spec, rank=info.rank, world_size=info.world_size, device=info.device,
                         ds_config=ds_config, materialize=engine_kind is not Engine.FSDP)
     if cfg.train.compile.value != "none":  # before the engine wraps it (runtime/compiling.py)
