@@ -20,9 +20,9 @@ allocator model (compiler/allocator.py):
   reserved                      -> peak_reserved_bytes (max_memory_reserved)
   nvidia-smi                    -> nvidia_smi_bytes (reserved + CUDA context and library buffers)
 The column `vs` says which (`total` = peak + cuda_context, for plans without the allocator figures).
-`fits` is the plan's verdict on the published hardware: every row ran, so NO is a false "does not fit". Memory error = plan / published - 1 (0 inside a published range; an
-under-estimate is negative). Time error = plan step time / measured step time - 1, from tokens/s per GPU:
-plan tokens/s per GPU = global batch x seq len / (estimated_step_time_s x GPUs).
+`fits` is the plan's verdict on the published hardware: every row ran, so NO is a false "does not fit".
+Memory error = plan / published - 1 (0 inside a published range; an under-estimate is negative).
+Time error = plan step time / measured step time - 1, from tokens/s per GPU: plan tokens/s per GPU = global batch x seq len / (estimated_step_time_s x GPUs).
 """
 from __future__ import annotations
 
@@ -235,15 +235,16 @@ def render(results: list[Result], only: tuple[str, ...] = ()) -> str:
         tps = f"{r.row.tokens_per_s_per_gpu:9.0f}" if r.row.tokens_per_s_per_gpu else f"{'-':>9}"
         terr = f"{r.time_err:+8.1%}" if r.time_err is not None else f"{'-':>8}"
         lines.append(f"{r.row.id:52} {r.row.metric:10} {pub:>11} {_gib(r.plan_bytes):>8} {r.basis:12} "
-                     f"{r.mem_err:+8.1%} {tps} {r.plan_tokens_per_s_per_gpu:10.0f} {terr} {'yes' if r.fits else 'NO':>4}  "
-                     f"{len(r.missing)}")
+                     f"{r.mem_err:+8.1%} {tps} {r.plan_tokens_per_s_per_gpu:10.0f} {terr} "
+                     f"{'yes' if r.fits else 'NO':>4}  {len(r.missing)}")
     s = summarize(results)
     lines += ["", (f"({len(shown)} of {s['rows']} rows shown; the summary is over all of them)\n" if only else "")
               + f"{s['rows']} rows from {s['sources']} sources; {s['expressible_rows']} fully expressible",
               f"memory: median |err| {s['mem_median_abs_err']:.1%}, worst {s['mem_worst_abs_err']:.1%}, "
               f"{s['mem_within_10pct']}/{s['rows']} within 10%, {s['mem_under_estimates']} under-estimates "
               "(bar: all within 10%, median <= 5%)",
-              f"fit:    the plan says DOES NOT FIT for {s['ran_but_plan_says_no_fit']} of these {s['rows']} runs that ran"]
+              f"fit:    the plan says DOES NOT FIT for {s['ran_but_plan_says_no_fit']} of these {s['rows']} runs "
+              "that ran"]
     if s["time_rows"]:
         lines.append(f"time:   median |err| {s['time_median_abs_err']:.1%}, worst {s['time_worst_abs_err']:.1%}, "
                      f"{s['time_within_25pct']}/{s['time_rows']} within 25% (bar: all within 25%, median <= 15%)")
