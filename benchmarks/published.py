@@ -22,7 +22,8 @@ allocator model (compiler/allocator.py):
 The column `vs` says which (`total` = peak + cuda_context, for plans without the allocator figures).
 `fits` is the plan's verdict on the published hardware: every row ran, so NO is a false "does not fit".
 Memory error = plan / published - 1 (0 inside a published range; an under-estimate is negative).
-Time error = plan step time / measured step time - 1, from tokens/s per GPU: plan tokens/s per GPU = global batch x seq len / (estimated_step_time_s x GPUs).
+Time error = plan step time / measured step time - 1, from tokens/s per GPU:
+plan tokens/s per GPU = global batch x seq len / (estimated_step_time_s x GPUs).
 """
 from __future__ import annotations
 
