@@ -52,6 +52,10 @@ def check_traceable(plan: Plan) -> None:
         raise TraceError(f"--trace: {c.strategy.value} runs DeepSpeed ZeRO, whose internal buffers cannot be "
                          "traced under FakeTensorMode; its analytic numbers (checked against the real engine "
                          "in tests/test_truth_engines.py) stand. Trace ddp or an fsdp_* strategy instead")
+    if c.strategy.value == "fsdp_offload":
+        raise TraceError("--trace: fsdp_offload keeps the sharded state in host memory (CPUOffloadPolicy), which "
+                         "the device tracker would count as GPU memory; its analytic numbers (checked against the "
+                         "real engine in tests/runtime/test_peak_truth.py) stand. Trace fsdp_full_shard instead")
     if c.method is Method.QLORA:
         raise TraceError("--trace: QLoRA's bitsandbytes 4-bit kernels cannot run under FakeTensorMode; "
                          "the analytic numbers stand (use --method lora to trace the 16-bit equivalent)")
