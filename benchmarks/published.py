@@ -2,6 +2,7 @@
 
     python benchmarks/published.py            # the table, the misses and the summary
     python benchmarks/published.py --json     # one JSON object (what tests/test_published.py reads)
+    python benchmarks/published.py --only ID,ID --terms   # chosen rows, with the plan's terms at the peak
 
 Each YAML file is one measured run that someone else published (torchtune, torchtitan, the PEFT docs,
 Answer.AI, a Hugging Face blog notebook): `source` (url, commit/date, where, the quoted row), `hardware`,
@@ -79,6 +80,8 @@ class Result:
     fits: bool
     refused: tuple[str, ...]
     """Config values this checkout refused (the fallback was planned instead)."""
+    plan: dict = field(default_factory=dict, repr=False, compare=False)
+    """The plan JSON (for --terms)."""
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -205,7 +208,7 @@ def evaluate(row: Row) -> Result:
     time_err = (row.tokens_per_s_per_gpu / plan_tps - 1) if row.tokens_per_s_per_gpu else None
     return Result(row=row, plan_bytes=plan_b, basis=basis, mem_err=mem_error(plan_b, row.peak_lo, row.peak_hi),
                   time_err=time_err, plan_tokens_per_s_per_gpu=plan_tps, strategy=d["strategy"], fits=bool(d["fits"]),
-                  refused=refused)
+                  refused=refused, plan=d)
 
 
 def summarize(results: list[Result]) -> dict:
@@ -256,6 +259,24 @@ def render(results: list[Result], only: tuple[str, ...] = ()) -> str:
     return "\n".join(lines)
 
 
+def render_terms(results: list[Result], only: tuple[str, ...] = ()) -> str:
+    """Per shown row: the plan's terms at its peak phase (GiB) and its three figures beside the published one,
+    to find which term a miss comes from."""
+    lines = []
+    for r in (x for x in results if not only or x.row.id in only):
+        d = r.plan
+        terms = " ".join(f"{k}={v / GiB:.2f}" for k, v in d["per_gpu"].items() if v and k != "total")
+        figures = " ".join(f"{name}={d[key] / GiB:.2f}" for name, key in
+                           (("allocated", "peak_allocated_bytes"), ("reserved", "peak_reserved_bytes"),
+                            ("nvidia-smi", "nvidia_smi_bytes")) if key in d)
+        pub = f"{r.row.peak_lo / GiB:.2f}" + (f"-{r.row.peak_hi / GiB:.2f}" if r.row.peak_hi != r.row.peak_lo else "")
+        lines += [f"{r.row.id}: published {pub} GiB ({r.row.metric}); plan {d['strategy']}, micro batch "
+                  f"{d['micro_batch_size']}, checkpointing {d['gradient_checkpointing']}, loss {d['loss']}, "
+                  f"peak in {d.get('peak_phase') or '?'}",
+                  f"    at the peak (GiB): {terms}", f"    plan figures (GiB): {figures}"]
+    return "\n".join(lines)
+
+
 def to_json(results: list[Result]) -> dict:
     return {"summary": summarize(results),
             "rows": [{"id": r.row.id, "project": r.row.project, "metric": r.row.metric, "basis": r.basis,
@@ -269,6 +290,7 @@ def to_json(results: list[Result]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--terms", action="store_true", help="also print each shown row's plan terms at its peak")
     ap.add_argument("--only", default="", help="comma-separated row ids to show (the summary stays over all rows)")
     ap.add_argument("--dir", type=Path, default=TABLE_DIR, help="directory of row files (default: %(default)s)")
     args = ap.parse_args(argv)
@@ -284,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     print(json.dumps(to_json(results), indent=1) if args.json else render(results, only))
+    if args.terms and not args.json:
+        print("\n" + render_terms(results, only))
     return 0
 
 

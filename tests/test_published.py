@@ -140,3 +140,12 @@ def test_range_error_is_zero_inside_and_measured_from_the_near_end():
     assert published.mem_error(88 * 2**30, lo, hi) == pytest.approx(0.10)
     assert published.mem_error(36 * 2**30, lo, hi) == pytest.approx(-0.5)
     assert published.parse_bytes("1 GB", "t") == (10**9, 10**9)
+
+
+def test_only_and_terms_show_the_chosen_row_and_its_peak_terms(capsys):
+    row = "peft-llama2-70b-lora-zero3-8xh100"
+    assert published.main(["--only", row, "--terms"]) == 0
+    out = capsys.readouterr().out
+    assert row in out and "(1 of" in out and "at the peak (GiB):" in out and "activations=" in out
+    assert published.main(["--only", "no-such-row"]) == 2
+    assert "no-such-row" in capsys.readouterr().err
