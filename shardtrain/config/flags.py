@@ -65,7 +65,8 @@ PLAN_FLAG_GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("--tiled-mlp", "train.tiled_mlp", "auto|off|N (each MLP in N sequence tiles, ALST tiled MLP)"),
         Flag("--ckpt-offload", "train.ckpt_offload", "auto|off|cpu (checkpointed layer inputs in host RAM)"),
         Flag("--strategy", "train.strategy", "auto|ddp|zero1|zero2|zero3|fsdp_full_shard|fsdp_shard_grad_op|"
-                                             "fsdp_hybrid_shard|zero2_offload|zero3_offload|zero_infinity"),
+                                             "fsdp_hybrid_shard|zero2_offload|zero3_opt_offload|fsdp_offload|"
+                                             "zero3_offload|zero_infinity"),
         Flag("--steps", "train.steps", type=int))),
     ("mesh", (
         Flag("--dp-replicate", "parallel.dp_replicate", "auto or N: replicas of the sharded state (HSDP)"),

@@ -11,7 +11,8 @@ measurement (the device capacity the step exceeded): it calibrates the memory mo
   3. the chunked loss (no full fp32 logits tensor);
   4. activations offloaded to host memory;
   5. the next strategy that shards more (:data:`SHARDING_LADDER`: DDP → ZeRO-1 → ZeRO-2 → FSDP2 grad-op →
-     ZeRO-3 → FSDP2 full shard → ZeRO-2/3 offload) whose plan fits and predicts less per GPU, the other
+     ZeRO-3 → FSDP2 full shard → ZeRO-2 offload → ZeRO-3 optimizer offload → FSDP2 CPU offload → ZeRO-3
+     offload) whose plan fits and predicts less per GPU, the other
      settings kept: checkpoints are portable across strategies (issue 21, runtime/portable.py);
 then rewrites the run dir and launches again; the workers resume from the last complete checkpoint.
 Each change is printed with its reason. On CPU the control path is exercised with the TEST-ONLY
@@ -29,7 +30,7 @@ DEFAULT_REPLANS = 2
 #: Strategies from the least to the most sharded model state (compiler/memory.py model_state_bytes): the
 #: last rung of the ladder moves right along it. ZeRO-Infinity (NVMe) is left out: it needs a path.
 SHARDING_LADDER = ("ddp", "zero1", "zero2", "fsdp_shard_grad_op", "zero3", "fsdp_full_shard", "zero2_offload",
-                   "zero3_offload")
+                   "zero3_opt_offload", "fsdp_offload", "zero3_offload")
 
 
 def parse_on_oom(value: str | None) -> int:
