@@ -7,11 +7,12 @@
 Each YAML file is one measured run that someone else published (torchtune, torchtitan, the PEFT docs,
 Answer.AI, a Hugging Face blog notebook): `source` (url, commit/date, where, the quoted row), `hardware`,
 `setup` (the full setup as the source states it; `unknown` where it does not), `metric` (allocated | active
-| reserved | nvidia-smi | unknown), `published.peak_memory` ("7.4 GiB", or a range "72-80 GiB") and
-`published.tokens_per_s_per_gpu` (or unknown), and `shardtrain`: `config` (the run config the setup maps
-to: keys of config/schema.py), optional `fallback` (merged over `config` when this checkout refuses a key,
-e.g. a checkpointing policy it cannot yet spell) and `missing` (what of the setup the plan cannot express;
-such rows are planned as near as the config allows and stay in the denominator).
+| reserved | nvidia-smi | unknown), `published.peak_memory` ("7.4 GiB", a range "72-80 GiB", or unknown for
+a time-only row) and `published.tokens_per_s_per_gpu` (or unknown; a row has at least one of the two), and
+`shardtrain`: `config` (the run config the setup maps to: keys of config/schema.py), optional `fallback`
+(merged over `config` when this checkout refuses a key, e.g. a checkpointing policy it cannot yet spell)
+and `missing` (what of the setup the plan cannot express; such rows are planned as near as the config
+allows and stay in the denominator).
 
 The plan comes from the same pipeline as `shardtrain plan` (config/pipeline.py load + plan_for, in-process;
 a forced strategy that does not fit still gives its numbers). Like is compared with like, by the plan's
@@ -57,9 +58,9 @@ class Row:
     url: str
     quote: str
     metric: str
-    peak_lo: int
-    """Published peak bytes (low end of a range; equal to peak_hi for one figure)."""
-    peak_hi: int
+    peak_lo: int | None
+    """Published peak bytes (low end of a range; equal to peak_hi for one figure; None: a time-only row)."""
+    peak_hi: int | None
     tokens_per_s_per_gpu: float | None
     config: dict
     fallback: dict | None
@@ -73,7 +74,8 @@ class Result:
     plan_bytes: int
     """The plan's figure compared with the published one (see `basis`)."""
     basis: str
-    mem_err: float
+    mem_err: float | None
+    """None for a time-only row (the source publishes no memory figure)."""
     time_err: float | None
     plan_tokens_per_s_per_gpu: float
     strategy: str
@@ -122,7 +124,10 @@ def load_row(path: Path) -> Row:
     if metric not in METRICS:
         raise TableError(f"{where}: metric {metric!r} is not one of {', '.join(METRICS)}")
     src, pub, st = d["source"], d["published"], d["shardtrain"]
-    lo, hi = parse_bytes(_need(pub, "peak_memory", where + " published"), where)
+    peak = _need(pub, "peak_memory", where + " published")
+    lo, hi = (None, None) if peak == "unknown" else parse_bytes(peak, where)
+    if lo is None and pub.get("tokens_per_s_per_gpu", "unknown") == "unknown":
+        raise TableError(f"{where}: published has neither peak_memory nor tokens_per_s_per_gpu; a row needs one")
     tps = pub.get("tokens_per_s_per_gpu", "unknown")
     if tps != "unknown" and not isinstance(tps, (int, float)):
         raise TableError(f"{where}: published.tokens_per_s_per_gpu {tps!r} is not a number or unknown")
@@ -206,17 +211,20 @@ def evaluate(row: Row) -> Result:
     step_s = float(d["estimated_step_time_s"])
     plan_tps = tokens_per_step / (step_s * gpus) if step_s > 0 else float("inf")
     time_err = (row.tokens_per_s_per_gpu / plan_tps - 1) if row.tokens_per_s_per_gpu else None
-    return Result(row=row, plan_bytes=plan_b, basis=basis, mem_err=mem_error(plan_b, row.peak_lo, row.peak_hi),
+    mem_err = None if row.peak_lo is None else mem_error(plan_b, row.peak_lo, row.peak_hi)
+    return Result(row=row, plan_bytes=plan_b, basis=basis, mem_err=mem_err,
                   time_err=time_err, plan_tokens_per_s_per_gpu=plan_tps, strategy=d["strategy"], fits=bool(d["fits"]),
                   refused=refused, plan=d)
 
 
 def summarize(results: list[Result]) -> dict:
-    mem = [abs(r.mem_err) for r in results]
+    mem_rows = [r for r in results if r.mem_err is not None]
+    mem = [abs(r.mem_err) for r in mem_rows]
     times = [abs(r.time_err) for r in results if r.time_err is not None]
-    return {"rows": len(results), "sources": len({r.row.project for r in results}),
+    return {"rows": len(results), "sources": len({r.row.project for r in results}), "mem_rows": len(mem),
             "mem_median_abs_err": statistics.median(mem), "mem_worst_abs_err": max(mem),
-            "mem_within_10pct": sum(e <= 0.10 for e in mem), "mem_under_estimates": sum(r.mem_err < 0 for r in results),
+            "mem_within_10pct": sum(e <= 0.10 for e in mem),
+            "mem_under_estimates": sum(r.mem_err < 0 for r in mem_rows),
             "time_rows": len(times), "time_median_abs_err": statistics.median(times) if times else None,
             "time_worst_abs_err": max(times) if times else None, "time_within_25pct": sum(e <= 0.25 for e in times),
             "expressible_rows": sum(not r.missing for r in results),
@@ -234,18 +242,19 @@ def render(results: list[Result], only: tuple[str, ...] = ()) -> str:
     lines = [head, "-" * len(head)]
     shown = [r for r in results if not only or r.row.id in only]
     for r in shown:
-        pub = _gib(r.row.peak_lo) if r.row.peak_lo == r.row.peak_hi else \
+        pub = "-" if r.row.peak_lo is None else _gib(r.row.peak_lo) if r.row.peak_lo == r.row.peak_hi else \
             f"{r.row.peak_lo / GiB:.1f}-{r.row.peak_hi / GiB:.1f}"
+        merr = f"{'-':>8}" if r.mem_err is None else f"{r.mem_err:+8.1%}"
         tps = f"{r.row.tokens_per_s_per_gpu:9.0f}" if r.row.tokens_per_s_per_gpu else f"{'-':>9}"
         terr = f"{r.time_err:+8.1%}" if r.time_err is not None else f"{'-':>8}"
         lines.append(f"{r.row.id:52} {r.row.metric:10} {pub:>11} {_gib(r.plan_bytes):>8} {r.basis:12} "
-                     f"{r.mem_err:+8.1%} {tps} {r.plan_tokens_per_s_per_gpu:10.0f} {terr} "
+                     f"{merr} {tps} {r.plan_tokens_per_s_per_gpu:10.0f} {terr} "
                      f"{'yes' if r.fits else 'NO':>4}  {len(r.missing)}")
     s = summarize(results)
     lines += ["", (f"({len(shown)} of {s['rows']} rows shown; the summary is over all of them)\n" if only else "")
               + f"{s['rows']} rows from {s['sources']} sources; {s['expressible_rows']} fully expressible",
               f"memory: median |err| {s['mem_median_abs_err']:.1%}, worst {s['mem_worst_abs_err']:.1%}, "
-              f"{s['mem_within_10pct']}/{s['rows']} within 10%, {s['mem_under_estimates']} under-estimates "
+              f"{s['mem_within_10pct']}/{s['mem_rows']} within 10%, {s['mem_under_estimates']} under-estimates "
               "(bar: all within 10%, median <= 5%)",
               f"fit:    the plan says DOES NOT FIT for {s['ran_but_plan_says_no_fit']} of these {s['rows']} runs "
               "that ran"]
@@ -269,7 +278,8 @@ def render_terms(results: list[Result], only: tuple[str, ...] = ()) -> str:
         figures = " ".join(f"{name}={d[key] / GiB:.2f}" for name, key in
                            (("allocated", "peak_allocated_bytes"), ("reserved", "peak_reserved_bytes"),
                             ("nvidia-smi", "nvidia_smi_bytes")) if key in d)
-        pub = f"{r.row.peak_lo / GiB:.2f}" + (f"-{r.row.peak_hi / GiB:.2f}" if r.row.peak_hi != r.row.peak_lo else "")
+        pub = "unknown" if r.row.peak_lo is None else f"{r.row.peak_lo / GiB:.2f}" + (
+            f"-{r.row.peak_hi / GiB:.2f}" if r.row.peak_hi != r.row.peak_lo else "")
         lines += [f"{r.row.id}: published {pub} GiB ({r.row.metric}); plan {d['strategy']}, micro batch "
                   f"{d['micro_batch_size']}, checkpointing {d['gradient_checkpointing']}, loss {d['loss']}, "
                   f"peak in {d.get('peak_phase') or '?'}",
@@ -281,7 +291,7 @@ def to_json(results: list[Result]) -> dict:
     return {"summary": summarize(results),
             "rows": [{"id": r.row.id, "project": r.row.project, "metric": r.row.metric, "basis": r.basis,
                       "published_bytes": [r.row.peak_lo, r.row.peak_hi], "plan_bytes": r.plan_bytes,
-                      "mem_err": round(r.mem_err, 4), "time_err": None if r.time_err is None else round(r.time_err, 4),
+                      "mem_err": None if r.mem_err is None else round(r.mem_err, 4), "time_err": None if r.time_err is None else round(r.time_err, 4),
                       "published_tokens_per_s_per_gpu": r.row.tokens_per_s_per_gpu,
                       "plan_tokens_per_s_per_gpu": round(r.plan_tokens_per_s_per_gpu, 1), "strategy": r.strategy,
                       "fits": r.fits, "missing": list(r.missing)} for r in results]}

@@ -23,7 +23,7 @@ sys.modules["published"] = published
 _spec.loader.exec_module(published)
 
 FLOOR_MARGIN = 0.02
-#: row id -> (memory error, time error or None) on 2026-12-05 with the allocator model (compiler/allocator.py) and
+#: row id -> (memory error or None, time error or None) on 2026-12-05 with the allocator model (compiler/allocator.py) and
 #: the runner's loss path (compiler/runner.py); error = plan / published - 1
 FLOOR = {
     "answerai-llama2-70b-qlora-fsdp-offload-2x3090": (-0.078, None),
@@ -43,6 +43,9 @@ FLOOR = {
     "peft-llama2-70b-qlora-fsdp-offload-2x24gb": (-0.259, None),
     "peft-llama2-70b-qlora-zero3-2x40gb": (-0.171, None),
     "philschmid-llama3-70b-qlora-fsdp-offload-4xa10g": (-0.054, None),
+    "torchtitan-llama3-70b-fsdp-64xa100-full": (None, +0.875),
+    "torchtitan-llama3-8b-fsdp-64xa100-selective-layer": (None, +0.814),
+    "torchtitan-llama3-8b-fsdp-64xa100-selective-op": (None, +0.813),
     "torchtitan-llama3.1-8b-fsdp-128xh100": (-0.130, -0.059),
     "torchtitan-llama3.1-8b-fsdp-8xh100": (-0.165, -0.186),
     "torchtitan-llama3.1-8b-fsdp-compile-128xh100": (-0.059, +0.093),
@@ -76,12 +79,12 @@ def results():
 
 def test_table_has_25_rows_from_5_sources_each_with_its_quote_and_setup(results):
     s = published.summarize(results)
-    assert s["rows"] >= 25 and s["sources"] >= 5, s
+    assert s["mem_rows"] >= 25 and s["sources"] >= 5, s
     for r in results:
         assert r.row.url.startswith("https://") and len(r.row.quote) > 10, r.row.id
         assert all(k in r.row.setup for k in SETUP_KEYS), (r.row.id, set(SETUP_KEYS) - set(r.row.setup))
         assert r.row.metric in published.METRICS
-        assert 0 < r.row.peak_lo <= r.row.peak_hi, r.row.id
+        assert (r.row.peak_lo is None and r.row.tokens_per_s_per_gpu) or 0 < r.row.peak_lo <= r.row.peak_hi, r.row.id
 
 
 def test_every_row_is_in_the_floor(results):
@@ -93,19 +96,24 @@ def test_regression_floor_no_row_worse_and_no_new_under_estimate(results):
     worse = []
     for r in results:
         mem0, time0 = FLOOR[r.row.id]
-        if abs(r.mem_err) > abs(mem0) + FLOOR_MARGIN:
-            worse.append(f"{r.row.id}: memory {r.mem_err:+.1%} (floor {mem0:+.1%})")
-        if r.mem_err < min(mem0, 0.0) - FLOOR_MARGIN or (mem0 >= 0 and r.mem_err < 0):
-            worse.append(f"{r.row.id}: memory under-estimated {r.mem_err:+.1%} (floor {mem0:+.1%})")
-        if time0 is not None and r.time_err is not None and abs(r.time_err) > abs(time0) + FLOOR_MARGIN:
+        if (mem0 is None) != (r.mem_err is None):
+            worse.append(f"{r.row.id}: a memory figure appeared or vanished (floor {mem0}, now {r.mem_err})")
+        elif mem0 is not None:  # None: a time-only row
+            if abs(r.mem_err) > abs(mem0) + FLOOR_MARGIN:
+                worse.append(f"{r.row.id}: memory {r.mem_err:+.1%} (floor {mem0:+.1%})")
+            if r.mem_err < min(mem0, 0.0) - FLOOR_MARGIN or (mem0 >= 0 and r.mem_err < 0):
+                worse.append(f"{r.row.id}: memory under-estimated {r.mem_err:+.1%} (floor {mem0:+.1%})")
+        if (time0 is None) != (r.time_err is None):
+            worse.append(f"{r.row.id}: a time figure appeared or vanished (floor {time0}, now {r.time_err})")
+        elif time0 is not None and abs(r.time_err) > abs(time0) + FLOOR_MARGIN:
             worse.append(f"{r.row.id}: time {r.time_err:+.1%} (floor {time0:+.1%})")
     assert not worse, "\n".join(worse)
 
 
 def _bar_failures(results) -> list[str]:
-    mem = [abs(r.mem_err) for r in results]
+    mem = [abs(r.mem_err) for r in results if r.mem_err is not None]
     times = [abs(r.time_err) for r in results if r.time_err is not None]
-    out = [f"{r.row.id}: memory {r.mem_err:+.1%}" for r in results if abs(r.mem_err) > 0.10]
+    out = [f"{r.row.id}: memory {r.mem_err:+.1%}" for r in results if r.mem_err is not None and abs(r.mem_err) > 0.10]
     out += [f"{r.row.id}: time {r.time_err:+.1%}" for r in results if r.time_err is not None and abs(r.time_err) > 0.25]
     if statistics.median(mem) > 0.05:
         out.append(f"memory median |err| {statistics.median(mem):.1%} > 5%")
@@ -117,7 +125,8 @@ def _bar_failures(results) -> list[str]:
 @pytest.mark.xfail(strict=True, reason="issue 19 bar not met (2026-12-05): memory median |err| 11.7%, 16/36 rows "
                    "within 10%, 15 under-estimates (torchtitan reserved -6..-17%, FSDP-QLoRA offload/ZeRO-3 QLoRA "
                    "nvidia-smi -17..-26%); torchtune rows need pure-bf16 training, optimizer_in_bwd and torchtune's "
-                   "chunked CE (+6..+377%); time median 51.7%, 4/16 within 25%. See benchmarks/published.py output.")
+                   "chunked CE (+6..+377%); time median 52.8%, 4/19 within 25% (the plan is ~45% slow on A100/4090, "
+                   "~19% fast on torchtitan's 500 W H100). See benchmarks/published.py output.")
 def test_issue_bar_every_row_within_10pct_median_5pct_time_25_15(results):
     failures = _bar_failures(results)
     assert not failures, "\n".join(failures)
