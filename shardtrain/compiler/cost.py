@@ -46,9 +46,11 @@ MICRO_STEP_OVERHEAD_S = 0.002
 """Fixed launch/Python overhead per micro-step."""
 QLORA_DEQUANT_FACTOR = 1.25
 """QLoRA dequantises NF4 weights per matmul: ~25% slower than 16-bit LoRA (QLoRA paper, §4)."""
-TORCH_CPU_ADAM_SLOWDOWN = 5.0
-"""FSDP_OFFLOAD steps torch's own AdamW (foreach, per-tensor) on the host shards, not DeepSpeedCPUAdam:
-ZeRO-Offload (Ren et al. 2021, §4.1) measured its CPU-Adam 5.1-6.5x faster than PyTorch's CPU Adam."""
+TORCH_CPU_ADAM_SLOWDOWN = 1.0
+"""FSDP_OFFLOAD steps torch's own AdamW on the host shards, not DeepSpeedCPUAdam. ZeRO-Offload (Ren et al.
+2021, §4.1) measured its CPU-Adam 5.1-6.5x faster than PyTorch's CPU Adam of the time, but the runtime
+builds torch's *fused* AdamW (runtime/optim.py; also the HF Trainer's default): measured 1.01x
+DeepSpeedCPUAdam per step (the per-tensor loop: 12.4x), benchmarks/host_adam.py, results/host_adam.md."""
 
 
 def _ring(bytes_: float, n: int, bw: float) -> float:
