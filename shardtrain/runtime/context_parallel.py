@@ -46,11 +46,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardtrain.runtime.packed_attention import PACKED_ATTENTION, gather_positions
+
 IGNORE_INDEX = -100
 #: the name our attention function is registered under in transformers' AttentionInterface
 ULYSSES_ATTENTION = "shardtrain_ulysses"
 #: inner kernels that mask causally by themselves when given no mask (eager and flex need a mask)
-INNER_KERNELS = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+INNER_KERNELS = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", PACKED_ATTENTION)
 
 # attention module -> (cp process group, inner kernel name); weak so a freed model leaves nothing
 _GROUPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -163,7 +165,9 @@ def ulysses_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if f > 1:
         key, value = key.repeat_interleave(f, dim=1), value.repeat_interleave(f, dim=1)
     q, k, v = (SeqToHead.apply(t, group, cp) for t in (query, key, value))
-    kwargs.pop("position_ids", None)   # the local slice's positions; the kernel needs none (RoPE is applied)
+    pos = kwargs.pop("position_ids", None)   # the local slice's positions (RoPE is applied already)
+    if inner_name == PACKED_ATTENTION:       # its document segments: the full sequence's positions
+        kwargs["position_ids"] = gather_positions(pos, group)
     kwargs["is_causal"] = True
     saved = getattr(module, "num_key_value_groups", None)
     try:

@@ -4,9 +4,14 @@ Formats: JSONL with `text`, or `prompt` + `completion` (prompt tokens get label 
 completion is learned), chat `messages` (runtime/chat.py: loss on assistant turns only), parquet/arrow
 files and `datasets` directories with those columns (runtime/records.py), or plain text (documents
 separated by blank lines). With `data.packing`
-documents are concatenated (BOS ... EOS) and cut into `seq_len` blocks (no cross-document mask);
-otherwise each document is one sample (long ones split into `seq_len` pieces) and a micro-batch is
-padded to its longest sample.
+documents are concatenated (BOS ... EOS) and cut into `seq_len` blocks, each block with `position_ids`
+that restart at 0 at every document start (and at the block start, where a cut document continues:
+RoPE is relative, so its attention is unchanged) and the first token of every document unlabelled (-100),
+so the last token of one document never predicts the next one's first. Attention stays inside each
+document without a [s, s] mask (runtime/packed_attention.py reads the segments from the position ids;
+an eager model gets transformers' packed-sequence mask from the same position ids). Otherwise each
+document is one sample (long ones split into `seq_len` pieces) and a micro-batch is right-padded to its
+longest sample (pads labelled -100).
 
 Sampling is a pure function of (seed, step): optimizer step s consumes the global sample positions
 [s·G, (s+1)·G) of an endless stream whose epoch e is `randperm(n, seed + e)`. Rank r, micro-step k,
@@ -87,10 +92,46 @@ def tokenize(tok, docs: list[tuple[str, str | None]]) -> list[tuple[list[int], l
 
 
 def pack(examples, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Concatenate and cut into seq_len blocks (documents attend across their boundaries: see pack_documents)."""
     ids = [t for e in examples for t in e[0]]
     labels = [t for e in examples for t in e[1]]
     n = len(ids) // seq_len
     return [(ids[i * seq_len:(i + 1) * seq_len], labels[i * seq_len:(i + 1) * seq_len]) for i in range(n)]
+
+
+def pack_documents(examples, seq_len: int) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
+    """pack(), plus each block's document starts (offsets in the block; 0 always) and the first token of
+    every document unlabelled: a document's last token does not predict the next document's first."""
+    ids: list[int] = []
+    labels: list[int] = []
+    doc_starts: list[int] = []
+    for e_ids, e_labels in examples:
+        if not e_ids:
+            continue
+        doc_starts.append(len(ids))
+        ids += e_ids
+        labels += [IGNORE] + list(e_labels[1:])
+    n = len(ids) // seq_len
+    samples, starts = pack(list(zip([ids], [labels])), seq_len), []
+    j = 0
+    for i in range(n):
+        lo, hi = i * seq_len, (i + 1) * seq_len
+        while j < len(doc_starts) and doc_starts[j] < lo:
+            j += 1
+        inside = []
+        while j < len(doc_starts) and doc_starts[j] < hi:
+            inside.append(doc_starts[j] - lo)
+            j += 1
+        starts.append(inside if inside[:1] == [0] else [0] + inside)
+    return samples, starts
+
+
+def position_ids(starts: list[int], length: int) -> list[int]:
+    """Positions restarting at 0 at every start offset (starts[0] == 0)."""
+    out: list[int] = []
+    for a, b in zip(starts, starts[1:] + [length]):
+        out += range(b - a)
+    return out
 
 
 def split_long(examples, seq_len: int) -> list[tuple[list[int], list[int]]]:
@@ -107,6 +148,9 @@ def split_long(examples, seq_len: int) -> list[tuple[list[int], list[int]]]:
 class TokenDataset:
     samples: list[tuple[list[int], list[int]]]
     pad_id: int
+    doc_starts: list[list[int]] | None = None
+    """Packed blocks: where each document starts in sample i (collate builds `position_ids` from them);
+    None: no position ids (one sequence per row, transformers' default arange)."""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -123,6 +167,9 @@ class TokenDataset:
             labels[i, :len(y)] = torch.tensor(y)
             mask[i, :len(x)] = 1
         batch = {"input_ids": ids, "labels": labels}
+        if self.doc_starts is not None:
+            batch["position_ids"] = torch.tensor([position_ids(self.doc_starts[i], width) for i in indices],
+                                                 dtype=torch.long)
         if not bool(mask.all()):
             batch["attention_mask"] = mask
         return batch
@@ -143,15 +190,18 @@ def build_datasets(tok, *, train_path: str | None, eval_path: str | None, eval_f
     else:
         eval_docs = []
 
-    def make(ds):
+    def make(ds) -> TokenDataset:
         ex = tokenize(tok, ds)
-        return pack(ex, seq_len) if packing else split_long(ex, seq_len)
+        if packing:
+            samples, starts = pack_documents(ex, seq_len)
+            return TokenDataset(samples, tok.pad_token_id, starts)
+        return TokenDataset(split_long(ex, seq_len), tok.pad_token_id)
 
-    train = TokenDataset(make(docs), tok.pad_token_id)
+    train = make(docs)
     if len(train) == 0:
         raise ValueError(f"no training samples of seq_len {seq_len}: the data has fewer tokens than one "
                          "block; lower train.seq_len or add data")
-    ev = TokenDataset(make(eval_docs), tok.pad_token_id) if eval_docs else None
+    ev = make(eval_docs) if eval_docs else None
     return train, (ev if ev is not None and len(ev) else None)
 
 

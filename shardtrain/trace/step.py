@@ -121,6 +121,8 @@ def _build_meta(plan: Plan) -> nn.Module:
     src = ModelSource(config=_hf_config(plan), weights_dir=None, model_dir=None)
     model = build_base(src, build_dtype(c.strategy.engine, c.method, c.precision), seed=0, attention=attention,
                        meta=True)
+    from shardtrain.runtime.packed_attention import install_packed
+    install_packed(model)   # as runtime/build.py: no [s, s] mask (FakeTensorMode made transformers build one)
     enable_checkpointing(model, c.gradient_checkpointing, t.selective_every)
     if c.method is not Method.FULL:
         lo = t.lora
