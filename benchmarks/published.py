@@ -17,8 +17,9 @@ allows and stay in the denominator).
 The plan comes from the same pipeline as `shardtrain plan` (config/pipeline.py load + plan_for, in-process;
 a forced strategy that does not fit still gives its numbers). Like is compared with like, by the plan's
 allocator model (compiler/allocator.py):
-  allocated / active / unknown  -> peak_allocated_bytes (what max_memory_allocated counts; `unknown` rows
-                                   are set beside the smallest figure, so an under-estimate shows)
+  allocated / active / unknown  -> peak_allocated_bytes (what max_memory_allocated counts; an `unknown`
+                                   row is set beside the smallest figure, so an under-estimate shows,
+                                   unless it names `metric_assumed` and why: then `~kind` in the table)
   reserved                      -> peak_reserved_bytes (max_memory_reserved)
   nvidia-smi                    -> nvidia_smi_bytes (reserved + CUDA context and library buffers)
 The column `vs` says which (`total` = peak + cuda_context, for plans without the allocator figures).
@@ -58,6 +59,9 @@ class Row:
     url: str
     quote: str
     metric: str
+    """What the source says it reported (METRICS; unknown when it does not say)."""
+    metric_assumed: str | None
+    """For an unknown metric: the kind the row is compared as, with its reason in the file (metric_assumed_why)."""
     peak_lo: int | None
     """Published peak bytes (low end of a range; equal to peak_hi for one figure; None: a time-only row)."""
     peak_hi: int | None
@@ -123,6 +127,10 @@ def load_row(path: Path) -> Row:
     metric = d["metric"]
     if metric not in METRICS:
         raise TableError(f"{where}: metric {metric!r} is not one of {', '.join(METRICS)}")
+    assumed = d.get("metric_assumed")
+    if assumed is not None and (metric != "unknown" or assumed not in METRICS[:-1] or not d.get("metric_assumed_why")):
+        raise TableError(f"{where}: metric_assumed {assumed!r} needs metric: unknown, a value among "
+                         f"{', '.join(METRICS[:-1])} and a metric_assumed_why")
     src, pub, st = d["source"], d["published"], d["shardtrain"]
     peak = _need(pub, "peak_memory", where + " published")
     lo, hi = (None, None) if peak == "unknown" else parse_bytes(peak, where)
@@ -133,7 +141,7 @@ def load_row(path: Path) -> Row:
         raise TableError(f"{where}: published.tokens_per_s_per_gpu {tps!r} is not a number or unknown")
     return Row(id=d["id"], path=path, project=_need(src, "project", where + " source"),
                url=_need(src, "url", where + " source"), quote=_need(src, "quote", where + " source"),
-               metric=metric, peak_lo=lo, peak_hi=hi, tokens_per_s_per_gpu=None if tps == "unknown" else float(tps),
+               metric=metric, metric_assumed=assumed, peak_lo=lo, peak_hi=hi, tokens_per_s_per_gpu=None if tps == "unknown" else float(tps),
                config=_need(st, "config", where + " shardtrain"), fallback=st.get("fallback"),
                missing=tuple(st.get("missing") or ()), setup=d["setup"])
 
@@ -205,7 +213,7 @@ def mem_error(plan: int, lo: int, hi: int) -> float:
 
 def evaluate(row: Row) -> Result:
     d, refused = plan_row(row)
-    plan_b, basis = compared_figure(d, row.metric)
+    plan_b, basis = compared_figure(d, row.metric_assumed or row.metric)
     gpus = int(d["world_size"])
     tokens_per_step = int(d["global_batch_size"]) * int(d["seq_len"])
     step_s = float(d["estimated_step_time_s"])
@@ -247,7 +255,8 @@ def render(results: list[Result], only: tuple[str, ...] = ()) -> str:
         merr = f"{'-':>8}" if r.mem_err is None else f"{r.mem_err:+8.1%}"
         tps = f"{r.row.tokens_per_s_per_gpu:9.0f}" if r.row.tokens_per_s_per_gpu else f"{'-':>9}"
         terr = f"{r.time_err:+8.1%}" if r.time_err is not None else f"{'-':>8}"
-        lines.append(f"{r.row.id:52} {r.row.metric:10} {pub:>11} {_gib(r.plan_bytes):>8} {r.basis:12} "
+        metric = f"~{r.row.metric_assumed}" if r.row.metric_assumed else r.row.metric
+        lines.append(f"{r.row.id:52} {metric:10} {pub:>11} {_gib(r.plan_bytes):>8} {r.basis:12} "
                      f"{merr} {tps} {r.plan_tokens_per_s_per_gpu:10.0f} {terr} "
                      f"{'yes' if r.fits else 'NO':>4}  {len(r.missing)}")
     s = summarize(results)
@@ -289,7 +298,8 @@ def render_terms(results: list[Result], only: tuple[str, ...] = ()) -> str:
 
 def to_json(results: list[Result]) -> dict:
     return {"summary": summarize(results),
-            "rows": [{"id": r.row.id, "project": r.row.project, "metric": r.row.metric, "basis": r.basis,
+            "rows": [{"id": r.row.id, "project": r.row.project, "metric": r.row.metric,
+                      "metric_assumed": r.row.metric_assumed, "basis": r.basis,
                       "published_bytes": [r.row.peak_lo, r.row.peak_hi], "plan_bytes": r.plan_bytes,
                       "mem_err": None if r.mem_err is None else round(r.mem_err, 4), "time_err": None if r.time_err is None else round(r.time_err, 4),
                       "published_tokens_per_s_per_gpu": r.row.tokens_per_s_per_gpu,
