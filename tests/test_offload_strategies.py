@@ -91,6 +91,8 @@ def test_step_time_orders_them_after_the_faster_strategies():
              for s in (Strategy.FSDP_FULL_SHARD, Strategy.ZERO3, Z3O, FO, Strategy.ZERO3_OFFLOAD)}
     assert times[Strategy.ZERO3] < times[Z3O] < times[Strategy.ZERO3_OFFLOAD]
     assert times[Strategy.FSDP_FULL_SHARD] < times[FO]
+    forced = plan(L8B, hw(), TrainSpec(strategy=Z3O, **t))
+    assert any(r.startswith("zero3_opt_offload: 16-bit parameter partitions stay on the GPU") for r in forced.reasons)
     # 8B full fine-tuning fits with plain sharding on 8 x 80 GiB: the slow offload plans are not chosen
     auto = plan(L8B, hw(), TrainSpec(**t))
     assert auto.chosen.strategy not in (FO, Z3O)
@@ -129,6 +131,7 @@ def test_answer_ai_70b_qlora_on_two_24gb_gpus():
     assert code == 0, out
     assert "plan       fsdp_offload  [FITS]" in out
     assert "fsdp_offload is the fastest plan that fits" in out
+    assert "fsdp_offload (FSDP2 CPUOffloadPolicy): sharded params, gradients and the optimizer step in host RAM" in out
     # every faster strategy gets its line: it does not fit (what it needs) or it is slower (by how much)
     for s in ("ddp", "zero3", "fsdp_full_shard", "zero3_opt_offload"):
         assert f"not {s}: needs" in out or f"not {s}: fits but is slower" in out, (s, out)

@@ -47,6 +47,7 @@ def plan_reasons(model: ModelSpec, t: TrainSpec, hw: HardwareSpec, usable: int, 
             r.append(f"not {s.value}: fits but is slower ({o.step_time_s / c.step_time_s:.3f}x the step time)")
         elif s in illegal and t.strategy is None:
             r.append(f"not {s.value}: {illegal[s]}")
+    r += _host_offload_reasons(c)
     ck = {GradCkpt.NONE: "off: activations fit without recomputation",
           GradCkpt.SELECTIVE: f"selective (every {ordinal(t.selective_every)} layer): the cheapest recomputation "
                              "that fits",
@@ -65,6 +66,19 @@ def plan_reasons(model: ModelSpec, t: TrainSpec, hw: HardwareSpec, usable: int, 
         r.append("FSDP gradient sync deferred to the last micro-step (set_requires_gradient_sync): "
                  "fewer reduce-scatters, unsharded fp32 grads held meanwhile")
     return r
+
+
+def _host_offload_reasons(c: Candidate) -> list[str]:
+    """What the two host-offload strategies of issue 19 keep where (compiler/memory.py)."""
+    host = fmt_bytes(c.cpu_memory_per_node_bytes)
+    if c.strategy is Strategy.FSDP_OFFLOAD:
+        return [f"fsdp_offload (FSDP2 CPUOffloadPolicy): sharded params, gradients and the optimizer step in host "
+                f"RAM ({host} per node, pinned), the GPU holds only the layers being gathered; every micro-step "
+                "copies the shards in over PCIe for the forward and again for the backward, and the grads out"]
+    if c.strategy is Strategy.ZERO3_OPT_OFFLOAD:
+        return [f"zero3_opt_offload: 16-bit parameter partitions stay on the GPU; fp32 master weights, optimizer "
+                f"states, gradient partitions and the step (DeepSpeedCPUAdam) in host RAM ({host} per node)"]
+    return []
 
 
 def _memory_saver_reasons(model: ModelSpec, t: TrainSpec, c: Candidate, loss_why: str = "") -> list[str]:
