@@ -143,9 +143,10 @@ def test_bad_row_file_is_one_line_naming_file_and_key(tmp_path):
     assert published.main(["--dir", str(tmp_path)]) == 2
     # an assumed metric only for a row whose source does not say, and only with its reason
     src2 = ROOT / "benchmarks" / "published" / "peft-llama2-70b-qlora-zero3-2x40gb.yaml"
-    bad.write_text(src2.read_text().replace("metric: unknown", "metric: reserved"))
+    bad2 = tmp_path / src2.name
+    bad2.write_text(src2.read_text().replace("metric: unknown", "metric: reserved"))
     with pytest.raises(published.TableError, match="metric_assumed"):
-        published.load_row(bad)
+        published.load_row(bad2)
 
 
 def test_range_error_is_zero_inside_and_measured_from_the_near_end():
