@@ -3,6 +3,7 @@
     python benchmarks/published.py            # the table, the misses and the summary
     python benchmarks/published.py --json     # one JSON object (what tests/test_published.py reads)
     python benchmarks/published.py --only ID,ID --terms   # chosen rows, with the plan's terms at the peak
+    python benchmarks/published.py --floor    # today's errors as tests/test_published.py's FLOOR
 
 Each YAML file is one measured run that someone else published (torchtune, torchtitan, the PEFT docs,
 Answer.AI, a Hugging Face blog notebook): `source` (url, commit/date, where, the quoted row), `hardware`,
@@ -310,6 +311,9 @@ def to_json(results: list[Result]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--floor", action="store_true",
+                    help="print the FLOOR mapping of tests/test_published.py for today's errors (to paste there when a "
+                         "modelling change moves a row, with the reason in the commit)")
     ap.add_argument("--terms", action="store_true", help="also print each shown row's plan terms at its peak")
     ap.add_argument("--only", default="", help="comma-separated row ids to show (the summary stays over all rows)")
     ap.add_argument("--dir", type=Path, default=TABLE_DIR, help="directory of row files (default: %(default)s)")
@@ -325,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --only: no row {', '.join(unknown)} in {args.dir}; the ids are the file names without .yaml",
               file=sys.stderr)
         return 2
+    if args.floor:
+        fmt = lambda e: "None" if e is None else f"{e:+.3f}"  # noqa: E731
+        print("FLOOR = {\n" + "\n".join(f'    "{r.row.id}": ({fmt(r.mem_err)}, {fmt(r.time_err)}),'
+                                         for r in results) + "\n}")
+        return 0
     print(json.dumps(to_json(results), indent=1) if args.json else render(results, only))
     if args.terms and not args.json:
         print("\n" + render_terms(results, only))

@@ -5,7 +5,8 @@ The issue's bar (every row's memory within 10%, median <= 5%; step time within 2
 yet: it is asserted as a strict xfail with today's numbers in the reason, so the day it holds the xfail turns
 into a failure and must be promoted. What holds today is a regression floor: no row's error grows by more
 than FLOOR_MARGIN, and no row that is not under-estimated today becomes one (an under-estimate is an OOM on a
-GPU). When a modelling change moves a row, update FLOOR with the new figures and say why in the commit.
+GPU). When a modelling change moves a row, update FLOOR (`python benchmarks/published.py --floor` prints it)
+and say why in the commit.
 """
 from __future__ import annotations
 
