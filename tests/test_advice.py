@@ -26,10 +26,11 @@ TiB = 2**40
 FULL_70B_8xH100 = ["--model", "llama-3.1-70b", "--gpus-per-node", "8", "--gpu", "h100", "--method", "full"]
 QLORA_70B_1x48GB = ["--model", "llama-3.1-70b", "--gpus-per-node", "1", "--gpu-memory", "48GiB", "--method", "qlora"]
 # no single saver fits, two together do (activation offload AND the chunked loss)
-QLORA_70B_1x44GiB = ["--model", "llama-3.1-70b", "--gpus-per-node", "1", "--gpu-memory", "44GiB", "--method", "qlora"]
+QLORA_70B_1x44GiB = ["--model", "llama-3.1-70b", "--gpus-per-node", "1", "--gpu-memory", "44GiB", "--method", "qlora",
+                     "--loss", "full"]   # loss auto (the default) would take the chunked loss by itself
 # no single change at all fits: forced grad_ckpt none at 64k tokens on one 24 GB card
 NO_SINGLE = ["--model", "llama-3.1-8b", "--gpus-per-node", "1", "--gpu", "rtx4090", "--method", "qlora",
-             "--seq-len", "65536", "--grad-ckpt", "none"]
+             "--seq-len", "65536", "--grad-ckpt", "none", "--loss", "full"]
 
 
 def _plan(capsys, *args: str) -> tuple[int, str, str]:

@@ -13,7 +13,7 @@ SAMPLES = {
     "--nodes": "2", "--gpus-per-node": "4", "--gpu": "a100-40gb", "--gpu-memory": "40GiB", "--cpu-memory": "64GiB",
     "--nvme-path": "/nvme", "--nvme-capacity": "1TB", "--seq-len": "2048", "--micro-batch": "2",
     "--global-batch": "16", "--precision": "fp16", "--method": "lora", "--lora-rank": "8", "--optimizer": "lion",
-    "--grad-ckpt": "full", "--attention": "eager", "--loss": "chunked", "--activation-offload": "cpu",
+    "--grad-ckpt": "full", "--attention": "eager", "--loss": "chunked", "--runner": "accelerate", "--activation-offload": "cpu",
     "--strategy": "zero3", "--steps": "7", "--tiled-mlp": "4", "--ckpt-offload": "cpu",
     "--dp-replicate": "2", "--dp-shard": "4", "--tp": "2", "--cp": "1", "--cp-mode": "ulysses",
 }

@@ -95,7 +95,7 @@ def test_max_global_batch_is_micro_times_dp():
 
 def test_flags_compose_forced_cp_and_chunked_loss():
     base = ("--model", "llama-3.1-8b", "--gpus-per-node", "8", "--cp", "4")
-    model, hw, train = _specs(*base)
+    model, hw, train = _specs(*base, "--loss", "full")   # auto (the default) would chunk by itself
     full = find_max(model, hw, train, MaxKey.SEQ_LEN)
     assert full.plan.parallel.cp == 4 and full.value % 4 == 0
     _check_edge(model, hw, train, full)

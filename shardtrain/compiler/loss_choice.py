@@ -21,10 +21,8 @@ def _settings(c: Candidate) -> str:
 
 def loss_auto_reason(chosen: Candidate, candidates: list[Candidate], runner: Runner = Runner.SHARDTRAIN) -> str:
     """The reason for ``chosen.loss`` under loss auto, against the best candidate of the other path
-    (``candidates``: every evaluated candidate of both paths)."""
-    if runner is not Runner.SHARDTRAIN:
-        return (f"the {runner.value} runner computes the loss inside the model (HF ForCausalLMLoss over the "
-                "whole logits; the chunked path is our runtime's: compiler/runner.py)")
+    (``candidates``: every evaluated candidate of both paths). ``runner``: what runs the plan (the HF
+    runners chunk with Liger's fused linear cross-entropy: emit/trainer.py)."""
     other = LossMode.FULL if chosen.loss is LossMode.CHUNKED else LossMode.CHUNKED
     rivals = [c for c in candidates if c.loss is other]
     fitting = [c for c in rivals if c.fits]
@@ -34,7 +32,8 @@ def loss_auto_reason(chosen: Candidate, candidates: list[Candidate], runner: Run
             need = f" (its least: {fmt_bytes(least.per_gpu.total)} per GPU)" if least else ""
             return "the full fp32 logits path does not fit" + need
         best = min(fitting, key=lambda c: c.step_time_s)
-        return (f"it lets a faster plan fit: {_settings(chosen)} at ~{chosen.step_time_s:.3g} s per step; the "
+        via = " (Liger fused linear cross-entropy)" if runner is not Runner.SHARDTRAIN else ""
+        return (f"it lets a faster plan fit{via}: {_settings(chosen)} at ~{chosen.step_time_s:.3g} s per step; the "
                 f"full path's fastest fit is {_settings(best)} at ~{best.step_time_s:.3g} s")
     if not chosen.fits:
         return "nothing fits either way; the full path is the least-memory plan"

@@ -13,9 +13,11 @@ accelerate/utils/fsdp_utils.py fsdp2_prepare_model). So:
   fp32 loss backward, not after it as in our runtime (compiler/phases.py FSDP instants). Measured by
   the issue-19 session: HF's own step on Llama-3.2-1B, full checkpointing, FSDP2, peaks ~12% above our
   runtime's plan; tests/test_runner_path.py traces it on a tiny Llama.
-- no chunked loss: the Trainer's loss is ``ForCausalLMLoss`` over the whole logits (the chunked path
-  exists only in our runtime), and no op-level SAC (the Trainer checkpoints whole layers:
-  ``gradient_checkpointing_enable``).
+- the chunked loss is Liger-Kernel's fused linear cross-entropy there (emit/trainer.py sets
+  ``use_liger_kernel`` with ``fused_linear_cross_entropy`` for a chunked plan; transformers trainer.py
+  apply_liger_kernel patches the model's forward, so the loss is still inside the root unit); its memory
+  is taken as our chunked path's (not separately modelled). No op-level SAC: the Trainer checkpoints
+  whole layers (``gradient_checkpointing_enable``).
 - the transformers version changes the fp32 copies of the logits (per token and vocab entry, B·S·V):
   * < 4.46 (4.44.2 / 4.45.2 models/llama/modeling_llama.py LlamaForCausalLM.forward): ``logits =
     logits.float()`` in the model (the fp32 logits are the returned output), then ``shift_logits =
@@ -41,7 +43,7 @@ from shardtrain.compiler.specs import Runner
 class RunnerPath:
     """What the phase model changes for a runner."""
     chunked_loss: bool
-    """The runner has our chunked loss (only our runtime)."""
+    """The runner has a chunked loss (ours, or Liger's fused linear cross-entropy under the Trainer)."""
     op_ckpt: bool
     """The runner has op-level selective checkpointing (only our runtime)."""
     loss_in_root: bool
@@ -75,5 +77,5 @@ def runner_path(runner: Runner, transformers_version: str | None = None) -> Runn
         fwd, bwd = 4, 4
     else:
         fwd, bwd = 0, 0
-    return RunnerPath(chunked_loss=False, op_ckpt=False, loss_in_root=True,
+    return RunnerPath(chunked_loss=True, op_ckpt=False, loss_in_root=True,
                       extra_fwd_logits_bytes=fwd, extra_bwd_logits_bytes=bwd)
