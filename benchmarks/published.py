@@ -142,7 +142,8 @@ def load_row(path: Path) -> Row:
         raise TableError(f"{where}: published.tokens_per_s_per_gpu {tps!r} is not a number or unknown")
     return Row(id=d["id"], path=path, project=_need(src, "project", where + " source"),
                url=_need(src, "url", where + " source"), quote=_need(src, "quote", where + " source"),
-               metric=metric, metric_assumed=assumed, peak_lo=lo, peak_hi=hi, tokens_per_s_per_gpu=None if tps == "unknown" else float(tps),
+               metric=metric, metric_assumed=assumed, peak_lo=lo, peak_hi=hi,
+               tokens_per_s_per_gpu=None if tps == "unknown" else float(tps),
                config=_need(st, "config", where + " shardtrain"), fallback=st.get("fallback"),
                missing=tuple(st.get("missing") or ()), setup=d["setup"])
 
@@ -302,7 +303,8 @@ def to_json(results: list[Result]) -> dict:
             "rows": [{"id": r.row.id, "project": r.row.project, "metric": r.row.metric,
                       "metric_assumed": r.row.metric_assumed, "basis": r.basis,
                       "published_bytes": [r.row.peak_lo, r.row.peak_hi], "plan_bytes": r.plan_bytes,
-                      "mem_err": None if r.mem_err is None else round(r.mem_err, 4), "time_err": None if r.time_err is None else round(r.time_err, 4),
+                      "mem_err": None if r.mem_err is None else round(r.mem_err, 4),
+                      "time_err": None if r.time_err is None else round(r.time_err, 4),
                       "published_tokens_per_s_per_gpu": r.row.tokens_per_s_per_gpu,
                       "plan_tokens_per_s_per_gpu": round(r.plan_tokens_per_s_per_gpu, 1), "strategy": r.strategy,
                       "fits": r.fits, "missing": list(r.missing)} for r in results]}

@@ -24,8 +24,8 @@ sys.modules["published"] = published
 _spec.loader.exec_module(published)
 
 FLOOR_MARGIN = 0.02
-#: row id -> (memory error or None, time error or None) on 2026-12-05 with the allocator model (compiler/allocator.py) and
-#: the runner's loss path (compiler/runner.py); error = plan / published - 1
+#: row id -> (memory error or None, time error or None) on 2026-12-05 with the allocator model
+#: (compiler/allocator.py) and the runner's loss path (compiler/runner.py); error = plan / published - 1
 FLOOR = {
     "answerai-llama2-70b-qlora-fsdp-offload-2x3090": (-0.078, None),
     "answerai-llama2-7b-lora-fsdp-bs4-2x3090": (+0.090, None),
