@@ -26,6 +26,8 @@ def loss_auto_reason(chosen: Candidate, candidates: list[Candidate], runner: Run
     other = LossMode.FULL if chosen.loss is LossMode.CHUNKED else LossMode.CHUNKED
     rivals = [c for c in candidates if c.loss is other]
     fitting = [c for c in rivals if c.fits]
+    if not chosen.fits:
+        return f"nothing fits with either path; the {chosen.loss.value} one needs the least memory"
     if chosen.loss is LossMode.CHUNKED:
         if not fitting:
             least = min(rivals, key=lambda c: c.per_gpu.total, default=None)
@@ -35,7 +37,5 @@ def loss_auto_reason(chosen: Candidate, candidates: list[Candidate], runner: Run
         via = " (Liger fused linear cross-entropy)" if runner is not Runner.SHARDTRAIN else ""
         return (f"it lets a faster plan fit{via}: {_settings(chosen)} at ~{chosen.step_time_s:.3g} s per step; the "
                 f"full path's fastest fit is {_settings(best)} at ~{best.step_time_s:.3g} s")
-    if not chosen.fits:
-        return "nothing fits either way; the full path is the least-memory plan"
     return ("the full path fits and is faster (chunked recomputes each chunk's lm_head in backward); no "
             "chunked plan is faster")
