@@ -159,7 +159,8 @@ def test_cli_json_shape():
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     mx = d["max"]
-    assert set(mx) == {"key", "value", "step", "limited_by", "limited_by_bytes", "next", "next_needs_bytes",
+    assert set(mx) == {"key", "value", "step", "limited_by", "limited_by_bytes", "limited_by_part",
+                       "limited_by_part_bytes", "next", "next_needs_bytes",
                        "usable_bytes", "detail"}
     assert mx["key"] == "micro_batch" and mx["next"] == mx["value"] + 1 and mx["limited_by"] in MEMORY_TERMS
     assert d["micro_batch_size"] == mx["value"] and d["fits"] is True and "spec" not in d

@@ -11,7 +11,10 @@ reduce-scatter); FSDP SHARD_GRAD_OP 2Ψ per micro-step. Offload adds PCIe traffi
 time; ZeRO-Infinity adds NVMe reads and writes of the optimizer states (and params).
 Chunked loss recomputes the output projection in backward (checkpointed chunks): +2·h·V FLOPs per
 token. Activation offload (torch.autograd.graph.save_on_cpu) copies the saved activations to the host
-in forward and back in backward, synchronously: 2 × offloaded bytes per micro-step over PCIe, exposed.
+in forward and back in backward, synchronously: 2 × offloaded bytes per micro-step over PCIe, exposed;
+checkpoint offload (compiler/savers.py) moves the checkpointed layer inputs the same way (the planner adds
+them to the offloaded bytes). Tiled MLP (savers.py, DeepSpeed TiledMLP) runs every layer's MLP forward once
+more per step (its backward recomputes it tile by tile): +2·3·h·I FLOPs per token per layer.
 Only ratios between plans matter; absolute seconds are rough.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.activations import tokens_per_rank
 from shardtrain.compiler.mesh_cost import cp_comm_s, fsdp_shard_bw, tp_comm_s, world_bw
 from shardtrain.compiler.mesh_memory import mesh_of, mesh_shard_size, tp_num_params
+from shardtrain.compiler.savers import mlp_forward_flops_per_token
 from shardtrain.compiler.specs import Engine, HardwareSpec, Method, OffloadDevice, ParallelDims, Precision, Strategy
 
 MFU_MAX = 0.45
@@ -61,7 +65,7 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
               precision: Precision, micro_batch: int, grad_accum: int, seq_len: int,
               ckpt_fraction: float, trainable_params: int, fsdp_defer_grad_sync: bool = False,
               chunked_loss: bool = False, activation_offload_bytes: int = 0,
-              parallel: ParallelDims | None = None) -> float:
+              parallel: ParallelDims | None = None, tiled_mlp: bool = False) -> float:
     """Estimated seconds per optimizer step: compute + communication not hidden behind it + offload.
 
     `parallel`: the device mesh (None: the strategy's 1-D mesh; same numbers). `micro_batch` is per dp
@@ -81,6 +85,8 @@ def step_time(model: ModelSpec, strategy: Strategy, hw: HardwareSpec, *, method:
     per_token = (3 * fwd if method is Method.FULL else 2 * fwd) + ckpt_fraction * fwd
     if chunked_loss:
         per_token += 2 * model.hidden_size * model.vocab_size  # lm_head forward recomputed per chunk
+    if tiled_mlp:
+        per_token += mlp_forward_flops_per_token(model)  # TiledMLP.backward recomputes each tile's forward
     if tp > 1:
         per_token /= tp     # every matmul (and the lm_head) split tp ways; embedding/norms negligible
     mfu = MFU_MAX * (1 - math.exp(-tokens_micro / MFU_TOKENS_HALF))

@@ -35,6 +35,7 @@ from typing import Callable
 from shardtrain.compiler.plan import MEMORY_TERMS, Plan
 from shardtrain.compiler.planner import NoFitError, PlanningError, plan
 from shardtrain.compiler.model import ModelSpec
+from shardtrain.compiler.saver_reasons import PART_WORDS, activation_parts
 from shardtrain.compiler.specs import HardwareSpec, TrainSpec
 from shardtrain.units import fmt_bytes
 
@@ -95,6 +96,10 @@ class MaxResult:
     detail: str = ""
     """The planner's message at next_value (no legal mesh) or its why_not."""
     plans_made: int = 0
+    part: str = ""
+    """When ``term`` is activations: its largest part (saver_reasons.PART_WORDS: ckpt_inputs, saved_layers,
+    layer_recompute, mlp_intermediates), the one a long-context saver would shrink; else empty."""
+    part_bytes: int = 0
 
     @property
     def limited_by(self) -> str:
@@ -104,7 +109,8 @@ class MaxResult:
         return {"key": self.key.json_key, "value": self.value, "step": self.step,
                 "limited_by": self.limited_by, "limited_by_bytes": int(self.term_bytes),
                 "next": self.next_value, "next_needs_bytes": int(self.next_needs_bytes),
-                "usable_bytes": int(self.usable_bytes), "detail": self.detail}
+                "usable_bytes": int(self.usable_bytes), "detail": self.detail,
+                "limited_by_part": self.part or None, "limited_by_part_bytes": int(self.part_bytes)}
 
     def sentence(self) -> str:
         """"seq 393,216 fits; at 425,984 the activations (31.2 GiB) push ... past ... usable"."""
@@ -117,7 +123,8 @@ class MaxResult:
             return (head + f"{at} the smallest plan needs {self.next_needs_bytes:,} bytes "
                     f"({fmt_bytes(self.next_needs_bytes)}) per GPU > {self.usable_bytes:,} "
                     f"({fmt_bytes(self.usable_bytes)}) usable; its largest term: "
-                    f"{TERM_WORDS.get(self.term, self.term)} {fmt_bytes(self.term_bytes)}")
+                    f"{TERM_WORDS.get(self.term, self.term)} {fmt_bytes(self.term_bytes)}"
+                    + (f" (largest part: {PART_WORDS[self.part]} {fmt_bytes(self.part_bytes)})" if self.part else ""))
         if self.limit is Limit.HOST_RAM:
             return head + f"{at} host RAM runs out: {self.detail}"
         if self.limit is Limit.NVME:
@@ -228,8 +235,13 @@ def limiting_term(least: Plan) -> dict:
     detail = "; ".join(c.why_not)
     if c.gpu_need_bytes > usable:
         term = max(MEMORY_TERMS, key=lambda t: getattr(c.per_gpu, t))
+        part = {}
+        if term == "activations":   # name the part a long-context saver acts on
+            parts = activation_parts(least.model, least.train, c)
+            name = max(parts, key=parts.get)
+            part = dict(part=name, part_bytes=parts[name])
         return dict(limit=Limit.GPU_TERM, term=term, term_bytes=getattr(c.per_gpu, term),
-                    next_needs_bytes=c.gpu_need_bytes, detail=detail)
+                    next_needs_bytes=c.gpu_need_bytes, detail=detail, **part)
     if c.cpu_memory_per_node_bytes > hw.cpu_memory_bytes:
         return dict(limit=Limit.HOST_RAM, term=Limit.HOST_RAM.value, term_bytes=c.cpu_memory_per_node_bytes,
                     next_needs_bytes=c.per_gpu.total, detail=detail)

@@ -51,6 +51,7 @@ from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.op_ckpt import lora_adapted, saved_bytes_per_token
 from shardtrain.compiler.runner import RunnerPath
 from shardtrain.compiler.phase_inputs import PhaseInputs
+from shardtrain.compiler.savers import tile_working_bytes, tiled_saved_reduction_per_token
 from shardtrain.compiler.plan import MemoryBreakdown
 from shardtrain.compiler.specs import (Attention, Engine, GradCkpt, LossMode, Method, OffloadDevice, Optimizer,
                                        ParallelDims, Precision, Strategy)
@@ -131,7 +132,8 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     # grad_ckpt op (compiler/op_ckpt.py): every layer also keeps its saved ops' outputs, in the SAC cache
     # (not through saved-tensor hooks, so they stay on the device under activation / checkpoint offload)
     op_kept = int(x.op_saved_bytes_per_token * tokens) * n_ck
-    kept = (L - n_ck) * per_layer + n_ck * resid
+    # checkpoint offload (compiler/savers.py): the inputs are on the host but one (in flight / recomputing)
+    kept = (L - n_ck) * per_layer + (min(n_ck, 1) * resid if x.ckpt_offload else n_ck * resid)
     if x.activation_offload:
         kept = 0     # in host RAM (activations.activation_host_bytes)
     kept += op_kept
@@ -141,6 +143,9 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     params, master, states = ms.params, ms.master_params, ms.optimizer_states
     top = per_layer if n_ck == 0 else resid + op_kept // n_ck   # what the first layer's backward frees
     working = (per_layer if n_ck else 0) + BACKWARD_WORKING_BYTES_PER_H * h * tokens + cp_bwd
+    # tiled MLP: one tile's intermediates + gradients and x_grad; checkpoint offload: the next input prefetched
+    working += tile_working_bytes(m, x.precision, tokens, x.tiled_mlp_tiles, x.parallel, resid // (h * tokens))
+    working += resid if x.ckpt_offload and n_ck else 0
     bsv_p = p * tokens * m.vocab_size + tp_gather   # 16-bit logits at the lm_head matmul (+ tp-local slice)
     if eng is Engine.FSDP:
         N = x.shard_size
@@ -332,13 +337,14 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                      grad_ckpt: GradCkpt, selective_every: int, grad_accum: int, defer_grad_sync: bool,
                      loss: LossMode = LossMode.FULL, chunk_tokens: int = 512, activation_offload: bool = False,
                      runner: RunnerPath | None = None,
-                     cuda_context: int = 0, parallel: ParallelDims | None = None
-                     ) -> tuple[dict[str, MemoryBreakdown], str]:
+                     cuda_context: int = 0, parallel: ParallelDims | None = None, tiled_mlp_tiles: int = 1,
+                     ckpt_offload: bool = False) -> tuple[dict[str, MemoryBreakdown], str]:
     """({phase: MemoryBreakdown}, peak phase) for one candidate; `loss`/`chunk_tokens` are the
     resolved loss mode of activations.logits_bytes (activations.resolve_loss: never auto here).
     `parallel`: the device mesh (None: tp 1, cp 1); `groups` is the whole model's inventory (tp-split
     here), `shard_size` memory.shard_group_size(..., parallel=parallel) and `ms` the mesh's
-    model_state_bytes. Each rank holds micro_batch × seq_len / cp tokens."""
+    model_state_bytes. Each rank holds micro_batch × seq_len / cp tokens. `tiled_mlp_tiles` > 1: every
+    layer's MLP tiled; `ckpt_offload`: the checkpointed inputs in host RAM (both: compiler/savers.py)."""
     n_ck = checkpointed_layer_count(grad_ckpt, model.num_layers, selective_every)
     logits = logits_bytes(model, micro_batch=micro_batch, seq_len=seq_len, precision=precision, loss=loss,
                           chunk_tokens=chunk_tokens, parallel=parallel)
@@ -364,10 +370,12 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                     method=method, precision=precision, optimizer=optimizer, micro_batch=micro_batch,
                     seq_len=seq_len, grad_ckpt_layers=n_ck, grad_accum=grad_accum, defer_grad_sync=defer_grad_sync,
                     layer_act_bytes_per_token=layer_bytes_per_token(model, precision, attention, seq_len,
-                                                                    parallel=parallel),
+                                                                    parallel=parallel)
+                    - (tiled_saved_reduction_per_token(model, precision, parallel) if tiled_mlp_tiles > 1 else 0),
                     logits_forward_bytes=fwd_logits, logits_backward_bytes=bwd_logits,
                     activation_offload=activation_offload, op_saved_bytes_per_token=op_saved,
-                    loss_in_root=bool(runner and runner.loss_in_root), parallel=parallel)
+                    loss_in_root=bool(runner and runner.loss_in_root), parallel=parallel, tiled_mlp_tiles=tiled_mlp_tiles,
+                    ckpt_offload=ckpt_offload and n_ck > 0)
     terms = phase_terms(x, ms)
     phases = {ph: MemoryBreakdown(**t, cuda_context=cuda_context) for ph, t in terms.items()}
     peak = max(PHASES, key=lambda ph: (phases[ph].total, -PHASES.index(ph)))

@@ -103,4 +103,5 @@ def _memory_saver_reasons(model: ModelSpec, t: TrainSpec, c: Candidate, loss_why
                  "layer's working set, each micro-step moves the saved activations over PCIe twice")
     elif t.activation_offload is ActivationOffload.CPU:
         r.append("activation offload allowed but not used: a plan without the PCIe round trip fits and is faster")
-    return r
+    from shardtrain.compiler.saver_reasons import long_context_reasons  # tiled MLP, checkpoint offload
+    return r + long_context_reasons(model, t, c)

@@ -8,8 +8,8 @@ import functools
 from dataclasses import dataclass
 
 from shardtrain.compiler.allocator import predict as predict_allocator
-from shardtrain.compiler.activations import (activation_host_bytes,
-                                             resolve_loss, resolved_ckpt_fraction)
+from shardtrain.compiler.activations import (activation_host_bytes, checkpointed_layer_count,
+                                             resolve_loss, resolved_ckpt_fraction, tokens_per_rank)
 from shardtrain.compiler.advice import no_fit_summary
 from shardtrain.compiler.cost import step_time
 from shardtrain.compiler.inventory import TensorGroup, resolve_lora_targets, tensor_inventory, trainable_params
@@ -23,6 +23,8 @@ from shardtrain.compiler.plan_reasons import STRATEGY_ORDER, ordinal, plan_reaso
 from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.plan import Candidate, Plan
+from shardtrain.compiler.savers import (Savers, ckpt_input_bytes, saver_options, savers_only_shrink,
+                                        tiled_saved_reduction_per_token)
 from shardtrain.compiler.specs import (ActivationOffload, Engine, GradCkpt, HardwareSpec, LossMode, Method,
                                        OffloadDevice, Optimizer, ParallelDims, ParallelRequest, Precision, Strategy,
                                        TrainSpec)
@@ -77,11 +79,12 @@ class _Ctx:
 def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[TensorGroup, ...],
                     strategy: Strategy, *, method: Method, optimizer: Optimizer, micro: int, ckpt: GradCkpt,
                     defer: bool, loss: LossMode, act_offload: ActivationOffload, ms=None,
-                    parallel: ParallelDims | None = None):
+                    parallel: ParallelDims | None = None, tiles: int = 1, ckpt_offload: bool = False):
     """(model-state bytes, {phase: MemoryBreakdown}, peak phase) of one candidate — the one place that
     assembles the phase model's inputs. ``ms``: the model-state bytes when the caller has them already
     (they do not depend on micro batch, checkpointing, loss or activation offload). ``parallel``: the
-    candidate's mesh (None: the strategy's 1-D mesh)."""
+    candidate's mesh (None: the strategy's 1-D mesh). ``tiles`` / ``ckpt_offload``: the long-context savers
+    (compiler/savers.py)."""
     p = parallel or ParallelDims.for_strategy(strategy, hw.world_size, hw.gpus_per_node)
     if ms is None:
         ms = model_state_bytes(m, groups, strategy, hw, method=method, precision=t.precision,
@@ -94,7 +97,7 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[
         grad_accum=t.global_batch_size // (micro * p.dp), defer_grad_sync=defer, loss=loss,
         runner=runner_path(t.runner, t.runner_transformers),
         chunk_tokens=t.loss_chunk_tokens, activation_offload=act_offload is not ActivationOffload.NONE,
-        cuda_context=CUDA_CONTEXT_BYTES, parallel=parallel)
+        cuda_context=CUDA_CONTEXT_BYTES, parallel=parallel, tiled_mlp_tiles=tiles, ckpt_offload=ckpt_offload)
     return ms, phases, peak
 
 
@@ -104,19 +107,27 @@ _trainable = functools.lru_cache(maxsize=16)(trainable_params)
 
 def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
               method: Method, defer: bool, groups: tuple[TensorGroup, ...],
-              act_offload: ActivationOffload, ms, mesh: ParallelDims) -> Candidate:
+              sv: Savers, ms, mesh: ParallelDims) -> Candidate:
     m, hw, t = ctx.model, ctx.hw, ctx.train
+    act_offload = sv.activation_offload
     akw = dict(micro_batch=micro, seq_len=t.seq_len, precision=t.precision, attention=t.attention,
                grad_ckpt=ckpt, selective_every=t.selective_every, offload=act_offload)
-    act_host = activation_host_bytes(m, **akw, parallel=mesh)
+    reduction = tiled_saved_reduction_per_token(m, t.precision, mesh) if sv.tiles > 1 else 0
+    act_host = activation_host_bytes(m, **akw, parallel=mesh, tiled_mlp_saved_reduction=reduction)
+    # checkpoint offload: every checkpointed layer's input on the host (fp32 under DDP autocast, as phases.py)
+    n_ck = checkpointed_layer_count(ckpt, m.num_layers, t.selective_every)
+    ck_off = sv.ckpt_offload and n_ck > 0
+    autocast_fp32 = strategy.engine is Engine.DDP and t.precision is not Precision.FP32 and method is Method.FULL
+    ck_host = n_ck * ckpt_input_bytes(m, t.precision, tokens_per_rank(micro, t.seq_len, mesh), mesh,
+                                      4 if autocast_fp32 else None) if ck_off else 0
     loss = resolve_loss(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=t.loss,
                         chunk_tokens=t.loss_chunk_tokens, parallel=mesh)
     # per_gpu = the breakdown at the peak phase (compiler/phases.py), not the sum of each term's maximum
     ms, phases, peak = evaluate_phases(m, hw, t, groups, strategy, method=method, optimizer=optimizer,
                                        micro=micro, ckpt=ckpt, defer=defer, loss=loss, act_offload=act_offload,
-                                       ms=ms, parallel=mesh)
+                                       ms=ms, parallel=mesh, tiles=sv.tiles, ckpt_offload=ck_off)
     per_gpu = phases[peak]
-    cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes + act_host, t.precision, parallel=mesh)
+    cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes + act_host + ck_host, t.precision, parallel=mesh)
     nvme = ms.nvme_bytes * hw.gpus_per_node
     accum = t.global_batch_size // (micro * mesh.dp)
     T = _trainable(groups)
@@ -124,7 +135,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                    grad_accum=accum, seq_len=t.seq_len,
                    ckpt_fraction=recompute_fraction(m, ckpt, t.selective_every, t.seq_len, groups),
                    trainable_params=T, fsdp_defer_grad_sync=defer, chunked_loss=loss is LossMode.CHUNKED,
-                   activation_offload_bytes=act_host, parallel=mesh)
+                   activation_offload_bytes=act_host + ck_host, parallel=mesh, tiled_mlp=sv.tiles > 1)
     why = []
     # the fit rule: the caching allocator's reserved peak + what lies outside it (CUDA context, NCCL), i.e.
     # what nvidia-smi would show, against the GPU memory less the user's headroom (compiler/allocator.py)
@@ -143,7 +154,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
                      trainable_params=T, fsdp_defer_grad_sync=defer, why_not=tuple(why), loss=loss,
                      activation_offload=act_offload, per_phase=tuple(phases.items()), peak_phase=peak,
                      peak_reserved_bytes=alloc.peak_reserved_bytes,
-                     parallel=mesh)
+                     parallel=mesh, tiled_mlp_tiles=sv.tiles, ckpt_offload=ck_off)
 
 
 _LOSS_PATH: contextvars.ContextVar[LossMode] = contextvars.ContextVar("loss_path", default=LossMode.FULL)
@@ -247,9 +258,6 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
     methods = [train.method]
     if train.allow_method_change and train.method is Method.FULL:
         methods += [Method.LORA, Method.QLORA]
-    # activation offload is a permission: both are evaluated, the faster fitting one wins (PCIe is slow)
-    offloads = [ActivationOffload.NONE] + ([ActivationOffload.CPU] if train.activation_offload is ActivationOffload.CPU
-                                           else [])
     targets: tuple[str, ...] = ()
     candidates: list[Candidate] = []
     illegal: dict[Strategy, str] = {}
@@ -292,7 +300,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
                     except PlanningError as e:
                         batch_error.append(str(e))
                         continue
-                    def ev(ck, mb, d_ok, ao, s=s, mesh=mesh, method=method, opt=opt, groups=groups):
+                    def ev(ck, mb, d_ok, sv, s=s, mesh=mesh, method=method, opt=opt, groups=groups):
                         accum = train.global_batch_size // (mb * mesh.dp)
                         key = (method, opt, s, mesh, d_ok, accum > 1)
                         if key not in states:  # model states: once per (method, opt, strategy, mesh, defer)
@@ -300,10 +308,13 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
                                                             precision=train.precision, optimizer=opt,
                                                             fsdp_defer_grad_sync=d_ok, grad_accum_steps=accum,
                                                             parallel=mesh)
-                        c = _evaluate(ctx, s, ck, mb, opt, method, d_ok, groups, ao, states[key], mesh)
+                        c = _evaluate(ctx, s, ck, mb, opt, method, d_ok, groups, sv, states[key], mesh)
                         candidates.append(c)
                         return c
-                    _search_lines(ev, s, mesh, ckpts, micros, offloads, train)
+                    # activation offload is a permission and tiled MLP / checkpoint offload auto: each
+                    # combination is evaluated, the fastest fitting candidate wins (compiler/savers.py)
+                    shrink = functools.partial(_savers_shrink, model, train, mesh)
+                    _search_lines(ev, s, mesh, ckpts, micros, saver_options(model, train, mesh), train, shrink)
         if extra is None and any(c.fits for c in candidates):
             extra = _levels(train)
     if not candidates:
@@ -324,30 +335,101 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
 
 
 def _search_lines(ev, s: Strategy, mesh: ParallelDims, ckpts: list[GradCkpt], micros: list[int],
-                  offloads: list[ActivationOffload], train: TrainSpec) -> None:
+                  savers: list[Savers], train: TrainSpec, shrink=None) -> None:
     """Evaluate one (strategy, mesh) pair's candidates with pruning that cannot lose the fastest fit:
     memory only grows with the micro batch and shrinks with more checkpointing, and the step time only
     falls with the micro batch (fewer micro-steps, higher MFU: compiler/cost.py). So: the most-saving
     checkpointing at the smallest micro batch first — if that does not fit, nothing on this pair does;
-    otherwise per line (checkpointing, defer, offload) the largest micro batch down to the first that fits.
-    ``ev(ckpt, micro, defer, offload)`` evaluates a candidate and records it."""
+    otherwise per line (checkpointing, defer, savers) the largest micro batch down to the first that fits.
+    Every saver adds step time (PCIe copies, recomputed MLP forwards), so a saver combination can only win
+    at a point the earlier (cheaper) combinations did not fit: per line it searches only above the largest
+    micro batch that already fit there, and once the pair's fastest point (the least checkpointing, the
+    largest micro batch) fits, the later combinations are skipped; a point whose cheaper evaluation was
+    already no faster than the pair's best fit is not tried again with savers (the loss path may differ
+    between the two: chunked costs 2·h·V FLOPs per token, small next to the savers' own cost). Checkpoint
+    offload is not tried without checkpointed layers (it would change nothing). ``shrink(ckpt, micro,
+    savers)``: whether each saver only lowers the device bytes there (savers.savers_only_shrink); then the
+    most-saving combination's floor is tried first, and when it misses on GPU memory alone the cheaper
+    combinations of its group (same activation offload) are not tried.
+    ``ev(ckpt, micro, defer, savers)`` evaluates a candidate and records it."""
     lo = micros[0]
-    for ao in offloads:
-        floor = ev(ckpts[-1], lo, False, ao)
-        if not floor.fits:
+    fitted: dict[tuple[GradCkpt, bool], int] = {}   # per line: the largest micro batch that fit so far
+    seen: dict[tuple[GradCkpt, int, bool], float] = {}   # step time of each point's cheapest evaluation
+    best = float("inf")                              # the pair's fastest fit so far
+    memo: dict[tuple, Candidate] = {}
+    ev_raw = ev
+
+    def ev(ck, mb, d_ok, sv):   # noqa: F811  (each point once, the pre-check below included)
+        if (ck, mb, d_ok, sv) not in memo:
+            memo[(ck, mb, d_ok, sv)] = ev_raw(ck, mb, d_ok, sv)
+        return memo[(ck, mb, d_ok, sv)]
+
+    def lines(sv: Savers) -> list[GradCkpt]:
+        return [c for c in ckpts if not (sv.ckpt_offload and c is GradCkpt.NONE)]
+
+    dead: set[ActivationOffload] = set()   # groups whose most-saving floor misses on GPU memory
+    for ao in dict.fromkeys(sv.activation_offload for sv in savers):
+        group = [sv for sv in savers if sv.activation_offload is ao]
+        top = group[-1]
+        if shrink is None or len(group) < 2 or not lines(top) or not shrink(lines(top)[-1], lo, top):
             continue
-        for ck in ckpts:
+        c = ev(lines(top)[-1], lo, False, top)
+        if not c.fits and all("per GPU" in w for w in c.why_not):
+            dead.add(ao)
+    for sv in savers:
+        cks = lines(sv)
+        if not cks or sv.activation_offload in dead:
+            continue
+        if fitted.get((cks[-1], False), 0) < lo:   # else the floor fit already: something fits
+            floor = ev(cks[-1], lo, False, sv)
+            seen.setdefault((cks[-1], lo, False), floor.step_time_s)
+            if not floor.fits:
+                continue
+            fitted[(cks[-1], False)] = lo
+            best = min(best, floor.step_time_s)
+        def point(ck: GradCkpt, mb: int, d_ok: bool, sv=sv) -> bool:
+            nonlocal best
+            c = ev(ck, mb, d_ok, sv)
+            seen.setdefault((ck, mb, d_ok), c.step_time_s)
+            if c.fits:
+                fitted[(ck, d_ok)] = max(fitted.get((ck, d_ok), 0), mb)
+                best = min(best, c.step_time_s)
+            return c.fits
+
+        for ck in cks:
             for d_ok in (False, True):
-                for mb in reversed(micros):
-                    accum = train.global_batch_size // (mb * mesh.dp)
-                    # FSDP_OFFLOAD: a deferred sync would keep unsharded fp32 grads on the GPU, the very
-                    # memory the offload frees (memory._fsdp_offload_bytes); it accumulates on the host
-                    if d_ok and not (s.engine is Engine.FSDP and accum > 1 and s is not Strategy.FSDP_OFFLOAD):
-                        continue
-                    if (ck, mb, d_ok) == (ckpts[-1], lo, False):
-                        break  # the floor candidate, already evaluated
-                    if ev(ck, mb, d_ok, ao).fits:
-                        break
+                # the micro batches of this line that can still win: above its largest fit so far, with
+                # accumulation for a deferred sync (FSDP_OFFLOAD: a deferred sync would keep unsharded fp32
+                # grads on the GPU, the very memory the offload frees; it accumulates on the host), and not
+                # already no faster than the pair's best fit (then no faster with savers either)
+                opts = [mb for mb in micros if mb > fitted.get((ck, d_ok), 0)
+                        and (not d_ok or (s.engine is Engine.FSDP and s is not Strategy.FSDP_OFFLOAD
+                                          and train.global_batch_size // (mb * mesh.dp) > 1))
+                        and seen.get((ck, mb, d_ok), 0.0) < best]
+                _largest_fit(lambda mb, ck=ck, d_ok=d_ok: point(ck, mb, d_ok), opts)
+        if fitted.get((ckpts[0], False), 0) == micros[-1]:
+            break
+
+
+def _savers_shrink(model: ModelSpec, train: TrainSpec, mesh: ParallelDims, ck: GradCkpt, micro: int,
+                   sv: Savers) -> bool:
+    n_ck = checkpointed_layer_count(ck, model.num_layers, train.selective_every) if sv.ckpt_offload else 2
+    return savers_only_shrink(model, train.precision, tokens_per_rank(micro, train.seq_len, mesh), sv.tiles, n_ck,
+                              mesh)
+
+
+def _largest_fit(fits, options: list[int]) -> None:
+    """Evaluate ``fits`` on ascending ``options`` until the largest that fits is known: the largest first
+    (it fits in the common case), then bisection (memory only grows with the micro batch)."""
+    if not options or fits(options[-1]):
+        return
+    lo, hi = -1, len(options) - 1   # options[hi] does not fit; options[lo] fits (-1: none known)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(options[mid]):
+            lo = mid
+        else:
+            hi = mid
 
 
 def _per_loss_path(search):
@@ -357,17 +439,17 @@ def _per_loss_path(search):
     passes competes, so chunked is chosen exactly when it lets a faster plan fit or the full path does not
     fit (compiler/loss_choice.py says which)."""
     @functools.wraps(search)
-    def both(ev, s, mesh, ckpts, micros, savers, train):
+    def both(ev, s, mesh, ckpts, micros, savers, train, *rest):
         if train.loss is not LossMode.AUTO:
-            return search(ev, s, mesh, ckpts, micros, savers, train)
+            return search(ev, s, mesh, ckpts, micros, savers, train, *rest)
         token = _LOSS_PATH.set(LossMode.FULL)
         try:
-            search(ev, s, mesh, ckpts, micros, savers, train)
+            search(ev, s, mesh, ckpts, micros, savers, train, *rest)
             if not runner_path(train.runner, train.runner_transformers).chunked_loss or \
                     ev(ckpts[0], micros[-1], False, savers[0]).fits:
                 return None
             _LOSS_PATH.set(LossMode.CHUNKED)
-            return search(ev, s, mesh, ckpts, micros, savers, train)
+            return search(ev, s, mesh, ckpts, micros, savers, train, *rest)
         finally:
             _LOSS_PATH.reset(token)
     return both

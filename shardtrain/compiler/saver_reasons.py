@@ -42,3 +42,34 @@ def long_context_reasons(model: ModelSpec, t: TrainSpec, c: Candidate) -> list[s
                 or t.activation_offload is ActivationOffload.CPU else "this plan checkpoints no layer")
         r.append(f"train.ckpt_offload cpu has no effect: {what}")
     return r
+
+
+#: The parts of the activations term `plan --max` names when activations stop the value (maxfit.py).
+PART_WORDS = {"ckpt_inputs": "checkpointed layer inputs", "saved_layers": "saved activations of non-checkpointed layers",
+              "layer_recompute": "one layer's recompute (attention and norms)",
+              "mlp_intermediates": "one layer's MLP intermediates"}
+
+
+def activation_parts(model: ModelSpec, t: TrainSpec, c: Candidate) -> dict[str, int]:
+    """The activations term of candidate ``c`` split into the parts the savers act on (bytes on one GPU, from
+    the same formulas as phases.py, the engine constants left out): checkpointed layer inputs (all of them, or
+    two with checkpoint offload), the saved activations of the non-checkpointed layers, one layer's recompute
+    without its MLP, and one layer's MLP intermediates (untiled: saved; tiled: one tile + x_grad). Activation
+    offload: the first two are on the host (0)."""
+    from shardtrain.compiler.activations import hidden_per_rank, layer_bytes_per_token
+    tokens = tokens_per_rank(c.micro_batch_size, t.seq_len, c.mesh)
+    L = model.num_layers
+    n_ck = checkpointed_layer_count(c.gradient_checkpointing, L, t.selective_every)
+    mlp = tiled_saved_reduction_per_token(model, c.precision, c.mesh)
+    per_tok = layer_bytes_per_token(model, c.precision, t.attention, t.seq_len, parallel=c.mesh)
+    tiled = c.tiled_mlp_tiles > 1
+    per_layer = (per_tok - (mlp if tiled else 0)) * tokens
+    resid = c.precision.param_bytes * hidden_per_rank(model, c.mesh) * tokens
+    on_host = c.activation_offload is ActivationOffload.CPU
+    return {
+        "ckpt_inputs": 0 if on_host else (min(n_ck, 2) if c.ckpt_offload else n_ck) * resid,
+        "saved_layers": 0 if on_host else (L - n_ck) * per_layer,
+        "layer_recompute": (per_tok - mlp) * tokens if n_ck else 0,
+        "mlp_intermediates": (tile_working_bytes(model, c.precision, tokens, c.tiled_mlp_tiles, c.mesh) if tiled
+                              else mlp * tokens),
+    }

@@ -118,3 +118,17 @@ def saver_options(model: ModelSpec, train: TrainSpec, parallel: ParallelDims | N
     if act_cpu:
         out += [Savers(ActivationOffload.CPU, n, False) for n in tiles]
     return out
+
+
+def savers_only_shrink(model: ModelSpec, precision: Precision, tokens: int, tiles: int, n_ck: int,
+                       parallel: ParallelDims | None = None) -> bool:
+    """Whether each saver of a combination can only lower the device bytes at this point, so that when the
+    most-saving combination does not fit on the GPU, no cheaper one does (the planner's pruning): a tiled
+    MLP drops 4·I per token of the recomputed layer and adds one tile (7·I per tile token) and x_grad (h, in
+    fp32 at worst); checkpoint offload drops n_ck - 1 inputs and adds one (the prefetch), so needs n_ck >= 2."""
+    p = precision.param_bytes
+    w = _mlp_width(model, parallel)
+    tile_ok = tiles <= 1 or (MLP_SAVED_INTERMEDIATES * w * p * tokens
+                             >= MLP_TILE_WORKING_INTERMEDIATES * w * p * -(-tokens // tiles)
+                             + 4 * hidden_per_rank(model, parallel) * tokens)
+    return tile_ok and n_ck >= 2
