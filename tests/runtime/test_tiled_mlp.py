@@ -103,3 +103,31 @@ def test_intermediates_exist_for_one_tile_at_a_time():
         loss.backward()
     assert widths and max(widths) == 16            # 64 tokens / 4 tiles, forward and backward
     assert not any(len(s) == 3 and s[-1] == 160 for s in saved)   # no MLP intermediate saved for backward
+
+
+def test_qlora_nf4_mlp_equal_to_untiled():
+    """QLoRA: NF4 base projections (runtime/modeling.py quantize_4bit, fp32 compute) with adapters on
+    the MLP; the 4-bit layers are recomputed per tile like the 16-bit ones."""
+    import copy
+    from savers_model import LAYER, base_model
+    from shardtrain.runtime.modeling import apply_lora, decoder_layers, enable_checkpointing, quantize_4bit
+    from shardtrain.runtime.tiled_mlp import install_tiled_mlp
+
+    def make(tiles):
+        m = copy.deepcopy(base_model())
+        m.train()
+        quantize_4bit(m, compute=torch.float32, storage=torch.uint8, device=torch.device("cpu"), layer_class=LAYER)
+        enable_checkpointing(m, GradCkpt.FULL, 1)
+        m = apply_lora(m, rank=4, alpha=8, dropout=0.0, seed=3,
+                       targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+        install_tiled_mlp(decoder_layers(m, LAYER), tiles, ds_flags=False)
+        return m
+    ref_loss, ref = step(make(1))
+    loss, got = step(make(4))
+    assert len(ref) == 20   # 2 layers x 5 adapted modules x (A, B)
+    assert loss == pytest.approx(ref_loss, rel=TOL)
+    assert worst_rel(got, ref) < TOL
