@@ -7,6 +7,7 @@ reference with the same config but the saver off:
 - checkpoint offload (plan.chosen.ckpt_offload) composed with op-level SAC or the tiled MLP: op SAC alone
   is bitwise equal to full checkpointing and offload bitwise equal to none (in process:
   test_op_sac.py, test_ckpt_offload.py), so these runs must equal the full-checkpointing reference;
+- all three under Ulysses context parallel (cp 2, FSDP2): each rank tiles its own token slice;
 - every run's worker log names the savers that are on (one line).
 """
 from __future__ import annotations
@@ -35,10 +36,19 @@ def _over(strategy: str, grad_ckpt: str = "full", lora: bool = False) -> dict:
     return over
 
 
-def _savers(tiles: int = 1, offload: bool = False):
+def _savers(tiles: int = 1, offload: bool = False, cp: int = 1):
+    """plan_edit: the savers as plan.chosen carries them; `cp`: Ulysses over the 2 ranks (dp 1: the same
+    global batch of 8 in 4 micro-steps of 2)."""
+    from shardtrain.compiler.specs import ParallelDims
+
+    def f(p):
+        c = dataclasses.replace(p.chosen, tiled_mlp_tiles=tiles, ckpt_offload=offload)
+        if cp > 1:
+            c = dataclasses.replace(c, parallel=ParallelDims(cp=cp), grad_accum_steps=8 // c.micro_batch_size)
+        return dataclasses.replace(p, chosen=c)
+
     def edit(d: Path):
-        edit_plan(d, lambda p: dataclasses.replace(
-            p, chosen=dataclasses.replace(p.chosen, tiled_mlp_tiles=tiles, ckpt_offload=offload)))
+        edit_plan(d, f)
     return edit
 
 
@@ -50,13 +60,14 @@ SCENARIOS = {
     "fsdp": (_over("fsdp_full_shard"), None, None),
     "fsdp_tiled": (_over("fsdp_full_shard"), _savers(tiles=4), "fsdp"),
     "fsdp_op_offload": (_over("fsdp_full_shard", "op"), _savers(offload=True), "fsdp"),
+    "fsdp_cp2": (_over("fsdp_full_shard"), _savers(cp=2), None),
+    "fsdp_cp2_savers": (_over("fsdp_full_shard", "op"), _savers(tiles=4, offload=True, cp=2), "fsdp_cp2"),
     "zero1": (_over("zero1"), None, None),
     "zero1_tiled": (_over("zero1"), _savers(tiles=4), "zero1"),
     "zero2": (_over("zero2"), None, None),
     "zero2_tiled_offload": (_over("zero2"), _savers(tiles=4, offload=True), "zero2"),
     "zero3": (_over("zero3"), None, None),
     "zero3_tiled": (_over("zero3"), _savers(tiles=4), "zero3"),
-    "zero3_op_offload": (_over("zero3", "op"), _savers(offload=True), "zero3"),
     "lora_zero3": (_over("zero3", lora=True), None, None),
     "lora_zero3_tiled_op": (_over("zero3", "op", lora=True), _savers(tiles=4), "lora_zero3"),
 }
