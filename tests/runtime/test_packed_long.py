@@ -206,8 +206,8 @@ def _ulysses_case(rank: int) -> dict:
         g = p.grad.clone()
         dist.all_reduce(g)
         worst = max(worst, (g - q.grad).abs().max().item())
-    return {"n": n, "n_ref": n_ref, "loss_diff": abs(total.item() - float(total_ref)), "grad_diff": worst,
-            "loss": float(total_ref)}
+    return {"n": n, "n_ref": n_ref, "loss_diff": abs(total.item() - float(total_ref.detach())), "grad_diff": worst,
+            "loss": float(total_ref.detach())}
 
 
 def _worker(rank, port, out):
@@ -234,26 +234,58 @@ def test_ulysses_packed_documents_match_single_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- loss normaliser
-@pytest.mark.multiproc
-def test_uneven_label_counts_across_ranks_match_reference(tmp_path):
-    """Very uneven label counts per rank and micro-step (prompts of 1 to 40 words, completions of 1 to 3
-    words, padded micro-batches): the worker's loss is sum of token losses / global label count, so
-    both the logged losses and the parameters equal the single-process reference."""
-    from conftest import run_driver
-    from reference import reference_run
-    from safetensors.torch import load_file
-    data = tmp_path / "uneven.jsonl"
+def _uneven_data(tmp: Path) -> Path:
+    data = tmp / "uneven.jsonl"
     rows = [{"prompt": "question " + "word " * (1 + (7 * i) % 40), "completion": " answer" * (1 + i % 3)}
             for i in range(64)]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    over = {"data": {"train": str(data), "packing": False, "eval_fraction": 0.0},
-            "train": {"strategy": "ddp", "precision": "fp32", "steps": 3, "micro_batch": 2, "global_batch": 8}}
-    res = run_driver(tmp_path, [{"name": "uneven_ddp", "over": over, "probe": "labels"}])
-    run_dir = Path(res["uneven_ddp"]["run_dir"])
-    ref_losses, ref_sd = reference_run(run_dir)
+    return data
+
+
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory):
+    """One 2-rank launch: DDP on prompt/completion data with very uneven label counts (padded micro-batches,
+    accumulation 2), and DDP on packed documents (position ids in every batch, packed_attention)."""
+    from conftest import run_driver
+    base = tmp_path_factory.mktemp("packed_long")
+    train = {"strategy": "ddp", "precision": "fp32", "steps": 3, "micro_batch": 2, "global_batch": 8}
+    sc = [{"name": "uneven_ddp", "over": {"data": {"train": str(_uneven_data(base)), "packing": False,
+                                                    "eval_fraction": 0.0}, "train": train}},
+          {"name": "packed_ddp", "over": {"train": train}}]
+    return run_driver(base, sc)
+
+
+def _check_against_reference(run_dir: Path) -> None:
+    from reference import reference_run
+    from safetensors.torch import load_file
+    ref_losses, ref_sd = reference_run(run_dir)   # single process; transformers' own masks for packed rows
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in recs if r["kind"] == "train"]
-    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert [r["loss"] for r in recs if r["kind"] == "train"] == pytest.approx(ref_losses, rel=1e-5)
     sd = load_file(str(run_dir / "final" / "model.safetensors"))
     worst = max((sd[k].float() - ref_sd[k].float()).abs().max().item() for k in sd)
     assert worst < 2e-5, worst
+
+
+@pytest.mark.multiproc
+def test_uneven_label_counts_across_ranks_match_reference(worker_runs):
+    """The worker's loss is the sum of token losses over ranks and micro-steps / the global label count (not
+    a mean of per-rank means): with these counts both the logged losses and the parameters equal the
+    single-process reference only then."""
+    from shardtrain.runtime.build import read_run_dir
+    from shardtrain.runtime.data import StepSampler, build_datasets, load_tokenizer
+    run_dir = Path(worker_runs["uneven_ddp"]["run_dir"])
+    cfg, plan = read_run_dir(run_dir)
+    train, _ = build_datasets(load_tokenizer(None, None), train_path=plan.runtime.data_train, eval_path=None,
+                              eval_fraction=0.0, fmt="auto", packing=False, seq_len=plan.train.seq_len)
+    c = plan.chosen
+    counts = [[count_label_tokens(train.collate(ix)) for ix in
+               StepSampler(len(train), cfg.train.seed, micro_batch=c.micro_batch_size, grad_accum=c.grad_accum_steps,
+                           world_size=2, rank=r).step_indices(0)] for r in range(2)]
+    flat = [n for per_rank in counts for n in per_rank]
+    assert c.grad_accum_steps == 2 and max(flat) >= 2 * min(flat), counts   # really uneven
+    _check_against_reference(run_dir)
+
+
+@pytest.mark.multiproc
+def test_packed_documents_in_the_worker_match_reference(worker_runs):
+    _check_against_reference(Path(worker_runs["packed_ddp"]["run_dir"]))
