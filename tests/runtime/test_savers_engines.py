@@ -7,7 +7,8 @@ reference with the same config but the saver off:
 - checkpoint offload (plan.chosen.ckpt_offload) composed with op-level SAC or the tiled MLP: op SAC alone
   is bitwise equal to full checkpointing and offload bitwise equal to none (in process:
   test_op_sac.py, test_ckpt_offload.py), so these runs must equal the full-checkpointing reference;
-- all three under Ulysses context parallel (cp 2, FSDP2): each rank tiles its own token slice;
+- all three under Ulysses context parallel (cp 2; FSDP2's all-to-all and DeepSpeed ZeRO-3's ALST): each
+  rank tiles its own token slice;
 - every run's worker log names the savers that are on (one line).
 """
 from __future__ import annotations
@@ -66,10 +67,11 @@ SCENARIOS = {
     "zero1_tiled": (_over("zero1"), _savers(tiles=4), "zero1"),
     "zero2": (_over("zero2"), None, None),
     "zero2_tiled_offload": (_over("zero2"), _savers(tiles=4, offload=True), "zero2"),
-    "zero3": (_over("zero3"), None, None),
-    "zero3_tiled": (_over("zero3"), _savers(tiles=4), "zero3"),
+    # ALST's setup: ZeRO-3 + DeepSpeed's Ulysses (sequence_parallel_size 2) + tiled MLP + checkpoint offload
+    "zero3_cp2": (_over("zero3"), _savers(cp=2), None),
+    "zero3_cp2_savers": (_over("zero3", "op"), _savers(tiles=4, offload=True, cp=2), "zero3_cp2"),
     "lora_zero3": (_over("zero3", lora=True), None, None),
-    "lora_zero3_tiled_op": (_over("zero3", "op", lora=True), _savers(tiles=4), "lora_zero3"),
+    "lora_zero3_tiled": (_over("zero3", lora=True), _savers(tiles=4), "lora_zero3"),
 }
 
 
@@ -103,7 +105,7 @@ def test_worker_logs_the_savers(savers_results):
     assert "tiled MLP off" in _savers_line(savers_results["ddp"])
     assert "checkpoint offload off" in _savers_line(savers_results["ddp"])
     assert "activation checkpointing full (2 layers)" in _savers_line(savers_results["ddp"])
-    assert "tiled MLP 4 tiles (2 layers)" in _savers_line(savers_results["zero3_tiled"])
+    assert "tiled MLP 4 tiles (2 layers)" in _savers_line(savers_results["zero1_tiled"])
     line = _savers_line(savers_results["fsdp_op_offload"])
     assert "op-level selective" in line and "checkpointed layer inputs in host memory" in line
     assert "(pinned)" not in line   # CPU: no pinned memory
