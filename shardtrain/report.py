@@ -63,6 +63,10 @@ def render_plan(plan: Plan, *, max_alternatives: int = 6) -> str:
     out.append(f"plan       {c.strategy.value}  [{status}]  micro batch {c.micro_batch_size} × accumulation "
                f"{c.grad_accum_steps} × {ranks}, gradient checkpointing "
                f"{c.gradient_checkpointing.value}")
+    long_ctx = ([f"tiled MLP {c.tiled_mlp_tiles} tiles"] if c.tiled_mlp_tiles > 1 else []) + \
+        (["checkpointed layer inputs in host RAM"] if c.ckpt_offload else [])
+    if long_ctx:   # the long-context savers (compiler/savers.py), only when one is on
+        out.append(f"savers     {', '.join(long_ctx)}")
     out.append(f"mesh       {mesh.label()}  (dp_replicate {mesh.dp_replicate} × dp_shard {mesh.dp_shard} × cp "
                f"{mesh.cp} × tp {mesh.tp} = {mesh.world} ranks"
                + ")")

@@ -208,3 +208,16 @@ def test_ignored_warnings():
     assert not [ln for ln in ignored_settings(_cfg(ckpt_offload="cpu", tiled_mlp=4)) if "ckpt_offload" in ln]
     # tiled MLP is its own recompute: no warning without checkpointing
     assert not [ln for ln in ignored_settings(_cfg(tiled_mlp=4, grad_ckpt="none")) if "tiled_mlp" in ln]
+
+
+def test_advice_gives_the_savers_back_and_report_names_them(capsys):
+    base = ["plan", "--model", "llama-3.1-8b", "--gpus-per-node", "1", "--method", "lora", "--seq-len", "131072",
+            "--global-batch", "1", "--grad-ckpt", "full", "--strategy", "ddp"]
+    capsys.readouterr()
+    assert main(base + ["--tiled-mlp", "off", "--ckpt-offload", "off", "--json"]) == 2   # nothing fits
+    sets = [s["set"] for s in json.loads(capsys.readouterr().out)["suggestions"]]
+    # checkpoint offload alone fits; the tiled MLP alone does not (88.8 GiB here), so it is not offered
+    assert {"train.ckpt_offload": "auto"} in sets and {"train.tiled_mlp": "auto"} not in sets
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "\nsavers     checkpointed layer inputs in host RAM" in out

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from shardtrain.compiler.plan import Candidate, ChangeKind, Plan, Suggestion
-from shardtrain.compiler.specs import ActivationOffload, GradCkpt, LossMode, Method, OffloadDevice, Optimizer
+from shardtrain.compiler.specs import ActivationOffload, CkptOffload, GradCkpt, LossMode, Method, OffloadDevice, Optimizer
 from shardtrain.units import fmt_bytes
 
 Overrides = tuple[tuple[str, str], ...]
@@ -90,6 +90,11 @@ def candidate_changes(p: Plan) -> list[Change]:
         out.append(("train.activation_offload", ActivationOffload.CPU.value, S))
     if t.grad_ckpt not in (GradCkpt.AUTO, GradCkpt.FULL):
         out.append(("train.grad_ckpt", GradCkpt.AUTO.value, S))   # auto includes full
+    # the long-context savers (compiler/savers.py): set off or to too few tiles, give them back to auto
+    if t.tiled_mlp is not None:
+        out.append(("train.tiled_mlp", "auto", S))
+    if t.ckpt_offload is CkptOffload.OFF:
+        out.append(("train.ckpt_offload", CkptOffload.AUTO.value, S))
     if t.micro_batch_size not in (None, 1):
         out.append(("train.micro_batch", "auto", S))
     if t.strategy is not None:

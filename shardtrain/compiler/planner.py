@@ -476,13 +476,20 @@ def _req_text(req: ParallelRequest) -> str:
                      if v is not None) or "auto"
 
 
-def _best_per_strategy(candidates: list[Candidate]) -> dict[Strategy, Candidate]:
+def _best_per_strategy(candidates: list[Candidate], usable: int | None = None) -> dict[Strategy, Candidate]:
+    """Per strategy: the fastest fit, else the one closest to fitting — the least GPU memory, or, among those
+    that fit the GPU (``usable``), the least host RAM (a saver that moves bytes to the host must not stand for
+    the strategy when host RAM is what runs out: advice.hardware_trials takes its minimum from these)."""
+    def short(c: Candidate) -> tuple:
+        if usable is not None and c.gpu_need_bytes <= usable:
+            return (0, c.cpu_memory_per_node_bytes, c.nvme_bytes, c.per_gpu.total)
+        return (1, c.per_gpu.total)
     best: dict[Strategy, Candidate] = {}
     for c in candidates:
         cur = best.get(c.strategy)
         better = (c.fits, -_rank(c)[0]) > (cur.fits, -_rank(cur)[0]) if cur else True
         if not c.fits and cur is not None and not cur.fits:
-            better = c.per_gpu.total < cur.per_gpu.total
+            better = short(c) < short(cur)
         if better:
             best[c.strategy] = c
     return best
@@ -490,7 +497,7 @@ def _best_per_strategy(candidates: list[Candidate]) -> dict[Strategy, Candidate]
 
 def _make_plan(ctx: _Ctx, chosen: Candidate, candidates: list[Candidate], illegal: dict[Strategy, str],
                targets: tuple[str, ...], asked: TrainSpec) -> Plan:
-    best = _best_per_strategy(candidates)
+    best = _best_per_strategy(candidates, ctx.usable)
     others = [c for s, c in best.items() if s is not chosen.strategy]
     others.sort(key=lambda c: (not c.fits, _rank(c)))
     loss_why = (loss_auto_reason(chosen, candidates, ctx.train.runner)
