@@ -158,7 +158,7 @@ def setup(run_dir: Path, info: DistInfo) -> Run:
                      device_type=info.device.type, tp=dims.tp)
     model = build_model(src, spec, rank=info.rank, world_size=info.world_size, device=info.device,
                         ds_config=ds_config, materialize=engine_kind is not Engine.FSDP)
-    if not (dims.cp > 1 and (dims.cp_mode is CpMode.RING or engine_kind is Engine.DEEPSPEED)):
+    if not (dims.cp > 1 and dims.cp_mode is CpMode.RING):  # ring: its own causal kernel (ring_attention.py)
         from shardtrain.runtime.packed_attention import install_packed
         install_packed(model)  # attention within each packed document, no [s, s] mask (runtime/packed_attention.py)
     if cfg.train.compile.value != "none":  # before the engine wraps it (runtime/compiling.py)

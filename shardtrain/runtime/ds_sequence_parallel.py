@@ -76,8 +76,11 @@ def setup_alst(model: nn.Module, ds_config: dict):
     if sp == 1:
         return None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from shardtrain.runtime.packed_attention import PACKED_ATTENTION
     kernel = getattr(model.config, "_attn_implementation", None)
-    if kernel != "sdpa" and not str(kernel).startswith("flash_attention"):
+    # PACKED_ATTENTION (runtime/packed_attention.py, sdpa or flash inside): ALST hands it the gathered
+    # position ids, so packed documents stay apart on the full sequence
+    if kernel not in ("sdpa", PACKED_ATTENTION) and not str(kernel).startswith("flash_attention"):
         raise ValueError(f"train.attention {kernel!r} cannot run DeepSpeed Ulysses (sequence_parallel_size {sp}): "
                          "it needs a kernel that masks causally without a [s, s] mask; set train.attention: sdpa")
     from shardtrain.runtime.context_parallel import attention_modules
@@ -99,8 +102,10 @@ def setup_alst(model: nn.Module, ds_config: dict):
 def teardown(kernel: str = "sdpa") -> None:
     """Undo setup_alst's process-wide state (module doc); safe to call when nothing was set up."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    if getattr(ALL_ATTENTION_FUNCTIONS._local_mapping.get(kernel), "__name__", "") == "uattn_wrapper":
-        del ALL_ATTENTION_FUNCTIONS[kernel]   # ALST's wrapper (ulysses_sp.py register_with_transformers)
+    from shardtrain.runtime.packed_attention import PACKED_ATTENTION
+    for name in dict.fromkeys((kernel, PACKED_ATTENTION)):
+        if getattr(ALL_ATTENTION_FUNCTIONS._local_mapping.get(name), "__name__", "") == "uattn_wrapper":
+            del ALL_ATTENTION_FUNCTIONS[name]   # ALST's wrapper (ulysses_sp.py register_with_transformers)
     import sys
     sp_state = sys.modules.get("deepspeed.runtime.sequence_parallel.parallel_state_sp")
     if sp_state is not None:

@@ -109,7 +109,9 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask, **kwargs)
     if inner != "sdpa":   # transformers' flash varlen path reads position_ids itself (batch 1 per call)
         fn = ALL_ATTENTION_FUNCTIONS[inner]
-        if pos is None or query.shape[0] == 1:
+        if pos is None or query.shape[0] == 1 or _is_fake(pos):
+            return fn(module, query, key, value, None, **kwargs)
+        if all(len(r) == 1 for r in _starts_cached(pos)):   # no row packed: one batched call
             return fn(module, query, key, value, None, **kwargs)
         pos = pos.expand(query.shape[0], -1)
         outs = [fn(module, query[i:i + 1], key[i:i + 1], value[i:i + 1], None, **{**kwargs, "position_ids": pos[i:i + 1]})[0]
@@ -117,9 +119,10 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return torch.cat(outs, dim=0), None
     if pos is None or query.shape[2] == 1 or _is_fake(pos):   # fake: plan --trace (sizes as one segment)
         return _sdpa(module, query, key, value, kwargs), None
-    if pos.shape[0] != query.shape[0]:
-        pos = pos.expand(query.shape[0], -1)
-    return packed_sdpa(module, query, key, value, _starts_cached(pos), kwargs), None
+    starts = _starts_cached(pos)          # read from the tensor the model passes every layer (cached)
+    if len(starts) == 1 and query.shape[0] > 1:   # [1, s] positions shared by every row
+        starts = starts * query.shape[0]
+    return packed_sdpa(module, query, key, value, starts, kwargs), None
 
 
 def _is_fake(t: torch.Tensor) -> bool:
