@@ -22,8 +22,9 @@ a sequence that needs cp to train does not fit one rank in eval either.
 
 Why right padding is fine and masks are dropped: the data collator pads on the right and labels pads
 -100 (runtime/data.py `collate`); under a causal kernel a real token never attends to a later pad, so
-the result on labelled tokens equals the masked one. Packed samples are not split by document here
-(the 1-D path does not split them either: no position ids reset in the batch).
+the result on labelled tokens equals the masked one. Packed documents (position ids restarting per
+document, runtime/data.py) stay apart when the inner kernel is runtime/packed_attention.py (what
+runtime/build.py installs for sdpa/flash models): it gets the cp group's gathered position ids.
 
 KV heads (GQA): with kv_heads % cp == 0 each rank takes kv_heads/cp kv heads, exactly the ones its
 query heads use (contiguous blocks). Otherwise each kv head is repeated f = cp / gcd(kv_heads, cp)
