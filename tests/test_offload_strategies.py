@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from shardtrain.compiler.inventory import tensor_inventory
-from shardtrain.compiler.memory import gathered_bytes_per_param, largest_unit_params, model_state_bytes
+from shardtrain.compiler.memory import (gathered_bytes_per_param, largest_unit_params, model_state_bytes,
+                                        QLORA_QUANT_STATE_BYTES_PER_TENSOR, qlora_stats_bytes)
 from shardtrain.compiler.planner import PlanningError, illegal_reason, plan
 from shardtrain.compiler.specs import (Engine, HardwareSpec, Method, OffloadDevice, Optimizer, ParallelRequest,
                                        Precision, Strategy, TrainSpec)
@@ -43,14 +44,32 @@ def test_fsdp_offload_moves_fsdp_full_shard_state_to_the_host(method):
     fsdp_offload keeps on the host; the device keeps fsdp_full_shard's gather buffers plus the copied-in
     host shards of the current and prefetched unit (fp32 trainable + 16-bit cast, frozen in its storage)."""
     full, off = _ms(Strategy.FSDP_FULL_SHARD, method), _ms(FO, method)
-    assert (off.params, off.grads, off.master_params, off.optimizer_states) == (0, 0, 0, 0)
-    assert off.cpu_bytes == full.params + full.grads + full.optimizer_states
     groups = tensor_inventory(L8B, method)
+    # QLoRA's quantisation statistics are no parameter: whole on every rank's device, not offloaded
+    stats = qlora_stats_bytes(groups, method)
+    assert (stats > 0) == (method is Method.QLORA)
+    assert (off.params, off.grads, off.master_params, off.optimizer_states) == (stats, 0, 0, 0)
+    assert off.cpu_bytes + stats == full.params + full.grads + full.optimizer_states
     bpp, tf = gathered_bytes_per_param(groups, method, Precision.BF16)
     unit = largest_unit_params(L8B)
     h2d = int(2 * unit / 8 * (bpp + 2 * tf + 2 * tf))   # stored = gathered + 2 B/trainable; + the bf16 cast
     assert off.buffers == full.buffers + h2d
     assert h2d < 0.4 * full.buffers   # a shard of two units: small next to the gathered units
+
+
+def test_qlora_statistics_are_whole_on_every_fsdp_rank():
+    """bitsandbytes keeps absmax + QuantState on the Linear4bit module (not a parameter): 2 ranks or 8, each
+    holds all of it; only the packed NF4 bytes shard (measured on the real engine: test_state_bytes_vs_plan
+    qlora_fsdp_offload, host and device terms within 0.5%)."""
+    g = tensor_inventory(L8B, Method.QLORA)
+    stats = qlora_stats_bytes(g, Method.QLORA)
+    quantized = sum(x.total for x in g if x.quantizable and not x.trainable)
+    tensors = sum(x.count for x in g if x.quantizable and not x.trainable)
+    # 8-bit absmax per 64 + fp32 absmax per 256 blocks, and each tensor's QuantState (codes, offset)
+    assert stats == pytest.approx(quantized * (1 / 64 + 4 / (64 * 256)) + tensors * QLORA_QUANT_STATE_BYTES_PER_TENSOR,
+                                  abs=tensors)
+    for n in (2, 8):
+        assert _ms(FO, Method.QLORA, h=hw(gpus=n)).params == stats
 
 
 def test_zero3_opt_offload_keeps_zero3_params_on_the_device():

@@ -105,6 +105,18 @@ def frozen_weight_bytes(groups: tuple[TensorGroup, ...], method: Method, precisi
     return total
 
 
+def qlora_stats_bytes(groups: tuple[TensorGroup, ...], method: Method) -> int:
+    """QLoRA: the part of frozen_weight_bytes that is not the packed NF4 storage (absmax, double-quantised,
+    and the per-tensor QuantState). bitsandbytes 0.50 keeps it in the QuantState, which Params4bit(module=...)
+    also puts on the Linear4bit module (nn/modules.py `self.module.quant_state = ...`; forward reads it back:
+    fix_4bit_weight_quant_state_from_module) — not a parameter, so FSDP2 neither shards nor offloads it: every
+    rank holds all of it on its device (measured: tests/runtime/test_state_bytes_vs_plan.py qlora_fsdp_offload)."""
+    if method is not Method.QLORA:
+        return 0
+    return sum(math.ceil(g.total * QLORA_BYTES_PER_PARAM) - math.ceil(g.total * 0.5) +
+               g.count * QLORA_QUANT_STATE_BYTES_PER_TENSOR for g in groups if not g.trainable and g.quantizable)
+
+
 def shard_group_size(strategy: Strategy, hw: HardwareSpec, *, parallel: ParallelDims | None = None) -> int:
     """Ranks that share one copy of the sharded state (HYBRID shards inside a node only); on a mesh,
     dp_shard × cp (ParallelDims.fsdp_shard; DDP: 1). None: the strategy's 1-D mesh."""
@@ -214,7 +226,10 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         # (_fully_shard/_fsdp_param.py _init_sharded_param: padded chunk of ceil(dim0 / N) rows)
         shards = fsdp_shard_groups(groups, N)
         T_shard = trainable_params(shards)
-        sharded_params = 4 * T_shard + frozen_weight_bytes(shards, method, precision)
+        # QLoRA: only the packed NF4 storage is a parameter FSDP2 shards; the quantisation statistics stay
+        # whole on every rank's device (qlora_stats_bytes)
+        stats = qlora_stats_bytes(groups, method)
+        sharded_params = 4 * T_shard + frozen_weight_bytes(shards, method, precision) - qlora_stats_bytes(shards, method)
         grads = 4 * T_shard
         bpp, trainable_frac = gathered_bytes_per_param(groups, method, precision)
         # all-gather of the current + prefetched unit in param_dtype (QLoRA: the 4-bit storage), and
@@ -225,8 +240,9 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
             # reshard_after_forward=False keeps every unit's unsharded params from forward to backward
             buffers += int((tp_num_params(model, tp) - unit) * bpp)
         if strategy is Strategy.FSDP_OFFLOAD:
-            return _fsdp_offload_bytes(sharded_params, grads, states, buffers, unit, bpp, trainable_frac, N, p,
-                                       4 * T if fsdp_defer_grad_sync else 0)
+            return replace(_fsdp_offload_bytes(sharded_params, grads, states, buffers, unit, bpp, trainable_frac, N, p,
+                                               4 * T if fsdp_defer_grad_sync else 0), params=stats)
+        sharded_params += stats
         if fsdp_defer_grad_sync:
             # set_requires_gradient_sync(False) accumulates unsharded fp32 grads across micro-steps
             grads += 4 * T

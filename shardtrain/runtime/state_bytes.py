@@ -133,6 +133,11 @@ class StateMeter:
         # FSDP2 swaps unsharded params onto the module during forward/backward (transient buffers in
         # the memory model): the sharded DTensor params registered now are the params term
         self.params = list(eng.model.named_parameters())
+        # bitsandbytes keeps QLoRA's QuantState (absmax, codes) on the Linear4bit module too: once FSDP2 has
+        # replaced the Params4bit by a DTensor shard, that is the only way to it (compiler/memory.py
+        # qlora_stats_bytes); it stays on the device, whole
+        self.quant_modules = [(n, m) for n, m in eng.model.named_modules()
+                              if type(getattr(m, "quant_state", None)).__name__ == "QuantState"]
         self.active = True
         self.largest: list = []   # the biggest storages of the largest snapshot (diagnostics)
         self._largest_total = 0
@@ -189,6 +194,8 @@ class StateMeter:
             for k, v in getattr(p, "__dict__", {}).items():
                 if isinstance(v, torch.Tensor) or type(v).__name__ == "QuantState":
                     _walk(v, f"module.{n}.{k}", found, seen)
+        for n, m in self.quant_modules:
+            _walk(m.quant_state, f"module.{n}.quant_state", found, seen)
         if getattr(self.eng, "defer_sync", False):
             # FSDP2 set_requires_gradient_sync(False): unsharded gradients held between micro-steps
             for i, fp in enumerate(_fsdp_params(self.eng.model)):
@@ -209,7 +216,7 @@ class StateMeter:
             term = "buffers" if st in ipg else _term(path)
             host = bool((self.offload_opt and _HOST_OPT.search(path) and not path.startswith("module."))
                         or (self.offload_param and _HOST_PARAM.search(path))
-                        or (self.fsdp_host and term != "buffers"))
+                        or (self.fsdp_host and term != "buffers" and ".quant_state" not in path))
             cand = (prio[term], st[1], term, host, path)
             cur = best.get(st[0])
             if cur is None or cand[0] < cur[0] or (cand[0] == cur[0] and cand[1] > cur[1]):

@@ -86,13 +86,15 @@ def torch_results(tmp_path_factory):
         {"name": "ddp_lion", "over": _s("ddp", optimizer="lion", lr=3e-4)},
         {"name": "ddp_sgd", "over": _s("ddp", optimizer="sgd", lr=0.5)},
         {"name": "fsdp_adafactor", "over": _s("fsdp_full_shard", optimizer="adafactor", lr=1e-2)},
+        # issue 19: FSDP2 + CPUOffloadPolicy (torch AdamW on the host shards), accumulating on the host
+        {"name": "fsdp_offload", "over": _s("fsdp_offload")},
     ]
-    for s in ("ddp", "fsdp_full_shard", "fsdp_shard_grad_op"):
+    for s in ("ddp", "fsdp_full_shard", "fsdp_shard_grad_op", "fsdp_offload"):
         sc.append({"name": f"bf16_{s}", "over": {"train": {"strategy": s, "precision": "bf16", "steps": 2}}})
     return run_driver(base, sc)
 
 
-DS_STRATEGIES = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+DS_STRATEGIES = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "zero3_opt_offload")
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +142,10 @@ def lora_results(tmp_path_factory, tiny_checkpoint):
     sc.append({"name": "qlora_zero2", "over": {"model": {"name": ck}, "run": {"eval_every": 2},
                                                "train": {"strategy": "zero2", "method": "qlora", "precision": "bf16",
                                                          "lr": 1e-2, "steps": STEPS}}})
+    # issue 19: QLoRA on FSDP2 + CPU offload (the Answer.AI 70B-on-2x24GB setup, tiny here)
+    sc.append({"name": "qlora_fsdp_offload", "over": {"model": {"name": ck}, "run": {"eval_every": 2},
+                                                      "train": {"strategy": "fsdp_offload", "method": "qlora",
+                                                                "precision": "bf16", "lr": 1e-2, "steps": STEPS}}})
     sc.append({"name": "bf16_lora_ddp", "over": {"model": {"name": ck},
                                                  "train": {"strategy": "ddp", "method": "lora", "precision": "bf16",
                                                            "steps": 2}}})

@@ -42,7 +42,8 @@ def check_against(reference, run_dir):
     return worst, moved
 
 
-@pytest.mark.parametrize("name", ["ddp", "ddp_big_batch", "fsdp_full_shard", "fsdp_defer", "fsdp_shard_grad_op"])
+@pytest.mark.parametrize("name", ["ddp", "ddp_big_batch", "fsdp_full_shard", "fsdp_defer", "fsdp_shard_grad_op",
+                                  "fsdp_offload"])
 def test_torch_engines_match_reference(torch_results, reference, name):
     check_against(reference, torch_results[name]["run_dir"])
 

@@ -42,7 +42,7 @@ def check(res, *, host=True):
 
 
 @pytest.mark.parametrize("name", ["bf16_ddp", "bf16_fsdp_full_shard", "bf16_fsdp_shard_grad_op", "ddp",
-                                  "fsdp_full_shard", "ddp_adamw8bit"])
+                                  "fsdp_full_shard", "ddp_adamw8bit", "fsdp_offload", "bf16_fsdp_offload"])
 def test_torch_engines(torch_results, name):
     check(torch_results[name])
 
@@ -71,7 +71,7 @@ def test_fsdp_deferred_sync_holds_unsharded_grads(torch_results):
 
 @pytest.mark.parametrize("name", ["bf16_zero1", "bf16_zero2", "bf16_zero3", "bf16_zero3_offload",
                                   "bf16_zero2_offload_accum1", "bf16_zero2_adamw8bit", "bf16_zero3_lora",
-                                  "zero1", "zero3", "zero3_offload"])
+                                  "zero1", "zero3", "zero3_offload", "zero3_opt_offload", "bf16_zero3_opt_offload"])
 def test_deepspeed(ds_results, name):
     check(ds_results[name])
 
@@ -87,7 +87,7 @@ def test_deepspeed_zero2_with_accumulation(ds_results, name):
     check(ds_results[name])
 
 
-@pytest.mark.parametrize("name", ["bf16_lora_ddp", "qlora_ddp", "qlora_zero2"])
+@pytest.mark.parametrize("name", ["bf16_lora_ddp", "qlora_ddp", "qlora_zero2", "qlora_fsdp_offload"])
 def test_lora_qlora(lora_results, name):
     check(lora_results[name])
 
