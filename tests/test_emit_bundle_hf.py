@@ -29,10 +29,11 @@ def emit(tmp: Path, name: str, *flags: str) -> Path:
 
 
 def test_issue_case_carries_checkpointing(capsys):
-    """qwen2.5-7b LoRA on 2 × A100-40GB at 8k: the 1-D plan needs full checkpointing; every output says so.
-    (--cp 1 --tp 1: with the mesh search the planner may share the sequence instead, e.g. cp 2.)"""
+    """qwen2.5-7b LoRA on 2 × A100-40GB at 8k: the 1-D DDP plan needs full checkpointing; every output says so.
+    (--cp 1 --tp 1: with the mesh search the planner may share the sequence instead, e.g. cp 2; --strategy ddp:
+    since the allocator fit rule (no flat 5% headroom) ZeRO-3 with op checkpointing is the faster fit.)"""
     flags = ["--model", "qwen2.5-7b", "--method", "lora", "--gpus-per-node", "2", "--gpu", "a100-40gb",
-             "--seq-len", "8192", "--cp", "1", "--tp", "1"]
+             "--seq-len", "8192", "--cp", "1", "--tp", "1", "--strategy", "ddp"]
     capsys.readouterr()
     assert main(["emit", *flags, "--format", "trainer-args"]) == 0
     cap = capsys.readouterr()
