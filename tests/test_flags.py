@@ -11,7 +11,8 @@ from shardtrain.config.flags import PLAN_FLAGS, overrides_from_args
 SAMPLES = {
     "--hidden": "64", "--layers": "2", "--heads": "4", "--kv-heads": "2", "--vocab": "1000", "--intermediate": "128",
     "--nodes": "2", "--gpus-per-node": "4", "--gpu": "a100-40gb", "--gpu-memory": "40GiB", "--cpu-memory": "64GiB",
-    "--nvme-path": "/nvme", "--nvme-capacity": "1TB", "--seq-len": "2048", "--micro-batch": "2",
+    "--nvme-path": "/nvme", "--nvme-capacity": "1TB", "--expandable-segments": "false", "--seq-len": "2048",
+    "--micro-batch": "2",
     "--global-batch": "16", "--precision": "fp16", "--method": "lora", "--lora-rank": "8", "--optimizer": "lion",
     "--grad-ckpt": "full", "--attention": "eager", "--loss": "chunked", "--runner": "accelerate", "--activation-offload": "cpu",
     "--strategy": "zero3", "--steps": "7", "--tiled-mlp": "4", "--ckpt-offload": "cpu",
