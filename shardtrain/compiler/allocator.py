@@ -40,6 +40,7 @@ expandable segments for the same Llama-3-8B QLoRA run on unpacked Alpaca.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ def persistent_slack(groups: Iterable[TensorGroup], term_bytes: Mapping[str, int
     return max(slack, 0)
 
 
+@functools.lru_cache(maxsize=1024)
+def _slack(groups: tuple[TensorGroup, ...], persistent: tuple[int, ...], expandable: bool) -> int:
+    # the planner asks once per candidate (~thousands a plan) with a few distinct model states
+    return persistent_slack(groups, dict(zip(PERSISTENT_TERMS, persistent)), expandable=expandable)
+
+
 @dataclass(frozen=True)
 class AllocatorFigures:
     """The three per-GPU peaks a run can report, predicted for one candidate."""
@@ -208,8 +215,8 @@ def predict(phases: Mapping[str, MemoryBreakdown], groups: Iterable[TensorGroup]
     bs = list(phases.values())
     peak = max(bs, key=lambda b: b.total)
     allocated = int(peak.total) - int(peak.cuda_context)
-    persistent = {t: max(int(getattr(b, t)) for b in bs) for t in PERSISTENT_TERMS}
-    slack = persistent_slack(groups, persistent, expandable=expandable)
+    persistent = tuple(max(int(getattr(b, t)) for b in bs) for t in PERSISTENT_TERMS)
+    slack = _slack(tuple(groups), persistent, expandable)
     reserved = max(phase_reserved(b, slack=slack, engine=engine, expandable=expandable) for b in bs)
     return AllocatorFigures(peak_allocated_bytes=allocated, peak_reserved_bytes=max(reserved, allocated),
                             cuda_context_bytes=int(peak.cuda_context))
