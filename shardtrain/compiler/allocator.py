@@ -76,8 +76,11 @@ FRAGMENTATION_FRACTION = {Engine.FSDP: 0.45, Engine.DEEPSPEED: 0.25, Engine.DDP:
 at the peak. FSDP (fitted): the two published FSDP runs that report both peaks for one run, Llama-2-7B
 LoRA on 4 × A100-40GB (meta-llama/llama-cookbook#41, awgu 2023-07-25: peak active 15.22 GB, reserved
 19.36 GB, x1.272) and Llama-7B on 8 GPUs with the per-parameter FSDP prototype that became FSDP2
-(llama-cookbook#165, 2023-09-05: active 14.93 GB, reserved 19.52 GB, x1.307); with ~70-78% of the peak
-transient there (the frozen / sharded states are the rest), 0.45 covers both (0.35 and 0.44 needed).
+(llama-cookbook#165, 2023-09-05: active 14.93 GB, reserved 19.52 GB, x1.307). Transient share of the peak:
+#41 78% (the frozen bf16 weights sharded 4 ways, 3.37 GB, are the persistent rest), #165 70% (assumed: the
+setup is not stated); 0.35 and 0.44 needed, 0.45 covers both (tests/test_allocator.py PUBLISHED). Known
+higher: a small FSDP2 run in ISEEKYAN/Megatron-LM#150 (2026-08, allocator settings not stated) shows
+x1.62 / x1.46 (live peak 5258 / 3771 MiB, reserved 8512 / 5500 MiB), which this share does not reach.
 DDP / one GPU (fitted): huggingface/peft#1469 (2024-10-11, torchtune's get_memory_stats after the
 step): BERT-base full fine-tuning 12.56 -> 12.94 GiB (x1.030) and LoRA 10.01 -> 10.44 GiB (x1.044),
 activation-dominated: 0.05 needed, 0.10 kept. DeepSpeed: no published pair found; between the two
