@@ -86,8 +86,11 @@ class TiledMLPFunction(torch.autograd.Function):
         ctx.rng = _Rng(x.device)
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x)
+        # detached: a view taken under no_grad still reports requires_grad (without a grad_fn), which
+        # module hooks that watch inputs (torch's ModTracker under run.memory_trace's MemTracker) reject
+        xd = x.detach()
         with torch.no_grad():
-            outs = [fn(module, x[..., sl, :]) for sl in tile_slices(x.shape[-2], tiles)]
+            outs = [fn(module, xd[..., sl, :]) for sl in tile_slices(x.shape[-2], tiles)]
         return torch.cat(outs, dim=-2)
 
     @staticmethod
