@@ -20,9 +20,8 @@ def test_bitwise_equal_to_full_checkpointing(lora_dropout):
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_saves_every_second_mm_and_attention(monkeypatch):
-    """Per layer forward of a Llama layer: q (1st mm, saved), k, v (3rd, saved), SDPA (saved), o,
-    gate (5th, saved), up, down (7th, saved); the recompute's counter runs on its own."""
+def _saved_per_layer(monkeypatch, tiles: int = 1) -> list[list[tuple[str, int]]]:
+    """(op name, output width) of every MUST_SAVE decision in each checkpointed layer's forward."""
     from torch.utils.checkpoint import CheckpointPolicy
     calls, made = [], []
     orig = sac.op_policy
@@ -39,17 +38,31 @@ def test_saves_every_second_mm_and_attention(monkeypatch):
             return out
         return rec
     monkeypatch.setattr(sac, "op_policy", recording)
-    step(build(ckpt=GradCkpt.OP)[0], batch(b=1, s=8))
+    step(build(ckpt=GradCkpt.OP, tiles=tiles)[0], batch(b=1, s=8))
     layers = {}
     for key, name, shape in calls:
-        layers.setdefault(key, []).append((name, shape[-1]))
+        layers.setdefault(key, []).append((name.removesuffix(".default"), shape[-1]))
     assert len(made) == 2 and len(layers) == 2   # one policy (fresh counters) per checkpointed layer forward
-    for saved in layers.values():
+    return list(layers.values())
+
+
+SDPA_CPU = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+def test_saves_every_second_mm_and_attention(monkeypatch):
+    """Per layer forward of a Llama layer: q (1st mm, saved), k, v (3rd, saved), SDPA (saved), o,
+    gate (5th, saved), up, down (7th, saved); the recompute's counter runs on its own."""
+    for saved in _saved_per_layer(monkeypatch):
         # hidden 64, 2 kv heads of 16 (v: 32 wide), intermediate 160; the CPU SDPA kernel returns (out, lse)
-        assert [n for n, _ in saved] == ["mm.default", "mm.default", "_scaled_dot_product_flash_attention_for_cpu.default",
-                                         "mm.default", "mm.default"]
-        mm_widths = [w for n, w in saved if n == "mm.default"]
-        assert mm_widths == [64, 32, 160, 64]   # q_proj, v_proj, gate_proj, down_proj
+        assert [n for n, _ in saved] == ["mm", "mm", SDPA_CPU, "mm", "mm"]
+        assert [w for n, w in saved if n == "mm"] == [64, 32, 160, 64]   # q_proj, v_proj, gate_proj, down_proj
+
+
+def test_with_a_tiled_mlp_the_mlp_saves_nothing(monkeypatch):
+    """The tiled MLP's forward runs under no_grad: its mms are neither saved nor counted, so a layer
+    keeps q, v and the attention output only (the planner's op model must drop gate/down then)."""
+    for saved in _saved_per_layer(monkeypatch, tiles=4):
+        assert saved == [("mm", 64), ("mm", 32), (SDPA_CPU, 16)]
 
 
 def test_ops_under_no_grad_are_neither_saved_nor_counted():
