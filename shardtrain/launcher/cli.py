@@ -228,7 +228,7 @@ def cmd_launch(args) -> int:
     launch_kw = dict(  # kept: an OOM re-plan launches again with only another log dir
         run_dir=run_dir, launcher=launcher, nproc_per_node=nproc, nnodes=nnodes, node_rank=args.node_rank,
         rdzv_endpoint=args.rdzv_endpoint, master_port=master_port, max_restarts=args.max_restarts, gpus=gpus,
-        min_nnodes=args.min_nodes,
+        min_nnodes=args.min_nodes, expandable_segments=plan.hardware.expandable_segments,
         device=device, cpu_count=hosts.cpu_count(), environ=dict(os.environ), progress=None if command else True,
         extra_env={**hosts.ops_env(), **(own.env if own else {})},
         **({"module": args.worker_module} if args.worker_module else {}),

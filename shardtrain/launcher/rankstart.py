@@ -43,9 +43,18 @@ WORKER_ENV = {"PYTHONUNBUFFERED": "1"}
 #: breaks gloo restarts after a failure (shared/notes/cpu-distributed.md).
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 #: GPU clusters (Slurm jobs): a failed or timed-out NCCL collective aborts the process instead of
-#: hanging it; fewer fragmentation OOMs from PyTorch's CUDA caching allocator.
-CLUSTER_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN",
-               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+#: hanging it.
+CLUSTER_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
+#: The CUDA caching allocator setting a plan with ``hardware.expandable_segments`` assumed.
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def allocator_env(expandable_segments: bool) -> dict[str, str]:
+    """The environment the plan's reserved-memory figure assumed (compiler/allocator.py): expandable
+    segments (fewer fragmentation OOMs; PyTorch's CUDACachingAllocator ``expandable_segments:True``),
+    or nothing for the default allocator. Every GPU launch (local, Slurm, launch.sh) exports it, so the
+    ranks run with the allocator the plan was made for."""
+    return {ALLOC_CONF: "expandable_segments:True"} if expandable_segments else {}
 #: Rendezvous / master port = PORT_BASE + key % PORT_SPAN, key = something unique to the job (the CRC
 #: of the run dir; the Slurm job id): stable for the job, rarely shared by two jobs on a node, below
 #: Linux's ephemeral range (32768+), and not 29500, every launcher's default, often taken on shared hosts.
@@ -238,13 +247,15 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
                  python: str | None = None, log_dir: str | os.PathLike | None = None,
                  progress: bool | None = None, extra_env: Mapping[str, str] | None = None,
                  entry: Entrypoint | None = None, files: Mapping[str, str] | None = None,
-                 min_nnodes: int | None = None) -> LaunchSpec:
+                 min_nnodes: int | None = None, expandable_segments: bool = True) -> LaunchSpec:
     """The launcher command for a prepared run dir (pure: no process, no file, no environment read
     unless passed in ``environ``). ``device`` defaults to cuda when ``gpus`` > 0, else cpu.
     ``entry``: every rank runs the user's command (own-script launch) instead of our worker; ``files``:
     run-dir file name -> text written before the launch (LaunchSpec.files).
     ``progress``: tell rank 0 to draw a progress bar (``SHARDTRAIN_PROGRESS=1``; its stderr is a log
-    file, so it cannot ask isatty() itself) — pass whether the console is a terminal."""
+    file, so it cannot ask isatty() itself) — pass whether the console is a terminal.
+    ``expandable_segments``: the plan's allocator (``allocator_env``), exported on CUDA unless the
+    caller's ``environ`` already sets PYTORCH_CUDA_ALLOC_CONF (the user's own setting wins)."""
     launcher = parse_launcher(launcher)
     run_dir = Path(run_dir).absolute()
     device = device or ("cuda" if gpus > 0 else "cpu")
@@ -295,6 +306,8 @@ def build_launch(*, run_dir: str | os.PathLike, launcher: str, nproc_per_node: i
         env["OMP_NUM_THREADS"] = str(max(1, (cpu_count or 1) // nproc_per_node))
     if progress is not None:
         env[PROGRESS_ENV] = "1" if progress else "0"
+    if device != "cpu" and ALLOC_CONF not in environ:
+        env.update(allocator_env(expandable_segments))
     env.update(extra_env or {})
     if device == "cpu":  # DeepSpeed's CPU accelerator; LOCAL_SIZE is its device count
         env["DS_ACCELERATOR"] = "cpu"

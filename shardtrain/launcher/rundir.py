@@ -109,7 +109,7 @@ def default_command_text(cfg: RunConfig, p: Plan, run_dir: Path) -> str:
         f"{HEAD_PLACEHOLDER}:{rendezvous_port(run_dir_key(str(run_dir)))}"))
     spec = build_launch(run_dir=run_dir, launcher=choose_launcher(None, cfg, p), nproc_per_node=nproc,
                         gpus=0 if device is Device.CPU else nproc, device=device.value,
-                        cpu_count=cpus_per_task(p), **multi)
+                        cpu_count=cpus_per_task(p), expandable_segments=p.hardware.expandable_segments, **multi)
     comment = (f"{spec.launcher}: {nodes} node(s) × {nproc} processes, node rank 0, "
                f"{'CPU/gloo' if device is Device.CPU else 'CUDA/nccl'} (run.device: {cfg.run.device}; "
                "from the plan, prepared without a launch)")

@@ -137,6 +137,7 @@ def build_job(args: argparse.Namespace, run_dir: Path, cfg, plan, overrides: Seq
         python=args.python or (own.python if own is not None and own.python else sys.executable),
         max_requeues=max_requeues,
         env=tuple(env),
+        expandable_segments=plan.hardware.expandable_segments,
         user_command=tuple(entry_argv(launcher, own.entry)) if own is not None else (),
         request_gpus=request_gpus,
         cpus_per_task=args.cpus_per_task if args.cpus_per_task is not None else resources.cpus_per_task(plan),

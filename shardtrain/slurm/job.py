@@ -123,6 +123,10 @@ class SbatchJob:
     env: tuple[tuple[str, str], ...] = ()
     """Extra ``(NAME, value)`` exports, after (and overriding) the common ones."""
 
+    expandable_segments: bool = True
+    """The plan's ``hardware.expandable_segments``: export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    (launcher/rankstart.py ``allocator_env``) so the ranks run with the allocator the plan assumed."""
+
     worker_module: str = WORKER_MODULE
     """Python module each rank runs (``-m``) with ``--run-dir``; tests use a stand-in."""
 

@@ -189,6 +189,7 @@ def render(job: SbatchJob) -> str:
         out.append("SHARDTRAIN_COMMAND=(" + " ".join(q(w) for w in job.user_command) + ")")
     out += ["", "# ---- common environment ----"]
     env = dict(COMMON_ENV)
+    env.update(rs.allocator_env(job.expandable_segments))
     env.update(dict(job.env))
     for name in sorted(env):
         out.append(f"export {name}={q(env[name])}")
