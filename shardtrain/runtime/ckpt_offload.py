@@ -28,7 +28,8 @@ from torch import nn
 @dataclass
 class HostStash:
     """Saved-tensor hooks that copy each packed tensor to host memory (pinned when `pin_memory`) and back
-    to its device at unpack. Parameters (and views of them) and sparse tensors stay where they are."""
+    to its device at unpack. Parameters (and views of them), sparse tensors and tensor subclasses (a
+    DTensor's storage is its local shard) stay where they are."""
     pin_memory: bool = False
     tensors: int = 0
     """tensors packed since the last `reset` (one per checkpointed layer per micro-step)"""
@@ -38,7 +39,8 @@ class HostStash:
     """their shapes (kept for the first 64, for the tests)"""
 
     def pack(self, t: torch.Tensor):
-        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) or t.is_sparse:
+        if (isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) or t.is_sparse
+                or type(t) is not torch.Tensor):  # a tensor subclass (DTensor): its local shard, not its size
             return (None, t)
         self.tensors += 1
         self.bytes += t.numel() * t.element_size()

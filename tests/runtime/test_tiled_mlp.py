@@ -148,3 +148,16 @@ def test_measured_peak_drops_and_memtracker_runs():
             m(input_ids=ids, labels=ids).loss.backward()
         return mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     assert peak(4) < 0.8 * peak(1)
+
+
+def test_tensor_parallel_mlp_is_refused_in_one_line():
+    from transformers import LlamaConfig
+    from shardtrain.compiler.specs import Engine, Method, Precision
+    from shardtrain.runtime.modeling import BuildSpec, ModelSource, build_model
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, use_cache=False)
+    spec = BuildSpec(engine=Engine.FSDP, method=Method.FULL, precision=Precision.FP32, grad_ckpt=GradCkpt.FULL,
+                     selective_every=1, attention="sdpa", seed=0, lora=None, layer_class="LlamaDecoderLayer",
+                     tiled_mlp_tiles=4, tp=2)
+    with pytest.raises(ValueError, match=r"^plan.json: tiled_mlp_tiles 4 with parallel.tp 2: .*train.tiled_mlp: off"):
+        build_model(ModelSource(cfg, None, None), spec, rank=0, world_size=1, device=torch.device("cpu"))
