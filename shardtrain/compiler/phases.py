@@ -188,16 +188,18 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
                 dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=max(root + unit, held)),
                 # loss: the root resharded after its forward (FULL/HYBRID), fp32 loss path
                 dict(grads=g_prev, activations=kept + head, logits=x.logits_forward_bytes,
-                     # HF runners: the loss is part of the root's forward, so the root is still gathered
-                     buffers=max(held, root) if x.loss_in_root else held)],
+                     # HF runners: the loss is part of the root's forward, so the root is still gathered (and
+                     # the last unit's all-gather output: traced)
+                     buffers=max(held, root + unit) if x.loss_in_root else held)],
             "backward": [
                 # loss backward: the root is re-gathered only when the logits' gradient exists (its
                 # pre-backward hook sits on the forward outputs: _fsdp_state.py
                 # _register_pre_backward_hook), after the fp32 loss-path tensors are gone
                 dict(grads=g_prev, activations=kept + head, logits=x.logits_backward_bytes,
-                     # HF runners: the root's pre-backward hook sits on the loss: it is re-gathered (all-gather
-                     # output + copied-out params) before the fp32 loss backward (compiler/runner.py)
-                     buffers=max(held, ag * root) if x.loss_in_root else held),
+                     # HF runners: the root's pre-backward hook sits on the loss: it is re-gathered before the
+                     # fp32 loss backward, next to the last unit's prefetched all-gather (compiler/runner.py;
+                     # traced: FSDPMemTracker "Unsharded Param" = root, "All Gather" = one unit)
+                     buffers=max(held, root + unit) if x.loss_in_root else held),
                 # ... then the root's re-gather next to the logits' gradient
                 dict(grads=g_prev, activations=kept + head + bsv_p, logits=0, buffers=held or ag * root),
                 # second layer from the top: root + current + prefetched unit, the previous unit's

@@ -63,6 +63,10 @@ def _site(args, plan):
     return Site(run_dir=run_dir, hosts=hosts, master_addr=args.master_addr, port=args.master_port)
 
 
+_HF_FORMAT_RUNNER = {"trainer": "hf_trainer", "trainer-args": "hf_trainer", "accelerate": "accelerate"}
+"""emit --format -> the runner the plan is made for (train.runner)."""
+
+
 def cmd_emit(args: argparse.Namespace) -> int:
     from shardtrain.compiler.planner import NoFitError
     from shardtrain.config.pipeline import compile_args
@@ -70,6 +74,12 @@ def cmd_emit(args: argparse.Namespace) -> int:
     if not args.out and not args.format:
         print("shardtrain: error: give --out DIR (write every file) or --format FMT (print one)", file=sys.stderr)
         return EXIT_ERROR
+    # a format for the HF Trainer / accelerate plans for that runner's loss path (compiler/runner.py) unless
+    # --runner / --set train.runner says otherwise
+    runner = _HF_FORMAT_RUNNER.get(args.format or "")
+    if runner and getattr(args, "runner", None) is None and not any(s.startswith("train.runner=")
+                                                                    for s in getattr(args, "sets", None) or ()):
+        args.runner = runner
     try:
         cfg, plan = compile_args(args)
     except NoFitError as e:

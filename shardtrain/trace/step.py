@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shardtrain.compiler.plan import Plan
-from shardtrain.compiler.specs import CpMode, Engine, Method, Optimizer, Precision
+from shardtrain.compiler.specs import CpMode, Engine, Method, Optimizer, Precision, Runner
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -212,10 +212,17 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
                             model.set_requires_gradient_sync(last or not c.fsdp_defer_grad_sync)
                         mt.reset_mod_stats()   # FSDPMemTracker refuses a second forward otherwise
                         _reset_peak(mt)
-                        with autocast:
-                            logits = model(**fwd).logits
-                        loss = ce_sum(logits, ids) if shift_labels is None else shifted_ce_sum(logits, shift_labels)
-                        del logits
+                        if getattr(t, "runner", Runner.SHARDTRAIN) is not Runner.SHARDTRAIN and shift_labels is None:
+                            # the HF runners (Trainer / accelerate): model(input_ids, labels=...) computes the
+                            # loss inside the root unit's forward (compiler/runner.py); the outputs are
+                            # dropped before backward, as Trainer.compute_loss returns only the loss
+                            with autocast:
+                                loss = model(**fwd, labels=ids).loss
+                        else:
+                            with autocast:
+                                logits = model(**fwd).logits
+                            loss = ce_sum(logits, ids) if shift_labels is None else shifted_ce_sum(logits, shift_labels)
+                            del logits
                         keep("forward", _read_peak(mt))
                         _reset_peak(mt)
                         loss.backward()
