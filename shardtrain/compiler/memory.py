@@ -7,7 +7,8 @@ ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N. The engines differ in t
 - DDP / FSDP2 (torch): trainable params stay fp32 and compute runs under autocast (DDP) or the
   MixedPrecisionPolicy (FSDP2, param_dtype=16-bit, reduce_dtype=fp32): params 4, grads 4, no master
   copy, states K-4 = 8 — the same 16 B/param, split differently. Frozen (LoRA base) weights are stored
-  in the compute dtype; QLoRA base Linear weights in NF4.
+  in the compute dtype; QLoRA base Linear weights in NF4. Pure bf16 (Precision.BF16_PURE, torchtune's
+  `dtype: bf16`): params 2, grads 2, AdamW states 4 (torch allocates them like the param) = 8 B/param.
 - DeepSpeed ZeRO (0.19.8 stage_1_and_2.py, stage3.py; p = 2 for bf16/fp16, 4 for fp32, P = this
   rank's partition of the T trainable elements). Every term was matched against the real engine on 2
   gloo ranks (tests/test_truth_engines.py):
@@ -209,6 +210,8 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
     T = trainable_params(groups)
     frozen = frozen_weight_bytes(groups, method, precision)
     p = precision.param_bytes
+    # DDP / FSDP2 trainable params, grads and torch optimizer states: fp32, or bf16 in pure bf16
+    tb = precision.trainable_bytes
     engine = strategy.engine
 
     if engine is Engine.DDP:
@@ -216,12 +219,12 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         # buckets (reducer.cpp initialize_bucket_views) and the default comm hook all-reduces them in
         # place (_AllReduceBySumCommHook; ProcessGroupNCCL allreduce is in place, then `div_`): nothing
         # beyond the 4·T grads term (measured: real MemTracker, 2 gloo ranks, Buffer/Other = 256 B)
-        states = state_bytes(optimizer, groups)
-        return ModelStateBytes(params=4 * T + frozen, grads=4 * T, master_params=0,
+        states = state_bytes(optimizer, groups, elem_bytes=tb)
+        return ModelStateBytes(params=tb * T + frozen, grads=tb * T, master_params=0,
                                optimizer_states=states, buffers=0)
 
     if engine is Engine.FSDP:
-        states = state_bytes(optimizer, groups, shard=N)
+        states = state_bytes(optimizer, groups, shard=N, elem_bytes=tb)
         # FSDP2 shards every parameter on dim 0, padding it to a multiple of N
         # (_fully_shard/_fsdp_param.py _init_sharded_param: padded chunk of ceil(dim0 / N) rows)
         shards = fsdp_shard_groups(groups, N)
@@ -229,23 +232,24 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
         # QLoRA: only the packed NF4 storage is a parameter FSDP2 shards; the quantisation statistics stay
         # whole on every rank's device (qlora_stats_bytes)
         stats = qlora_stats_bytes(groups, method)
-        sharded_params = 4 * T_shard + frozen_weight_bytes(shards, method, precision) - qlora_stats_bytes(shards, method)
-        grads = 4 * T_shard
+        sharded_params = tb * T_shard + frozen_weight_bytes(shards, method, precision) - qlora_stats_bytes(shards, method)
+        grads = tb * T_shard
         bpp, trainable_frac = gathered_bytes_per_param(groups, method, precision)
         # all-gather of the current + prefetched unit in param_dtype (QLoRA: the 4-bit storage), and
         # the unsharded 16-bit grads of the unit's trainable params plus their fp32 reduce-scatter
-        # copy (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py).
-        buffers = int(2 * unit * bpp + unit * trainable_frac * (p + 4))
+        # copy (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py); pure bf16 reduce-scatters
+        # in the params' own dtype (no MixedPrecisionPolicy: reduce_dtype None), a bf16 copy.
+        buffers = int(2 * unit * bpp + unit * trainable_frac * (p + tb))
         if strategy is Strategy.FSDP_SHARD_GRAD_OP:
             # reshard_after_forward=False keeps every unit's unsharded params from forward to backward
             buffers += int((tp_num_params(model, tp) - unit) * bpp)
         if strategy is Strategy.FSDP_OFFLOAD:
             return replace(_fsdp_offload_bytes(sharded_params, grads, states, buffers, unit, bpp, trainable_frac, N, p,
-                                               4 * T if fsdp_defer_grad_sync else 0), params=stats)
+                                               tb * T if fsdp_defer_grad_sync else 0, tb), params=stats)
         sharded_params += stats
         if fsdp_defer_grad_sync:
-            # set_requires_gradient_sync(False) accumulates unsharded fp32 grads across micro-steps
-            grads += 4 * T
+            # set_requires_gradient_sync(False) accumulates unsharded fp32 (pure: bf16) grads across micro-steps
+            grads += tb * T
         return ModelStateBytes(params=sharded_params, grads=grads, master_params=0,
                                optimizer_states=states, buffers=buffers)
 
@@ -331,7 +335,8 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
 
 
 def _fsdp_offload_bytes(sharded_params: int, sharded_grads: int, states: int, buffers: int, unit: int,
-                        bpp: float, trainable_frac: float, n: int, p: int, deferred_grads: int) -> ModelStateBytes:
+                        bpp: float, trainable_frac: float, n: int, p: int, deferred_grads: int,
+                        tb: int = 4) -> ModelStateBytes:
     """FSDP2 with CPUOffloadPolicy (torch 2.13 _fully_shard): the sharded params are created on the host
     (_fsdp_param.py _init_sharded_param: `padded_sharded_param.cpu()`, pinned on CUDA), the sharded
     grads are copied to the host right after the reduce-scatter and accumulated there
@@ -339,9 +344,10 @@ def _fsdp_offload_bytes(sharded_params: int, sharded_grads: int, states: int, bu
     optimizer steps those host tensors. The device keeps the gathered units (`buffers`, as FULL_SHARD)
     plus, per unit being gathered, the host shard copied in (`all_gather_inputs`: `.to(device)` in its
     stored dtype, fp32 for trainable params, then `_to_dtype_if_needed` to param_dtype) — conservatively
-    the current and the prefetched unit. A deferred gradient sync keeps unsharded fp32 grads on the device."""
-    stored_bpp = bpp + (4 - p) * trainable_frac   # trainable params stored fp32, gathered in param_dtype
-    h2d = int(2 * unit / n * (stored_bpp + (p * trainable_frac if p == 2 else 0)))
+    the current and the prefetched unit. A deferred gradient sync keeps unsharded fp32 grads on the device.
+    `tb`: bytes of a stored trainable element (4; pure bf16 2, then nothing is cast)."""
+    stored_bpp = bpp + (tb - p) * trainable_frac   # trainable params stored fp32, gathered in param_dtype
+    h2d = int(2 * unit / n * (stored_bpp + (p * trainable_frac if p < tb else 0)))
     return ModelStateBytes(params=0, grads=deferred_grads, master_params=0, optimizer_states=0,
                            buffers=buffers + h2d, cpu_bytes=sharded_params + sharded_grads + states)
 

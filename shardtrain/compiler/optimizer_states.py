@@ -52,39 +52,43 @@ def _bnb8_bytes(numel: int, num_states: int) -> int:
     return num_states * (numel + 4 * blocks)
 
 
-def state_bytes_per_tensor(opt: Optimizer, shape: tuple[int, ...]) -> int:
-    """State bytes one unsharded tensor of `shape` costs (DDP, or FSDP before sharding)."""
+def state_bytes_per_tensor(opt: Optimizer, shape: tuple[int, ...], elem_bytes: int = 4) -> int:
+    """State bytes one unsharded tensor of `shape` costs (DDP, or FSDP before sharding). `elem_bytes`: the
+    dtype of a state element — torch AdamW/SGD (zeros_like / clone of the grad) and our Lion/Adafactor
+    (runtime/optim.py: zeros_like, new_zeros) allocate states in the parameter's dtype, so 2 under pure
+    bf16; bitsandbytes' 8-bit states are uint8 + fp32 absmax whatever the parameter dtype."""
     numel = math.prod(shape)
     if opt is Optimizer.ADAMW:
-        return 8 * numel
+        return 2 * elem_bytes * numel
     if opt is Optimizer.ADAMW8BIT:
         return _bnb8_bytes(numel, 2)
     if opt is Optimizer.ADAFACTOR:
-        return _adafactor_bytes(shape)
+        return _adafactor_bytes(shape) * elem_bytes // 4
     if opt in (Optimizer.LION, Optimizer.SGD):
-        return 4 * numel
+        return elem_bytes * numel
     raise ValueError(f"optimizer: unknown {opt!r}")
 
 
 def state_bytes(opt: Optimizer, groups: tuple[TensorGroup, ...], *, shard: int = 1,
-                flat_partitions: bool = False) -> int:
+                flat_partitions: bool = False, elem_bytes: int = 4) -> int:
     """Optimizer-state bytes per rank for the trainable tensors.
 
     shard: number of ranks the states are split over (ZeRO N, FSDP shard group size).
     flat_partitions: DeepSpeed ZeRO flattens all trainable params into one 1-D partition per rank.
     FSDP2 shards each parameter along dim 0 (per-parameter DTensor), so factoring survives.
+    elem_bytes: bytes of one state element (state_bytes_per_tensor; 2 under pure bf16).
     """
     trainable = [g for g in groups if g.trainable]
     if flat_partitions:
         n = math.ceil(sum(g.total for g in trainable) / shard)
-        return state_bytes_per_tensor(opt, (n,)) + _qmap_bytes(opt, [n])
+        return state_bytes_per_tensor(opt, (n,), elem_bytes) + _qmap_bytes(opt, [n])
     total = 0
     numels = []
     for g in trainable:
         shape = g.shape
         if shard > 1:
             shape = (math.ceil(shape[0] / shard),) + shape[1:]
-        total += state_bytes_per_tensor(opt, shape) * g.count
+        total += state_bytes_per_tensor(opt, shape, elem_bytes) * g.count
         numels.append(math.prod(shape))
     return total + _qmap_bytes(opt, numels)
 

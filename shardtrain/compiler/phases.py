@@ -108,8 +108,9 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     cp_fwd, cp_bwd = cp_transient_bytes(m, x.precision, tokens, x.parallel)
     tp_gather = tp_gather_transient_bytes(m, x.precision, tokens, x.parallel)
     T = trainable_params(x.groups)
-    autocast = eng is Engine.DDP and x.precision is not Precision.FP32
+    autocast = eng is Engine.DDP and x.precision.autocast
     full_ft = x.method is Method.FULL
+    tb = x.precision.trainable_bytes   # DDP/FSDP2 trainable params and grads: fp32, pure bf16 2
 
     # ---- saved activations per layer (bytes per token)
     per_tok = x.layer_act_bytes_per_token
@@ -118,7 +119,8 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     elif p == 2:
         per_tok += FSDP_EXTRA_BYTES_PER_H * h
     if not full_ft:
-        lora_bytes = LORA_SAVED_BYTES_PER_INPUT[eng]
+        # pure bf16: bf16 adapters, no cast of x to an fp32 adapter dtype (as FSDP2 under its policy)
+        lora_bytes = LORA_SAVED_BYTES_PER_INPUT[Engine.FSDP if x.precision is Precision.BF16_PURE else eng]
         if eng is not Engine.DDP and p == 4:
             lora_bytes += LORA_FP32_EXTRA_BYTES_PER_INPUT
         per_tok += lora_bytes * _sum_in_features(m, x.groups)
@@ -164,7 +166,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         # accumulate there (memory._fsdp_offload_bytes); only a deferred sync keeps grads on the device
         on_host = s is Strategy.FSDP_OFFLOAD
         if x.grad_accum > 1:
-            g_prev = 4 * T if x.defer_grad_sync else (0 if on_host else 4 * T_shard)
+            g_prev = tb * T if x.defer_grad_sync else (0 if on_host else tb * T_shard)
         # SHARD_GRAD_OP (reshard_after_forward=False, root included) keeps every unit and the root
         # gathered from its forward until its own backward (reshard after backward)
         sgo = s is Strategy.FSDP_SHARD_GRAD_OP
@@ -173,7 +175,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         # (_fsdp_param_group.py unshard/wait_for_unshard `world_size == 1`); the reduce-scatter input
         # (foreach_reduce's chunk_cat into a reduce_dtype buffer) is allocated at every world size
         ag = 2 if N > 1 else 1
-        rs = 4 * layer_tr
+        rs = tb * layer_tr
         instants = {
             "forward": [
                 # the root's all-gather before anything runs: its all-gather output and the
@@ -205,7 +207,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
                 # second layer from the top: root + current + prefetched unit, the previous unit's
                 # fp32 reduce-scatter input and sharded grads, the root's unsharded 16-bit grads
                 # (reduce-scattered in the root's post-backward, at the very end)
-                dict(grads=g_prev + p * lm_tr + 4 * -(-layer_tr // N),
+                dict(grads=g_prev + p * lm_tr + tb * -(-layer_tr // N),
                      activations=max(kept - top, 0) + head + working, logits=0,
                      buffers=max(root + 2 * unit, held) + rs)],
         }
@@ -213,7 +215,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         # with its unsharded 16-bit grads (tied embeddings: lm_head grad + embedding grad + their sum,
         # AccumulateGrad), the last unit's fp32 reduce-scatter input; activations all freed
         tied_extra = 2 * p * emb_tr if m.tie_word_embeddings else 0
-        layers_sharded = 0 if on_host else 4 * (T_shard - -(-root_tr // N))
+        layers_sharded = 0 if on_host else tb * (T_shard - -(-root_tr // N))
         # a late layer's backward (activations nearly freed, sharded grads nearly complete): its
         # unsharded 16-bit grads, the previous unit's fp32 reduce-scatter input, current + prefetched unit
         instants["backward"].append(dict(grads=g_prev + layers_sharded + p * lm_tr + p * layer_tr, activations=0,
@@ -223,7 +225,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         # ... then the root's own reduce-scatter (post_backward reshards first): its fp32 input
         # next to its unsharded grads
         instants["backward"].append(dict(grads=g_prev + layers_sharded + p * root_tr, activations=0, logits=0,
-                                         buffers=4 * root_tr))
+                                         buffers=tb * root_tr))
         # ... and once copied in (_fsdp_collectives.py foreach_reduce: `unsharded_grads.clear()`, then
         # `reduce_output = reduce_scatter_comm.allocate(input_numel // world_size)`): input + output, with
         # the gradient autograd produced last (the embedding's) still referenced by its hook. At one rank
@@ -231,10 +233,10 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         # 4·root, Unsharded Grad = the embedding's; was 6.4% under without it)
         root_last = p * max((g.numel for g in x.groups if g.trainable and g.name in ROOT_GROUPS), default=0)
         instants["backward"].append(dict(grads=g_prev + layers_sharded + root_last + tied_extra, activations=0,
-                                         logits=0, buffers=4 * root_tr + 4 * -(-root_tr // N)))
+                                         logits=0, buffers=tb * root_tr + tb * -(-root_tr // N)))
         instants.update({
             # the last micro-step syncs: deferred unsharded grads are reduce-scattered and freed
-            "optimizer": [dict(grads=0 if on_host else 4 * T_shard, activations=0, logits=0, buffers=0)],
+            "optimizer": [dict(grads=0 if on_host else tb * T_shard, activations=0, logits=0, buffers=0)],
         })
         local_T = T_shard
     else:

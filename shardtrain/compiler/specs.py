@@ -95,14 +95,34 @@ class OffloadDevice(_StrEnum):
 
 
 class Precision(_StrEnum):
-    """bf16/fp16 = mixed precision (16-bit compute, fp32 master weights); fp32 = pure fp32."""
+    """bf16/fp16 = mixed precision (16-bit compute, fp32 master weights); fp32 = pure fp32;
+    bf16_pure = pure bf16: model, gradients and optimizer states in bf16, no fp32 master and no autocast
+    (torchtune's `dtype: bf16`, its default; Answer.AI fsdp_qlora train.py `--precision bf16`)."""
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"
+    BF16_PURE = "bf16_pure"
 
     @property
     def param_bytes(self) -> int:
+        """Bytes per element of the compute dtype (activations, gathered / frozen weights)."""
         return 4 if self is Precision.FP32 else 2
+
+    @property
+    def trainable_bytes(self) -> int:
+        """Bytes per element of a trainable parameter as DDP / FSDP2 store it, of its gradient and of a torch
+        optimizer's per-element state (torch AdamW/SGD and our Lion/Adafactor allocate states like the
+        parameter): fp32 except in pure bf16."""
+        return 2 if self is Precision.BF16_PURE else 4
+
+    @property
+    def autocast(self) -> bool:
+        """Mixed precision: 16-bit compute over fp32 parameters (autocast / MixedPrecisionPolicy)."""
+        return self in (Precision.BF16, Precision.FP16)
+
+    @property
+    def is_bf16(self) -> bool:
+        return self in (Precision.BF16, Precision.BF16_PURE)
 
 
 class Method(_StrEnum):

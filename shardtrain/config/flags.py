@@ -53,7 +53,7 @@ PLAN_FLAG_GROUPS: tuple[tuple[str, tuple[Flag, ...]], ...] = (
         Flag("--seq-len", "train.seq_len", type=int),
         Flag("--micro-batch", "train.micro_batch", "auto or N"),
         Flag("--global-batch", "train.global_batch", type=int),
-        Flag("--precision", "train.precision", "bf16|fp16|fp32"),
+        Flag("--precision", "train.precision", "bf16|fp16|fp32|bf16_pure"),
         Flag("--method", "train.method", "full|lora|qlora"),
         Flag("--lora-rank", "lora.rank", type=int),
         Flag("--optimizer", "train.optimizer", "adamw|adamw8bit|adafactor|lion|sgd"),

@@ -96,7 +96,11 @@ class TrainConfig:
     global_batch: int = _TRAIN.global_batch_size
     """Samples per optimizer step (= micro × accumulation × data-parallel ranks)."""
     precision: Precision = _TRAIN.precision
-    """bf16 | fp16 | fp32."""
+    """bf16 | fp16 | fp32 | bf16_pure. bf16/fp16: mixed precision (16-bit compute, fp32 master weights,
+    16 B/param with AdamW). bf16_pure: model, gradients and AdamW states all in bf16 (8 B/param; LoRA
+    adapters in bf16 too), no autocast — what torchtune (`dtype: bf16`, its default) and Answer.AI's
+    fsdp_qlora (`--precision bf16`) train with. It costs accuracy: with no fp32 master, an update smaller
+    than half a bf16 step of the weight (~2^-9 relative) is rounded away. DDP and FSDP2 strategies only."""
     method: Method = _TRAIN.method
     """full | lora | qlora."""
     optimizer: Optimizer = _TRAIN.optimizer

@@ -27,7 +27,9 @@ from shardtrain.compiler.specs import CpMode, Engine, GradCkpt, Method, Precisio
 from shardtrain.emit.fsdp import fsdp_settings
 from shardtrain.rundir_format import DS_CONFIG_JSON
 
-_MIXED = {Precision.BF16: "bf16", Precision.FP16: "fp16", Precision.FP32: "no"}
+# pure bf16 is "no": the script loads the model in bf16; any other value makes accelerate's FSDP2 upcast the
+# trainable params to fp32 (accelerate/utils/fsdp_utils.py fsdp2_prepare_model) and autocast
+_MIXED = {Precision.BF16: "bf16", Precision.FP16: "fp16", Precision.FP32: "no", Precision.BF16_PURE: "no"}
 #: Keys accelerate refuses next to deepspeed_config_file (accelerate/utils/dataclasses.py
 #: DeepSpeedPlugin._deepspeed_config_checks), as they appear in the YAML.
 DS_FILE_CONFLICTS = ("gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",

@@ -29,7 +29,8 @@ from pathlib import Path
 from shardtrain.compiler.plan import FsdpSettings, Plan
 from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision, Strategy
 
-_DTYPE = {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32"}
+_DTYPE = {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32",
+          Precision.BF16_PURE: "bfloat16"}
 SHARDING = {Strategy.FSDP_FULL_SHARD: "FULL_SHARD", Strategy.FSDP_SHARD_GRAD_OP: "SHARD_GRAD_OP",
             Strategy.FSDP_HYBRID_SHARD: "FULL_SHARD", Strategy.FSDP_OFFLOAD: "FULL_SHARD"}
 """The name within one replica; HYBRID_SHARD whenever the mesh has a replicate dim (fsdp_mesh)."""
@@ -126,7 +127,10 @@ def fsdp_settings(plan: Plan) -> FsdpSettings:
     return FsdpSettings(
         sharding="HYBRID_SHARD" if len(mesh) == 2 else SHARDING[s],
         reshard_after_forward=s is not Strategy.FSDP_SHARD_GRAD_OP, mesh_shape=mesh,
-        mesh_dim_names=names, param_dtype=dtype, reduce_dtype="float32", wrap_class=wrap,
+        # pure bf16: the params are bf16 already, so param_dtype = reduce_dtype = bfloat16 is no policy at all
+        # (_fsdp_param.py init_dtype_attrs: a dtype equal to the param's is None): bf16 all-gather and reduce
+        mesh_dim_names=names, param_dtype=dtype,
+        reduce_dtype="bfloat16" if c.precision is Precision.BF16_PURE else "float32", wrap_class=wrap,
         wrap_class_source=source, activation_checkpointing=ck.value if every else "none",
         checkpoint_every=every, defer_grad_sync=c.fsdp_defer_grad_sync, world_size=math.prod(mesh),
         quant_storage_dtype=dtype if c.method is Method.QLORA else None,

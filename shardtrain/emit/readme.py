@@ -9,7 +9,7 @@ from __future__ import annotations
 from shardtrain import rundir_format as rf
 from shardtrain.compiler.plan import Plan
 from shardtrain.compiler.planner import ordinal
-from shardtrain.compiler.specs import Engine, GradCkpt, Method
+from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision
 from shardtrain.emit import trainer as T
 from shardtrain.emit.accelerate import memory_saver_notes
 
@@ -56,9 +56,12 @@ def readme(plan: Plan, names: list[str], cfg=None) -> str:
     out += [f"1. Batch: per-device micro batch {c.micro_batch_size}, gradient accumulation {c.grad_accum_steps}, "
             f"{procs}: {plan.train.global_batch_size} samples of {plan.train.seq_len} tokens per "
             f"optimizer step (pack or pad samples to {plan.train.seq_len}; longer ones do not fit).",
-            f"2. Precision: {c.precision.value} (bf16/fp16 in trainer_args.json; " + (
+            f"2. Precision: {c.precision.value} " + (
+                "(load the model with dtype=torch.bfloat16 and cast LoRA adapters to bf16: no fp32 master, no "
+                "autocast; bf16/fp16 are false in trainer_args.json, mixed_precision no in accelerate.yaml)."
+                if c.precision is Precision.BF16_PURE else "(bf16/fp16 in trainer_args.json; " + (
                 "hf_ds_config.json for DeepSpeed: accelerate.yaml leaves it to that file)." if eng is Engine.DEEPSPEED
-                else "mixed_precision in accelerate.yaml).")]
+                else "mixed_precision in accelerate.yaml)."))]
     out.append("3. Activation checkpointing: " + _checkpointing(plan))
     out.append(f"4. Learning rate {h['lr']:g}" + (" (the default for " + c.method.value + "; set train.lr to "
                "change it)" if cfg is None or _is_default_lr(cfg, plan) else "") +

@@ -31,7 +31,8 @@ HF_DS_CONFIG_JSON = "hf_ds_config.json"
 TRAINER_ARGS_JSON = "trainer_args.json"
 LORA_CONFIG_JSON = "lora_config.json"
 BNB_CONFIG_JSON = "bnb_config.json"
-_DTYPE = {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32"}
+_DTYPE = {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32",
+          Precision.BF16_PURE: "bfloat16"}
 #: Optimizer -> TrainingArguments.optim (transformers training_args.py OptimizerNames) where the Trainer, not a
 #: DeepSpeed optimizer block, builds it; AdamW is the Trainer's default (adamw_torch_fused).
 TRAINER_OPTIM = {Optimizer.ADAMW8BIT: "adamw_bnb_8bit", Optimizer.LION: "lion_32bit", Optimizer.SGD: "sgd",
@@ -72,6 +73,8 @@ def trainer_arguments(plan: Plan, *, lr: float | None = None, weight_decay: floa
     c = plan.chosen
     ck = c.gradient_checkpointing
     kw: dict = {"per_device_train_batch_size": c.micro_batch_size, "gradient_accumulation_steps": c.grad_accum_steps,
+                # pure bf16: neither flag (the script loads the model in bf16): bf16=True would make accelerate
+                # upcast trainable params to fp32 under FSDP2 (fsdp_utils.fsdp2_prepare_model) and autocast
                 "bf16": c.precision is Precision.BF16, "fp16": c.precision is Precision.FP16,
                 "activation_checkpointing": ck in (GradCkpt.FULL, GradCkpt.SELECTIVE)}
     if kw["activation_checkpointing"]:

@@ -132,7 +132,7 @@ class DDPEngine(BaseEngine):
             self.scaler = torch.amp.GradScaler(dev.type)
 
     def forward(self, batch):
-        if self.precision is Precision.FP32:
+        if not self.precision.autocast:   # fp32, or pure bf16: the params are already in the compute dtype
             return self.module(**batch).logits
         with torch.autocast(self.device.type, dtype=compute_dtype(self.precision)):
             return self.module(**batch).logits
@@ -141,7 +141,7 @@ class DDPEngine(BaseEngine):
         return contextlib.nullcontext() if is_last else self.module.no_sync()
 
     def autocast(self):
-        if self.precision is Precision.FP32:
+        if not self.precision.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=compute_dtype(self.precision))
 

@@ -12,6 +12,7 @@ random model ≥ ZERO_INIT_MIN_PARAMS) builds under `deepspeed.zero.Init`, parti
 Dtype policy (compiler/memory.py): DDP/FSDP2 full fine-tuning keeps params fp32 (autocast /
 MixedPrecisionPolicy compute in 16-bit); DeepSpeed builds in the 16-bit compute dtype (it keeps the
 fp32 master copy); LoRA's frozen base is in the compute dtype and peft upcasts adapters to fp32;
+pure bf16 (Precision.BF16_PURE) builds everything, adapters included, in bf16 and runs no autocast;
 QLoRA stores decoder-layer Linear weights in NF4 (double quantisation) and the rest in 16-bit.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def compute_dtype(precision: Precision) -> torch.dtype:
-    return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16, Precision.FP32: torch.float32}[precision]
+    return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16, Precision.FP32: torch.float32,
+            Precision.BF16_PURE: torch.bfloat16}[precision]
 
 
 @dataclass
@@ -66,7 +68,9 @@ def model_source(ref: ModelRef) -> ModelSource:
 
 
 def build_dtype(engine: Engine, method: Method, precision: Precision) -> torch.dtype:
-    if method is Method.FULL and engine is not Engine.DEEPSPEED:
+    """The dtype the model is built in: fp32 for DDP/FSDP2 full fine-tuning under mixed precision (the fp32
+    params are the master), else the compute dtype — pure bf16 builds everything in bf16 (no master)."""
+    if method is Method.FULL and engine is not Engine.DEEPSPEED and precision.autocast:
         return torch.float32
     return compute_dtype(precision)
 
@@ -171,14 +175,22 @@ def quantize_4bit(model: nn.Module, *, compute: torch.dtype, storage: torch.dtyp
     return n
 
 
-def apply_lora(model: nn.Module, *, rank: int, alpha: int, dropout: float, targets: tuple[str, ...], seed: int):
+def apply_lora(model: nn.Module, *, rank: int, alpha: int, dropout: float, targets: tuple[str, ...], seed: int,
+               adapter_dtype: torch.dtype | None = None):
+    """peft LoRA; the adapters are fp32 (peft's autocast_adapter_dtype), or `adapter_dtype` (pure bf16: the
+    adapters in bf16 too, as torchtune / Answer.AI's `--precision bf16` train them)."""
     from peft import LoraConfig, get_peft_model
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                      task_type="CAUSAL_LM", bias="none")
     torch.manual_seed(seed + 1)
-    return get_peft_model(model, cfg, autocast_adapter_dtype=True)
+    peft_model = get_peft_model(model, cfg, autocast_adapter_dtype=adapter_dtype is None)
+    if adapter_dtype is not None:
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(adapter_dtype)
+    return peft_model
 
 
 def decoder_layers(model: nn.Module, layer_class: str) -> list[nn.Module]:
@@ -235,7 +247,8 @@ def build_model(src: ModelSource, spec: BuildSpec, *, rank: int, world_size: int
     stash = enable_checkpointing(model, spec.grad_ckpt, spec.selective_every, ckpt_offload=spec.ckpt_offload,
                                  device_type=spec.device_type)
     if spec.method is not Method.FULL:
-        model = apply_lora(model, seed=spec.seed, **spec.lora)
+        model = apply_lora(model, seed=spec.seed, **spec.lora,
+                           adapter_dtype=torch.bfloat16 if spec.precision is Precision.BF16_PURE else None)
         if spec.method is Method.QLORA and world_size > 1:
             with torch.no_grad():
                 for p in model.parameters():

@@ -203,7 +203,7 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
                 mt.track_external(model, opt, ids)
                 tool = "MemTracker"
             autocast = (torch.autocast("cpu", dtype=compute_dtype(c.precision))
-                        if not fsdp and c.precision is not Precision.FP32 else contextlib.nullcontext())
+                        if not fsdp and c.precision.autocast else contextlib.nullcontext())
             with mt:
                 for _ in range(steps):
                     for k in range(accum):
