@@ -80,8 +80,11 @@ def test_auto_resolves_by_size():
 
 def test_activation_offload_only_when_nothing_faster_fits():
     m = _llama8b()
+    # tiled_mlp off: this is about activation offload alone (auto tiling also shrinks what it moves:
+    # tests/test_long_context_plan.py)
     train = TrainSpec(seq_len=8192, micro_batch_size=1, global_batch_size=8, method=Method.LORA,
-                      grad_ckpt=GradCkpt.NONE, loss=LossMode.CHUNKED, activation_offload=ActivationOffload.CPU)
+                      grad_ckpt=GradCkpt.NONE, loss=LossMode.CHUNKED, activation_offload=ActivationOffload.CPU,
+                      tiled_mlp=1)
     roomy = plan(m, HardwareSpec(gpus_per_node=1, gpu_memory_bytes=140 * 2**30), train)
     assert roomy.chosen.activation_offload is ActivationOffload.NONE
     assert any("allowed but not used" in r for r in roomy.reasons)

@@ -23,7 +23,7 @@ from shardtrain.compiler.plan_reasons import STRATEGY_ORDER, ordinal, plan_reaso
 from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.plan import Candidate, Plan
-from shardtrain.compiler.savers import (Savers, ckpt_input_bytes, saver_options, savers_only_shrink,
+from shardtrain.compiler.savers import (Savers, ckpt_input_bytes, dominates, saver_options, savers_only_shrink,
                                         tiled_saved_reduction_per_token)
 from shardtrain.compiler.specs import (ActivationOffload, Engine, GradCkpt, HardwareSpec, LossMode, Method,
                                        OffloadDevice, Optimizer, ParallelDims, ParallelRequest, Precision, Strategy,
@@ -63,13 +63,8 @@ def illegal_reason(strategy: Strategy, optimizer: Optimizer, method: Method, pre
                 "strategy or DDP with adamw8bit, or optimizer: adamw with FSDP")
     if method is Method.QLORA and strategy.offload_params is not OffloadDevice.NONE and strategy.engine is Engine.DEEPSPEED:
         return "QLoRA's 4-bit weights cannot be offloaded by ZeRO-3 param offload: use zero3 or zero2_offload"
-    if precision.is_bf16 and not hw.supports_bf16:
+    if precision is Precision.BF16 and not hw.supports_bf16:
         return f"{hw.gpu_name} has no bf16: set precision: fp16"
-    if precision is Precision.BF16_PURE and strategy.engine is Engine.DEEPSPEED:
-        # DeepSpeed 0.19.8 has a pure-bf16 mode (bf16.bf16_master_weights_and_grads + bf16_optimizer_states),
-        # but it keeps a separate bf16 master partition next to the module's bf16 params: not modelled here
-        return (f"precision bf16_pure is planned for DDP and FSDP2 only, not DeepSpeed ({strategy.value}): "
-                f"set strategy: ddp / fsdp_full_shard, or precision: bf16")
     return None
 
 
@@ -122,7 +117,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
     # checkpoint offload: every checkpointed layer's input on the host (fp32 under DDP autocast, as phases.py)
     n_ck = checkpointed_layer_count(ckpt, m.num_layers, t.selective_every)
     ck_off = sv.ckpt_offload and n_ck > 0
-    autocast_fp32 = strategy.engine is Engine.DDP and t.precision.autocast and method is Method.FULL
+    autocast_fp32 = strategy.engine is Engine.DDP and t.precision is not Precision.FP32 and method is Method.FULL
     ck_host = n_ck * ckpt_input_bytes(m, t.precision, tokens_per_rank(micro, t.seq_len, mesh), mesh,
                                       4 if autocast_fp32 else None) if ck_off else 0
     loss = resolve_loss(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=t.loss,
@@ -345,75 +340,81 @@ def _search_lines(ev, s: Strategy, mesh: ParallelDims, ckpts: list[GradCkpt], mi
     memory only grows with the micro batch and shrinks with more checkpointing, and the step time only
     falls with the micro batch (fewer micro-steps, higher MFU: compiler/cost.py). So: the most-saving
     checkpointing at the smallest micro batch first — if that does not fit, nothing on this pair does;
-    otherwise per line (checkpointing, defer, savers) the largest micro batch down to the first that fits.
-    Every saver adds step time (PCIe copies, recomputed MLP forwards), so a saver combination can only win
-    at a point the earlier (cheaper) combinations did not fit: per line it searches only above the largest
-    micro batch that already fit there, and once the pair's fastest point (the least checkpointing, the
-    largest micro batch) fits, the later combinations are skipped; a point whose cheaper evaluation was
-    already no faster than the pair's best fit is not tried again with savers (the loss path may differ
-    between the two: chunked costs 2·h·V FLOPs per token, small next to the savers' own cost). Checkpoint
-    offload is not tried without checkpointed layers (it would change nothing). ``shrink(ckpt, micro,
-    savers)``: whether each saver only lowers the device bytes there (savers.savers_only_shrink); then the
-    most-saving combination's floor is tried first, and when it misses on GPU memory alone the cheaper
-    combinations of its group (same activation offload) are not tried.
+    otherwise per line (checkpointing, defer) the largest micro batch that fits (the largest first, then
+    bisection).
+
+    Saver combinations (compiler/savers.py; ``savers[0]`` uses none): a saver only adds step time (PCIe
+    copies, recomputed MLP forwards), so a combination can win only above the largest micro batch at which
+    a combination with a subset of its savers fit (``Savers`` order: savers.dominates). Where ``shrink(ckpt,
+    micro, savers)`` says each saver only lowers the device bytes (savers.savers_only_shrink), a
+    combination also cannot fit where one with a superset of its savers missed on GPU memory alone — so
+    the most-saving combinations are searched right after the plain one, and the others only in between.
+    A point already no faster than the pair's best fit without savers is not tried with them (the loss
+    path may differ between the two: chunked costs 2·h·V FLOPs per token, small next to a saver's cost);
+    once the pair's fastest point fits, nothing else is tried. Checkpoint offload is not tried without
+    checkpointed layers (it would change nothing).
     ``ev(ckpt, micro, defer, savers)`` evaluates a candidate and records it."""
     lo = micros[0]
-    fitted: dict[tuple[GradCkpt, bool], int] = {}   # per line: the largest micro batch that fit so far
-    seen: dict[tuple[GradCkpt, int, bool], float] = {}   # step time of each point's cheapest evaluation
-    best = float("inf")                              # the pair's fastest fit so far
-    memo: dict[tuple, Candidate] = {}
-    ev_raw = ev
+    fitted: dict[Savers, dict[tuple[GradCkpt, bool], int]] = {}    # largest micro batch that fit, per line
+    gpu_miss: dict[Savers, dict[tuple[GradCkpt, bool], int]] = {}  # smallest that missed on GPU memory alone
+    plain: dict[tuple[GradCkpt, int, bool], float] = {}            # step times without savers
+    best = float("inf")
+    order = _saver_order(savers)
+    done: list[Savers] = []
 
-    def ev(ck, mb, d_ok, sv):   # noqa: F811  (each point once, the pre-check below included)
-        if (ck, mb, d_ok, sv) not in memo:
-            memo[(ck, mb, d_ok, sv)] = ev_raw(ck, mb, d_ok, sv)
-        return memo[(ck, mb, d_ok, sv)]
+    def point(sv: Savers, ck: GradCkpt, mb: int, d_ok: bool) -> bool:
+        nonlocal best
+        c = ev(ck, mb, d_ok, sv)
+        if sv == savers[0]:
+            plain[(ck, mb, d_ok)] = c.step_time_s
+        line = (ck, d_ok)
+        if c.fits:
+            fitted[sv][line] = max(fitted[sv].get(line, 0), mb)
+            best = min(best, c.step_time_s)
+        elif all("per GPU" in w for w in c.why_not) and (shrink is None or shrink(ck, mb, sv)):
+            gpu_miss[sv][line] = min(gpu_miss[sv].get(line, 10**12), mb)
+        return c.fits
 
-    def lines(sv: Savers) -> list[GradCkpt]:
-        return [c for c in ckpts if not (sv.ckpt_offload and c is GradCkpt.NONE)]
-
-    dead: set[ActivationOffload] = set()   # groups whose most-saving floor misses on GPU memory
-    for ao in dict.fromkeys(sv.activation_offload for sv in savers):
-        group = [sv for sv in savers if sv.activation_offload is ao]
-        top = group[-1]
-        if shrink is None or len(group) < 2 or not lines(top) or not shrink(lines(top)[-1], lo, top):
+    for sv in order:
+        fitted[sv], gpu_miss[sv] = {}, {}
+        cks = [c for c in ckpts if not (sv.ckpt_offload and c is GradCkpt.NONE)]
+        below = [o for o in done if dominates(o, sv)]     # fewer savers: faster at the same point
+        above = [o for o in done if dominates(sv, o)]     # more savers: less memory where shrink holds
+        done.append(sv)
+        if not cks:
             continue
-        c = ev(lines(top)[-1], lo, False, top)
-        if not c.fits and all("per GPU" in w for w in c.why_not):
-            dead.add(ao)
-    for sv in savers:
-        cks = lines(sv)
-        if not cks or sv.activation_offload in dead:
-            continue
-        if fitted.get((cks[-1], False), 0) < lo:   # else the floor fit already: something fits
-            floor = ev(cks[-1], lo, False, sv)
-            seen.setdefault((cks[-1], lo, False), floor.step_time_s)
-            if not floor.fits:
+
+        def lower(line, below=below):
+            return max([fitted[o].get(line, 0) for o in below], default=0)
+
+        def upper(line, above=above):
+            return min([gpu_miss[o].get(line, 10**12) for o in above], default=10**12)
+
+        floor_line = (cks[-1], False)
+        if not lower(floor_line) >= lo:   # else the floor fit with fewer savers: something fits
+            if upper(floor_line) <= lo or not point(sv, cks[-1], lo, False):
                 continue
-            fitted[(cks[-1], False)] = lo
-            best = min(best, floor.step_time_s)
-        def point(ck: GradCkpt, mb: int, d_ok: bool, sv=sv) -> bool:
-            nonlocal best
-            c = ev(ck, mb, d_ok, sv)
-            seen.setdefault((ck, mb, d_ok), c.step_time_s)
-            if c.fits:
-                fitted[(ck, d_ok)] = max(fitted.get((ck, d_ok), 0), mb)
-                best = min(best, c.step_time_s)
-            return c.fits
-
         for ck in cks:
             for d_ok in (False, True):
-                # the micro batches of this line that can still win: above its largest fit so far, with
-                # accumulation for a deferred sync (FSDP_OFFLOAD: a deferred sync would keep unsharded fp32
-                # grads on the GPU, the very memory the offload frees; it accumulates on the host), and not
-                # already no faster than the pair's best fit (then no faster with savers either)
-                opts = [mb for mb in micros if mb > fitted.get((ck, d_ok), 0)
+                line = (ck, d_ok)
+                # the micro batches that can still win on this line: above a fit with fewer savers, below a
+                # GPU miss with more, with accumulation for a deferred sync (FSDP_OFFLOAD: a deferred sync
+                # would keep unsharded fp32 grads on the GPU, the very memory the offload frees), and not
+                # already no faster than the pair's best fit without savers
+                opts = [mb for mb in micros if lower(line) < mb < upper(line) and mb > fitted[sv].get(line, 0)
                         and (not d_ok or (s.engine is Engine.FSDP and s is not Strategy.FSDP_OFFLOAD
                                           and train.global_batch_size // (mb * mesh.dp) > 1))
-                        and seen.get((ck, mb, d_ok), 0.0) < best]
-                _largest_fit(lambda mb, ck=ck, d_ok=d_ok: point(ck, mb, d_ok), opts)
-        if fitted.get((ckpts[0], False), 0) == micros[-1]:
-            break
+                        and plain.get((ck, mb, d_ok), 0.0) < best]
+                _largest_fit(lambda mb, ck=ck, d_ok=d_ok, sv=sv: point(sv, ck, mb, d_ok), opts)
+        if fitted[savers[0]].get((ckpts[0], False), 0) == micros[-1]:
+            break   # the pair's fastest point fits without savers: no combination can beat it
+
+
+def _saver_order(savers: list[Savers]) -> list[Savers]:
+    """The plain combination, then the most-saving ones (no other has more savers), then the rest."""
+    rest = savers[1:]
+    top = [sv for sv in rest if not any(o != sv and dominates(sv, o) for o in rest)]
+    return savers[:1] + top + [sv for sv in rest if sv not in top]
 
 
 def _savers_shrink(model: ModelSpec, train: TrainSpec, mesh: ParallelDims, ck: GradCkpt, micro: int,

@@ -132,3 +132,15 @@ def savers_only_shrink(model: ModelSpec, precision: Precision, tokens: int, tile
                              >= MLP_TILE_WORKING_INTERMEDIATES * w * p * -(-tokens // tiles)
                              + 4 * hidden_per_rank(model, parallel) * tokens)
     return tile_ok and n_ck >= 2
+
+
+def _offload_level(sv: Savers) -> int:
+    """0 none, 1 checkpointed inputs, 2 every saved activation (a superset of 1's bytes and PCIe time)."""
+    return 2 if sv.activation_offload is ActivationOffload.CPU else int(sv.ckpt_offload)
+
+
+def dominates(a: Savers, b: Savers) -> bool:
+    """Whether ``b`` uses every saver ``a`` does (so ``b`` is no faster than ``a`` at the same point and,
+    where savers_only_shrink holds, needs no more device memory): the same tiles or ``a`` untiled, and at
+    least ``a``'s offload."""
+    return (a.tiles == 1 or a.tiles == b.tiles) and _offload_level(a) <= _offload_level(b)

@@ -206,6 +206,15 @@ def memory_saver_notes(plan: Plan, *, checkpointing: bool = True) -> list[str]:
         out.append("the plan assumes activation offload to host RAM (torch.autograd.graph.save_on_cpu around "
                    "the forward, pinned memory); no accelerate/DeepSpeed key does this: wrap your forward, "
                    "or use shardtrain launch")
+    if c.tiled_mlp_tiles > 1:   # compiler/savers.py; shardtrain's runtime: runtime/tiled_mlp.py
+        out.append(f"the plan assumes a TILED MLP ({c.tiled_mlp_tiles} sequence tiles per layer, only the MLP input "
+                   "saved for backward, as DeepSpeed's TiledMLP in deepspeed/runtime/sequence_parallel/"
+                   "ulysses_sp.py does): no accelerate/DeepSpeed/Trainer key does this; patch the MLP forward with "
+                   "TiledMLP, or use shardtrain launch")
+    if c.ckpt_offload:
+        out.append("the plan assumes the checkpointed layer inputs in host RAM (ALST checkpoint offload, pinned "
+                   "memory, brought back for each layer's recompute); no accelerate/DeepSpeed key does this: "
+                   "use shardtrain launch")
     if c.method is Method.QLORA:
         from shardtrain.emit.trainer import BNB_CONFIG_JSON, quant_storage_dtype
         out.append(f"QLoRA: load the model with BitsAndBytesConfig(bnb_4bit_quant_storage={quant_storage_dtype(plan)}, "
