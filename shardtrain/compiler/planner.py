@@ -63,8 +63,13 @@ def illegal_reason(strategy: Strategy, optimizer: Optimizer, method: Method, pre
                 "strategy or DDP with adamw8bit, or optimizer: adamw with FSDP")
     if method is Method.QLORA and strategy.offload_params is not OffloadDevice.NONE and strategy.engine is Engine.DEEPSPEED:
         return "QLoRA's 4-bit weights cannot be offloaded by ZeRO-3 param offload: use zero3 or zero2_offload"
-    if precision is Precision.BF16 and not hw.supports_bf16:
+    if precision.is_bf16 and not hw.supports_bf16:
         return f"{hw.gpu_name} has no bf16: set precision: fp16"
+    if precision is Precision.BF16_PURE and strategy.engine is Engine.DEEPSPEED:
+        # DeepSpeed 0.19.8 has a pure-bf16 mode (bf16.bf16_master_weights_and_grads + bf16_optimizer_states),
+        # but it keeps a separate bf16 master partition next to the module's bf16 params: not modelled here
+        return (f"precision bf16_pure is planned for DDP and FSDP2 only, not DeepSpeed ({strategy.value}): "
+                f"set strategy: ddp / fsdp_full_shard, or precision: bf16")
     return None
 
 
@@ -117,7 +122,7 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
     # checkpoint offload: every checkpointed layer's input on the host (fp32 under DDP autocast, as phases.py)
     n_ck = checkpointed_layer_count(ckpt, m.num_layers, t.selective_every)
     ck_off = sv.ckpt_offload and n_ck > 0
-    autocast_fp32 = strategy.engine is Engine.DDP and t.precision is not Precision.FP32 and method is Method.FULL
+    autocast_fp32 = strategy.engine is Engine.DDP and t.precision.autocast and method is Method.FULL
     ck_host = n_ck * ckpt_input_bytes(m, t.precision, tokens_per_rank(micro, t.seq_len, mesh), mesh,
                                       4 if autocast_fp32 else None) if ck_off else 0
     loss = resolve_loss(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=t.loss,
