@@ -40,10 +40,12 @@ PLAN_OVER = 0.08
 """... and at most 8% above it."""
 
 # (strategy, method, grad_ckpt): every engine, full and LoRA, checkpointing none and full, each
-# world size; kept to ten runs of two steps for the CI budget.
+# world size; kept to eleven runs of two steps for the CI budget. fsdp_offload (issue 19): FSDP2 +
+# CPUOffloadPolicy, whose host state is live next to the device terms on CPU (_host_resident).
 SCENARIOS = {
     2: [("ddp", "full", "none"), ("ddp", "lora", "full"), ("fsdp_full_shard", "full", "full"),
-        ("fsdp_full_shard", "lora", "none"), ("zero2", "full", "none"), ("zero3", "lora", "full")],
+        ("fsdp_full_shard", "lora", "none"), ("zero2", "full", "none"), ("zero3", "lora", "full"),
+        ("fsdp_offload", "full", "full")],
     1: [("ddp", "full", "full"), ("fsdp_full_shard", "full", "none"), ("zero2", "lora", "full"),
         ("zero3", "full", "none")],
 }
@@ -83,6 +85,25 @@ def _plan(res: dict):
     return Plan.from_json(raw), raw
 
 
+def _host_resident(plan, phase: str) -> int:
+    """What the plan keeps in host memory, live in ``phase``: on CPU the host IS the device, so the tracker
+    sees it next to the device terms. fsdp_offload (CPUOffloadPolicy): the sharded params and optimizer
+    states all step long, the sharded grads only once the backward has reduce-scattered them (none at the
+    backward's peak, its start; all at the step) — fsdp_full_shard's split of the same bytes
+    (memory._fsdp_offload_bytes). No other scenario here offloads."""
+    from shardtrain.compiler.inventory import tensor_inventory
+    from shardtrain.compiler.memory import model_state_bytes
+    from shardtrain.compiler.specs import Strategy
+    c = plan.chosen
+    if c.strategy is not Strategy.FSDP_OFFLOAD:
+        return 0
+    groups = tensor_inventory(plan.model, c.method, plan.train.lora.rank, plan.lora_targets or plan.train.lora.targets)
+    ms = model_state_bytes(plan.model, groups, Strategy.FSDP_FULL_SHARD, plan.hardware, method=c.method,
+                           precision=c.precision, optimizer=c.optimizer, parallel=plan.parallel)
+    assert ms.params + ms.grads + ms.optimizer_states == plan.runtime.state_bytes.host_bytes
+    return ms.params + ms.optimizer_states + (ms.grads if phase == "optimizer" else 0)
+
+
 def _phases(reps: list[dict]) -> str:
     r = max(reps, key=lambda x: x["no_comm_temp"]["total"])
     nc = r["no_comm_temp"]
@@ -97,9 +118,10 @@ def test_measured_peak_matches_plan(truth, n, strategy, method, ckpt):
     plan, _ = _plan(res)
     # The optimizer kernel is the same here as on CUDA (fused AdamW, runtime/optim.py), so the plan's own
     # phases are the prediction.
-    phases, peak = dict(plan.chosen.per_phase), plan.chosen.peak_phase
-    predicted = phases[peak].total - phases[peak].cuda_context
-    per_phase = {p: v.total - v.cuda_context for p, v in phases.items()}
+    phases = dict(plan.chosen.per_phase)
+    per_phase = {p: v.total - v.cuda_context + _host_resident(plan, p) for p, v in phases.items()}
+    peak = max(per_phase, key=per_phase.get)
+    predicted = per_phase[peak]
     err = (predicted - measured) / measured
     assert -PLAN_UNDER <= err <= PLAN_OVER, (
         f"analytic peak {predicted:,} B (plan - cuda_context, phase {peak}) vs measured "
@@ -107,7 +129,7 @@ def test_measured_peak_matches_plan(truth, n, strategy, method, ckpt):
         f"predicted per phase: {json.dumps(per_phase)}")
 
 
-TRACEABLE = [p for p in PARAMS if not p[1].startswith("zero")]
+TRACEABLE = [p for p in PARAMS if not p[1].startswith("zero") and p[1] != "fsdp_offload"]   # trace/step.py
 
 
 @pytest.mark.parametrize("n,strategy,method,ckpt", TRACEABLE,
