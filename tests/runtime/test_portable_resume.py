@@ -37,7 +37,10 @@ EIGHT_BIT = {"run": {"eval_every": 0}, "train": {"strategy": "zero2", "precision
 #: One checkpoint folder, three strategies in turn (steps 1-2, 3-4, 5-6), on 2 ranks.
 CHAINS = {"chain": [("fsdp_a", "fsdp_full_shard", "2:USR2"), ("zero3_b", "zero3", "4:USR2"),
                     ("fsdp_c", "fsdp_full_shard", None)],
-          "offload": [("a", "zero2_offload", "2:USR2"), ("b", "zero1", "4:USR2"), ("c", "zero3_offload", None)]}
+          "offload": [("a", "zero2_offload", "2:USR2"), ("b", "zero1", "4:USR2"), ("c", "zero3_offload", None)],
+          # issue 19: FSDP2 + CPUOffloadPolicy (torch AdamW on host DTensor shards) -> ZeRO-3 with the optimizer
+          # offloaded (DeepSpeedCPUAdam) -> back
+          "host": [("a", "fsdp_offload", "2:USR2"), ("b", "zero3_opt_offload", "4:USR2"), ("c", "fsdp_offload", None)]}
 
 
 def _over(strategy: str, ranks: int, ck: Path | None = None) -> dict:
@@ -147,7 +150,8 @@ def test_resume_on_another_world_size(portable, engine, direction):
     assert ("lora_" in name) == engine.startswith("lora"), name  # LoRA: only the adapters are stored
 
 
-@pytest.mark.parametrize("chain, ref", [("chain", "fsdp_full_shard"), ("offload", "zero2_offload")])
+@pytest.mark.parametrize("chain, ref", [("chain", "fsdp_full_shard"), ("offload", "zero2_offload"),
+                                        ("host", "fsdp_full_shard")])
 def test_strategy_chains(portable, chain, ref):
     """FSDP2 (steps 1-2) -> ZeRO-3 (3-4) -> FSDP2 (5-6), and ZeRO-2 offload -> ZeRO-1 -> ZeRO-3 offload
     (DeepSpeedCPUAdam <-> torch AdamW states), each through one checkpoint folder."""
