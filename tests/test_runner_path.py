@@ -83,3 +83,12 @@ def test_plan_matches_hf_step_traced_under_fsdp2(ckpt):
     assert ours < planned
     if ckpt == "full":
         assert ours < 0.96 * traced   # the term this runner adds is real: without it, an under-estimate
+
+
+def test_runner_transformers_without_hf_runner_is_ignored_in_one_line(capsys):
+    from shardtrain.cli import main
+    rc = main(["plan", "--model", "llama-3.2-1b", "--set", "train.runner_transformers=4.44.2"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "runner_transformers" in ln]
+    assert rc == 0 and len(err) == 1 and "ignored, train.runner is shardtrain" in err[0]
+    rc = main(["plan", "--model", "llama-3.2-1b", "--runner", "hf_trainer", "--set", "train.runner_transformers=4.44.2"])
+    assert rc == 0 and "runner_transformers" not in capsys.readouterr().err

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 
 from shardtrain.compiler.specs import (ActivationOffload, CkptOffload, Export, GradCkpt, LossMode, Method,
-                                       OffloadDevice, Strategy)
+                                       OffloadDevice, Runner, Strategy)
 
 #: Warnings already printed by this process (the config is re-validated after every override and by
 #: the OOM re-plan: one line per setting, not one per validation).
@@ -50,9 +50,12 @@ def ignored_settings(cfg) -> list[str]:
         if dims:
             out.append(f"{', '.join('model.' + k for k in dims)}: ignored with model.name {m.name!r} (the dimensions "
                        "come from its config.json; they apply to model.params)")
-    if t.grad_ckpt in (GradCkpt.NONE, GradCkpt.FULL) and "selective_every" in _changed(t):
+    if t.grad_ckpt in (GradCkpt.NONE, GradCkpt.FULL, GradCkpt.OP) and "selective_every" in _changed(t):
         out.append(f"train.selective_every: {t.selective_every}: ignored, train.grad_ckpt is {t.grad_ckpt.value} "
                    "(it applies to selective, or auto when the planner picks selective)")
+    if t.runner_transformers is not None and t.runner is Runner.SHARDTRAIN:
+        out.append(f"train.runner_transformers: {t.runner_transformers}: ignored, train.runner is shardtrain (our "
+                   "runtime's loss path does not depend on it; set train.runner: hf_trainer or accelerate)")
     if t.loss is LossMode.FULL and "loss_chunk_tokens" in _changed(t):
         out.append(f"train.loss_chunk_tokens: {t.loss_chunk_tokens}: ignored, train.loss is full (set train.loss: "
                    "chunked or auto)")
