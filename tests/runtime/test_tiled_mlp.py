@@ -141,7 +141,7 @@ def test_measured_peak_drops_and_memtracker_runs():
 
     def peak(tiles):
         m, _ = build(ckpt=GradCkpt.FULL, tiles=tiles)
-        ids = batch(b=1, s=1024)
+        ids = batch(b=1, s=512)
         mt = MemTracker()
         mt.track_external(m)
         with mt:
