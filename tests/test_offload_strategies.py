@@ -72,6 +72,21 @@ def test_qlora_statistics_are_whole_on_every_fsdp_rank():
         assert _ms(FO, Method.QLORA, h=hw(gpus=n)).params == stats
 
 
+def test_qlora_statistics_are_whole_on_every_zero3_rank():
+    """ZeRO-3 partitions the packed NF4 parameter (ds_tensor); the QuantState on the module stays whole, as
+    under FSDP2 (measured: QLoRA on zero3_opt_offload, 2 gloo ranks, tiny Llama: params 300,424 B measured,
+    300,416 predicted; 298,076 when the statistics were partitioned too, -0.8%)."""
+    from shardtrain.compiler.memory import zero3_persistent_bytes
+    from shardtrain.compiler.zero_buckets import ZeroBuckets
+    g = tensor_inventory(L8B, Method.QLORA)
+    stats = qlora_stats_bytes(g, Method.QLORA)
+    p4, p8 = (_ms(Z3O, Method.QLORA, h=hw(gpus=n)).params for n in (4, 8))
+    # params(N) = partitions / N + what every rank holds whole: 2·params(8) - params(4) is the latter
+    buckets = ZeroBuckets.for_model(L8B, sum(x.total for x in g if x.trainable), offload=True)
+    whole = zero3_persistent_bytes(g, buckets, Method.QLORA, Precision.BF16) + stats
+    assert 2 * p8 - p4 == pytest.approx(whole, rel=0.01)
+
+
 def test_zero3_opt_offload_keeps_zero3_params_on_the_device():
     """ZeRO-3 optimizer offload: the 16-bit partitions (+ persistent params) stay where zero3 has them;
     master + states + the fp32 gradient partition and the CPU-side 16-bit grad buffer go to the host

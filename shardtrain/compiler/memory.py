@@ -302,8 +302,10 @@ def model_state_bytes(model: ModelSpec, groups: tuple[TensorGroup, ...], strateg
                 grads, host_grads = dev, host_grads + host
     else:
         P = _zero3_partition(groups, N, trainable=True)
-        frozen_part = frozen_weight_bytes(tuple(replace(g, shape=(math.ceil(g.numel / N),))
-                                                for g in groups if not g.trainable), method, precision)
+        frozen_groups = tuple(replace(g, shape=(math.ceil(g.numel / N),)) for g in groups if not g.trainable)
+        # QLoRA: the quantisation statistics are no parameter, whole on every rank (qlora_stats_bytes)
+        frozen_part = (frozen_weight_bytes(frozen_groups, method, precision) - qlora_stats_bytes(frozen_groups, method)
+                       + qlora_stats_bytes(groups, method))
         persistent = zero3_persistent_bytes(groups, buckets, method, precision)
         params = p * P + frozen_part + persistent
         # stage3.py keeps ONE reduce bucket per dtype (ipg_buckets[dtype].buffer, contiguous_gradients)
