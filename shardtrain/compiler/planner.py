@@ -453,14 +453,31 @@ def _per_loss_path(search):
     def both(ev, s, mesh, ckpts, micros, savers, train, *rest):
         if train.loss is not LossMode.AUTO:
             return search(ev, s, mesh, ckpts, micros, savers, train, *rest)
+        full: dict[tuple, Candidate] = {}
+
+        def ev_full(*point):
+            full[point] = c = ev(*point)
+            return c
+
+        def ev_chunked(*point):
+            # where the full path fits, the chunked one is slower (and so is every smaller micro batch on
+            # the line): the full candidate stands in, which ends the line without a new evaluation
+            known = full.get(point)
+            return known if known is not None and known.fits else ev(*point)
+
         token = _LOSS_PATH.set(LossMode.FULL)
         try:
-            search(ev, s, mesh, ckpts, micros, savers, train, *rest)
-            if not runner_path(train.runner, train.runner_transformers).chunked_loss or \
-                    ev(ckpts[0], micros[-1], False, savers[0]).fits:
+            search(ev_full, s, mesh, ckpts, micros, savers, train, *rest)
+            top = full.get((ckpts[0], micros[-1], False, savers[0]))
+            if not runner_path(train.runner, train.runner_transformers).chunked_loss or (top and top.fits):
                 return None
             _LOSS_PATH.set(LossMode.CHUNKED)
-            return search(ev, s, mesh, ckpts, micros, savers, train, *rest)
+            # the pair's fastest point bounds every chunked candidate on it (less checkpointing and larger
+            # micro batches only speed up): no chunked pass when that bound is no faster than a full fit
+            best_full = min((c.step_time_s for c in full.values() if c.fits), default=float("inf"))
+            if ev_chunked(ckpts[0], micros[-1], False, savers[0]).step_time_s >= best_full:
+                return None
+            return search(ev_chunked, s, mesh, ckpts, micros, savers, train, *rest)
         finally:
             _LOSS_PATH.reset(token)
     return both
