@@ -153,3 +153,13 @@ def test_emitted_settings():
     assert "dtype=torch.bfloat16" in readme(p, [])
     mixed = make_plan("fsdp_full_shard", gpus_per_node=2, precision="bf16")
     assert fsdp_settings(mixed).reduce_dtype == "float32" and accelerate_config(mixed)["mixed_precision"] == "bf16"
+
+
+def test_deepspeed_emitter_refuses_a_hand_edited_pure_plan():
+    import dataclasses
+    from emit_plans import make_plan
+    from shardtrain.emit import deepspeed as K
+    p = make_plan("zero2", gpus_per_node=2)
+    p = dataclasses.replace(p, chosen=dataclasses.replace(p.chosen, precision=PURE))
+    with pytest.raises(ValueError, match="bf16_pure"):
+        K.deepspeed_config(p)

@@ -152,6 +152,9 @@ def _optimizer_block(plan: Plan, trainer: bool, lr: float, weight_decay: float, 
 
 
 def _precision_blocks(p: Precision) -> dict:
+    if p is Precision.BF16_PURE:   # planner.illegal_reason refuses it; a hand-edited plan.json must not emit fp32
+        raise ValueError("train.precision bf16_pure: not planned for DeepSpeed; use a DDP/FSDP2 strategy or "
+                         "precision: bf16")
     if p is Precision.BF16:
         return {BF16: {ENABLED: True}}
     if p is Precision.FP16:
