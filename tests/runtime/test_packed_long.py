@@ -106,6 +106,39 @@ def test_packed_rows_equal_each_document_alone():
     assert worst < ATOL * scale, (worst, scale)   # fp32 sums in another order (cotangent: 80 x 512 randn)
 
 
+def test_flash_inner_gets_one_row_with_its_positions(monkeypatch):
+    """CUDA's flash path cannot run here: a stand-in flash_attention_2 derives its varlen boundaries with
+    transformers' own prepare_fa_kwargs_from_position_ids (what the real flash path calls) and runs causal
+    SDPA per boundary; packed_attention must hand it one row at a time (transformers reads packed
+    position ids only at batch size 1) and the boundaries must be ours."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from shardtrain.runtime import packed_attention as pa
+    calls = []
+
+    def fake_flash(module, q, k, v, mask, position_ids=None, **kw):
+        calls.append((q.shape[0], position_ids is not None and _is_packed_sequence(position_ids, q.shape[0])))
+        (cu, _), _ = prepare_fa_kwargs_from_position_ids(position_ids) if position_ids is not None and \
+            _is_packed_sequence(position_ids, q.shape[0]) else ((torch.tensor([0, q.shape[2]]), None), None)
+        return pa.packed_sdpa(module, q, k, v, [cu[:-1].tolist()] * q.shape[0], kw), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "flash_attention_2", fake_flash)
+    model, ref = _tiny(), _tiny()
+    pa._INNER.clear()
+    assert install_packed(ref)
+    for m in [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]:
+        pa._INNER[m] = "flash_attention_2"
+    model.config._attn_implementation = PACKED_ATTENTION
+    cuts = [[0, 9, 30], [0, 4]]    # row 1 starts inside a document: positions restart at 0 there too
+    ids, pos = _docs_batch(40, cuts, model.config.vocab_size)
+    out = model(input_ids=ids, position_ids=pos).logits
+    assert (out - ref(input_ids=ids, position_ids=pos).logits).abs().max().item() < ATOL
+    assert calls and all(b == 1 and packed for b, packed in calls), calls
+    calls.clear()
+    model(input_ids=ids).logits   # nothing packed: one batched call
+    assert calls and all(b == 2 for b, _ in calls), calls
+
+
 def test_install_leaves_eager_alone():
     model = _tiny("eager")       # eager makes [s, s] scores anyway; it keeps transformers' packed mask
     assert not install_packed(model) and model.config._attn_implementation == "eager"
