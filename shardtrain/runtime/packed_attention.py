@@ -34,7 +34,8 @@ never held (33 bytes per s² on llama-3.2-1b bf16, 16 layers). With this functio
 Context parallel: Ulysses (runtime/context_parallel.py) gathers the position ids of the cp group and
 hands the full sequence's to this function after its all-to-all; DeepSpeed's ALST gathers them itself
 (ulysses_sp.py `UlyssesSPAttentionHF.forward`). Ring cp keeps its own causal kernel over the whole block
-(documents are not separated there: torch's load balancer reorders tokens).
+(documents are not separated there: torch's load balancer reorders tokens), so its view continues the
+positions over the block (`continuous_positions`); labels still stop at every document boundary.
 """
 from __future__ import annotations
 
@@ -169,6 +170,16 @@ def inner_kernel(model: nn.Module) -> str | None:
         if m.config._attn_implementation == PACKED_ATTENTION:
             return _INNER.get(m, "sdpa")
     return None
+
+
+def continuous_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Kernels that cannot keep documents apart (ring cp) attend across them: give each row one increasing
+    run of positions from its first one (as packing did before per-document positions), so that RoPE's
+    relative distances between documents stay true. Rows that are one run already come back unchanged."""
+    if all(len(r) == 1 for r in segment_starts(position_ids)):
+        return position_ids
+    s = position_ids.shape[-1]
+    return position_ids[..., :1] + torch.arange(s, device=position_ids.device)
 
 
 def gather_positions(position_ids: torch.Tensor | None, group) -> torch.Tensor | None:

@@ -75,6 +75,9 @@ def ring_view(batch: dict, labels: torch.Tensor, cp: int) -> tuple[dict, torch.T
     s = ids.shape[-1]
     pad = -s % ring_multiple(cp)
     pos = batch.get("position_ids")
+    if pos is not None:   # packed documents: the ring attends across them, so positions run on (packed_attention.py)
+        from shardtrain.runtime.packed_attention import continuous_positions
+        pos = continuous_positions(pos)
     if pos is None:
         pos = torch.arange(s, device=ids.device).expand(ids.shape[0], s)
     full = cp_slice(ids, labels, 0, 1, position_ids=pos)  # one slice = the whole sequence, labels shifted

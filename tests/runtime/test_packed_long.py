@@ -61,6 +61,18 @@ def test_pack_documents_positions_and_labels():
     assert segment_starts(b["position_ids"]) == [[0, 2], [0, 3]]
 
 
+def test_ring_view_continues_positions_over_packed_documents():
+    """Ring cp cannot keep documents apart: its view gives a packed row one run of positions (RoPE distances
+    across documents stay true); labels still stop at each document boundary."""
+    from shardtrain.runtime.ring_attention import ring_view
+    ids = torch.arange(8).reshape(1, 8)
+    labels = ids.clone()
+    labels[0, 3] = IGNORE                      # document 2 starts at 3
+    out, shift, _ = ring_view({"input_ids": ids, "position_ids": torch.tensor([position_ids([0, 3], 8)])}, labels, cp=2)
+    assert out["position_ids"].tolist() == [list(range(8))]
+    assert shift[0, 2].item() == IGNORE        # the last token of document 1 predicts nothing
+
+
 def test_build_datasets_packs_with_positions(tmp_path):
     from shardtrain.runtime.data import build_datasets, load_tokenizer
     f = tmp_path / "t.txt"
