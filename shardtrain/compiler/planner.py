@@ -110,9 +110,29 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[
 _trainable = functools.lru_cache(maxsize=16)(trainable_params)
 
 
-def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
-              method: Method, defer: bool, groups: tuple[TensorGroup, ...],
-              sv: Savers, ms, mesh: ParallelDims) -> Candidate:
+@dataclass(frozen=True)
+class _Memory:
+    """The memory side of one candidate (what decides whether it fits), before its step time."""
+    ms: object
+    phases: dict
+    peak: str
+    loss: LossMode
+    act_host: int
+    ck_host: int
+    ck_off: bool
+    cpu: int
+    nvme: int
+    peak_reserved: int
+    why_not: tuple[str, ...]
+
+    @property
+    def fits(self) -> bool:
+        return not self.why_not
+
+
+def _memory(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
+            method: Method, defer: bool, groups: tuple[TensorGroup, ...],
+            sv: Savers, ms, mesh: ParallelDims) -> _Memory:
     m, hw, t = ctx.model, ctx.hw, ctx.train
     act_offload = sv.activation_offload
     akw = dict(micro_batch=micro, seq_len=t.seq_len, precision=t.precision, attention=t.attention,
@@ -131,16 +151,8 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
     ms, phases, peak = evaluate_phases(m, hw, t, groups, strategy, method=method, optimizer=optimizer,
                                        micro=micro, ckpt=ckpt, defer=defer, loss=loss, act_offload=act_offload,
                                        ms=ms, parallel=mesh, tiles=sv.tiles, ckpt_offload=ck_off)
-    per_gpu = phases[peak]
     cpu = host_bytes_per_node(m, strategy, hw, ms.cpu_bytes + act_host + ck_host, t.precision, parallel=mesh)
     nvme = ms.nvme_bytes * hw.gpus_per_node
-    accum = t.global_batch_size // (micro * mesh.dp)
-    T = _trainable(groups)
-    step_s = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
-                   grad_accum=accum, seq_len=t.seq_len,
-                   ckpt_fraction=recompute_fraction(m, ckpt, t.selective_every, t.seq_len, groups),
-                   trainable_params=T, fsdp_defer_grad_sync=defer, chunked_loss=loss is LossMode.CHUNKED,
-                   activation_offload_bytes=act_host + ck_host, parallel=mesh, tiled_mlp=sv.tiles > 1)
     why = []
     # the fit rule: the caching allocator's reserved peak + what lies outside it (CUDA context, NCCL), i.e.
     # what nvidia-smi would show, against the GPU memory less the user's headroom (compiler/allocator.py)
@@ -152,18 +164,48 @@ def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimiz
         why.append(f"needs {fmt_bytes(cpu)} host RAM per node > {fmt_bytes(hw.cpu_memory_bytes)}")
     if nvme > hw.nvme_capacity_bytes:
         why.append(f"needs {fmt_bytes(nvme)} NVMe per node > {fmt_bytes(hw.nvme_capacity_bytes)}")
-    return Candidate(strategy=strategy, fits=not why, micro_batch_size=micro, grad_accum_steps=accum,
+    return _Memory(ms, phases, peak, loss, act_host, ck_host, ck_off, cpu, nvme, alloc.peak_reserved_bytes,
+                   tuple(why))
+
+
+def _evaluate(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer: Optimizer,
+              method: Method, defer: bool, groups: tuple[TensorGroup, ...],
+              sv: Savers, ms, mesh: ParallelDims) -> Candidate:
+    m, hw, t = ctx.model, ctx.hw, ctx.train
+    x = _memory(ctx, strategy, ckpt, micro, optimizer, method, defer, groups, sv, ms, mesh)
+    accum = t.global_batch_size // (micro * mesh.dp)
+    T = _trainable(groups)
+    step_s = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
+                   grad_accum=accum, seq_len=t.seq_len,
+                   ckpt_fraction=recompute_fraction(m, ckpt, t.selective_every, t.seq_len, groups),
+                   trainable_params=T, fsdp_defer_grad_sync=defer, chunked_loss=x.loss is LossMode.CHUNKED,
+                   activation_offload_bytes=x.act_host + x.ck_host, parallel=mesh, tiled_mlp=sv.tiles > 1)
+    return Candidate(strategy=strategy, fits=x.fits, micro_batch_size=micro, grad_accum_steps=accum,
                      gradient_checkpointing=ckpt, optimizer=optimizer, method=method,
-                     precision=t.precision, world_size=hw.world_size, per_gpu=per_gpu,
-                     cpu_memory_per_node_bytes=cpu, nvme_bytes=nvme, step_time_s=step_s,
-                     trainable_params=T, fsdp_defer_grad_sync=defer, why_not=tuple(why), loss=loss,
-                     activation_offload=act_offload, per_phase=tuple(phases.items()), peak_phase=peak,
-                     peak_reserved_bytes=alloc.peak_reserved_bytes,
-                     parallel=mesh, tiled_mlp_tiles=sv.tiles, ckpt_offload=ck_off)
+                     precision=t.precision, world_size=hw.world_size, per_gpu=x.phases[x.peak],
+                     cpu_memory_per_node_bytes=x.cpu, nvme_bytes=x.nvme, step_time_s=step_s,
+                     trainable_params=T, fsdp_defer_grad_sync=defer, why_not=x.why_not, loss=x.loss,
+                     activation_offload=sv.activation_offload, per_phase=tuple(x.phases.items()),
+                     peak_phase=x.peak, peak_reserved_bytes=x.peak_reserved,
+                     parallel=mesh, tiled_mlp_tiles=sv.tiles, ckpt_offload=x.ck_off)
 
 
 _LOSS_PATH: contextvars.ContextVar[LossMode] = contextvars.ContextVar("loss_path", default=LossMode.FULL)
 """loss auto: the loss path the current search pass plans with (_per_loss_path)."""
+
+
+_ON_PATH: dict[tuple[int, LossMode], tuple[_Ctx, _Ctx]] = {}
+"""(id(ctx), path) -> (ctx, ctx planned on that path): one dataclasses.replace per plan, not per candidate."""
+
+
+def _ctx_on_path(ctx: _Ctx, path: LossMode) -> _Ctx:
+    hit = _ON_PATH.get((id(ctx), path))
+    if hit is None or hit[0] is not ctx:
+        if len(_ON_PATH) > 64:
+            _ON_PATH.clear()
+        hit = _ON_PATH[(id(ctx), path)] = (ctx, dataclasses.replace(
+            ctx, train=dataclasses.replace(ctx.train, loss=path)))
+    return hit[1]
 
 
 def _loss_path(evaluate):
@@ -171,12 +213,13 @@ def _loss_path(evaluate):
     @functools.wraps(evaluate)
     def on_path(ctx: _Ctx, *args, **kw) -> Candidate:
         if ctx.train.loss is LossMode.AUTO:
-            ctx = dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, loss=_LOSS_PATH.get()))
+            ctx = _ctx_on_path(ctx, _LOSS_PATH.get())
         return evaluate(ctx, *args, **kw)
     return on_path
 
 
 _evaluate = _loss_path(_evaluate)
+_memory = _loss_path(_memory)
 
 
 def _runner_refusal(train: TrainSpec) -> str | None:
@@ -238,8 +281,38 @@ def _levels(train: TrainSpec) -> int:
     return 10**9 if not train.parallel.is_auto else 1
 
 
+@dataclass(frozen=True)
+class _Probed:
+    """A candidate that missed, as plan_fits' search sees it: the step time is never read before a fit."""
+    why_not: tuple[str, ...]
+    fits: bool = False
+    step_time_s: float = 0.0
+
+
+class _FirstFit(Exception):
+    """plan_fits: the search met a candidate that fits (nothing more to learn)."""
+
+
+def plan_fits(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> bool:
+    """Whether ``plan`` would return a plan that fits (True) or raise (False), for ``plan --max``'s probes
+    (compiler/maxfit.py). The same search as ``plan``, in the same order, but each candidate's memory only
+    (no step time) and stopping at the first fit: before its first fit the search never reads a step time
+    (its bounds are still infinite), so it meets exactly the candidates ``plan`` meets up to that point."""
+    try:
+        _search(model, hw, train, probe=True)
+    except _FirstFit:
+        return True
+    except PlanningError:
+        return False
+    return False
+
+
 def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
     """Choose the fastest configuration that fits; raise NoFitError if none does."""
+    return _search(model, hw, train, probe=False)
+
+
+def _search(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, probe: bool) -> Plan | None:
     usable = int(hw.gpu_memory_bytes * (1 - train.headroom_fraction))
     asked = train
     train = _normalise(train, hw)
@@ -313,6 +386,11 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
                                                             precision=train.precision, optimizer=opt,
                                                             fsdp_defer_grad_sync=d_ok, grad_accum_steps=accum,
                                                             parallel=mesh)
+                        if probe:
+                            x = _memory(ctx, s, ck, mb, opt, method, d_ok, groups, sv, states[key], mesh)
+                            if x.fits:
+                                raise _FirstFit
+                            return _Probed(x.why_not)
                         c = _evaluate(ctx, s, ck, mb, opt, method, d_ok, groups, sv, states[key], mesh)
                         candidates.append(c)
                         return c
@@ -322,6 +400,8 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
                     _search_lines(ev, s, mesh, ckpts, micros, saver_options(model, train, mesh), train, shrink)
         if extra is None and any(c.fits for c in candidates):
             extra = _levels(train)
+    if probe:
+        return None
     if not candidates:
         if batch_error:  # the user's batch numbers, at the largest data-parallel size tried
             raise PlanningError(batch_error[0])
