@@ -24,10 +24,16 @@ from shardtrain.exitcodes import EXIT_NO_FIT, EXIT_OK
 TiB = 2**40
 # the two no-fit cases of the issue (measured 2026-12-05)
 FULL_70B_8xH100 = ["--model", "llama-3.1-70b", "--gpus-per-node", "8", "--gpu", "h100", "--method", "full"]
-QLORA_70B_1x48GB = ["--model", "llama-3.1-70b", "--gpus-per-node", "1", "--gpu-memory", "48GiB", "--method", "qlora"]
-# no single saver fits, two together do (activation offload AND the chunked loss)
+# This round (issue 19/20) made 70B QLoRA on one 48 GiB GPU fit by default: fsdp_offload keeps the NF4 shards
+# in host RAM (23.8 GiB per GPU), headroom is 0 under the allocator model, and loss / checkpoint offload / tiled
+# MLP are auto. The scenario the advice tests mean (a user who pinned a strategy that keeps the model on the
+# GPU, the full loss and no long-context savers) is pinned explicitly; then it needs 52.5 GiB > 48.0 GiB.
+QLORA_70B_1x48GB = ["--model", "llama-3.1-70b", "--gpus-per-node", "1", "--gpu-memory", "48GiB", "--method", "qlora",
+                    "--strategy", "zero2", "--loss", "full", "--ckpt-offload", "off", "--tiled-mlp", "off"]
+# no single saver fits, two together do (activation offload AND the chunked loss). Host RAM 32 GiB: with the
+# default 1 TiB fsdp_offload (the 70B NF4 shards in host RAM, 134.4 GiB) fits by itself
 QLORA_70B_1x44GiB = ["--model", "llama-3.1-70b", "--gpus-per-node", "1", "--gpu-memory", "44GiB", "--method", "qlora",
-                     "--loss", "full"]   # loss auto (the default) would take the chunked loss by itself
+                     "--cpu-memory", "32GiB", "--loss", "full", "--ckpt-offload", "off", "--tiled-mlp", "off"]
 # no single change at all fits: forced grad_ckpt none at 64k tokens on one 24 GB card
 NO_SINGLE = ["--model", "llama-3.1-8b", "--gpus-per-node", "1", "--gpu", "rtx4090", "--method", "qlora",
              "--seq-len", "65536", "--grad-ckpt", "none", "--loss", "full"]
@@ -200,11 +206,13 @@ def test_text_bugs(capsys):
     # "needs 49.2 GiB per GPU; needs 49.2 GiB per GPU > 45.6 GiB usable": the shortfall is said once
     rc, _, err = _plan(capsys, *QLORA_70B_1x48GB)
     head = err.split("To fit")[0]
-    assert head.count("per GPU") == 1 and "needs 49.2 GiB per GPU > 45.6 GiB usable" in head
+    assert head.count("per GPU") == 1 and "needs 52.5 GiB per GPU (reserved + CUDA context) > 48.0 GiB usable" in head
 
 
 def test_budget_and_speed():
-    """`plan` must answer well under 2 s: the advice is bounded to MAX_REPLANS re-plans."""
+    """`plan` must answer well under 2 s: the advice is bounded to MAX_REPLANS re-plans. Timed in CPU seconds of
+    this process (time.process_time): wall time on the shared 2-core CI box measured the other jobs' load
+    (4.6 s wall at load 11 for 0.8 s of CPU)."""
     worst = 0.0
     for base in (FULL_70B_8xH100, QLORA_70B_1x48GB, NO_SINGLE,
                  ["--model", "llama-3.1-405b", "--gpus-per-node", "1", "--gpu", "rtx4090", "--cpu-memory", "64GiB"]):
@@ -215,12 +223,14 @@ def test_budget_and_speed():
             pipeline.plan_for(cfg, advise=False)
         calls = []
         rp = pipeline.replanner(cfg)
-        t = time.perf_counter()
+        t = time.process_time()
         _, n = advice.advise(ei.value.plan, lambda ov: calls.append(ov) or rp(ov))
-        worst = max(worst, time.perf_counter() - t)
+        worst = max(worst, time.process_time() - t)
         assert n == len(calls) <= advice.MAX_REPLANS
-    print(f"slowest advice: {worst:.3f} s")
-    assert worst < 3.0   # measured 0.4 s unloaded, 1.4 s with the load average at 7 on 2 cores
+    print(f"slowest advice: {worst:.3f} CPU s")
+    # CPU seconds: 0.4 s before issue 19/20's saver search; 1.0 s after it (70B full on 8 x H100, 9 re-plans;
+    # measured 2026-12-05 at load 11, CPU time is load-independent)
+    assert worst < 2.0
 
 
 def test_advice_module_is_pure():
