@@ -40,13 +40,13 @@ expandable segments for the same Llama-3-8B QLoRA run on unpacked Alpaca.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shardtrain.compiler.specs import Engine
+from shardtrain.compiler.memo import by_identity
 from shardtrain.units import MiB
 
 if TYPE_CHECKING:  # plan.py imports nothing from here; the planner passes MemoryBreakdowns in
@@ -169,7 +169,7 @@ def persistent_slack(groups: Iterable[TensorGroup], term_bytes: Mapping[str, int
     return max(slack, 0)
 
 
-@functools.lru_cache(maxsize=1024)
+@by_identity
 def _slack(groups: tuple[TensorGroup, ...], persistent: tuple[int, ...], expandable: bool) -> int:
     # the planner asks once per candidate (~thousands a plan) with a few distinct model states
     return persistent_slack(groups, dict(zip(PERSISTENT_TERMS, persistent)), expandable=expandable)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from shardtrain.compiler.inventory import TensorGroup
+from shardtrain.compiler.memo import by_identity
 from shardtrain.compiler.memory import ZeroBuckets, frozen_weight_bytes, zero3_window_bytes
 from shardtrain.compiler.phase_inputs import PhaseInputs
 from shardtrain.compiler.specs import Method, OffloadDevice, Precision
@@ -31,15 +32,7 @@ def zero3_gathered(x: PhaseInputs) -> tuple[int, int, int]:
         # `param.data = param.ds_tensor.data.to(device)`, a no-op on the same device: the "gathered"
         # param aliases its partition, nothing is allocated (measured: ZeRO-3 full, 1 rank)
         return window, 0, 0
-    thr = buckets.param_persistence_threshold
-
-    def unit_bytes(how_many) -> int:
-        return gathered_bytes(x.groups, 1, x.method, x.precision,
-                              lambda g: how_many(g) if g.numel > thr else 0)[0]
-
-    layer_b = unit_bytes(lambda g: per_layer_count(g, L))
-    emb_b = unit_bytes(lambda g: g.count if g.name == "embed_tokens" else 0)
-    head_b = unit_bytes(lambda g: g.count if g.name in ("lm_head", "norm") else 0)
+    layer_b, emb_b, head_b = _zero3_units(x.groups, x.method, x.precision, buckets.param_persistence_threshold, L)
     layer_n = m.per_layer_params
     head_n = m.lm_head_params
     per_layer_uses = 1 + 1 + x.grad_ckpt_layers / L     # forward + backward (+ recompute)
@@ -51,6 +44,19 @@ def zero3_gathered(x: PhaseInputs) -> tuple[int, int, int]:
     if emb_dist < buckets.max_reuse_distance:
         held += emb_b
     return window, held, head_b + L * layer_b + emb_b
+
+
+@by_identity
+def _zero3_units(groups: tuple[TensorGroup, ...], method: Method, precision: Precision, thr: int,
+                 L: int) -> tuple[int, int, int]:
+    """Gathered bytes of non-persistent params (numel > thr): one layer, the embedding, lm_head + norm
+    (per inventory, not per candidate: memo.by_identity)."""
+    def unit_bytes(how_many) -> int:
+        return gathered_bytes(groups, 1, method, precision, lambda g: how_many(g) if g.numel > thr else 0)[0]
+
+    return (unit_bytes(lambda g: per_layer_count(g, L)),
+            unit_bytes(lambda g: g.count if g.name == "embed_tokens" else 0),
+            unit_bytes(lambda g: g.count if g.name in ("lm_head", "norm") else 0))
 
 
 def per_layer_count(g: TensorGroup, L: int) -> float:

@@ -6,9 +6,11 @@ matrix into rows + cols. LoRA adds A (r × in) and B (out × r) per adapted Line
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from shardtrain.compiler.lora_presets import PRESET_NAMES, as_preset, preset_targets
+from shardtrain.compiler.memo import by_identity
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import Method
 
@@ -23,14 +25,15 @@ class TensorGroup:
     quantizable: bool = False
     """A frozen nn.Linear weight inside a decoder layer: what QLoRA stores in NF4."""
 
-    @property
+    # cached (the instance is frozen): the planner reads them millions of times per `plan --max`
+    @functools.cached_property
     def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
         return n
 
-    @property
+    @functools.cached_property
     def total(self) -> int:
         return self.numel * self.count
 
@@ -61,6 +64,7 @@ def resolve_lora_targets(model: ModelSpec, targets: tuple[str, ...] | str) -> tu
     return tuple(targets)
 
 
+@functools.lru_cache(maxsize=64)   # one tuple per (model, method, LoRA): the identity-keyed memos hit across plans
 def tensor_inventory(model: ModelSpec, method: Method, lora_rank: int = 16,
                      lora_targets: tuple[str, ...] | str = "all-linear") -> tuple[TensorGroup, ...]:
     """Every parameter tensor of the (possibly LoRA-wrapped) model, grouped by shape."""
@@ -98,6 +102,7 @@ def tensor_inventory(model: ModelSpec, method: Method, lora_rank: int = 16,
     return tuple(groups)
 
 
+@by_identity
 def trainable_params(groups: tuple[TensorGroup, ...]) -> int:
     """Trainable elements: what gets gradients, master copies and optimizer states."""
     return sum(g.total for g in groups if g.trainable)

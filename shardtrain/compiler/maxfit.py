@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from shardtrain.compiler.plan import MEMORY_TERMS, Plan
-from shardtrain.compiler.planner import NoFitError, PlanningError, plan, plan_fits
+from shardtrain.compiler.planner import NoFitError, PlanningError, first_fit, plan
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.saver_reasons import PART_WORDS, activation_parts
 from shardtrain.compiler.specs import HardwareSpec, TrainSpec
@@ -178,6 +178,7 @@ def find_max(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, key: MaxKey, 
     step = step_for(key, hw, train)
     tried: dict[int, tuple[Plan | None, PlanningError | None]] = {}
     probed: dict[int, bool] = {}
+    fitted_pairs: list[tuple] = []   # (method, optimizer, strategy, mesh) that fit at earlier probes
 
     def full(k: int) -> bool:
         if k not in tried:
@@ -189,13 +190,16 @@ def find_max(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, key: MaxKey, 
         return tried[k][1] is None
 
     def attempt(k: int) -> bool:
-        # the probes between the first value and the edge only ask "does it fit?": planner.plan_fits walks
+        # the probes between the first value and the edge only ask "does it fit?": planner.first_fit walks
         # the same search as plan() up to its first fit (no step times, no Plan); a caller's own planner
         # (tests) is asked in full
         if planner is not plan:
             return full(k)
         if k not in probed:
-            probed[k] = plan_fits(model, hw, train_at(key, k * step, hw, train))
+            found = first_fit(model, hw, train_at(key, k * step, hw, train), prefer=tuple(fitted_pairs[-2:]))
+            if found is not None and found not in fitted_pairs:
+                fitted_pairs.append(found)
+            probed[k] = found is not None
         return probed[k]
 
     if not full(1):

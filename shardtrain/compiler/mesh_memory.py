@@ -28,10 +28,10 @@ groups returned here; a rowwise weight is thus split dim 1 by tp and dim 0 by FS
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 
 from shardtrain.compiler.inventory import TensorGroup
+from shardtrain.compiler.memo import by_identity
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import CpMode, Engine, HardwareSpec, ParallelDims, Precision, Strategy
 
@@ -104,7 +104,7 @@ def tp_local_groups(groups: tuple[TensorGroup, ...], tp: int) -> tuple[TensorGro
     return _tp_local_groups(groups, tp)
 
 
-@functools.lru_cache(maxsize=64)
+@by_identity   # the same tuple back for the same inventory: the identity memos downstream hit
 def _tp_local_groups(groups: tuple[TensorGroup, ...], tp: int) -> tuple[TensorGroup, ...]:
     # cached: the planner asks for the same inventory at the same tp for every candidate of a mesh
     return tuple(tp_local_group(g, tp) for g in groups)

@@ -46,6 +46,7 @@ from shardtrain.compiler.activations import (checkpointed_layer_count, hidden_pe
 from shardtrain.compiler.gathered import ROOT_GROUPS, gathered_bytes, per_layer_count, zero3_gathered
 from shardtrain.compiler.inventory import TensorGroup, trainable_params
 from shardtrain.compiler.memory import ModelStateBytes, fsdp_shard_groups
+from shardtrain.compiler.memo import by_identity
 from shardtrain.compiler.mesh_memory import cp_transient_bytes, tp_gather_transient_bytes, tp_local_groups
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.op_ckpt import lora_adapted, saved_bytes_per_token
@@ -79,6 +80,7 @@ BACKWARD_WORKING_BYTES_PER_H = 8
 gradients and the fp32 RMSNorm backward temporaries (measured)."""
 
 
+@by_identity
 def _sum_in_features(model: ModelSpec, targets_trainable: tuple[TensorGroup, ...]) -> int:
     """Σ in_features of the LoRA-adapted linears of one layer (lora_A is (r, in))."""
     L = model.num_layers
@@ -86,14 +88,26 @@ def _sum_in_features(model: ModelSpec, targets_trainable: tuple[TensorGroup, ...
                if g.name.endswith(".lora_A") and g.count % L == 0)
 
 
+@by_identity
 def _layer_trainable(groups: tuple[TensorGroup, ...], model: ModelSpec) -> int:
     L = model.num_layers
     return sum(g.total // L for g in groups if g.trainable and g.count % L == 0 and g.count >= L)
 
 
+@by_identity
 def _largest_trainable(groups: tuple[TensorGroup, ...], shard: int) -> int:
     from math import ceil
     return max((ceil(g.shape[0] / shard) * (g.numel // g.shape[0]) for g in groups if g.trainable), default=0)
+
+
+@by_identity
+def _fsdp_units(groups: tuple[TensorGroup, ...], N: int, method: Method, precision: Precision,
+                L: int) -> tuple[int, int, int, int, int]:
+    """(trainable elements of a rank's shard, one unit's gathered bytes and trainable elements, the root's)
+    — per inventory and shard size, not per candidate (memo.by_identity)."""
+    unit, layer_tr = gathered_bytes(groups, N, method, precision, lambda g: per_layer_count(g, L))
+    root, root_tr = gathered_bytes(groups, N, method, precision, lambda g: ROOT_GROUPS.get(g.name, 0) * g.count)
+    return trainable_params(fsdp_shard_groups(groups, N)), unit, layer_tr, root, root_tr
 
 
 def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]]:
@@ -153,10 +167,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         N = x.shard_size
         # every size below is what FSDP2 really moves: dim 0 padded to a multiple of N
         # (_fsdp_param.py _init_sharded_param; matters when dim 0 is small, e.g. 8 experts on 64 ranks)
-        T_shard = trainable_params(fsdp_shard_groups(x.groups, N))
-        unit, layer_tr = gathered_bytes(x.groups, N, x.method, x.precision, lambda g: per_layer_count(g, L))
-        root, root_tr = gathered_bytes(x.groups, N, x.method, x.precision,
-                                       lambda g: ROOT_GROUPS.get(g.name, 0) * g.count)
+        T_shard, unit, layer_tr, root, root_tr = _fsdp_units(x.groups, N, x.method, x.precision, L)
         emb_tr = m.embedding_params if any(g.trainable and g.name == "embed_tokens" for g in x.groups) else 0
         # the lm_head's gradient exists from the loss backward on (tied: it is the embedding's)
         lm_tr = sum(g.total for g in x.groups if g.trainable and g.name == "lm_head") + \

@@ -106,6 +106,25 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[
     return ms, phases, peak
 
 
+_STATES: dict[tuple, tuple[tuple, object]] = {}
+
+
+def _model_states(model: ModelSpec, groups: tuple[TensorGroup, ...], s: Strategy, hw: HardwareSpec, method: Method,
+                  precision: Precision, opt: Optimizer, defer: bool, accum: int, mesh: ParallelDims):
+    """model_state_bytes once per (model, inventory, hardware, strategy, mesh, method, precision, optimizer,
+    defer, accumulation or not) — across the plans of a `plan --max` too. It reads the accumulation only as
+    ``grad_accum_steps > 1`` (memory.py), so the first value seen on each side of 1 stands for the rest."""
+    key = (id(model), id(groups), id(hw), s, method, precision, opt, defer, accum > 1, mesh)
+    hit = _STATES.get(key)
+    if hit is None or hit[0][0] is not model or hit[0][1] is not groups or hit[0][2] is not hw:
+        if len(_STATES) > 4096:
+            _STATES.clear()
+        hit = _STATES[key] = ((model, groups, hw), model_state_bytes(
+            model, groups, s, hw, method=method, precision=precision, optimizer=opt, fsdp_defer_grad_sync=defer,
+            grad_accum_steps=accum, parallel=mesh))
+    return hit[1]
+
+
 # one count per tensor inventory, not per candidate (the planner evaluates ~2000 per plan)
 _trainable = functools.lru_cache(maxsize=16)(trainable_params)
 
@@ -293,18 +312,25 @@ class _FirstFit(Exception):
     """plan_fits: the search met a candidate that fits (nothing more to learn)."""
 
 
+def first_fit(model: ModelSpec, hw: HardwareSpec, train: TrainSpec,
+              prefer: tuple = ()) -> tuple[Method, Optimizer, Strategy, ParallelDims] | None:
+    """The (method, optimizer, strategy, mesh) of a candidate that fits, or None where ``plan`` would raise:
+    plan_fits with the pair it found, searched first among ``prefer`` (pairs that fit at a nearby value)."""
+    try:
+        _search(model, hw, train, probe=True, prefer=prefer)
+    except _FirstFit as found:
+        return found.args[0]
+    except PlanningError:
+        return None
+    return None
+
+
 def plan_fits(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> bool:
     """Whether ``plan`` would return a plan that fits (True) or raise (False), for ``plan --max``'s probes
     (compiler/maxfit.py). The same search as ``plan``, in the same order, but each candidate's memory only
     (no step time) and stopping at the first fit: before its first fit the search never reads a step time
     (its bounds are still infinite), so it meets exactly the candidates ``plan`` meets up to that point."""
-    try:
-        _search(model, hw, train, probe=True)
-    except _FirstFit:
-        return True
-    except PlanningError:
-        return False
-    return False
+    return first_fit(model, hw, train) is not None
 
 
 def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
@@ -312,7 +338,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, train: TrainSpec) -> Plan:
     return _search(model, hw, train, probe=False)
 
 
-def _search(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, probe: bool) -> Plan | None:
+def _search(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, probe: bool, prefer: tuple = ()) -> Plan | None:
     usable = int(hw.gpu_memory_bytes * (1 - train.headroom_fraction))
     asked = train
     train = _normalise(train, hw)
@@ -341,12 +367,67 @@ def _search(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, probe: bool) -
     illegal: dict[Strategy, str] = {}
     mesh_illegal: dict[Strategy, str] = {}  # why a forced mesh cannot run, per strategy
     batch_error: list[str] = []
-    states: dict[tuple, object] = {}
     # (strategy, mesh) pairs grouped by tp × cp: the search walks the levels upwards (_levels)
     by_level: dict[int, list[tuple[Strategy, ParallelDims]]] = {}
     for s in strategies:
         for mesh in meshes(model, hw, train, s):
             by_level.setdefault(mesh.tp * mesh.cp, []).append((s, mesh))
+    def group_of(method: Method) -> tuple[TensorGroup, ...]:
+        nonlocal targets
+        if method is not Method.FULL:
+            try:
+                targets = resolve_lora_targets(model, train.lora.targets)
+            except ValueError as e:
+                raise PlanningError(str(e)) from None
+        return tensor_inventory(model, method, train.lora.rank, targets or train.lora.targets)
+
+    def pair(method: Method, groups: tuple[TensorGroup, ...], opt: Optimizer, s: Strategy,
+             mesh: ParallelDims) -> None:
+        """Search one (method, optimizer, strategy, mesh): its candidates go to ``candidates``."""
+        reason = illegal_reason(s, opt, method, train.precision, hw)
+        if reason:
+            illegal.setdefault(s, reason)
+            return
+        reason = mesh_illegal_reason(s, mesh, model, hw, train, method)
+        if reason:
+            # an auto mesh that cannot run is just not a candidate; a forced one says why
+            if not train.parallel.is_auto:
+                illegal.setdefault(s, reason)
+                mesh_illegal.setdefault(s, reason)
+            return
+        try:
+            micros = micro_batch_options(train, hw, mesh.dp)
+        except PlanningError as e:
+            batch_error.append(str(e))
+            return
+
+        def ev(ck, mb, d_ok, sv):
+            accum = train.global_batch_size // (mb * mesh.dp)
+            ms = _model_states(model, groups, s, hw, method, train.precision, opt, d_ok, accum, mesh)
+            if probe:
+                x = _memory(ctx, s, ck, mb, opt, method, d_ok, groups, sv, ms, mesh)
+                if x.fits:
+                    raise _FirstFit((method, opt, s, mesh))
+                return _Probed(x.why_not)
+            c = _evaluate(ctx, s, ck, mb, opt, method, d_ok, groups, sv, ms, mesh)
+            candidates.append(c)
+            return c
+        # activation offload is a permission and tiled MLP / checkpoint offload auto: each
+        # combination is evaluated, the fastest fitting candidate wins (compiler/savers.py)
+        shrink = functools.partial(_savers_shrink, model, train, mesh)
+        _search_lines(ev, s, mesh, ckpts, micros, saver_options(model, train, mesh), train, shrink)
+
+    if probe:
+        # whether anything fits does not depend on the order of the pairs (before its first fit each pair's
+        # search reads nothing of the others'), so the caller's ``prefer`` (the pair that fit at a nearby
+        # value) goes first
+        inventories = {method: group_of(method) for method in methods}
+        work = [(method, inventories[method], opt, s, mesh) for level in sorted(by_level) for method in methods
+                for opt in optimizers for s, mesh in by_level[level]]
+        work.sort(key=lambda w: (w[0], w[2], w[3], w[4]) not in prefer)
+        for w in work:
+            pair(*w)
+        return None
     extra = None
     for level in sorted(by_level):
         if extra is not None:
@@ -354,54 +435,12 @@ def _search(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, probe: bool) -
                 break
             extra -= 1
         for method in methods:
-            if method is not Method.FULL:
-                try:
-                    targets = resolve_lora_targets(model, train.lora.targets)
-                except ValueError as e:
-                    raise PlanningError(str(e)) from None
-            groups = tensor_inventory(model, method, train.lora.rank, targets or train.lora.targets)
+            groups = group_of(method)
             for opt in optimizers:
                 for s, mesh in by_level[level]:
-                    reason = illegal_reason(s, opt, method, train.precision, hw)
-                    if reason:
-                        illegal.setdefault(s, reason)
-                        continue
-                    reason = mesh_illegal_reason(s, mesh, model, hw, train, method)
-                    if reason:
-                        # an auto mesh that cannot run is just not a candidate; a forced one says why
-                        if not train.parallel.is_auto:
-                            illegal.setdefault(s, reason)
-                            mesh_illegal.setdefault(s, reason)
-                        continue
-                    try:
-                        micros = micro_batch_options(train, hw, mesh.dp)
-                    except PlanningError as e:
-                        batch_error.append(str(e))
-                        continue
-                    def ev(ck, mb, d_ok, sv, s=s, mesh=mesh, method=method, opt=opt, groups=groups):
-                        accum = train.global_batch_size // (mb * mesh.dp)
-                        key = (method, opt, s, mesh, d_ok, accum > 1)
-                        if key not in states:  # model states: once per (method, opt, strategy, mesh, defer)
-                            states[key] = model_state_bytes(model, groups, s, hw, method=method,
-                                                            precision=train.precision, optimizer=opt,
-                                                            fsdp_defer_grad_sync=d_ok, grad_accum_steps=accum,
-                                                            parallel=mesh)
-                        if probe:
-                            x = _memory(ctx, s, ck, mb, opt, method, d_ok, groups, sv, states[key], mesh)
-                            if x.fits:
-                                raise _FirstFit
-                            return _Probed(x.why_not)
-                        c = _evaluate(ctx, s, ck, mb, opt, method, d_ok, groups, sv, states[key], mesh)
-                        candidates.append(c)
-                        return c
-                    # activation offload is a permission and tiled MLP / checkpoint offload auto: each
-                    # combination is evaluated, the fastest fitting candidate wins (compiler/savers.py)
-                    shrink = functools.partial(_savers_shrink, model, train, mesh)
-                    _search_lines(ev, s, mesh, ckpts, micros, saver_options(model, train, mesh), train, shrink)
+                    pair(method, groups, opt, s, mesh)
         if extra is None and any(c.fits for c in candidates):
             extra = _levels(train)
-    if probe:
-        return None
     if not candidates:
         if batch_error:  # the user's batch numbers, at the largest data-parallel size tried
             raise PlanningError(batch_error[0])
