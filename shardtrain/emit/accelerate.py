@@ -142,8 +142,9 @@ def notes(plan: Plan) -> list[str]:
     if c.strategy.engine is Engine.FSDP:
         out.append("accelerate's FSDP2 MixedPrecisionPolicy reduces gradients in the compute dtype "
                    "(shardtrain's runtime reduces in fp32)")
-        if c.gradient_checkpointing.value == "selective":
-            out.append("selective checkpointing is not expressible here: every layer is checkpointed")
+        if c.gradient_checkpointing.value in ("selective", "op"):
+            out.append(f"{c.gradient_checkpointing.value} checkpointing is not expressible here: every layer is "
+                       "checkpointed")
     out += mesh_notes(plan)
     if plan.hardware.nodes > 1:
         out.append("run the same command on every node, adding --machine_rank N (0 on the first node)")

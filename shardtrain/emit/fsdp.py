@@ -122,7 +122,9 @@ def fsdp_settings(plan: Plan) -> FsdpSettings:
     resolved = transformers_layer_class(plan.model.model_type)
     wrap, source = resolved if resolved else (plan.model.decoder_layer_class, "model spec")
     ck = c.gradient_checkpointing
-    every = {GradCkpt.FULL: 1, GradCkpt.SELECTIVE: plan.train.selective_every}.get(ck, 0)
+    # op (torchtitan's op-level SAC) exists only in shardtrain's runtime (it reads plan.chosen, not these
+    # settings); accelerate / the Trainer checkpoint every layer instead: less memory, more recompute
+    every = {GradCkpt.FULL: 1, GradCkpt.OP: 1, GradCkpt.SELECTIVE: plan.train.selective_every}.get(ck, 0)
     dtype = _DTYPE[c.precision]
     return FsdpSettings(
         sharding="HYBRID_SHARD" if len(mesh) == 2 else SHARDING[s],
@@ -131,7 +133,8 @@ def fsdp_settings(plan: Plan) -> FsdpSettings:
         # (_fsdp_param.py init_dtype_attrs: a dtype equal to the param's is None): bf16 all-gather and reduce
         mesh_dim_names=names, param_dtype=dtype,
         reduce_dtype="bfloat16" if c.precision is Precision.BF16_PURE else "float32", wrap_class=wrap,
-        wrap_class_source=source, activation_checkpointing=ck.value if every else "none",
+        wrap_class_source=source,
+        activation_checkpointing=("full" if ck is GradCkpt.OP else ck.value) if every else "none",
         checkpoint_every=every, defer_grad_sync=c.fsdp_defer_grad_sync, world_size=math.prod(mesh),
         quant_storage_dtype=dtype if c.method is Method.QLORA else None,
         # fsdp_offload: CPUOffloadPolicy(pin_memory=True) (the runtime pins on CUDA only: fsdp_wrap.py)

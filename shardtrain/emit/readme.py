@@ -100,6 +100,8 @@ def _checkpointing(plan: Plan) -> str:
     if ck is GradCkpt.NONE:
         return "off (activations fit without recomputation); do not turn it on: it only costs time."
     what = ("every decoder layer" if ck is GradCkpt.FULL else
+            "every decoder layer: the plan's op-level selective checkpointing runs only under shardtrain launch; "
+            "whole layers use less memory and recompute more" if ck is GradCkpt.OP else
             f"every {ordinal(plan.train.selective_every)} decoder layer (selective)")
     if c.strategy.engine is Engine.FSDP:
         return (f"REQUIRED ({what}). FSDP's own checkpointing does it: fsdp_activation_checkpointing in "

@@ -76,7 +76,8 @@ def trainer_arguments(plan: Plan, *, lr: float | None = None, weight_decay: floa
                 # pure bf16: neither flag (the script loads the model in bf16): bf16=True would make accelerate
                 # upcast trainable params to fp32 under FSDP2 (fsdp_utils.fsdp2_prepare_model) and autocast
                 "bf16": c.precision is Precision.BF16, "fp16": c.precision is Precision.FP16,
-                "activation_checkpointing": ck in (GradCkpt.FULL, GradCkpt.SELECTIVE)}
+                # op (shardtrain's op-level SAC) is not the Trainer's: every layer instead (less memory)
+                "activation_checkpointing": ck in (GradCkpt.FULL, GradCkpt.SELECTIVE, GradCkpt.OP)}
     if kw["activation_checkpointing"]:
         # use_reentrant False: works with frozen (LoRA) params; every_n_layers/offload are popped by the
         # Trainer (trainer.py) and passed to model.activation_checkpointing_enable
