@@ -126,3 +126,24 @@ def test_op_saved_bytes_match_the_traced_runtime(method):
         act[ck] = (res.per_phase["forward"].get("Activation", 0), fwd.activations + fwd.logits)
     assert act[GradCkpt.OP][0] - act[GradCkpt.FULL][0] == act[GradCkpt.OP][1] - act[GradCkpt.FULL][1] > 0
     assert -0.02 <= err[GradCkpt.OP] <= 0.08, err
+
+
+def test_emitted_hf_configs_checkpoint_every_layer_for_op(tmp_path, capsys):
+    """accelerate / the Trainer have no op SAC: an op plan's bundle checkpoints whole layers there (less
+    memory than op), never nothing; plan.json keeps op for shardtrain's runtime; `check` passes the files."""
+    import json
+    for strategy, method, out in (("fsdp_full_shard", "full", tmp_path / "fsdp"), ("ddp", "lora", tmp_path / "ddp")):
+        rc = main(["emit", "--model", "llama-3.1-8b", "--gpus-per-node", "8", "--seq-len", "4096", "--global-batch",
+                   "8", "--grad-ckpt", "op", "--strategy", strategy, "--method", method, "--out", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        assert json.loads((out / "plan.json").read_text())["gradient_checkpointing"] == "op"
+        args = json.loads((out / "trainer_args.json").read_text())
+        if strategy == "ddp":
+            assert args["activation_checkpointing"] is True
+        else:
+            assert json.loads((out / "fsdp.json").read_text())["activation_checkpointing"] == "full"
+            assert args["fsdp_config"]["activation_checkpointing"] is True
+            assert "fsdp_activation_checkpointing: true" in (out / "accelerate.yaml").read_text()
+        assert "op-level selective checkpointing runs only under shardtrain launch" in (out / "README.md").read_text()
+        for f in ("trainer_args.json", "accelerate.yaml"):
+            assert main(["check", str(out / f)]) == 0, capsys.readouterr()
