@@ -12,6 +12,7 @@ plan_fits agrees with plan() on both sides of a --max edge. Timings are benchmar
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -65,3 +66,31 @@ def test_probes_equal_full_plans(preset, hw, train, key):
     # the edge: plan_fits says what plan() says on both sides
     assert plan_fits(model, hw, train_at(key, fast.value, hw, train))
     assert not plan_fits(model, hw, train_at(key, fast.next_value, hw, train))
+
+
+def test_no_tiled_mlp_on_a_tp_mesh():
+    """The runtime refuses a tiled MLP with parallel.tp > 1 (runtime/modeling.py, DeepSpeed AutoTP too): auto
+    never tiles on a tp mesh; a forced tiled MLP with a forced tp is one line; a forced tiled MLP with tp
+    auto plans only meshes without tp."""
+    from shardtrain.compiler.planner import PlanningError
+    from shardtrain.compiler.savers import saver_options
+    from shardtrain.compiler.specs import ParallelDims
+    model, hw = load_model_spec("llama-3.1-8b"), HardwareSpec(nodes=1, gpus_per_node=8)
+    long = TrainSpec(seq_len=262_144, global_batch_size=1)
+    assert {sv.tiles for sv in saver_options(model, long, ParallelDims(cp=2, tp=4))} == {1}
+    assert max(sv.tiles for sv in saver_options(model, long, ParallelDims(cp=8))) > 1
+    # forced tp 4, tiles auto, 1M tokens: nothing fits; before the rule the zero3 alternative was a
+    # 128-tile MLP on the tp mesh
+    from shardtrain.compiler.planner import NoFitError
+    with pytest.raises(NoFitError) as nofit:
+        plan(model, hw, dataclasses.replace(long, seq_len=1 << 20, parallel=ParallelRequest(tp=4)))
+    p = nofit.value.plan
+    assert p.parallel.tp == 4 and len(p.alternatives) >= 1
+    assert all(c.tiled_mlp_tiles == 1 for c in (p.chosen, *p.alternatives))
+    with pytest.raises(PlanningError) as e:
+        plan(model, hw, TrainSpec(tiled_mlp=4, parallel=ParallelRequest(tp=2)))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("train.tiled_mlp: 4 cannot run with tensor parallel (parallel.tp 2)")
+    forced = plan(model, hw, dataclasses.replace(long, tiled_mlp=4))
+    assert forced.chosen.tiled_mlp_tiles == 4 and forced.parallel.tp == 1
+    assert all(c.mesh.tp == 1 for c in (forced.chosen, *forced.alternatives))

@@ -24,7 +24,7 @@ from shardtrain.compiler.phases import candidate_phases
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.plan import Candidate, Plan
 from shardtrain.compiler.savers import (Savers, ckpt_input_bytes, dominates, saver_options, savers_only_shrink,
-                                        tiled_saved_reduction_per_token)
+                                        tiled_mlp_mesh_reason, tiled_saved_reduction_per_token)
 from shardtrain.compiler.specs import (ActivationOffload, Engine, GradCkpt, HardwareSpec, LossMode, Method,
                                        OffloadDevice, Optimizer, ParallelDims, ParallelRequest, Precision, Strategy,
                                        TrainSpec)
@@ -353,6 +353,10 @@ def _search(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, probe: bool, p
         refusal = str(e)
     if refusal:
         raise PlanningError(refusal)
+    if train.parallel.tp is not None:   # a forced tiled MLP on a forced tp mesh: one line, not one per strategy
+        refusal = tiled_mlp_mesh_reason(train, ParallelDims(tp=train.parallel.tp))
+        if refusal:
+            raise PlanningError(refusal)
     op_ok = runner_path(train.runner, train.runner_transformers).op_ckpt
     ckpts = ([c for c in _CKPT_ORDER if op_ok or c is not GradCkpt.OP] if train.grad_ckpt is GradCkpt.AUTO
              else [train.grad_ckpt])
@@ -388,7 +392,7 @@ def _search(model: ModelSpec, hw: HardwareSpec, train: TrainSpec, probe: bool, p
         if reason:
             illegal.setdefault(s, reason)
             return
-        reason = mesh_illegal_reason(s, mesh, model, hw, train, method)
+        reason = mesh_illegal_reason(s, mesh, model, hw, train, method) or tiled_mlp_mesh_reason(train, mesh)
         if reason:
             # an auto mesh that cannot run is just not a candidate; a forced one says why
             if not train.parallel.is_auto:

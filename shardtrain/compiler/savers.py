@@ -106,7 +106,10 @@ def saver_options(model: ModelSpec, train: TrainSpec, parallel: ParallelDims | N
     with or without tiles but never with checkpoint offload (it moves those inputs already)."""
     t = train.tiled_mlp
     if t is None:
-        tiles = [1] if model.is_moe else [1, auto_tiles(model, train.seq_len, parallel)]  # MoE: forced only
+        # MoE: forced only; tensor parallel: never (the runtime tiles a whole MLP, not a tp shard:
+        # runtime/modeling.py refuses tiled_mlp_tiles > 1 with parallel.tp > 1)
+        no_tiles = model.is_moe or (parallel is not None and parallel.tp > 1)
+        tiles = [1] if no_tiles else [1, auto_tiles(model, train.seq_len, parallel)]
     else:
         tiles = [t]
     act_cpu = train.activation_offload is ActivationOffload.CPU
@@ -118,6 +121,15 @@ def saver_options(model: ModelSpec, train: TrainSpec, parallel: ParallelDims | N
     if act_cpu:
         out += [Savers(ActivationOffload.CPU, n, False) for n in tiles]
     return out
+
+
+def tiled_mlp_mesh_reason(train: TrainSpec, parallel: ParallelDims) -> str | None:
+    """Why a forced tiled MLP cannot run on this mesh (with the fix), or None: the runtime tiles a whole MLP's
+    sequence, not a tensor-parallel shard of it (runtime/modeling.py refuses tp > 1, DeepSpeed AutoTP too)."""
+    if train.tiled_mlp is not None and train.tiled_mlp > 1 and parallel.tp > 1:
+        return (f"train.tiled_mlp: {train.tiled_mlp} cannot run with tensor parallel (parallel.tp {parallel.tp}): "
+                "the tiled MLP runs on a whole MLP, not a tp shard; set tiled_mlp: auto or off, or parallel.tp: 1")
+    return None
 
 
 def savers_only_shrink(model: ModelSpec, precision: Precision, tokens: int, tiles: int, n_ck: int,
