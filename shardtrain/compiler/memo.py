@@ -17,9 +17,20 @@ MAX_ENTRIES = 8192
 """Per function; the cache is emptied when it grows past this (a long session of plans)."""
 
 
+_KIND: dict[type, int] = {}
+"""Per argument type: 0 keyed by identity, 1 by value (a scalar or an enum), 2 a tuple (by value if all scalars)."""
+
+
+def _kind(t: type) -> int:
+    k = _KIND.get(t)
+    if k is None:
+        k = _KIND[t] = 2 if t is tuple else int(issubclass(t, _SCALARS) or issubclass(t, enum.Enum))
+    return k
+
+
 def _by_value(a) -> bool:
-    return (isinstance(a, _SCALARS) or isinstance(a, enum.Enum)
-            or (type(a) is tuple and all(isinstance(e, _SCALARS) for e in a)))
+    k = _kind(type(a))
+    return k == 1 or (k == 2 and all(isinstance(e, _SCALARS) for e in a))
 
 
 def _key(args: tuple) -> tuple:
