@@ -92,3 +92,18 @@ def test_runner_transformers_without_hf_runner_is_ignored_in_one_line(capsys):
     assert rc == 0 and len(err) == 1 and "ignored, train.runner is shardtrain" in err[0]
     rc = main(["plan", "--model", "llama-3.2-1b", "--runner", "hf_trainer", "--set", "train.runner_transformers=4.44.2"])
     assert rc == 0 and "runner_transformers" not in capsys.readouterr().err
+
+
+def test_emit_formats_plan_for_their_runner(capsys):
+    """`emit --format accelerate | trainer | trainer-args` plans for that runner (here: op SAC is refused,
+    which only the HF runners do); --runner shardtrain overrides it; other formats keep our runtime."""
+    from shardtrain.cli import main
+    base = ["emit", "--model", "llama-3.1-8b", "--gpus-per-node", "8", "--seq-len", "4096", "--global-batch", "8",
+            "--strategy", "fsdp_full_shard", "--grad-ckpt", "op"]
+    for fmt, runner in (("accelerate", "accelerate"), ("trainer-args", "hf_trainer")):
+        rc = main([*base, "--format", fmt])
+        err = capsys.readouterr().err
+        assert rc != 0 and f"grad_ckpt: op cannot run under runner {runner}" in err, err
+    assert main([*base, "--format", "accelerate", "--runner", "shardtrain"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--format", "fsdp"]) == 0
