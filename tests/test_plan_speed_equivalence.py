@@ -94,3 +94,15 @@ def test_no_tiled_mlp_on_a_tp_mesh():
     forced = plan(model, hw, dataclasses.replace(long, tiled_mlp=4))
     assert forced.chosen.tiled_mlp_tiles == 4 and forced.parallel.tp == 1
     assert all(c.mesh.tp == 1 for c in (forced.chosen, *forced.alternatives))
+
+
+@pytest.mark.parametrize("lie", [True, False])
+def test_a_wrong_probe_never_makes_the_answer(monkeypatch, lie):
+    """If a probe ever disagreed with plan() at the edge, find_max searches again planning every value in
+    full instead of answering from the probe."""
+    import shardtrain.compiler.maxfit as maxfit
+    model, hw, train = load_model_spec("llama-3.1-8b"), HardwareSpec(nodes=1, gpus_per_node=1), TrainSpec()
+    want = find_max(model, hw, train, MaxKey.SEQ_LEN, planner=lambda m, h, t: plan(m, h, t))
+    monkeypatch.setattr(maxfit, "first_fit", lambda *a, **k: ("pair",) if lie else None)
+    got = find_max(model, hw, train, MaxKey.SEQ_LEN)
+    assert got.to_json() == want.to_json() and got.plan.to_json() == want.plan.to_json()
