@@ -64,10 +64,19 @@ def resolve_lora_targets(model: ModelSpec, targets: tuple[str, ...] | str) -> tu
     return tuple(targets)
 
 
-@functools.lru_cache(maxsize=64)   # one tuple per (model, method, LoRA): the identity-keyed memos hit across plans
 def tensor_inventory(model: ModelSpec, method: Method, lora_rank: int = 16,
                      lora_targets: tuple[str, ...] | str = "all-linear") -> tuple[TensorGroup, ...]:
     """Every parameter tensor of the (possibly LoRA-wrapped) model, grouped by shape."""
+    if isinstance(lora_targets, list):
+        lora_targets = tuple(lora_targets)
+    try:
+        return _cached_inventory(model, method, lora_rank, lora_targets)
+    except TypeError:   # an unhashable spec (hand-built in a test): computed, not cached
+        return _inventory(model, method, lora_rank, lora_targets)
+
+
+def _inventory(model: ModelSpec, method: Method, lora_rank: int,
+               lora_targets: tuple[str, ...] | str) -> tuple[TensorGroup, ...]:
     full = method is Method.FULL
     L, h, V = model.num_layers, model.hidden_size, model.vocab_size
     groups: list[TensorGroup] = [TensorGroup("embed_tokens", (V, h), 1, full)]
@@ -100,6 +109,10 @@ def tensor_inventory(model: ModelSpec, method: Method, lora_rank: int = 16,
             groups.append(TensorGroup(f"{t}.lora_A", (lora_rank, s.in_features), n, True))
             groups.append(TensorGroup(f"{t}.lora_B", (s.out_features, lora_rank), n, True))
     return tuple(groups)
+
+
+# one tuple per (model, method, LoRA): the identity-keyed memos (memo.py) hit across plans
+_cached_inventory = functools.lru_cache(maxsize=64)(_inventory)
 
 
 @by_identity

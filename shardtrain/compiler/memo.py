@@ -17,14 +17,17 @@ MAX_ENTRIES = 8192
 """Per function; the cache is emptied when it grows past this (a long session of plans)."""
 
 
+_MUTABLE = (list, dict, set, bytearray)
 _KIND: dict[type, int] = {}
-"""Per argument type: 0 keyed by identity, 1 by value (a scalar or an enum), 2 a tuple (by value if all scalars)."""
+"""Per argument type: 0 keyed by identity, 1 by value (a scalar or an enum), 2 a tuple (by value if all
+scalars), 3 mutable (a list, dict, set: the call is not memoised)."""
 
 
 def _kind(t: type) -> int:
     k = _KIND.get(t)
     if k is None:
-        k = _KIND[t] = 2 if t is tuple else int(issubclass(t, _SCALARS) or issubclass(t, enum.Enum))
+        k = _KIND[t] = (2 if t is tuple else 3 if issubclass(t, _MUTABLE)
+                        else int(issubclass(t, _SCALARS) or issubclass(t, enum.Enum)))
     return k
 
 
@@ -43,6 +46,8 @@ def by_identity(fn):
 
     @functools.wraps(fn)
     def memo(*args):
+        if any(_kind(type(a)) == 3 for a in args):
+            return fn(*args)
         k = _key(args)
         hit = cache.get(k)
         if hit is not None and all(a is b or _by_value(a) for a, b in zip(hit[0], args)):
