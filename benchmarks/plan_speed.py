@@ -2,13 +2,15 @@
 nodes × 8 GPUs (goal < 0.2 s), 405B on 1,024 GPUs with a global batch of 256 (goal < 50 ms; the batch
 forces tp/cp), 8B at seq 262,144 on one node; `plan --max seq-len` for 8B on one node (goal < 1 s) and 405B on
 128 x 8 (goal < 5 s); and a cold `shardtrain plan` CLI call with a preset (goal
-< 2 s wall). Prints measured figures; asserts nothing.
+< 2 s wall). Prints measured figures (wall and, for the in-process ones, this process's CPU time: on a
+shared, loaded machine the CPU time is the figure to compare) and the load average; asserts nothing.
 
     python benchmarks/plan_speed.py [--repeats 7]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -19,6 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
 
     from shardtrain.compiler.planner import plan
     from shardtrain.compiler.specs import HardwareSpec, TrainSpec
@@ -27,14 +30,16 @@ def main() -> None:
     model = load_model_spec("llama-3.1-70b")
     hw = HardwareSpec(nodes=64, gpus_per_node=8, nvme_path="/nvme", nvme_capacity_bytes=3_500_000_000_000)
     train = TrainSpec(seq_len=4096, global_batch_size=2048)
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         p = plan(model, hw, train)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     n_alt = len(p.alternatives)
     print(f"in-process plan, 70B on 64x8 GPUs: median {statistics.median(times) * 1e3:.1f} ms "
-          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}; goal < 200 ms) -> {p.chosen.strategy.value}, "
+          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}; CPU median {statistics.median(cpu) * 1e3:.1f} ms; "
+          f"goal < 200 ms) -> {p.chosen.strategy.value}, "
           f"mesh {p.parallel.label()}, {n_alt} alternatives; ratio to goal {statistics.median(times) / 0.2:.3f}")
     for name, hw_, train_, goal in (
             ("405B, global batch 256 on 128x8 GPUs", HardwareSpec(nodes=128, gpus_per_node=8),
@@ -42,13 +47,15 @@ def main() -> None:
             ("8B at seq 262,144, global batch 1 on 1x8 GPUs", HardwareSpec(nodes=1, gpus_per_node=8),
              TrainSpec(seq_len=262_144, global_batch_size=1), 0.05)):
         m = load_model_spec("llama-3.1-405b" if name.startswith("405B") else "llama-3.1-8b")
-        times = []
+        times, cpu = [], []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             p = plan(m, hw_, train_)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         med = statistics.median(times)
-        print(f"in-process plan, {name}: median {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}; goal "
+        print(f"in-process plan, {name}: median {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}; CPU median "
+              f"{statistics.median(cpu) * 1e3:.1f} ms; goal "
               f"< {goal * 1e3:.0f} ms) -> {p.chosen.strategy.value}, mesh {p.parallel.label()}; ratio to goal "
               f"{med / goal:.3f}")
 
@@ -74,14 +81,16 @@ def _max_speed(repeats: int) -> None:
     from shardtrain.config.presets import load_model_spec
     for name, hw, goal in (("llama-3.1-8b", HardwareSpec(nodes=1, gpus_per_node=8), 1.0),
                            ("llama-3.1-405b", HardwareSpec(nodes=128, gpus_per_node=8), 5.0)):
-        m, times = load_model_spec(name), []
+        m, times, cpu = load_model_spec(name), [], []
         for _ in range(max(1, repeats // 2)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r = find_max(m, hw, TrainSpec(), MaxKey.SEQ_LEN)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         med = statistics.median(times)
         print(f"in-process plan --max seq-len, {name} on {hw.nodes}x{hw.gpus_per_node}: median {med:.3f} s "
-              f"(min {min(times):.3f}; goal < {goal:.0f} s; {r.plans_made} plans) -> seq {r.value:,}, mesh "
+              f"(min {min(times):.3f}; CPU median {statistics.median(cpu):.3f} s, min {min(cpu):.3f}; goal < "
+              f"{goal:.0f} s; {r.plans_made} plans) -> seq {r.value:,}, mesh "
               f"{r.plan.parallel.label()}, limited by {r.limited_by}; ratio to goal {med / goal:.3f}")
 
 
