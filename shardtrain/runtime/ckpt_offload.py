@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 @dataclass
@@ -40,7 +41,8 @@ class HostStash:
 
     def pack(self, t: torch.Tensor):
         if (isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) or t.is_sparse
-                or type(t) is not torch.Tensor):  # a tensor subclass (DTensor): its local shard, not its size
+                or (type(t) is not torch.Tensor and not isinstance(t, FakeTensor))):
+            # a tensor subclass (DTensor): its local shard, not its size; FakeTensor (plan --trace) is a plain one
             return (None, t)
         self.tensors += 1
         self.bytes += t.numel() * t.element_size()

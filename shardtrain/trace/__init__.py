@@ -21,11 +21,16 @@ class TraceResult:
     tool: str
     world_size: int
     seconds: float
+    host: dict = None
+    """host memory the step used instead of device memory, not in any device total: {"ckpt_offload": the
+    runtime stash's bytes of one micro-step (ckpt_offload.ckpt_stash(model).bytes), "ckpt_offload_peak":
+    the tracked peak of its live host copies}; empty without checkpoint offload"""
 
     def to_json(self) -> dict:
         return {"total": self.total, "peak_phase": self.peak_phase, "per_phase": self.per_phase,
                 "by_category": self.by_category, "untraced": list(self.untraced), "tool": self.tool,
-                "world_size": self.world_size, "seconds": round(self.seconds, 2)}
+                "world_size": self.world_size, "seconds": round(self.seconds, 2),
+                **({"host": dict(self.host)} if self.host else {})}
 
 
 def trace_plan(plan, *, steps: int = 2) -> TraceResult:
@@ -34,7 +39,7 @@ def trace_plan(plan, *, steps: int = 2) -> TraceResult:
     `untraced`: cuda_context (and DDP's 2 in-flight buckets) are added to the total."""
     from shardtrain.trace.step import trace_step
     t0 = time.perf_counter()
-    phases, tool, world = trace_step(plan, steps=steps)
+    phases, tool, world, host = trace_step(plan, steps=steps)
     pg = plan.chosen.per_gpu
     extra = {"cuda_context": pg.cuda_context}
     if plan.chosen.strategy.engine.value == "ddp":
@@ -49,4 +54,5 @@ def trace_plan(plan, *, steps: int = 2) -> TraceResult:
     untraced = tuple(extra)
     return TraceResult(total=per_phase[peak]["total"], peak_phase=peak, per_phase=per_phase,
                        by_category={k: v for k, v in per_phase[peak].items() if k != "total"},
-                       untraced=untraced, tool=tool, world_size=world, seconds=time.perf_counter() - t0)
+                       untraced=untraced, tool=tool, world_size=world, seconds=time.perf_counter() - t0,
+                       host=host)

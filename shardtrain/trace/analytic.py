@@ -34,7 +34,7 @@ def plan_on_mesh(model, hw: HardwareSpec, train: TrainSpec, parallel: ParallelDi
 
 def _reevaluated(p: Plan, parallel: ParallelDims) -> Plan:
     """The chosen candidate's analytic phases recomputed on `parallel` (same micro batch, checkpointing,
-    optimizer, method, loss path; accumulation from global = micro × accum × dp)."""
+    optimizer, method, loss path, tiled MLP tiles, checkpoint offload; accumulation from global = micro × accum × dp)."""
     from shardtrain.compiler.inventory import tensor_inventory
     from shardtrain.compiler.planner import evaluate_phases
     c, t = p.chosen, p.train
@@ -43,7 +43,7 @@ def _reevaluated(p: Plan, parallel: ParallelDims) -> Plan:
     _ms, phases, peak = evaluate_phases(
         p.model, p.hardware, t, groups, c.strategy, method=c.method, optimizer=c.optimizer,
         micro=c.micro_batch_size, ckpt=c.gradient_checkpointing, defer=c.fsdp_defer_grad_sync, loss=c.loss,
-        act_offload=c.activation_offload, parallel=parallel)
+        act_offload=c.activation_offload, parallel=parallel, tiles=c.tiled_mlp_tiles, ckpt_offload=c.ckpt_offload)
     chosen = dataclasses.replace(c, parallel=parallel, grad_accum_steps=accum, per_gpu=phases[peak],
                                  per_phase=tuple(phases.items()), peak_phase=peak)
     return dataclasses.replace(p, chosen=chosen)

@@ -5,8 +5,8 @@ the HF model built from the plan's config on the meta device (runtime.modeling.b
 fp32 trainable params for DDP/FSDP full fine-tuning, 16-bit frozen base + fp32 adapters for LoRA via
 runtime.modeling.apply_lora), checkpointing via runtime.modeling.enable_checkpointing, FSDP2
 `fully_shard` per decoder layer + root with the plan's emitted FsdpSettings (mesh, MixedPrecisionPolicy,
-reshard_after_forward), DDP's autocast compute, the worker's loss (runtime.worker.ce_sum, fp32
-cross-entropy), backward, clip_grad_norm_, optimizer.step and zero_grad with the engine's set_to_none.
+reshard_after_forward), DDP's autocast compute, the worker's loss (runtime/loss.py TokenLoss: full fp32
+cross-entropy or the chunked loss) with the plan's tiled MLP and checkpoint offload (trace/savers.py), backward, clip_grad_norm_, optimizer.step and zero_grad with the engine's set_to_none.
 The process group is torch's "fake" backend (torch/testing/_internal/distributed/fake_pg.py) of the
 plan's world size, so collectives return immediately with correctly-shaped outputs.
 
@@ -59,10 +59,9 @@ def check_traceable(plan: Plan) -> None:
     if c.method is Method.QLORA:
         raise TraceError("--trace: QLoRA's bitsandbytes 4-bit kernels cannot run under FakeTensorMode; "
                          "the analytic numbers stand (use --method lora to trace the 16-bit equivalent)")
-    if getattr(getattr(c, "loss", None), "value", "full") != "full" or \
-            getattr(getattr(c, "activation_offload", None), "value", "none") != "none":
-        raise TraceError("--trace: the chunked loss and activation offload (runtime/loss.py) are not traced "
-                         "yet; their analytic terms stand (trace with train.loss: full, activation_offload: none)")
+    if getattr(getattr(c, "activation_offload", None), "value", "none") != "none":
+        raise TraceError("--trace: activation offload (runtime/loss.py) is not traced yet; its analytic terms "
+                         "stand (trace with train.activation_offload: none)")
     par = plan.parallel
     if not par.is_data_parallel_only and c.strategy.engine is not Engine.FSDP:
         raise TraceError(f"--trace: the mesh {par.label()} is traced on the FSDP2 engine only (DTensor TP, "
@@ -123,12 +122,16 @@ def _build_meta(plan: Plan) -> nn.Module:
                        meta=True)
     from shardtrain.runtime.packed_attention import install_packed
     install_packed(model)   # as runtime/build.py: no [s, s] mask (FakeTensorMode made transformers build one)
-    enable_checkpointing(model, c.gradient_checkpointing, t.selective_every)
+    # checkpoint offload: the runtime's stash (trace/savers.py host_resident files its copies as host memory)
+    enable_checkpointing(model, c.gradient_checkpointing, t.selective_every, ckpt_offload=c.ckpt_offload,
+                         device_type="cpu")
     if c.method is not Method.FULL:
         lo = t.lora
         with torch.device("meta"):
             model = apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
                                targets=tuple(plan.lora_targets or lo.targets), seed=0)
+    from shardtrain.trace.savers import install_tiled
+    install_tiled(plan, model)   # after LoRA, as runtime/modeling.py build_model
     return model
 
 
@@ -140,7 +143,8 @@ def _optimizer(plan: Plan, params):
 
 
 def _reset_peak(mt) -> None:
-    mt._peak_mem_snap = copy.deepcopy(mt._curr_mem_snap)
+    from shardtrain.trace.trackers import HOST
+    mt._peak_mem_snap = copy.deepcopy({d: snap for d, snap in mt._curr_mem_snap.items() if d is not HOST})
     mt._peak_mem = {dev: snap.get("Total", 0) for dev, snap in mt._peak_mem_snap.items()}
 
 
@@ -154,14 +158,16 @@ def _read_peak(mt) -> dict[str, int]:
     return out
 
 
-def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]], str, int]:
+def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]], str, int, dict[str, int]]:
     """Per-phase peak bytes per category of rank 0 over `steps` optimizer steps (max over steps and
-    micro-steps), the tracker's name, and the world size."""
+    micro-steps), the tracker's name, the world size, and host memory the step used instead of device
+    memory ({"ckpt_offload": the stash's bytes of one micro-step, "ckpt_offload_peak": the tracked peak
+    of its live copies}; empty without checkpoint offload)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from shardtrain.runtime.engines import trainable
     from shardtrain.runtime.modeling import compute_dtype, decoder_layers
-    from shardtrain.runtime.context_parallel import shifted_ce_sum
-    from shardtrain.runtime.loss import ce_sum
+    from shardtrain.runtime.ckpt_offload import ckpt_stash
+    from shardtrain.trace.savers import host_resident, token_loss
     from shardtrain.trace.mesh import MeshTraceError, clip, cp_inputs
     check_traceable(plan)
     c, t = plan.chosen, plan.train
@@ -202,8 +208,14 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
                 mt = FrozenSafeMemTracker()
                 mt.track_external(model, opt, ids)
                 tool = "MemTracker"
-            autocast = (torch.autocast("cpu", dtype=compute_dtype(c.precision))
+            def autocast():   # the engine's compute context (DDP: autocast; FSDP2: MixedPrecisionPolicy)
+                return (torch.autocast("cpu", dtype=compute_dtype(c.precision))
                         if not fsdp and c.precision.autocast else contextlib.nullcontext())
+            loss_of = token_loss(plan, model, c.strategy.engine, autocast, torch.device("cpu"))
+            stash = ckpt_stash(model)
+            if stash is not None:
+                host_resident(stash, mt)
+            host: dict[str, int] = {}
             with mt:
                 for _ in range(steps):
                     for k in range(accum):
@@ -216,13 +228,15 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
                             # the HF runners (Trainer / accelerate): model(input_ids, labels=...) computes the
                             # loss inside the root unit's forward (compiler/runner.py); the outputs are
                             # dropped before backward, as Trainer.compute_loss returns only the loss
-                            with autocast:
+                            with autocast():
                                 loss = model(**fwd, labels=ids).loss
-                        else:
-                            with autocast:
-                                logits = model(**fwd).logits
-                            loss = ce_sum(logits, ids) if shift_labels is None else shifted_ce_sum(logits, shift_labels)
-                            del logits
+                        else:   # runtime/loss.py TokenLoss: full or chunked, as the worker runs it
+                            if stash is not None:
+                                stash.reset()
+                            loss = (loss_of(fwd, ids) if shift_labels is None
+                                    else loss_of(fwd, shift_labels, shifted=True))
+                            if stash is not None:
+                                host["ckpt_offload"] = max(host.get("ckpt_offload", 0), stash.bytes)
                         keep("forward", _read_peak(mt))
                         _reset_peak(mt)
                         loss.backward()
@@ -237,5 +251,7 @@ def trace_step(plan: Plan, *, steps: int = 2) -> tuple[dict[str, dict[str, int]]
                     # the first step's lazy state init is over-counted under fake mode (DTensor
                     # zeros_like); the steady state is the last step's optimizer phase
                     phases["optimizer"] = _read_peak(mt)
-    return phases, tool, W
+            if stash is not None:
+                host["ckpt_offload_peak"] = mt.host_peak
+    return phases, tool, W, host
 

@@ -12,19 +12,58 @@ kept, with the upstream code for it.
 """
 from __future__ import annotations
 
+import contextlib
 from copy import deepcopy
 
 from torch import nn
+from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed._tools.mem_tracker import _MemRefType, MemTracker
+from torch.distributed._tools.mem_tracker import _MemRefType, _UpdateType, _WeakRefInfo, MemTracker
 
 _TOTAL_KEY = "Total"
 
 
+class _HostMemory:
+    """The snapshot key of host memory (checkpoint offload's copies): not a device, never in a peak.
+    `type` is what _WeakRefInfo reads (no CUDA rounding)."""
+    type = "host"
+
+    def __repr__(self) -> str:
+        return "host"
+
+
+HOST = _HostMemory()
+
+
 class _GlobalPeakOnly:
+    """Global per-device peak only (module docstring); storages allocated inside `host_allocations()` are
+    filed under HOST (their own peak in `host_peak`), as a GPU run keeps them in host memory."""
+    _host_alloc = False
+    host_peak = 0
+
+    @contextlib.contextmanager
+    def host_allocations(self):
+        self._host_alloc = True
+        try:
+            yield
+        finally:
+            self._host_alloc = False
+
+    def _track(self, reftype, t) -> None:
+        if not self._host_alloc:
+            return super()._track(reftype, t)
+        for st in get_untyped_storages(t):
+            if self._WINFO.get(st, (None, None))[0] is None:   # new storage: the host copy (copy_ reuses it)
+                winfo, w_st = _WeakRefInfo.create_winfo(st, HOST, reftype, self._delete_callback)
+                self._WINFO[st] = (winfo, w_st)
+                if winfo.mem_consumed > 0:
+                    self._update_snap(_UpdateType.ADD, winfo)
+
     def _update_peak_stats(self, peak_state) -> None:
         for dev, dev_snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
+            if dev is HOST:
+                self.host_peak = max(self.host_peak, dev_snap[_TOTAL_KEY])
+            elif self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
                 self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
                 self._peak_mem_snap[dev] = deepcopy(dev_snap)
 
