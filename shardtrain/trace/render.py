@@ -10,7 +10,7 @@ def render_trace(plan, res) -> str:
     analytic = dict(c.per_phase)
     out = [f"trace      {res.tool}, world size {res.world_size} ({plan.parallel.label()}), {res.seconds:.1f} s "
            "(FakeTensorMode on CPU; "
-           f"untraced, from the analytic model: {', '.join(res.untraced) or 'nothing'})",
+           f"untraced, from the analytic model: {', '.join(res.untraced) or 'nothing'}{_host(res)})",
            "           phase       analytic      traced    analytic/traced"]
     for ph in PHASES:
         a = analytic[ph].total if ph in analytic else 0
@@ -20,6 +20,16 @@ def render_trace(plan, res) -> str:
     out.append(f"           {'peak':<10}{fmt_bytes(a):>10}  {fmt_bytes(res.total):>10}    {a / res.total:>6.3f}"
                f"   (analytic peak: {c.peak_phase}, traced peak: {res.peak_phase})")
     return "\n".join(out)
+
+
+def _host(res) -> str:
+    """Checkpoint offload's host copies: host memory on a GPU, so in no traced device figure; the bytes as
+    the runtime's stash counts them (runtime/ckpt_offload.py ckpt_stash(model).bytes, one micro-step)."""
+    host = getattr(res, "host", None) or {}
+    if "ckpt_offload" not in host:
+        return ""
+    return (f"; host, not in the device figures: checkpoint offload {fmt_bytes(host['ckpt_offload'])} a micro-step "
+            "(the runtime stash's bytes)")
 
 
 def trace_or_error(plan):
