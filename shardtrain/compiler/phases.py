@@ -395,3 +395,31 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
     phases = {ph: MemoryBreakdown(**t, cuda_context=cuda_context) for ph, t in terms.items()}
     peak = max(PHASES, key=lambda ph: (phases[ph].total, -PHASES.index(ph)))
     return phases, peak
+
+
+def fsdp_side_stream_pools(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy: Strategy, *,
+                           shard_size: int, method: Method, precision: Precision,
+                           parallel: ParallelDims | None = None) -> tuple[int, int]:
+    """(all-gather pool, reduce-scatter pool): the bytes FSDP2's side streams hold in their own
+    caching-allocator segments at their high-water mark, which the compute stream cannot reuse
+    (compiler/allocator.py; (0, 0) for other engines). torch 2.13 _fully_shard/_fsdp_collectives.py:
+    - foreach_all_gather allocates the flat all-gather output in the all-gather copy-in stream; in the
+      forward the previous group's output stays referenced (comm_ctx.all_gather_state, freed when the next
+      group's all-gather is waited on), so the root's and the first unit's outputs coexist: root + unit
+      (none at one rank: no all-gather);
+    - foreach_reduce allocates the reduce-scatter output in the reduce-scatter stream and the sharded
+      gradients are views into it ("The RS output is allocated in the RS stream and used in the default
+      stream (for optimizer)"), so a step's sharded gradients live in that pool; `zero_grad` frees them
+      into it, not to the compute stream. CPUOffloadPolicy copies each output to the host at once: one
+      group's output. (torch of 2024 also allocated the fp32 reduce-scatter *input* there:
+      _composable/fsdp/_fsdp_collectives.py foreach_reduce_scatter at 01d66d2; not modelled.)"""
+    if strategy.engine is not Engine.FSDP:
+        return 0, 0
+    N = shard_size
+    g = tp_local_groups(groups, parallel.tp if parallel else 1)
+    T_shard, unit, layer_tr, root, root_tr = _fsdp_units(g, N, method, precision, model.num_layers)
+    tb = precision.trainable_bytes
+    ag = root + unit if N > 1 else 0
+    if strategy is Strategy.FSDP_OFFLOAD:
+        return ag, tb * -(-max(layer_tr, root_tr) // N)
+    return ag, tb * T_shard

@@ -20,7 +20,7 @@ from shardtrain.compiler.loss_choice import loss_auto_reason
 from shardtrain.compiler.op_ckpt import recompute_fraction
 from shardtrain.compiler.runner import runner_path
 from shardtrain.compiler.plan_reasons import STRATEGY_ORDER, ordinal, plan_reasons  # noqa: F401  (re-exported)
-from shardtrain.compiler.phases import candidate_phases
+from shardtrain.compiler.phases import candidate_phases, fsdp_side_stream_pools
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.plan import Candidate, Plan
 from shardtrain.compiler.savers import (Savers, ckpt_input_bytes, dominates, saver_options, savers_only_shrink,
@@ -175,7 +175,10 @@ def _memory(ctx: _Ctx, strategy: Strategy, ckpt: GradCkpt, micro: int, optimizer
     why = []
     # the fit rule: the caching allocator's reserved peak + what lies outside it (CUDA context, NCCL), i.e.
     # what nvidia-smi would show, against the GPU memory less the user's headroom (compiler/allocator.py)
-    alloc = predict_allocator(phases, groups, strategy.engine, expandable=hw.expandable_segments)
+    # FSDP2's all-gather / reduce-scatter streams keep their own segments (compiler/allocator.py predict)
+    side = fsdp_side_stream_pools(m, groups, strategy, shard_size=shard_group_size(strategy, hw, parallel=mesh),
+                                  method=method, precision=t.precision, parallel=mesh)
+    alloc = predict_allocator(phases, groups, strategy.engine, expandable=hw.expandable_segments, side_pools=side)
     if alloc.nvidia_smi_bytes > ctx.usable:
         why.append(f"needs {fmt_bytes(alloc.nvidia_smi_bytes)} per GPU (reserved + CUDA context) > "
                    f"{fmt_bytes(ctx.usable)} usable")
