@@ -36,6 +36,9 @@ class PhaseInputs:
     (mesh_memory.tp_local_groups) and `shard_size` the dp_shard × cp ranks they are sharded over."""
     op_saved_bytes_per_token: float = 0
     """grad_ckpt op: what each checkpointed layer keeps per token beyond its input (op_ckpt.py)."""
+    head_tokens: int | None = None
+    """Tokens whose logits the lm_head produces at once: None = all of them (the full loss); the chunked
+    loss one chunk (runtime/loss.py chunked_ce_sum never holds more)."""
     loss_in_root: bool = False
     """The HF runners (compiler/runner.py): the loss runs inside the root FSDP unit's forward."""
     tiled_mlp_tiles: int = 1

@@ -162,7 +162,9 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     # tiled MLP: one tile's intermediates + gradients and x_grad; checkpoint offload: the next input prefetched
     working += tile_working_bytes(m, x.precision, tokens, x.tiled_mlp_tiles, x.parallel, resid // (h * tokens))
     working += resid if x.ckpt_offload and n_ck else 0
-    bsv_p = p * tokens * m.vocab_size + tp_gather   # 16-bit logits at the lm_head matmul (+ tp-local slice)
+    # 16-bit logits at the lm_head matmul (+ tp-local slice); the chunked loss: one chunk's (measured:
+    # tests/runtime/test_long_seq_truth.py, seq 16,384 x 32,000 fp32: forward peak 133 MB, not 2.2 GB)
+    bsv_p = p * (x.head_tokens or tokens) * m.vocab_size + tp_gather
     if eng is Engine.FSDP:
         N = x.shard_size
         # every size below is what FSDP2 really moves: dim 0 padded to a multiple of N
@@ -389,7 +391,9 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                     - (tiled_saved_reduction_per_token(model, precision, parallel) if tiled_mlp_tiles > 1 else 0),
                     logits_forward_bytes=fwd_logits, logits_backward_bytes=bwd_logits,
                     activation_offload=activation_offload, op_saved_bytes_per_token=op_saved,
-                    loss_in_root=bool(runner and runner.loss_in_root), parallel=parallel, tiled_mlp_tiles=tiled_mlp_tiles,
+                    loss_in_root=bool(runner and runner.loss_in_root),
+                    head_tokens=None if loss is LossMode.FULL else min(chunk_tokens, tokens_per_rank(micro_batch, seq_len, parallel)),
+                    parallel=parallel, tiled_mlp_tiles=tiled_mlp_tiles,
                     ckpt_offload=ckpt_offload and n_ck > 0)
     terms = phase_terms(x, ms)
     phases = {ph: MemoryBreakdown(**t, cuda_context=cuda_context) for ph, t in terms.items()}
