@@ -77,11 +77,9 @@ BASE_TRAIN = {"strategy": "ddp", "precision": "fp32", "seq_len": SEQ, "micro_bat
               "steps": 2, "loss": "chunked", "loss_chunk_tokens": CHUNK, "tiled_mlp": "off", "ckpt_offload": "off"}
 
 #: Scenarios the plan does not get right yet, with the measured gap (seq 16,384, fp32, V 32,000, h 64,
-#: I 224; second step, 2026-12-05). Two modelling gaps in compiler/phases.py, both reported to the compiler's
-#: owner; each entry flips to XPASS (a failure: strict) once the plan is right, then delete it.
-_FWD_LOGITS = ("forward phase over by ~2 GB: phases.py `bsv_p = p * tokens * vocab` (the 16-bit logits at "
-               "the lm_head matmul, 4 x 16,384 x 32,000 = 2.10 GB) is charged in the forward instant under the "
-               "chunked loss too, which never holds more than one chunk's logits (runtime/loss.py)")
+#: I 224; second step, 2026-12-05; plans after 7c40e5a, which fixed the forward: the chunked loss had been
+#: charged the whole sequence's lm_head logits, +582..+1311%). All under-estimates of the backward, reported
+#: to the compiler's owner; each entry flips to XPASS (a failure: strict) once the plan is right: delete it.
 _LAYER_BWD = ("a layer's recompute + backward is under by 21.6 MB (1,320 B/token): at the MLP backward six "
               "I-sized fp32 tensors are live (gate, up, silu(gate), gate*up saved + down_proj's input gradient "
               "(mm) + one mul gradient), the plan holds four plus BACKWARD_WORKING_BYTES_PER_H = 8 bytes x h "
@@ -91,12 +89,12 @@ _LOSS_BWD = ("the chunked loss backward is under by 17.6 MB: the lm_head weight 
              "normalised tensor (one h-tensor more than `head`, which counts the embedding output twice with "
              "`kept`) and the RoPE cos/sin (2 x head_dim x 4 B/token), 4.2 MB each")
 KNOWN_GAPS: dict[str, str] = {
-    "ckpt_none": f"plan peak +582% (its forward); backward -5.1%. {_FWD_LOGITS}; {_LOSS_BWD}",
-    "ckpt_full": f"plan peak +936% (its forward); backward -10.3%. {_FWD_LOGITS}; {_LAYER_BWD}",
-    "act_offload": f"plan peak +935% (its forward); backward -8.3%. {_FWD_LOGITS}; {_LAYER_BWD}",
-    "ckpt_offload": f"plan peak +938% (its forward); backward -6.3%. {_FWD_LOGITS}; {_LAYER_BWD}",
-    "tiled_mlp": f"plan peak +1311% (its forward); backward -4.7% (7.3 MB: the layer gap, one tile's share of "
-                 f"the MLP). {_FWD_LOGITS}",
+    "ckpt_none": f"backward -5.1% (348.0 MB measured, 330.4 MB planned): {_LOSS_BWD}",
+    "ckpt_full": f"backward -10.3% (210.6 MB measured, 188.9 MB planned): {_LAYER_BWD}",
+    "act_offload": f"backward -8.3% (210.7 MB measured, 193.1 MB planned incl. 8.4 MB on the host): {_LAYER_BWD}",
+    "ckpt_offload": f"backward -6.3% (210.6 MB measured, 197.3 MB planned incl. 8.4 MB on the host): {_LAYER_BWD}",
+    "tiled_mlp": "backward -4.7% (154.6 MB measured, 147.3 MB planned): the layer gap above, one tile's share of "
+                 "the MLP plus the non-MLP part",
 }
 
 
