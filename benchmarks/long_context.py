@@ -107,6 +107,8 @@ def row(model: str, setup: Setup, res: dict | str) -> list[str]:
     strategy = res["strategy"] + (f" (optimizer on {res['offload_optimizer']}, params on {res['offload_params']})"
                                   if res.get("offload_optimizer", "none") != "none" else "")
     limit = f"{m['limited_by']} ({gib(m['limited_by_bytes'])}) at {m['next']:,}"
+    if m.get("limited_by_part"):
+        limit += f"; largest part: {m['limited_by_part']} ({gib(m['limited_by_part_bytes'])})"
     return [model, setup.label, f"{m['value']:,}", mesh_label(res["parallel"]), strategy, savers(res), limit, pub]
 
 
