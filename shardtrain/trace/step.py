@@ -6,7 +6,9 @@ fp32 trainable params for DDP/FSDP full fine-tuning, 16-bit frozen base + fp32 a
 runtime.modeling.apply_lora), checkpointing via runtime.modeling.enable_checkpointing, FSDP2
 `fully_shard` per decoder layer + root with the plan's emitted FsdpSettings (mesh, MixedPrecisionPolicy,
 reshard_after_forward), DDP's autocast compute, the worker's loss (runtime/loss.py TokenLoss: full fp32
-cross-entropy or the chunked loss) with the plan's tiled MLP and checkpoint offload (trace/savers.py), backward, clip_grad_norm_, optimizer.step and zero_grad with the engine's set_to_none.
+cross-entropy or the chunked loss) with the plan's tiled MLP and checkpoint offload (trace/savers.py;
+offload's host copies are filed apart from the device figures and reported as the runtime stash counts
+them), backward, clip_grad_norm_, optimizer.step and zero_grad with the engine's set_to_none.
 The process group is torch's "fake" backend (torch/testing/_internal/distributed/fake_pg.py) of the
 plan's world size, so collectives return immediately with correctly-shaped outputs.
 

@@ -9,6 +9,10 @@ Both trackers here also skip the per-module peak bookkeeping: upstream `_update_
 module seen so far on every dispatched op (O(ops x modules), minutes for a LoRA model with thousands
 of small modules); only the global per-device peak, which is all `shardtrain plan --trace` reads, is
 kept, with the upstream code for it.
+
+Host memory: storages allocated inside `host_allocations()` (checkpoint offload's host copies,
+trace/savers.py host_resident) are filed under the `HOST` key instead of their (fake) "cpu" device, so
+they count in no device peak; their own peak is `host_peak`.
 """
 from __future__ import annotations
 
