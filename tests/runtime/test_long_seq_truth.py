@@ -25,10 +25,11 @@ offloading adds nothing the plan does not know of (copies, prefetches) — not t
 < 7.1 GB (the full loss at 16,384 x 32,000 holds three fp32 logits-sized tensors, 2.1 GB each; the
 one process reaches 9.7 GB RSS over the launch: the allocator keeps freed pages).
 
-Cost: ~510 CPU-s (2026-12-05: 488 s user + 20 s sys, 6 scenarios x 2 steps at 2 threads), i.e. ~4 min on
-2 idle cores — over the 90 s target. The floor is the logits path: 16,384 x 32,000 lm_head + fp32
-cross-entropy forward, chunk recompute and backward is ~25 CPU-s per untraced step, and the traced step
-costs twice that (MemTracker's dispatch mode on every op).
+Cost (2026-12-05, a shared 2-core machine, load 5-14): 482 s wall, 295 s user + 14 s sys CPU for the
+launch (6 scenarios x 2 steps at 2 threads; the two scenarios that ran at the lowest load took 13.5 s wall
+each, the full loss ~30-50 s): roughly 2 min on 2 idle cores, over the 90 s target. The floor is the
+logits path: 16,384 x 32,000 lm_head + fp32 cross-entropy forward, chunk recompute and backward on every
+step, and the traced step costs about twice an untraced one (MemTracker's dispatch mode on every op).
 """
 from __future__ import annotations
 
