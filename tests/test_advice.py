@@ -206,7 +206,9 @@ def test_text_bugs(capsys):
     # "needs 49.2 GiB per GPU; needs 49.2 GiB per GPU > 45.6 GiB usable": the shortfall is said once
     rc, _, err = _plan(capsys, *QLORA_70B_1x48GB)
     head = err.split("To fit")[0]
-    assert head.count("per GPU") == 1 and "needs 52.5 GiB per GPU (reserved + CUDA context) > 48.0 GiB usable" in head
+    # the figure itself is the memory model's (52.5 GiB at 113d74d); this test is about saying it once
+    assert head.count("per GPU") == 1
+    assert re.search(r"needs \d+\.\d GiB per GPU \(reserved \+ CUDA context\) > 48\.0 GiB usable", head), head
 
 
 def test_budget_and_speed():
