@@ -137,7 +137,7 @@ def test_example_fits_only_with_chunked_loss(capsys):
     capsys.readouterr()
     assert main(["plan", str(EXAMPLE), "--loss", "full"]) == 2
     err = capsys.readouterr().err
-    assert "To fit, try" in err and "--loss chunked -> ddp, 17.3 GiB per GPU" in err  # re-planned advice (issue 22)
+    assert "To fit, try" in err and "--loss chunked -> ddp, 18.0 GiB per GPU" in err  # re-planned advice (issue 22)
 
 
 def test_bad_loss_value_is_one_line(capsys):

@@ -102,6 +102,34 @@ def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Att
     return 2 * norm + attn + mlp
 
 
+def head_bytes_per_token(model: ModelSpec, elem_bytes: int, parallel: ParallelDims | None = None) -> int:
+    """Bytes per token held outside the decoder layers from the forward to the loss backward (transformers
+    5.23 LlamaModel.forward / LlamaRMSNorm): the final norm's saved tensors — pow() saves its fp32 input
+    (4h: the last layer's output in fp32, its upcast copy in 16-bit), the weight multiply saves the
+    normalised tensor (`.to(input_dtype)`, e·h) — its output, the lm_head / loss-chunk input (e·h), and
+    the RoPE cos/sin every layer reads and recomputes with (LlamaRotaryEmbedding: `cos.to(x.dtype)`, 2·head_dim
+    per position; counted per token: conservative for micro batches sharing position ids). The embedding
+    output is no extra tensor: it is the first layer's input (kept) or saved by that layer. `elem_bytes`: the
+    residual stream's element size (fp32 under DDP autocast). Measured (tests/runtime/test_long_seq_truth.py,
+    fp32, real MemTracker): the old 2·e·h missed one h-tensor and cos/sin, 8.4 MB at seq 16,384, h 64."""
+    h = hidden_per_rank(model, parallel)
+    return 4 * h + 2 * elem_bytes * h + 2 * model.head_dim * elem_bytes
+
+
+def mlp_backward_extra_per_token(model: ModelSpec, precision: Precision, parallel: ParallelDims | None = None) -> int:
+    """Bytes per token an (untiled) MLP's backward holds beyond its saved tensors, at its peak, the
+    product's backward (HF LlamaMLP `down_proj(act_fn(gate_proj(x)) * up_proj(x))`; torch
+    tools/autograd/derivatives.yaml `mul`: self: grad * other, other: grad * self): down_proj's input
+    gradient (the mm) and the two mul gradients are live while gate (saved by SiLU), silu(gate) and up
+    (saved by mul) still are; the product (down_proj's saved input) was released after down_proj's
+    backward (autograd frees a node's saved tensors once it ran). 6 I-wide tensors against the 4 saved:
+    +2·p·I (per routed expert for MoE; tp-local I). Measured: real MemTracker, fp32, seq 16,384
+    (tests/runtime/test_long_seq_truth.py: six I-sized tensors live at the MLP backward)."""
+    tp = parallel.tp if parallel is not None else 1
+    k = model.experts_per_token if model.is_moe else 1
+    return 2 * precision.param_bytes * -(-model.intermediate_size // tp) * k
+
+
 def resolved_ckpt_fraction(grad_ckpt: GradCkpt, num_layers: int, selective_every: int) -> float:
     """Fraction of layers whose activations are (wholly or, with op, partly) recomputed."""
     if grad_ckpt in (GradCkpt.FULL, GradCkpt.OP):

@@ -41,8 +41,9 @@ and tests/test_trace.py.
 """
 from __future__ import annotations
 
-from shardtrain.compiler.activations import (checkpointed_layer_count, hidden_per_rank, layer_bytes_per_token,
-                                             logits_bytes, tokens_per_rank)
+from shardtrain.compiler.activations import (checkpointed_layer_count, head_bytes_per_token, hidden_per_rank,
+                                             layer_bytes_per_token, logits_bytes, mlp_backward_extra_per_token,
+                                             tokens_per_rank)
 from shardtrain.compiler.gathered import ROOT_GROUPS, gathered_bytes, per_layer_count, zero3_gathered
 from shardtrain.compiler.inventory import TensorGroup, trainable_params
 from shardtrain.compiler.memory import ModelStateBytes, fsdp_shard_groups
@@ -75,9 +76,17 @@ this is conservative by ~0.5% there; without it that point was 2.7% under the re
 FSDP_EXTRA_BYTES_PER_H = 3
 """All-16-bit block (FSDP2 / DeepSpeed): the block saves ~3·h bytes/token more than the derivation in
 activations.py (measured: 8B, 221.3 kB vs 208.9 kB per token per layer)."""
-BACKWARD_WORKING_BYTES_PER_H = 8
-"""(fitted) Backward of one decoder layer beyond its saved tensors: the incoming and outgoing hidden-state
-gradients and the fp32 RMSNorm backward temporaries (measured)."""
+BACKWARD_HIDDEN_GRADS = 1
+"""Hidden-width gradients live at a layer's MLP backward beside the MLP's own (activations.py
+mlp_backward_extra_per_token): the layer output's incoming gradient, which the residual add passes on
+unchanged to both branches (derivatives.yaml `add`: self: grad, other: grad). (Was
+BACKWARD_WORKING_BYTES_PER_H = 8 bytes·h, fitted in bf16, which did not scale with the element size and
+missed the MLP's gradients: 1,320 B/token under at fp32, tests/runtime/test_long_seq_truth.py.)"""
+RMSNORM_BACKWARD_FP32_TEMPS = 3
+"""fp32 h-wide tensors live at once in an RMSNorm's backward (transformers 5.23 LlamaRMSNorm: x32 = x.float(),
+y = x32 * rsqrt(mean(x32²) + eps), out = w * y.to(dtype); derivatives.yaml `mul`): the upcast output gradient,
+`grad * rsqrt` and the `grad * x32` product reduced for rsqrt's gradient; then pow's gradient and the sum of
+x32's two gradients, again three. Matters only where the MLP's backward holds less (a finely tiled MLP)."""
 
 
 @by_identity
@@ -153,14 +162,25 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     if x.activation_offload:
         kept = 0     # in host RAM (activations.activation_host_bytes)
     kept += op_kept
-    head = 2 * resid                                        # embedding output + final norm output
+    e_resid = resid // (h * tokens) if tokens else p       # the residual stream's element size
+    # final norm's saved input + normalised tensor, its output, RoPE cos/sin (activations.py)
+    head = head_bytes_per_token(m, e_resid, x.parallel) * tokens
 
     # ---- model states, and the instants of each phase
     params, master, states = ms.params, ms.master_params, ms.optimizer_states
     top = per_layer if n_ck == 0 else resid + op_kept // n_ck   # what the first layer's backward frees
-    working = (per_layer if n_ck else 0) + BACKWARD_WORKING_BYTES_PER_H * h * tokens + cp_bwd
-    # tiled MLP: one tile's intermediates + gradients and x_grad; checkpoint offload: the next input prefetched
-    working += tile_working_bytes(m, x.precision, tokens, x.tiled_mlp_tiles, x.parallel, resid // (h * tokens))
+    # the MLP backward's instant: its gradients beside its saved tensors (untiled; a tiled MLP: one tile's
+    # intermediates + gradients and x_grad instead) and the incoming hidden gradient
+    mlp_bwd = (mlp_backward_extra_per_token(m, x.precision, x.parallel) * tokens if x.tiled_mlp_tiles <= 1
+               else tile_working_bytes(m, x.precision, tokens, x.tiled_mlp_tiles, x.parallel, e_resid))
+    # ... or the RMSNorm backward's fp32 temporaries (the larger one: a finely tiled MLP's is small)
+    norm_bwd = RMSNORM_BACKWARD_FP32_TEMPS * 4 * h * tokens
+    working = (per_layer if n_ck else 0) + max(mlp_bwd, norm_bwd) + BACKWARD_HIDDEN_GRADS * resid + cp_bwd
+    # the top layer's MLP backward: without checkpointing its saved tensors are all still there (only the
+    # product is gone, inside mlp_bwd's count), so nothing is freed yet; with it, the recomputed layer's
+    # input is in both `kept` and `per_layer`
+    top_bwd = top if n_ck else 0
+    # checkpoint offload: the next input prefetched
     working += resid if x.ckpt_offload and n_ck else 0
     # 16-bit logits at the lm_head matmul (+ tp-local slice); the chunked loss: one chunk's (measured:
     # tests/runtime/test_long_seq_truth.py, seq 16,384 x 32,000 fp32: forward peak 133 MB, not 2.2 GB)
@@ -221,7 +241,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
                 # fp32 reduce-scatter input and sharded grads, the root's unsharded 16-bit grads
                 # (reduce-scattered in the root's post-backward, at the very end)
                 dict(grads=g_prev + p * lm_tr + tb * -(-layer_tr // N),
-                     activations=max(kept - top, 0) + head + working, logits=0,
+                     activations=max(kept - top_bwd, 0) + head + working, logits=0,
                      buffers=max(root + 2 * unit, held) + rs)],
         }
         # end of backward (embedding backward): every layer's sharded grads, the root still gathered
@@ -317,7 +337,7 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
             "backward": [dict(grads=g.get("loss_backward", g["backward"]), activations=kept + head + p * lm_w,
                               logits=x.logits_backward_bytes, buffers=b_fb),
                          # a layer's backward: gradients in flight / partitioned (conservative: all of them)
-                         dict(grads=g["backward"], activations=max(kept - top, 0) + head + working, logits=0,
+                         dict(grads=g["backward"], activations=max(kept - top_bwd, 0) + head + working, logits=0,
                               buffers=b_fb)],
             "optimizer": [dict(grads=g["optimizer"], activations=0, logits=0, buffers=b)],
         }
@@ -377,6 +397,16 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
         bwd_logits = min(12 * bsv, logits)
     else:
         fwd_logits = bwd_logits = logits
+        # the chunked loss backward: every chunk's lm_head weight gradient is summed in autograd's input
+        # buffer of the weight's AccumulateGrad node (torch/csrc/autograd/input_buffer.cpp: `aten.add`)
+        # until the last chunk's backward ran: one more weight-sized gradient, in the unsharded grad's dtype
+        # (measured: tests/runtime/test_long_seq_truth.py, V·h·4 = 8.2 MB at fp32; ~1 GB for 8B in bf16)
+        if -(-tokens_per_rank(micro_batch, seq_len, parallel) // chunk_tokens) > 1:
+            head_w = sum(g.total for g in groups if g.trainable and (
+                g.name == "lm_head" or (model.tie_word_embeddings and g.name == "embed_tokens")))
+            tp = parallel.tp if parallel is not None else 1
+            g_elem = precision.trainable_bytes if strategy.engine is Engine.DDP else precision.param_bytes
+            bwd_logits += g_elem * -(-head_w // tp)
     if runner is not None:   # the HF runners' fp32 logits copies by transformers version (compiler/runner.py)
         fwd_logits += runner.extra_fwd_logits_bytes * bsv
         bwd_logits += runner.extra_bwd_logits_bytes * bsv
