@@ -27,7 +27,7 @@ FULL_70B_8xH100 = ["--model", "llama-3.1-70b", "--gpus-per-node", "8", "--gpu", 
 # This round (issue 19/20) made 70B QLoRA on one 48 GiB GPU fit by default: fsdp_offload keeps the NF4 shards
 # in host RAM (23.8 GiB per GPU), headroom is 0 under the allocator model, and loss / checkpoint offload / tiled
 # MLP are auto. The scenario the advice tests mean (a user who pinned a strategy that keeps the model on the
-# GPU, the full loss and no long-context savers) is pinned explicitly; then it needs 52.5 GiB > 48.0 GiB.
+# GPU, the full loss and no long-context savers) is pinned explicitly; then it needs ~52.5 GiB > 48.0 GiB.
 QLORA_70B_1x48GB = ["--model", "llama-3.1-70b", "--gpus-per-node", "1", "--gpu-memory", "48GiB", "--method", "qlora",
                     "--strategy", "zero2", "--loss", "full", "--ckpt-offload", "off", "--tiled-mlp", "off"]
 # no single saver fits, two together do (activation offload AND the chunked loss). Host RAM 32 GiB: with the
