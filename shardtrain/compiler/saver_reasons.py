@@ -56,7 +56,7 @@ def activation_parts(model: ModelSpec, t: TrainSpec, c: Candidate) -> dict[str, 
     two with checkpoint offload), the saved activations of the non-checkpointed layers, one layer's recompute
     without its MLP, and one layer's MLP intermediates (untiled: saved; tiled: one tile + x_grad). Activation
     offload: the first two are on the host (0)."""
-    from shardtrain.compiler.activations import hidden_per_rank, layer_bytes_per_token
+    from shardtrain.compiler.activations import hidden_per_rank, layer_bytes_per_token, mlp_backward_extra_per_token
     tokens = tokens_per_rank(c.micro_batch_size, t.seq_len, c.mesh)
     L = model.num_layers
     n_ck = checkpointed_layer_count(c.gradient_checkpointing, L, t.selective_every)
@@ -70,6 +70,7 @@ def activation_parts(model: ModelSpec, t: TrainSpec, c: Candidate) -> dict[str, 
         "ckpt_inputs": 0 if on_host else (min(n_ck, 2) if c.ckpt_offload else n_ck) * resid,
         "saved_layers": 0 if on_host else (L - n_ck) * per_layer,
         "layer_recompute": (per_tok - mlp) * tokens if n_ck else 0,
+        # untiled: the saved intermediates and, at their backward, the MLP's gradients beside them (phases.py)
         "mlp_intermediates": (tile_working_bytes(model, c.precision, tokens, c.tiled_mlp_tiles, c.mesh) if tiled
-                              else mlp * tokens),
+                              else (mlp + mlp_backward_extra_per_token(model, c.precision, c.mesh)) * tokens),
     }
