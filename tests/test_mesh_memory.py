@@ -185,7 +185,9 @@ def test_fsdp_loss_instant_on_cp2():
     seq, t = 1024, 512
     fwd = _phases(Strategy.FSDP_FULL_SHARD, _hw(2), ParallelDims(cp=2), seq=seq)["forward"]
     per_tok = 2560 + 3 * H
-    kept, head = L * per_tok * t, 2 * 2 * H * t
+    # head (activations.head_bytes_per_token since 98a611f): final norm's fp32 input 4h + normalised tensor
+    # and output 2·e·h + RoPE cos/sin 2·head_dim·e, e = 2 (bf16 residual)
+    kept, head = L * per_tok * t, (4 * H + 2 * 2 * H + 2 * HD * 2) * t
     loss_instant = kept + head + (2 + 12) * t * V - 4 * t * V     # bf16 logits + fp32 upcast + log_softmax
     lm_instant = kept + head + 2 * t * V
     assert fwd.activations + fwd.logits == max(loss_instant, lm_instant)
