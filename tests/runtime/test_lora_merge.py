@@ -48,7 +48,10 @@ def _eval_loss(model, batches) -> float:
         for b in batches:
             b = dict(b)
             labels = b.pop("labels")
-            tot += float(ce_sum(model(**b).logits, labels))
+            # use_cache=False: with a cache transformers skips its packed-sequence detection and lets
+            # packed documents attend across their boundary (masking_utils _preprocess_mask_arguments);
+            # the worker keeps them apart (runtime/packed_attention.py).
+            tot += float(ce_sum(model(**b, use_cache=False).logits, labels))
             n += float((labels[:, 1:] != -100).sum())
     return tot / n
 
