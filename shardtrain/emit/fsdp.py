@@ -29,8 +29,9 @@ from pathlib import Path
 from shardtrain.compiler.plan import FsdpSettings, Plan
 from shardtrain.compiler.specs import Engine, GradCkpt, Method, Precision, Strategy
 
-_DTYPE = {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32",
-          Precision.BF16_PURE: "bfloat16"}
+DTYPE_NAME = {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32",
+              Precision.BF16_PURE: "bfloat16"}
+"""Precision -> the torch dtype name of its compute dtype, as the HF configs spell it (FSDP policy, bnb)."""
 SHARDING = {Strategy.FSDP_FULL_SHARD: "FULL_SHARD", Strategy.FSDP_SHARD_GRAD_OP: "SHARD_GRAD_OP",
             Strategy.FSDP_HYBRID_SHARD: "FULL_SHARD", Strategy.FSDP_OFFLOAD: "FULL_SHARD"}
 """The name within one replica; HYBRID_SHARD whenever the mesh has a replicate dim (fsdp_mesh)."""
@@ -125,7 +126,7 @@ def fsdp_settings(plan: Plan) -> FsdpSettings:
     # op (torchtitan's op-level SAC) exists only in shardtrain's runtime (it reads plan.chosen, not these
     # settings); accelerate / the Trainer checkpoint every layer instead: less memory, more recompute
     every = {GradCkpt.FULL: 1, GradCkpt.OP: 1, GradCkpt.SELECTIVE: plan.train.selective_every}.get(ck, 0)
-    dtype = _DTYPE[c.precision]
+    dtype = DTYPE_NAME[c.precision]
     return FsdpSettings(
         sharding="HYBRID_SHARD" if len(mesh) == 2 else SHARDING[s],
         reshard_after_forward=s is not Strategy.FSDP_SHARD_GRAD_OP, mesh_shape=mesh,

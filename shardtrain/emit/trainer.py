@@ -24,15 +24,13 @@ from __future__ import annotations
 from shardtrain.compiler.plan import Plan
 from shardtrain.compiler.specs import CpMode, Engine, GradCkpt, Method, Optimizer, Precision
 from shardtrain.emit import deepspeed as K
-from shardtrain.emit.fsdp import fsdp_settings
+from shardtrain.emit.fsdp import DTYPE_NAME, fsdp_settings
 
 HF_DS_CONFIG_JSON = "hf_ds_config.json"
 """The Trainer/accelerate-facing DeepSpeed JSON (ds_config.json is our worker's: explicit lr, no "auto")."""
 TRAINER_ARGS_JSON = "trainer_args.json"
 LORA_CONFIG_JSON = "lora_config.json"
 BNB_CONFIG_JSON = "bnb_config.json"
-_DTYPE = {Precision.BF16: "bfloat16", Precision.FP16: "float16", Precision.FP32: "float32",
-          Precision.BF16_PURE: "bfloat16"}
 #: Optimizer -> TrainingArguments.optim (transformers training_args.py OptimizerNames) where the Trainer, not a
 #: DeepSpeed optimizer block, builds it; AdamW is the Trainer's default (adamw_torch_fused).
 TRAINER_OPTIM = {Optimizer.ADAMW8BIT: "adamw_bnb_8bit", Optimizer.LION: "lion_32bit", Optimizer.SGD: "sgd",
@@ -142,7 +140,7 @@ def quant_storage_dtype(plan: Plan) -> str:
     data types": bitsandbytes docs/source/fsdp_qlora.md, which sets quant storage = torch_dtype = bfloat16;
     runtime/build.py does the same), uint8 (bitsandbytes' default) when parameters are not sharded."""
     c = plan.chosen
-    return _DTYPE[c.precision] if c.strategy.shards_params or c.strategy.engine is Engine.FSDP else "uint8"
+    return DTYPE_NAME[c.precision] if c.strategy.shards_params or c.strategy.engine is Engine.FSDP else "uint8"
 
 
 def bnb_config(plan: Plan) -> dict | None:
@@ -152,7 +150,7 @@ def bnb_config(plan: Plan) -> dict | None:
     if c.method is not Method.QLORA:
         return None
     return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": _DTYPE[c.precision], "bnb_4bit_quant_storage": quant_storage_dtype(plan)}
+            "bnb_4bit_compute_dtype": DTYPE_NAME[c.precision], "bnb_4bit_quant_storage": quant_storage_dtype(plan)}
 
 
 def lora_config(plan: Plan) -> dict | None:
