@@ -30,7 +30,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 class HostStash:
     """Saved-tensor hooks that copy each packed tensor to host memory (pinned when `pin_memory`) and back
     to its device at unpack. Parameters (and views of them), sparse tensors and tensor subclasses (a
-    DTensor's storage is its local shard) stay where they are."""
+    DTensor's storage is its local shard) stay where they are. Also the hooks of runtime/loss.py
+    `offload_activations` (train.activation_offload: cpu, over the whole forward)."""
     pin_memory: bool = False
     tensors: int = 0
     """tensors packed since the last `reset` (one per checkpointed layer per micro-step)"""

@@ -113,26 +113,18 @@ class ChunkedHeadLoss(nn.Module):
 
 @contextlib.contextmanager
 def offload_activations(device: torch.device, stats: dict | None = None):
-    """torch.autograd.graph.save_on_cpu's hooks, minus parameters (see module docstring).
-    `stats` (optional) counts what moved: {"tensors": n, "bytes": b}."""
-    pin = device.type == "cuda"
-
-    def pack(t: torch.Tensor):
-        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) or t.is_sparse:
-            return (None, t)   # a weight (or its transposed view, which mm saves) stays where it is
+    """Everything the forward saves for backward in host memory: runtime/ckpt_offload.py `HostStash`'s
+    hooks (torch.autograd.graph.save_on_cpu's, minus parameters; see module docstring) over the whole
+    forward. `stats` (optional) counts what moved: {"tensors": n, "bytes": b}, added up over calls."""
+    from shardtrain.runtime.ckpt_offload import HostStash
+    stash = HostStash(pin_memory=device.type == "cuda")
+    try:
+        with stash.hooks():
+            yield
+    finally:
         if stats is not None:
-            stats["tensors"] = stats.get("tensors", 0) + 1
-            stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
-        packed = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
-        packed.copy_(t, non_blocking=pin)
-        return (t.device, packed)
-
-    def unpack(p):
-        dev, t = p
-        return t if dev is None else t.to(dev, non_blocking=pin)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+            stats["tensors"] = stats.get("tensors", 0) + stash.tensors
+            stats["bytes"] = stats.get("bytes", 0) + stash.bytes
 
 
 class TokenLoss:
