@@ -68,6 +68,16 @@ def step(model, ids: torch.Tensor | None = None, autocast: torch.dtype | None = 
                                   if p.grad is not None}
 
 
+def tracked_peak(model, ids: torch.Tensor) -> int:
+    """Peak bytes of one forward + backward under PyTorch's MemTracker (what run.memory_trace uses)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    mt = MemTracker()
+    mt.track_external(model)
+    with mt:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
 def worst_rel(got: dict, want: dict) -> float:
     """max over tensors of max|got - want| / max|want| (and the same parameters have gradients)."""
     assert set(got) == set(want), set(got) ^ set(want)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from savers_model import batch, build, step
+from savers_model import batch, build, step, tracked_peak
 from shardtrain.compiler.specs import GradCkpt
 from shardtrain.runtime import sac
 
@@ -83,14 +83,7 @@ def test_ops_under_no_grad_are_neither_saved_nor_counted():
 
 
 def _peak(ckpt: GradCkpt) -> int:
-    from torch.distributed._tools.mem_tracker import MemTracker
-    m, _ = build(ckpt=ckpt)
-    ids = batch(b=1, s=384)
-    mt = MemTracker()
-    mt.track_external(m)
-    with mt:
-        m(input_ids=ids, labels=ids).loss.backward()
-    return mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    return tracked_peak(build(ckpt=ckpt)[0], batch(b=1, s=384))
 
 
 def test_measured_peak_between_none_and_full():

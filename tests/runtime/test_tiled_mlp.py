@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from savers_model import batch, build, step, worst_rel
+from savers_model import batch, build, step, tracked_peak, worst_rel
 from shardtrain.compiler.specs import GradCkpt
 from shardtrain.runtime.tiled_mlp import tile_slices, tiled_mlp_count
 
@@ -137,16 +137,8 @@ def test_measured_peak_drops_and_memtracker_runs():
     """PyTorch's MemTracker (what run.memory_trace uses) runs through the tiled MLP, and the peak drops.
     Measured at 1 x 4096 tokens (hidden 64, intermediate 224, 2 layers, fp32): full checkpointing
     33.29 -> 19.12 MiB with 4 tiles; no checkpointing 62.25 -> 34.25 MiB; op-level 41.35 -> 23.22 MiB."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     def peak(tiles):
-        m, _ = build(ckpt=GradCkpt.FULL, tiles=tiles)
-        ids = batch(b=1, s=512)
-        mt = MemTracker()
-        mt.track_external(m)
-        with mt:
-            m(input_ids=ids, labels=ids).loss.backward()
-        return mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+        return tracked_peak(build(ckpt=GradCkpt.FULL, tiles=tiles)[0], batch(b=1, s=512))
     assert peak(4) < 0.8 * peak(1)
 
 
