@@ -16,6 +16,7 @@ from shardtrain.compiler.activations import (activation_host_bytes, checkpointed
                                              tokens_per_rank)
 from shardtrain.compiler.cost import step_time
 from shardtrain.compiler.inventory import TensorGroup, trainable_params
+from shardtrain.compiler.memo import by_identity
 from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes, shard_group_size
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.op_ckpt import recompute_fraction
@@ -61,27 +62,19 @@ def evaluate_phases(m: ModelSpec, hw: HardwareSpec, t: TrainSpec, groups: tuple[
     return ms, phases, peak
 
 
-_STATES: dict[tuple, tuple[tuple, object]] = {}
-
-
 def model_states(model: ModelSpec, groups: tuple[TensorGroup, ...], s: Strategy, hw: HardwareSpec, method: Method,
                  precision: Precision, opt: Optimizer, defer: bool, accum: int, mesh: ParallelDims):
     """model_state_bytes once per (model, inventory, hardware, strategy, mesh, method, precision, optimizer,
     defer, accumulation or not) — across the plans of a `plan --max` too. It reads the accumulation only as
-    ``grad_accum_steps > 1`` (memory.py), so the first value seen on each side of 1 stands for the rest."""
-    key = (id(model), id(groups), id(hw), s, method, precision, opt, defer, accum > 1, mesh)
-    hit = _STATES.get(key)
-    if hit is None or hit[0][0] is not model or hit[0][1] is not groups or hit[0][2] is not hw:
-        if len(_STATES) > 4096:
-            _STATES.clear()
-        hit = _STATES[key] = ((model, groups, hw), model_state_bytes(
-            model, groups, s, hw, method=method, precision=precision, optimizer=opt, fsdp_defer_grad_sync=defer,
-            grad_accum_steps=accum, parallel=mesh))
-    return hit[1]
+    ``grad_accum_steps > 1`` (memory.py), so 2 stands for every accumulation."""
+    return _model_states(model, groups, s, hw, method, precision, opt, defer, accum > 1, mesh)
 
 
-# one count per tensor inventory, not per candidate (the planner evaluates ~2000 per plan)
-_trainable = functools.lru_cache(maxsize=16)(trainable_params)
+@by_identity(0, 1, 3)
+def _model_states(model: ModelSpec, groups: tuple[TensorGroup, ...], s: Strategy, hw: HardwareSpec, method: Method,
+                  precision: Precision, opt: Optimizer, defer: bool, accumulating: bool, mesh: ParallelDims):
+    return model_state_bytes(model, groups, s, hw, method=method, precision=precision, optimizer=opt,
+                             fsdp_defer_grad_sync=defer, grad_accum_steps=2 if accumulating else 1, parallel=mesh)
 
 
 @dataclass(frozen=True)
@@ -151,7 +144,7 @@ def evaluate_candidate(ctx: PlanCtx, strategy: Strategy, ckpt: GradCkpt, micro: 
     m, hw, t = ctx.model, ctx.hw, ctx.train
     x = candidate_memory(ctx, strategy, ckpt, micro, optimizer, method, defer, groups, sv, ms, mesh)
     accum = t.global_batch_size // (micro * mesh.dp)
-    T = _trainable(groups)
+    T = trainable_params(groups)   # memoised per inventory (memo.by_identity)
     step_s = step_time(m, strategy, hw, method=method, precision=t.precision, micro_batch=micro,
                    grad_accum=accum, seq_len=t.seq_len,
                    ckpt_fraction=recompute_fraction(m, ckpt, t.selective_every, t.seq_len, groups),
@@ -171,18 +164,9 @@ LOSS_PATH: contextvars.ContextVar[LossMode] = contextvars.ContextVar("loss_path"
 """loss auto: the loss path the current search pass plans with (_per_loss_path)."""
 
 
-_ON_PATH: dict[tuple[int, LossMode], tuple[PlanCtx, PlanCtx]] = {}
-"""(id(ctx), path) -> (ctx, ctx planned on that path): one dataclasses.replace per plan, not per candidate."""
-
-
+@by_identity   # (ctx, path): one dataclasses.replace per plan, not per candidate
 def _ctx_on_path(ctx: PlanCtx, path: LossMode) -> PlanCtx:
-    hit = _ON_PATH.get((id(ctx), path))
-    if hit is None or hit[0] is not ctx:
-        if len(_ON_PATH) > 64:
-            _ON_PATH.clear()
-        hit = _ON_PATH[(id(ctx), path)] = (ctx, dataclasses.replace(
-            ctx, train=dataclasses.replace(ctx.train, loss=path)))
-    return hit[1]
+    return dataclasses.replace(ctx, train=dataclasses.replace(ctx.train, loss=path))
 
 
 def _loss_path(evaluate):
