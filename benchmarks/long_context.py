@@ -77,10 +77,11 @@ def run_max(model: str, setup: Setup, extra: list[str]) -> tuple[list[str], dict
 
 
 def mesh_label(par: dict) -> str:
-    """"cp 8 (ulysses)", "dp_shard 4 × tp 2", ... — the dims above 1 (all 1: one rank)."""
-    dims = [f"{k} {par[k]}" for k in ("dp_replicate", "dp_shard", "cp", "tp") if par.get(k, 1) > 1]
-    label = " × ".join(dims) or "1 rank"
-    return label + (f" ({par['cp_mode']})" if par.get("cp", 1) > 1 else "")
+    """"cp 8 (ulysses)", "dp_shard 4 × tp 2", ... — the plan's own mesh label (ParallelDims.label), "1 rank"
+    for one rank."""
+    from shardtrain.compiler.specs import ParallelDims
+    dims = ParallelDims.from_json(par)
+    return dims.label() if dims.world > 1 else "1 rank"
 
 
 def savers(d: dict) -> str:
