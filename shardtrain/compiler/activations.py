@@ -80,7 +80,6 @@ def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Att
     fewer than one (DeepSpeed 0.19.8 runtime/sequence_parallel/ulysses_sp.py `kv_replication_factor`)."""
     tp = parallel.tp if parallel is not None else 1
     cp = parallel.cp if parallel is not None else 1
-    h, I = model.hidden_size, -(-model.intermediate_size // tp)
     hd = model.head_dim
     heads = -(-model.num_heads // tp)
     kv_heads = -(-model.num_kv_heads // tp)   # tp > kv heads: a rank keeps one (replicated, as DeepSpeed does)
@@ -94,12 +93,25 @@ def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Att
     if attention is Attention.EAGER:
         # scores: fp32 softmax (4) + 16-bit cast (p) per head per key; repeat_kv expands k, v
         attn += (4 + p) * heads * seq_len + p * 2 * (qd - kvd)
+    return 2 * norm + attn + mlp_saved_bytes_per_token(model, precision, parallel)
+
+
+def mlp_width_per_rank(model: ModelSpec, parallel: ParallelDims | None = None) -> int:
+    """I on one tp rank, times the experts a token visits (MoE): the width of each MLP intermediate."""
+    tp = parallel.tp if parallel is not None else 1
+    k = model.experts_per_token if model.is_moe else 1
+    return -(-model.intermediate_size // tp) * k
+
+
+def mlp_saved_bytes_per_token(model: ModelSpec, precision: Precision, parallel: ParallelDims | None = None) -> int:
+    """What one layer's MLP saves for backward per token (module docstring): its input (the norm output) and
+    the 4 intermediates (gate, up, silu(gate), product); MoE: also the router logits (E) and the top-k routed
+    copies of the input."""
+    p, h_in = precision.param_bytes, hidden_per_rank(model, parallel)
+    mlp = p * (h_in + 4 * mlp_width_per_rank(model, parallel))
     if model.is_moe:
-        # router logits (E) and top-k routed copies of the MLP activations per token
-        mlp = p * (h_in + model.num_experts) + p * 4 * I * model.experts_per_token + p * h_in * model.experts_per_token
-    else:
-        mlp = p * (h_in + 4 * I)
-    return 2 * norm + attn + mlp
+        mlp += p * model.num_experts + p * h_in * model.experts_per_token
+    return mlp
 
 
 def head_bytes_per_token(model: ModelSpec, elem_bytes: int, parallel: ParallelDims | None = None) -> int:
@@ -125,9 +137,7 @@ def mlp_backward_extra_per_token(model: ModelSpec, precision: Precision, paralle
     backward (autograd frees a node's saved tensors once it ran). 6 I-wide tensors against the 4 saved:
     +2·p·I (per routed expert for MoE; tp-local I). Measured: real MemTracker, fp32, seq 16,384
     (tests/runtime/test_long_seq_truth.py: six I-sized tensors live at the MLP backward)."""
-    tp = parallel.tp if parallel is not None else 1
-    k = model.experts_per_token if model.is_moe else 1
-    return 2 * precision.param_bytes * -(-model.intermediate_size // tp) * k
+    return 2 * precision.param_bytes * mlp_width_per_rank(model, parallel)
 
 
 def resolved_ckpt_fraction(grad_ckpt: GradCkpt, num_layers: int, selective_every: int) -> float:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardtrain.compiler.activations import mlp_saved_bytes_per_token
 from shardtrain.compiler.inventory import TensorGroup
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import ParallelDims, Precision
@@ -85,11 +86,7 @@ def saved_bytes_per_token(model: ModelSpec, precision: Precision, *, lora: dict[
     heads = -(-model.num_heads // tp)
     mm = sum(p * m.out_features for m in layer_mms(model, lora, parallel) if m.saved)
     sdpa = p * heads * model.head_dim + SDPA_LSE_BYTES * heads
-    moe = 0
-    if model.is_moe:
-        I = -(-model.intermediate_size // tp)
-        moe = p * (model.hidden_size + model.num_experts) + p * 4 * I * model.experts_per_token \
-            + p * model.hidden_size * model.experts_per_token
+    moe = mlp_saved_bytes_per_token(model, precision, parallel) if model.is_moe else 0
     return mm + sdpa + moe
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shardtrain.compiler.activations import hidden_per_rank
+from shardtrain.compiler.activations import hidden_per_rank, mlp_width_per_rank
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import ActivationOffload, CkptOffload, ParallelDims, Precision, TrainSpec
 
@@ -42,13 +42,6 @@ MLP_SAVED_INTERMEDIATES = 4
 """Intermediates of one MLP per token that an untiled MLP saves (gate, up, silu(gate), product), I wide each."""
 MLP_TILE_WORKING_INTERMEDIATES = 7
 """One tile's backward: its 4 recomputed intermediates + 3 gradients (down_proj input, silu and up), I wide."""
-
-
-def _mlp_width(model: ModelSpec, parallel: ParallelDims | None) -> int:
-    """I on one tp rank, times the experts a token visits (MoE)."""
-    tp = parallel.tp if parallel is not None else 1
-    k = model.experts_per_token if model.is_moe else 1
-    return -(-model.intermediate_size // tp) * k
 
 
 def auto_tiles(model: ModelSpec, seq_len: int, parallel: ParallelDims | None = None) -> int:
@@ -61,7 +54,7 @@ def auto_tiles(model: ModelSpec, seq_len: int, parallel: ParallelDims | None = N
 def tiled_saved_reduction_per_token(model: ModelSpec, precision: Precision,
                                     parallel: ParallelDims | None = None) -> int:
     """Bytes per token per layer that a tiled MLP no longer saves for backward (its intermediates)."""
-    return precision.param_bytes * MLP_SAVED_INTERMEDIATES * _mlp_width(model, parallel)
+    return precision.param_bytes * MLP_SAVED_INTERMEDIATES * mlp_width_per_rank(model, parallel)
 
 
 def tile_working_bytes(model: ModelSpec, precision: Precision, tokens: int, tiles: int,
@@ -73,7 +66,7 @@ def tile_working_bytes(model: ModelSpec, precision: Precision, tokens: int, tile
     p = precision.param_bytes
     x_elem = x_elem_bytes or p
     tile_tokens = -(-tokens // tiles)
-    return (p * MLP_TILE_WORKING_INTERMEDIATES * _mlp_width(model, parallel) * tile_tokens
+    return (p * MLP_TILE_WORKING_INTERMEDIATES * mlp_width_per_rank(model, parallel) * tile_tokens
             + x_elem * hidden_per_rank(model, parallel) * tokens)
 
 
@@ -139,7 +132,7 @@ def savers_only_shrink(model: ModelSpec, precision: Precision, tokens: int, tile
     MLP drops 4·I per token of the recomputed layer and adds one tile (7·I per tile token) and x_grad (h, in
     fp32 at worst); checkpoint offload drops n_ck - 1 inputs and adds one (the prefetch), so needs n_ck >= 2."""
     p = precision.param_bytes
-    w = _mlp_width(model, parallel)
+    w = mlp_width_per_rank(model, parallel)
     tile_ok = tiles <= 1 or (MLP_SAVED_INTERMEDIATES * w * p * tokens
                              >= MLP_TILE_WORKING_INTERMEDIATES * w * p * -(-tokens // tiles)
                              + 4 * hidden_per_rank(model, parallel) * tokens)
