@@ -52,7 +52,20 @@ INNER_KERNELS = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attent
 # attention module -> inner kernel name; weak so a freed model leaves nothing
 _INNER: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 # the last position-id tensor read (weakly) and its segment starts: one host sync per forward
-_LAST: dict = {"ref": None, "starts": None}
+_LAST: dict = {}
+# the last local position-id tensor gathered (weakly) and the cp group's full ones: one all_gather per forward
+_GATHERED: dict = {}
+
+
+def _once_per_tensor(memo: dict, t: torch.Tensor, compute):
+    """`compute(t)`, reused while `t` is the same tensor, unmodified: the model passes one position-id
+    tensor to every layer, and the checkpointed recomputation passes it again."""
+    ref = memo.get("ref")
+    if ref is not None and ref() is t and memo["version"] == t._version:
+        return memo["value"]
+    value = compute(t)
+    memo.update(ref=weakref.ref(t), version=t._version, value=value)
+    return value
 
 
 def segment_starts(position_ids: torch.Tensor) -> list[list[int]]:
@@ -64,12 +77,7 @@ def segment_starts(position_ids: torch.Tensor) -> list[list[int]]:
 
 
 def _starts_cached(position_ids: torch.Tensor) -> list[list[int]]:
-    ref = _LAST["ref"]
-    if ref is not None and ref() is position_ids and _LAST["version"] == position_ids._version:
-        return _LAST["starts"]
-    starts = segment_starts(position_ids)
-    _LAST.update(ref=weakref.ref(position_ids), version=position_ids._version, starts=starts)
-    return starts
+    return _once_per_tensor(_LAST, position_ids, segment_starts)
 
 
 def _sdpa(module, q, k, v, kwargs):
@@ -188,15 +196,10 @@ def gather_positions(position_ids: torch.Tensor | None, group) -> torch.Tensor |
     import torch.distributed as dist
     if position_ids is None or group is None or dist.get_world_size(group) == 1:
         return position_ids
-    ref = _GATHERED.get("ref")
-    if ref is not None and ref() is position_ids and _GATHERED["version"] == position_ids._version:
-        return _GATHERED["full"]
-    local = position_ids.contiguous()
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local, group=group)
-    full = torch.cat(parts, dim=-1)
-    _GATHERED.update(ref=weakref.ref(position_ids), version=position_ids._version, full=full)
-    return full
 
-
-_GATHERED: dict = {}
+    def gather(local: torch.Tensor) -> torch.Tensor:
+        local = local.contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        return torch.cat(parts, dim=-1)
+    return _once_per_tensor(_GATHERED, position_ids, gather)
