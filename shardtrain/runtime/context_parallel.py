@@ -47,13 +47,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shardtrain.runtime import packed_attention
 from shardtrain.runtime.packed_attention import PACKED_ATTENTION, gather_positions
 
 IGNORE_INDEX = -100
 #: the name our attention function is registered under in transformers' AttentionInterface
 ULYSSES_ATTENTION = "shardtrain_ulysses"
 #: inner kernels that mask causally by themselves when given no mask (eager and flex need a mask)
-INNER_KERNELS = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", PACKED_ATTENTION)
+INNER_KERNELS = (*packed_attention.INNER_KERNELS, PACKED_ATTENTION)
 
 # attention module -> (cp process group, inner kernel name); weak so a freed model leaves nothing
 _GROUPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
