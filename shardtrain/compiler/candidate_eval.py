@@ -20,11 +20,11 @@ from shardtrain.compiler.memo import by_identity
 from shardtrain.compiler.memory import CUDA_CONTEXT_BYTES, host_bytes_per_node, model_state_bytes, shard_group_size
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.op_ckpt import recompute_fraction
-from shardtrain.compiler.phases import candidate_phases, fsdp_side_stream_pools
+from shardtrain.compiler.phases import candidate_phases, fsdp_side_stream_pools, residual_elem_bytes
 from shardtrain.compiler.plan import Candidate
 from shardtrain.compiler.runner import runner_path
 from shardtrain.compiler.savers import Savers, ckpt_input_bytes, tiled_saved_reduction_per_token
-from shardtrain.compiler.specs import (ActivationOffload, Engine, GradCkpt, HardwareSpec, LossMode, Method,
+from shardtrain.compiler.specs import (ActivationOffload, GradCkpt, HardwareSpec, LossMode, Method,
                                        Optimizer, ParallelDims, Precision, Strategy, TrainSpec)
 from shardtrain.units import fmt_bytes
 
@@ -109,9 +109,8 @@ def candidate_memory(ctx: PlanCtx, strategy: Strategy, ckpt: GradCkpt, micro: in
     # checkpoint offload: every checkpointed layer's input on the host (fp32 under DDP autocast, as phases.py)
     n_ck = checkpointed_layer_count(ckpt, m.num_layers, t.selective_every)
     ck_off = sv.ckpt_offload and n_ck > 0
-    autocast_fp32 = strategy.engine is Engine.DDP and t.precision.autocast and method is Method.FULL
     ck_host = n_ck * ckpt_input_bytes(m, t.precision, tokens_per_rank(micro, t.seq_len, mesh), mesh,
-                                      4 if autocast_fp32 else None) if ck_off else 0
+                                      residual_elem_bytes(strategy.engine, t.precision, method)) if ck_off else 0
     loss = resolve_loss(m, micro_batch=micro, seq_len=t.seq_len, precision=t.precision, loss=t.loss,
                         chunk_tokens=t.loss_chunk_tokens, parallel=mesh)
     # per_gpu = the breakdown at the peak phase (compiler/phases.py), not the sum of each term's maximum

@@ -89,6 +89,12 @@ y = x32 * rsqrt(mean(x32²) + eps), out = w * y.to(dtype); derivatives.yaml `mul
 x32's two gradients, again three. Matters only where the MLP's backward holds less (a finely tiled MLP)."""
 
 
+def residual_elem_bytes(engine: Engine, precision: Precision, method: Method) -> int:
+    """Element size of the residual stream (layer inputs, what checkpoint offload moves): fp32 under DDP
+    full fine-tuning's autocast (AUTOCAST_FP32_RESIDUAL_BYTES_PER_H), else the 16-bit (or fp32) compute size."""
+    return 4 if engine is Engine.DDP and precision.autocast and method is Method.FULL else precision.param_bytes
+
+
 @by_identity
 def _sum_in_features(model: ModelSpec, targets_trainable: tuple[TensorGroup, ...]) -> int:
     """Σ in_features of the LoRA-adapted linears of one layer (lora_A is (r, in))."""
@@ -152,7 +158,8 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
         # autocast's cast cache keeps a 16-bit copy of every fp32 weight a layer's matmuls used
         # (aten/src/ATen/autocast_mode.cpp cached_cast), saved by the matmul for backward
         per_layer += p * _layer_trainable(x.groups, m)
-    resid = (4 if autocast and full_ft else p) * h * tokens   # checkpointed layer keeps its input
+    e_resid = residual_elem_bytes(eng, x.precision, x.method)   # the residual stream's element size
+    resid = e_resid * h * tokens   # checkpointed layer keeps its input
     n_ck = x.grad_ckpt_layers
     # grad_ckpt op (compiler/op_ckpt.py): every layer also keeps its saved ops' outputs, in the SAC cache
     # (not through saved-tensor hooks, so they stay on the device under activation / checkpoint offload)
@@ -162,7 +169,6 @@ def phase_terms(x: PhaseInputs, ms: ModelStateBytes) -> dict[str, dict[str, int]
     if x.activation_offload:
         kept = 0     # in host RAM (activations.activation_host_bytes)
     kept += op_kept
-    e_resid = resid // (h * tokens) if tokens else p       # the residual stream's element size
     # final norm's saved input + normalised tensor, its output, RoPE cos/sin (activations.py)
     head = head_bytes_per_token(m, e_resid, x.parallel) * tokens
 
