@@ -69,6 +69,7 @@ _HF_FORMAT_RUNNER = {"trainer": "hf_trainer", "trainer-args": "hf_trainer", "acc
 
 def cmd_emit(args: argparse.Namespace) -> int:
     from shardtrain.compiler.planner import NoFitError
+    from shardtrain.config.flags import parse_sets
     from shardtrain.config.pipeline import compile_args
     from shardtrain.emit.bundle import bundle, render
     if not args.out and not args.format:
@@ -77,8 +78,7 @@ def cmd_emit(args: argparse.Namespace) -> int:
     # a format for the HF Trainer / accelerate plans for that runner's loss path (compiler/runner.py) unless
     # --runner / --set train.runner says otherwise
     runner = _HF_FORMAT_RUNNER.get(args.format or "")
-    if runner and getattr(args, "runner", None) is None and not any(s.startswith("train.runner=")
-                                                                    for s in getattr(args, "sets", None) or ()):
+    if runner and getattr(args, "runner", None) is None and "train.runner" not in parse_sets(getattr(args, "sets", ())):
         args.runner = runner
     try:
         cfg, plan = compile_args(args)
