@@ -45,6 +45,9 @@ from shardtrain.compiler.specs import ActivationOffload, Attention, CpMode, Grad
 
 CHUNK_FP32_TERMS = 12
 """Bytes per token per vocab entry of one loss chunk at its backward peak (3 fp32 tensors)."""
+MLP_SAVED_INTERMEDIATES = 4
+"""Intermediates of one MLP per token that an untiled MLP saves (gate, up, silu(gate), product), I wide each;
+a tiled MLP (compiler/savers.py) saves none of them."""
 
 
 def tokens_per_rank(micro_batch: int, seq_len: int, parallel: ParallelDims | None = None) -> int:
@@ -63,9 +66,9 @@ def hidden_per_rank(model: ModelSpec, parallel: ParallelDims | None = None) -> i
 
 
 def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Attention, seq_len: int, *,
-                          parallel: ParallelDims | None = None) -> int:
+                          parallel: ParallelDims | None = None, tiled_mlp: bool = False) -> int:
     """Activation bytes saved for backward by one decoder layer, per token the rank holds
-    (tokens_per_rank of them); `parallel` None = tp 1, cp 1.
+    (tokens_per_rank of them); `parallel` None = tp 1, cp 1; `tiled_mlp`: the MLP saves no intermediates.
 
     On a mesh (Korthikanti et al. 2022 Table 2: tensor parallel sbh(10 + 24/t + 5as/(ht)), with sequence
     parallel sbh/t(34 + 5as/h); Megatron-LM megatron/training/theoretical_memory_usage.py
@@ -93,7 +96,7 @@ def layer_bytes_per_token(model: ModelSpec, precision: Precision, attention: Att
     if attention is Attention.EAGER:
         # scores: fp32 softmax (4) + 16-bit cast (p) per head per key; repeat_kv expands k, v
         attn += (4 + p) * heads * seq_len + p * 2 * (qd - kvd)
-    return 2 * norm + attn + mlp_saved_bytes_per_token(model, precision, parallel)
+    return 2 * norm + attn + mlp_saved_bytes_per_token(model, precision, parallel, tiled=tiled_mlp)
 
 
 def mlp_width_per_rank(model: ModelSpec, parallel: ParallelDims | None = None) -> int:
@@ -103,12 +106,19 @@ def mlp_width_per_rank(model: ModelSpec, parallel: ParallelDims | None = None) -
     return -(-model.intermediate_size // tp) * k
 
 
-def mlp_saved_bytes_per_token(model: ModelSpec, precision: Precision, parallel: ParallelDims | None = None) -> int:
-    """What one layer's MLP saves for backward per token (module docstring): its input (the norm output) and
-    the 4 intermediates (gate, up, silu(gate), product); MoE: also the router logits (E) and the top-k routed
-    copies of the input."""
+def mlp_intermediates_bytes_per_token(model: ModelSpec, precision: Precision,
+                                      parallel: ParallelDims | None = None) -> int:
+    """The intermediates an untiled MLP saves per token (MLP_SAVED_INTERMEDIATES): what a tiled MLP does not."""
+    return precision.param_bytes * MLP_SAVED_INTERMEDIATES * mlp_width_per_rank(model, parallel)
+
+
+def mlp_saved_bytes_per_token(model: ModelSpec, precision: Precision, parallel: ParallelDims | None = None, *,
+                              tiled: bool = False) -> int:
+    """What one layer's MLP saves for backward per token (module docstring): its input (the norm output) and,
+    untiled, the 4 intermediates (gate, up, silu(gate), product); MoE: also the router logits (E) and the
+    top-k routed copies of the input."""
     p, h_in = precision.param_bytes, hidden_per_rank(model, parallel)
-    mlp = p * (h_in + 4 * mlp_width_per_rank(model, parallel))
+    mlp = p * h_in + (0 if tiled else mlp_intermediates_bytes_per_token(model, precision, parallel))
     if model.is_moe:
         mlp += p * model.num_experts + p * h_in * model.experts_per_token
     return mlp
@@ -159,16 +169,15 @@ def checkpointed_layer_count(grad_ckpt: GradCkpt, num_layers: int, selective_eve
 def activation_host_bytes(model: ModelSpec, *, micro_batch: int, seq_len: int, precision: Precision,
                           attention: Attention, grad_ckpt: GradCkpt, selective_every: int = 2,
                           offload: ActivationOffload = ActivationOffload.NONE,
-                          parallel: ParallelDims | None = None, tiled_mlp_saved_reduction: int = 0) -> int:
+                          parallel: ParallelDims | None = None, tiled_mlp: bool = False) -> int:
     """Host bytes per rank that activation offload holds (and moves over PCIe twice per micro-step):
     the saved tensors of every non-checkpointed layer and the inputs of the checkpointed ones.
-    ``tiled_mlp_saved_reduction``: bytes per token per layer a tiled MLP does not save
-    (savers.tiled_saved_reduction_per_token; 0 untiled)."""
+    ``tiled_mlp``: every layer's MLP tiled (compiler/savers.py), saving no intermediates."""
     if offload is ActivationOffload.NONE:
         return 0
     tokens = tokens_per_rank(micro_batch, seq_len, parallel)
-    per_layer = (layer_bytes_per_token(model, precision, attention, seq_len, parallel=parallel)
-                 - tiled_mlp_saved_reduction) * tokens
+    per_layer = layer_bytes_per_token(model, precision, attention, seq_len, parallel=parallel,
+                                      tiled_mlp=tiled_mlp) * tokens
     n_ckpt = checkpointed_layer_count(grad_ckpt, model.num_layers, selective_every)
     kept = (model.num_layers - n_ckpt) * per_layer + n_ckpt * precision.param_bytes * hidden_per_rank(model, parallel) * tokens
     return int(kept)

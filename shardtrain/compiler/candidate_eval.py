@@ -23,7 +23,7 @@ from shardtrain.compiler.op_ckpt import recompute_fraction
 from shardtrain.compiler.phases import candidate_phases, fsdp_side_stream_pools, residual_elem_bytes
 from shardtrain.compiler.plan import Candidate
 from shardtrain.compiler.runner import runner_path
-from shardtrain.compiler.savers import Savers, ckpt_input_bytes, tiled_saved_reduction_per_token
+from shardtrain.compiler.savers import Savers, ckpt_input_bytes
 from shardtrain.compiler.specs import (ActivationOffload, GradCkpt, HardwareSpec, LossMode, Method,
                                        Optimizer, ParallelDims, Precision, Strategy, TrainSpec)
 from shardtrain.units import fmt_bytes
@@ -104,8 +104,7 @@ def candidate_memory(ctx: PlanCtx, strategy: Strategy, ckpt: GradCkpt, micro: in
     act_offload = sv.activation_offload
     akw = dict(micro_batch=micro, seq_len=t.seq_len, precision=t.precision, attention=t.attention,
                grad_ckpt=ckpt, selective_every=t.selective_every, offload=act_offload)
-    reduction = tiled_saved_reduction_per_token(m, t.precision, mesh) if sv.tiles > 1 else 0
-    act_host = activation_host_bytes(m, **akw, parallel=mesh, tiled_mlp_saved_reduction=reduction)
+    act_host = activation_host_bytes(m, **akw, parallel=mesh, tiled_mlp=sv.tiles > 1)
     # checkpoint offload: every checkpointed layer's input on the host (fp32 under DDP autocast, as phases.py)
     n_ck = checkpointed_layer_count(ckpt, m.num_layers, t.selective_every)
     ck_off = sv.ckpt_offload and n_ck > 0

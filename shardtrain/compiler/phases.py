@@ -53,7 +53,7 @@ from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.op_ckpt import lora_adapted, saved_bytes_per_token
 from shardtrain.compiler.runner import RunnerPath
 from shardtrain.compiler.phase_inputs import PhaseInputs
-from shardtrain.compiler.savers import tile_working_bytes, tiled_saved_reduction_per_token
+from shardtrain.compiler.savers import tile_working_bytes
 from shardtrain.compiler.plan import MemoryBreakdown
 from shardtrain.compiler.specs import (Attention, Engine, GradCkpt, LossMode, Method, OffloadDevice, Optimizer,
                                        ParallelDims, Precision, Strategy)
@@ -426,8 +426,7 @@ def candidate_phases(model: ModelSpec, groups: tuple[TensorGroup, ...], strategy
                     method=method, precision=precision, optimizer=optimizer, micro_batch=micro_batch,
                     seq_len=seq_len, grad_ckpt_layers=n_ck, grad_accum=grad_accum, defer_grad_sync=defer_grad_sync,
                     layer_act_bytes_per_token=layer_bytes_per_token(model, precision, attention, seq_len,
-                                                                    parallel=parallel)
-                    - (tiled_saved_reduction_per_token(model, precision, parallel) if tiled_mlp_tiles > 1 else 0),
+                                                                    parallel=parallel, tiled_mlp=tiled_mlp_tiles > 1),
                     logits_forward_bytes=fwd_logits, logits_backward_bytes=bwd_logits,
                     activation_offload=activation_offload, op_saved_bytes_per_token=op_saved,
                     loss_in_root=bool(runner and runner.loss_in_root),

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shardtrain.compiler.activations import hidden_per_rank, mlp_width_per_rank
+from shardtrain.compiler.activations import (MLP_SAVED_INTERMEDIATES, hidden_per_rank, mlp_intermediates_bytes_per_token,
+                                             mlp_width_per_rank)
 from shardtrain.compiler.model import ModelSpec
 from shardtrain.compiler.specs import ActivationOffload, CkptOffload, ParallelDims, Precision, TrainSpec
 
-MLP_SAVED_INTERMEDIATES = 4
-"""Intermediates of one MLP per token that an untiled MLP saves (gate, up, silu(gate), product), I wide each."""
+tiled_saved_reduction_per_token = mlp_intermediates_bytes_per_token
+"""Bytes per token per layer that a tiled MLP no longer saves for backward (its intermediates)."""
 MLP_TILE_WORKING_INTERMEDIATES = 7
 """One tile's backward: its 4 recomputed intermediates + 3 gradients (down_proj input, silu and up), I wide."""
 
@@ -49,12 +50,6 @@ def auto_tiles(model: ModelSpec, seq_len: int, parallel: ParallelDims | None = N
     cp = parallel.cp if parallel is not None else 1
     local = -(-seq_len // cp)
     return max(2, -(-local // model.hidden_size))
-
-
-def tiled_saved_reduction_per_token(model: ModelSpec, precision: Precision,
-                                    parallel: ParallelDims | None = None) -> int:
-    """Bytes per token per layer that a tiled MLP no longer saves for backward (its intermediates)."""
-    return precision.param_bytes * MLP_SAVED_INTERMEDIATES * mlp_width_per_rank(model, parallel)
 
 
 def tile_working_bytes(model: ModelSpec, precision: Precision, tokens: int, tiles: int,
