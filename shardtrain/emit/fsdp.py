@@ -113,6 +113,15 @@ def fsdp_mesh(plan: Plan) -> tuple[tuple[int, ...], tuple[str, ...]]:
     return (p.fsdp_shard,), ("dp_shard",)
 
 
+def hf_checkpoint_every(plan: Plan) -> int:
+    """Every how many decoder layers the HF runners (accelerate, the Trainer) checkpoint a whole layer for
+    this plan: 0 none, 1 every layer, k every k-th (selective). op (torchtitan's op-level SAC) exists only
+    in shardtrain's runtime (it reads plan.chosen, not these settings): every layer instead (less memory,
+    more recompute)."""
+    ck = plan.chosen.gradient_checkpointing
+    return {GradCkpt.FULL: 1, GradCkpt.OP: 1, GradCkpt.SELECTIVE: plan.train.selective_every}.get(ck, 0)
+
+
 def fsdp_settings(plan: Plan) -> FsdpSettings:
     """FSDP2 settings for an FSDP plan (raises ValueError for other engines)."""
     c, s = plan.chosen, plan.chosen.strategy
@@ -123,9 +132,7 @@ def fsdp_settings(plan: Plan) -> FsdpSettings:
     resolved = transformers_layer_class(plan.model.model_type)
     wrap, source = resolved if resolved else (plan.model.decoder_layer_class, "model spec")
     ck = c.gradient_checkpointing
-    # op (torchtitan's op-level SAC) exists only in shardtrain's runtime (it reads plan.chosen, not these
-    # settings); accelerate / the Trainer checkpoint every layer instead: less memory, more recompute
-    every = {GradCkpt.FULL: 1, GradCkpt.OP: 1, GradCkpt.SELECTIVE: plan.train.selective_every}.get(ck, 0)
+    every = hf_checkpoint_every(plan)
     dtype = DTYPE_NAME[c.precision]
     return FsdpSettings(
         sharding="HYBRID_SHARD" if len(mesh) == 2 else SHARDING[s],

@@ -24,7 +24,7 @@ from __future__ import annotations
 from shardtrain.compiler.plan import Plan
 from shardtrain.compiler.specs import CpMode, Engine, GradCkpt, Method, Optimizer, Precision
 from shardtrain.emit import deepspeed as K
-from shardtrain.emit.fsdp import DTYPE_NAME, fsdp_settings
+from shardtrain.emit.fsdp import DTYPE_NAME, fsdp_settings, hf_checkpoint_every
 
 HF_DS_CONFIG_JSON = "hf_ds_config.json"
 """The Trainer/accelerate-facing DeepSpeed JSON (ds_config.json is our worker's: explicit lr, no "auto")."""
@@ -74,8 +74,7 @@ def trainer_arguments(plan: Plan, *, lr: float | None = None, weight_decay: floa
                 # pure bf16: neither flag (the script loads the model in bf16): bf16=True would make accelerate
                 # upcast trainable params to fp32 under FSDP2 (fsdp_utils.fsdp2_prepare_model) and autocast
                 "bf16": c.precision is Precision.BF16, "fp16": c.precision is Precision.FP16,
-                # op (shardtrain's op-level SAC) is not the Trainer's: every layer instead (less memory)
-                "activation_checkpointing": ck in (GradCkpt.FULL, GradCkpt.SELECTIVE, GradCkpt.OP)}
+                "activation_checkpointing": hf_checkpoint_every(plan) > 0}
     if kw["activation_checkpointing"]:
         # use_reentrant False: works with frozen (LoRA) params; every_n_layers/offload are popped by the
         # Trainer (trainer.py) and passed to model.activation_checkpointing_enable
