@@ -254,14 +254,19 @@ def build_model(src: ModelSource, spec: BuildSpec, *, rank: int, world_size: int
                 for p in model.parameters():
                     if p.requires_grad:
                         dist.broadcast(p.data, src=0)
-    tiled = 0
-    if spec.tiled_mlp_tiles > 1:  # every layer (runtime/tiled_mlp.py); after LoRA: peft's MLP projections
-        from shardtrain.runtime.tiled_mlp import install_tiled_mlp
-        tiled = install_tiled_mlp(decoder_layers(model, spec.layer_class), spec.tiled_mlp_tiles,
-                                  ds_flags=spec.engine is Engine.DEEPSPEED)
+    tiled = tile_mlps(model, spec.tiled_mlp_tiles, spec.layer_class, spec.engine)   # after LoRA
     if rank == 0:
         log.info("memory savers: %s", savers_line(spec, len(checkpointed_layers(model)), tiled, stash))
     return model
+
+
+def tile_mlps(model: nn.Module, tiles: int, layer_class: str, engine: Engine) -> int:
+    """plan.chosen.tiled_mlp_tiles on every decoder layer's MLP (runtime/tiled_mlp.py); after LoRA, so the
+    tiles run peft's MLP projections. Returns how many layers (0 when tiles < 2)."""
+    if tiles < 2:
+        return 0
+    from shardtrain.runtime.tiled_mlp import install_tiled_mlp
+    return install_tiled_mlp(decoder_layers(model, layer_class), tiles, ds_flags=engine is Engine.DEEPSPEED)
 
 
 def savers_line(spec: BuildSpec, checkpointed: int, tiled: int, stash) -> str:

@@ -3,7 +3,7 @@
 - the chunked loss: runtime/loss.py `TokenLoss` (decoder forward hook, `logits_to_keep` = no position,
   `ChunkedHeadLoss` chunk loop under non-reentrant checkpoint, FSDP2 root kept gathered) on `TraceEngine`,
   the slice of the engines' interface it reads (runtime/engines.py: model, forward, autocast, kind);
-- the tiled MLP: runtime/tiled_mlp.py `install_tiled_mlp` (after LoRA, as runtime/modeling.py build_model);
+- the tiled MLP: runtime/modeling.py `tile_mlps` (after LoRA, build_model's call);
 - checkpoint offload: runtime/ckpt_offload.py's stash (installed by modeling.enable_checkpointing). Its
   host copies are host memory on a GPU; on a fake CPU run everything is "cpu", so `host_resident` makes
   the tracker file the copies the stash allocates under a separate key (`trackers.HOST`, never in a
@@ -42,14 +42,9 @@ def token_loss(plan, model: nn.Module, kind: Engine, autocast_factory, device):
 
 
 def install_tiled(plan, model: nn.Module) -> int:
-    """plan.chosen.tiled_mlp_tiles on every decoder layer (runtime/modeling.py build_model's call)."""
-    tiles = plan.chosen.tiled_mlp_tiles
-    if tiles < 2:
-        return 0
-    from shardtrain.runtime.modeling import decoder_layers
-    from shardtrain.runtime.tiled_mlp import install_tiled_mlp
-    layers = decoder_layers(model, plan.model.decoder_layer_class)
-    return install_tiled_mlp(layers, tiles, ds_flags=plan.chosen.strategy.engine is Engine.DEEPSPEED)
+    """plan.chosen.tiled_mlp_tiles on every decoder layer: runtime/modeling.py build_model's call, tile_mlps."""
+    from shardtrain.runtime.modeling import tile_mlps
+    return tile_mlps(model, plan.chosen.tiled_mlp_tiles, plan.model.decoder_layer_class, plan.chosen.strategy.engine)
 
 
 def host_resident(stash, tracker) -> None:
