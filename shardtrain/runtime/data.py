@@ -91,17 +91,10 @@ def tokenize(tok, docs: list[tuple[str, str | None]]) -> list[tuple[list[int], l
     return out
 
 
-def pack(examples, seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Concatenate and cut into seq_len blocks (documents attend across their boundaries: see pack_documents)."""
-    ids = [t for e in examples for t in e[0]]
-    labels = [t for e in examples for t in e[1]]
-    n = len(ids) // seq_len
-    return [(ids[i * seq_len:(i + 1) * seq_len], labels[i * seq_len:(i + 1) * seq_len]) for i in range(n)]
-
-
 def pack_documents(examples, seq_len: int) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
-    """pack(), plus each block's document starts (offsets in the block; 0 always) and the first token of
-    every document unlabelled: a document's last token does not predict the next document's first."""
+    """The documents concatenated and cut into seq_len blocks (the remainder dropped), each block's document
+    starts (offsets in the block; 0 always), and the first token of every document unlabelled: a
+    document's last token does not predict the next document's first."""
     ids: list[int] = []
     labels: list[int] = []
     doc_starts: list[int] = []
@@ -111,11 +104,12 @@ def pack_documents(examples, seq_len: int) -> tuple[list[tuple[list[int], list[i
         doc_starts.append(len(ids))
         ids += e_ids
         labels += [IGNORE] + list(e_labels[1:])
-    n = len(ids) // seq_len
-    samples, starts = pack(list(zip([ids], [labels])), seq_len), []
+    samples: list[tuple[list[int], list[int]]] = []
+    starts: list[list[int]] = []
     j = 0
-    for i in range(n):
+    for i in range(len(ids) // seq_len):
         lo, hi = i * seq_len, (i + 1) * seq_len
+        samples.append((ids[lo:hi], labels[lo:hi]))
         while j < len(doc_starts) and doc_starts[j] < lo:
             j += 1
         inside = []

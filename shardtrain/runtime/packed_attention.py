@@ -1,7 +1,7 @@
 """Attention that stays inside each packed document, with no O(seq²) mask anywhere (issue 20 point 4).
 
 With `data.packing` a sample is several documents back to back; their position ids restart at 0 at
-every document (runtime/data.py `pack`). A new segment starts wherever position_ids[t] !=
+every document (runtime/data.py `pack_documents`). A new segment starts wherever position_ids[t] !=
 position_ids[t-1] + 1 (the rule transformers' masking_utils.find_packed_sequence_indices uses; the flash
 path's prepare_fa_kwargs_from_position_ids takes the positions equal to the minimum, 0 here: the
 same boundaries because every segment starts at 0, a document cut by a block boundary included).
