@@ -25,8 +25,11 @@ LAUNCH_TIMEOUT_S = 420
 STEPS = 4
 
 
-def run_driver(base: Path, scenarios: list[dict], nproc: int = 2, timeout: int = LAUNCH_TIMEOUT_S) -> dict:
-    """scenarios: [{"name", "over" (config overrides) | "run_dir", "probe"?, "env"?, "plan_edit"?}]."""
+def run_driver(base: Path, scenarios: list[dict], nproc: int = 2, timeout: int = LAUNCH_TIMEOUT_S, *,
+               threads: int = 1, keep_going: bool = False) -> dict:
+    """scenarios: [{"name", "over" (config overrides) | "run_dir", "probe"?, "env"?, "plan_edit"?}].
+    `threads`: OMP threads per rank. `keep_going`: a failed launch raises nothing; the scenarios that ran
+    keep their results and the others get {"error": ...} (a scenario that raises stops the launch)."""
     specs = []
     for sc in scenarios:
         d = Path(sc.get("run_dir") or base / sc["name"])
@@ -38,15 +41,18 @@ def run_driver(base: Path, scenarios: list[dict], nproc: int = 2, timeout: int =
     out = base / "results.json"
     spec = base / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "scenarios": specs}))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(HERE / "driver.py"), str(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     (base / "driver.log").write_text(proc.stdout + proc.stderr)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not keep_going:
         raise AssertionError(f"driver failed (rc {proc.returncode}); log {base / 'driver.log'}:\n"
                              + (proc.stdout + proc.stderr)[-6000:])
+    if keep_going:
+        for s in specs:
+            results.setdefault(s["name"], {"error": f"not run (launch rc {proc.returncode}; log {base / 'driver.log'})"})
     for name, res in results.items():
         res["run_dir"] = str(base / name) if (base / name).exists() else next(
             s["run_dir"] for s in specs if s["name"] == name)

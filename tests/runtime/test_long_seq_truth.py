@@ -35,16 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import HERE
-from rundirs import make_run_dir
+from conftest import run_driver
 
 pytestmark = pytest.mark.multiproc
 
@@ -120,29 +116,14 @@ EDITS = {"act_offload": force_activation_offload}
 
 
 def launch(base: Path, scenarios: dict) -> dict:
-    """One torchrun launch of tests/runtime/driver.py, one process (the conftest helper runs 2 ranks at one
-    thread each; one rank here gets both cores). A scenario that raises stops the launch; the ones before
-    it keep their results (its own result carries the error)."""
+    """One torchrun launch of tests/runtime/driver.py (conftest.run_driver), one process at two threads
+    (the other launches run 2 ranks at one thread each; one rank here gets both cores). A scenario that
+    raises stops the launch; the ones before it keep their results (its own result carries the error)."""
     model = base / "long-llama-32k.json"
     model.write_text(json.dumps(MODEL))
-    specs = []
-    for name, train in scenarios.items():
-        d = make_run_dir(base / name, _over(model, train))
-        if name in EDITS:
-            EDITS[name](d)
-        specs.append({"name": name, "run_dir": str(d), "probe": None, "env": {}})
-    out, spec = base / "results.json", base / "spec.json"
-    spec.write_text(json.dumps({"out": str(out), "scenarios": specs}))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           str(HERE / "driver.py"), str(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
-    (base / "driver.log").write_text(proc.stdout + proc.stderr)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    for s in specs:
-        results.setdefault(s["name"], {"error": f"not run (launch rc {proc.returncode}; log {base / 'driver.log'})"})
-        results[s["name"]]["run_dir"] = s["run_dir"]
-    return results
+    return run_driver(base, [{"name": name, "over": _over(model, train), "plan_edit": EDITS.get(name)}
+                             for name, train in scenarios.items()],
+                      nproc=1, timeout=LAUNCH_TIMEOUT_S, threads=2, keep_going=True)
 
 
 @pytest.fixture(scope="module")
